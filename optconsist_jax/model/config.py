@@ -1,0 +1,177 @@
+"""Llama architecture configuration and the named presets.
+
+`LlamaConfig` is the typed boundary for model shapes and numerics; ml_collections
+configs convert to it with `LlamaConfig.from_dict`. Presets follow the Llama-2
+paper / Hugging Face `config.json` values (REFERENCE.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Shapes and numerics of a Llama decoder.
+
+  Attributes:
+    vocab_size: rows of the embedding table.
+    hidden_size: model width D.
+    intermediate_size: SwiGLU hidden width F.
+    num_layers: decoder blocks L.
+    num_heads: query heads N.
+    num_kv_heads: key/value heads K (N % K == 0; K < N is grouped-query).
+    head_dim: per-head width H; defaults to hidden_size // num_heads.
+    rms_norm_eps: epsilon inside RMSNorm.
+    rope_theta: base of the rotary frequencies.
+    max_position_embeddings: longest sequence the model is meant for.
+    tie_embeddings: share the embedding table with the output head.
+    param_dtype: dtype parameters are stored in.
+    dtype: dtype activations and matmuls are computed in.
+    scan_layers: run the blocks with `jax.lax.scan` (one compiled block)
+      instead of a Python loop. Parameters are stacked on a leading layer axis
+      either way, so checkpoints do not depend on this flag.
+    remat_policy: what to keep for the backward pass: none (no remat), full
+      (keep nothing), dots, dots_no_batch (jax.checkpoint_policies).
+    attention_impl: `jax.nn.dot_product_attention` implementation: xla,
+      cudnn (GPU, bf16/fp16) or auto (let JAX choose).
+    initializer_range: std of the normal initializer (as in Hugging Face).
+    bos_token_id: beginning-of-sequence token.
+    eos_token_id: end-of-sequence token.
+  """
+
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int | None = None
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  max_position_embeddings: int = 4096
+  tie_embeddings: bool = False
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  attention_impl: str = "xla"
+  initializer_range: float = 0.02
+  bos_token_id: int = 1
+  eos_token_id: int = 2
+
+  def __post_init__(self):
+    if self.head_dim is None:
+      if self.hidden_size % self.num_heads:
+        raise ValueError(
+            f"LlamaConfig: hidden_size={self.hidden_size} is not divisible by"
+            f" num_heads={self.num_heads}; set head_dim explicitly."
+        )
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"LlamaConfig: num_heads={self.num_heads} is not a multiple of"
+          f" num_kv_heads={self.num_kv_heads}."
+      )
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(
+          f"LlamaConfig.remat_policy={self.remat_policy!r}; expected one of"
+          f" {REMAT_POLICIES}."
+      )
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(
+          f"LlamaConfig.attention_impl={self.attention_impl!r}; expected one of"
+          f" {ATTENTION_IMPLS}."
+      )
+    for key in ("param_dtype", "dtype"):
+      try:
+        jnp.dtype(getattr(self, key))
+      except TypeError as e:
+        raise ValueError(f"LlamaConfig.{key}={getattr(self, key)!r}: {e}") from e
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+    """Builds a config from a plain dict; a `preset` key starts from a preset."""
+    d = dict(d)
+    base = d.pop("preset", None)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(
+          f"model config: unknown keys {unknown}; valid keys: {sorted(known)}"
+      )
+    if base:
+      return dataclasses.replace(preset(base), **d)
+    return cls(**d)
+
+  def replace(self, **kw) -> LlamaConfig:
+    return dataclasses.replace(self, **kw)
+
+  def num_params(self) -> int:
+    """Analytic parameter count (no LoRA adapters)."""
+    d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+    attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+    block = attn + 3 * d * f + 2 * d
+    head = 0 if self.tie_embeddings else d * self.vocab_size
+    return self.vocab_size * d + self.num_layers * block + d + head
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training flops per token (forward + backward = 3x forward).
+
+    6 * (matmul params) plus the attention score/value products
+    (12 * L * T * N * H for causal attention counted in full, as in PaLM's
+    MFU accounting).
+    """
+    d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+    matmul = self.num_layers * (
+        d * h * (2 * self.num_heads + 2 * self.num_kv_heads) + 3 * d * f
+    ) + d * self.vocab_size
+    attn = 12 * self.num_layers * seq_len * self.num_heads * h
+    return 6.0 * matmul + attn
+
+
+_PRESETS: dict[str, LlamaConfig] = {
+    "llama2_7b": LlamaConfig(),
+    "llama2_13b": LlamaConfig(
+        hidden_size=5120, intermediate_size=13824, num_layers=40,
+        num_heads=40, num_kv_heads=40),
+    "llama2_70b": LlamaConfig(
+        hidden_size=8192, intermediate_size=28672, num_layers=80,
+        num_heads=64, num_kv_heads=8),
+    # About 100M parameters: the benchmark size on CPU.
+    "llama_100m": LlamaConfig(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048,
+        num_layers=8, num_heads=12, num_kv_heads=12,
+        max_position_embeddings=1024),
+    # Small models for tests and the CPU reproduction.
+    "tiny_mha": LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=4, max_position_embeddings=128),
+    "tiny_gqa": LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=160, num_layers=3,
+        num_heads=8, num_kv_heads=2, max_position_embeddings=128),
+    "tiny_tied": LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2, tie_embeddings=True,
+        max_position_embeddings=128),
+}
+
+
+def preset(name: str) -> LlamaConfig:
+  """Returns the named preset; unknown names list the valid ones."""
+  try:
+    return _PRESETS[name]
+  except KeyError:
+    raise ValueError(
+        f"unknown model preset {name!r}; valid presets: {sorted(_PRESETS)}"
+    ) from None
+
+
+def preset_names() -> list[str]:
+  return sorted(_PRESETS)
