@@ -13,6 +13,8 @@ from typing import Any
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+POSITION_EMBEDDINGS = ("rope", "learned")
+NORM_TYPES = ("rms", "layer")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 
 
@@ -42,6 +44,10 @@ class LlamaConfig:
     attention_impl: `jax.nn.dot_product_attention` implementation: xla,
       cudnn (GPU, bf16/fp16) or auto (let JAX choose).
     initializer_range: std of the normal initializer (as in Hugging Face).
+    position_embedding: rope (Llama) or learned absolute positions added to
+      the token embeddings (GPT-2 / nanoGPT style bases).
+    norm_type: rms (RMSNorm, Llama) or layer (LayerNorm without bias, as
+      nanoGPT with bias=False).
     bos_token_id: beginning-of-sequence token.
     eos_token_id: end-of-sequence token.
   """
@@ -63,6 +69,8 @@ class LlamaConfig:
   remat_policy: str = "none"
   attention_impl: str = "xla"
   initializer_range: float = 0.02
+  position_embedding: str = "rope"
+  norm_type: str = "rms"
   bos_token_id: int = 1
   eos_token_id: int = 2
 
@@ -89,6 +97,14 @@ class LlamaConfig:
           f"LlamaConfig.attention_impl={self.attention_impl!r}; expected one of"
           f" {ATTENTION_IMPLS}."
       )
+    if self.position_embedding not in POSITION_EMBEDDINGS:
+      raise ValueError(
+          f"LlamaConfig.position_embedding={self.position_embedding!r};"
+          f" expected one of {POSITION_EMBEDDINGS}.")
+    if self.norm_type not in NORM_TYPES:
+      raise ValueError(
+          f"LlamaConfig.norm_type={self.norm_type!r}; expected one of"
+          f" {NORM_TYPES}.")
     for key in ("param_dtype", "dtype"):
       try:
         jnp.dtype(getattr(self, key))
@@ -119,7 +135,9 @@ class LlamaConfig:
     attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
     block = attn + 3 * d * f + 2 * d
     head = 0 if self.tie_embeddings else d * self.vocab_size
-    return self.vocab_size * d + self.num_layers * block + d + head
+    pos = (self.max_position_embeddings * d
+           if self.position_embedding == "learned" else 0)
+    return self.vocab_size * d + pos + self.num_layers * block + d + head
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training flops per token (forward + backward = 3x forward).

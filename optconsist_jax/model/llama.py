@@ -97,7 +97,11 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """x / rms(x) * scale, normalised in fp32 as Hugging Face does."""
+  """x / rms(x) * scale, normalised in fp32 as Hugging Face does.
+
+  With config.norm_type == "layer" the mean is subtracted first (LayerNorm
+  without bias, as nanoGPT's bias=False bases).
+  """
 
   def __init__(self, dim: int, *, stack: tuple[int, ...] = (),
                stack_names: tuple[str, ...] = (), config: LlamaConfig):
@@ -106,9 +110,12 @@ class RMSNorm(nnx.Module):
         (*stack_names, "norm"))
     self.eps = config.rms_norm_eps
     self.dtype = jnp.dtype(config.dtype)
+    self.center = config.norm_type == "layer"
 
   def __call__(self, x: Array) -> Array:
     x32 = x.astype(jnp.float32)
+    if self.center:
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
                               + self.eps)
     # HF casts back to the input dtype before multiplying by the weight.
@@ -143,7 +150,7 @@ class Attention(nnx.Module):
     self.o_proj = lin(c.num_heads * h, d, ("heads", "embed"))
     self.num_heads, self.num_kv_heads, self.head_dim = (
         c.num_heads, c.num_kv_heads, h)
-    self.rope_theta = c.rope_theta
+    self.rope_theta = c.rope_theta if c.position_embedding == "rope" else None
     self.impl = c.attention_impl
 
   def __call__(self, x_BTD, positions_BT, segment_BT, kv, *, constrain,
@@ -160,10 +167,12 @@ class Attention(nnx.Module):
     q_BTNH = self.q_proj(x_BTD, keys[0]).reshape(b, t, n, h)
     k_BTKH = self.k_proj(x_BTD, keys[1]).reshape(b, t, k, h)
     v_BTKH = self.v_proj(x_BTD, keys[2]).reshape(b, t, k, h)
-    q_BTNH = constrain(rope(q_BTNH, positions_BT, self.rope_theta),
-                       ("act_batch", "act_length", "act_heads", None))
-    k_BTKH = constrain(rope(k_BTKH, positions_BT, self.rope_theta),
-                       ("act_batch", "act_length", "act_kv_heads", None))
+    if self.rope_theta is not None:
+      q_BTNH = rope(q_BTNH, positions_BT, self.rope_theta)
+      k_BTKH = rope(k_BTKH, positions_BT, self.rope_theta)
+    q_BTNH = constrain(q_BTNH, ("act_batch", "act_length", "act_heads", None))
+    k_BTKH = constrain(k_BTKH, ("act_batch", "act_length", "act_kv_heads",
+                                None))
     v_BTKH = constrain(v_BTKH, ("act_batch", "act_length", "act_kv_heads",
                                 None))
     impl = None if self.impl == "auto" else self.impl
@@ -277,6 +286,10 @@ class Llama(nnx.Module):
     self.embed = _param(
         init(rngs.params(), (c.vocab_size, c.hidden_size),
              jnp.dtype(c.param_dtype)), ("vocab", "embed"))
+    self.pos_embed = (
+        _param(init(rngs.params(), (c.max_position_embeddings, c.hidden_size),
+                    jnp.dtype(c.param_dtype)), ("positions", "embed"))
+        if c.position_embedding == "learned" else None)
     self.layers = Block(c, rngs=rngs)
     self.final_norm = RMSNorm(c.hidden_size, config=c)
     self.lm_head = (None if c.tie_embeddings else
@@ -330,6 +343,9 @@ class Llama(nnx.Module):
           cache.segment_BS, segment_ids_BT.astype(jnp.int32), (0, cache.index))
 
     x_BTD = jnp.take(self.embed.value, tokens_BT, axis=0).astype(c.dtype)
+    if self.pos_embed is not None:
+      x_BTD = x_BTD + jnp.take(self.pos_embed.value, positions_BT,
+                               axis=0).astype(c.dtype)
     x_BTD = constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
 
     graphdef, layer_state = nnx.split(self.layers)
