@@ -1,0 +1,340 @@
+"""Device mesh, logical-axis rules and the shardings they imply.
+
+The model names the axes of every parameter and key activation ("vocab",
+"embed", "act_batch", ...). One rules table maps those logical names to the
+axes of a device mesh with three axes, `data`, `fsdp` and `tensor`, so a new
+layout is a config change (the scheme of MaxText and flax.linen's
+`logical_axis_rules`). The presets:
+
+  dp       pure data parallel: batch over data x fsdp, params replicated.
+  fsdp     ZeRO-3 style (Rajbhandari et al. 2020, arXiv 1910.02054): every
+           matrix sharded on its `embed` dim over `fsdp`; the batch over
+           data x fsdp; XLA gathers weights per layer and reduce-scatters grads.
+  fsdp_tp  FSDP x tensor (Megatron-LM, Shoeybi et al. 2019, arXiv 1909.08053):
+           q/k/v/gate/up column-parallel (heads / kv_heads / mlp over
+           `tensor`), o/down row-parallel, embedding and head vocab-parallel;
+           the other matrix dim over `fsdp`.
+  dp_fsdp  data x FSDP: FSDP inside groups, replicas across `data` (HSDP).
+
+Multi-slice: `MeshConfig.dcn_data` > 1 puts `dcn_data` slices on the outer part
+of the `data` axis (`mesh_utils.create_hybrid_device_mesh`), so only the
+data-parallel gradient all-reduce crosses the data-center network and the
+rules stay the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+import math
+from typing import Any, Union
+
+from flax import nnx
+import jax
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+
+# A rule maps one logical axis name to a mesh axis, several mesh axes (the dim
+# is split over their product, major to minor), or None (replicated). The first
+# rule for a name wins.
+MeshAxes = Union[str, tuple[str, ...], None]
+Rules = tuple[tuple[str, MeshAxes], ...]
+
+PARAM_NAMES = ("vocab", "embed", "heads", "kv_heads", "mlp", "norm", "layers",
+               "lora_rank")
+ACTIVATION_NAMES = ("act_batch", "act_length", "act_embed", "act_heads",
+                    "act_kv_heads", "act_mlp", "act_vocab")
+_BATCH = ("data", "fsdp")
+
+DP_RULES: Rules = (
+    *((name, None) for name in PARAM_NAMES),
+    ("act_batch", _BATCH),
+    *((name, None) for name in ACTIVATION_NAMES[1:]),
+)
+
+FSDP_RULES: Rules = (
+    ("vocab", None), ("embed", "fsdp"), ("heads", None), ("kv_heads", None),
+    ("mlp", None), ("norm", None), ("layers", None), ("lora_rank", None),
+    ("act_batch", _BATCH),
+    *((name, None) for name in ACTIVATION_NAMES[1:]),
+)
+
+FSDP_TP_RULES: Rules = (
+    ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
+    ("kv_heads", "tensor"), ("mlp", "tensor"), ("norm", None),
+    ("layers", None), ("lora_rank", None),
+    ("act_batch", _BATCH), ("act_length", None), ("act_embed", None),
+    ("act_heads", "tensor"), ("act_kv_heads", "tensor"), ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+# name -> (data, fsdp, tensor, rules). -1 fills with the remaining devices.
+_PRESETS: dict[str, tuple[int, int, int, Rules]] = {
+    "dp": (-1, 1, 1, DP_RULES),
+    "fsdp": (1, -1, 1, FSDP_RULES),
+    "fsdp_tp": (1, -1, 2, FSDP_TP_RULES),
+    "dp_fsdp": (2, -1, 1, FSDP_RULES),
+}
+
+
+def preset_names() -> list[str]:
+  return sorted(_PRESETS)
+
+
+def as_rules(rules: Sequence[Sequence[Any]]) -> Rules:
+  """Normalizes a rules table (lists from a config) to hashable tuples."""
+  out = []
+  for i, rule in enumerate(rules):
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise ValueError(
+          f"sharding rules[{i}]={rule!r}: expected (logical_name, mesh_axis |"
+          " tuple of mesh axes | None)")
+    name, axes = rule
+    if isinstance(axes, (list, tuple)):
+      axes = tuple(axes)
+      if not all(isinstance(a, str) for a in axes):
+        raise ValueError(f"sharding rules[{i}]={rule!r}: mesh axes must be str")
+    elif axes is not None and not isinstance(axes, str):
+      raise ValueError(f"sharding rules[{i}]={rule!r}: mesh axes must be str,"
+                       " a tuple of str, or None")
+    out.append((name, axes))
+  return tuple(out)
+
+
+def _axes_tuple(axes: MeshAxes) -> tuple[str, ...]:
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def check_rules(rules: Rules, axis_names: Sequence[str]) -> None:
+  """Raises if a rule names a mesh axis the mesh does not have."""
+  for name, axes in rules:
+    for axis in _axes_tuple(axes):
+      if axis not in axis_names:
+        raise ValueError(
+            f"sharding rule ({name!r} -> {axes!r}) names unknown mesh axis"
+            f" {axis!r}; mesh axes are {tuple(axis_names)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh axis sizes and the logical-axis rules table.
+
+  Attributes:
+    data: size of the `data` axis within one slice (-1: fill).
+    fsdp: size of the `fsdp` axis (-1: fill).
+    tensor: size of the `tensor` axis (-1: fill).
+    dcn_data: number of slices; multiplies the `data` axis across slices.
+    rules: logical axis name -> mesh axes (see module docstring).
+  """
+
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+  dcn_data: int = 1
+  rules: Rules = FSDP_RULES
+
+  def __post_init__(self):
+    object.__setattr__(self, "rules", as_rules(self.rules))
+    sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    fills = [k for k, v in sizes.items() if v == -1]
+    if len(fills) > 1:
+      raise ValueError(f"MeshConfig: at most one axis may be -1, got {fills}")
+    for k, v in {**sizes, "dcn_data": self.dcn_data}.items():
+      if v == 0 or v < -1 or (k == "dcn_data" and v < 1):
+        raise ValueError(f"MeshConfig.{k}={v}: expected a positive size"
+                         + ("" if k == "dcn_data" else " or -1"))
+    check_rules(self.rules, MESH_AXES)
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> MeshConfig:
+    """The named layout; keyword overrides replace axis sizes or rules."""
+    if name not in _PRESETS:
+      raise ValueError(f"unknown mesh preset {name!r}; valid presets:"
+                       f" {preset_names()}")
+    data, fsdp, tensor, rules = _PRESETS[name]
+    base = dict(data=data, fsdp=fsdp, tensor=tensor, rules=rules)
+    base.update(overrides)
+    return cls(**base)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> MeshConfig:
+    """From a config dict; a `preset` key starts from a preset."""
+    d = dict(d)
+    name = d.pop("preset", None)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"mesh config: unknown keys {unknown}; valid keys:"
+                       f" {sorted(known | {'preset'})}")
+    return cls.preset(name, **d) if name else cls(**d)
+
+  def axis_sizes(self, num_devices: int) -> dict[str, int]:
+    """Sizes of (data, fsdp, tensor) of the full mesh, -1 resolved.
+
+    `data` includes the `dcn_data` factor.
+    """
+    sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    per_slice, rem = divmod(num_devices, self.dcn_data)
+    if rem:
+      raise ValueError(f"MeshConfig.dcn_data={self.dcn_data} does not divide"
+                       f" the {num_devices} devices")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    for k, v in sizes.items():
+      if v == -1:
+        if per_slice % known:
+          raise ValueError(
+              f"MeshConfig: cannot fill {k}=-1: the other axes"
+              f" ({known} devices) do not divide {per_slice} devices per"
+              " slice")
+        sizes[k] = per_slice // known
+    if math.prod(sizes.values()) != per_slice:
+      raise ValueError(
+          f"MeshConfig: mesh size data*fsdp*tensor = {sizes['data']}*"
+          f"{sizes['fsdp']}*{sizes['tensor']} = {math.prod(sizes.values())}"
+          f" per slice x dcn_data={self.dcn_data} does not match the"
+          f" {num_devices} devices")
+    sizes["data"] *= self.dcn_data
+    return sizes
+
+
+def make_mesh(mesh_config: MeshConfig, devices: Sequence[Any] | None = None
+              ) -> Mesh:
+  """The (data, fsdp, tensor) mesh with Auto axis types.
+
+  Args:
+    mesh_config: axis sizes.
+    devices: the devices to lay out (default: all of `jax.devices()`; TPU
+      topology devices from `jax.experimental.topologies` work too).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_config.axis_sizes(len(devices))
+  shape = tuple(sizes[k] for k in MESH_AXES)
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if mesh_config.dcn_data > 1:
+    ici = (shape[0] // mesh_config.dcn_data, *shape[1:])
+    dcn = (mesh_config.dcn_data, 1, 1)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def _lookup(name: str, rules: Rules) -> MeshAxes:
+  for rule_name, axes in rules:
+    if rule_name == name:
+      return axes
+  raise ValueError(
+      f"logical axis name {name!r} has no rule in the sharding rules table;"
+      f" add ({name!r}, None) to replicate it. Names with rules:"
+      f" {sorted({n for n, _ in rules})}")
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
+  """PartitionSpec for an array whose dims carry these logical names.
+
+  None names stay unsharded. A mesh axis used by two dims is an error.
+  """
+  spec, used = [], {}
+  for i, name in enumerate(names):
+    axes = None if name is None else _lookup(name, rules)
+    for axis in _axes_tuple(axes):
+      if axis in used:
+        raise ValueError(
+            f"logical names {tuple(names)}: mesh axis {axis!r} is mapped from"
+            f" both {used[axis]!r} and {name!r}; one array dim per mesh axis")
+      used[axis] = name
+    spec.append(axes)
+  return PartitionSpec(*spec)
+
+
+def _axes_size(mesh: Mesh, axes: MeshAxes) -> int:
+  return math.prod(mesh.shape[a] for a in _axes_tuple(axes))
+
+
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(
+      k, "idx", k)))) for k in path)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
+  """A NamedSharding for every leaf of a (possibly abstract) state.
+
+  nnx.Variables (params, and optimizer moments that optax builds by mapping
+  over params) are sharded by their 'out_sharding' logical names; a variable
+  whose rank differs from its names (e.g. a factored optimizer moment) and
+  leaves without names (step counters) are replicated.
+
+  Returns:
+    A pytree of the same structure (Variables keep their metadata and hold a
+    NamedSharding), usable as jit in/out_shardings.
+
+  Raises:
+    ValueError: a rule names an unknown mesh axis, a name has no rule, or a
+      dim is not divisible by the product of its mesh axes.
+  """
+  rules = as_rules(rules)
+  check_rules(rules, mesh.axis_names)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def one(path, leaf):
+    if not _is_variable(leaf):
+      return replicated
+    names = leaf.get_metadata().get("out_sharding")
+    shape = getattr(leaf.get_value(), "shape", None)
+    if not names or shape is None or len(names) != len(shape):
+      return leaf.replace(replicated)
+    try:
+      spec = logical_to_spec(names, rules)
+    except ValueError as e:
+      raise ValueError(f"param {_path_str(path)!r}: {e}") from None
+    for dim, (size, axes) in enumerate(zip(shape, spec)):
+      n = _axes_size(mesh, axes)
+      if size % n:
+        raise ValueError(
+            f"param {_path_str(path)!r} shape {tuple(shape)}: dim {dim}"
+            f" ({names[dim]!r}, size {size}) is not divisible by mesh axes"
+            f" {axes!r} of size {n}; change the mesh or the rule for"
+            f" {names[dim]!r}")
+    return leaf.replace(NamedSharding(mesh, spec))
+
+  return jax.tree_util.tree_map_with_path(one, abstract_state,
+                                          is_leaf=_is_variable)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+  """Sharding of the [B, T] arrays of a training batch."""
+  return NamedSharding(mesh, logical_to_spec(("act_batch", "act_length"),
+                                             as_rules(rules)))
+
+
+@dataclasses.dataclass(frozen=True)
+class LogicalConstraint:
+  """`constrain(x, names)` for the model: a sharding constraint by rules.
+
+  Frozen and hashable, so it can live in an nnx graphdef. Mesh axes that do not
+  divide an activation dim (e.g. 2 kv heads over a tensor axis of 4) are
+  dropped for that dim, leaving the choice to XLA, rather than failing.
+  """
+
+  mesh: Mesh
+  rules: Rules
+
+  def __post_init__(self):
+    object.__setattr__(self, "rules", as_rules(self.rules))
+    check_rules(self.rules, self.mesh.axis_names)
+
+  def __call__(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    spec = logical_to_spec(names, self.rules)
+    fitted = [axes if size % _axes_size(self.mesh, axes) == 0 else None
+              for size, axes in zip(x.shape, spec)]
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(self.mesh, PartitionSpec(*fitted)))
+
+
