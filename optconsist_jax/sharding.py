@@ -43,7 +43,7 @@ MeshAxes = Union[str, tuple[str, ...], None]
 Rules = tuple[tuple[str, MeshAxes], ...]
 
 PARAM_NAMES = ("vocab", "embed", "heads", "kv_heads", "mlp", "norm", "layers",
-               "lora_rank")
+               "positions", "lora_rank")
 ACTIVATION_NAMES = ("act_batch", "act_length", "act_embed", "act_heads",
                     "act_kv_heads", "act_mlp", "act_vocab")
 _BATCH = ("data", "fsdp")
@@ -56,15 +56,15 @@ DP_RULES: Rules = (
 
 FSDP_RULES: Rules = (
     ("vocab", None), ("embed", "fsdp"), ("heads", None), ("kv_heads", None),
-    ("mlp", None), ("norm", None), ("layers", None), ("lora_rank", None),
-    ("act_batch", _BATCH),
+    ("mlp", None), ("norm", None), ("layers", None), ("positions", None),
+    ("lora_rank", None), ("act_batch", _BATCH),
     *((name, None) for name in ACTIVATION_NAMES[1:]),
 )
 
 FSDP_TP_RULES: Rules = (
     ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
     ("kv_heads", "tensor"), ("mlp", "tensor"), ("norm", None),
-    ("layers", None), ("lora_rank", None),
+    ("layers", None), ("positions", None), ("lora_rank", None),
     ("act_batch", _BATCH), ("act_length", None), ("act_embed", None),
     ("act_heads", "tensor"), ("act_kv_heads", "tensor"), ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
