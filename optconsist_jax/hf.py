@@ -1,0 +1,537 @@
+"""Hugging Face Llama checkpoints (config.json + safetensors) <-> our model.
+
+`load` reads a Hugging Face `LlamaForCausalLM` folder into `(LlamaConfig,
+Llama)`; `save` writes one back that `transformers` loads. Tensor names follow
+the Hugging Face Llama implementation (`modeling_llama.py`):
+`model.embed_tokens.weight`, `model.layers.{i}.self_attn.{q,k,v,o}_proj.weight`,
+`model.layers.{i}.mlp.{gate,up,down}_proj.weight`,
+`model.layers.{i}.{input,post_attention}_layernorm.weight`, `model.norm.weight`,
+`lm_head.weight`. Linear weights are stored [out, in] there and [in, out] here;
+per-layer tensors are stacked on our leading layer axis. Hugging Face Llama
+checkpoints already use the rotate-half rotary convention our model uses, so
+q/k need no permutation.
+
+Memory: neither direction holds two copies of the model on the host. `load`
+creates the model abstractly and fills each parameter with
+`jax.make_array_from_callback`, whose callback reads only the slice of each
+layer's tensor that one device shard needs, straight from the memory-mapped
+safetensors file. `save` gathers one layer's tensor at a time and streams it
+into the file (format: https://github.com/huggingface/safetensors#format).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors
+
+from optconsist_jax import sharding
+from optconsist_jax.model import Llama, LlamaConfig
+from optconsist_jax.model.llama import no_constraint
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Shards written by `save` stay below this many bytes (a single tensor larger
+# than this gets a shard of its own).
+DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
+
+_ARCHITECTURE = "LlamaForCausalLM"
+_MODEL_TYPE = "llama"
+# Buffers some exporters store that are recomputed from the config.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+# Our per-layer parameter path -> (Hugging Face name inside
+# `model.layers.{i}.`, stored transposed ([out, in]) in Hugging Face files).
+_LAYER_TENSORS: dict[str, tuple[str, bool]] = {
+    "layers/attn/q_proj/kernel": ("self_attn.q_proj.weight", True),
+    "layers/attn/k_proj/kernel": ("self_attn.k_proj.weight", True),
+    "layers/attn/v_proj/kernel": ("self_attn.v_proj.weight", True),
+    "layers/attn/o_proj/kernel": ("self_attn.o_proj.weight", True),
+    "layers/mlp/gate_proj/kernel": ("mlp.gate_proj.weight", True),
+    "layers/mlp/up_proj/kernel": ("mlp.up_proj.weight", True),
+    "layers/mlp/down_proj/kernel": ("mlp.down_proj.weight", True),
+    "layers/attn_norm/scale": ("input_layernorm.weight", False),
+    "layers/mlp_norm/scale": ("post_attention_layernorm.weight", False),
+}
+# Our unstacked parameter path -> (Hugging Face name, transposed).
+_GLOBAL_TENSORS: dict[str, tuple[str, bool]] = {
+    "embed": ("model.embed_tokens.weight", False),
+    "final_norm/scale": ("model.norm.weight", False),
+    "lm_head/kernel": ("lm_head.weight", True),
+}
+
+_SAFETENSORS_DTYPES = {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype(np.float64): "F64",
+}
+_TORCH_DTYPE_NAMES = {
+    np.dtype(np.float32): "float32",
+    np.dtype(np.float16): "float16",
+    np.dtype(ml_dtypes.bfloat16): "bfloat16",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSource:
+  """Where one of our parameters lives in a Hugging Face checkpoint.
+
+  Attributes:
+    hf_names: one Hugging Face tensor name per layer for stacked params
+      (`stacked`), else a single name.
+    stacked: our param has a leading layer axis built from `hf_names`.
+    transpose: the Hugging Face tensor is our (per-layer) tensor transposed.
+  """
+
+  hf_names: tuple[str, ...]
+  stacked: bool
+  transpose: bool
+
+
+def tensor_sources(config: LlamaConfig) -> dict[str, TensorSource]:
+  """Our parameter paths ('/'-joined) -> their Hugging Face tensors."""
+  out = {}
+  for path, (suffix, transpose) in _LAYER_TENSORS.items():
+    names = tuple(f"model.layers.{i}.{suffix}" for i in range(config.num_layers))
+    out[path] = TensorSource(names, True, transpose)
+  for path, (name, transpose) in _GLOBAL_TENSORS.items():
+    if path == "lm_head/kernel" and config.tie_embeddings:
+      continue
+    out[path] = TensorSource((name,), False, transpose)
+  return out
+
+
+# --------------------------------------------------------------------------
+# config.json
+
+
+def config_from_hf(hf: dict[str, Any], *,
+                   source: str = CONFIG_FILE) -> LlamaConfig:
+  """Our config from a Hugging Face Llama `config.json` dict.
+
+  Accepts both the transformers 4.x (`rope_theta`, `rope_scaling`) and 5.x
+  (`rope_parameters`) spellings. Features our model does not implement (rope
+  scaling, biases, another activation) are errors, not silent approximations.
+
+  Args:
+    hf: the parsed config.json.
+    source: file name used in error messages.
+  """
+  archs = hf.get("architectures") or []
+  model_type = hf.get("model_type")
+  if model_type != _MODEL_TYPE or (archs and _ARCHITECTURE not in archs):
+    raise ValueError(
+        f"{source}: not a Llama checkpoint (model_type={model_type!r},"
+        f" architectures={archs!r}); expected model_type='llama' and"
+        f" architectures ['{_ARCHITECTURE}'].")
+
+  def get(key, default=None, required=False):
+    if required and key not in hf:
+      raise ValueError(f"{source}: missing required key {key!r}.")
+    return hf.get(key, default)
+
+  if get("hidden_act", "silu") != "silu":
+    raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r}; only 'silu'"
+                     " is supported.")
+  for key in ("attention_bias", "mlp_bias"):
+    if get(key, False):
+      raise ValueError(f"{source}: {key}=true is not supported.")
+
+  rope = get("rope_parameters") or {}
+  scaling = get("rope_scaling") or {}
+  rope_type = (rope.get("rope_type") or scaling.get("rope_type")
+               or scaling.get("type") or "default")
+  if rope_type != "default":
+    raise ValueError(f"{source}: rope type {rope_type!r} (rope_scaling /"
+                     " rope_parameters) is not supported; only 'default'.")
+  rope_theta = rope.get("rope_theta", get("rope_theta", 10000.0))
+
+  heads = get("num_attention_heads", required=True)
+  hidden = get("hidden_size", required=True)
+  kw = dict(
+      vocab_size=get("vocab_size", required=True),
+      hidden_size=hidden,
+      intermediate_size=get("intermediate_size", required=True),
+      num_layers=get("num_hidden_layers", required=True),
+      num_heads=heads,
+      num_kv_heads=get("num_key_value_heads") or heads,
+      head_dim=get("head_dim") or hidden // heads,
+      rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+      rope_theta=float(rope_theta),
+      max_position_embeddings=get("max_position_embeddings", 2048),
+      tie_embeddings=bool(get("tie_word_embeddings", False)),
+      initializer_range=float(get("initializer_range", 0.02)),
+  )
+  for key in ("bos_token_id", "eos_token_id"):
+    value = get(key)
+    if isinstance(value, list):  # Some configs list several EOS ids.
+      value = value[0] if value else None
+    if value is not None:
+      kw[key] = int(value)
+  try:
+    return LlamaConfig(**kw)
+  except ValueError as e:
+    raise ValueError(f"{source}: {e}") from e
+
+
+def config_to_hf(config: LlamaConfig,
+                 torch_dtype: str | None = None) -> dict[str, Any]:
+  """A Hugging Face `config.json` dict for our config.
+
+  Args:
+    config: our config.
+    torch_dtype: the dtype the weights are saved in; default the config's
+      param_dtype.
+  """
+  c = config
+  dtype = torch_dtype or _TORCH_DTYPE_NAMES[np.dtype(jnp.dtype(c.param_dtype))]
+  return {
+      "architectures": [_ARCHITECTURE],
+      "model_type": _MODEL_TYPE,
+      "vocab_size": c.vocab_size,
+      "hidden_size": c.hidden_size,
+      "intermediate_size": c.intermediate_size,
+      "num_hidden_layers": c.num_layers,
+      "num_attention_heads": c.num_heads,
+      "num_key_value_heads": c.num_kv_heads,
+      "head_dim": c.head_dim,
+      "hidden_act": "silu",
+      "max_position_embeddings": c.max_position_embeddings,
+      "initializer_range": c.initializer_range,
+      "rms_norm_eps": c.rms_norm_eps,
+      "rope_theta": c.rope_theta,
+      "rope_scaling": None,
+      "attention_bias": False,
+      "attention_dropout": 0.0,
+      "mlp_bias": False,
+      "pretraining_tp": 1,
+      "tie_word_embeddings": c.tie_embeddings,
+      "bos_token_id": c.bos_token_id,
+      "eos_token_id": c.eos_token_id,
+      "use_cache": True,
+      # transformers 4.x reads torch_dtype, 5.x reads dtype.
+      "torch_dtype": dtype,
+      "dtype": dtype,
+  }
+
+
+# --------------------------------------------------------------------------
+# load
+
+
+def _read_config(hf_dir: str) -> dict[str, Any]:
+  path = os.path.join(hf_dir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"{path}: no config.json; expected a Hugging Face Llama folder"
+        " (config.json + model.safetensors or a sharded index).")
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: invalid JSON: {e}") from e
+
+
+def _weight_map(hf_dir: str) -> tuple[dict[str, str], str]:
+  """Tensor name -> file name, and the file that said so (for errors)."""
+  index_path = os.path.join(hf_dir, INDEX_FILE)
+  single_path = os.path.join(hf_dir, SINGLE_FILE)
+  if os.path.isfile(index_path):
+    with open(index_path) as f:
+      try:
+        weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{index_path}: not a safetensors index with a"
+                         f" 'weight_map': {e!r}") from e
+    for name in sorted(set(weight_map.values())):
+      if not os.path.isfile(os.path.join(hf_dir, name)):
+        raise FileNotFoundError(
+            f"{index_path} lists shard {name!r}, which is missing from"
+            f" {hf_dir}.")
+    return dict(weight_map), index_path
+  if os.path.isfile(single_path):
+    with safetensors.safe_open(single_path, "numpy") as f:
+      return {name: SINGLE_FILE for name in f.keys()}, single_path
+  raise FileNotFoundError(
+      f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found (only"
+      " safetensors checkpoints are supported, not pytorch_model.bin).")
+
+
+def _single_device_sharding() -> jax.sharding.Sharding:
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _path_str(key_path) -> str:
+  parts = []
+  for k in key_path:
+    name = getattr(k, "key", getattr(k, "name", None))
+    if name is None or name == "value":
+      continue
+    parts.append(str(name))
+  return "/".join(parts)
+
+
+def _slice_fn(source: TensorSource, handle: Callable[[str], Any],
+              dtype: np.dtype) -> Callable[[tuple[slice, ...]], np.ndarray]:
+  """The make_array_from_callback callback for one of our parameters.
+
+  Reads, for the requested index of our (stacked, transposed) array, only the
+  matching rows/columns of each needed layer's Hugging Face tensor.
+  """
+
+  def read(name: str, idx: tuple[slice, ...]) -> np.ndarray:
+    if source.transpose:
+      return handle(name)[idx[1], idx[0]].T.astype(dtype)
+    return handle(name)[idx].astype(dtype)
+
+  def cb(index: tuple[slice, ...]) -> np.ndarray:
+    if not source.stacked:
+      return np.ascontiguousarray(read(source.hf_names[0], tuple(index)))
+    layers = range(len(source.hf_names))[index[0]]
+    return np.stack([read(source.hf_names[i], tuple(index[1:]))
+                     for i in layers])
+
+  return cb
+
+
+def load(hf_dir: str, dtype: Any = jnp.float32, *, mesh: Any = None,
+         rules: Any = None, compute_dtype: Any = None,
+         **config_overrides) -> tuple[LlamaConfig, Llama]:
+  """Loads a Hugging Face Llama folder into our model.
+
+  Args:
+    hf_dir: folder with config.json and model.safetensors, or a sharded
+      checkpoint (model.safetensors.index.json + the shards it lists).
+    dtype: parameter dtype (weights are cast on read).
+    mesh: a `jax.sharding.Mesh`; params are created directly in the
+      shardings `optconsist_jax.sharding.state_shardings` gives for `rules`.
+      None puts every param on the first device.
+    rules: logical-axis rules for `mesh` (e.g. `sharding.FSDP_RULES` or
+      `sharding.MeshConfig.rules`); required with a mesh.
+    compute_dtype: activation/matmul dtype; default `dtype`.
+    **config_overrides: further LlamaConfig fields (scan_layers,
+      remat_policy, attention_impl, ...).
+
+  Returns:
+    (config, model); the model called on int32 tokens [B, T] returns float32
+    logits [B, T, V].
+
+  Raises:
+    FileNotFoundError: config.json, the weights or a listed shard is missing.
+    ValueError: not a Llama config, or a tensor is missing or misshapen (the
+      message names the file and the tensor).
+  """
+  hf_dir = os.fspath(hf_dir)
+  hf_config = _read_config(hf_dir)
+  config = config_from_hf(hf_config,
+                          source=os.path.join(hf_dir, CONFIG_FILE))
+  dtype = np.dtype(jnp.dtype(dtype))
+  config = config.replace(
+      param_dtype=dtype.name,
+      dtype=jnp.dtype(compute_dtype or dtype).name,
+      **config_overrides)
+  weight_map, map_file = _weight_map(hf_dir)
+  sources = tensor_sources(config)
+
+  known = {n for s in sources.values() for n in s.hf_names}
+  if config.tie_embeddings:
+    known.add(_GLOBAL_TENSORS["lm_head/kernel"][0])  # present but unused
+  unexpected = sorted(n for n in weight_map if n not in known
+                      and not n.endswith(_IGNORED_SUFFIXES))
+  if unexpected:
+    raise ValueError(
+        f"{map_file}: tensors not part of a Llama model with this config:"
+        f" {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+
+  constrain = no_constraint
+  if mesh is not None:
+    if rules is None:
+      raise ValueError("hf.load: a mesh needs its logical-axis rules (e.g."
+                       " optconsist_jax.sharding.MeshConfig(...).rules).")
+    constrain = sharding.LogicalConstraint(mesh, rules)
+  abstract = nnx.eval_shape(
+      lambda: Llama(config, rngs=nnx.Rngs(0), constrain=constrain))
+  graphdef, abstract_state = nnx.split(abstract)
+  if mesh is None:
+    shardings = jax.tree.map(lambda _: _single_device_sharding(),
+                             abstract_state)
+  else:
+    shardings = sharding.state_shardings(abstract_state, mesh, rules)
+
+  with contextlib.ExitStack() as stack:
+    handles: dict[str, Any] = {}
+
+    def tensor(name: str):
+      file_name = weight_map[name]
+      if file_name not in handles:
+        handles[file_name] = stack.enter_context(safetensors.safe_open(
+            os.path.join(hf_dir, file_name), "numpy"))
+      return handles[file_name].get_slice(name)
+
+    def fill(key_path, leaf, target_sharding):
+      path = _path_str(key_path)
+      if path not in sources:
+        raise ValueError(f"hf.load: no Hugging Face tensor for param {path!r}")
+      source = sources[path]
+      per_layer = leaf.shape[1:] if source.stacked else leaf.shape
+      expected = tuple(reversed(per_layer)) if source.transpose else per_layer
+      for name in source.hf_names:
+        if name not in weight_map:
+          raise ValueError(
+              f"{map_file}: missing tensor {name!r} (for param {path!r},"
+              f" expected shape {list(expected)}).")
+        found = tuple(tensor(name).get_shape())
+        if found != tuple(expected):
+          raise ValueError(
+              f"{os.path.join(hf_dir, weight_map[name])}: tensor {name!r} has"
+              f" shape {list(found)}, expected {list(expected)} from"
+              f" {CONFIG_FILE}.")
+      return jax.make_array_from_callback(
+          leaf.shape, target_sharding, _slice_fn(source, tensor, dtype),
+          dtype=dtype)
+
+    state = jax.tree_util.tree_map_with_path(fill, abstract_state, shardings)
+  return config, nnx.merge(graphdef, state)
+
+
+# --------------------------------------------------------------------------
+# save
+
+
+def _host_value(x: jax.Array) -> np.ndarray:
+  """A (possibly sharded, possibly multi-host) array gathered to this host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _hf_tensors(config: LlamaConfig, model: Llama, dtype: np.dtype
+                ) -> Iterator[tuple[str, tuple[int, ...],
+                                    Callable[[], np.ndarray]]]:
+  """(HF name, HF shape, reader) in Hugging Face order; readers gather lazily."""
+  params = {_path_str(kp): leaf for kp, leaf in
+            jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
+  sources = tensor_sources(config)
+  missing = sorted(set(sources) - set(params))
+  if missing:
+    raise ValueError(f"hf.save: model lacks params {missing} for its config.")
+
+  def entry(path: str, layer: int | None):
+    source, value = sources[path], params[path]
+    shape = value.shape[1:] if layer is not None else value.shape
+    if source.transpose:
+      shape = tuple(reversed(shape))
+    name = source.hf_names[layer or 0]
+
+    def read():
+      x = value[layer] if layer is not None else value
+      x = _host_value(x)
+      return np.ascontiguousarray((x.T if source.transpose else x)
+                                  .astype(dtype))
+
+    return name, tuple(int(s) for s in shape), read
+
+  yield entry("embed", None)
+  for i in range(config.num_layers):
+    for path in _LAYER_TENSORS:
+      yield entry(path, i)
+  yield entry("final_norm/scale", None)
+  if not config.tie_embeddings:
+    yield entry("lm_head/kernel", None)
+
+
+def _write_safetensors(path: str, tensors, dtype: np.dtype) -> None:
+  """Streams tensors into a safetensors file, one gathered tensor at a time."""
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for name, shape, _ in tensors:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  header_bytes = json.dumps(header, separators=(",", ":")).encode()
+  header_bytes += b" " * (-len(header_bytes) % 8)  # 8-byte aligned data
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(header_bytes)))
+    f.write(header_bytes)
+    for name, shape, read in tensors:
+      x = read()
+      if x.shape != shape:
+        raise AssertionError(f"{name}: gathered {x.shape}, header {shape}")
+      f.write(x.tobytes())
+
+
+def save(config: LlamaConfig, model: Llama, out_dir: str, *,
+         dtype: Any = None,
+         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+  """Writes a Hugging Face Llama folder that transformers loads.
+
+  Writes config.json and model.safetensors, or, when the weights exceed
+  `max_shard_bytes`, model-0000i-of-0000n.safetensors shards plus
+  model.safetensors.index.json. Each tensor is gathered to the host on its
+  own (per layer for stacked params), so host memory holds at most one layer's
+  tensor beyond the file buffers. In a multi-process run every process must
+  call this (arrays are all-gathered); only process 0 writes.
+
+  Args:
+    config: the model's config.
+    model: our Llama.
+    out_dir: destination folder (created if missing).
+    dtype: dtype to store; default the config's param_dtype.
+    max_shard_bytes: upper bound on one shard's tensor bytes.
+  """
+  out_dir = os.fspath(out_dir)
+  dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
+  if dtype not in _TORCH_DTYPE_NAMES:
+    raise ValueError(f"hf.save: unsupported dtype {dtype}; use float32,"
+                     " bfloat16 or float16.")
+  tensors = list(_hf_tensors(config, model, dtype))
+  shards: list[list] = [[]]
+  shard_bytes = 0
+  for t in tensors:
+    nbytes = int(np.prod(t[1], dtype=np.int64)) * dtype.itemsize
+    if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+      shards.append([])
+      shard_bytes = 0
+    shards[-1].append(t)
+    shard_bytes += nbytes
+
+  write = jax.process_index() == 0
+  if write:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+      json.dump(config_to_hf(config, _TORCH_DTYPE_NAMES[dtype]), f, indent=2)
+  if len(shards) == 1:
+    names = [SINGLE_FILE]
+  else:
+    n = len(shards)
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+  for file_name, shard in zip(names, shards):
+    if write:
+      _write_safetensors(os.path.join(out_dir, file_name), shard, dtype)
+    else:  # Still take part in the collective gathers.
+      for _, _, read in shard:
+        read()
+  if write and len(shards) > 1:
+    total = sum(int(np.prod(t[1], dtype=np.int64)) * dtype.itemsize
+                for t in tensors)
+    index = {"metadata": {"total_size": total},
+             "weight_map": {t[0]: file_name
+                            for file_name, shard in zip(names, shards)
+                            for t in shard}}
+    with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+      json.dump(index, f, indent=2)
