@@ -139,7 +139,7 @@ def answer_after_marker(text: str, marker: str) -> str | None:
   return text[pos + len(marker):].split("\n", 1)[0].strip()
 
 
-def _parse_metamath(path: str, i: int, r: Any) -> MathExample:
+def parse_metamath_record(path: str, i: int, r: Any) -> MathExample:
   query = _field(path, i, r, "query")
   response = _field(path, i, r, "response")
   rtype = r.get("type", "") if isinstance(r, dict) else ""
@@ -157,7 +157,7 @@ def _parse_metamath(path: str, i: int, r: Any) -> MathExample:
 
 def read_metamathqa(path: str | os.PathLike) -> list[MathExample]:
   """MetaMathQA records (one JSON list, or JSON lines)."""
-  return _read(path, _parse_metamath, "MetaMathQA")
+  return _read(path, parse_metamath_record, "MetaMathQA")
 
 
 def _parse_gsm8k(path: str, i: int, r: Any) -> MathExample:

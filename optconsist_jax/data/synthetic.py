@@ -124,14 +124,9 @@ def _word_problem(rng: np.random.Generator, level: int) -> Problem:
         2, "boxes")
   t = int(rng.integers(2))
   if t == 0:
-    d = r(2, 6)
-    per_friend = r(2, 12)
-    c = r(1, 10)
-    total = d * per_friend + c
-    # Find trays x per-tray = total; fall back to 1 tray when total is prime.
-    divisors = [k for k in range(2, 11) if total % k == 0 and total // k > 1]
-    a = int(rng.choice(divisors)) if divisors else 1
-    b = total // a
+    a, b, d = r(2, 6), r(3, 12), r(2, 6)
+    total = a * b
+    c = total % d or d  # Eat enough that the rest shares out exactly.
     return Problem(
         f"{name} bakes {a} trays of cookies with {b} cookies on each tray."
         f" {pron} eats {c} and shares the rest equally among {d} friends. How"
