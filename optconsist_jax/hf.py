@@ -429,6 +429,11 @@ def _hf_tensors(config: LlamaConfig, model: Llama, dtype: np.dtype
   missing = sorted(set(sources) - set(params))
   if missing:
     raise ValueError(f"hf.save: model lacks params {missing} for its config.")
+  extra = sorted(set(params) - set(sources))
+  if extra:
+    raise ValueError(
+        f"hf.save: params {extra[:8]} have no Hugging Face Llama tensor (merge"
+        " LoRA adapters into the base weights before saving).")
 
   def entry(path: str, layer: int | None):
     source, value = sources[path], params[path]
@@ -495,6 +500,11 @@ def save(config: LlamaConfig, model: Llama, out_dir: str, *,
     max_shard_bytes: upper bound on one shard's tensor bytes.
   """
   out_dir = os.fspath(out_dir)
+  if config.position_embedding != "rope" or config.norm_type != "rms":
+    raise ValueError(
+        f"hf.save: position_embedding={config.position_embedding!r},"
+        f" norm_type={config.norm_type!r} cannot be written as a Hugging Face"
+        " LlamaForCausalLM (needs 'rope' and 'rms').")
   dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
   if dtype not in _TORCH_DTYPE_NAMES:
     raise ValueError(f"hf.save: unsupported dtype {dtype}; use float32,"

@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 
 from optconsist_jax import hf
 from optconsist_jax import sharding
+from optconsist_jax.model import Llama
 from optconsist_jax.model import preset
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -350,3 +351,10 @@ def test_no_weights_file(tmp_path):
   os.remove(d / hf.SINGLE_FILE)
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
     hf.load(d)
+
+
+def test_save_refuses_non_llama_variants(tmp_path):
+  config = preset("tiny_mha").replace(position_embedding="learned")
+  model = Llama(config, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="position_embedding='learned'"):
+    hf.save(config, model, tmp_path / "out")
