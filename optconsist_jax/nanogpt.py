@@ -1,0 +1,601 @@
+"""Import of nanoGPT-style `ckpt.pt` bases (the authors' GPT-2-small models).
+
+The paper's small-model part (REFERENCE.md) released two GPT-2-small bases,
+pretrained on OpenWebText with AdamW and with Muon, saved by a nanoGPT fork
+(karpathy/nanoGPT train.py) as `ckpt.pt`: 12 layers, 12 heads, width 768,
+context 1024, SwiGLU, no biases, learned absolute positions, vocab padded to
+50304, GPT-2 BPE. `load_nanogpt(path)` turns such a file into our `Llama` with
+`position_embedding="learned"` so it can be finetuned with the same configs.
+
+Reading without torch. `torch.save` (new zipfile format, torch >= 1.6) writes
+a zip holding `<name>/data.pkl` (a pickle, protocol 2), `<name>/data/<key>`
+(one raw storage per key), `<name>/byteorder` and `<name>/version`. Tensors in
+the pickle are `torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
+...)` calls whose storage is a persistent id
+`("storage", torch.FloatStorage, key, location, numel)`. `_RestrictedUnpickler`
+maps exactly these globals (and a few harmless ones: OrderedDict, torch.Size,
+torch dtypes, numpy scalars) to numpy-backed stand-ins and refuses every other
+global, so loading a file never runs code from it (unlike `pickle.load` or
+`torch.load(weights_only=False)`). Tensors are read lazily: only the model's
+weights are materialized, not the optimizer state.
+
+Name mapping (torch `nn.Linear.weight` is [out, in]; our kernels are
+[in, out], stacked over layers on a leading L axis):
+
+  nanoGPT key (`_orig_mod.` stripped)   ours
+  transformer.wte.weight [V, D]         embed [V, D]
+  transformer.wpe.weight [P, D]         pos_embed [P, D]
+  transformer.h.{i}.ln_1.weight [D]     layers/attn_norm/scale [i]
+  transformer.h.{i}.attn.c_attn.weight  [(N+2K)H, D] split q|k|v (nanoGPT's
+                                        `.split(n_embd, dim=2)`), transposed
+                                        -> layers/attn/{q,k,v}_proj/kernel [i]
+  transformer.h.{i}.attn.c_proj.weight  layers/attn/o_proj/kernel [i] (.T)
+  transformer.h.{i}.ln_2.weight         layers/mlp_norm/scale [i]
+  transformer.h.{i}.mlp.*               layers/mlp/{gate,up,down}_proj/kernel
+                                        per `MLP_LAYOUTS` below
+  transformer.ln_f.weight               final_norm/scale
+  lm_head.weight [V, D]                 tied with wte (nanoGPT ties them):
+                                        dropped when equal to wte, else
+                                        lm_head/kernel [D, V] (untied)
+  transformer.h.{i}.attn.bias [1,1,T,T] nanoGPT's causal-mask buffer (saved
+                                        when flash attention was off): ignored
+
+The authors' SwiGLU parameter names are not public. `MLP_LAYOUTS` lists the
+common ones; with `mlp_layout="auto"` the first layout whose keys and shapes
+match layer 0 is used, and when none does the error lists the keys found.
+Which of two same-shaped matrices is the gate cannot be read off a file, so
+ambiguous layouts come in both orders and the usual convention is listed
+first; a wrong gate/up order gives a far higher validation loss (the bases
+report 3.011 / 2.976 on OpenWebText), in which case pass the other order.
+A plain GELU MLP (standard nanoGPT: c_fc [4D, D] with c_fc [F, D] and
+c_proj [D, F] of the same F) is detected and refused: the model is SwiGLU.
+
+Normalization: nanoGPT uses LayerNorm without bias (eps 1e-5); a
+`norm_type`/`norm`/`normalization` string (containing "rms" or "layer") or a
+`use_rmsnorm`/`rmsnorm`/`rms_norm` bool in `model_args` or `config` switches
+to RMSNorm; the `norm_type` argument overrides both. Attention is standard
+causal softmax attention with 1/sqrt(head_dim) scaling and no RoPE.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import pickle
+import re
+import zipfile
+from typing import Any
+
+from flax import nnx
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from optconsist_jax.model.config import LlamaConfig
+from optconsist_jax.model.llama import Llama
+
+COMPILE_PREFIX = "_orig_mod."
+GPT2_EOS_ID = 50256  # <|endoftext|>, GPT-2's only special token.
+LAYER_NORM_EPS = 1e-5  # nanoGPT's F.layer_norm(..., 1e-5).
+
+# torch storage classes and dtypes (as pickled) -> numpy dtypes.
+_STORAGE_DTYPES = {
+    "DoubleStorage": np.dtype(np.float64),
+    "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
+    "UntypedStorage": np.dtype(np.uint8),
+}
+_TORCH_DTYPES = {
+    "float64": np.dtype(np.float64),
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "int64": np.dtype(np.int64),
+    "int32": np.dtype(np.int32),
+    "int16": np.dtype(np.int16),
+    "int8": np.dtype(np.int8),
+    "uint8": np.dtype(np.uint8),
+    "uint16": np.dtype(np.uint16),
+    "uint32": np.dtype(np.uint32),
+    "uint64": np.dtype(np.uint64),
+    "bool": np.dtype(np.bool_),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+}
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+  """A checkpoint's pickle names a global outside the allowed set."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+  dtype: np.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class _Storage:
+  """One `<name>/data/<key>` record of the zip, read on demand."""
+  path: str
+  record: str
+  dtype: np.dtype
+  numel: int
+  big_endian: bool
+
+  def read(self) -> np.ndarray:
+    with zipfile.ZipFile(self.path) as zf:
+      try:
+        raw = zf.read(self.record)
+      except KeyError:
+        raise ValueError(f"{self.path}: storage record {self.record!r} is"
+                         " missing from the zip") from None
+    dtype = self.dtype.newbyteorder(">") if self.big_endian else self.dtype
+    n = len(raw) // dtype.itemsize
+    if n < self.numel:
+      raise ValueError(
+          f"{self.path}: storage {self.record!r} holds {n} elements of"
+          f" {self.dtype}, the pickle says {self.numel}")
+    return np.frombuffer(raw, dtype, count=self.numel)
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+  """A torch tensor of a checkpoint: shape/dtype now, data on `.numpy()`."""
+  storage: _Storage
+  offset: int
+  shape: tuple[int, ...]
+  stride: tuple[int, ...]
+  dtype: np.dtype
+
+  def numpy(self) -> np.ndarray:
+    flat = self.storage.read()
+    if not self.shape:
+      return np.asarray(flat[self.offset]).astype(self.dtype)
+    if 0 in self.shape:
+      return np.zeros(self.shape, self.dtype)
+    extent = self.offset + 1 + sum(
+        (n - 1) * s for n, s in zip(self.shape, self.stride))
+    if extent > flat.size or min(self.stride, default=0) < 0:
+      raise ValueError(
+          f"{self.storage.path}: tensor of shape {self.shape} at offset"
+          f" {self.offset} overruns storage {self.storage.record!r}")
+    view = np.lib.stride_tricks.as_strided(
+        flat[self.offset:], shape=self.shape,
+        strides=[s * flat.itemsize for s in self.stride], writeable=False)
+    return np.ascontiguousarray(view).astype(self.dtype)  # native byte order
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad,
+                       backward_hooks, metadata=None):
+  del requires_grad, backward_hooks, metadata
+  return LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride),
+                    storage.dtype)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad,
+                       backward_hooks, dtype, metadata=None):
+  """Untyped (byte) storage plus a dtype; offsets/strides count elements."""
+  del requires_grad, backward_hooks, metadata
+  typed = dataclasses.replace(storage, dtype=dtype,
+                              numel=storage.numel // dtype.itemsize)
+  return LazyTensor(typed, int(storage_offset), tuple(size), tuple(stride),
+                    dtype)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
+  del requires_grad, backward_hooks, state
+  return data
+
+
+def _numpy_scalar(dtype, data=None):
+  return np.frombuffer(data, dtype)[0] if data is not None else dtype.type()
+
+
+def _codecs_encode(text, encoding="utf-8"):
+  # Protocol-2 pickles write bytes as _codecs.encode(str, "latin1").
+  return str(text).encode(str(encoding))
+
+
+_SAFE_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch", "Size"): tuple,
+    ("torch", "device"): str,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("_codecs", "encode"): _codecs_encode,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+}
+_SAFE_GLOBALS.update({("torch", name): _StorageType(dtype)
+                      for name, dtype in _STORAGE_DTYPES.items()})
+_SAFE_GLOBALS.update({("torch", name): dtype
+                      for name, dtype in _TORCH_DTYPES.items()})
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+  """Unpickles torch's data.pkl with an allow-list of globals (no code runs)."""
+
+  def __init__(self, file, *, path: str, prefix: str, big_endian: bool):
+    super().__init__(file)
+    self._path, self._prefix, self._big_endian = path, prefix, big_endian
+
+  def find_class(self, module, name):
+    try:
+      return _SAFE_GLOBALS[(module, name)]
+    except KeyError:
+      raise UnsafePickleError(
+          f"{self._path}: refusing to load global {module}.{name} from the"
+          " checkpoint's pickle; only torch tensors/storages and plain"
+          " containers are allowed (the file may be malicious, or hold"
+          " objects other than a nanoGPT checkpoint)") from None
+
+  def persistent_load(self, pid):
+    if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
+        or not isinstance(pid[1], _StorageType)):
+      raise UnsafePickleError(
+          f"{self._path}: unexpected persistent id {pid!r} in the pickle")
+    _, storage_type, key, _, numel = pid
+    return _Storage(self._path, f"{self._prefix}data/{key}",
+                    storage_type.dtype, int(numel), self._big_endian)
+
+
+def read_torch_checkpoint(path: str | os.PathLike) -> Any:
+  """Unpickles a `torch.save` zip file without torch.
+
+  Returns the saved object with every tensor replaced by a `LazyTensor`
+  (call `.numpy()` to read it). Only the globals torch uses for tensors and
+  plain containers are allowed; anything else raises `UnsafePickleError`.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+  if not zipfile.is_zipfile(path):
+    raise ValueError(
+        f"{path}: not a torch zip checkpoint (torch.save of torch >= 1.6);"
+        " legacy tar/pickle files are not supported: re-save with a recent"
+        " torch")
+  with zipfile.ZipFile(path) as zf:
+    pickles = [n for n in zf.namelist()
+               if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+      raise ValueError(f"{path}: expected one <name>/data.pkl record in the"
+                       f" zip, found {pickles}")
+    prefix = pickles[0][:-len("data.pkl")]
+    byteorder = "little"
+    if prefix + "byteorder" in zf.namelist():
+      byteorder = zf.read(prefix + "byteorder").decode().strip()
+    if byteorder not in ("little", "big"):
+      raise ValueError(f"{path}: unknown byteorder record {byteorder!r}")
+    with zf.open(pickles[0]) as f:
+      unpickler = _RestrictedUnpickler(f, path=path, prefix=prefix,
+                                       big_endian=byteorder == "big")
+      try:
+        return unpickler.load()
+      except UnsafePickleError:
+        raise
+      except Exception as e:  # Truncated or otherwise corrupt pickle.
+        raise ValueError(f"{path}: cannot unpickle {pickles[0]}: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class MlpLayout:
+  """Where a SwiGLU MLP's gate/up/down matrices live under `...mlp.`.
+
+  With `fused`, `gate` and `up` name the same [2F, D] matrix and
+  `gate_first` says which half is the gate (torch `.chunk(2, dim=-1)`).
+  """
+  name: str
+  gate: str
+  up: str
+  down: str
+  fused: bool = False
+  gate_first: bool = True
+
+
+MLP_LAYOUTS = (
+    # nanoGPT-style forks: c_proj(silu(c_fc(x)) * c_fc2(x)).
+    MlpLayout("c_fc|c_fc2|c_proj", "c_fc", "c_fc2", "c_proj"),
+    MlpLayout("c_fc2|c_fc|c_proj", "c_fc2", "c_fc", "c_proj"),
+    # One fused matrix: g, u = c_fc(x).chunk(2, -1); c_proj(silu(g) * u).
+    MlpLayout("c_fc[gate;up]|c_proj", "c_fc", "c_fc", "c_proj", fused=True),
+    MlpLayout("c_fc[up;gate]|c_proj", "c_fc", "c_fc", "c_proj", fused=True,
+              gate_first=False),
+    # Meta Llama: w2(silu(w1(x)) * w3(x)).
+    MlpLayout("w1|w3|w2", "w1", "w3", "w2"),
+    # Hugging Face Llama.
+    MlpLayout("gate_proj|up_proj|down_proj", "gate_proj", "up_proj",
+              "down_proj"),
+    # lit-gpt LLaMAMLP: proj(silu(fc_1(x)) * fc_2(x)).
+    MlpLayout("fc_1|fc_2|proj", "fc_1", "fc_2", "proj"),
+)
+_LAYOUT_BY_NAME = {layout.name: layout for layout in MLP_LAYOUTS}
+
+
+def strip_compile_prefix(state: dict[str, Any]) -> dict[str, Any]:
+  """Drops torch.compile's `_orig_mod.` prefix (as nanoGPT's sample.py does)."""
+  return {k[len(COMPILE_PREFIX):] if k.startswith(COMPILE_PREFIX) else k: v
+          for k, v in state.items()}
+
+
+def _lookup_norm_type(path: str, *sources: dict[str, Any]) -> str:
+  for source in sources:
+    for key in ("norm_type", "norm", "normalization", "layernorm_type"):
+      value = source.get(key)
+      if isinstance(value, str):
+        low = value.lower()
+        if "rms" in low:
+          return "rms"
+        if "layer" in low or low == "ln":
+          return "layer"
+        raise ValueError(f"{path}: {key}={value!r} names neither RMSNorm nor"
+                         " LayerNorm; pass norm_type='rms' or 'layer'")
+    for key in ("use_rmsnorm", "rmsnorm", "rms_norm"):
+      if isinstance(source.get(key), bool):
+        return "rms" if source[key] else "layer"
+  return "layer"
+
+
+def _detect_mlp_layout(path: str, state: dict[str, Any], d: int,
+                       requested: str) -> MlpLayout:
+  prefix = "transformer.h.0.mlp."
+  found = sorted(k for k in state if k.startswith(prefix))
+  names = {k[len(prefix):-len(".weight")]: state[k].shape
+           for k in found if k.endswith(".weight")}
+
+  def fits(layout: MlpLayout) -> bool:
+    if not {layout.gate, layout.up, layout.down} <= set(names):
+      return False
+    if len(names) != len({layout.gate, layout.up, layout.down}):
+      return False
+    down = names[layout.down]
+    if len(down) != 2 or down[0] != d:
+      return False
+    f = down[1]
+    if layout.fused:
+      return names[layout.gate] == (2 * f, d)
+    return names[layout.gate] == (f, d) and names[layout.up] == (f, d)
+
+  table = ", ".join(layout.name for layout in MLP_LAYOUTS)
+  if requested != "auto":
+    if requested not in _LAYOUT_BY_NAME:
+      raise ValueError(f"mlp_layout={requested!r}; expected 'auto' or one of:"
+                       f" {table}")
+    layout = _LAYOUT_BY_NAME[requested]
+    if not fits(layout):
+      raise ValueError(
+          f"{path}: mlp_layout={requested!r} does not match the file's layer-0"
+          f" MLP weights {names}")
+    return layout
+  if set(names) == {"c_fc", "c_proj"} and len(names["c_proj"]) == 2 and (
+      names["c_fc"] == (names["c_proj"][1], d)):
+    raise ValueError(
+        f"{path}: layer-0 MLP is nanoGPT's GELU MLP (c_fc {names['c_fc']},"
+        f" c_proj {names['c_proj']}); this model implements SwiGLU only")
+  for layout in MLP_LAYOUTS:
+    if fits(layout):
+      return layout
+  raise ValueError(
+      f"{path}: unknown SwiGLU layout: layer-0 MLP keys {found} with shapes"
+      f" {names}; known layouts (gate|up|down under mlp.): {table}. See"
+      " optconsist_jax/nanogpt.py for the mapping.")
+
+
+def _get(path: str, state: dict[str, Any], key: str,
+         shape: tuple[int, ...] | None = None) -> np.ndarray:
+  if key not in state:
+    raise ValueError(f"{path}: missing key {key!r} in the checkpoint's model"
+                     " state dict")
+  value = state[key]
+  if shape is not None and tuple(value.shape) != shape:
+    raise ValueError(f"{path}: key {key!r} has shape {tuple(value.shape)},"
+                     f" expected {shape}")
+  return value.numpy() if isinstance(value, LazyTensor) else np.asarray(value)
+
+
+def _required_arg(path: str, model_args: dict[str, Any], key: str) -> int:
+  if key not in model_args:
+    raise ValueError(f"{path}: model_args has no {key!r} (found"
+                     f" {sorted(model_args)})")
+  return int(model_args[key])
+
+
+def convert_state_dict(
+    state: dict[str, Any], model_args: dict[str, Any], *, path: str = "",
+    train_config: dict[str, Any] | None = None, norm_type: str | None = None,
+    mlp_layout: str = "auto") -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+  """Maps a nanoGPT state dict to our config and flat params.
+
+  Args:
+    state: parameter name -> array (numpy or `LazyTensor`); torch.compile's
+      `_orig_mod.` prefix is allowed.
+    model_args: the checkpoint's `model_args` (n_layer, n_head, n_embd,
+      block_size, vocab_size, bias, optional n_kv_head).
+    path: the file name, for error messages.
+    train_config: the checkpoint's `config` (searched for the norm type).
+    norm_type: "layer" or "rms" to override detection.
+    mlp_layout: "auto" or a name from `MLP_LAYOUTS`.
+
+  Returns:
+    (config, params) with params keyed by '/'-joined param paths of `Llama`
+    ('embed', 'layers/attn/q_proj/kernel', ...), float32 numpy arrays.
+  """
+  path = path or "<state dict>"
+  state = strip_compile_prefix(state)
+  n_layer = _required_arg(path, model_args, "n_layer")
+  n_head = _required_arg(path, model_args, "n_head")
+  d = _required_arg(path, model_args, "n_embd")
+  block = _required_arg(path, model_args, "block_size")
+  vocab = _required_arg(path, model_args, "vocab_size")
+  if d % n_head:
+    raise ValueError(f"{path}: n_embd={d} not divisible by n_head={n_head}")
+  h = d // n_head
+  # nanoGPT's causal-mask buffer (flash attention off) is not a weight.
+  ignored = {k for k in state
+             if re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", k)
+             and len(state[k].shape) == 4}
+  biases = sorted(k for k in state if k.endswith(".bias") and k not in ignored)
+  if model_args.get("bias") or biases:
+    raise ValueError(
+        f"{path}: the checkpoint has bias terms (model_args bias="
+        f"{model_args.get('bias')!r}, keys {biases[:4]}); only bias=False"
+        " bases are supported")
+  if norm_type is None:
+    norm_type = _lookup_norm_type(path, model_args, train_config or {})
+  elif norm_type not in ("layer", "rms"):
+    raise ValueError(f"norm_type={norm_type!r}; expected 'layer' or 'rms'")
+  layers_found = {int(m.group(1)) for k in state
+                  if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+  if layers_found != set(range(n_layer)):
+    raise ValueError(f"{path}: model_args n_layer={n_layer} but the state dict"
+                     f" has blocks {sorted(layers_found)}")
+
+  used = set(ignored)
+
+  def take(key, shape=None):
+    used.add(key)
+    return _get(path, state, key, shape)
+
+  embed = take("transformer.wte.weight", (vocab, d))
+  pos = take("transformer.wpe.weight", (block, d))
+  qkv_rows = state.get("transformer.h.0.attn.c_attn.weight")
+  n_kv = n_head
+  if qkv_rows is not None and qkv_rows.shape[0] != 3 * d:
+    n_kv = (qkv_rows.shape[0] // h - n_head) // 2
+  n_kv = int(model_args.get("n_kv_head") or n_kv)
+  layout = _detect_mlp_layout(path, state, d, mlp_layout)
+  f = state[f"transformer.h.0.mlp.{layout.down}.weight"].shape[1]
+
+  per_layer = collections.defaultdict(list)
+  for i in range(n_layer):
+    p = f"transformer.h.{i}."
+    per_layer["attn_norm/scale"].append(take(p + "ln_1.weight", (d,)))
+    per_layer["mlp_norm/scale"].append(take(p + "ln_2.weight", (d,)))
+    qkv = take(p + "attn.c_attn.weight", ((n_head + 2 * n_kv) * h, d))
+    q, k, v = np.split(qkv, [n_head * h, (n_head + n_kv) * h], axis=0)
+    per_layer["attn/q_proj/kernel"].append(q.T)
+    per_layer["attn/k_proj/kernel"].append(k.T)
+    per_layer["attn/v_proj/kernel"].append(v.T)
+    per_layer["attn/o_proj/kernel"].append(
+        take(p + "attn.c_proj.weight", (d, n_head * h)).T)
+    m = p + "mlp."
+    if layout.fused:
+      gate, up = np.split(take(m + layout.gate + ".weight", (2 * f, d)), 2)
+      if not layout.gate_first:
+        gate, up = up, gate
+    else:
+      gate = take(m + layout.gate + ".weight", (f, d))
+      up = take(m + layout.up + ".weight", (f, d))
+    per_layer["mlp/gate_proj/kernel"].append(gate.T)
+    per_layer["mlp/up_proj/kernel"].append(up.T)
+    per_layer["mlp/down_proj/kernel"].append(
+        take(m + layout.down + ".weight", (d, f)).T)
+
+  params = {"embed": embed, "pos_embed": pos,
+            "final_norm/scale": take("transformer.ln_f.weight", (d,))}
+  params.update({"layers/" + name: np.stack(arrays)
+                 for name, arrays in per_layer.items()})
+  tied = True
+  if "lm_head.weight" in state:
+    head = take("lm_head.weight", (vocab, d))
+    tied = np.array_equal(head, embed)
+    if not tied:
+      params["lm_head/kernel"] = head.T
+  unused = sorted(set(state) - used)
+  if unused:
+    raise ValueError(f"{path}: state dict keys not mapped to any parameter:"
+                     f" {unused[:8]}{' ...' if len(unused) > 8 else ''}")
+  eos = GPT2_EOS_ID if vocab > GPT2_EOS_ID else vocab - 1
+  config = LlamaConfig(
+      vocab_size=vocab, hidden_size=d, intermediate_size=f, num_layers=n_layer,
+      num_heads=n_head, num_kv_heads=n_kv, head_dim=h,
+      rms_norm_eps=LAYER_NORM_EPS, max_position_embeddings=block,
+      tie_embeddings=tied, position_embedding="learned", norm_type=norm_type,
+      bos_token_id=eos, eos_token_id=eos)
+  params = {k: np.ascontiguousarray(v, dtype=np.float32)
+            for k, v in params.items()}
+  return config, params
+
+
+def load_nanogpt_params(
+    ckpt_path: str | os.PathLike, *, norm_type: str | None = None,
+    mlp_layout: str = "auto") -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+  """Reads a nanoGPT `ckpt.pt`: (config, flat float32 params by param path).
+
+  For callers that place the params themselves (e.g. onto a sharded model);
+  `load_nanogpt` builds the model.
+  """
+  path = os.fspath(ckpt_path)
+  ckpt = read_torch_checkpoint(path)
+  if not isinstance(ckpt, dict):
+    raise ValueError(f"{path}: expected a dict checkpoint, got"
+                     f" {type(ckpt).__name__}")
+  for key in ("model", "model_args"):
+    if key not in ckpt:
+      raise ValueError(f"{path}: checkpoint has no {key!r} entry (found"
+                       f" {sorted(ckpt)}); is it a nanoGPT ckpt.pt?")
+  train_config = ckpt.get("config")
+  return convert_state_dict(
+      dict(ckpt["model"]), dict(ckpt["model_args"]), path=path,
+      train_config=train_config if isinstance(train_config, dict) else None,
+      norm_type=norm_type, mlp_layout=mlp_layout)
+
+
+def set_params(model: nnx.Module, params: dict[str, Any]) -> None:
+  """Writes flat '/'-keyed arrays into `model`'s nnx.Params (all required)."""
+  state = nnx.state(model, nnx.Param)
+  flat = {}
+  expected = set()
+  for key_path, variable in nnx.to_flat_state(state):
+    key = "/".join(str(k) for k in key_path)
+    expected.add(key)
+    if key not in params:
+      raise ValueError(f"no value for model parameter {key!r}")
+    shape = tuple(variable.get_value().shape)
+    dtype = variable.get_value().dtype
+    value = params[key]
+    if tuple(value.shape) != shape:
+      raise ValueError(f"parameter {key!r}: shape {tuple(value.shape)},"
+                       f" model expects {shape}")
+    flat[key_path] = variable.replace(jnp.asarray(value, dtype))
+  extra = sorted(set(params) - expected)
+  if extra:
+    raise ValueError(f"values for unknown model parameters: {extra}")
+  nnx.update(model, nnx.from_flat_state(flat))
+
+
+def load_nanogpt(ckpt_path: str | os.PathLike, dtype: Any = jnp.float32, *,
+                 norm_type: str | None = None,
+                 mlp_layout: str = "auto") -> tuple[LlamaConfig, Llama]:
+  """A nanoGPT-style `ckpt.pt` as `(LlamaConfig, Llama)`.
+
+  Args:
+    ckpt_path: the `ckpt.pt` written by nanoGPT's train.py (or a fork).
+    dtype: dtype of the parameters and of the computation.
+    norm_type: "layer" or "rms" to override the detected normalization.
+    mlp_layout: "auto" or a name from `MLP_LAYOUTS`.
+
+  Returns:
+    The config (learned positions, LayerNorm/RMSNorm, tied head when the file
+    ties it) and the model holding the checkpoint's weights.
+  """
+  config, params = load_nanogpt_params(ckpt_path, norm_type=norm_type,
+                                       mlp_layout=mlp_layout)
+  name = jnp.dtype(dtype).name
+  config = config.replace(param_dtype=name, dtype=name)
+  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  set_params(model, params)
+  return config, model
