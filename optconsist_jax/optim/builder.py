@@ -1,0 +1,88 @@
+"""optim.build: the optax transformation for an OptimConfig and a param tree.
+
+  clip_by_global_norm(clip_norm)            (over all trainable params)
+  -> optax.partition({group: optimizer(schedule, weight_decay, **kwargs)},
+                     labels from the routing rules)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+import optax
+
+from optconsist_jax.optim import registry
+from optconsist_jax.optim import routing
+from optconsist_jax.optim.config import OptimConfig
+from optconsist_jax.optim.paths import leaf_shardings
+from optconsist_jax.optim.paths import path_name
+from optconsist_jax.optim.schedules import make_schedule
+
+
+def assign_groups(optim_config: OptimConfig | Any,
+                  abstract_params: Any) -> dict[str, str]:
+  """{param path: group name}; errors name unrouted / doubly routed params."""
+  c = OptimConfig.from_dict(optim_config)
+  return routing.assign(abstract_params, c.routes, c.route_mode)
+
+
+def build(optim_config: OptimConfig | Any, abstract_params: Any, *,
+          mesh: Mesh | None = None) -> optax.GradientTransformation:
+  """The optimizer for `abstract_params` (the trainable params only).
+
+  Args:
+    optim_config: OptimConfig or its dict form.
+    abstract_params: pytree (e.g. `nnx.state(model, nnx.Param)`) of arrays or
+      ShapeDtypeStructs; NamedShardings on the leaves tell Muon the layout.
+    mesh: the device mesh (Muon's `stacked` strategy), else taken from the
+      leaves' shardings.
+
+  Returns:
+    An optax.GradientTransformation whose updates are added to the params.
+  """
+  c = OptimConfig.from_dict(optim_config)
+  assignment = routing.assign(abstract_params, c.routes, c.route_mode)
+  context = registry.BuildContext(mesh=mesh,
+                                  shardings=leaf_shardings(abstract_params))
+  used = sorted(set(assignment.values()))
+  transforms = {
+      name: registry.make(
+          c.groups[name].optimizer, make_schedule(c.groups[name].schedule),
+          c.groups[name].weight_decay, c.groups[name].kwargs, context,
+          where=f"optim.groups.{name}")
+      for name in used}
+  if len(used) == 1:
+    tx = transforms[used[0]]
+  else:
+    tx = optax.partition(transforms,
+                         lambda tree: routing.labels(assignment, tree))
+  if c.clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(c.clip_norm), tx)
+  return tx
+
+
+def learning_rates(optim_config: OptimConfig | Any,
+                   step: int | jax.Array) -> dict[str, float]:
+  """Each group's learning rate at `step` (0-based), for logging."""
+  c = OptimConfig.from_dict(optim_config)
+  return {name: float(make_schedule(g.schedule)(step))
+          for name, g in c.groups.items()}
+
+
+def group_stats(assignment: dict[str, str], tree: Any
+                ) -> dict[str, dict[str, jax.Array]]:
+  """Per group: global L2 `norm` and `rms` of a tree (e.g. the updates).
+
+  Jittable; `assignment` is `assign_groups(...)`.
+  """
+  sums: dict[str, list] = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    group = assignment[path_name(path)]
+    x = x.astype(jnp.float32)
+    sq, n = sums.setdefault(group, [0.0, 0])
+    sums[group] = [sq + jnp.sum(x * x), n + x.size]
+  return {g: {"norm": jnp.sqrt(sq), "rms": jnp.sqrt(sq / max(n, 1))}
+          for g, (sq, n) in sums.items()}
