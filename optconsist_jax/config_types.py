@@ -1,0 +1,227 @@
+"""The typed experiment config that an ml_collections config converts to.
+
+Config files in configs/ are plain Python (`get_config(arg)` returning an
+`ml_collections.ConfigDict`, big_vision style) so that `--config.x.y=...`
+overrides work on the command line. train.py converts the result once, at the
+boundary, to `ExperimentConfig`; from there on each module receives the typed
+slice it needs. An unknown key anywhere is an error naming it (`config.train.
+foo`), raised before anything is compiled.
+
+Sections (each converted by the module that owns its type):
+
+  model       LlamaConfig (optconsist_jax.model), `preset` key allowed
+  mesh        MeshConfig (optconsist_jax.sharding), `preset` key allowed
+  optim       OptimConfig (optconsist_jax.optim); a schedule with
+              `total_steps: 0` decays over the run's length, filled in by
+              `ExperimentConfig.resolve_total_steps` once the data (and so the
+              steps per epoch) is known
+  lora        LoRA adapter settings (optconsist_jax.model.lora); absent or
+              empty = full finetuning
+  data        DataConfig (optconsist_jax.data)
+  train       TrainConfig (below)
+  checkpoint  CheckpointConfig (optconsist_jax.checkpoints)
+  init_from   InitFromConfig (below)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+import json
+from typing import Any
+
+from optconsist_jax.checkpoints import CheckpointConfig
+from optconsist_jax.model import LlamaConfig
+from optconsist_jax.sharding import MeshConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The loop: how long, how often to log, what to measure.
+
+  Attributes:
+    num_epochs: passes over the training set (the paper: 11); used when
+      num_steps is 0.
+    num_steps: optimizer steps to run (0: derive from num_epochs).
+    grad_accum_steps: micro-batches per optimizer step.
+    seed: model init seed.
+    dropout_seed: seed of adapter dropout randomness (None: deterministic).
+    log_every: write train metrics every this many steps.
+    stats_every: residual-stream statistics every this many steps (0: never).
+    progress_every_secs: ReportProgress period.
+    stop_on_nonfinite: stop when loss or grad norm is NaN/Inf.
+    parameter_overview: log a table of the params at start.
+  """
+
+  num_epochs: int = 1
+  num_steps: int = 0
+  grad_accum_steps: int = 1
+  seed: int = 0
+  dropout_seed: int | None = None
+  log_every: int = 10
+  stats_every: int = 100
+  progress_every_secs: float = 30.0
+  stop_on_nonfinite: bool = True
+  parameter_overview: bool = True
+
+  def __post_init__(self):
+    if self.num_steps < 0 or self.num_epochs < 0:
+      raise ValueError("config.train: num_steps and num_epochs must be >= 0")
+    if not self.num_steps and not self.num_epochs:
+      raise ValueError("config.train: set num_steps or num_epochs")
+    if self.grad_accum_steps < 1:
+      raise ValueError(
+          f"config.train.grad_accum_steps={self.grad_accum_steps} must be >= 1")
+    if self.log_every < 1:
+      raise ValueError(f"config.train.log_every={self.log_every} must be >= 1")
+
+
+INIT_KINDS = ("auto", "hf", "orbax")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitFromConfig:
+  """Where initial weights come from when the workdir has no checkpoint.
+
+  Attributes:
+    path: a Hugging Face Llama folder (config.json + *.safetensors), or an
+      Orbax run (its workdir, W/checkpoints, or one step directory). Empty:
+      random init.
+    kind: hf, orbax, or auto (hf if path holds config.json with
+      safetensors, else orbax).
+    step: for an Orbax run, the step to read (None: the newest complete one).
+  """
+
+  path: str = ""
+  kind: str = "auto"
+  step: int | None = None
+
+  def __post_init__(self):
+    if self.kind not in INIT_KINDS:
+      raise ValueError(f"config.init_from.kind={self.kind!r}; expected one of"
+                       f" {INIT_KINDS}")
+
+
+def typed_section(cls, d: Mapping[str, Any] | None, section: str):
+  """cls(**d) with unknown keys reported as `config.<section>.<key>`."""
+  d = dict(d or {})
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ValueError(f"config.{section}: unknown keys {unknown}; valid keys:"
+                     f" {sorted(known)}")
+  try:
+    return cls(**d)
+  except TypeError as e:
+    raise ValueError(f"config.{section}: {e}") from e
+
+
+def _owned(section: str, d: Mapping[str, Any] | None, from_dict):
+  try:
+    return from_dict(dict(d or {}))
+  except (TypeError, ValueError) as e:
+    msg = str(e)
+    if not msg.startswith(f"config.{section}"):
+      msg = f"config.{section}: {msg}"
+    raise ValueError(msg) from e
+
+
+SECTIONS = ("model", "mesh", "optim", "lora", "data", "train", "checkpoint",
+            "init_from")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """One training run, typed."""
+
+  model: LlamaConfig
+  mesh: MeshConfig
+  optim: Any
+  lora: Any | None
+  data: Any
+  train: TrainConfig
+  checkpoint: CheckpointConfig
+  init_from: InitFromConfig
+
+  # The optim section as given, for resolve_total_steps.
+  optim_dict: Mapping[str, Any] = dataclasses.field(
+      default_factory=dict, repr=False, compare=False)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> ExperimentConfig:
+    """From `ConfigDict.to_dict()`; every key must be known.
+
+    Schedules with total_steps 0 are validated with a stand-in length; call
+    `resolve_total_steps` before building the optimizer.
+    """
+    from optconsist_jax.data import pipeline as data_lib  # pylint: disable=g-import-not-at-top
+    d = dict(d)
+    unknown = sorted(set(d) - set(SECTIONS))
+    if unknown:
+      raise ValueError(f"config: unknown sections {unknown}; valid sections:"
+                       f" {list(SECTIONS)}")
+    lora = None
+    if d.get("lora"):
+      from optconsist_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+      lora = _owned("lora", d["lora"], _lora_from_dict(lora_lib))
+    return cls(
+        model=_owned("model", d.get("model"), LlamaConfig.from_dict),
+        mesh=_owned("mesh", d.get("mesh"), MeshConfig.from_dict),
+        optim=_optim(d.get("optim"), _STAND_IN_STEPS),
+        lora=lora,
+        data=_owned("data", d.get("data"), data_lib.DataConfig.from_dict),
+        train=typed_section(TrainConfig, d.get("train"), "train"),
+        checkpoint=typed_section(CheckpointConfig, d.get("checkpoint"),
+                                 "checkpoint"),
+        init_from=typed_section(InitFromConfig, d.get("init_from"),
+                                "init_from"),
+        optim_dict=dict(d.get("optim") or {}),
+    )
+
+  def resolve_total_steps(self, total_steps: int) -> ExperimentConfig:
+    """Fills schedules' `total_steps: 0` with the run's length."""
+    return dataclasses.replace(self, optim=_optim(self.optim_dict, total_steps))
+
+  def to_json(self) -> str:
+    """The resolved config (presets expanded), for W/config.json."""
+    d = to_jsonable(self)
+    d.pop("optim_dict", None)
+    return json.dumps(d, indent=2, sort_keys=True)
+
+
+# Validates schedules whose length is the run's (total_steps 0) before the
+# data is read.
+_STAND_IN_STEPS = 1_000_000
+
+
+def _optim(d: Mapping[str, Any] | None, total_steps: int):
+  """OptimConfig with schedules' total_steps 0 set to `total_steps`."""
+  from optconsist_jax import optim as optim_lib  # pylint: disable=g-import-not-at-top
+  d = json.loads(json.dumps(dict(d or {})))
+  for group in (d.get("groups") or {}).values():
+    sched = group.get("schedule") if isinstance(group, dict) else None
+    if (isinstance(sched, dict) and sched.get("kind", "constant") != "constant"
+        and not sched.get("total_steps")):
+      sched["total_steps"] = int(total_steps)
+  return _owned("optim", d, optim_lib.OptimConfig.from_dict)
+
+
+def _lora_from_dict(lora_lib):
+  cls = lora_lib.LoRAConfig
+  if hasattr(cls, "from_dict"):
+    return cls.from_dict
+  return lambda d: typed_section(cls, d, "lora")
+
+
+def to_jsonable(x: Any) -> Any:
+  """Dataclasses, tuples, dtypes... -> JSON-able builtins."""
+  if dataclasses.is_dataclass(x) and not isinstance(x, type):
+    return {f.name: to_jsonable(getattr(x, f.name))
+            for f in dataclasses.fields(x)}
+  if isinstance(x, Mapping):
+    return {str(k): to_jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [to_jsonable(v) for v in x]
+  if x is None or isinstance(x, (bool, int, float, str)):
+    return x
+  return str(x)

@@ -1,0 +1,148 @@
+"""Training metrics: clu writers, progress, throughput/MFU, activation stats.
+
+Written under W/metrics/ as TensorBoard event files (clu `SummaryWriter`) and
+to the log (clu `LoggingWriter`); only process 0 writes event files.
+
+MFU (model flops utilization, Chowdhery et al. 2022 "PaLM", appendix B):
+analytic training flops per token (`LlamaConfig.flops_per_token`: 6 x matmul
+params + causal attention) x tokens/s / (devices x per-device peak). The peak
+table holds dense bf16 tensor-core / MXU peaks from the vendors' spec sheets;
+devices it does not know (CPUs) get no MFU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import parameter_overview
+from clu import periodic_actions
+from etils import epath
+import jax
+import numpy as np
+
+METRICS_DIR = "metrics"
+
+# device_kind substring -> dense bf16 peak flop/s per device (chip for TPUs,
+# except v4/v5p whose jax device is one chip with 2 megacores fused).
+# Sources: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}; NVIDIA H100/H200/A100
+# datasheets (SXM, without sparsity).
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("TPU v6", 918e12),      # v6e (Trillium)
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+)
+
+
+def peak_flops(device: Any | None = None) -> float | None:
+  """Dense bf16 peak flop/s of one device, or None when unknown (CPU)."""
+  kind = (device or jax.devices()[0]).device_kind
+  for key, flops in PEAK_BF16_FLOPS:
+    if key.lower() in kind.lower():
+      return flops
+  return None
+
+
+def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int,
+        peak_per_device: float | None) -> float | None:
+  if not peak_per_device:
+    return None
+  return flops_per_token * tokens_per_sec / (num_devices * peak_per_device)
+
+
+def layer_stats_scalars(stats: Mapping[str, Any],
+                        prefix: str = "activations") -> dict[str, float]:
+  """{"mean": [L], ...} -> {"activations/mean/layer_00": x, ...}."""
+  out = {}
+  for name, values in stats.items():
+    values = np.asarray(values)
+    for i, v in enumerate(values):
+      out[f"{prefix}/{name}/layer_{i:02d}"] = float(v)
+  return out
+
+
+class DeferredFetch:
+  """Holds step k's device metrics and fetches them after step k+1 starts.
+
+  `jax.device_get` on this step's metrics would wait for the step to finish
+  and leave the device idle while Python prepares the next batch; fetching
+  the previous step's values instead costs no stall (the device is busy with
+  the step just dispatched).
+  """
+
+  def __init__(self):
+    self._pending: tuple[int, Any, float] | None = None
+
+  def push(self, step: int, device_metrics: Any) -> tuple[int, dict, float] | None:
+    """Queues this step's metrics; returns the previous step's, fetched."""
+    out = self.pop()
+    self._pending = (step, device_metrics, time.perf_counter())
+    return out
+
+  def pop(self) -> tuple[int, dict, float] | None:
+    """Fetches and returns what is queued, if anything (blocks on it)."""
+    if self._pending is None:
+      return None
+    step, m, t = self._pending
+    self._pending = None
+    return step, jax.tree.map(lambda x: np.asarray(jax.device_get(x)), m), t
+
+
+class Writer:
+  """clu writers + ReportProgress for one run."""
+
+  def __init__(self, workdir: str, *, num_train_steps: int | None,
+               progress_every_steps: int | None = None,
+               progress_every_secs: float | None = 60.0):
+    self.logdir = epath.Path(workdir) / METRICS_DIR
+    is_main = jax.process_index() == 0
+    self.writer = metric_writers.create_default_writer(
+        self.logdir if is_main else None, just_logging=not is_main)
+    self.progress = periodic_actions.ReportProgress(
+        num_train_steps=num_train_steps, writer=self.writer,
+        every_steps=progress_every_steps, every_secs=progress_every_secs)
+
+  def scalars(self, step: int, values: Mapping[str, Any]):
+    self.writer.write_scalars(
+        step, {k: float(v) for k, v in values.items() if v is not None})
+
+  def hparams(self, flat_config: Mapping[str, Any]):
+    self.writer.write_hparams(dict(flat_config))
+
+  def parameter_overview(self, params: Any, title: str = "params"):
+    """Logs a table of names, shapes, sizes, mean/std and sharding."""
+    table = parameter_overview.get_parameter_overview(
+        _to_nested_dict(params), include_stats="global")
+    logging.info("%s:\n%s", title, table)
+    if jax.process_index() == 0:
+      self.writer.write_texts(0, {f"{title}_overview": f"```\n{table}\n```"})
+    return table
+
+  def close(self):
+    self.writer.flush()
+    self.writer.close()
+
+
+def _to_nested_dict(tree: Any) -> dict[str, Any]:
+  """A pytree (nnx.State, dicts, ...) as a nested dict keyed by path parts."""
+  out: dict[str, Any] = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    node = out
+    keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+            for k in path]
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1] if keys else "value"] = leaf
+  return out
