@@ -1,0 +1,153 @@
+"""Multiple-choice log-likelihood scoring against a brute-force numpy version."""
+
+import re
+
+from flax import nnx
+import jax
+import numpy as np
+import pytest
+
+from optconsist_jax.data.records import MultipleChoice
+from optconsist_jax.evals import multiple_choice as mc
+from optconsist_jax.model import Llama, preset
+
+
+class WordTokenizer:
+  """Words with their leading space as one token (like BPE's "Ġword").
+
+  So encode(a) + encode(b) != encode(a + b) in general, which is what the
+  harness's joint tokenization is about. Ids are handed out on first sight.
+  """
+
+  pad_id, bos_id, eos_id, vocab_size = 0, 1, 2, 128
+
+  def __init__(self):
+    self.ids = {}
+
+  def encode(self, text, bos=False, eos=False):
+    out = []
+    for piece in re.findall(r" ?\w+| ?[^\w\s]| ", text):
+      if piece not in self.ids:
+        self.ids[piece] = 3 + len(self.ids)
+        assert self.ids[piece] < self.vocab_size
+      out.append(self.ids[piece])
+    return [self.bos_id] * bos + out + [self.eos_id] * eos
+
+  def decode(self, ids):
+    inv = {v: k for k, v in self.ids.items()}
+    return "".join(inv.get(i, "") for i in ids)
+
+
+def test_encode_pair_follows_harness():
+  tok = WordTokenizer()
+  ctx, cont = mc.encode_pair(tok, "The cat", " sat down")
+  assert tok.decode(ctx) == "The cat" and tok.decode(cont) == " sat down"
+  # Trailing spaces of the context move to the continuation: " B" is one
+  # token, as in encode("Answer: B"), not "Answer: " + "B".
+  ctx, cont = mc.encode_pair(tok, "Answer: ", "B")
+  assert tok.decode(ctx) == "Answer:" and cont == tok.encode(" B")
+  # Empty context -> BOS; add_bos -> BOS in front of every context.
+  ctx, cont = mc.encode_pair(tok, "", " hi")
+  assert ctx == [tok.bos_id] and cont == tok.encode(" hi")
+  ctx, _ = mc.encode_pair(tok, "The cat", " sat", add_bos=True)
+  assert ctx == [tok.bos_id] + tok.encode("The cat")
+  # A merge across the boundary is split at the context's token length.
+  ctx, cont = mc.encode_pair(tok, "The ca", "t sat")
+  whole = tok.encode("The cat sat")
+  assert ctx + cont == whole and len(ctx) == len(tok.encode("The ca"))
+
+
+def brute_force(model, ctx, cont):
+  """sum log p(cont | ctx) from one unpadded full-sequence forward."""
+  tokens = np.array([ctx + cont], np.int32)
+  logits = np.asarray(jax.jit(model)(tokens), np.float64)[0]
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
+      -1, keepdims=True)) - logits.max(-1, keepdims=True)
+  n = len(ctx)
+  return sum(logp[n - 1 + j, tok] for j, tok in enumerate(cont))
+
+
+ITEMS = [
+    MultipleChoice(("Roof: The man climbs the ladder and",) * 4,
+                   (" fixes the roof.", " eats a sandwich quickly.", " sleeps.",
+                    " paints the fence , then goes home ."), 0, "hellaswag",
+                   "h0"),
+    MultipleChoice(("Question: What melts ice?\nAnswer:",) * 3,
+                   (" heat", " cold air", " a rock"), 0, "arc_challenge",
+                   "a0"),
+    MultipleChoice(("Question: Which is a planet?\nAnswer: ",) * 2,
+                   ("Mars", "the moon"), 0, "arc_challenge", "a1"),
+    # WinoGrande partial scoring: two contexts, one continuation.
+    MultipleChoice(("The trophy did not fit in the suitcase because the trophy",
+                    "The trophy did not fit in the suitcase because the"
+                    " suitcase"), (" was too big.",) * 2, 0, "winogrande",
+                   "w0"),
+]
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Llama(preset("tiny_gqa").replace(initializer_range=0.2),
+               rngs=nnx.Rngs(3))
+
+
+def test_scores_equal_brute_force(model):
+  tok = WordTokenizer()
+  out = mc.evaluate(model, tok, ITEMS, batch_size=3)
+  correct = {}
+  for item, pred in zip(ITEMS, out.predictions):
+    want = np.array([brute_force(model, *mc.encode_pair(tok, c, k))
+                     for c, k in zip(item.contexts, item.continuations)])
+    np.testing.assert_allclose(pred["logprobs"], want, rtol=1e-5, atol=1e-4)
+    assert pred["pred"] == int(np.argmax(want))
+    chars = np.array([len(k) for k in item.continuations])
+    assert pred["pred_norm"] == int(np.argmax(want / chars))
+    assert (pred["benchmark"], pred["id"]) == (item.benchmark, item.id)
+    c = correct.setdefault(item.benchmark, [0, 0, 0])
+    c[0] += int(np.argmax(want)) == item.label
+    c[1] += int(np.argmax(want / chars)) == item.label
+    c[2] += 1
+  for bench, (acc, acc_norm, n) in correct.items():
+    assert out.scores[bench] == {"acc": acc / n, "acc_norm": acc_norm / n,
+                                 "n": n}
+  # Choices of one item differ, so the test discriminates between them.
+  assert len(set(out.predictions[0]["logprobs"])) == 4
+
+
+def test_left_truncation(model):
+  tok = WordTokenizer()
+  ctx, cont = mc.encode_pair(tok, "a b c d e f g h i j", " k l")
+  got = mc.score_continuations(model, [(ctx, cont)], max_len=6,
+                               length_bucket=4)
+  full = ctx + cont
+  kept = full[-7:]
+  want = brute_force(model, kept[:len(kept) - len(cont)], cont)
+  np.testing.assert_allclose(got, [want], rtol=1e-5, atol=1e-4)
+
+
+def test_empty_context_is_an_error(model):
+  with pytest.raises(ValueError, match="request 0: empty context"):
+    mc.score_continuations(model, [([], [5])])
+
+
+# Held-out LM loss (the other retention metric), same brute-force reference.
+def test_lm_loss_equals_brute_force(model):
+  from optconsist_jax.evals import lm_loss  # pylint: disable=g-import-not-at-top
+  tok = WordTokenizer()
+  docs = ["the cat sat on the mat .", "a b c d e f g h i j k l m n o p q",
+          "hello"]
+  max_len = 6
+  got = lm_loss.evaluate(model, tok, docs, max_len=max_len, batch_size=2,
+                         length_bucket=4)
+  nll, n = 0.0, 0
+  for doc in docs:
+    ids = tok.encode(doc, bos=True, eos=True)
+    for start in range(0, len(ids) - 1, max_len):
+      chunk = ids[start:start + max_len + 1]
+      # log p of chunk[1:] given the window: context chunk[:1], cont rest.
+      nll -= brute_force(model, chunk[:1], chunk[1:])
+      n += len(chunk) - 1
+  assert n == sum(len(tok.encode(d)) + 1 for d in docs)
+  assert got.tokens == n
+  np.testing.assert_allclose(got.loss, nll / n, rtol=1e-5)
+  np.testing.assert_allclose(got.perplexity, np.exp(nll / n), rtol=1e-5)
