@@ -1,0 +1,334 @@
+r"""Learning/forgetting Pareto plot and table across runs.
+
+  python -m optconsist_jax.report W1 W2 ... --out DIR [--x METRIC] [--y METRIC]
+
+Reads `W/eval/results.jsonl` of every workdir (the eval job's output, one
+`EvalRecord` per line, schema below), draws one point per evaluated
+checkpoint at x = retention, y = learning (marker size by epoch, colour by
+finetuning method, marker shape by the base model's pretraining optimizer, the
+base models as stars), the non-dominated frontier over all points, and writes
+DIR/pareto.png, DIR/pareto.svg and DIR/pareto.md (a markdown table).
+Layout follows Biderman et al. 2024 ("LoRA Learns Less and Forgets Less"),
+Fig. 1: one dot per (run, epoch), bigger dots for more epochs.
+
+This module owns the schema of W/eval/results.jsonl; optconsist_jax.evaluate
+writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Any
+
+RESULTS_FILE = os.path.join("eval", "results.jsonl")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRecord:
+  """One evaluated checkpoint: a line of W/eval/results.jsonl.
+
+  Attributes:
+    step: training step of the checkpoint (0 for a base model).
+    epoch: epochs completed at that step (fractional between epoch ends).
+    method: finetuning method: "adamw", "muon", "lora", ... ("base" for an
+      untouched base model).
+    base: the base model's pretraining optimizer ("adamw", "muon", ...).
+    lr: peak learning rate of the run (0 for a base model).
+    learning: headline learning score, higher is better (e.g. GSM8K acc).
+    retention: headline retention score, higher is better (e.g. the mean
+      multiple-choice accuracy, or minus the held-out LM loss).
+    learning_metric: the name of the headline learning metric.
+    retention_metric: the name of the headline retention metric.
+    metrics: every metric of this evaluation, name -> value.
+    run: run name (default: the workdir's name).
+    checkpoint: the checkpoint (or Hugging Face folder) evaluated.
+    is_base: this is the starting point of the runs, not a finetuned model.
+  """
+
+  step: int
+  epoch: float
+  method: str
+  base: str
+  lr: float
+  learning: float
+  retention: float
+  learning_metric: str = "learning"
+  retention_metric: str = "retention"
+  metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+  run: str = ""
+  checkpoint: str = ""
+  is_base: bool = False
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+_FIELD_TYPES = {
+    "step": (int,), "epoch": (int, float), "method": (str,), "base": (str,),
+    "lr": (int, float), "learning": (int, float), "retention": (int, float),
+    "learning_metric": (str,), "retention_metric": (str,), "metrics": (dict,),
+    "run": (str,), "checkpoint": (str,), "is_base": (bool,),
+}
+REQUIRED_FIELDS = tuple(
+    f.name for f in dataclasses.fields(EvalRecord)
+    if f.default is dataclasses.MISSING
+    and f.default_factory is dataclasses.MISSING)
+
+
+class EvalFileError(ValueError):
+  """A results file (or one of its lines) does not follow the schema."""
+
+
+def parse_record(d: Any, where: str) -> EvalRecord:
+  """Validates one decoded JSON line; `where` is "file:line" for errors."""
+  if not isinstance(d, dict):
+    raise EvalFileError(f"{where}: expected a JSON object, got"
+                        f" {type(d).__name__}")
+  missing = [k for k in REQUIRED_FIELDS if k not in d]
+  if missing:
+    raise EvalFileError(f"{where}: missing fields {missing} (required:"
+                        f" {list(REQUIRED_FIELDS)})")
+  unknown = sorted(set(d) - set(_FIELD_TYPES))
+  if unknown:
+    raise EvalFileError(f"{where}: unknown fields {unknown}; known:"
+                        f" {sorted(_FIELD_TYPES)}")
+  for key, value in d.items():
+    types = _FIELD_TYPES[key]
+    # bool is an int in Python; only is_base may be one.
+    if not isinstance(value, types) or (isinstance(value, bool)
+                                        and bool not in types):
+      raise EvalFileError(
+          f"{where}: field {key!r} must be"
+          f" {' or '.join(t.__name__ for t in types)}, got {value!r}")
+  bad = sorted(k for k, v in d.get("metrics", {}).items()
+               if v is not None and (isinstance(v, bool)
+                                     or not isinstance(v, (int, float))))
+  if bad:
+    raise EvalFileError(f"{where}: metrics {bad} are not numbers")
+  for key in ("learning", "retention", "epoch", "lr"):
+    if not math.isfinite(d[key]):
+      raise EvalFileError(f"{where}: field {key!r} is {d[key]!r}")
+  return EvalRecord(**d)
+
+
+def read_results(path: str) -> list[EvalRecord]:
+  """Every record of one results.jsonl (blank lines skipped)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no eval results (run"
+                            " `python -m optconsist_jax.evaluate` first)")
+  out = []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        d = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise EvalFileError(f"{path}:{n}: not JSON: {e}") from None
+      out.append(parse_record(d, f"{path}:{n}"))
+  return out
+
+
+def read_workdir(workdir: str) -> list[EvalRecord]:
+  """Records of W/eval/results.jsonl, run name filled, last one per step."""
+  records = read_results(os.path.join(workdir, RESULTS_FILE))
+  name = os.path.basename(os.path.normpath(workdir))
+  latest: dict[tuple[str, int, bool, str], EvalRecord] = {}
+  for r in records:
+    if not r.run:
+      r = dataclasses.replace(r, run=name)
+    # A checkpoint evaluated twice (a rerun after a crash): keep the latest.
+    latest[(r.run, r.step, r.is_base, r.checkpoint)] = r
+  return sorted(latest.values(), key=lambda r: (r.run, not r.is_base, r.step))
+
+
+def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+  """a is at least as good as b in both coordinates and better in one."""
+  return a[0] >= b[0] and a[1] >= b[1] and (a[0] > b[0] or a[1] > b[1])
+
+
+def pareto_frontier(points: Sequence[tuple[float, float]],
+                    maximize: tuple[bool, bool] = (True, True)) -> list[int]:
+  """Indices of the non-dominated points, sorted by x.
+
+  Args:
+    points: (x, y) pairs.
+    maximize: per coordinate, whether larger is better.
+
+  Returns:
+    The indices of points no other point dominates (equal points are all
+    kept), ordered by increasing x (then y).
+  """
+  sign = tuple(1.0 if m else -1.0 for m in maximize)
+  pts = [(sign[0] * x, sign[1] * y) for x, y in points]
+  keep = [i for i, p in enumerate(pts)
+          if not any(dominates(q, p) for j, q in enumerate(pts) if j != i)]
+  return sorted(keep, key=lambda i: (points[i][0], points[i][1]))
+
+
+def lower_is_better(metric: str) -> bool:
+  """Loss-like metrics (loss, perplexity, nll) are better when smaller."""
+  name = metric.lower()
+  return any(k in name for k in ("loss", "perplexity", "ppl", "nll"))
+
+
+def _value(r: EvalRecord, metric: str | None, headline: str) -> float:
+  if metric is None:
+    return getattr(r, headline)
+  if metric not in r.metrics:
+    raise EvalFileError(f"run {r.run} step {r.step}: no metric {metric!r};"
+                        f" has {sorted(r.metrics)}")
+  return float(r.metrics[metric])
+
+
+_METHOD_COLOURS = {"adamw": "tab:blue", "muon": "tab:red",
+                   "lora": "tab:green", "base": "black"}
+_BASE_MARKERS = ["o", "s", "^", "D", "v", "P"]
+
+
+def _colours(methods: Sequence[str]) -> dict[str, str]:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  cycle = matplotlib.colormaps["tab10"].colors
+  out, spare = {}, [c for c in cycle]
+  for m in methods:
+    out[m] = _METHOD_COLOURS.get(m.lower()) or spare[len(out) % len(spare)]
+  return out
+
+
+def make_report(records: Sequence[EvalRecord], out_dir: str, *,
+                x_metric: str | None = None, y_metric: str | None = None,
+                title: str = "") -> dict[str, str]:
+  """Writes the plot (PNG, SVG) and the table; returns their paths."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  if not records:
+    raise ValueError("report: no evaluated checkpoints to plot")
+  xs = [_value(r, x_metric, "retention") for r in records]
+  ys = [_value(r, y_metric, "learning") for r in records]
+  x_name = x_metric or _common(r.retention_metric for r in records)
+  y_name = y_metric or _common(r.learning_metric for r in records)
+  maximize = (not (x_metric and lower_is_better(x_metric)),
+              not (y_metric and lower_is_better(y_metric)))
+  front = pareto_frontier(list(zip(xs, ys)), maximize)
+  on_front = set(front)
+
+  methods = sorted({r.method for r in records if not r.is_base})
+  colours = _colours(methods)
+  bases = sorted({r.base for r in records})
+  markers = {b: _BASE_MARKERS[i % len(_BASE_MARKERS)]
+             for i, b in enumerate(bases)}
+  max_epoch = max([r.epoch for r in records] + [1e-9])
+
+  fig, ax = plt.subplots(figsize=(7, 5))
+  runs: dict[str, list[int]] = {}
+  for i, r in enumerate(records):
+    if not r.is_base:
+      runs.setdefault(r.run, []).append(i)
+  for idx in runs.values():
+    idx = sorted(idx, key=lambda i: records[i].step)
+    ax.plot([xs[i] for i in idx], [ys[i] for i in idx], "-", lw=0.8,
+            alpha=0.35, color=colours[records[idx[0]].method], zorder=1)
+  for i, r in enumerate(records):
+    if r.is_base:
+      ax.scatter(xs[i], ys[i], marker="*", s=260, color="black", zorder=4,
+                 edgecolors="white", linewidths=0.5)
+      ax.annotate(f"base ({r.base})", (xs[i], ys[i]), textcoords="offset"
+                  " points", xytext=(6, -12), fontsize=8)
+    else:
+      ax.scatter(xs[i], ys[i], marker=markers[r.base],
+                 s=30 + 170 * r.epoch / max_epoch, color=colours[r.method],
+                 alpha=0.85, edgecolors="black" if i in on_front else "none",
+                 linewidths=1.0, zorder=3)
+  ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="gray",
+          lw=1.2, zorder=2, label="Pareto frontier")
+  # Legend: methods by colour, bases by marker, the base star.
+  for m in methods:
+    ax.scatter([], [], color=colours[m], marker="o", label=m)
+  if len(bases) > 1:
+    for b in bases:
+      ax.scatter([], [], color="gray", marker=markers[b],
+                 label=f"pretrained with {b}")
+  if any(r.is_base for r in records):
+    ax.scatter([], [], color="black", marker="*", s=120, label="base model")
+  ax.set_xlabel(f"retention: {x_name}"
+                + (" (lower is better)" if not maximize[0] else ""))
+  ax.set_ylabel(f"learning: {y_name}"
+                + (" (lower is better)" if not maximize[1] else ""))
+  if not maximize[0]:
+    ax.invert_xaxis()
+  if not maximize[1]:
+    ax.invert_yaxis()
+  ax.set_title(title or "Learning vs. retention (marker size = epochs)")
+  ax.grid(alpha=0.3)
+  ax.margins(0.1)
+  ax.legend(fontsize=8, loc="best")
+  fig.tight_layout()
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {"png": os.path.join(out_dir, "pareto.png"),
+           "svg": os.path.join(out_dir, "pareto.svg"),
+           "md": os.path.join(out_dir, "pareto.md")}
+  fig.savefig(paths["png"], dpi=150)
+  fig.savefig(paths["svg"])
+  plt.close(fig)
+  with open(paths["md"], "w") as f:
+    f.write(markdown_table(records, xs, ys, on_front, x_name, y_name))
+  return paths
+
+
+def _common(names) -> str:
+  names = sorted(set(names))
+  return names[0] if len(names) == 1 else " / ".join(names)
+
+
+def markdown_table(records: Sequence[EvalRecord], xs: Sequence[float],
+                   ys: Sequence[float], on_front: set[int], x_name: str,
+                   y_name: str) -> str:
+  """One row per evaluated checkpoint; frontier points marked."""
+  lines = [f"| run | method | base | lr | step | epoch | {x_name} (retention)"
+           f" | {y_name} (learning) | frontier |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for i, r in enumerate(records):
+    lines.append(
+        f"| {r.run}{' (base)' if r.is_base else ''} | {r.method} | {r.base}"
+        f" | {r.lr:g} | {r.step} | {r.epoch:g} | {xs[i]:.4f} | {ys[i]:.4f}"
+        f" | {'yes' if i in on_front else ''} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(
+      prog="python -m optconsist_jax.report",
+      description="Pareto plot (learning vs. retention) and table across"
+      " runs, from each W/eval/results.jsonl.")
+  p.add_argument("workdirs", nargs="+", help="run directories W")
+  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--x", default=None, help="retention metric (a key of each"
+                 " record's `metrics`; default: the headline `retention`)")
+  p.add_argument("--y", default=None, help="learning metric (default: the"
+                 " headline `learning`)")
+  p.add_argument("--title", default="")
+  args = p.parse_args(argv)
+  records = []
+  try:
+    for w in args.workdirs:
+      records.extend(read_workdir(w))
+    paths = make_report(records, args.out, x_metric=args.x, y_metric=args.y,
+                        title=args.title)
+  except (EvalFileError, FileNotFoundError, ValueError) as e:
+    print(f"report: {e}", file=sys.stderr)
+    return 1
+  print(f"{len(records)} points from {len(args.workdirs)} workdirs ->"
+        f" {', '.join(paths.values())}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
