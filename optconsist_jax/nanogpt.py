@@ -50,6 +50,12 @@ report 3.011 / 2.976 on OpenWebText), in which case pass the other order.
 A plain GELU MLP (standard nanoGPT: c_fc [4D, D] with c_fc [F, D] and
 c_proj [D, F] of the same F) is detected and refused: the model is SwiGLU.
 
+Entry points: `load_nanogpt(path)` -> (config, model); `read_config(path)`
+(no weights read) for experiment configs; `load_params_into(path,
+abstract_params, shardings, model_config=...)` for the train loop (params
+placed shard by shard on a mesh); `read_torch_checkpoint(path)` for the whole
+file (optimizer state, iter_num, config) as lazy tensors.
+
 Normalization: nanoGPT uses LayerNorm without bias (eps 1e-5); a
 `norm_type`/`norm`/`normalization` string (containing "rms" or "layer") or a
 `use_rmsnorm`/`rmsnorm`/`rms_norm` bool in `model_args` or `config` switches
@@ -68,6 +74,7 @@ import zipfile
 from typing import Any
 
 from flax import nnx
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -413,6 +420,81 @@ def _required_arg(path: str, model_args: dict[str, Any], key: str) -> int:
   return int(model_args[key])
 
 
+def _same_tensor(a: Any, b: Any) -> bool:
+  """True when two state entries are the same weights (tied)."""
+  if isinstance(a, LazyTensor) and isinstance(b, LazyTensor) and (
+      a.storage == b.storage and a.offset == b.offset and a.shape == b.shape
+      and a.stride == b.stride):
+    return True  # Same storage: torch saved a tied parameter once.
+  as_np = lambda x: x.numpy() if isinstance(x, LazyTensor) else np.asarray(x)
+  return np.array_equal(as_np(a), as_np(b))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What `infer_config` found, for `convert_state_dict` to materialize."""
+  config: LlamaConfig
+  layout: MlpLayout
+  state: dict[str, Any]
+  ignored: frozenset[str]
+
+
+def _plan(state: dict[str, Any], model_args: dict[str, Any], path: str,
+          train_config: dict[str, Any] | None, norm_type: str | None,
+          mlp_layout: str) -> _Plan:
+  """Config and MLP layout from model_args and tensor shapes (no data read,
+  except the two head tensors when they are stored separately)."""
+  state = strip_compile_prefix(state)
+  n_layer = _required_arg(path, model_args, "n_layer")
+  n_head = _required_arg(path, model_args, "n_head")
+  d = _required_arg(path, model_args, "n_embd")
+  block = _required_arg(path, model_args, "block_size")
+  vocab = _required_arg(path, model_args, "vocab_size")
+  if d % n_head:
+    raise ValueError(f"{path}: n_embd={d} not divisible by n_head={n_head}")
+  h = d // n_head
+  # nanoGPT's causal-mask buffer (flash attention off) is not a weight.
+  ignored = frozenset(k for k in state
+                      if re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", k)
+                      and len(state[k].shape) == 4)
+  biases = sorted(k for k in state if k.endswith(".bias") and k not in ignored)
+  if model_args.get("bias") or biases:
+    raise ValueError(
+        f"{path}: the checkpoint has bias terms (model_args bias="
+        f"{model_args.get('bias')!r}, keys {biases[:4]}); only bias=False"
+        " bases are supported")
+  if norm_type is None:
+    norm_type = _lookup_norm_type(path, model_args, train_config or {})
+  elif norm_type not in ("layer", "rms"):
+    raise ValueError(f"norm_type={norm_type!r}; expected 'layer' or 'rms'")
+  layers_found = {int(m.group(1)) for k in state
+                  if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+  if layers_found != set(range(n_layer)):
+    raise ValueError(f"{path}: model_args n_layer={n_layer} but the state dict"
+                     f" has blocks {sorted(layers_found)}")
+  qkv = state.get("transformer.h.0.attn.c_attn.weight")
+  n_kv = n_head
+  if qkv is not None and qkv.shape[0] != 3 * d:
+    n_kv = (qkv.shape[0] // h - n_head) // 2
+  n_kv = int(model_args.get("n_kv_head") or n_kv)
+  if n_kv < 1 or n_head % n_kv:
+    raise ValueError(f"{path}: 'transformer.h.0.attn.c_attn.weight' has shape"
+                     f" {tuple(qkv.shape)}, not q|k|v for n_head={n_head}")
+  layout = _detect_mlp_layout(path, state, d, mlp_layout)
+  f = state[f"transformer.h.0.mlp.{layout.down}.weight"].shape[1]
+  tied = True
+  if "lm_head.weight" in state and "transformer.wte.weight" in state:
+    tied = _same_tensor(state["lm_head.weight"], state["transformer.wte.weight"])
+  eos = GPT2_EOS_ID if vocab > GPT2_EOS_ID else vocab - 1
+  config = LlamaConfig(
+      vocab_size=vocab, hidden_size=d, intermediate_size=f, num_layers=n_layer,
+      num_heads=n_head, num_kv_heads=n_kv, head_dim=h,
+      rms_norm_eps=LAYER_NORM_EPS, max_position_embeddings=block,
+      tie_embeddings=tied, position_embedding="learned", norm_type=norm_type,
+      bos_token_id=eos, eos_token_id=eos)
+  return _Plan(config, layout, state, ignored)
+
+
 def convert_state_dict(
     state: dict[str, Any], model_args: dict[str, Any], *, path: str = "",
     train_config: dict[str, Any] | None = None, norm_type: str | None = None,
@@ -434,53 +516,18 @@ def convert_state_dict(
     ('embed', 'layers/attn/q_proj/kernel', ...), float32 numpy arrays.
   """
   path = path or "<state dict>"
-  state = strip_compile_prefix(state)
-  n_layer = _required_arg(path, model_args, "n_layer")
-  n_head = _required_arg(path, model_args, "n_head")
-  d = _required_arg(path, model_args, "n_embd")
-  block = _required_arg(path, model_args, "block_size")
-  vocab = _required_arg(path, model_args, "vocab_size")
-  if d % n_head:
-    raise ValueError(f"{path}: n_embd={d} not divisible by n_head={n_head}")
-  h = d // n_head
-  # nanoGPT's causal-mask buffer (flash attention off) is not a weight.
-  ignored = {k for k in state
-             if re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", k)
-             and len(state[k].shape) == 4}
-  biases = sorted(k for k in state if k.endswith(".bias") and k not in ignored)
-  if model_args.get("bias") or biases:
-    raise ValueError(
-        f"{path}: the checkpoint has bias terms (model_args bias="
-        f"{model_args.get('bias')!r}, keys {biases[:4]}); only bias=False"
-        " bases are supported")
-  if norm_type is None:
-    norm_type = _lookup_norm_type(path, model_args, train_config or {})
-  elif norm_type not in ("layer", "rms"):
-    raise ValueError(f"norm_type={norm_type!r}; expected 'layer' or 'rms'")
-  layers_found = {int(m.group(1)) for k in state
-                  if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
-  if layers_found != set(range(n_layer)):
-    raise ValueError(f"{path}: model_args n_layer={n_layer} but the state dict"
-                     f" has blocks {sorted(layers_found)}")
-
-  used = set(ignored)
+  plan = _plan(state, model_args, path, train_config, norm_type, mlp_layout)
+  c, layout, state = plan.config, plan.layout, plan.state
+  d, f, h = c.hidden_size, c.intermediate_size, c.head_dim
+  n_head, n_kv = c.num_heads, c.num_kv_heads
+  used = set(plan.ignored)
 
   def take(key, shape=None):
     used.add(key)
     return _get(path, state, key, shape)
 
-  embed = take("transformer.wte.weight", (vocab, d))
-  pos = take("transformer.wpe.weight", (block, d))
-  qkv_rows = state.get("transformer.h.0.attn.c_attn.weight")
-  n_kv = n_head
-  if qkv_rows is not None and qkv_rows.shape[0] != 3 * d:
-    n_kv = (qkv_rows.shape[0] // h - n_head) // 2
-  n_kv = int(model_args.get("n_kv_head") or n_kv)
-  layout = _detect_mlp_layout(path, state, d, mlp_layout)
-  f = state[f"transformer.h.0.mlp.{layout.down}.weight"].shape[1]
-
   per_layer = collections.defaultdict(list)
-  for i in range(n_layer):
+  for i in range(c.num_layers):
     p = f"transformer.h.{i}."
     per_layer["attn_norm/scale"].append(take(p + "ln_1.weight", (d,)))
     per_layer["mlp_norm/scale"].append(take(p + "ln_2.weight", (d,)))
@@ -504,30 +551,53 @@ def convert_state_dict(
     per_layer["mlp/down_proj/kernel"].append(
         take(m + layout.down + ".weight", (d, f)).T)
 
-  params = {"embed": embed, "pos_embed": pos,
-            "final_norm/scale": take("transformer.ln_f.weight", (d,))}
+  params = {
+      "embed": take("transformer.wte.weight", (c.vocab_size, d)),
+      "pos_embed": take("transformer.wpe.weight",
+                        (c.max_position_embeddings, d)),
+      "final_norm/scale": take("transformer.ln_f.weight", (d,)),
+  }
   params.update({"layers/" + name: np.stack(arrays)
                  for name, arrays in per_layer.items()})
-  tied = True
   if "lm_head.weight" in state:
-    head = take("lm_head.weight", (vocab, d))
-    tied = np.array_equal(head, embed)
-    if not tied:
+    head = take("lm_head.weight", (c.vocab_size, d))
+    if not c.tie_embeddings:
       params["lm_head/kernel"] = head.T
   unused = sorted(set(state) - used)
   if unused:
     raise ValueError(f"{path}: state dict keys not mapped to any parameter:"
                      f" {unused[:8]}{' ...' if len(unused) > 8 else ''}")
-  eos = GPT2_EOS_ID if vocab > GPT2_EOS_ID else vocab - 1
-  config = LlamaConfig(
-      vocab_size=vocab, hidden_size=d, intermediate_size=f, num_layers=n_layer,
-      num_heads=n_head, num_kv_heads=n_kv, head_dim=h,
-      rms_norm_eps=LAYER_NORM_EPS, max_position_embeddings=block,
-      tie_embeddings=tied, position_embedding="learned", norm_type=norm_type,
-      bos_token_id=eos, eos_token_id=eos)
   params = {k: np.ascontiguousarray(v, dtype=np.float32)
             for k, v in params.items()}
-  return config, params
+  return c, params
+
+
+def _open(path: str) -> tuple[dict[str, Any], dict[str, Any], dict | None]:
+  """(state dict, model_args, train config) of a nanoGPT ckpt.pt."""
+  ckpt = read_torch_checkpoint(path)
+  if not isinstance(ckpt, dict):
+    raise ValueError(f"{path}: expected a dict checkpoint, got"
+                     f" {type(ckpt).__name__}")
+  for key in ("model", "model_args"):
+    if key not in ckpt:
+      raise ValueError(f"{path}: checkpoint has no {key!r} entry (found"
+                       f" {sorted(ckpt)}); is it a nanoGPT ckpt.pt?")
+  train_config = ckpt.get("config")
+  return (dict(ckpt["model"]), dict(ckpt["model_args"]),
+          train_config if isinstance(train_config, dict) else None)
+
+
+def read_config(ckpt_path: str | os.PathLike, *, norm_type: str | None = None,
+                mlp_layout: str = "auto") -> LlamaConfig:
+  """The `LlamaConfig` of a nanoGPT `ckpt.pt`, without reading its weights.
+
+  For experiment configs: `c.model = dataclasses.asdict(read_config(path))`
+  (then override dtype, scan_layers, remat_policy... as usual).
+  """
+  path = os.fspath(ckpt_path)
+  state, model_args, train_config = _open(path)
+  return _plan(state, model_args, path, train_config, norm_type,
+               mlp_layout).config
 
 
 def load_nanogpt_params(
@@ -539,42 +609,95 @@ def load_nanogpt_params(
   `load_nanogpt` builds the model.
   """
   path = os.fspath(ckpt_path)
-  ckpt = read_torch_checkpoint(path)
-  if not isinstance(ckpt, dict):
-    raise ValueError(f"{path}: expected a dict checkpoint, got"
-                     f" {type(ckpt).__name__}")
-  for key in ("model", "model_args"):
-    if key not in ckpt:
-      raise ValueError(f"{path}: checkpoint has no {key!r} entry (found"
-                       f" {sorted(ckpt)}); is it a nanoGPT ckpt.pt?")
-  train_config = ckpt.get("config")
-  return convert_state_dict(
-      dict(ckpt["model"]), dict(ckpt["model_args"]), path=path,
-      train_config=train_config if isinstance(train_config, dict) else None,
-      norm_type=norm_type, mlp_layout=mlp_layout)
+  state, model_args, train_config = _open(path)
+  return convert_state_dict(state, model_args, path=path,
+                            train_config=train_config, norm_type=norm_type,
+                            mlp_layout=mlp_layout)
 
 
-def set_params(model: nnx.Module, params: dict[str, Any]) -> None:
-  """Writes flat '/'-keyed arrays into `model`'s nnx.Params (all required)."""
-  state = nnx.state(model, nnx.Param)
-  flat = {}
-  expected = set()
-  for key_path, variable in nnx.to_flat_state(state):
+# Fields that define the architecture (what a base's weights fix).
+ARCHITECTURE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+    "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings",
+    "tie_embeddings", "position_embedding", "norm_type", "rms_norm_eps")
+
+
+def check_architecture(file_config: LlamaConfig, model_config: LlamaConfig,
+                       path: str) -> None:
+  """Raises when `model_config` cannot hold the checkpoint's weights."""
+  diffs = [f"{k}: config {getattr(model_config, k)!r}, file"
+           f" {getattr(file_config, k)!r}" for k in ARCHITECTURE_FIELDS
+           if getattr(model_config, k) != getattr(file_config, k)]
+  if diffs:
+    raise ValueError(
+        f"{path}: config.model does not match the checkpoint ({'; '.join(diffs)})."
+        " Build config.model from optconsist_jax.nanogpt.read_config(path).")
+
+
+def _placed_state(abstract_params: nnx.State, params: dict[str, Any],
+                  shardings: Any = None) -> nnx.State:
+  """`params` (flat, '/'-keyed) as a State shaped like `abstract_params`."""
+  sharding_of = {}
+  if shardings is not None:
+    for key_path, leaf in nnx.to_flat_state(shardings):
+      sharding_of[key_path] = (leaf.get_value() if isinstance(leaf,
+                                                              nnx.Variable)
+                               else leaf)
+  flat, expected = {}, set()
+  for key_path, variable in nnx.to_flat_state(abstract_params):
     key = "/".join(str(k) for k in key_path)
     expected.add(key)
     if key not in params:
       raise ValueError(f"no value for model parameter {key!r}")
-    shape = tuple(variable.get_value().shape)
-    dtype = variable.get_value().dtype
-    value = params[key]
-    if tuple(value.shape) != shape:
-      raise ValueError(f"parameter {key!r}: shape {tuple(value.shape)},"
-                       f" model expects {shape}")
-    flat[key_path] = variable.replace(jnp.asarray(value, dtype))
+    target = variable.get_value()
+    value = np.asarray(params[key]).astype(target.dtype)
+    if value.shape != tuple(target.shape):
+      raise ValueError(f"parameter {key!r}: shape {value.shape}, model"
+                       f" expects {tuple(target.shape)}")
+    where = sharding_of.get(key_path)
+    if where is None:
+      array = jnp.asarray(value)
+    else:  # Each process builds only its own shards (works multi-host).
+      array = jax.make_array_from_callback(value.shape, where,
+                                           lambda index, v=value: v[index])
+    flat[key_path] = variable.replace(array)
   extra = sorted(set(params) - expected)
   if extra:
     raise ValueError(f"values for unknown model parameters: {extra}")
-  nnx.update(model, nnx.from_flat_state(flat))
+  return nnx.from_flat_state(flat)
+
+
+def set_params(model: nnx.Module, params: dict[str, Any]) -> None:
+  """Writes flat '/'-keyed arrays into `model`'s nnx.Params (all required)."""
+  nnx.update(model, _placed_state(nnx.state(model, nnx.Param), params))
+
+
+def load_params_into(ckpt_path: str | os.PathLike, abstract_params: nnx.State,
+                     shardings: Any = None, *,
+                     model_config: LlamaConfig | None = None,
+                     norm_type: str | None = None,
+                     mlp_layout: str = "auto") -> nnx.State:
+  """A `ckpt.pt`'s weights as an nnx.State of Params, placed for a mesh.
+
+  The train loop's entry point (as `hf.load` for Hugging Face folders).
+
+  Args:
+    ckpt_path: the nanoGPT checkpoint.
+    abstract_params: `nnx.state(abstract_model, nnx.Param)`; gives the tree,
+      and each leaf's dtype.
+    shardings: the matching tree of shardings (e.g.
+      `sharding.state_shardings(abstract_params, mesh, rules)`), or None for
+      the default device.
+    model_config: when given, checked against the file's architecture.
+    norm_type: "layer" or "rms" to override detection.
+    mlp_layout: "auto" or a name from `MLP_LAYOUTS`.
+  """
+  path = os.fspath(ckpt_path)
+  file_config, params = load_nanogpt_params(path, norm_type=norm_type,
+                                            mlp_layout=mlp_layout)
+  if model_config is not None:
+    check_architecture(file_config, model_config, path)
+  return _placed_state(abstract_params, params, shardings)
 
 
 def load_nanogpt(ckpt_path: str | os.PathLike, dtype: Any = jnp.float32, *,

@@ -19,6 +19,13 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "nanogpt")
 
 @pytest.fixture(scope="module")
 def tok():
+  """GPT-2's exact encoding (no added leading space)."""
+  return gpt2_bpe.GPT2BPETokenizer.load(FIXTURES, add_prefix_space=False)
+
+
+@pytest.fixture(scope="module")
+def spm_like():
+  """The default: a leading space added and removed, as SentencePiece."""
   return gpt2_bpe.GPT2BPETokenizer.load(FIXTURES)
 
 
@@ -66,7 +73,7 @@ def test_merges_apply_by_rank(tok, vocab):
   assert tok.encode("ca") == [vocab["c"], vocab["a"]]
 
 
-def test_round_trip_unicode(tok):
+def test_round_trip_unicode(tok, spm_like):
   texts = ["naïve café 日本語 🙂 ∑x\n\n  tabs\tand \u00a0 nbsp \r\n",
            "e\u0301 \U0001f468\u200d\U0001f469\u200d\U0001f467 ʕ•ᴥ•ʔ",
            "<|endoftext|> is ordinary text here", ""]
@@ -82,6 +89,19 @@ def test_round_trip_unicode(tok):
     texts.append("".join(chars))
   for text in texts:
     assert tok.decode(tok.encode(text)) == text
+    assert spm_like.decode(spm_like.encode(text)) == text
+
+
+def test_prefix_space_is_sentencepiece_like(tok, spm_like, cases, vocab):
+  for case in cases["cases"]:
+    assert spm_like.encode(case["text"]) == tok.encode(" " + case["text"])
+  # The data code's rule: separately encoded prompt and response equal the
+  # joint encoding with a space between (prompt ends in a non-space).
+  prompt, response = "### Response:", "Hello world, the cat 123"
+  assert (spm_like.encode(prompt) + spm_like.encode(response)
+          == spm_like.encode(prompt + " " + response))
+  assert spm_like.encode("Hello") == [vocab["\u0120"], vocab["Hello"]]
+  assert spm_like.decode(spm_like.encode(" two  spaces")) == " two  spaces"
 
 
 def test_special_ids(tok, vocab):
@@ -107,11 +127,14 @@ def test_decode_cut_multibyte_char_is_replacement(tok):
 def test_openai_file_names(tmp_path, tok):
   shutil.copy(os.path.join(FIXTURES, "vocab.json"), tmp_path / "encoder.json")
   shutil.copy(os.path.join(FIXTURES, "merges.txt"), tmp_path / "vocab.bpe")
-  other = gpt2_bpe.GPT2BPETokenizer.load(tmp_path)
+  assert gpt2_bpe.is_gpt2_bpe_dir(tmp_path)
+  assert not gpt2_bpe.is_gpt2_bpe_dir(tmp_path / "encoder.json")
+  other = gpt2_bpe.GPT2BPETokenizer.load(tmp_path, add_prefix_space=False)
   text = "Hello world, the cat's in the hat 123"
   assert other.encode(text) == tok.encode(text)
   explicit = gpt2_bpe.GPT2BPETokenizer.load(tmp_path / "encoder.json",
-                                            tmp_path / "vocab.bpe")
+                                            tmp_path / "vocab.bpe",
+                                            add_prefix_space=False)
   assert explicit.encode(text) == tok.encode(text)
 
 

@@ -286,3 +286,43 @@ def test_not_a_checkpoint(tmp_path):
     nanogpt.load_nanogpt(plain)
   with pytest.raises(FileNotFoundError):
     nanogpt.load_nanogpt(tmp_path / "missing.pt")
+
+
+def test_read_config_matches_full_load(reference):
+  assert nanogpt.read_config(CKPT) == reference[0]
+  assert nanogpt.read_config(CKPT, norm_type="rms").norm_type == "rms"
+
+
+def test_load_params_into_sharded_model(reference):
+  from optconsist_jax import sharding  # pylint: disable=g-import-not-at-top
+  config = nanogpt.read_config(CKPT).replace(param_dtype="bfloat16")
+  mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  rules = [("vocab", "tensor"), ("embed", "fsdp"), ("positions", None),
+           ("layers", None), ("heads", "tensor"), ("kv_heads", "tensor"),
+           ("mlp", "tensor"), ("norm", None)]
+  abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  abstract_params = nnx.state(abstract, nnx.Param)
+  shardings = sharding.state_shardings(abstract_params, mesh, rules)
+  params = nanogpt.load_params_into(CKPT, abstract_params, shardings,
+                                    model_config=config)
+  flat = {"/".join(map(str, k)): v.get_value()
+          for k, v in nnx.to_flat_state(params)}
+  assert set(flat) == set(reference[1])
+  q = flat["layers/attn/q_proj/kernel"]
+  assert q.dtype == jnp.bfloat16
+  assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert len(q.addressable_shards) == 8
+  for k, v in reference[1].items():
+    np.testing.assert_array_equal(
+        np.asarray(flat[k].astype(jnp.float32)),
+        v.astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=k)
+
+
+def test_config_mismatch_refused():
+  config = nanogpt.read_config(CKPT).replace(intermediate_size=128)
+  abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match=r"ckpt\.pt: config\.model does not match"
+                     r".*intermediate_size: config 128, file 176"):
+    nanogpt.load_params_into(CKPT, nnx.state(abstract, nnx.Param),
+                             model_config=config)

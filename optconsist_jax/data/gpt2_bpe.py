@@ -20,6 +20,15 @@ special token, `<|endoftext|>` (id 50256), which serves as BOS, EOS and pad
 strings inside the text are encoded as ordinary text, and `decode` drops the
 special id and ids beyond the vocabulary (the model's vocab is padded from
 50257 to 50304 rows; those rows never appear in data).
+
+Leading space. `Tokenizer` (SentencePiece, Llama-2) prepends a dummy-prefix
+space to every text, and the data code relies on it: `encode(prompt) +
+encode(response)` equals encoding `prompt + " " + response` jointly, and
+`decode` drops that one leading space. With `add_prefix_space=True` (the
+default, Hugging Face's GPT2Tokenizer option of the same name) this class does
+the same: `encode(x)` is GPT-2's encoding of `" " + x`, and `decode` removes one
+leading space, so `decode(encode(x)) == x`. `add_prefix_space=False` gives
+GPT-2's (and tiktoken's) exact encoding of `x`.
 """
 
 from __future__ import annotations
@@ -92,17 +101,27 @@ def pretokenize(text: str) -> list[str]:
   return pretokenize_pattern().findall(text)
 
 
+def is_gpt2_bpe_dir(path: str | os.PathLike) -> bool:
+  """True when `path` is a folder holding GPT-2 BPE files (for dispatch)."""
+  path = os.fspath(path)
+  return os.path.isdir(path) and any(
+      os.path.isfile(os.path.join(path, v)) and
+      os.path.isfile(os.path.join(path, m)) for v, m in _FILE_PAIRS)
+
+
 class GPT2BPETokenizer:
   """GPT-2's byte-level BPE with Llama-style `encode(..., bos=, eos=)`."""
 
   def __init__(self, encoder: dict[str, int], merges: Sequence[tuple[str, str]],
-               path: str = ""):
+               path: str = "", *, add_prefix_space: bool = True):
     """Builds a tokenizer from a vocabulary and ranked merges.
 
     Args:
       encoder: symbol string -> id (GPT-2's encoder.json / vocab.json).
       merges: (left, right) symbol pairs, highest priority first.
       path: where they came from, for messages.
+      add_prefix_space: encode `" " + text` and drop one leading space when
+        decoding (SentencePiece-like; module docstring).
 
     Raises:
       ValueError: a byte symbol, a merge result or `<|endoftext|>` is missing
@@ -130,10 +149,12 @@ class GPT2BPETokenizer:
     self._byte_decoder = {s: b for b, s in self._byte_encoder.items()}
     self._eot = self._encoder[EOT_TOKEN]
     self._cache: dict[str, tuple[int, ...]] = {}
+    self.add_prefix_space = add_prefix_space
 
   @classmethod
   def load(cls, path: str | os.PathLike,
-           merges_path: str | os.PathLike | None = None) -> GPT2BPETokenizer:
+           merges_path: str | os.PathLike | None = None, *,
+           add_prefix_space: bool = True) -> GPT2BPETokenizer:
     """Loads from a folder (vocab.json + merges.txt, or encoder.json +
     vocab.bpe) or from explicit vocabulary and merges files."""
     path = os.fspath(path)
@@ -173,7 +194,8 @@ class GPT2BPETokenizer:
           raise ValueError(f"{merges_file}:{lineno}: expected two symbols"
                            f" separated by one space, got {line!r}")
         merges.append((parts[0], parts[1]))
-    return cls(encoder, merges, path=os.path.dirname(vocab_file) or path)
+    return cls(encoder, merges, path=os.path.dirname(vocab_file) or path,
+               add_prefix_space=add_prefix_space)
 
   @property
   def bos_id(self) -> int:
@@ -229,6 +251,8 @@ class GPT2BPETokenizer:
       raise TypeError(
           f"GPT2BPETokenizer.encode expects str, got {type(text).__name__}")
     ids = [self._eot] if bos else []
+    if self.add_prefix_space:
+      text = " " + text
     for piece in pretokenize(text):
       ids.extend(self._bpe(piece))
     if eos:
@@ -241,6 +265,9 @@ class GPT2BPETokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids`; `<|endoftext|>` and padded-vocab ids decode to nothing.
 
+    With `add_prefix_space`, one leading space is dropped (as SentencePiece
+    drops its dummy prefix).
+
     Byte sequences that are not valid UTF-8 (a cut multi-byte character)
     decode to U+FFFD, as encoder.py's errors="replace".
     """
@@ -252,12 +279,15 @@ class GPT2BPETokenizer:
       if i == self._eot or i not in self._decoder:
         continue
       out.extend(self._byte_decoder[c] for c in self._decoder[i])
-    return out.decode("utf-8", errors="replace")
+    text = out.decode("utf-8", errors="replace")
+    if self.add_prefix_space and text.startswith(" "):
+      text = text[1:]
+    return text
 
   def id_to_piece(self, i: int) -> str:
     return self._decoder[int(i)]
 
   def __repr__(self) -> str:
     return (f"GPT2BPETokenizer({self.path!r}, vocab_size={self.vocab_size},"
-            f" eos={self.eos_id})")
+            f" eos={self.eos_id}, add_prefix_space={self.add_prefix_space})")
 
