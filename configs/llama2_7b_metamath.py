@@ -1,0 +1,165 @@
+r"""Llama-2-7B finetuned on MetaMathQA: AdamW, Muon or LoRA (the paper's core run).
+
+  python -m optconsist_jax.train \
+      --config configs/llama2_7b_metamath.py:adamw,lr=1e-5 \
+      --workdir gs://BUCKET/runs/7b_adamw_lr1e-5
+
+Arg (`--config configs/llama2_7b_metamath.py:ARG`): a variant, then optional
+comma-separated `key=value` settings:
+
+  variant    adamw (default) | muon | lora16 | lora64 | lora256
+  lr         peak learning rate (the sweep axis). Defaults: adamw 1e-5
+             (Biderman et al. 2024 full FT); muon 5e-5 on the hidden matrices
+             (the concurrent Muon-finetuning recipe in REFERENCE.md, update
+             scale 0.2 * sqrt(max(m, n)) = `rms_match`); lora 2e-4 (r16),
+             1e-4 (r64), 5e-5 (r256) (Biderman et al. 2024).
+  adam_lr    muon only: peak LR of the AdamW group (embeddings, norms, head);
+             default 1e-5.
+  epochs     passes over MetaMathQA (default 11, one checkpoint per epoch).
+  accum      gradient-accumulation micro-batches per step (default 24: 32
+             rows per micro-batch, i.e. 4 rows per chip on 8 chips, 1 on 32).
+  init       Hugging Face Llama-2-7B folder (config.json, *.safetensors,
+             tokenizer.model) or an Orbax run (may be gs://). Default
+             `llama-2-7b-hf` (relative to the working directory).
+  tokenizer  SentencePiece model; default `<init>/tokenizer.model`.
+  data       MetaMathQA-395K.json; default `MetaMathQA-395K.json`.
+  mesh       mesh preset (default fsdp).
+
+Fixed settings (REFERENCE.md, Biderman et al. 2024): sequence length 1024,
+global batch 768 rows (packed), cosine schedule with 10% warmup down to 1% of
+peak, weight decay 0, grad-norm clip 1.0; bf16 compute with fp32 params, scan
+over layers with full remat; LoRA alpha = 2 x rank, dropout 0.05 on
+q,k,v,o,gate,up,down with embeddings and head frozen.
+
+Hugging Face folders and the data file are read from local disk: on a TPU
+slice copy them to every worker first (`python -m optconsist_jax.launch tpu
+stage`). Orbax `init` paths and the workdir may be gs://.
+
+`get_eval_config(arg)` is the matching evaluation job (GSM8K with both prompt
+protocols, HellaSwag / ARC-Challenge / WinoGrande, held-out LM loss).
+"""
+
+import ml_collections
+
+VARIANTS = ("adamw", "muon", "lora16", "lora64", "lora256")
+_DEFAULT_LR = {"adamw": 1e-5, "muon": 5e-5, "lora16": 2e-4, "lora64": 1e-4,
+               "lora256": 5e-5}
+_KEYS = ("lr", "adam_lr", "epochs", "accum", "init", "tokenizer", "data",
+         "mesh")
+
+SEQ_LEN = 1024
+GLOBAL_BATCH = 768
+EPOCHS = 11
+
+
+def parse_arg(arg: str) -> tuple[str, dict[str, str]]:
+  """'muon,lr=2e-5' -> ('muon', {'lr': '2e-5'}); bad input names the key."""
+  parts = [p.strip() for p in (arg or "adamw").split(",") if p.strip()]
+  variant, settings = "adamw", {}
+  if parts and "=" not in parts[0]:
+    variant = parts.pop(0)
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/llama2_7b_metamath.py: unknown variant"
+                     f" {variant!r}; expected one of {VARIANTS}")
+  for p in parts:
+    key, sep, value = p.partition("=")
+    if not sep or key not in _KEYS:
+      raise ValueError(f"configs/llama2_7b_metamath.py: bad setting {p!r};"
+                       f" expected key=value with key in {_KEYS}")
+    settings[key] = value
+  if "adam_lr" in settings and variant != "muon":
+    raise ValueError("configs/llama2_7b_metamath.py: adam_lr is for the muon"
+                     " variant only")
+  return variant, settings
+
+
+def _schedule(peak: float) -> dict:
+  # total_steps 0: decay over the run's length (train.py fills it in).
+  return dict(kind="cosine", peak=peak, warmup_fraction=0.1, total_steps=0,
+              floor=0.01)
+
+
+def _adamw_group(peak: float) -> dict:
+  return dict(optimizer="adamw", kwargs=dict(b1=0.9, b2=0.999, eps=1e-8),
+              schedule=_schedule(peak), weight_decay=0.0)
+
+
+def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
+  variant, s = parse_arg(arg)
+  lr = float(s.get("lr", _DEFAULT_LR[variant]))
+  init = s.get("init", "llama-2-7b-hf")
+
+  c = ml_collections.ConfigDict()
+  c.model = dict(preset="llama2_7b", param_dtype="float32", dtype="bfloat16",
+                 scan_layers=True, remat_policy="full")
+  c.mesh = dict(preset=s.get("mesh", "fsdp"))
+
+  if variant == "adamw":
+    c.optim = dict(groups=dict(adamw=_adamw_group(lr)),
+                   routes=[("all", "adamw")], clip_norm=1.0)
+  elif variant == "muon":
+    muon = dict(optimizer="muon",
+                kwargs=dict(scale="rms_match", beta=0.95, nesterov=True,
+                            ns_steps=5, strategy="stacked"),
+                schedule=_schedule(lr), weight_decay=0.0)
+    c.optim = dict(
+        groups=dict(muon=muon,
+                    adamw=_adamw_group(float(s.get("adam_lr", 1e-5)))),
+        routes=[("hidden_matrix", "muon"), ("not_hidden_matrix", "adamw")],
+        clip_norm=1.0)
+  else:
+    rank = int(variant[len("lora"):])
+    c.lora = dict(rank=rank, alpha=2.0 * rank, dropout=0.05,
+                  targets=["q_proj", "k_proj", "v_proj", "o_proj",
+                           "gate_proj", "up_proj", "down_proj"])
+    c.optim = dict(groups=dict(adamw=_adamw_group(lr)),
+                   routes=[("lora", "adamw")], clip_norm=1.0)
+
+  c.data = dict(format="metamathqa", path=s.get("data", "MetaMathQA-395K.json"),
+                tokenizer_path=s.get("tokenizer", f"{init}/tokenizer.model"),
+                seq_len=SEQ_LEN, global_batch_size=GLOBAL_BATCH, pack=True,
+                seed=0, num_workers=0)
+  c.train = dict(num_epochs=int(s.get("epochs", EPOCHS)), num_steps=0,
+                 grad_accum_steps=int(s.get("accum", 24)), seed=0,
+                 # LoRA dropout needs randomness; full FT runs deterministically.
+                 dropout_seed=(0 if variant.startswith("lora") else
+                               ml_collections.config_dict.placeholder(int)),
+                 log_every=10, stats_every=100, progress_every_secs=60.0)
+  # One checkpoint per epoch (kept: one learning/forgetting point each) plus
+  # the newest periodic one for resuming after preemption.
+  c.checkpoint = dict(every_steps=50, keep=1, keep_epochs=True,
+                      save_epoch_ends=True, async_save=True)
+  c.init_from = dict(path=init, kind="auto",
+                     step=ml_collections.config_dict.placeholder(int))
+  return c
+
+
+def get_eval_config(arg: str = "adamw") -> ml_collections.ConfigDict:
+  """The eval job for a run of `get_config(arg)` (same model and init)."""
+  variant, s = parse_arg(arg)
+  init = s.get("init", "llama-2-7b-hf")
+  c = ml_collections.ConfigDict()
+  c.model = dict(preset="llama2_7b", param_dtype="bfloat16", dtype="bfloat16",
+                 scan_layers=True, remat_policy="none")
+  c.mesh = dict(preset="fsdp")
+  c.lora = (dict(rank=int(variant[len("lora"):]),
+                 alpha=2.0 * int(variant[len("lora"):]), dropout=0.0,
+                 targets=["q_proj", "k_proj", "v_proj", "o_proj",
+                          "gate_proj", "up_proj", "down_proj"])
+            if variant.startswith("lora") else {})
+  c.tokenizer_path = s.get("tokenizer", f"{init}/tokenizer.model")
+  c.base = init  # the step-0 point: the model before finetuning
+  # Learning: GSM8K test with the MetaMath protocol (Alpaca prompt, "Let's
+  # think step by step.", answer after "The answer is: ") and the 5-shot
+  # strict "#### N" protocol; greedy, up to 512 new tokens.
+  c.gsm8k = dict(path="gsm8k_test.jsonl", protocols=["metamath", "fewshot5"],
+                 max_new_tokens=512, batch_size=64, max_examples=None)
+  # Forgetting: log-likelihood multiple choice (lm-evaluation-harness rules).
+  c.retention = dict(
+      hellaswag=dict(path="hellaswag_val.jsonl", metric="acc_norm"),
+      arc_challenge=dict(path="arc_challenge_test.jsonl", metric="acc_norm"),
+      winogrande=dict(path="winogrande_val.jsonl", metric="acc"),
+      batch_size=64)
+  c.lm_loss = dict(path="heldout.txt", seq_len=SEQ_LEN, max_tokens=2_000_000)
+  c.poll_secs = 120
+  return c
