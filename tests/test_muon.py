@@ -117,11 +117,12 @@ def test_matches_optax_contrib_muon(scale, consistent_rms, nesterov):
       muon_weight_dimension_numbers=lambda p: jax.tree.map(
           lambda _: optax.contrib.MuonDimensionNumbers(-2, -1), p))
   s_ours, s_theirs = ours.init(params), theirs.init(params)
+  update_ours, update_theirs = jax.jit(ours.update), jax.jit(theirs.update)
   p_ours = p_theirs = params
   for step in range(3):
     grads = _tree(10 + step)
-    u_ours, s_ours = ours.update(grads, s_ours, p_ours)
-    u_theirs, s_theirs = theirs.update(grads, s_theirs, p_theirs)
+    u_ours, s_ours = update_ours(grads, s_ours, p_ours)
+    u_theirs, s_theirs = update_theirs(grads, s_theirs, p_theirs)
     for k in params:
       np.testing.assert_allclose(u_ours[k], u_theirs[k], atol=1e-6,
                                  err_msg=f"step {step} leaf {k}")
@@ -135,10 +136,11 @@ def test_default_momentum_is_jordan_reference():
   params = _tree(0)
   tx = muon_lib.muon(1.0, scale="shape")
   state = tx.init(params)
+  update = jax.jit(tx.update)
   buf = {k: np.zeros(v.shape) for k, v in params.items()}
   for step in range(3):
     grads = _tree(20 + step)
-    updates, state = tx.update(grads, state, params)
+    updates, state = update(grads, state, params)
     for k, g in grads.items():
       g = np.asarray(g, np.float64)
       buf[k] = 0.95 * buf[k] + g

@@ -1,0 +1,214 @@
+"""optim: config tree, routing, schedules, registry, build on the Llama params."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from optconsist_jax import optim
+from optconsist_jax.model import Llama, preset
+from optconsist_jax.optim import muon as muon_lib
+
+
+def _params(name="tiny_gqa"):
+  return nnx.state(Llama(preset(name), rngs=nnx.Rngs(0)), nnx.Param)
+
+
+def _names(assignment, group):
+  return sorted(k for k, g in assignment.items() if g == group)
+
+
+def test_muon_preset_routes_hidden_matrices_only():
+  for name in ("tiny_gqa", "tiny_tied"):
+    assignment = optim.assign_groups(optim.presets.muon(), _params(name))
+    muon = _names(assignment, "muon")
+    assert muon == sorted(
+        f"layers/{blk}/{p}_proj/kernel" for blk, ps in
+        (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for p in ps)
+    adam = _names(assignment, "adamw")
+    assert "embed" in adam and "final_norm/scale" in adam
+    assert "layers/attn_norm/scale" in adam  # [L, D]: stacked vector
+    assert ("lm_head/kernel" in adam) == (name == "tiny_gqa")
+
+
+def test_adamw_preset_equals_optax_adamw_with_clipping():
+  params = _params()
+  cfg = optim.presets.adamw(peak_lr=1e-3, total_steps=10, weight_decay=0.1,
+                            clip_norm=0.5)
+  tx = optim.build(cfg, params)
+  sched = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 1, 10, 1e-5)
+  ref = optax.chain(optax.clip_by_global_norm(0.5),
+                    optax.adamw(sched, weight_decay=0.1))
+  grads = jax.tree.map(lambda p: jnp.cos(p) * 3.0, params)
+  s, s_ref = tx.init(params), ref.init(params)
+  for _ in range(3):
+    u, s = tx.update(grads, s, params)
+    u_ref, s_ref = ref.update(grads, s_ref, params)
+  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
+
+
+def test_groups_get_their_own_lr_and_weight_decay():
+  params = {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}
+  cfg = optim.OptimConfig.from_dict({
+      "groups": {
+          "fast": {"optimizer": "sgd", "schedule": {"peak": 0.5},
+                   "weight_decay": 0.1},
+          "slow": {"optimizer": "sgd", "schedule": {"peak": 0.01}},
+      },
+      "routes": [("w", "fast"), {"pattern": "b", "group": "slow"}],
+      "clip_norm": None,
+  })
+  tx = optim.build(cfg, params)
+  grads = {"w": jnp.full((4, 4), 2.0), "b": jnp.full(4, 2.0)}
+  u, _ = tx.update(grads, tx.init(params), params)
+  # sgd has no weight_decay argument: decoupled decay -lr*wd*p is chained.
+  np.testing.assert_allclose(u["w"], -0.5 * 2.0 - 0.5 * 0.1 * 1.0, rtol=1e-6)
+  np.testing.assert_allclose(u["b"], -0.01 * 2.0, rtol=1e-6)
+  assert optim.learning_rates(cfg, 0) == pytest.approx(
+      {"fast": 0.5, "slow": 0.01})
+
+
+def test_schedules():
+  cosine = optim.make_schedule(optim.ScheduleConfig(
+      kind="cosine", peak=1.0, warmup_fraction=0.1, total_steps=100,
+      floor=0.01))
+  assert float(cosine(0)) == 0.0
+  assert float(cosine(5)) == pytest.approx(0.5)
+  assert float(cosine(10)) == pytest.approx(1.0)
+  assert float(cosine(55)) == pytest.approx(0.01 + 0.99 * 0.5, rel=1e-5)
+  assert float(cosine(100)) == pytest.approx(0.01)
+  assert float(cosine(1000)) == pytest.approx(0.01)
+  linear = optim.make_schedule(optim.ScheduleConfig(
+      kind="linear", peak=2.0, warmup_steps=10, total_steps=110, floor=0.5))
+  assert float(linear(60)) == pytest.approx(1.5)
+  assert float(linear(110)) == pytest.approx(1.0)
+  const = optim.make_schedule(optim.ScheduleConfig(peak=3.0, warmup_steps=4))
+  assert [float(const(i)) for i in (0, 2, 4, 99)] == pytest.approx(
+      [0.0, 1.5, 3.0, 3.0])
+
+
+def test_from_config_dict_roundtrip_and_ml_collections():
+  cfg = optim.presets.muon(peak_lr=2e-5, total_steps=50)
+  cd = ml_collections.ConfigDict(cfg.to_dict())
+  cd.groups.muon.schedule.peak = 4e-5
+  back = optim.OptimConfig.from_dict(cd)
+  assert back.groups["muon"].schedule.peak == 4e-5
+  assert back.groups["muon"].kwargs["scale"] == "rms_match"
+  assert back.routes == cfg.routes
+  assert optim.OptimConfig.from_dict(cfg) is cfg
+
+
+def test_muon_preset_trains_llama_under_jit_with_group_stats():
+  model = Llama(preset("tiny_gqa"), rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  cfg = optim.presets.muon(peak_lr=1e-2, total_steps=10, warmup_fraction=0.0)
+  tx = optim.build(cfg, jax.eval_shape(lambda: params))
+  assignment = optim.assign_groups(cfg, params)
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 16)))
+
+  def loss_fn(params):
+    logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+  @jax.jit
+  def step(params, opt_state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, loss,
+            optim.group_stats(assignment, updates))
+
+  opt_state = tx.init(params)
+  losses = []
+  for _ in range(4):
+    params, opt_state, loss, stats = step(params, opt_state)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0]
+  assert set(stats) == {"muon", "adamw"}
+  assert all(np.isfinite(float(v["rms"])) for v in stats.values())
+
+
+def test_build_uses_param_shardings_for_muon():
+  mesh = jax.make_mesh((8,), ("fsdp",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = NamedSharding(mesh, P(None, "fsdp", None))
+  params = {"layers": {"w": jax.ShapeDtypeStruct((3, 16, 8), jnp.float32,
+                                                 sharding=sharding)}}
+  cfg = optim.OptimConfig.from_dict({
+      "groups": {"m": {"optimizer": "muon"}}, "routes": [("all", "m")]})
+  tx = optim.build(cfg, params)
+  x = jax.device_put(np.random.default_rng(0).normal(size=(3, 16, 8)).astype(
+      np.float32), sharding)
+  u, _ = jax.jit(tx.update)({"layers": {"w": x}},
+                            tx.init({"layers": {"w": x}}))
+  ref = -1e-5 * muon_lib.newton_schulz(optax.clip_by_global_norm(1.0).update(
+      {"w": x}, None)[0]["w"])
+  np.testing.assert_allclose(u["layers"]["w"], ref, atol=1e-10)
+  assert u["layers"]["w"].sharding.is_equivalent_to(sharding, 3)
+
+
+# --- bad input -------------------------------------------------------------
+
+
+def test_unknown_optimizer_lists_valid_names():
+  cfg = optim.OptimConfig.from_dict({
+      "groups": {"g": {"optimizer": "adamz"}}, "routes": [("all", "g")]})
+  with pytest.raises(ValueError, match=r"unknown optimizer 'adamz'.*adamw.*"
+                     r"contrib\.muon.*muon"):
+    optim.build(cfg, _params())
+
+
+def test_unassigned_param_is_named():
+  cfg = optim.OptimConfig.from_dict({
+      "groups": {"m": {"optimizer": "muon"}, "a": {}},
+      "routes": [("hidden_matrix", "m"), ("embedding|lm_head", "a"),
+                 ("embed|lm_head/kernel", "a")]})
+  with pytest.raises(ValueError, match=r"'final_norm/scale'.*matches no rule"):
+    optim.build(cfg, _params())
+
+
+def test_doubly_assigned_param_is_named():
+  cfg = optim.OptimConfig.from_dict({
+      "groups": {"m": {"optimizer": "muon"}, "a": {}},
+      "routes": [("hidden_matrix", "m"), ("layers/mlp/.*", "a"),
+                 ("not_hidden_matrix", "a")]})
+  with pytest.raises(ValueError, match=r"'layers/mlp/down_proj/kernel'.*"
+                     r"matches 2 rules"):
+    optim.build(cfg, _params())
+  # 'first' mode resolves the overlap by order instead.
+  first = optim.OptimConfig.from_dict({**cfg.to_dict(), "route_mode": "first"})
+  assert optim.assign_groups(first, _params())[
+      "layers/mlp/down_proj/kernel"] == "m"
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"groups": {"a": {}}, "routes": [("all", "b")]}, r"group 'b'"),
+    ({"groups": {"a": {}}, "rules": []}, r"unknown keys \['rules'\] in optim;"),
+    ({"groups": {"a": {"lr": 1}}}, r"unknown keys \['lr'\] in optim.groups.a"),
+    ({"groups": {"a": {"schedule": {"kind": "cosine"}}}}, r"total_steps"),
+    ({"groups": {"a": {"schedule": {"warmup": 3}}}},
+     r"unknown keys \['warmup'\] in optim.groups.a.schedule"),
+    ({"groups": {"a": {}}, "route_mode": "any"}, r"route_mode"),
+])
+def test_bad_config_names_the_key(bad, match):
+  with pytest.raises(ValueError, match=match):
+    optim.OptimConfig.from_dict(bad)
+
+
+def test_bad_kwargs_name_the_group():
+  cfg = optim.OptimConfig.from_dict({
+      "groups": {"a": {"optimizer": "adamw", "kwargs": {"beta1": 0.9}}},
+      "routes": [("all", "a")]})
+  with pytest.raises(ValueError, match=r"optim.groups.a.*adamw.*beta1"):
+    optim.build(cfg, _params())
+  cfg = optim.OptimConfig.from_dict({
+      "groups": {"a": {"kwargs": {"weight_decay": 0.1}}},
+      "routes": [("all", "a")]})
+  with pytest.raises(ValueError, match=r"optim.groups.a.kwargs.weight_decay"):
+    optim.build(cfg, _params())
