@@ -8,6 +8,8 @@ shell runs exactly that argv. Tests check these lines.
     python -m optconsist_jax.launch tpu create --name=ft7b --zone=us-east5-a \
         --accelerator-type=v5p-16 --dry-run
     python -m optconsist_jax.launch tpu install --name=ft7b --zone=us-east5-a
+    python -m optconsist_jax.launch tpu stage --name=ft7b --zone=us-east5-a \
+        --src=gs://BUCKET/llama-2-7b-hf --dest=.
     python -m optconsist_jax.launch tpu train --name=ft7b --zone=us-east5-a \
         --config=configs/llama2_7b_metamath.py:adamw \
         --workdir=gs://BUCKET/runs/adamw
@@ -453,16 +455,18 @@ def install_commands(target: Target, remote: Remote, source: str,
   commands: list[Command] = []
   if source.startswith("git+"):
     url, _, ref = source[len("git+"):].partition("@")
-    fetch = (f"rm -rf {repo} && git clone -q {shlex.quote(url)} {repo}"
-             + (f" && git -C {repo} checkout -q {shlex.quote(ref)}"
-                if ref else ""))
+    # init + fetch works in a non-empty dir, keeping files staged there.
+    fetch = (f"git init -q {repo} && git -C {repo} fetch -q --depth=1"
+             f" {shlex.quote(url)} {shlex.quote(ref or 'HEAD')}"
+             f" && git -C {repo} checkout -q -f FETCH_HEAD")
   else:
     if not os.path.isdir(source):
       raise ValueError(f"--source={source!r} is neither a directory (a git"
                        " checkout) nor a git+https:// URL")
     commands += source_archive_commands(source, archive)
     commands.append(target.scp(archive, "optconsist_jax-src.tar.gz"))
-    fetch = (f"rm -rf {repo} && mkdir -p {repo} && tar -xzf"
+    # Extract over the old tree: files staged into it (data, weights) stay.
+    fetch = (f"mkdir -p {repo} && tar -xzf"
              f' "$HOME/optconsist_jax-src.tar.gz" -C {repo}')
   uv = '"$HOME/.local/bin/uv"'
   script = " && ".join([
@@ -477,6 +481,24 @@ def install_commands(target: Target, remote: Remote, source: str,
   ])
   commands.append(target.ssh(script))
   return commands
+
+
+def stage_commands(target: Target, remote: Remote, src: str,
+                   dest: str) -> list[Command]:
+  """Copies gs:// files or folders to `dest` under the repo dir on every worker.
+
+  Hugging Face folders and the MetaMathQA / eval files are read from local
+  disk (the Orbax workdir may stay on gs://).
+  """
+  if not src.startswith("gs://"):
+    raise ValueError(f"--src={src!r}: expected a gs:// path")
+  if not _SAFE_REMOTE.fullmatch(dest) or dest.startswith("/") or ".." in dest:
+    raise ValueError(f"--dest={dest!r}: a path relative to the repo dir made of"
+                     " letters, digits, '._/-'")
+  repo = remote.home(remote.repo_dir)
+  script = (f"mkdir -p {repo} && cd {repo} && gcloud storage cp -r"
+            f" {shlex.quote(src)} {shlex.quote(dest)}")
+  return [target.ssh(script)]
 
 
 def start_job_commands(target: Target, remote: Remote,
@@ -593,6 +615,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator-type", default=None,
                    help="optional: checked, and a single-host slice may use a"
                    " local workdir")
+  p = sub.add_parser("stage", help="copy gs:// data / HF folders to workers")
+  _add_target_args(p)
+  _add_remote_args(p)
+  p.add_argument("--src", required=True, help="gs://BUCKET/PATH")
+  p.add_argument("--dest", required=True,
+                 help="destination, relative to the repo dir on each worker")
   p = sub.add_parser("up", help="create + install + train")
   _add_target_args(p)
   _add_slice_args(p, required=True)
@@ -685,6 +713,8 @@ def build(args) -> list[Command]:
             + start_job_commands(target, remote, job))
   if args.verb == "install":
     return install_commands(target, remote, args.source, args.extras)
+  if args.verb == "stage":
+    return stage_commands(target, remote, args.src, args.dest)
   if args.verb in ("train", "eval"):
     job = _job(args)
     _check_workdir(job, acc, args.verb)

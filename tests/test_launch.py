@@ -189,8 +189,10 @@ def test_install_from_git_url_and_bad_source(capsys):
   (ssh,) = dry("tpu", "install", *TARGET,
                "--source=git+https://github.com/o/r.git@v1")
   _, script = ssh_script(ssh)
-  assert "git clone -q https://github.com/o/r.git" in script
-  assert "checkout -q v1" in script
+  words = shlex.split(script)
+  i = words.index("--depth=1")
+  assert words[i + 1:i + 3] == ["https://github.com/o/r.git", "v1"]
+  assert "checkout -q -f FETCH_HEAD" in script
   with pytest.raises(SystemExit):
     launch.main(["tpu", "install", *TARGET, "--source=/nonexistent",
                  "--dry-run"])
@@ -241,3 +243,17 @@ def test_real_run_stops_at_first_failure(tmp_path):
   rc = launch.main(["tpu", "delete", *TARGET, f"--gcloud={fake}"],
                    out=io.StringIO())
   assert rc == 3
+
+
+def test_stage_copies_to_every_worker(capsys):
+  (line,) = dry("tpu", "stage", *TARGET, "--src=gs://b/Llama 2/hf",
+                "--dest=.")
+  argv, script = ssh_script(line)
+  assert "--worker=all" in argv
+  words = shlex.split(script)
+  assert words[-6:] == ["gcloud", "storage", "cp", "-r", "gs://b/Llama 2/hf",
+                        "."]
+  with pytest.raises(SystemExit):
+    launch.main(["tpu", "stage", *TARGET, "--src=/local", "--dest=.",
+                 "--dry-run"])
+  assert "gs://" in capsys.readouterr().err
