@@ -110,8 +110,7 @@ def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
   else:
     rank = int(variant[len("lora"):])
     c.lora = dict(rank=rank, alpha=2.0 * rank, dropout=0.05,
-                  targets=["q_proj", "k_proj", "v_proj", "o_proj",
-                           "gate_proj", "up_proj", "down_proj"])
+                  targets="q,k,v,o,gate,up,down".split(","))
     c.optim = dict(groups=dict(adamw=_adamw_group(lr)),
                    routes=[("lora", "adamw")], clip_norm=1.0)
 
@@ -144,8 +143,7 @@ def get_eval_config(arg: str = "adamw") -> ml_collections.ConfigDict:
   c.mesh = dict(preset="fsdp")
   c.lora = (dict(rank=int(variant[len("lora"):]),
                  alpha=2.0 * int(variant[len("lora"):]), dropout=0.0,
-                 targets=["q_proj", "k_proj", "v_proj", "o_proj",
-                          "gate_proj", "up_proj", "down_proj"])
+                 targets="q,k,v,o,gate,up,down".split(","))
             if variant.startswith("lora") else {})
   c.tokenizer_path = s.get("tokenizer", f"{init}/tokenizer.model")
   c.base = init  # the step-0 point: the model before finetuning

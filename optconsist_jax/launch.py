@@ -325,6 +325,7 @@ class SliceSpec:
     queued: request through a queued resource named like the node.
     reuse: skip creation when a node of that name already exists.
     valid_until: queued only: give up after this duration (e.g. 6h).
+    wait: queued only: block until the queued resource is ACTIVE.
   """
 
   accelerator: Accelerator
@@ -333,6 +334,7 @@ class SliceSpec:
   queued: bool = False
   reuse: bool = True
   valid_until: str | None = None
+  wait: bool = True
 
   def __post_init__(self):
     if self.provisioning not in PROVISIONING:
@@ -414,6 +416,16 @@ def create_commands(target: TpuTarget, spec: SliceSpec) -> list[Command]:
       argv.append(f"--valid-until-duration={spec.valid_until}")
     check = (target.gcloud, "compute", "tpus", "queued-resources", "describe",
              target.name, *loc)
+    commands = [Command(tuple(argv), unless=check if spec.reuse else None)]
+    if spec.wait:
+      # A queued request returns at once; the node exists once it is ACTIVE.
+      state = shlex.join((*check, "--format=value(state.state)"))
+      commands.append(Command((
+          "bash", "-c",
+          f'while s="$({state})"; [ "$s" != ACTIVE ]; do case "$s" in'
+          f" FAILED|SUSPENDED*) echo {target.name} is $s >&2; exit 1;; esac;"
+          f' echo "waiting for {target.name}: $s"; sleep 60; done')))
+    return commands
   else:
     argv = list(target.tpu_vm("create",
                               f"--accelerator-type={acc.accelerator_type}",
@@ -559,6 +571,8 @@ def _add_slice_args(p: argparse.ArgumentParser, required: bool):
                  help="request through a queued resource")
   p.add_argument("--valid-until", default=None,
                  help="queued: drop the request after this duration, e.g. 6h")
+  p.add_argument("--no-wait", dest="wait", action="store_false",
+                 help="queued: return without waiting for ACTIVE")
   p.add_argument("--no-reuse", dest="reuse", action="store_false",
                  help="fail instead of reusing an existing node of that name")
 
@@ -702,7 +716,7 @@ def build(args) -> list[Command]:
          if getattr(args, "accelerator_type", None) else None)
   if args.verb in ("create", "up"):
     spec = SliceSpec(acc, args.runtime_version, args.provisioning,
-                     args.queued, args.reuse, args.valid_until)
+                     args.queued, args.reuse, args.valid_until, args.wait)
     commands = create_commands(target, spec)
     if args.verb == "create":
       return commands

@@ -51,21 +51,43 @@ def test_create_command_per_generation(given, canonical, version):
 
 
 def test_create_queued_spot_and_best_effort():
-  (line,) = dry("tpu", "create", *TARGET, "--accelerator-type=v5p-16",
-                "--queued", "--provisioning=spot", "--valid-until=6h",
-                "--no-reuse")
+  line, wait = dry("tpu", "create", *TARGET, "--accelerator-type=v5p-16",
+                   "--queued", "--provisioning=spot", "--valid-until=6h",
+                   "--no-reuse")
+  assert shlex.split(wait)[:2] == ["bash", "-c"]
+  assert "--format=value(state.state)" in wait and '!= ACTIVE' in wait
   assert shlex.split(line) == [
       "gcloud", "compute", "tpus", "queued-resources", "create", "ft7b",
       "--node-id=ft7b", "--zone=us-east5-a", "--project=my-proj",
       "--accelerator-type=v5p-16", "--runtime-version=v2-alpha-tpuv5",
       "--spot", "--valid-until-duration=6h"]
   (line,) = dry("tpu", "create", *TARGET, "--accelerator-type=v6e-16",
-                "--queued", "--provisioning=best-effort")
+                "--queued", "--provisioning=best-effort", "--no-wait")
   create = shlex.split(line.split(" || ")[1])
   assert create[:2] == ["gcloud", "alpha"] and create[-1] == "--best-effort"
   (line,) = dry("tpu", "create", *TARGET, "--accelerator-type=v4-32",
                 "--provisioning=spot", "--no-reuse")
   assert shlex.split(line)[4] == "create" and shlex.split(line)[-1] == "--spot"
+
+
+@pytest.mark.parametrize("states,rc", [("WAITING_FOR_RESOURCES ACTIVE", 0),
+                                       ("PROVISIONING FAILED", 1)])
+def test_queued_wait_loop_runs(tmp_path, states, rc):
+  """The wait command, run in bash with a fake gcloud reporting states."""
+  fake = tmp_path / "gcloud"
+  counter = tmp_path / "n"
+  counter.write_text("0")
+  fake.write_text(
+      "#!/bin/bash\n"
+      f"n=$(cat {counter}); echo $((n+1)) > {counter}\n"
+      f"s=({states}); echo ${{s[$n]:-ACTIVE}}\n")
+  fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+  _, wait = dry("tpu", "create", *TARGET, "--accelerator-type=v5p-8",
+                "--queued", f"--gcloud={fake}")
+  script = shlex.split(wait)[2].replace("sleep 60", "true")
+  result = subprocess.run(["bash", "-c", script], capture_output=True,
+                          text=True, timeout=30, check=False)
+  assert result.returncode == rc, result.stderr
 
 
 @pytest.mark.parametrize("argv,message", [

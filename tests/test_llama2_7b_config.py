@@ -62,7 +62,7 @@ def test_variant_converts_and_builds_its_optimizer(arg):
   def make():
     model = Llama(exp.model, rngs=nnx.Rngs(0))
     if lora is not None:
-      out = lora.apply_lora(model, exp.lora)
+      out = lora.apply_lora(model, exp.lora, rngs=nnx.Rngs(1))
       model = model if out is None else out
     return model
   abstract = nnx.eval_shape(make)

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# A plain machine over ssh (e.g. a GPU host for the eval job).
+#   launch/host.sh install|eval|logs|stop --host=USER@HOST [FLAGS] [--dry-run]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec "${PYTHON:-python3}" -m optconsist_jax.launch host "$@"
