@@ -1,6 +1,7 @@
 """grain pipelines: packing vs model loss, exact resume, per-process shards, tfds."""
 
 import json
+import os
 
 from flax import nnx
 import jax
@@ -240,3 +241,15 @@ def test_stdlib_corpus_is_deterministic_and_split():
   assert train == corpus.python_stdlib_text("train", max_docs=20)
   held = corpus.python_stdlib_text("heldout")
   assert held and not set(held) & set(corpus.python_stdlib_text("train"))
+
+
+def test_gpt2_bpe_folder_is_loaded_as_gpt2_tokenizer():
+  """A tokenizer_path folder with vocab.json + merges.txt selects GPT-2 BPE."""
+  from optconsist_jax.data import gpt2_bpe
+  folder = os.path.join(os.path.dirname(__file__), "fixtures", "nanogpt")
+  config = pipeline.DataConfig(format="synthetic", tokenizer_path=folder,
+                               seq_len=16, global_batch_size=2)
+  tok = pipeline.load_tokenizer(config)
+  assert isinstance(tok, gpt2_bpe.GPT2BPETokenizer)
+  direct = gpt2_bpe.GPT2BPETokenizer.load(folder)
+  assert tok.encode("hello world") == direct.encode("hello world")

@@ -135,8 +135,13 @@ class DataConfig:
 
 
 def load_tokenizer(config: DataConfig) -> Tokenizer:
-  return (Tokenizer.load(config.tokenizer_path) if config.tokenizer_path
-          else Tokenizer.tiny())
+  """SentencePiece file, GPT-2 BPE folder (vocab + merges), or the tiny one."""
+  if not config.tokenizer_path:
+    return Tokenizer.tiny()
+  from optconsist_jax.data import gpt2_bpe  # pylint: disable=g-import-not-at-top
+  if gpt2_bpe.is_gpt2_bpe_dir(config.tokenizer_path):
+    return gpt2_bpe.GPT2BPETokenizer.load(config.tokenizer_path)
+  return Tokenizer.load(config.tokenizer_path)
 
 
 def load_records(config: DataConfig) -> list[MathExample] | list[str]:
@@ -201,8 +206,12 @@ def _cache_key(config: DataConfig, tokenizer: Tokenizer) -> str:
   else:
     parts.append(config.path)
   h.update(json.dumps(parts).encode())
-  if tokenizer.path and os.path.isfile(tokenizer.path):
-    with open(tokenizer.path, "rb") as f:
+  tok_path = tokenizer.path or ""
+  tok_files = ([tok_path] if os.path.isfile(tok_path) else
+               sorted(os.path.join(tok_path, n) for n in os.listdir(tok_path))
+               if os.path.isdir(tok_path) else [])
+  for name in tok_files:
+    with open(name, "rb") as f:
       h.update(f.read())
   return h.hexdigest()[:16]
 
