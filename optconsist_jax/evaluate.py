@@ -41,6 +41,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 import dataclasses
 import json
+import logging as logging_std
 import os
 import sys
 import time
@@ -619,11 +620,19 @@ class Evaluator:
     return record
 
   def epoch_of(self, info: ckpt_lib.CheckpointInfo) -> float:
+    """Epochs at a checkpoint: exact at epoch ends, else step / epoch length.
+
+    The epoch length comes from the checkpoint's meta `steps_per_epoch` when
+    the trainer stores it, else from the run's config (num_epochs runs);
+    failing both, the completed epochs in meta.
+    """
     if info.epoch is not None:
       return float(info.epoch)
-    if self.run.steps_per_epoch:
-      return info.step / self.run.steps_per_epoch
-    return float(ckpt_lib.read_meta(info.path).get("epoch", 0))
+    meta = ckpt_lib.read_meta(info.path)
+    spe = meta.get("steps_per_epoch") or self.run.steps_per_epoch
+    if spe:
+      return info.step / float(spe)
+    return float(meta.get("epoch", 0))
 
 
 def _json_default(x):
@@ -743,9 +752,18 @@ def _define_flags():
   flags.mark_flags_as_required(["workdir"])
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Drops Orbax's per-restore INFO chatter (warnings stay)."""
+
+  def filter(self, record):
+    return (record.levelno >= logging_std.WARNING
+            or not any(s in record.pathname for s in ("/orbax/",)))
+
+
 def main(argv):
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   jax.config.parse_flags_with_absl()
