@@ -250,7 +250,8 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
   return PartitionSpec(*spec)
 
 
-def _axes_size(mesh: Mesh, axes: MeshAxes) -> int:
+def axes_size(mesh: Mesh, axes: MeshAxes) -> int:
+  """Number of shards a dim mapped to `axes` is split into."""
   return math.prod(mesh.shape[a] for a in _axes_tuple(axes))
 
 
@@ -286,16 +287,19 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
   def one(path, leaf):
     if not _is_variable(leaf):
       return replicated
+    value = leaf.get_value()
+    shape = getattr(value, "shape", None)
+    if shape is None:  # e.g. optax's MaskedNode inside a partitioned state
+      return leaf.replace(jax.tree.map(lambda _: replicated, value))
     names = leaf.get_metadata().get("out_sharding")
-    shape = getattr(leaf.get_value(), "shape", None)
-    if not names or shape is None or len(names) != len(shape):
+    if not names or len(names) != len(shape):
       return leaf.replace(replicated)
     try:
       spec = logical_to_spec(names, rules)
     except ValueError as e:
       raise ValueError(f"param {_path_str(path)!r}: {e}") from None
     for dim, (size, axes) in enumerate(zip(shape, spec)):
-      n = _axes_size(mesh, axes)
+      n = axes_size(mesh, axes)
       if size % n:
         raise ValueError(
             f"param {_path_str(path)!r} shape {tuple(shape)}: dim {dim}"
@@ -332,7 +336,7 @@ class LogicalConstraint:
 
   def __call__(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     spec = logical_to_spec(names, self.rules)
-    fitted = [axes if size % _axes_size(self.mesh, axes) == 0 else None
+    fitted = [axes if size % axes_size(self.mesh, axes) == 0 else None
               for size, axes in zip(x.shape, spec)]
     return jax.lax.with_sharding_constraint(
         x, NamedSharding(self.mesh, PartitionSpec(*fitted)))

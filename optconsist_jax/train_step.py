@@ -61,6 +61,26 @@ def _build(model_config: LlamaConfig, constrain, seed: int,
   return model
 
 
+def abstract_params(model_config: LlamaConfig, mesh: Mesh,
+                    rules: sharding.Rules, *, trainable: Any = nnx.Param,
+                    model_transform: Callable[[Llama], Any] | None = None,
+                    seed: int = 0) -> nnx.State:
+  """The trainable params as ShapeDtypeStructs carrying their NamedShardings.
+
+  What `optconsist_jax.optim.build` needs (Muon reads the layout) before the
+  optimizer, and so the train state, can exist. Allocates nothing.
+  """
+  rules = sharding.as_rules(rules)
+  constrain = sharding.LogicalConstraint(mesh, rules)
+  model = nnx.eval_shape(
+      lambda: _build(model_config, constrain, seed, model_transform))
+  params = nnx.state(model, trainable)
+  shardings = sharding.state_shardings(params, mesh, rules)
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      params, shardings)
+
+
 def create_train_state(
     model_config: LlamaConfig,
     tx: optax.GradientTransformation,
@@ -117,8 +137,19 @@ def create_train_state(
 
 def _group_stats(updates: Any, param_groups: Any) -> dict[str, jax.Array]:
   """update_norm/<group> and update_rms/<group> over the leaves of each group."""
-  leaves = jax.tree.leaves(updates)
-  groups = jax.tree.leaves(param_groups)
+  flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+  leaves = [x for _, x in flat]
+  if isinstance(param_groups, Mapping) and all(
+      isinstance(k, str) and isinstance(v, str)
+      for k, v in param_groups.items()):
+    from optconsist_jax.optim.paths import path_name  # pylint: disable=g-import-not-at-top
+    names = [path_name(p) for p, _ in flat]
+    missing = sorted(set(names) - set(param_groups))
+    if missing:
+      raise ValueError(f"param_groups has no group for params {missing[:5]}")
+    groups = [param_groups[n] for n in names]
+  else:
+    groups = jax.tree.leaves(param_groups)
   if len(leaves) != len(groups):
     raise ValueError(
         f"param_groups has {len(groups)} leaves but the params have"
@@ -180,8 +211,10 @@ def make_train_step(
     rules: logical-axis rules table.
     state_shardings: from `create_train_state`.
     grad_accum_steps: micro-batches per step; the batch's rows must divide.
-    param_groups: optional pytree with the structure of `state.params` and a
-      group name (str) per leaf: adds update_norm/<g> and update_rms/<g>.
+    param_groups: optional group name per param: a pytree with the
+      structure of `state.params` and a str per leaf, or {path name: group}
+      as `optconsist_jax.optim.assign_groups` returns; adds
+      update_norm/<g> and update_rms/<g> to the metrics.
     dropout_seed: if set, adapters get dropout randomness
       fold_in(key(seed), step); None runs deterministically.
     donate: donate the input state's buffers.
@@ -237,7 +270,7 @@ def make_train_step(
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": loss_sum / denom,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "num_tokens": count,
     }
     if param_groups is not None:

@@ -1,0 +1,135 @@
+"""The AOT planner: HLO collective counting, CPU mesh and a TPU topology."""
+
+import importlib.util
+import json
+
+import pytest
+
+from optconsist_jax import plan
+from optconsist_jax.model import preset
+
+HLO = """\
+HloModule jit_step, entry_computation_layout={()->f32[]}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%all-reduce-scatter.1 (input.1: f32[64]) -> f32[16] {
+  %input.1 = f32[64]{0} parameter(0)
+  %all-reduce.9 = f32[64]{0} all-reduce(%input.1), replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %ds = f32[16]{0} dynamic-slice(%all-reduce.9, %c), dynamic_slice_sizes={16}
+}
+
+%inner_body (p.2: (s32[], bf16[4,16])) -> (s32[], bf16[4,16]) {
+  %p.2 = (s32[], bf16[4,16]{1,0}) parameter(0)
+  %x.2 = bf16[4,16]{1,0} get-tuple-element(%p.2), index=1
+  %cp = bf16[4,16]{1,0} collective-permute(%x.2), source_target_pairs={{0,1}}
+  ROOT %t.2 = (s32[], bf16[4,16]{1,0}) tuple(%i, %cp)
+}
+
+%inner_cond (p.3: (s32[], bf16[4,16])) -> pred[] {
+  %p.3 = (s32[], bf16[4,16]{1,0}) parameter(0)
+  %c.3 = s32[]{:T(128)} constant(5)
+  %i.3 = s32[] get-tuple-element(%p.3), index=0
+  ROOT %lt = pred[] compare(%i.3, %c.3), direction=LT
+}
+
+%outer_body (p.1: (s32[], f32[16])) -> (s32[], f32[16]) {
+  %p.1 = (s32[], f32[16]{0}) parameter(0)
+  %x.1 = f32[16]{0} get-tuple-element(%p.1), index=1
+  %ag = bf16[8,16]{1,0} all-gather(%y), dimensions={0}
+  %full = f32[64]{0} broadcast(%x.1), dimensions={}
+  %rs = f32[16]{0} fusion(%full), kind=kCustom, calls=%all-reduce-scatter.1
+  %w = (s32[], bf16[4,16]{1,0}) while(%t0), condition=%inner_cond, body=%inner_body
+  ROOT %t.1 = (s32[], f32[16]{0}) tuple(%i, %rs)
+}
+
+%outer_cond (p.4: (s32[], f32[16])) -> pred[] {
+  %p.4 = (s32[], f32[16]{0}) parameter(0)
+  ROOT %lt.4 = pred[] compare(%a.4, %b.4), direction=LT
+}
+
+ENTRY %main (arg: f32[1024]) -> f32[] {
+  %arg = f32[1024]{0} parameter(0)
+  %ar = f32[1024]{0} all-reduce(%arg), replica_groups={{0,1}}, to_apply=%add
+  %ags = (f32[256]{0}, f32[1024]{0}) all-gather-start(%arg.q), dimensions={0}
+  %agd = f32[1024]{0} all-gather-done(%ags)
+  %arg.q = f32[256]{0} parameter(1)
+  %loop = (s32[], f32[16]{0}) while(%init), condition=%outer_cond, body=%outer_body, backend_config={"known_trip_count":{"n":"3"}}
+  %a2a = s32[2,8]{1,0} all-to-all(%tok), dimensions={0}
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_collectives_counts_loops_by_trip_count():
+  c = plan.collectives(HLO)
+  # Entry: one all-reduce of 4 KiB, one async all-gather (output 4 KiB), one
+  # all-to-all of 64 B. Outer loop x3: a bf16[8,16] all-gather (256 B) and a
+  # reduce-scatter fusion of f32[64] (256 B; its inner all-reduce is not
+  # counted again). Inner loop x5 per outer trip: collective-permute 128 B.
+  assert c.count == {"all-gather": 1 + 3, "reduce-scatter": 3,
+                     "all-reduce": 1, "all-to-all": 1,
+                     "collective-permute": 15}
+  assert c.bytes == {"all-gather": 4096 + 3 * 256, "reduce-scatter": 3 * 256,
+                     "all-reduce": 4096, "all-to-all": 64,
+                     "collective-permute": 15 * 128}
+  assert c.loops_without_trip_count == 0
+
+
+def test_loop_without_trip_count_is_reported():
+  text = HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', "")
+  c = plan.collectives(text)
+  assert c.loops_without_trip_count == 1
+  assert c.count["reduce-scatter"] == 1
+
+
+def test_cpu_mesh_dp_all_reduces_every_gradient_once(tmp_path):
+  """Pure DP, one micro-batch: the gradient all-reduce moves every param once."""
+  out = tmp_path / "plan.jsonl"
+  md = tmp_path / "plan.md"
+  assert plan.main([
+      "--model", "tiny_gqa", "--mesh", "dp", "--topology", "cpu-8",
+      "--seq_len", "16", "--global_batch", "8", "--per_chip_batch", "1",
+      "--dtype", "float32", "--json", str(out), "--markdown", str(md)]) == 0
+  row = json.loads(out.read_text().splitlines()[0])
+  param_bytes = preset("tiny_gqa").num_params() * 4
+  all_reduce = row["all-reduce_gib"] * plan.GIB
+  # Gradients plus a few scalars (loss, token count, grad norm).
+  assert param_bytes <= all_reduce <= 1.01 * param_bytes + 1024
+  assert row["all-gather_gib"] == 0 and row["reduce-scatter_gib"] == 0
+  assert row["fits"] is None and row["accum"] == 1
+  assert "| cpu-8 | dp 8x1x1 | adamw | 1 |" in md.read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (pip install 'jax[tpu]==0.10.2')")
+def test_tpu_topology_fsdp_fits_and_gathers():
+  r = plan.plan(plan.PlanSpec(
+      model="tiny_gqa", mesh="fsdp", topology="v5p-8", seq_len=32,
+      global_batch=8, per_chip_batch=1, dtype="bfloat16"))
+  assert r.mesh_shape == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert r.grad_accum_steps == 2 and r.hbm_gib == 95 and r.fits
+  state_bytes = 3 * 4 * preset("tiny_gqa").num_params()  # params + 2 moments
+  # Arguments per chip: a quarter of the state (TPU pads small dims to tiles,
+  # hence the upper slack) plus the batch.
+  assert state_bytes / 4 <= r.argument_bytes <= 2 * state_bytes / 4 + 65536
+  assert r.peak_bytes >= r.argument_bytes
+  # FSDP gathers every weight (bf16) at least once per micro-batch, and
+  # reduce-scatters the gradients.
+  assert r.collectives.bytes["all-gather"] >= 2 * (
+      2 * preset("tiny_gqa").num_params() * 0.9)
+  assert r.collectives.count["reduce-scatter"] > 0
+  assert r.collectives.loops_without_trip_count == 0
+
+
+def test_unknown_topology_and_bad_batch_are_errors():
+  with pytest.raises(ValueError, match="unknown topology 'v9-8'"):
+    plan.topology_devices("v9-8")
+  with pytest.raises(ValueError, match="not a multiple of per_chip_batch x"
+                     " chips = 24"):
+    plan.plan(plan.PlanSpec(model="tiny_gqa", topology="cpu-8", seq_len=8,
+                            global_batch=20, per_chip_batch=3))

@@ -1,0 +1,224 @@
+"""Mesh, rules and sharded train steps on 8 fake CPU devices.
+
+The reference is the same step on a one-device mesh: sharding must not change
+the numbers (fp32, within 1e-5).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from optconsist_jax import sharding
+from optconsist_jax import train_step
+from optconsist_jax.model import preset
+from optconsist_jax.model.llama import abstract_model
+
+CONFIG = preset("tiny_gqa")
+BATCH, SEQ = 8, 16
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, CONFIG.vocab_size, (BATCH, SEQ + 1), np.int32)
+  weights = (rng.random((BATCH, SEQ)) < 0.8).astype(np.float32)
+  # Two packed segments in half of the rows.
+  segments = np.ones((BATCH, SEQ), np.int32)
+  segments[::2, SEQ // 2:] = 2
+  positions = np.tile(np.arange(SEQ, dtype=np.int32), (BATCH, 1))
+  positions[::2, SEQ // 2:] -= SEQ // 2
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "weights": weights, "positions": positions, "segment_ids": segments}
+
+
+def _run(mesh_config, devices, init_state, grad_accum_steps):
+  """Two SGD(lr=1) steps; returns (losses, grads of step 1, step fn)."""
+  mesh = sharding.make_mesh(mesh_config, devices)
+  tx = optax.sgd(1.0)
+  graphdef, _, shardings = train_step.create_train_state(
+      CONFIG, tx, mesh, mesh_config.rules, abstract=True)
+  state = jax.device_put(init_state, shardings)
+  step = train_step.make_train_step(
+      graphdef, tx, mesh=mesh, rules=mesh_config.rules,
+      state_shardings=shardings, grad_accum_steps=grad_accum_steps)
+  batch = train_step.global_batch(_batch(), mesh, mesh_config.rules)
+  before = jax.device_get(state.params)
+  state, m1 = step(state, batch)
+  after = jax.device_get(state.params)
+  state, m2 = step(state, batch)
+  grads = jax.tree.map(lambda a, b: a - b, before, after)  # sgd(1): p - g
+  return [float(m1["loss"]), float(m2["loss"])], grads, step
+
+
+@pytest.fixture(scope="module")
+def reference():
+  """Initial state and the one-device results, for grad_accum 1 and 2."""
+  one = [jax.devices()[0]]
+  cfg = sharding.MeshConfig(data=1, fsdp=1, tensor=1)
+  mesh = sharding.make_mesh(cfg, one)
+  _, state, _ = train_step.create_train_state(CONFIG, optax.sgd(1.0), mesh,
+                                              cfg.rules)
+  init = jax.device_get(state)
+  return init, {a: _run(cfg, one, init, a)[:2] for a in (1, 2)}
+
+
+CASES = [
+    ("dp", (8, 1, 1), 1),
+    ("fsdp", (1, 8, 1), 2),
+    ("fsdp_tp", (1, 1, 8), 1),
+    ("fsdp_tp", (1, 2, 4), 2),
+    ("dp_fsdp", (2, 4, 1), 1),
+    ("dp", (2, 2, 2), 2),
+    ("fsdp", (2, 2, 2), 1),
+    ("fsdp_tp", (2, 2, 2), 2),
+    ("dp_fsdp", (2, 2, 2), 1),
+]
+
+
+@pytest.mark.parametrize("name,shape,accum", CASES)
+def test_sharded_step_matches_single_device(reference, name, shape, accum):
+  init, ref = reference
+  data, fsdp, tensor = shape
+  cfg = sharding.MeshConfig.preset(name, data=data, fsdp=fsdp, tensor=tensor)
+  losses, grads, step = _run(cfg, jax.devices(), init, accum)
+  ref_losses, ref_grads = ref[accum]
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+  # Step 2 reused the executable of step 1.
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_grad_accumulation_is_the_full_batch_mean(reference):
+  _, ref = reference
+  np.testing.assert_allclose(ref[1][0], ref[2][0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(ref[1][1]), jax.tree.leaves(ref[2][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_against_numpy(reference):
+  """Step-1 loss equals a numpy cross-entropy of the one-device logits."""
+  init, ref = reference
+  model = nnx.merge(abstract_graphdef(), init.params, init.frozen)
+  b = _batch()
+  logits = np.asarray(model.forward(b["inputs"], b["positions"],
+                                    b["segment_ids"]).logits_BTV, np.float64)
+  logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + (
+      logits.max(-1))
+  nll = logz - np.take_along_axis(logits, b["targets"][..., None], -1)[..., 0]
+  expected = (nll * b["weights"]).sum() / b["weights"].sum()
+  np.testing.assert_allclose(ref[1][0][0], expected, rtol=1e-5)
+
+
+def abstract_graphdef():
+  graphdef, _, _ = nnx.split(abstract_model(CONFIG), nnx.Param, ...)
+  return graphdef
+
+
+def test_fsdp_state_bytes_per_device_is_an_eighth():
+  cfg = sharding.MeshConfig.preset("fsdp")
+  mesh = sharding.make_mesh(cfg)
+  tx = optax.adamw(1e-3)
+  graphdef, state, shardings = train_step.create_train_state(
+      CONFIG, tx, mesh, cfg.rules, abstract=True)
+  step = train_step.make_train_step(graphdef, tx, mesh=mesh, rules=cfg.rules,
+                                    state_shardings=shardings)
+  batch = train_step.abstract_batch(BATCH, SEQ, mesh, cfg.rules)
+  mem = step.lower(state, batch).compile().memory_analysis()
+  total_state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  batch_per_device = sum(x.size * x.dtype.itemsize
+                         for x in jax.tree.leaves(batch)) / 8
+  per_device_state = mem.argument_size_in_bytes - batch_per_device
+  assert abs(per_device_state - total_state / 8) <= 0.10 * total_state / 8, (
+      per_device_state, total_state / 8)
+  # Donated state: the new state reuses the argument buffers.
+  assert mem.alias_size_in_bytes >= 0.9 * per_device_state
+
+
+# ---------------------------------------------------------------------------
+# Rules and bad input.
+
+
+def test_presets_cover_every_model_name():
+  model = abstract_model(CONFIG.replace(position_embedding="learned"))
+  names = {n for v in jax.tree.leaves(nnx.state(model, nnx.Param),
+                                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+           for n in v.get_metadata()["out_sharding"]}
+  names |= set(sharding.ACTIVATION_NAMES)
+  for p in sharding.preset_names():
+    rules = sharding.MeshConfig.preset(p).rules
+    for n in names:
+      sharding.logical_to_spec((n,), rules)  # raises when a name has no rule
+
+
+def test_logical_to_spec():
+  rules = sharding.FSDP_TP_RULES
+  assert sharding.logical_to_spec(("layers", "embed", "heads"), rules) == (
+      jax.sharding.PartitionSpec(None, "fsdp", "tensor"))
+  assert sharding.logical_to_spec(("act_batch", None), rules) == (
+      jax.sharding.PartitionSpec(("data", "fsdp"), None))
+  with pytest.raises(ValueError, match="mesh axis 'tensor' is mapped from both"):
+    sharding.logical_to_spec(("heads", "mlp"), rules)
+  with pytest.raises(ValueError, match="'bogus' has no rule"):
+    sharding.logical_to_spec(("bogus",), rules)
+
+
+def test_fill_axis_and_preset_sizes():
+  assert sharding.MeshConfig.preset("fsdp").axis_sizes(8) == {
+      "data": 1, "fsdp": 8, "tensor": 1}
+  assert sharding.MeshConfig.preset("fsdp_tp").axis_sizes(8) == {
+      "data": 1, "fsdp": 4, "tensor": 2}
+  assert sharding.MeshConfig.preset("dp_fsdp").axis_sizes(8) == {
+      "data": 2, "fsdp": 4, "tensor": 1}
+  assert sharding.MeshConfig.preset("fsdp", dcn_data=2).axis_sizes(8) == {
+      "data": 2, "fsdp": 4, "tensor": 1}
+  mesh = sharding.make_mesh(sharding.MeshConfig.preset("dp"))
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  from_dict = sharding.MeshConfig.from_dict({"preset": "fsdp_tp", "tensor": 4})
+  assert from_dict.axis_sizes(8)["fsdp"] == 2
+
+
+def test_mesh_size_mismatch_is_an_error():
+  with pytest.raises(ValueError, match=r"= 4 per slice .* 8 devices"):
+    sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=1))
+  with pytest.raises(ValueError, match="cannot fill fsdp=-1"):
+    sharding.make_mesh(sharding.MeshConfig(data=3, fsdp=-1))
+  with pytest.raises(ValueError, match="at most one axis may be -1"):
+    sharding.MeshConfig(data=-1, fsdp=-1)
+  with pytest.raises(ValueError, match="unknown keys"):
+    sharding.MeshConfig.from_dict({"preset": "fsdp", "model": 2})
+
+
+def test_rule_with_unknown_mesh_axis_is_an_error():
+  with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
+    sharding.MeshConfig(rules=(("embed", "model"),))
+  mesh = sharding.make_mesh(sharding.MeshConfig.preset("fsdp"))
+  with pytest.raises(ValueError, match="unknown mesh axis 'expert'"):
+    sharding.LogicalConstraint(mesh, (("act_batch", ("data", "expert")),))
+
+
+def test_non_divisible_dim_is_an_error_naming_it():
+  cfg = sharding.MeshConfig.preset("fsdp_tp", fsdp=1, tensor=8)
+  mesh = sharding.make_mesh(cfg)
+  model = abstract_model(CONFIG.replace(vocab_size=100))
+  params = nnx.state(model, nnx.Param)
+  with pytest.raises(ValueError, match=r"param 'embed' shape \(100, 64\): dim 0"
+                     r" \('vocab', size 100\) is not divisible by mesh axes"
+                     r" 'tensor' of size 8"):
+    sharding.state_shardings(params, mesh, cfg.rules)
+
+
+def test_activation_constraint_skips_non_divisible_dims():
+  cfg = sharding.MeshConfig.preset("fsdp_tp", fsdp=2, tensor=4)
+  mesh = sharding.make_mesh(cfg)
+  constrain = sharding.LogicalConstraint(mesh, cfg.rules)
+  assert hash(constrain) == hash(sharding.LogicalConstraint(mesh, cfg.rules))
+  x = jnp.ones((8, 4, 2, 8))  # 2 kv heads over tensor=4
+  y = jax.jit(lambda x: constrain(x, ("act_batch", "act_length",
+                                      "act_kv_heads", None)))(x)
+  expected = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, None, None))
+  assert y.sharding.is_equivalent_to(expected, 4), y.sharding
