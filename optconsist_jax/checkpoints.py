@@ -4,8 +4,12 @@ Workdir layout (one run = one directory W):
 
   W/config.json                 resolved experiment config (train.py writes it)
   W/checkpoints/<step>/         one Orbax step directory per saved step:
-      params/                     model params (Orbax PyTree, OCDBT; restorable
-                                  onto any mesh: the layout is not stored)
+      params/                     every model variable as a plain nested dict
+                                  ({"embed": x, "layers": {"attn": {"q_proj":
+                                  {"kernel": x}}}, ...}, nnx `to_pure_dict`
+                                  form; under LoRA the frozen base weights and
+                                  the adapters). Orbax PyTree, OCDBT;
+                                  restorable onto any mesh
       opt_state/                  optimizer state (same format)
       data_iter/                  grain iterator state, one
                                   `process_<i>-of-<n>.json` per host
@@ -44,6 +48,7 @@ import os
 from typing import Any, NamedTuple
 
 from etils import epath
+from flax import nnx
 import grain
 import grain.checkpoint
 import jax
@@ -268,6 +273,20 @@ def list_checkpoints(workdir: str | os.PathLike) -> list[CheckpointInfo]:
   return sorted(out, key=lambda c: (c.step, c.complete))
 
 
+def _pure(tree: Any) -> Any:
+  """nnx.State -> its plain nested dict (the on-disk form of params)."""
+  return tree.to_pure_dict() if isinstance(tree, nnx.State) else tree
+
+
+def _like(abstract: Any, restored: Any) -> Any:
+  """Restored plain dict -> the container type of `abstract`."""
+  if isinstance(abstract, nnx.State):
+    out = jax.tree.map(lambda x: x, abstract)  # A copy to fill.
+    out.replace_by_pure_dict(restored)
+    return out
+  return restored
+
+
 def _with_shardings(abstract: Any, shardings: Any | None) -> Any:
   """ShapeDtypeStructs carrying the target shardings (Orbax reshards)."""
   def one(a, s=None):
@@ -289,8 +308,11 @@ def restore_params(workdir_or_ckpt_dir: str | os.PathLike, step: int | None,
     workdir_or_ckpt_dir: W, W/checkpoints, or a step directory.
     step: the step to read; None = the newest complete one (ignored when a
       step directory is given).
-    abstract_params: the param tree of ShapeDtypeStructs (e.g. from
-      `nnx.eval_shape` + `nnx.state(..., nnx.Param)`); dtypes are cast to these.
+    abstract_params: the param tree of ShapeDtypeStructs: an nnx.State (e.g.
+      `nnx.state(nnx.eval_shape(lambda: Llama(...)))`, returned as an
+      nnx.State) or its plain-dict form; dtypes are cast to these. It must
+      name the same variables as the checkpoint (a LoRA run's checkpoint holds
+      the adapters too).
     shardings: a matching tree of `jax.sharding.Sharding`; None = those on
       `abstract_params`, or the first device.
     model: the model identity the caller expects; refused if it differs.
@@ -302,13 +324,14 @@ def restore_params(workdir_or_ckpt_dir: str | os.PathLike, step: int | None,
   meta = read_meta(step_dir)
   if model is not None:
     compare_models(model, meta.get("model", {}), f"checkpoint {step_dir}")
-  target = _with_shardings(abstract_params, shardings)
+  target = _pure(_with_shardings(abstract_params, shardings))
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-    return ckptr.restore(step_dir / PARAMS,
-                         args=ocp.args.PyTreeRestore(
-                             item=target,
-                             restore_args=ocp.checkpoint_utils
-                             .construct_restore_args(target)))
+    restored = ckptr.restore(step_dir / PARAMS,
+                             args=ocp.args.PyTreeRestore(
+                                 item=target,
+                                 restore_args=ocp.checkpoint_utils
+                                 .construct_restore_args(target)))
+  return _like(abstract_params, restored)
 
 
 class RunCheckpoints:
@@ -389,7 +412,7 @@ class RunCheckpoints:
     meta = {"step": int(step), "epoch": int(epoch),
             "epoch_end": bool(epoch_end), "rng": _rng_to_json(rng),
             "model": self.model, **(extra or {})}
-    items = {PARAMS: ocp.args.PyTreeSave(params),
+    items = {PARAMS: ocp.args.PyTreeSave(_pure(params)),
              OPT_STATE: ocp.args.PyTreeSave(opt_state),
              META: ocp.args.JsonSave(meta)}
     if data_iter is not None:
@@ -415,7 +438,7 @@ class RunCheckpoints:
     step_dir = self.directory / str(step)
     meta = read_meta(step_dir)
     compare_models(self.model, meta.get("model", {}), f"checkpoint {step_dir}")
-    params_t = _with_shardings(abstract_params, None)
+    params_t = _pure(_with_shardings(abstract_params, None))
     opt_t = _with_shardings(abstract_opt_state, None)
     items = {
         PARAMS: ocp.args.PyTreeRestore(
@@ -432,11 +455,22 @@ class RunCheckpoints:
             f"checkpoint {step_dir} holds no data-iterator state")
       snapshot = _IterState()
       items[DATA_ITER] = grain.checkpoint.CheckpointRestore(snapshot)
-    out = self._manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except ValueError as e:
+      if "structures do not match" not in str(e):
+        raise
+      raise ValueError(
+          f"checkpoint {step_dir}: the saved params or optimizer state do not"
+          " match this run's (was config.optim or config.lora changed since"
+          " it was written? Resume with the same optimizer, or start a new"
+          f" workdir with init_from={str(self.directory.parent)!r}).\n{e}"
+      ) from e
     if data_iter is not None:
       _set_iter_state(data_iter, snapshot.text)
     return Restored(step=int(meta["step"]), epoch=int(meta["epoch"]),
-                    params=out[PARAMS], opt_state=out[OPT_STATE],
+                    params=_like(abstract_params, out[PARAMS]),
+                    opt_state=out[OPT_STATE],
                     rng=_rng_from_json(meta.get("rng")), meta=meta)
 
   def wait(self):

@@ -1,0 +1,267 @@
+"""The training loop end to end on the tiny config (8 fake CPU devices, fp32).
+
+One uninterrupted reference run (module fixture) is compared with runs that
+are killed (SIGKILL), preempted (SIGTERM), moved to another mesh, or poisoned
+with an infinite learning rate.
+"""
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from optconsist_jax import checkpoints
+from optconsist_jax import train
+from optconsist_jax.config_types import ExperimentConfig
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "tiny_metamath.py"
+NUM_STEPS = 16
+
+# Small enough for a loaded 2-core machine: 14 steps per epoch, so the runs
+# cross an epoch boundary.
+OVERRIDES = {
+    "data.synthetic_examples": 120,
+    "data.seq_len": 128,
+    "data.global_batch_size": 8,
+    "train.num_steps": NUM_STEPS,
+    "train.log_every": 1,
+    "train.stats_every": 4,
+    "train.progress_every_secs": 1000.0,
+    "checkpoint.every_steps": 4,
+}
+
+
+def _config(**extra):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("tiny_metamath", CONFIG)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  for key, value in {**OVERRIDES, **extra}.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return ExperimentConfig.from_dict(c.to_dict())
+
+
+def _command(workdir, **extra):
+  args = [sys.executable, "-m", "optconsist_jax.train", "--config",
+          str(CONFIG), "--workdir", str(workdir)]
+  args += [f"--config.{k}={v}" for k, v in {**OVERRIDES, **extra}.items()]
+  return args
+
+
+def _env():
+  env = dict(os.environ)
+  env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+  return env
+
+
+def _params(workdir, step):
+  """Params of one checkpoint, on one device, as numpy arrays."""
+  ref = checkpoints.checkpoint_dir(workdir) / str(step) / checkpoints.PARAMS
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.restore(ref)
+  return {k: np.asarray(v) for k, v in _flat(tree).items()}
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}/"))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _wait_for_checkpoint(workdir, proc, min_step, timeout=300):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    done = [c.step for c in checkpoints.list_checkpoints(workdir)
+            if c.complete]
+    if done and max(done) >= min_step:
+      return max(done)
+    if proc.poll() is not None:
+      out = proc.stdout.read()
+      raise AssertionError(f"training exited early ({proc.returncode}):\n"
+                           f"{out[-3000:]}")
+    time.sleep(0.05)
+  proc.kill()
+  raise AssertionError(f"no checkpoint >= {min_step} after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run, keeping a checkpoint of every step."""
+  workdir = tmp_path_factory.mktemp("reference")
+  result = train.train(_config(**{"checkpoint.keep": None,
+                                  "checkpoint.every_steps": 1}), workdir)
+  return workdir, result
+
+
+def test_loss_falls_and_outputs(reference):
+  workdir, result = reference
+  assert result.step == NUM_STEPS and result.stopped == "done"
+  assert sorted(result.losses) == list(range(1, NUM_STEPS + 1))
+  # From ln(2048) = 7.62 at random init; the tiny model learns fast.
+  assert abs(result.losses[1] - np.log(2048)) < 0.1
+  assert result.losses[NUM_STEPS] < result.losses[1] - 1.5
+  assert (workdir / "config.json").exists()
+  assert list((workdir / "metrics").glob("events.out.tfevents*"))
+  infos = checkpoints.list_checkpoints(workdir)
+  assert [c.step for c in infos] == list(range(1, NUM_STEPS + 1))
+  assert [c.step for c in infos if c.epoch is not None] == [14]
+  assert infos[13].epoch == 1
+  assert all(c.complete for c in infos)
+
+
+def test_sigkill_then_resume_is_bitwise_identical(reference, tmp_path):
+  ref_dir, ref = reference
+  proc = subprocess.Popen(_command(tmp_path), cwd=REPO, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  seen = _wait_for_checkpoint(tmp_path, proc, 4)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  proc.stdout.close()
+  assert proc.returncode == -signal.SIGKILL
+  assert seen < NUM_STEPS, "the run finished before it could be killed"
+  resumed = train.train(_config(), tmp_path)
+  first = min(resumed.losses)
+  assert first > 4 and resumed.step == NUM_STEPS
+  for step in range(first, NUM_STEPS + 1):
+    assert resumed.losses[step] == ref.losses[step], step
+  want, got = _params(ref_dir, NUM_STEPS), _params(tmp_path, NUM_STEPS)
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_sigterm_leaves_a_complete_checkpoint(reference, tmp_path):
+  ref_dir, _ = reference
+  proc = subprocess.Popen(_command(tmp_path), cwd=REPO, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  _wait_for_checkpoint(tmp_path, proc, 4)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  done = [c for c in checkpoints.list_checkpoints(tmp_path)]
+  assert all(c.complete for c in done)
+  last = done[-1].step
+  if last < NUM_STEPS:
+    assert f"stopped by SIGTERM; rerun the same command to resume: step {last}" in out
+  assert f"checkpoints/ (last: {done[-1].path})" in out
+  # The preemption checkpoint holds the state an uninterrupted run had.
+  meta = checkpoints.read_meta(done[-1].path)
+  assert meta["step"] == last
+  want, got = _params(ref_dir, last), _params(tmp_path, last)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_resume_on_another_mesh_continues_with_same_losses(reference,
+                                                           tmp_path):
+  ref_dir, ref = reference
+  shutil.copytree(ref_dir / "checkpoints" / "8", tmp_path / "checkpoints" / "8")
+  # Reference: fsdp over all 8 devices; now data=2 x fsdp=4.
+  cfg = _config(**{"mesh.preset": "dp_fsdp"})
+  assert (cfg.mesh.data, cfg.mesh.fsdp) == (2, -1)
+  result = train.train(cfg, tmp_path)
+  assert sorted(result.losses) == list(range(9, NUM_STEPS + 1))
+  for step, loss in result.losses.items():
+    np.testing.assert_allclose(loss, ref.losses[step], rtol=1e-5, err_msg=step)
+
+
+def test_refuses_checkpoint_of_another_model(reference, tmp_path):
+  ref_dir, _ = reference
+  shutil.copytree(ref_dir / "checkpoints" / "4", tmp_path / "checkpoints" / "4")
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r"llama.intermediate_size: checkpoint has 160,"
+                     r" config has 192"):
+    train.train(_config(**{"model.intermediate_size": 192}), tmp_path)
+
+
+def test_nan_guard_names_step_and_last_good_checkpoint(reference, tmp_path):
+  ref_dir, _ = reference
+  shutil.copytree(ref_dir / "checkpoints" / "4", tmp_path / "checkpoints" / "4")
+  cfg = _config(**{"optim.groups.adamw.schedule.kind": "constant",
+                   "optim.groups.adamw.schedule.warmup_fraction": 0.0,
+                   "optim.groups.adamw.schedule.peak": float("inf")})
+  with pytest.raises(train.NonFiniteError,
+                     match=r"at step 5; stopping without saving\. Last good"
+                     r" checkpoint: .*checkpoints/4 \(step 4\)"):
+    train.train(cfg, tmp_path)
+  assert [c.step for c in checkpoints.list_checkpoints(tmp_path)] == [4]
+
+
+def test_changed_optimizer_structure_is_named(reference, tmp_path):
+  ref_dir, _ = reference
+  shutil.copytree(ref_dir / "checkpoints" / "4", tmp_path / "checkpoints" / "4")
+  with pytest.raises(ValueError, match=r"optimizer state do not\s+match this run"):
+    train.train(_config(**{"optim.clip_norm": 0.0}), tmp_path)
+
+
+def test_init_from_orbax_run_loads_its_params(reference, tmp_path):
+  ref_dir, _ = reference
+  cfg = _config(**{"init_from.path": str(ref_dir), "init_from.step": 8,
+                   "mesh.preset": "dp_fsdp"})
+  mesh = train.sharding.make_mesh(cfg.mesh)
+  s = train.setup(cfg.resolve_total_steps(NUM_STEPS), mesh)
+  ckpts = checkpoints.RunCheckpoints(tmp_path, cfg.checkpoint,
+                                     train.model_identity(cfg))
+  state, epoch, how = train.initial_state(cfg, s, ckpts, data_iter=None)
+  ckpts.close()
+  assert epoch == 0 and "Orbax checkpoint" in how
+  assert int(state.step) == 0
+  want = _params(ref_dir, 8)
+  got = {k: np.asarray(v) for k, v in _flat(
+      train.full_params(state).to_pure_dict()).items()}
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  # Fresh optimizer state.
+  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(
+      state.opt_state) if np.ndim(x) and np.asarray(x).dtype.kind == "f")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"data.global_batch_size": 12},
+     r"global_batch_size=12 is not divisible by the data-parallel size 8"),
+    ({"train.grad_accum_steps": 3},
+     r"not divisible by config.train.grad_accum_steps=3"),
+    ({"init_from.path": "/nonexistent/base"},
+     r"config.init_from.path='/nonexistent/base' does not exist"),
+])
+def test_bad_input_fails_before_compiling(tmp_path, extra, message):
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    train.train(_config(**extra), tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_config_key_is_named():
+  cfg = _config()
+  d = {"train": {"num_steps": 3, "learning_rate": 1.0}}
+  with pytest.raises(ValueError, match=r"config.train: unknown keys"
+                     r" \['learning_rate'\]"):
+    ExperimentConfig.from_dict({**_dict(cfg), **d})
+  with pytest.raises(ValueError, match=r"config: unknown sections \['trian'\]"):
+    ExperimentConfig.from_dict({**_dict(cfg), "trian": {}})
+
+
+def _dict(cfg):
+  return {"model": {"preset": "tiny_gqa", "vocab_size": 2048},
+          "optim": cfg.optim_dict,
+          "data": {"format": "synthetic", "synthetic_examples": 100}}
