@@ -1,0 +1,146 @@
+"""Fingerprints: spectra vs numpy SVD, statistics vs numpy, plots written."""
+
+import json
+import os
+
+from flax import nnx
+import jax
+import numpy as np
+import pytest
+
+from optconsist_jax import fingerprints
+from optconsist_jax.data.tokenizer import Tokenizer
+from optconsist_jax.model import Llama
+from optconsist_jax.model import llama as llama_lib
+from optconsist_jax.model import preset
+
+_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Ava has 3 apples. She buys 4 more apples. How many apples does Ava have?",
+    "def add(a, b):\n  return a + b",
+    "A box holds 12 marbles and Ben fills 3 boxes.",
+] * 6
+
+
+def _model(seed=0, scan=True):
+  config = preset("tiny_gqa").replace(vocab_size=2048, scan_layers=scan,
+                                      max_position_embeddings=256)
+  return Llama(config, rngs=nnx.Rngs(seed))
+
+
+def test_spectra_match_numpy_svd_of_each_layer():
+  model = _model()
+  spectra = fingerprints.weight_spectra(model)
+  state = nnx.state(model, nnx.Param).to_pure_dict()
+  assert set(spectra) == {"q", "k", "v", "o", "gate", "up", "down"}
+  c = model.config
+  for kind, path in fingerprints.MATRIX_KINDS.items():
+    w = np.asarray(state[path[0]][path[1]][path[2]][path[3]], np.float64)
+    assert spectra[kind].shape == (c.num_layers, min(w.shape[1:]))
+    for layer in range(c.num_layers):
+      s = np.linalg.svd(w[layer], compute_uv=False)  # unstacked matrix
+      np.testing.assert_allclose(spectra[kind][layer], s / s[0], rtol=1e-10)
+      assert spectra[kind][layer][0] == pytest.approx(1.0)
+  # Stable rank of an orthogonal matrix is its size.
+  q = np.linalg.qr(np.random.default_rng(0).normal(size=(8, 8)))[0]
+  s = np.linalg.svd(q, compute_uv=False)[None]
+  np.testing.assert_allclose(fingerprints.stable_rank(s / s[:, :1]), [8.0])
+
+
+def test_spectra_accept_state_and_reject_foreign_trees():
+  model = _model()
+  a = fingerprints.weight_spectra(nnx.state(model, nnx.Param))
+  b = fingerprints.weight_spectra(model)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  with pytest.raises(KeyError, match="layers"):
+    fingerprints.weight_spectra({"embed": np.zeros((4, 4))})
+
+
+def _numpy_stats(x):
+  x = np.asarray(x, np.float64)
+  c = x - x.mean()
+  return {"mean": x.mean(), "rms": np.sqrt(np.mean(x * x)),
+          "max_abs": np.abs(x).max(),
+          "kurtosis": np.mean(c**4) / np.mean(c**2) ** 2}
+
+
+@pytest.mark.parametrize("batch_size", [4, 2])
+def test_activation_stats_match_numpy_on_captured_residuals(monkeypatch,
+                                                            batch_size):
+  tok = Tokenizer.tiny()
+  model = _model(seed=1)
+  seq_len, max_rows = 32, 4
+  # Rows built independently of pack_rows.
+  stream = []
+  for t in _TEXTS:
+    stream += [tok.bos_id, *tok.encode(t), tok.eos_id]
+  rows = np.asarray(stream[:max_rows * seq_len]).reshape(max_rows, seq_len)
+
+  captured = []
+  original = llama_lib.residual_stats
+
+  def spy(x_BTD):
+    jax.debug.callback(lambda x: captured.append(np.asarray(x)), x_BTD,
+                       ordered=True)
+    return original(x_BTD)
+  monkeypatch.setattr(llama_lib, "residual_stats", spy)
+  fingerprints._stats.clear_cache()  # pylint: disable=protected-access
+  got = fingerprints.activation_stats(model, tok, _TEXTS, seq_len=seq_len,
+                                      batch_size=batch_size,
+                                      max_rows=max_rows)
+  jax.effects_barrier()
+  fingerprints._stats.clear_cache()  # pylint: disable=protected-access
+  layers = model.config.num_layers
+  n_batches = max_rows // batch_size
+  assert len(captured) == layers * n_batches
+  assert got["num_tokens"] == max_rows * seq_len
+  # Captured residuals are exactly the rows' (the first layer's input is the
+  # embedding of these tokens: check the batch layout through shapes).
+  assert captured[0].shape == (batch_size, seq_len, model.config.hidden_size)
+  per_layer = [np.concatenate(captured[l::layers]) for l in range(layers)]
+  for l in range(layers):
+    ref = _numpy_stats(per_layer[l])
+    assert got["mean"][l] == pytest.approx(ref["mean"], rel=1e-4, abs=1e-6)
+    assert got["rms"][l] == pytest.approx(ref["rms"], rel=1e-4)
+    assert got["max_abs"][l] == pytest.approx(ref["max_abs"], rel=1e-5)
+    if batch_size == max_rows:
+      assert got["kurtosis"][l] == pytest.approx(ref["kurtosis"], rel=1e-3)
+    else:  # documented: the average of per-batch kurtoses
+      kb = [_numpy_stats(captured[b * layers + l])["kurtosis"]
+            for b in range(n_batches)]
+      assert got["kurtosis"][l] == pytest.approx(np.mean(kb), rel=1e-3)
+  # The residual after the last layer, recomputed through the final norm and
+  # head, gives the model's own logits for these rows.
+  x = per_layer[-1]
+  scale = np.asarray(model.final_norm.scale[...], np.float64)
+  eps = model.config.rms_norm_eps
+  h = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * scale
+  logits = h @ np.asarray(model.lm_head.kernel[...], np.float64)
+  np.testing.assert_allclose(logits, np.asarray(model(rows), np.float64),
+                             rtol=1e-3, atol=1e-4)
+
+
+def test_pack_rows_rejects_too_little_text():
+  with pytest.raises(ValueError, match="seq_len=512"):
+    fingerprints.pack_rows(Tokenizer.tiny(), ["hi"], 512)
+
+
+def test_compare_writes_plots_and_numbers(tmp_path):
+  tok = Tokenizer.tiny()
+  models = {"adamw": (_model(0), tok), "muon": (_model(1), tok)}
+  paths = fingerprints.compare(models, _TEXTS, tmp_path / "fp", seq_len=32,
+                               batch_size=2, max_rows=2)
+  for key in ("spectra", "activations", "json"):
+    assert os.path.getsize(paths[key]) > 0
+  with open(paths["spectra"], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(paths["json"]) as f:
+    d = json.load(f)
+  assert set(d["models"]) == {"adamw", "muon"}
+  layers = models["adamw"][0].config.num_layers
+  for name, (model, _) in models.items():
+    m = d["models"][name]
+    assert len(m["activations"]["rms"]) == layers
+    np.testing.assert_allclose(m["spectra"]["down"],
+                               fingerprints.weight_spectra(model)["down"])
