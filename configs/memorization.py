@@ -1,0 +1,64 @@
+r"""Finetuning for the synthetic memorization experiment (AdamW or Muon).
+
+The experiment (optconsist_jax/memorization.py) finetunes one base model on a
+mix of rule items (arithmetic word problems whose answer follows from the
+question) and fact items (made-up "locker numbers" that can only be
+memorized), once per optimizer, and measures memorization and rule accuracy
+after every epoch. `memorization.run` fills in the data path, the base and the
+model shape from the base's own W/config.json. By hand, with a data set
+written by `memorization.make_dataset("/tmp/mem_data")`:
+
+  python -m optconsist_jax.train --config configs/memorization.py:muon \
+      --workdir /tmp/mem_muon --config.data.path=/tmp/mem_data/train.json \
+      --config.init_from.path=/tmp/base_run
+
+Args (`--config configs/memorization.py:ARG`): `adamw` (default) or `muon`
+(Muon on hidden matrices with the `rms_match` scale, AdamW elsewhere). Both
+use the same peak learning rate, since rms_match puts Muon's updates on
+AdamW's scale (optim/presets.py).
+"""
+
+import ml_collections
+
+from optconsist_jax.optim import presets
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+def optim_dict(name: str, peak_lr: float, warmup_fraction: float = 0.05,
+               floor: float = 0.1) -> dict:
+  """The optim section for `name`; the cosine decays over the whole run."""
+  if name == "adamw":
+    cfg = presets.adamw(peak_lr=peak_lr, total_steps=1, b2=0.95)
+  elif name == "muon":
+    cfg = presets.muon(peak_lr=peak_lr, total_steps=1, b2=0.95)
+  else:
+    raise ValueError(f"configs/memorization.py: unknown optimizer {name!r};"
+                     f" expected one of {OPTIMIZERS}")
+  d = cfg.to_dict()
+  for group in d["groups"].values():
+    # total_steps 0: filled with the run's length by resolve_total_steps.
+    group["schedule"].update(total_steps=0, warmup_fraction=warmup_fraction,
+                             floor=floor)
+  return d
+
+
+def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Overwritten by memorization.run with the base run's resolved model.
+  c.model = dict(preset="tiny_gqa", vocab_size=2048,
+                 max_position_embeddings=256)
+  c.mesh = dict(preset="fsdp")
+  c.optim = optim_dict(arg, peak_lr=2e-3)
+  c.data = dict(format="metamathqa", path="", seq_len=128,
+                global_batch_size=16, seed=0, tokenizer_path="")
+  c.train = dict(num_epochs=4, num_steps=0, grad_accum_steps=1, seed=0,
+                 dropout_seed=ml_collections.config_dict.placeholder(int),
+                 log_every=10, stats_every=0, progress_every_secs=30.0,
+                 parameter_overview=False)
+  # One checkpoint per epoch end, all kept: each is one point of the curves.
+  c.checkpoint = dict(every_steps=0, keep=1, keep_epochs=True,
+                      async_save=False)
+  c.init_from = dict(path="", kind="auto",
+                     step=ml_collections.config_dict.placeholder(int))
+  return c

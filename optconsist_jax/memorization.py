@@ -1,0 +1,573 @@
+r"""The synthetic memorization experiment: rote memorization vs rule learning.
+
+The paper (arXiv 2605.06654) reports, from a synthetic task, that Muon leans
+to rote memorization when finetuning. This module rebuilds such a task so the
+two abilities are measured separately:
+
+* rule items: level-1 arithmetic word problems from
+  `optconsist_jax.data.synthetic` (add / subtract / multiply, numbers up to
+  20), whose answer follows from the question by a rule;
+* fact items: "What is the locker number of <made-up name>?" answered by an
+  arbitrary 3-digit number ("The answer is: N"), unique per item and not
+  present in the question, so it can only be memorized.
+
+The finetuning set mixes both (MetaMathQA format, so the ordinary trainer and
+data pipeline read it). Two probes are scored after every epoch:
+
+* memorization: the training fact items themselves;
+* rule: held-out rule items from the same templates whose arithmetic (the
+  operation and both operands) never occurs in the training set, so a right
+  answer needs the rule, not a recalled equation.
+
+Scores (`evaluate`): greedy accuracy (the training prompt, MetaMath answer
+extraction `evals.math.extract_answer`) and, as a smoother signal for tiny
+models, the mean per-token log-probability of the gold response (+ EOS) under
+the training prompt, as the training loss sees it.
+
+`run(W, base)` finetunes the base once per optimizer (configs/memorization.py,
+in process through `train.train`, one checkpoint per epoch), evaluates the base
+and every epoch checkpoint, and writes
+
+  W/memorization/settings.json     the settings (a rerun must match them)
+  W/memorization/data/             train.json, facts.json, heldout_rule.json
+  W/memorization/runs/<optimizer>/ the finetuning runs (train.py layout)
+  W/memorization/results.jsonl     one line per (optimizer, epoch)
+  W/memorization/curves.png        memorization and rule curves per optimizer
+
+Each step is skipped when its output exists, so an interrupted run resumes.
+
+  python -m optconsist_jax.memorization --workdir W --base BASE_RUN_DIR \
+      [--mode quick|full] [--optimizers adamw,muon]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import json
+import os
+import re
+import time
+from typing import Any
+
+from flax import nnx
+import jax
+import numpy as np
+
+from optconsist_jax import checkpoints as ckpt_lib
+from optconsist_jax import config_types
+from optconsist_jax import generate as gen
+from optconsist_jax.data import formats
+from optconsist_jax.data import prompts
+from optconsist_jax.data import synthetic
+from optconsist_jax.data.records import MathExample
+from optconsist_jax.evals import math as math_eval
+from optconsist_jax.evals import multiple_choice
+from optconsist_jax.model import Llama
+from optconsist_jax.model import LlamaConfig
+
+SUBDIR = "memorization"
+RESULTS = "results.jsonl"
+CURVES = "curves.png"
+SETTINGS = "settings.json"
+BASE = "base"  # The `optimizer` of the epoch-0 line (the base model).
+
+_FACT_TYPE = "FACT_Locker"
+_SYLLABLES = ("ba", "dor", "ke", "lim", "mo", "nar", "pe", "quil", "ra", "sen",
+              "tu", "vok", "wen", "xa", "yor", "zu", "fen", "gat", "hil", "jo",
+              "bri", "cas", "del", "fro", "gri", "hap", "lun", "mir", "nob",
+              "osk", "pru", "tav")
+
+
+# ---------------------------------------------------------------------------
+# The data set.
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorizationData:
+  """Paths of the written data set (MetaMathQA-format JSON lists).
+
+  Attributes:
+    train: the finetuning set (rule and fact items, shuffled).
+    facts: the fact items (the memorization probe; all are in `train`).
+    heldout_rule: rule items not in `train` (the rule probe).
+  """
+
+  train: str
+  facts: str
+  heldout_rule: str
+
+
+def _made_up_name(rng: np.random.Generator) -> str:
+  def word(n):
+    return "".join(str(s) for s in rng.choice(_SYLLABLES, n)).capitalize()
+  return f"{word(int(rng.integers(2, 4)))} {word(int(rng.integers(2, 4)))}"
+
+
+def fact_records(n: int, seed: int) -> list[dict[str, Any]]:
+  """`n` fact items: unique made-up names with unique arbitrary numbers."""
+  if not 0 < n <= 900:
+    raise ValueError(f"fact_records: n={n} must be in [1, 900] (answers are"
+                     " distinct 3-digit numbers)")
+  rng = np.random.default_rng([seed, 1])
+  names: list[str] = []
+  seen = set()
+  while len(names) < n:
+    name = _made_up_name(rng)
+    if name not in seen:
+      seen.add(name)
+      names.append(name)
+  answers = rng.choice(np.arange(100, 1000), size=n, replace=False)
+  out = []
+  for name, a in zip(names, answers):
+    q = f"What is the locker number of {name}?"
+    out.append({"type": _FACT_TYPE, "query": q, "original_question": q,
+                "response": f"The answer is: {int(a)}", "kind": "fact"})
+  return out
+
+
+def _arithmetic_key(p: synthetic.Problem) -> tuple:
+  return tuple((s.a, s.op, s.b) for s in p.steps)
+
+
+def rule_records(n_train: int, n_heldout: int, seed: int,
+                 levels: Sequence[int] = (1,)
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """Training and held-out rule items (held-out arithmetic never trained on)."""
+  def unique(problems, taken_q, taken_key, want, out):
+    for p in problems:
+      if len(out) == want:
+        break
+      if p.question in taken_q or _arithmetic_key(p) in taken_key:
+        continue
+      taken_q.add(p.question)
+      out.append(p)
+
+  train: list[synthetic.Problem] = []
+  seen_q: set[str] = set()
+  for attempt in range(100):
+    if len(train) == n_train:
+      break
+    unique(synthetic.generate_problems(max(n_train, 16), seed * 1000 + attempt,
+                                       levels, kinds=("word",)),
+           seen_q, set(), n_train, train)
+  train_keys = {_arithmetic_key(p) for p in train}
+  heldout: list[synthetic.Problem] = []
+  for attempt in range(100):
+    if len(heldout) == n_heldout:
+      break
+    unique(synthetic.generate_problems(
+        max(n_heldout, 16), 10_000_019 + seed * 1000 + attempt, levels,
+        kinds=("word",)), seen_q, train_keys, n_heldout, heldout)
+  if len(train) < n_train or len(heldout) < n_heldout:
+    raise ValueError(
+        f"rule_records: only {len(train)} train / {len(heldout)} held-out"
+        f" distinct problems at levels {tuple(levels)} (asked for {n_train} /"
+        f" {n_heldout}); ask for fewer or allow higher levels")
+
+  def render(p):
+    return {**synthetic.render_metamath(p), "kind": "rule"}
+  return [render(p) for p in train], [render(p) for p in heldout]
+
+
+def make_dataset(out_dir: str | os.PathLike, seed: int = 0, n_rule: int = 200,
+                 n_fact: int = 100, n_heldout: int = 64,
+                 levels: Sequence[int] = (1,)) -> MemorizationData:
+  """Writes the finetuning set and both probes to `out_dir` (module docstring).
+
+  Deterministic in its arguments; files already written with the same
+  arguments are kept (the manifest records them).
+  """
+  out_dir = os.fspath(out_dir)
+  data = MemorizationData(train=os.path.join(out_dir, "train.json"),
+                          facts=os.path.join(out_dir, "facts.json"),
+                          heldout_rule=os.path.join(out_dir,
+                                                    "heldout_rule.json"))
+  manifest = {"seed": seed, "n_rule": n_rule, "n_fact": n_fact,
+              "n_heldout": n_heldout, "levels": list(levels)}
+  manifest_path = os.path.join(out_dir, "manifest.json")
+  if os.path.exists(manifest_path) and all(
+      os.path.exists(p) for p in dataclasses.astuple(data)):
+    with open(manifest_path, encoding="utf-8") as f:
+      if json.load(f) == manifest:
+        return data
+  rule_train, rule_heldout = rule_records(n_rule, n_heldout, seed, levels)
+  facts = fact_records(n_fact, seed)
+  train = rule_train + facts
+  order = np.random.default_rng([seed, 2]).permutation(len(train))
+  train = [train[i] for i in order]
+  os.makedirs(out_dir, exist_ok=True)
+  for path, records in ((data.train, train), (data.facts, facts),
+                        (data.heldout_rule, rule_heldout)):
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(records, f, indent=0)
+  with open(manifest_path, "w", encoding="utf-8") as f:
+    json.dump(manifest, f)
+  return data
+
+
+# ---------------------------------------------------------------------------
+# Scoring.
+
+
+def gold_logprobs(model: nnx.Module, tokenizer: gen.Tokenizer,
+                  examples: Sequence[MathExample], *, batch_size: int = 32
+                  ) -> np.ndarray:
+  """Mean per-token log p(response + EOS | BOS + training prompt), per item.
+
+  The tokens are exactly the training sequence's (data/supervised.py).
+  """
+  requests, lengths = [], []
+  for e in examples:
+    ctx = [tokenizer.bos_id, *tokenizer.encode(prompts.alpaca_prompt(e.query))]
+    cont = [*tokenizer.encode(e.response), tokenizer.eos_id]
+    requests.append((ctx, cont))
+    lengths.append(len(cont))
+  sums = multiple_choice.score_continuations(model, requests,
+                                             batch_size=batch_size)
+  return sums / np.asarray(lengths, np.float64)
+
+
+def answer_logprobs(model: nnx.Module, tokenizer: gen.Tokenizer,
+                    examples: Sequence[MathExample], *, batch_size: int = 32
+                    ) -> np.ndarray:
+  """Summed log p(final answer tokens + EOS | prompt, response before them).
+
+  The response is split at its last "The answer is:" the way
+  lm-evaluation-harness splits context and continuation (tokenized jointly,
+  cut at the prefix's own token length; evals/multiple_choice.py). For a fact
+  item ("The answer is: N") this isolates the memorized number.
+  """
+  requests = []
+  for i, e in enumerate(examples):
+    cut = e.response.rfind(math_eval.ANSWER_PHRASE.rstrip())
+    if cut < 0:
+      raise ValueError(f"answer_logprobs: item {i} has no"
+                       f" {math_eval.ANSWER_PHRASE!r}: {e.response!r}")
+    prefix = e.response[:cut + len(math_eval.ANSWER_PHRASE.rstrip())]
+    whole = tokenizer.encode(e.response)
+    n = len(tokenizer.encode(prefix))
+    ctx = [tokenizer.bos_id, *tokenizer.encode(prompts.alpaca_prompt(e.query)),
+           *whole[:n]]
+    requests.append((ctx, [*whole[n:], tokenizer.eos_id]))
+  return multiple_choice.score_continuations(model, requests,
+                                             batch_size=batch_size)
+
+
+def _accuracy(model, tokenizer, examples, generation) -> tuple[float, list]:
+  texts = [prompts.alpaca_prompt(e.query) for e in examples]
+  result = gen.generate(model, tokenizer, texts, generation)
+  correct = []
+  for e, completion in zip(examples, result.completions):
+    correct.append(math_eval.is_correct(math_eval.extract_answer(completion),
+                                        math_eval.parse_number(e.answer)))
+  return float(np.mean(correct)), result.completions
+
+
+def evaluate(model: nnx.Module, tokenizer: gen.Tokenizer,
+             facts: Sequence[MathExample],
+             heldout_rule: Sequence[MathExample], *,
+             max_new_tokens: int = 48, batch_size: int = 32
+             ) -> dict[str, float]:
+  """Memorization and rule scores of `model`.
+
+  Generation uses the training prompt (Alpaca, ending "### Response:"): the
+  finetuned models never saw MetaMath's "Let's think step by step." suffix.
+  Greedy decoding, stopped at MetaMath's stop strings; the answer is read by
+  `evals.math.extract_answer` and compared numerically.
+
+  Returns:
+    memorization_acc / rule_acc: greedy accuracy on the training fact items /
+    the held-out rule items; memorization_logprob / rule_logprob: mean over
+    items of the per-token gold-response log-probability (`gold_logprobs`);
+    memorization_answer_logprob: mean over fact items of the summed
+    log-probability of the number (`answer_logprobs`), the sharpest
+    memorization signal; n_fact, n_rule: item counts.
+  """
+  if not facts or not heldout_rule:
+    raise ValueError("memorization.evaluate: empty fact or rule probe")
+  generation = gen.GenerationConfig(
+      max_new_tokens=max_new_tokens, batch_size=batch_size,
+      stop_strings=prompts.METAMATH_STOP_STRINGS, prompt_bucket=32,
+      chunk_size=max_new_tokens)
+  mem_acc, _ = _accuracy(model, tokenizer, facts, generation)
+  rule_acc, _ = _accuracy(model, tokenizer, heldout_rule, generation)
+  return {
+      "memorization_acc": mem_acc,
+      "rule_acc": rule_acc,
+      "memorization_logprob": float(np.mean(gold_logprobs(
+          model, tokenizer, facts, batch_size=batch_size))),
+      "rule_logprob": float(np.mean(gold_logprobs(
+          model, tokenizer, heldout_rule, batch_size=batch_size))),
+      "memorization_answer_logprob": float(np.mean(answer_logprobs(
+          model, tokenizer, facts, batch_size=batch_size))),
+      "n_fact": len(facts),
+      "n_rule": len(heldout_rule),
+  }
+
+
+def restore_model(model_config: LlamaConfig,
+                  checkpoint: str | os.PathLike) -> Llama:
+  """A full (non-LoRA) model from a run dir or step dir of checkpoints.py."""
+  abstract = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0)))
+  graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError("restore_model: the model has non-Param state")
+  params = ckpt_lib.restore_params(
+      checkpoint, None, abstract_params,
+      model={"llama": config_types.to_jsonable(model_config), "lora": None})
+  return nnx.merge(graphdef, params, rest)
+
+
+# ---------------------------------------------------------------------------
+# The experiment.
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Sizes of one memorization experiment.
+
+  Attributes:
+    n_rule, n_fact: training rule / fact items.
+    n_heldout: held-out rule items (the rule probe).
+    num_epochs: finetuning epochs (one checkpoint and one eval per epoch).
+    peak_lr: peak learning rate of both optimizers (Muon with rms_match).
+    global_batch_size, seq_len: the finetuning batch (packed rows).
+    max_new_tokens, eval_batch_size: decoding of the probes.
+    seed: data and training seed.
+  """
+
+  n_rule: int = 200
+  n_fact: int = 100
+  n_heldout: int = 64
+  num_epochs: int = 4
+  peak_lr: float = 2e-3
+  global_batch_size: int = 16
+  seq_len: int = 128
+  max_new_tokens: int = 48
+  eval_batch_size: int = 64
+  seed: int = 0
+
+
+MODES = {
+    # About two minutes on a 2-core CPU with the tiny reproduction model.
+    "quick": Settings(),
+    # One GPU, or a patient CPU: enough epochs for facts to be memorized.
+    "full": Settings(n_rule=1000, n_fact=500, n_heldout=256, num_epochs=16),
+}
+
+
+def _base_run_config(base: str) -> dict[str, Any]:
+  """The resolved W/config.json of the run that wrote `base`."""
+  path = os.path.abspath(base)
+  for _ in range(3):  # W, W/checkpoints or W/checkpoints/<step>
+    f = os.path.join(path, "config.json")
+    if os.path.isfile(f):
+      with open(f, encoding="utf-8") as fh:
+        return json.load(fh)
+    path = os.path.dirname(path)
+  raise FileNotFoundError(
+      f"memorization.run: no config.json in {base} or its parents; base must"
+      " be a run directory written by optconsist_jax.train (or inside one)")
+
+
+CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "configs", "memorization.py")
+
+
+def _config_module():
+  """configs/memorization.py (configs/ is a folder of files, not a package)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(CONFIG_FILE):
+    raise FileNotFoundError(f"config file not found: {CONFIG_FILE}")
+  spec = importlib.util.spec_from_file_location("configs_memorization",
+                                                CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def experiment_config(optimizer: str, base: str, data_path: str,
+                      settings: Settings) -> config_types.ExperimentConfig:
+  """configs/memorization.py:<optimizer> with the base and the data filled in."""
+  mem_config = _config_module()
+  base_cfg = _base_run_config(base)
+  c = mem_config.get_config(optimizer).to_dict()
+  c["model"] = dict(base_cfg["model"])
+  c["optim"] = mem_config.optim_dict(optimizer, settings.peak_lr)
+  c["data"].update(path=os.path.abspath(data_path), seq_len=settings.seq_len,
+                   global_batch_size=settings.global_batch_size,
+                   seed=settings.seed,
+                   tokenizer_path=base_cfg.get("data", {}).get(
+                       "tokenizer_path", ""))
+  c["train"].update(num_epochs=settings.num_epochs, seed=settings.seed)
+  c["init_from"].update(path=os.path.abspath(base), kind="orbax")
+  return config_types.ExperimentConfig.from_dict(c)
+
+
+def _read_results(path: str) -> list[dict[str, Any]]:
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _append(path: str, record: dict[str, Any]) -> None:
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def _epoch_checkpoints(run_dir: str) -> dict[int, ckpt_lib.CheckpointInfo]:
+  return {c.epoch: c for c in ckpt_lib.list_checkpoints(run_dir)
+          if c.complete and c.epoch is not None}
+
+
+def plot(results: Sequence[dict[str, Any]], out_path: str) -> str:
+  """Accuracy and gold log-probability vs epoch, per optimizer."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  base = [r for r in results if r["optimizer"] == BASE]
+  names = sorted({r["optimizer"] for r in results} - {BASE})
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i, name in enumerate(names):
+    rows = sorted(base + [r for r in results if r["optimizer"] == name],
+                  key=lambda r: r["epoch"])
+    epochs = [r["epoch"] for r in rows]
+    color = colors[i % len(colors)]
+    for ax, metric in zip(axes, ("acc", "logprob")):
+      ax.plot(epochs, [r[f"memorization_{metric}"] for r in rows], "-o",
+              color=color, label=f"{name}: memorization (train facts)")
+      ax.plot(epochs, [r[f"rule_{metric}"] for r in rows], "--s",
+              color=color, label=f"{name}: rule (held-out problems)")
+    axes[2].plot(epochs, [r["memorization_answer_logprob"] for r in rows],
+                 "-o", color=color, label=f"{name}: memorization")
+  axes[0].set_ylabel("greedy accuracy")
+  axes[1].set_ylabel("gold response log-prob / token")
+  axes[2].set_ylabel("fact answer log-prob (sum over the number)")
+  for ax in axes:
+    ax.set_xlabel("finetuning epoch (0 = base)")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  axes[2].legend(fontsize=7)
+  fig.suptitle("Memorization (training facts) vs rule (held-out problems)")
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=120)
+  plt.close(fig)
+  return out_path
+
+
+def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
+        optimizers: Sequence[str] = ("adamw", "muon"), *,
+        mode: str = "quick", settings: Settings | None = None,
+        log=print) -> str:
+  """Runs (or resumes) the experiment; returns the path of results.jsonl.
+
+  Args:
+    workdir: W; outputs go to W/memorization/ (module docstring).
+    base_init_path: the base model, an Orbax run dir written by train.py
+      (its config.json gives the model shape and tokenizer).
+    optimizers: finetuning optimizers (configs/memorization.py args).
+    mode: a key of MODES, used when `settings` is None.
+    settings: explicit sizes (overrides `mode`).
+    log: progress messages go here.
+  """
+  if settings is None:
+    if mode not in MODES:
+      raise ValueError(f"memorization.run: mode={mode!r}; expected one of"
+                       f" {sorted(MODES)}")
+    settings = MODES[mode]
+  from optconsist_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.data import pipeline as data_lib  # pylint: disable=g-import-not-at-top
+  root = os.path.join(os.fspath(workdir), SUBDIR)
+  os.makedirs(root, exist_ok=True)
+  settings_path = os.path.join(root, SETTINGS)
+  wanted = {**dataclasses.asdict(settings),
+            "base": os.path.abspath(base_init_path)}
+  if os.path.exists(settings_path):
+    with open(settings_path, encoding="utf-8") as f:
+      found = json.load(f)
+    if found != wanted:
+      diff = sorted(k for k in set(found) | set(wanted)
+                    if found.get(k) != wanted.get(k))
+      raise ValueError(f"{settings_path} was written with other settings"
+                       f" (differing: {diff}); use another workdir")
+  else:
+    with open(settings_path, "w", encoding="utf-8") as f:
+      json.dump(wanted, f, indent=2)
+
+  s = settings
+  data = make_dataset(os.path.join(root, "data"), seed=s.seed,
+                      n_rule=s.n_rule, n_fact=s.n_fact, n_heldout=s.n_heldout)
+  facts = formats.read_metamathqa(data.facts)
+  heldout = formats.read_metamathqa(data.heldout_rule)
+  results_path = os.path.join(root, RESULTS)
+  done = {(r["optimizer"], r["epoch"]) for r in _read_results(results_path)}
+  configs = {o: experiment_config(o, os.fspath(base_init_path), data.train, s)
+             for o in optimizers}
+  tokenizer = data_lib.load_tokenizer(next(iter(configs.values())).data)
+
+  def score(model_config, checkpoint, optimizer, epoch, step):
+    if (optimizer, epoch) in done:
+      return
+    t = time.perf_counter()
+    model = restore_model(model_config, checkpoint)
+    m = evaluate(model, tokenizer, facts, heldout,
+                 max_new_tokens=s.max_new_tokens,
+                 batch_size=s.eval_batch_size)
+    record = {"optimizer": optimizer, "epoch": epoch, "step": step,
+              "checkpoint": os.fspath(checkpoint), **m,
+              "eval_seconds": round(time.perf_counter() - t, 2)}
+    _append(results_path, record)
+    done.add((optimizer, epoch))
+    log(f"memorization: {optimizer} epoch {epoch}: memorization"
+        f" {m['memorization_acc']:.3f} rule {m['rule_acc']:.3f}"
+        f" (log-probs {m['memorization_logprob']:.3f} /"
+        f" {m['rule_logprob']:.3f})")
+
+  any_config = next(iter(configs.values()))
+  score(any_config.model, os.fspath(base_init_path), BASE, 0, 0)
+  for optimizer, config in configs.items():
+    run_dir = os.path.join(root, "runs", optimizer)
+    have = _epoch_checkpoints(run_dir)
+    if not all(e in have for e in range(1, s.num_epochs + 1)):
+      t = time.perf_counter()
+      result = train_lib.train(config, run_dir)
+      log(f"memorization: finetuned with {optimizer}: {result.step} steps in"
+          f" {time.perf_counter() - t:.1f} s")
+      have = _epoch_checkpoints(run_dir)
+    for epoch in range(1, s.num_epochs + 1):
+      if epoch not in have:
+        raise RuntimeError(f"{run_dir}: no checkpoint for epoch {epoch} after"
+                           " training (complete epoch checkpoints:"
+                           f" {sorted(have)})")
+      score(config.model, have[epoch].path, optimizer, epoch,
+            have[epoch].step)
+
+  curves = os.path.join(root, CURVES)
+  if (not os.path.exists(curves)
+      or os.path.getmtime(curves) < os.path.getmtime(results_path)):
+    plot(_read_results(results_path), curves)
+  return results_path
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  start = time.perf_counter()
+  path = run(f.workdir, f.base, tuple(f.optimizers), mode=f.mode)
+  print(f"results: {path}\ncurves: {os.path.join(os.path.dirname(path), CURVES)}"
+        f"\n({time.perf_counter() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "Output directory W.", required=True)
+  flags.DEFINE_string("base", None, "Base model: an Orbax run dir of train.py.",
+                      required=True)
+  flags.DEFINE_enum("mode", "quick", sorted(MODES), "Experiment size.")
+  flags.DEFINE_list("optimizers", ["adamw", "muon"], "Finetuning optimizers.")
+  app.run(main)

@@ -1,0 +1,182 @@
+"""Memorization experiment: data properties, scoring, a miniature resumable run."""
+
+import json
+import os
+import re
+
+from flax import nnx
+import numpy as np
+import pytest
+
+from optconsist_jax import config_types
+from optconsist_jax import memorization
+from optconsist_jax import train as train_lib
+from optconsist_jax.data import formats
+from optconsist_jax.data import synthetic
+from optconsist_jax.data.tokenizer import Tokenizer
+from optconsist_jax.model import Llama
+from optconsist_jax.model import preset
+
+
+def _load(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _answer(r):
+  return int(r["response"].rsplit("The answer is: ", 1)[1])
+
+
+def _recompute(question):
+  """The answer of a level-1 word problem, read from its wording alone."""
+  a, b = (int(x) for x in re.findall(r"\d+", question))
+  if "buys" in question and "more" in question:
+    return a + b
+  if "gave" in question:
+    return a - b
+  if "Each box holds" in question:
+    return a * b
+  raise AssertionError(f"unknown template: {question}")
+
+
+def test_dataset_properties(tmp_path):
+  data = memorization.make_dataset(tmp_path, seed=3, n_rule=120, n_fact=80,
+                                   n_heldout=40)
+  train, facts, heldout = (_load(data.train), _load(data.facts),
+                           _load(data.heldout_rule))
+  assert len(train) == 200 and len(facts) == 80 and len(heldout) == 40
+  rules = [r for r in train if r["kind"] == "rule"]
+  assert len(rules) == 120
+  # Facts: all in the training set, unique names and unique answers that do
+  # not occur in the question, so they can only be memorized.
+  train_q = {r["query"] for r in train}
+  assert all(f["query"] in train_q for f in facts)
+  assert len({f["query"] for f in facts}) == 80
+  answers = [_answer(f) for f in facts]
+  assert len(set(answers)) == 80
+  assert all(str(a) not in f["query"] for a, f in zip(answers, facts))
+  assert all(re.search(r"\d", f["query"]) is None for f in facts)
+  # Different seeds: different associations.
+  other = _load(memorization.make_dataset(tmp_path / "o", seed=4, n_rule=10,
+                                          n_fact=80, n_heldout=5).facts)
+  assert [_answer(f) for f in other] != answers
+  # Rule items: the answer follows from the question; responses verified.
+  for r in rules + heldout:
+    assert _answer(r) == _recompute(r["query"])
+    synthetic.verify_response(r["response"], _answer(r))
+  # Held out: new questions and arithmetic never seen in training.
+  def arith(q):
+    op = ("*" if "Each box holds" in q else "-" if "gave" in q else "+")
+    return tuple(re.findall(r"\d+", q)), op
+  assert not {r["query"] for r in heldout} & train_q
+  assert not {arith(r["query"]) for r in heldout} & {
+      arith(r["query"]) for r in rules}
+  # The trainer's reader accepts the files (MetaMathQA format).
+  assert len(formats.read_metamathqa(data.train)) == 200
+  # Deterministic, and kept when asked again with the same arguments.
+  mtime = os.path.getmtime(data.train)
+  again = memorization.make_dataset(tmp_path, seed=3, n_rule=120, n_fact=80,
+                                    n_heldout=40)
+  assert again == data and os.path.getmtime(data.train) == mtime
+  fresh = memorization.make_dataset(tmp_path / "f", seed=3, n_rule=120,
+                                    n_fact=80, n_heldout=40)
+  assert _load(fresh.train) == train
+
+
+def _tiny_model(seed=0):
+  config = preset("tiny_gqa").replace(vocab_size=2048,
+                                      max_position_embeddings=256)
+  return Llama(config, rngs=nnx.Rngs(seed))
+
+
+def test_evaluate_on_a_random_model(tmp_path):
+  data = memorization.make_dataset(tmp_path, n_rule=8, n_fact=6, n_heldout=5)
+  facts = formats.read_metamathqa(data.facts)
+  heldout = formats.read_metamathqa(data.heldout_rule)
+  tok = Tokenizer.tiny()
+  model = _tiny_model()
+  m = memorization.evaluate(model, tok, facts, heldout, max_new_tokens=8,
+                            batch_size=4)
+  assert m["n_fact"] == 6 and m["n_rule"] == 5
+  for k in ("memorization_acc", "rule_acc"):
+    assert 0.0 <= m[k] <= 1.0
+  # A random model assigns about 1/V to each token: mean log-prob near
+  # -ln(2048) and well below 0.
+  for k in ("memorization_logprob", "rule_logprob"):
+    assert -2 * np.log(2048) < m[k] < -0.5 * np.log(2048)
+  # The answer score is the sum over the number's tokens and EOS.
+  assert m["memorization_answer_logprob"] < m["memorization_logprob"]
+  # gold_logprobs agrees with the model's own per-token log-softmax.
+  e = facts[0]
+  lp = memorization.gold_logprobs(model, tok, [e])[0]
+  from optconsist_jax.data import prompts
+  ctx = [tok.bos_id, *tok.encode(prompts.alpaca_prompt(e.query))]
+  cont = [*tok.encode(e.response), tok.eos_id]
+  seq = np.asarray([ctx + cont], np.int32)
+  logits = np.asarray(model(seq[:, :-1]), np.float64)[0]
+  logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + (
+      logits.max(-1))
+  ll = logits[np.arange(len(logits)), seq[0, 1:]] - logz
+  assert lp == pytest.approx(ll[len(ctx) - 1:].mean(), rel=1e-4)
+
+
+def _base_run(workdir):
+  """A tiny random base trained for 2 steps with the real trainer."""
+  c = {
+      "model": dict(preset="tiny_gqa", vocab_size=2048,
+                    max_position_embeddings=256),
+      "mesh": dict(preset="fsdp"),
+      "optim": {"groups": {"adamw": {
+          "optimizer": "adamw", "kwargs": {},
+          "schedule": {"kind": "constant", "peak": 1e-3}}},
+                "routes": [["all", "adamw"]]},
+      "data": dict(format="synthetic", synthetic_examples=32, seq_len=128,
+                   global_batch_size=8),
+      "train": dict(num_steps=2, stats_every=0, parameter_overview=False),
+      "checkpoint": dict(every_steps=0, async_save=False),
+  }
+  train_lib.train(config_types.ExperimentConfig.from_dict(c), workdir)
+  return workdir
+
+
+def test_miniature_run_writes_results_and_resumes(tmp_path, monkeypatch):
+  base = _base_run(str(tmp_path / "base"))
+  settings = memorization.Settings(n_rule=24, n_fact=16, n_heldout=8,
+                                   num_epochs=2, global_batch_size=8,
+                                   seq_len=128, max_new_tokens=12,
+                                   eval_batch_size=16)
+  w = tmp_path / "w"
+  path = memorization.run(w, base, ("adamw", "muon"), settings=settings,
+                          log=lambda s: None)
+  assert path == os.path.join(w, "memorization", "results.jsonl")
+  with open(path) as f:
+    rows = [json.loads(line) for line in f]
+  assert sorted((r["optimizer"], r["epoch"]) for r in rows) == [
+      ("adamw", 1), ("adamw", 2), ("base", 0), ("muon", 1), ("muon", 2)]
+  for r in rows:
+    assert 0.0 <= r["memorization_acc"] <= 1.0
+    assert 0.0 <= r["rule_acc"] <= 1.0
+    assert r["n_fact"] == 16 and r["n_rule"] == 8
+    assert np.isfinite(r["memorization_logprob"])
+  # Finetuning moved the model toward the training set: the facts' gold
+  # responses got likelier than under the base.
+  by = {(r["optimizer"], r["epoch"]): r for r in rows}
+  for opt in ("adamw", "muon"):
+    assert (by[(opt, 2)]["memorization_logprob"]
+            > by[("base", 0)]["memorization_logprob"])
+  curves = os.path.join(w, "memorization", "curves.png")
+  assert os.path.getsize(curves) > 0
+  mtimes = (os.path.getmtime(path), os.path.getmtime(curves))
+
+  # Second call: nothing is trained or evaluated again.
+  def refuse(*a, **k):
+    raise AssertionError("step was not skipped")
+  monkeypatch.setattr(train_lib, "train", refuse)
+  monkeypatch.setattr(memorization, "evaluate", refuse)
+  assert memorization.run(w, base, ("adamw", "muon"), settings=settings,
+                          log=lambda s: None) == path
+  assert (os.path.getmtime(path), os.path.getmtime(curves)) == mtimes
+  # Other settings in the same workdir are refused, naming the key.
+  with pytest.raises(ValueError, match="num_epochs"):
+    memorization.run(w, base, ("adamw",),
+                     settings=memorization.Settings(num_epochs=3))
