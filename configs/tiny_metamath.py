@@ -4,7 +4,9 @@ r"""A tiny Llama trained on generated MetaMathQA-format problems (CPU, ~1 min).
       --workdir /tmp/tiny_metamath
 
 Args (`--config configs/tiny_metamath.py:ARG`): the optimizer preset, `adamw`
-(default) or `muon` (Muon on hidden matrices, AdamW elsewhere).
+(default), `muon` (Muon on hidden matrices, AdamW elsewhere) or `lora` (rank-8
+adapters on every projection, AdamW on the adapters; meant with
+`--config.init_from.path=` a trained base, e.g. an earlier run's workdir).
 
 Data: 2,000 generated arithmetic word problems in MetaMathQA format
 (optconsist_jax.data.synthetic), Alpaca prompt, loss on the response, the
@@ -41,9 +43,15 @@ def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
                    routes=[("hidden_matrix", "muon"),
                            ("not_hidden_matrix", "adamw")],
                    clip_norm=1.0)
+  elif arg == "lora":
+    c.lora = dict(rank=8, alpha=16.0, dropout=0.05,
+                  targets=("q", "k", "v", "o", "gate", "up", "down"))
+    lora = dict(adamw, schedule=dict(adamw["schedule"], peak=1e-2))
+    c.optim = dict(groups=dict(adamw=lora), routes=[("all", "adamw")],
+                   clip_norm=1.0)
   else:
     raise ValueError(f"configs/tiny_metamath.py: unknown arg {arg!r};"
-                     " expected adamw or muon")
+                     " expected adamw, muon or lora")
 
   c.data = dict(format="synthetic", synthetic_examples=2000, seq_len=192,
                 global_batch_size=16, seed=0)

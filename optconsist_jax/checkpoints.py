@@ -180,7 +180,8 @@ def _rng_from_json(d: dict[str, Any] | None) -> jax.Array | None:
 
 
 def compare_models(expected: dict[str, Any], found: dict[str, Any],
-                   where: str):
+                   where: str, hint: str = "Use a fresh --workdir, or set the"
+                   " model config to match."):
   """Raises CheckpointMismatchError if two model identities differ."""
   flat_e, flat_f = _flatten(expected), _flatten(found)
   diffs = []
@@ -193,7 +194,7 @@ def compare_models(expected: dict[str, Any], found: dict[str, Any],
   if diffs:
     raise CheckpointMismatchError(
         f"{where} was written for a different model:\n  " + "\n  ".join(diffs)
-        + "\nUse a fresh --workdir, or set the model config to match.")
+        + "\n" + hint)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

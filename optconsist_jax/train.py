@@ -66,7 +66,6 @@ from optconsist_jax import train_step as step_lib
 from optconsist_jax.config_types import ExperimentConfig
 from optconsist_jax.model import Llama
 from optconsist_jax.model import LlamaConfig
-from optconsist_jax.optim import routing
 
 CONFIG_FILE = "config.json"
 
@@ -177,7 +176,9 @@ def _lora_pieces(config: ExperimentConfig):
   from optconsist_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
 
   def transform(model):
-    return lora_lib.apply_lora(model, config.lora)
+    # Adapter init draws from its own stream, so the base init is unchanged.
+    return lora_lib.apply_lora(model, config.lora,
+                               rngs=nnx.Rngs(config.train.seed + 1))
   return lora_lib.LoRAParam, transform
 
 
@@ -197,18 +198,13 @@ def setup(config: ExperimentConfig, mesh) -> Setup:
   from optconsist_jax import optim as optim_lib  # pylint: disable=g-import-not-at-top
   rules = config.mesh.rules
   trainable, transform = _lora_pieces(config)
-  constrain = sharding.LogicalConstraint(mesh, rules)
-  abstract_model = nnx.eval_shape(lambda: _build_model(
-      config.model, constrain, config.train.seed, transform))
-  _, abstract_params, _ = nnx.split(abstract_model, trainable, ...)
-  param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
-  abstract_params = jax.tree.map(
-      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-      abstract_params, param_shardings)
+  abstract_params = step_lib.abstract_params(
+      config.model, mesh, rules, trainable=trainable,
+      model_transform=transform, seed=config.train.seed)
   tx = optim_lib.build(config.optim, abstract_params, mesh=mesh)
-  assignment = optim_lib.assign_groups(config.optim, abstract_params)
-  param_groups = routing.labels(assignment, abstract_params)
-  used = sorted(set(assignment.values()))
+  # {param path: group}; make_train_step reports update norm/RMS per group.
+  param_groups = optim_lib.assign_groups(config.optim, abstract_params)
+  used = sorted(set(param_groups.values()))
   lr_fns = {g: optim_lib.make_schedule(config.optim.groups[g].schedule)
             for g in used}
   graphdef, abstract_state, shardings = step_lib.create_train_state(
@@ -243,14 +239,14 @@ def _base_params_from_init(config: ExperimentConfig, s: Setup):
     ckpt_lib.compare_models(
         {"llama": config_types.to_jsonable(config.model)},
         {"llama": config_types.to_jsonable(hf_config)},
-        f"config.init_from {path} (config.json)")
+        f"config.init_from {path} (config.json)",
+        hint="Set config.model to the folder's config.json values.")
     return nnx.state(model, nnx.Param), f"Hugging Face folder {path}"
   if kind != "orbax":
     raise ValueError(f"config.init_from.kind={kind!r}")
   # A full model's params; the writer's identity must match ours without LoRA.
   params = ckpt_lib.restore_params(
-      path, src.step, abstract_params,
-      jax.tree.map(lambda x: x, base_shardings),
+      path, src.step, abstract_params, base_shardings,
       model={"llama": config_types.to_jsonable(config.model), "lora": None})
   return params, f"Orbax checkpoint {path}" + (
       f" step {src.step}" if src.step is not None else "")
@@ -404,16 +400,18 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
                               progress_every_secs=tc.progress_every_secs)
   if tc.parameter_overview and start == 0:
     writer.parameter_overview(state.params, "trainable params")
+  dropout_seed = tc.dropout_seed
+  if dropout_seed is None and config.lora is not None and config.lora.dropout:
+    dropout_seed = tc.seed  # LoRA dropout needs randomness.
   train_fn = step_lib.make_train_step(
       s.graphdef, s.tx, mesh=mesh, rules=s.rules,
       state_shardings=s.shardings, grad_accum_steps=tc.grad_accum_steps,
-      param_groups=s.param_groups, dropout_seed=tc.dropout_seed)
+      param_groups=s.param_groups, dropout_seed=dropout_seed)
   stats_fn = _stats_fn(s.graphdef)
   tokens_per_step = config.data.global_batch_size * config.data.seq_len
   flops_per_token = config.model.flops_per_token(config.data.seq_len)
   peak = metrics_lib.peak_flops()
-  rng = jax.random.key(tc.dropout_seed if tc.dropout_seed is not None
-                       else tc.seed)
+  rng = jax.random.key(dropout_seed if dropout_seed is not None else tc.seed)
 
   losses: dict[int, float] = {}
   pending = metrics_lib.DeferredFetch()

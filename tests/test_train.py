@@ -39,12 +39,12 @@ OVERRIDES = {
 }
 
 
-def _config(**extra):
+def _config(arg="adamw", **extra):
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location("tiny_metamath", CONFIG)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = mod.get_config(arg)
   for key, value in {**OVERRIDES, **extra}.items():
     node = c
     *parents, leaf = key.split(".")
@@ -235,6 +235,49 @@ def test_init_from_orbax_run_loads_its_params(reference, tmp_path):
   # Fresh optimizer state.
   assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(
       state.opt_state) if np.ndim(x) and np.asarray(x).dtype.kind == "f")
+
+
+def test_init_from_hugging_face_folder(tmp_path):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import hf  # pylint: disable=g-import-not-at-top
+  folder = REPO / "tests" / "fixtures" / "hf" / "gqa"
+  model_cfg = hf.config_from_hf(json.loads((folder / "config.json").read_text()))
+  cfg = _config(**{"init_from.path": str(folder)})
+  cfg = dataclasses.replace(cfg, model=model_cfg).resolve_total_steps(4)
+  mesh = train.sharding.make_mesh(cfg.mesh)
+  s = train.setup(cfg, mesh)
+  ckpts = checkpoints.RunCheckpoints(tmp_path, cfg.checkpoint,
+                                     train.model_identity(cfg))
+  state, _, how = train.initial_state(cfg, s, ckpts, data_iter=None)
+  ckpts.close()
+  assert "Hugging Face folder" in how
+  _, want = hf.load(str(folder))
+  want = train.nnx.state(want, train.nnx.Param).to_pure_dict()
+  got = state.params.to_pure_dict()
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A config that disagrees with config.json is refused, naming the key.
+  bad = dataclasses.replace(cfg, model=model_cfg.replace(intermediate_size=64))
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r"intermediate_size: checkpoint has 48, config has"
+                     r" 64"):
+    train.initial_state(bad, train.setup(bad, mesh), ckpts, data_iter=None)
+
+
+def test_lora_run_from_orbax_base(reference, tmp_path):
+  ref_dir, _ = reference
+  cfg = _config("lora", **{"init_from.path": str(ref_dir),
+                           "init_from.step": NUM_STEPS, "train.num_steps": 2,
+                           "train.stats_every": 0})
+  result = train.train(cfg, tmp_path)
+  assert result.step == 2 and np.isfinite(result.losses[2])
+  base, tuned = _params(ref_dir, NUM_STEPS), _params(tmp_path, 2)
+  adapters = sorted(k for k in tuned if k not in base)
+  assert adapters and all(k.endswith(("lora_a", "lora_b")) for k in adapters)
+  for k in base:  # Frozen base weights: bit-identical.
+    np.testing.assert_array_equal(tuned[k], base[k], err_msg=k)
+  assert np.any(tuned["layers/attn/q_proj/lora_b"] != 0)
 
 
 @pytest.mark.parametrize("extra, message", [
