@@ -101,6 +101,8 @@ def topology_devices(name: str) -> tuple[list[Any], float | None]:
   # Several libtpu users on one machine (tests, other planners) would fight
   # over /tmp/libtpu_lockfile; compiling needs no exclusive chip access.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  # No TPU VM metadata here; name this host so libtpu does not complain.
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   t = TOPOLOGIES[name]
   desc = topologies.get_topology_desc(
@@ -282,12 +284,16 @@ class PlanSpec:
     grad_accum_steps: micro-batches per step; None = from per_chip_batch.
     per_chip_batch: rows per chip per micro-batch (used when
       grad_accum_steps is None).
-    optimizer: adamw, muon or lora (AdamW on LoRA adapters, base frozen).
-    lora_rank: LoRA rank.
-    param_dtype: parameter (and optimizer state) dtype.
-    dtype: compute dtype.
-    remat_policy: LlamaConfig.remat_policy.
-    scan_layers: LlamaConfig.scan_layers.
+    optimizer: adamw, muon or lora (AdamW on LoRA adapters, base frozen):
+      the `optconsist_jax.optim.presets` of that name.
+    lora_rank: LoRA rank (alpha = 2 x rank).
+    param_dtype: parameter (and optimizer state) dtype; None keeps the
+      model config's.
+    dtype: compute dtype; None keeps the model config's.
+    remat_policy: LlamaConfig.remat_policy; None keeps the model config's.
+    scan_layers: LlamaConfig.scan_layers; None keeps the model config's.
+    optim_config: an OptimConfig (or dict) used instead of the preset.
+    lora_config: a LoRAConfig (or dict); given, the run is LoRA.
   """
 
   model: Any = "llama2_7b"
@@ -299,10 +305,12 @@ class PlanSpec:
   per_chip_batch: int = 4
   optimizer: str = "adamw"
   lora_rank: int = 16
-  param_dtype: str = "float32"
-  dtype: str = "bfloat16"
-  remat_policy: str = "full"
-  scan_layers: bool = True
+  param_dtype: str | None = "float32"
+  dtype: str | None = "bfloat16"
+  remat_policy: str | None = "full"
+  scan_layers: bool | None = True
+  optim_config: Any = None
+  lora_config: Any = None
 
 
 @dataclasses.dataclass
@@ -348,9 +356,10 @@ def _model_config(spec: PlanSpec):
   from optconsist_jax.model import LlamaConfig, preset  # pylint: disable=g-import-not-at-top
   cfg = (preset(spec.model) if isinstance(spec.model, str)
          else LlamaConfig.from_dict(dict(spec.model)))
-  return cfg.replace(param_dtype=spec.param_dtype, dtype=spec.dtype,
-                     remat_policy=spec.remat_policy,
-                     scan_layers=spec.scan_layers)
+  overrides = {k: getattr(spec, k) for k in ("param_dtype", "dtype",
+                                             "remat_policy", "scan_layers")
+               if getattr(spec, k) is not None}
+  return cfg.replace(**overrides)
 
 
 def _mesh_config(spec: PlanSpec):
@@ -371,19 +380,20 @@ def _optimizer(spec: PlanSpec, model_config, mesh, rules):
   from optconsist_jax import train_step  # pylint: disable=g-import-not-at-top
   from optconsist_jax.model import lora  # pylint: disable=g-import-not-at-top
   name = spec.optimizer
+  presets = {"adamw": optim.presets.adamw, "muon": optim.presets.muon,
+             "lora": optim.presets.lora}
+  if name not in presets:
+    raise ValueError(f"optimizer={name!r}; expected one of {sorted(presets)}")
+  optim_config = (spec.optim_config if spec.optim_config is not None
+                  else presets[name]())
   trainable, transform = nnx.Param, None
-  if name == "adamw":
-    optim_config = optim.presets.adamw()
-  elif name == "muon":
-    optim_config = optim.presets.muon()
-  elif name == "lora":
-    optim_config = optim.presets.lora()
+  if name == "lora" or spec.lora_config is not None:
     trainable = lora.LoRAParam
-    lora_config = lora.LoRAConfig(rank=spec.lora_rank,
-                                  alpha=2.0 * spec.lora_rank)
+    lora_config = (lora.LoRAConfig.from_dict(spec.lora_config)
+                   if spec.lora_config is not None else
+                   lora.LoRAConfig(rank=spec.lora_rank,
+                                   alpha=2.0 * spec.lora_rank))
     transform = lambda m: lora.apply_lora(m, lora_config, nnx.Rngs(1))  # pylint: disable=unnecessary-lambda-assignment
-  else:
-    raise ValueError(f"optimizer={name!r}; expected adamw, muon or lora")
   params = train_step.abstract_params(model_config, mesh, rules,
                                       trainable=trainable,
                                       model_transform=transform)
@@ -476,46 +486,54 @@ def _shard_bytes(x) -> float:
   return math.prod(shape) * x.dtype.itemsize
 
 
-def plan_from_config(config: Any, topology: str | None = None) -> PlanResult:
-  """Plans the run an ml_collections config describes.
+def plan_from_config(config: Any, topology: str | None = None,
+                     **overrides) -> PlanResult:
+  """Plans the run a training config (configs/*.py get_config()) describes."""
+  return plan(spec_from_config(config, topology, **overrides))
 
-  Reads config.model (dict for LlamaConfig.from_dict, or a preset name),
-  config.mesh (dict for MeshConfig.from_dict, or a preset name),
-  config.seq_len (or config.data.seq_len), config.global_batch (or
-  config.batch_size), config.grad_accum_steps and config.optimizer (a name or
-  something with `.name`); missing keys take PlanSpec's defaults.
+
+def spec_from_config(config: Any, topology: str | None = None,
+                     **overrides) -> PlanSpec:
+  """The PlanSpec of a training config (configs/*.py get_config()).
+
+  Reads config.model (LlamaConfig dict), config.mesh (MeshConfig dict),
+  config.optim (OptimConfig dict), config.lora (present: a LoRA run),
+  config.data.seq_len, config.data.global_batch_size and
+  config.train.grad_accum_steps; the model's own dtypes and remat policy are
+  kept. `overrides` replace PlanSpec fields (e.g. grad_accum_steps).
   """
-  def get(obj, *keys, default=None):
-    for key in keys:
-      cur = obj
-      for part in key.split("."):
-        cur = (cur.get(part) if hasattr(cur, "get") else
-               getattr(cur, part, None))
-        if cur is None:
-          break
-      if cur is not None:
-        return cur
-    return default
+  def get(path, default=None):
+    cur = config
+    for part in path.split("."):
+      if cur is None:
+        return default
+      cur = cur.get(part) if hasattr(cur, "get") else getattr(cur, part, None)
+    return default if cur is None else cur
 
   def plain(x):
     return x.to_dict() if hasattr(x, "to_dict") else x
 
   d = PlanSpec()
-  opt = get(config, "optimizer", default="adamw")
-  opt = opt if isinstance(opt, str) else get(opt, "name", default="adamw")
-  if get(config, "lora.rank", "model.lora_rank") and opt != "lora":
-    opt = "lora" if get(config, "lora.enabled", default=False) else opt
+  lora_config = plain(get("lora"))
+  optim_config = plain(get("optim"))
+  if optim_config:
+    # The trainer fills total_steps=0 from the data; any value compiles alike.
+    optim_config = dict(optim_config, groups={
+        name: dict(g, schedule=dict(g["schedule"], total_steps=(
+            g["schedule"].get("total_steps") or 1000)))
+        if isinstance(g, dict) and isinstance(g.get("schedule"), dict) else g
+        for name, g in dict(optim_config.get("groups", {})).items()})
   spec = PlanSpec(
-      model=plain(get(config, "model", default=d.model)),
-      mesh=plain(get(config, "mesh", "sharding", default=d.mesh)),
-      topology=topology or get(config, "topology", default=d.topology),
-      seq_len=int(get(config, "seq_len", "data.seq_len", default=d.seq_len)),
-      global_batch=int(get(config, "global_batch", "batch_size",
-                           default=d.global_batch)),
-      grad_accum_steps=get(config, "grad_accum_steps"),
-      optimizer=opt,
-      lora_rank=int(get(config, "lora.rank", default=d.lora_rank)))
-  return plan(spec)
+      model=plain(get("model", d.model)),
+      mesh=plain(get("mesh", d.mesh)),
+      topology=topology or d.topology,
+      seq_len=int(get("data.seq_len", d.seq_len)),
+      global_batch=int(get("data.global_batch_size", d.global_batch)),
+      grad_accum_steps=int(get("train.grad_accum_steps", 1)),
+      optimizer="lora" if lora_config else "adamw",
+      param_dtype=None, dtype=None, remat_policy=None, scan_layers=None,
+      optim_config=optim_config, lora_config=lora_config)
+  return dataclasses.replace(spec, **overrides)
 
 
 # ----------------------------------------------------------------------------
@@ -524,6 +542,13 @@ def plan_from_config(config: Any, topology: str | None = None) -> PlanResult:
 
 def _gib(x: float | None) -> str:
   return "-" if x is None else f"{x:.2f}"
+
+
+def _human(n: float) -> str:
+  for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+    if abs(n) >= size:
+      return f"{n / size:.2f} {unit}"
+  return f"{n:.0f} B"
 
 
 def markdown_table(results: Sequence[PlanResult]) -> str:
@@ -554,23 +579,39 @@ def report(r: PlanResult) -> str:
       f"batch {s.global_batch} x {s.seq_len} tokens in {r.grad_accum_steps}"
       f" micro-batches of {s.global_batch // r.grad_accum_steps};"
       f" compiled in {r.compile_seconds:.1f} s",
-      "per-chip HBM (GiB): arguments {:.2f}  outputs {:.2f}  aliased {:.2f}"
-      "  temporaries {:.2f}  peak {:.2f}  capacity {}  fits: {}".format(
-          r.argument_bytes / GIB, r.output_bytes / GIB, r.alias_bytes / GIB,
-          r.temp_bytes / GIB, r.peak_bytes / GIB, _gib(r.hbm_gib),
+      "per-chip HBM: arguments {}  outputs {}  aliased {}  temporaries {}"
+      "  peak {}  capacity {}  fits: {}".format(
+          *(_human(x) for x in (r.argument_bytes, r.output_bytes,
+                                r.alias_bytes, r.temp_bytes, r.peak_bytes)),
+          "-" if r.hbm_gib is None else _human(r.hbm_gib * GIB),
           {True: "yes", False: "NO", None: "n/a"}[r.fits]),
   ]
   if c is None:
     lines.append(f"the TPU compiler ran out of HBM (temporaries from its"
                  f" message; arguments computed): {r.error}")
     return "\n".join(lines)
-  lines.append("collectives per step (count, GiB):")
+  lines.append("collectives per step (count, bytes of the full tensors):")
   for k in COLLECTIVE_KINDS:
-    lines.append(f"  {k:20s} {c.count[k]:8d} {c.bytes[k] / GIB:10.3f}")
+    lines.append(f"  {k:20s} {c.count[k]:8d} {_human(c.bytes[k]):>12s}")
   if c.loops_without_trip_count:
     lines.append(f"  ({c.loops_without_trip_count} while loops had no trip"
                  " count; their collectives are counted once)")
   return "\n".join(lines)
+
+
+def _configure_platform(topologies: Sequence[str]) -> None:
+  """Before jax starts: CPU backend only; enough fake CPU devices for cpu-N.
+
+  The planner never runs on an accelerator; TPU topologies come from libtpu's
+  topology description, not from attached chips.
+  """
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  n = max([int(t.split("-", 1)[1]) for t in topologies
+           if t.startswith("cpu-")] or [0])
+  flags = os.environ.get("XLA_FLAGS", "")
+  if n > 1 and "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = (
+        f"{flags} --xla_force_host_platform_device_count={n}").strip()
 
 
 def _csv(s: str) -> list[str]:
@@ -580,8 +621,9 @@ def _csv(s: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
       prog="python -m optconsist_jax.plan", description=__doc__.split("\n")[0])
-  p.add_argument("--config", help="configs/*.py with get_config(arg);"
-                 " FILE or FILE:ARG")
+  p.add_argument("--config", help="configs/*.py with get_config(arg):"
+                 " FILE or FILE:ARG; plans that run (with --topology,"
+                 " optionally --grad_accum_steps)")
   p.add_argument("--model", default="llama2_7b", help="model preset")
   p.add_argument("--mesh", default="fsdp",
                  help="mesh preset(s), comma-separated")
@@ -606,6 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--markdown", help="also write the table to this file")
   p.add_argument("--json", help="also write the results as JSON lines here")
   args = p.parse_args(argv)
+  _configure_platform(_csv(args.topology))
 
   specs = []
   if args.config:
@@ -618,7 +661,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(module, "get_config"):
       raise SystemExit(f"--config {path}: has no get_config()")
     config = module.get_config(arg) if arg else module.get_config()
-    results = [plan_from_config(config, t) for t in _csv(args.topology)]
+    overrides = ({} if args.grad_accum_steps is None else
+                 {"grad_accum_steps": args.grad_accum_steps})
+    results = [plan_from_config(config, t, **overrides)
+               for t in _csv(args.topology)]
+    for r in results:
+      print(report(r), flush=True)
+      print(flush=True)
   else:
     mesh_override = {}
     if args.mesh_shape:

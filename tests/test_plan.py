@@ -133,3 +133,21 @@ def test_unknown_topology_and_bad_batch_are_errors():
                      " chips = 24"):
     plan.plan(plan.PlanSpec(model="tiny_gqa", topology="cpu-8", seq_len=8,
                             global_batch=20, per_chip_batch=3))
+
+
+def test_spec_from_a_training_config():
+  spec_file = importlib.util.spec_from_file_location(
+      "tiny_metamath", "configs/tiny_metamath.py")
+  module = importlib.util.module_from_spec(spec_file)
+  spec_file.loader.exec_module(module)
+  spec = plan.spec_from_config(module.get_config("lora"), "v5e-4")
+  assert spec.topology == "v5e-4" and spec.optimizer == "lora"
+  assert spec.seq_len == 192 and spec.global_batch == 16
+  assert spec.model["preset"] == "tiny_gqa"
+  assert spec.mesh == {"preset": "fsdp"}
+  assert spec.lora_config["rank"] == 8
+  # Schedules with total_steps=0 (filled in by the trainer) get a placeholder.
+  groups = spec.optim_config["groups"]
+  assert all(g["schedule"]["total_steps"] > 0 for g in groups.values())
+  assert plan.spec_from_config(module.get_config("adamw"),
+                               grad_accum_steps=4).grad_accum_steps == 4
