@@ -9,7 +9,7 @@ Parameters of the decoder blocks are always stacked on a leading `layers` axis
 only chooses whether the forward pass scans over that axis or unrolls a Python
 loop, so checkpoints and optimizer code see one layout.
 
-Every parameter carries logical axis names (Flax `sharding_names` metadata,
+Every parameter carries logical axis names (Flax `out_sharding` metadata,
 eager sharding off) and the main activations pass through `constrain(x, names)`
 so that a rules table outside the model (optconsist_jax.sharding) decides the
 layout. Shape suffixes: B batch, T query length, S key length / cache slots,
@@ -47,7 +47,7 @@ _REMAT = {
 
 
 def _param(value: Array, names: tuple[str, ...]) -> nnx.Param:
-  return nnx.Param(value, sharding_names=names, eager_sharding=False)
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
 class KVCache(NamedTuple):
@@ -93,7 +93,7 @@ class Linear(nnx.Module):
 
   def __call__(self, x: Array, rng: Array | None = None) -> Array:
     del rng
-    return jnp.dot(x.astype(self.dtype), self.kernel.value.astype(self.dtype))
+    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 
 class RMSNorm(nnx.Module):
@@ -119,7 +119,7 @@ class RMSNorm(nnx.Module):
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
                               + self.eps)
     # HF casts back to the input dtype before multiplying by the weight.
-    return self.scale.value.astype(self.dtype) * x32.astype(self.dtype)
+    return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
 
 
 def rope(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
@@ -342,9 +342,9 @@ class Llama(nnx.Module):
       cache_segment_BS = jax.lax.dynamic_update_slice(
           cache.segment_BS, segment_ids_BT.astype(jnp.int32), (0, cache.index))
 
-    x_BTD = jnp.take(self.embed.value, tokens_BT, axis=0).astype(c.dtype)
+    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(c.dtype)
     if self.pos_embed is not None:
-      x_BTD = x_BTD + jnp.take(self.pos_embed.value, positions_BT,
+      x_BTD = x_BTD + jnp.take(self.pos_embed[...], positions_BT,
                                axis=0).astype(c.dtype)
     x_BTD = constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
 
@@ -384,7 +384,7 @@ class Llama(nnx.Module):
 
     x_BTD = self.final_norm(x_BTD)
     if self.lm_head is None:
-      logits_BTV = jnp.dot(x_BTD, self.embed.value.astype(c.dtype).T)
+      logits_BTV = jnp.dot(x_BTD, self.embed[...].astype(c.dtype).T)
     else:
       logits_BTV = self.lm_head(x_BTD)
     logits_BTV = constrain(logits_BTV.astype(jnp.float32),

@@ -88,11 +88,11 @@ class LoRALinear(nnx.Module):
     self.kernel = base.kernel
     self.dtype = base.dtype
     names = self.kernel.get_metadata().get("out_sharding") or (
-        (None,) * self.kernel.value.ndim)
-    *stack, fan_in, fan_out = self.kernel.value.shape
+        (None,) * self.kernel[...].ndim)
+    *stack, fan_in, fan_out = self.kernel[...].shape
     *stack_names, in_name, out_name = names
     stack, stack_names = tuple(stack), tuple(stack_names)
-    adapter_dtype = self.kernel.value.dtype
+    adapter_dtype = self.kernel[...].dtype
     bound = 1.0 / fan_in**0.5
     self.lora_a = LoRAParam(
         jax.random.uniform(rngs.params(), (*stack, fan_in, config.rank),
@@ -106,13 +106,13 @@ class LoRALinear(nnx.Module):
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     x = x.astype(self.dtype)
-    y = jnp.dot(x, self.kernel.value.astype(self.dtype))
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
     h = x
     if rng is not None and self.dropout > 0.0:
       keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
       h = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(self.dtype)
-    low = jnp.dot(h, self.lora_a.value.astype(self.dtype))
-    delta = jnp.dot(low, self.lora_b.value.astype(self.dtype))
+    low = jnp.dot(h, self.lora_a[...].astype(self.dtype))
+    delta = jnp.dot(low, self.lora_b[...].astype(self.dtype))
     return y + (self.scale * delta).astype(y.dtype)
 
 
@@ -147,10 +147,10 @@ def merge(model: Llama) -> Llama:
     lora = getattr(parent, proj)
     if not isinstance(lora, LoRALinear):
       continue
-    w = lora.kernel.value
+    w = lora.kernel[...]
     delta = jnp.einsum("...ir,...ro->...io",
-                       lora.lora_a.value.astype(jnp.float32),
-                       lora.lora_b.value.astype(jnp.float32),
+                       lora.lora_a[...].astype(jnp.float32),
+                       lora.lora_b[...].astype(jnp.float32),
                        precision=jax.lax.Precision.HIGHEST)
     new_w = (w.astype(jnp.float32) + lora.scale * delta).astype(w.dtype)
     *stack, fan_in, fan_out = w.shape
