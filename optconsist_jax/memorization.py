@@ -426,6 +426,7 @@ def plot(results: Sequence[dict[str, Any]], out_path: str) -> str:
   """Accuracy and gold log-probability vs epoch, per optimizer."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   base = [r for r in results if r["optimizer"] == BASE]
   names = sorted({r["optimizer"] for r in results} - {BASE})
@@ -447,6 +448,7 @@ def plot(results: Sequence[dict[str, Any]], out_path: str) -> str:
   axes[1].set_ylabel("gold response log-prob / token")
   axes[2].set_ylabel("fact answer log-prob (sum over the number)")
   for ax in axes:
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("finetuning epoch (0 = base)")
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7)
@@ -565,7 +567,9 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("workdir", None, "Output directory W.", required=True)
+  # train.py defines --workdir (and --config, unused here) at import.
+  from optconsist_jax import train as _train  # pylint: disable=g-import-not-at-top,unused-import
+  flags.mark_flag_as_required("workdir")
   flags.DEFINE_string("base", None, "Base model: an Orbax run dir of train.py.",
                       required=True)
   flags.DEFINE_enum("mode", "quick", sorted(MODES), "Experiment size.")
