@@ -85,6 +85,9 @@ class TrainResult:
     stopped: "done" | "preempted".
     workdir: W.
     last_checkpoint: path of the newest complete checkpoint.
+    perf: steady-state throughput over this run's steps after the first
+      (which includes compilation): steps_timed, step_time_s, tokens_per_s
+      (all B x T slots), target_tokens_per_s, mfu (None off a known device).
   """
 
   step: int
@@ -92,6 +95,7 @@ class TrainResult:
   stopped: str
   workdir: str
   last_checkpoint: str | None
+  perf: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------
@@ -416,6 +420,7 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
   losses: dict[int, float] = {}
   pending = metrics_lib.DeferredFetch()
   timer = {"t": None, "step": start, "tokens": 0.0}
+  perf = {"t0": None, "s0": 0, "t": None, "s": 0, "tokens": 0.0}
   stopped = "done"
 
   def save(step: int, *, epoch_end: bool):
@@ -427,8 +432,14 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
     """Writes one fetched step's metrics; NaN guard."""
     if fetched is None:
       return
-    step, m, t_done = fetched
+    step, m, _ = fetched
     losses[step] = float(m["loss"])
+    now = time.perf_counter()
+    if perf["t0"] is None:
+      perf.update(t0=now, s0=step)
+    else:
+      perf.update(t=now, s=step, tokens=perf["tokens"] + float(
+          m.get("num_tokens", 0.0)))
     timer["tokens"] += float(m.get("num_tokens", 0.0))
     if tc.stop_on_nonfinite:
       _check_finite(step, m, ckpts, workdir)
@@ -488,8 +499,18 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
     writer.close()
   done = [c for c in ckpt_lib.list_checkpoints(workdir) if c.complete]
   last = os.fspath(done[-1].path) if done else None
+  summary = {}
+  if perf["t"] is not None and perf["s"] > perf["s0"]:
+    n, dt = perf["s"] - perf["s0"], perf["t"] - perf["t0"]
+    summary = {"steps_timed": n, "step_time_s": dt / n,
+               "tokens_per_s": n * tokens_per_step / dt,
+               "target_tokens_per_s": perf["tokens"] / dt,
+               "mfu": metrics_lib.mfu(flops_per_token,
+                                      n * tokens_per_step / dt,
+                                      jax.device_count(), peak)}
   return TrainResult(step=step, losses=losses, stopped=stopped,
-                     workdir=os.fspath(workdir), last_checkpoint=last)
+                     workdir=os.fspath(workdir), last_checkpoint=last,
+                     perf=summary)
 
 
 # ---------------------------------------------------------------------------
@@ -537,6 +558,20 @@ def main(argv):
         f" {os.path.join(w, metrics_lib.METRICS_DIR)})", flush=True)
 
 
+def _parse_flags(argv):
+  """absl parsing, with `--config.x.y=` overrides of unknown keys named."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    print(f"FATAL: a --config override names a key the config does not have"
+          f" ({e}); overrides given: {bad}", file=sys.stderr)
+    sys.exit(2)
+  except flags.Error as e:
+    print(f"FATAL: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -308,3 +308,13 @@ def _dict(cfg):
   return {"model": {"preset": "tiny_gqa", "vocab_size": 2048},
           "optim": cfg.optim_dict,
           "data": {"format": "synthetic", "synthetic_examples": 100}}
+
+
+def test_command_line_names_unknown_override(tmp_path):
+  out = subprocess.run(
+      _command(tmp_path) + ["--config.train.learning_rate=1"], cwd=REPO,
+      env=_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2
+  assert "names a key the config does not have" in out.stderr
+  assert "learning_rate" in out.stderr
+  assert not (tmp_path / "config.json").exists()

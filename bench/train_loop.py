@@ -1,0 +1,92 @@
+"""Training-loop throughput: step time, tokens/s and MFU of the whole loop.
+
+Runs `optconsist_jax.train.train` (data pipeline, jitted step, deferred metric
+fetch, clu writers; no periodic checkpoints) for the tiny config and for the
+~100M `llama_100m` model on the generated MetaMathQA data, and records the
+steady-state figures the loop itself measures (`TrainResult.perf`: steps after
+the first, which includes compilation). MFU is reported where the device's
+peak is known (metrics.PEAK_BF16_FLOPS; not for CPUs).
+
+Run: .venv/bin/python bench/train_loop.py [--steps-tiny 40 --steps-100m 4]
+Writes bench/results/train_loop.json and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import tempfile
+
+from absl import flags
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _config(preset_overrides: dict, steps: int, batch: int, seq_len: int,
+            device_dtype: str):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.config_types import ExperimentConfig  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "tiny_metamath", REPO / "configs" / "tiny_metamath.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("adamw").to_dict()
+  c["model"].update(preset_overrides, dtype=device_dtype)
+  c["data"].update(global_batch_size=batch, seq_len=seq_len)
+  c["train"].update(num_steps=steps, log_every=max(steps // 4, 1),
+                    stats_every=0, parameter_overview=False)
+  c["checkpoint"].update(every_steps=0, save_epoch_ends=False)
+  return ExperimentConfig.from_dict(c)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--steps-tiny", type=int, default=40)
+  p.add_argument("--steps-100m", type=int, default=4)
+  p.add_argument("--dtype", default="float32",
+                 help="compute dtype (bfloat16 on accelerators)")
+  p.add_argument("--out", default=str(REPO / "bench" / "results" /
+                                      "train_loop.json"))
+  args = p.parse_args()
+  flags.FLAGS.mark_as_parsed()
+  import jax  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import train  # pylint: disable=g-import-not-at-top
+
+  runs = [
+      ("tiny_gqa", {"preset": "tiny_gqa", "vocab_size": 2048}, args.steps_tiny,
+       16, 192),
+      ("llama_100m", {"preset": "llama_100m", "vocab_size": 32000,
+                      "max_position_embeddings": 1024},
+       args.steps_100m, 4, 256),
+  ]
+  results = []
+  for name, model, steps, batch, seq in runs:
+    cfg = _config(model, steps, batch, seq, args.dtype)
+    with tempfile.TemporaryDirectory() as w:
+      r = train.train(cfg, w)
+    row = {"model": name, "params": cfg.model.num_params(),
+           "batch": batch, "seq_len": seq, "steps": steps,
+           "compute_dtype": args.dtype, **r.perf,
+           "first_loss": r.losses[min(r.losses)],
+           "last_loss": r.losses[max(r.losses)]}
+    print(json.dumps(row), flush=True)
+    results.append(row)
+  out = {"device": jax.devices()[0].device_kind,
+         "num_devices": jax.device_count(),
+         "machine": platform.processor() or platform.machine(),
+         "cpu_count": os.cpu_count(),
+         "load_average_at_end": os.getloadavg(),
+         "command": "python bench/train_loop.py "
+                    f"--steps-tiny {args.steps_tiny} --steps-100m"
+                    f" {args.steps_100m} --dtype {args.dtype}",
+         "runs": results}
+  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  pathlib.Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+  print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+  main()
