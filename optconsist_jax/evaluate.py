@@ -41,7 +41,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 import dataclasses
 import json
-import logging as logging_std
 import os
 import sys
 import time
@@ -55,6 +54,7 @@ import ml_collections
 import numpy as np
 
 from optconsist_jax import checkpoints as ckpt_lib
+from optconsist_jax import metrics as metrics_lib
 from optconsist_jax import report
 from optconsist_jax import sharding
 from optconsist_jax.data import formats
@@ -752,18 +752,10 @@ def _define_flags():
   flags.mark_flags_as_required(["workdir"])
 
 
-class _QuietLibraries(logging_std.Filter):
-  """Drops Orbax's per-restore INFO chatter (warnings stay)."""
-
-  def filter(self, record):
-    return (record.levelno >= logging_std.WARNING
-            or not any(s in record.pathname for s in ("/orbax/",)))
-
-
 def main(argv):
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  metrics_lib.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   jax.config.parse_flags_with_absl()

@@ -13,6 +13,7 @@ devices it does not know (CPUs) get no MFU.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import logging as logging_std
 import time
 from typing import Any
 
@@ -44,6 +45,20 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("L4", 121e12),
     ("A10G", 70e12),
 )
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Drops Orbax's and clu's per-save/restore INFO chatter (warnings stay)."""
+
+  def filter(self, record):
+    return (record.levelno >= logging_std.WARNING
+            or not any(s in record.pathname for s in ("/orbax/",
+                                                      "/clu/platform/")))
+
+
+def quiet_library_logs() -> None:
+  """Keeps the absl log of a main readable (call once, in main)."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
 def peak_flops(device: Any | None = None) -> float | None:

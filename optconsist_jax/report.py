@@ -303,6 +303,141 @@ def markdown_table(records: Sequence[EvalRecord], xs: Sequence[float],
   return "\n".join(lines) + "\n"
 
 
+def best_retention_at(records: Sequence[EvalRecord], level: float) -> float:
+  """Best retention among points that learned at least `level` (-inf if none)."""
+  vals = [r.retention for r in records if r.learning >= level]
+  return max(vals) if vals else -math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSummary:
+  """One finetuning method on one base (a row of the consistency table).
+
+  Attributes:
+    base: the base model's pretraining optimizer.
+    method: finetuning method.
+    role: "matched" (same optimizer as pretraining), "mismatched" or "lora".
+    points: evaluated checkpoints.
+    best_learning: highest learning score over LRs and epochs.
+    retention_at_best: retention of that checkpoint.
+    gap_vs_matched: mean over this method's points of (best retention the
+      matched method reaches at that point's learning level or above) minus
+      (this point's retention); > 0 means matched forgot less at equal
+      learning; NaN where matched never learned that much, and for matched
+      itself.
+    compared: how many of this method's points entered the mean.
+  """
+
+  base: str
+  method: str
+  role: str
+  points: int
+  best_learning: float
+  retention_at_best: float
+  gap_vs_matched: float
+  compared: int
+
+
+def role_of(method: str, base: str) -> str:
+  if method.lower() == "lora":
+    return "lora"
+  return "matched" if method == base else "mismatched"
+
+
+def consistency_summary(records: Sequence[EvalRecord]) -> list[MethodSummary]:
+  """Matched vs mismatched vs LoRA at equal learning, per base model.
+
+  The paper's claim is that full finetuning with the pretraining optimizer
+  (matched) sits on the upper right of the learning/forgetting plane. For each
+  point of another method we ask how much retention the matched method keeps
+  among its checkpoints that learned at least as much, and average the
+  difference (headline learning and retention, both higher-is-better).
+  """
+  out = []
+  for base in sorted({r.base for r in records}):
+    finetuned = [r for r in records if r.base == base and not r.is_base]
+    matched = [r for r in finetuned if r.method == base]
+    for method in sorted({r.method for r in finetuned}):
+      pts = [r for r in finetuned if r.method == method]
+      best = max(pts, key=lambda r: (r.learning, r.retention))
+      gaps = []
+      if method != base and matched:
+        for r in pts:
+          ref = best_retention_at(matched, r.learning)
+          if ref > -math.inf:
+            gaps.append(ref - r.retention)
+      out.append(MethodSummary(
+          base=base, method=method, role=role_of(method, base),
+          points=len(pts), best_learning=best.learning,
+          retention_at_best=best.retention,
+          gap_vs_matched=(sum(gaps) / len(gaps)) if gaps else math.nan,
+          compared=len(gaps)))
+  return out
+
+
+def consistency_markdown(summary: Sequence[MethodSummary],
+                         learning_name: str, retention_name: str) -> str:
+  """The summary as a markdown table plus one verdict line per base."""
+  lines = [f"Learning = {learning_name}; retention = {retention_name} (both"
+           " higher is better). Gap = matched's best retention at equal or"
+           " higher learning minus this method's, averaged over this"
+           " method's checkpoints (> 0: matched forgot less).", "",
+           "| base | method | role | points | best learning | retention at"
+           " best | gap vs matched (points compared) |",
+           "|---|---|---|---|---|---|---|"]
+  for s in summary:
+    gap = ("" if math.isnan(s.gap_vs_matched)
+           else f"{s.gap_vs_matched:+.4f} ({s.compared})")
+    lines.append(f"| {s.base} | {s.method} | {s.role} | {s.points} |"
+                 f" {s.best_learning:.4f} | {s.retention_at_best:.4f} |"
+                 f" {gap} |")
+  lines.append("")
+  for base in sorted({s.base for s in summary}):
+    others = [s for s in summary if s.base == base and s.role != "matched"
+              and not math.isnan(s.gap_vs_matched)]
+    if not any(s.base == base and s.role == "matched" for s in summary):
+      lines.append(f"- {base} base: no matched run to compare.")
+      continue
+    if not others:
+      lines.append(f"- {base} base: no other method reached a learning level"
+                   " the matched run also reached; no comparison at equal"
+                   " learning.")
+      continue
+    verdicts = ", ".join(
+        f"{'less' if s.gap_vs_matched > 0 else 'more' if s.gap_vs_matched < 0 else 'as much'}"
+        f" than {s.method} ({s.gap_vs_matched:+.4f})" for s in others)
+    lines.append(f"- {base} base: matched finetuning ({base}) forgot"
+                 f" {verdicts} at equal learning.")
+  return "\n".join(lines) + "\n"
+
+
+def consistency_report(workdirs: Sequence[str], out_dir: str
+                       ) -> dict[str, str]:
+  """Per-base Pareto plots, an all-runs plot, and the consistency table."""
+  records = []
+  for w in workdirs:
+    records.extend(read_workdir(w))
+  paths = {}
+  for base in sorted({r.base for r in records}):
+    sub = [r for r in records if r.base == base]
+    for kind, path in make_report(
+        sub, os.path.join(out_dir, f"{base}_base"),
+        title=f"Base pretrained with {base}: learning vs. retention").items():
+      paths[f"{base}_base_{kind}"] = path
+  for kind, path in make_report(records, os.path.join(out_dir, "all")).items():
+    paths[f"all_{kind}"] = path
+  summary = consistency_summary(records)
+  text = consistency_markdown(
+      summary, _common(r.learning_metric for r in records),
+      _common(r.retention_metric for r in records))
+  paths["summary"] = os.path.join(out_dir, "summary.md")
+  with open(paths["summary"], "w") as f:
+    f.write(text)
+  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    json.dump([dataclasses.asdict(s) for s in summary], f, indent=2)
+  return paths
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
       prog="python -m optconsist_jax.report",

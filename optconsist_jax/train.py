@@ -40,7 +40,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
-import logging as logging_std
 import math
 import os
 import signal
@@ -516,33 +515,24 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
 # ---------------------------------------------------------------------------
 # Command line.
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/*.py[:arg]).",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory W.")
-
-
-class _QuietLibraries(logging_std.Filter):
-  """Drops Orbax's per-save INFO chatter from the log (warnings stay)."""
-
-  def filter(self, record):
-    return (record.levelno >= logging_std.WARNING
-            or not any(s in record.pathname for s in _CHATTY))
-
-
-_CHATTY = ("/orbax/", "/clu/platform/")
+def _define_flags():
+  """Flags of the command line (only when run as a program, so other mains
+  such as optconsist_jax.reproduce can import this module)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file (configs/*.py[:arg]).",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory W.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  metrics_lib.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None or not _WORKDIR.value:
-    raise app.UsageError("--config and --workdir are required")
   jax.config.parse_flags_with_absl()
-  config = ExperimentConfig.from_dict(_CONFIG.value.to_dict())
+  config = ExperimentConfig.from_dict(flags.FLAGS.config.to_dict())
   try:
-    result = train(config, _WORKDIR.value)
+    result = train(config, flags.FLAGS.workdir)
   except NonFiniteError as e:
     logging.error("%s", e)
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
@@ -573,5 +563,5 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
+  _define_flags()
   app.run(main, flags_parser=_parse_flags)

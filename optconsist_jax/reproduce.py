@@ -1,0 +1,427 @@
+r"""The small reproduction: pretrain twice, finetune every way, evaluate, report.
+
+  python -m optconsist_jax.reproduce --config configs/small_consistency.py:quick \
+      --workdir workdirs/small_consistency
+
+Stages (each skipped when its outputs exist, so a rerun resumes):
+
+  data          W/data/math_train.json, math_test.json (generated problems in
+                MetaMathQA format, disjoint questions)
+  pretrain      W/bases/{adamw,muon}/: the same tiny Llama pretrained on the
+                Python standard library's docstrings with each optimizer
+  finetune      W/runs/{base}-base__{method}__lr{lr}/: each base finetuned with
+                AdamW, Muon and LoRA per learning rate, a checkpoint per epoch
+  evaluate      W/{bases,runs}/*/eval/results.jsonl (optconsist_jax.evaluate)
+  report        W/report/: Pareto frontier per base (PNG, SVG), table.md and
+                summary.md (matched vs mismatched vs LoRA)
+  memorization  W/memorization/ (optconsist_jax.memorization)
+  fingerprints  W/fingerprints/ (optconsist_jax.fingerprints)
+
+Each training run is an ordinary `optconsist_jax.train` workdir (its
+config.json can be rerun with `python -m optconsist_jax.train`), marked done by
+a `done.json` the driver writes after the run returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+DONE_FILE = "done.json"
+
+
+# ---------------------------------------------------------------------------
+# Typed config.
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+  optimizers: tuple[str, ...] = ("adamw", "muon")
+  steps: int = 200
+  seq_len: int = 256
+  global_batch_size: int = 16
+  lr: float = 3e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  methods: tuple[str, ...] = ("adamw", "muon", "lora")
+  lrs: Mapping[str, tuple[float, ...]] = dataclasses.field(
+      default_factory=dict)
+  epochs: int = 3
+  train_examples: int = 1200
+  levels: tuple[int, ...] = (1,)
+  seq_len: int = 256
+  global_batch_size: int = 16
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  math_examples: int = 48
+  max_new_tokens: int = 48
+  retention_docs: int = 26
+  retention_max_len: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class ReproConfig:
+  """configs/small_consistency.py, typed."""
+
+  mode: str
+  seed: int
+  tokenizer_path: str
+  model: Mapping[str, Any]
+  pretrain: PretrainConfig
+  finetune: FinetuneConfig
+  eval: EvalSettings
+  memorization: bool
+  fingerprints: bool
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> ReproConfig:
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"reproduce config: unknown keys {unknown}; valid:"
+                       f" {sorted(known)}")
+
+    def section(typ, name):
+      sd = dict(d.get(name) or {})
+      names = {f.name for f in dataclasses.fields(typ)}
+      bad = sorted(set(sd) - names)
+      if bad:
+        raise ValueError(f"reproduce config.{name}: unknown keys {bad};"
+                         f" valid: {sorted(names)}")
+      for k, v in sd.items():
+        if isinstance(v, list):
+          sd[k] = tuple(v)
+      return typ(**sd)
+
+    ft = section(FinetuneConfig, "finetune")
+    lrs = {m: tuple(float(x) for x in v) for m, v in dict(ft.lrs).items()}
+    missing = [m for m in ft.methods if m not in lrs]
+    if missing:
+      raise ValueError(f"reproduce config.finetune.lrs: no learning rates for"
+                       f" methods {missing}")
+    unknown_methods = sorted(set(ft.methods) - set(METHODS))
+    if unknown_methods:
+      raise ValueError(f"reproduce config.finetune.methods: unknown"
+                       f" {unknown_methods}; valid: {list(METHODS)}")
+    return cls(
+        mode=d.get("mode", "quick"), seed=int(d.get("seed", 0)),
+        tokenizer_path=d.get("tokenizer_path", ""),
+        model=dict(d["model"]),
+        pretrain=section(PretrainConfig, "pretrain"),
+        finetune=dataclasses.replace(ft, lrs=lrs),
+        eval=section(EvalSettings, "eval"),
+        memorization=bool(dict(d.get("memorization") or {}).get("enabled")),
+        fingerprints=bool(dict(d.get("fingerprints") or {}).get("enabled")),
+    )
+
+
+METHODS = ("adamw", "muon", "lora")
+
+
+# ---------------------------------------------------------------------------
+# Run configs (ordinary train.py experiment dicts).
+
+
+def _zero_total_steps(optim: dict[str, Any]) -> dict[str, Any]:
+  """Schedules with total_steps 0 decay over the run (train.py fills it in)."""
+  for group in optim["groups"].values():
+    group["schedule"]["total_steps"] = 0
+  return optim
+
+
+def _optim_dict(method: str, lr: float) -> dict[str, Any]:
+  from optconsist_jax.optim import presets  # pylint: disable=g-import-not-at-top
+  make = {"adamw": presets.adamw, "muon": presets.muon,
+          "lora": presets.lora}[method]
+  return _zero_total_steps(make(peak_lr=lr, total_steps=1).to_dict())
+
+
+def _common(rc: ReproConfig, workdir_seed: int) -> dict[str, Any]:
+  return dict(
+      model=dict(rc.model), mesh=dict(preset="dp"),
+      checkpoint=dict(every_steps=1_000_000, keep=1, keep_epochs=True,
+                      async_save=False),
+      train=dict(seed=workdir_seed, log_every=10, stats_every=50,
+                 progress_every_secs=30.0, parameter_overview=False))
+
+
+def pretrain_run_config(rc: ReproConfig, optimizer: str) -> dict[str, Any]:
+  p = rc.pretrain
+  d = _common(rc, rc.seed)
+  d["optim"] = _optim_dict(optimizer, p.lr)
+  d["data"] = dict(format="stdlib", split="train", seq_len=p.seq_len,
+                   global_batch_size=p.global_batch_size, seed=rc.seed,
+                   tokenizer_path=rc.tokenizer_path)
+  d["train"].update(num_steps=p.steps, num_epochs=0)
+  d["checkpoint"].update(keep_epochs=False)
+  return d
+
+
+def finetune_run_config(rc: ReproConfig, base_dir: str, method: str,
+                        lr: float, train_file: str) -> dict[str, Any]:
+  f = rc.finetune
+  d = _common(rc, rc.seed)
+  d["optim"] = _optim_dict(method, lr)
+  d["data"] = dict(format="metamathqa", path=train_file, seq_len=f.seq_len,
+                   global_batch_size=f.global_batch_size, seed=rc.seed,
+                   tokenizer_path=rc.tokenizer_path)
+  d["train"].update(num_epochs=f.epochs, num_steps=0)
+  d["init_from"] = dict(path=base_dir, kind="orbax")
+  if method == "lora":
+    d["lora"] = dict(rank=f.lora_rank, alpha=f.lora_alpha,
+                     dropout=f.lora_dropout)
+    if f.lora_dropout:
+      d["train"]["dropout_seed"] = rc.seed
+  return d
+
+
+def run_name(base: str, method: str, lr: float) -> str:
+  return f"{base}-base__{method}__lr{lr:g}"
+
+
+# ---------------------------------------------------------------------------
+# Stages.
+
+
+def _done(path: str) -> bool:
+  return os.path.exists(os.path.join(path, DONE_FILE))
+
+
+def _mark_done(path: str, info: dict[str, Any]) -> None:
+  tmp = os.path.join(path, DONE_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(info, f, indent=2)
+  os.replace(tmp, os.path.join(path, DONE_FILE))
+
+
+def write_math_data(rc: ReproConfig, data_dir: str) -> tuple[str, str]:
+  """Generated train/test problems (MetaMathQA format); skipped if present."""
+  from optconsist_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  train_file = os.path.join(data_dir, "math_train.json")
+  test_file = os.path.join(data_dir, "math_test.jsonl")
+  if os.path.exists(train_file) and os.path.exists(test_file):
+    return train_file, test_file
+  os.makedirs(data_dir, exist_ok=True)
+  f = rc.finetune
+  train, test = synthetic.make_splits(f.train_examples, rc.eval.math_examples,
+                                      rc.seed, levels=f.levels)
+  # Test items in GSM8K jsonl (the eval job's math format), train items in
+  # MetaMathQA's JSON list; the questions are disjoint.
+  tmp = test_file + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as fh:
+    for p in test:
+      fh.write(json.dumps(synthetic.render_gsm8k(p)) + "\n")
+  os.replace(tmp, test_file)
+  tmp = train_file + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as fh:
+    json.dump([synthetic.render_metamath(p) for p in train], fh, indent=0)
+  os.replace(tmp, train_file)
+  return train_file, test_file
+
+
+def train_once(run_config: dict[str, Any], workdir: str,
+               labels: dict[str, Any]) -> bool:
+  """Trains unless done; returns True when it trained."""
+  from optconsist_jax import config_types  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import train  # pylint: disable=g-import-not-at-top
+  if _done(workdir):
+    logging.info("skip (done): %s", workdir)
+    return False
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "run_labels.json"), "w") as fh:
+    json.dump(labels, fh, indent=2)
+  config = config_types.ExperimentConfig.from_dict(run_config)
+  t0 = time.time()
+  result = train.train(config, workdir)
+  if result.stopped != "done":
+    raise RuntimeError(f"{workdir}: training stopped ({result.stopped}); rerun"
+                       " the same command to resume")
+  _mark_done(workdir, {"steps": result.step, "seconds": time.time() - t0,
+                       "final_loss": (result.losses[max(result.losses)]
+                                      if result.losses else None)})
+  return True
+
+
+def eval_config(rc: ReproConfig, test_file: str, labels: dict[str, Any],
+                with_base: bool):
+  """The eval job's config for one finetuning run (labels for the plot).
+
+  with_base: also evaluate the run's base model (its init_from), once per
+    base over all runs.
+  """
+  from optconsist_jax import evaluate  # pylint: disable=g-import-not-at-top
+  return evaluate.EvalConfig.from_dict(dict(
+      mesh=dict(preset="dp"),
+      tokenizer_path=rc.tokenizer_path,
+      math=dict(protocols=("metamath",), test=test_file, train="",
+                limit=rc.eval.math_examples, batch_size=16,
+                max_new_tokens=rc.eval.max_new_tokens),
+      multiple_choice=dict(),
+      lm_loss=dict(path="stdlib", limit=rc.eval.retention_docs,
+                   max_len=rc.eval.retention_max_len, batch_size=8),
+      learning_metric="math/metamath/acc",
+      retention_metric="-lm_loss/loss",
+      method=labels["method"], base=labels["base"], lr=labels["lr"],
+      base_model="" if with_base else "none"))
+
+
+def evaluate_run(rc: ReproConfig, run: Run, test_file: str,
+                 with_base: bool) -> None:
+  from optconsist_jax import evaluate  # pylint: disable=g-import-not-at-top
+  evaluate.evaluate_workdir(
+      run.workdir, eval_config(rc, test_file, run.labels, with_base))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  workdir: str
+  labels: dict[str, Any]
+  config: dict[str, Any]
+
+
+def plan_runs(rc: ReproConfig, workdir: str, train_file: str
+              ) -> tuple[list[Run], list[Run]]:
+  bases, runs = [], []
+  for opt in rc.pretrain.optimizers:
+    bdir = os.path.join(workdir, "bases", opt)
+    bases.append(Run(f"{opt}-base", bdir,
+                     dict(base=opt, method="base", lr=0.0),
+                     pretrain_run_config(rc, opt)))
+    for method in rc.finetune.methods:
+      for lr in rc.finetune.lrs[method]:
+        name = run_name(opt, method, lr)
+        runs.append(Run(name, os.path.join(workdir, "runs", name),
+                        dict(base=opt, method=method, lr=lr),
+                        finetune_run_config(rc, bdir, method, lr,
+                                            train_file)))
+  return bases, runs
+
+
+def base_fingerprints(rc: ReproConfig, bases: Sequence[Run],
+                      out_dir: str) -> dict[str, str]:
+  """Weight spectra and residual-stream statistics of the pretrained bases."""
+  from optconsist_jax import config_types  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import fingerprints  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import memorization  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.data import corpus  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  done = os.path.join(out_dir, "fingerprints.json")
+  if os.path.exists(done):
+    return {"fingerprints": done}
+  models = {}
+  for b in bases:
+    config = config_types.ExperimentConfig.from_dict(b.config)
+    models[b.name] = (memorization.restore_model(config.model, b.workdir),
+                      pipeline.load_tokenizer(config.data))
+  texts = corpus.python_stdlib_text("heldout")[:rc.eval.retention_docs]
+  paths = fingerprints.compare(models, texts, out_dir)
+  return {f"fingerprints_{k}": v for k, v in paths.items()}
+
+
+def machine_info() -> dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
+  return {"platform": platform.platform(), "python": sys.version.split()[0],
+          "cpu_count": os.cpu_count(), "jax": jax.__version__,
+          "devices": [str(d) for d in jax.devices()]}
+
+
+def run(rc: ReproConfig, workdir: str) -> dict[str, str]:
+  """Runs every stage not yet done; returns the report's paths."""
+  t_start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  train_file, test_file = write_math_data(rc, os.path.join(workdir, "data"))
+  bases, runs = plan_runs(rc, workdir, train_file)
+  total = len(bases) + len(runs)
+  stage_times: dict[str, float] = {}
+
+  for i, r in enumerate(bases + runs, 1):
+    print(f"[{i}/{total}] train {r.name}", flush=True)
+    t0 = time.time()
+    if train_once(r.config, r.workdir, r.labels):
+      stage_times[f"train/{r.name}"] = time.time() - t0
+
+  seen_bases = set()
+  for i, r in enumerate(runs, 1):
+    print(f"[{i}/{len(runs)}] evaluate {r.name}", flush=True)
+    t0 = time.time()
+    evaluate_run(rc, r, test_file, r.labels["base"] not in seen_bases)
+    seen_bases.add(r.labels["base"])
+    stage_times[f"eval/{r.name}"] = time.time() - t0
+
+  from optconsist_jax import report  # pylint: disable=g-import-not-at-top
+  out_dir = os.path.join(workdir, "report")
+  print("report", flush=True)
+  outputs = report.consistency_report([r.workdir for r in runs], out_dir)
+
+  if rc.memorization:
+    from optconsist_jax import memorization  # pylint: disable=g-import-not-at-top
+    print("memorization experiment", flush=True)
+    t0 = time.time()
+    outputs["memorization"] = memorization.run(
+        os.path.join(workdir, "memorization"), bases[0].workdir,
+        mode=rc.mode)
+    stage_times["memorization"] = time.time() - t0
+
+  if rc.fingerprints:
+    print("activation fingerprints", flush=True)
+    outputs.update(base_fingerprints(rc, bases,
+                                     os.path.join(workdir, "fingerprints")))
+
+  info_path = os.path.join(workdir, "run_info.json")
+  previous = {}
+  if os.path.exists(info_path):
+    with open(info_path) as fh:
+      previous = json.load(fh)
+  info = {"mode": rc.mode, "seed": rc.seed, "machine": machine_info(),
+          "seconds_this_invocation": time.time() - t_start,
+          "stage_seconds": {**previous.get("stage_seconds", {}),
+                            **stage_times}}
+  with open(info_path, "w") as fh:
+    json.dump(info, fh, indent=2)
+  outputs["run_info"] = info_path
+  return outputs
+
+
+def _define_flags():
+  config_flags.DEFINE_config_file(
+      "config", "configs/small_consistency.py:quick",
+      "The reproduction config (configs/small_consistency.py:MODE).")
+  flags.DEFINE_string("workdir", "workdirs/small_consistency",
+                      "Where every output goes.")
+
+
+def main(argv: Sequence[str]) -> None:
+  from optconsist_jax import metrics  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  metrics.quiet_library_logs()
+  rc = ReproConfig.from_dict(flags.FLAGS.config.to_dict())
+  outputs = run(rc, flags.FLAGS.workdir)
+  print("\nOutputs:")
+  for k, v in outputs.items():
+    print(f"  {k}: {v}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
