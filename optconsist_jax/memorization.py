@@ -567,9 +567,8 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  # train.py defines --workdir (and --config, unused here) at import.
-  from optconsist_jax import train as _train  # pylint: disable=g-import-not-at-top,unused-import
-  flags.mark_flag_as_required("workdir")
+  flags.DEFINE_string("workdir", None, "Where the experiment's outputs go.",
+                      required=True)
   flags.DEFINE_string("base", None, "Base model: an Orbax run dir of train.py.",
                       required=True)
   flags.DEFINE_enum("mode", "quick", sorted(MODES), "Experiment size.")
