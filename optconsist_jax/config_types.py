@@ -76,7 +76,7 @@ class TrainConfig:
       raise ValueError(f"config.train.log_every={self.log_every} must be >= 1")
 
 
-INIT_KINDS = ("auto", "hf", "orbax")
+INIT_KINDS = ("auto", "hf", "orbax", "nanogpt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +84,12 @@ class InitFromConfig:
   """Where initial weights come from when the workdir has no checkpoint.
 
   Attributes:
-    path: a Hugging Face Llama folder (config.json + *.safetensors), or an
-      Orbax run (its workdir, W/checkpoints, or one step directory). Empty:
-      random init.
-    kind: hf, orbax, or auto (hf if path holds config.json with
-      safetensors, else orbax).
+    path: a Hugging Face Llama folder (config.json + *.safetensors), an
+      Orbax run (its workdir, W/checkpoints, or one step directory), or a
+      nanoGPT `ckpt.pt` (the paper's GPT-2-small bases; config.model must
+      then be `nanogpt.read_config(path)`). Empty: random init.
+    kind: hf, orbax, nanogpt, or auto (hf if path holds config.json with
+      safetensors, nanogpt for a .pt file, else orbax).
     step: for an Orbax run, the step to read (None: the newest complete one).
   """
 

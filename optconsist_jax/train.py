@@ -142,6 +142,13 @@ def preflight(config: ExperimentConfig, mesh) -> None:
   if path and not epath.Path(path).exists():
     raise FileNotFoundError(f"config.init_from.path={path!r} does not exist")
   if config.data.seq_len > config.model.max_position_embeddings:
+    if config.model.position_embedding == "learned":
+      # A learned position table has no rows past its end (NaN lookups).
+      raise ValueError(
+          f"config.data.seq_len={config.data.seq_len} exceeds"
+          f" config.model.max_position_embeddings="
+          f"{config.model.max_position_embeddings} of a learned position"
+          " table")
     logging.warning("data.seq_len=%d exceeds model.max_position_embeddings=%d",
                     config.data.seq_len, config.model.max_position_embeddings)
 
@@ -225,8 +232,12 @@ def _base_params_from_init(config: ExperimentConfig, s: Setup):
   path = epath.Path(src.path)
   kind = src.kind
   if kind == "auto":
-    kind = "hf" if (path / "config.json").exists() and (
-        list(path.glob("*.safetensors"))) else "orbax"
+    if path.is_file() and path.suffix == ".pt":
+      kind = "nanogpt"
+    elif (path / "config.json").exists() and list(path.glob("*.safetensors")):
+      kind = "hf"
+    else:
+      kind = "orbax"
   constrain = sharding.LogicalConstraint(s.mesh, s.rules)
   abstract_base = nnx.eval_shape(lambda: Llama(
       config.model, rngs=nnx.Rngs(0), constrain=constrain))
@@ -245,6 +256,11 @@ def _base_params_from_init(config: ExperimentConfig, s: Setup):
         f"config.init_from {path} (config.json)",
         hint="Set config.model to the folder's config.json values.")
     return nnx.state(model, nnx.Param), f"Hugging Face folder {path}"
+  if kind == "nanogpt":
+    from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
+    return nanogpt.load_params_into(
+        os.fspath(path), abstract_params, base_shardings,
+        model_config=config.model), f"nanoGPT checkpoint {path}"
   if kind != "orbax":
     raise ValueError(f"config.init_from.kind={kind!r}")
   # A full model's params; the writer's identity must match ours without LoRA.

@@ -265,6 +265,33 @@ def test_init_from_hugging_face_folder(tmp_path):
     train.initial_state(bad, train.setup(bad, mesh), ckpts, data_iter=None)
 
 
+def test_init_from_nanogpt_checkpoint(tmp_path):
+  """A nanoGPT ckpt.pt (the paper's small bases) initialises the run."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
+  ckpt = REPO / "tests" / "fixtures" / "nanogpt" / "ckpt.pt"
+  model_cfg = nanogpt.read_config(str(ckpt))
+  cfg = _config(**{"init_from.path": str(ckpt), "data.seq_len": 32})
+  cfg = dataclasses.replace(cfg, model=model_cfg).resolve_total_steps(4)
+  mesh = train.sharding.make_mesh(cfg.mesh)
+  s = train.setup(cfg, mesh)
+  ckpts = checkpoints.RunCheckpoints(tmp_path, cfg.checkpoint,
+                                     train.model_identity(cfg))
+  state, _, how = train.initial_state(cfg, s, ckpts, data_iter=None)
+  ckpts.close()
+  assert "nanoGPT checkpoint" in how
+  _, want = nanogpt.load_nanogpt(str(ckpt))
+  want = train.nnx.state(want, train.nnx.Param).to_pure_dict()
+  got = state.params.to_pure_dict()
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Rows past a learned position table would be NaN: refused up front.
+  too_long = dataclasses.replace(
+      cfg, data=dataclasses.replace(cfg.data, seq_len=64))
+  with pytest.raises(ValueError, match=r"seq_len=64 exceeds .*learned"):
+    train.preflight(too_long, mesh)
+
+
 def test_lora_run_from_orbax_base(reference, tmp_path):
   ref_dir, _ = reference
   cfg = _config("lora", **{"init_from.path": str(ref_dir),
