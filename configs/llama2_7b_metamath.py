@@ -35,8 +35,8 @@ Hugging Face folders and the data file are read from local disk: on a TPU
 slice copy them to every worker first (`python -m optconsist_jax.launch tpu
 stage`). Orbax `init` paths and the workdir may be gs://.
 
-`get_eval_config(arg)` is the matching evaluation job (GSM8K with both prompt
-protocols, HellaSwag / ARC-Challenge / WinoGrande, held-out LM loss).
+The matching eval job is configs/llama2_7b_metamath_eval.py (GSM8K with both
+prompt protocols, HellaSwag / ARC-Challenge / WinoGrande, held-out LM loss).
 """
 
 import ml_collections
@@ -132,32 +132,3 @@ def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
                      step=ml_collections.config_dict.placeholder(int))
   return c
 
-
-def get_eval_config(arg: str = "adamw") -> ml_collections.ConfigDict:
-  """The eval job for a run of `get_config(arg)` (same model and init)."""
-  variant, s = parse_arg(arg)
-  init = s.get("init", "llama-2-7b-hf")
-  c = ml_collections.ConfigDict()
-  c.model = dict(preset="llama2_7b", param_dtype="bfloat16", dtype="bfloat16",
-                 scan_layers=True, remat_policy="none")
-  c.mesh = dict(preset="fsdp")
-  c.lora = (dict(rank=int(variant[len("lora"):]),
-                 alpha=2.0 * int(variant[len("lora"):]), dropout=0.0,
-                 targets="q,k,v,o,gate,up,down".split(","))
-            if variant.startswith("lora") else {})
-  c.tokenizer_path = s.get("tokenizer", f"{init}/tokenizer.model")
-  c.base = init  # the step-0 point: the model before finetuning
-  # Learning: GSM8K test with the MetaMath protocol (Alpaca prompt, "Let's
-  # think step by step.", answer after "The answer is: ") and the 5-shot
-  # strict "#### N" protocol; greedy, up to 512 new tokens.
-  c.gsm8k = dict(path="gsm8k_test.jsonl", protocols=["metamath", "fewshot5"],
-                 max_new_tokens=512, batch_size=64, max_examples=None)
-  # Forgetting: log-likelihood multiple choice (lm-evaluation-harness rules).
-  c.retention = dict(
-      hellaswag=dict(path="hellaswag_val.jsonl", metric="acc_norm"),
-      arc_challenge=dict(path="arc_challenge_test.jsonl", metric="acc_norm"),
-      winogrande=dict(path="winogrande_val.jsonl", metric="acc"),
-      batch_size=64)
-  c.lm_loss = dict(path="heldout.txt", seq_len=SEQ_LEN, max_tokens=2_000_000)
-  c.poll_secs = 120
-  return c

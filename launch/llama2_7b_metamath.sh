@@ -28,7 +28,7 @@ WORKDIR="$BUCKET/runs/$RUN"
 "$T" install --name="$NAME-eval" "${COMMON[@]}" $DRY
 "$T" stage --name="$NAME-eval" "${COMMON[@]}" --src="$BUCKET/llama-2-7b-hf" --dest=. $DRY
 "$T" stage --name="$NAME-eval" "${COMMON[@]}" --src="$BUCKET/data/*" --dest=. $DRY
-"$T" eval --name="$NAME-eval" "${COMMON[@]}" --config="configs/llama2_7b_metamath.py:$ARG" \
+"$T" eval --name="$NAME-eval" "${COMMON[@]}" --config=configs/llama2_7b_metamath_eval.py --arg=--watch \
   --workdir="$WORKDIR" $DRY
 echo "logs:   $T logs --name=$NAME ${COMMON[*]}"
 echo "delete: $T delete --name=$NAME ${COMMON[*]} --queued; $T delete --name=$NAME-eval ${COMMON[*]} --queued"

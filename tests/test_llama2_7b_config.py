@@ -105,8 +105,24 @@ def test_bad_arg_is_a_clear_error(arg, message):
     load().get_config(arg)
 
 
-def test_eval_config_names_every_benchmark():
-  c = load().get_eval_config("lora16")
-  assert set(c.gsm8k.protocols) == {"metamath", "fewshot5"}
-  assert {"hellaswag", "arc_challenge", "winogrande"} <= set(c.retention)
-  assert c.lm_loss.seq_len == 1024 and c.lora.rank == 16
+EVAL_CONFIG = CONFIG.with_name("llama2_7b_metamath_eval.py")
+
+
+@pytest.mark.parametrize("arg", ["", "data_dir=/data/eval/,limit=50"])
+def test_eval_config_converts(arg):
+  from optconsist_jax import evaluate  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("eval_cfg", EVAL_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = evaluate.EvalConfig.from_dict(module.get_config(arg).to_dict())
+  assert set(c.math.protocols) == {"metamath", "gsm8k_fewshot"}
+  assert c.math.num_shots == 5
+  files = [c.math.test, c.multiple_choice.hellaswag,
+           c.multiple_choice.arc_challenge, c.multiple_choice.winogrande,
+           c.lm_loss.path]
+  assert all(f for f in files)  # every benchmark is on
+  if arg:
+    assert all(f.startswith("/data/eval/") for f in files)
+    assert c.math.limit == 50
+  with pytest.raises(ValueError, match="bad setting"):
+    module.get_config("dir=x")

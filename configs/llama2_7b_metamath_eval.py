@@ -1,0 +1,68 @@
+r"""The eval job for the runs of configs/llama2_7b_metamath.py.
+
+  python -m optconsist_jax.evaluate --watch \
+      --config configs/llama2_7b_metamath_eval.py \
+      --workdir gs://BUCKET/runs/7b_adamw_lr1e-5
+
+Learning: GSM8K test (all 1,319 items) under both protocols, the MetaMath
+zero-shot prompt ("Let's think step by step.", answer after "The answer is: ")
+and the 5-shot strict "#### N" match, greedy decoding with each protocol's
+published budget. Forgetting: HellaSwag (validation, acc_norm), ARC-Challenge
+(test, acc_norm), WinoGrande (validation, acc) scored by log-likelihood like
+lm-evaluation-harness, their mean as the headline retention score
+(Biderman et al. 2024), and the held-out LM loss. The base model (the run's
+init_from, Llama-2-7B) is evaluated first as the step-0 point. The model,
+LoRA settings and tokenizer come from the run's W/config.json.
+
+Arg (`:ARG`): optional comma-separated `key=value` settings:
+  data_dir   folder holding the files below (default ".", the repo dir on a
+             TPU worker after `launch tpu stage`):
+             gsm8k_test.jsonl, gsm8k_train.jsonl (the few shots),
+             hellaswag_val.jsonl, arc_challenge_test.jsonl,
+             winogrande_val.jsonl, heldout_text.jsonl (documents for the LM
+             loss, JSON lines with `text`)
+  limit      first items of every set (default 0 = all), for a quick check.
+  mesh       eval mesh preset (default fsdp).
+"""
+
+import ml_collections
+
+_KEYS = ("data_dir", "limit", "mesh")
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  s = {}
+  for part in (p.strip() for p in (arg or "").split(",")):
+    if not part:
+      continue
+    key, sep, value = part.partition("=")
+    if not sep or key not in _KEYS:
+      raise ValueError(f"configs/llama2_7b_metamath_eval.py: bad setting"
+                       f" {part!r}; expected key=value with key in {_KEYS}")
+    s[key] = value
+  d = s.get("data_dir", ".").rstrip("/") or "."
+  limit = int(s.get("limit", 0))
+
+  c = ml_collections.ConfigDict()
+  c.mesh = dict(preset=s.get("mesh", "fsdp"))
+  c.tokenizer_path = ""  # the run's data.tokenizer_path
+  c.math = dict(protocols=("metamath", "gsm8k_fewshot"),
+                test=f"{d}/gsm8k_test.jsonl", train=f"{d}/gsm8k_train.jsonl",
+                num_shots=5, shot_seed=1234, limit=limit, batch_size=64,
+                max_new_tokens=0)
+  c.multiple_choice = dict(
+      hellaswag=f"{d}/hellaswag_val.jsonl",
+      arc_challenge=f"{d}/arc_challenge_test.jsonl",
+      winogrande=f"{d}/winogrande_val.jsonl", limit=limit, batch_size=32,
+      add_bos=False, max_len=1024)
+  c.lm_loss = dict(path=f"{d}/heldout_text.jsonl", limit=limit, max_len=1024,
+                   batch_size=16)
+  c.learning_metric = "math/metamath/acc"
+  c.retention_metric = ""  # mc/mean
+  c.method = ""  # from the run: lora, or the hidden matrices' optimizer
+  c.base = "adamw"  # Llama-2 was pretrained with AdamW
+  c.lr = ml_collections.config_dict.placeholder(float)
+  c.base_model = ""  # the run's init_from
+  # Beside training: poll every 5 minutes; stop 6 h after the last checkpoint.
+  c.watch = dict(poll_secs=300.0, idle_timeout_secs=6 * 3600.0)
+  return c
