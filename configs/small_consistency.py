@@ -72,10 +72,10 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
     c.model = dict(vocab_size=2048, hidden_size=32, intermediate_size=64,
                    num_layers=2, num_heads=2, num_kv_heads=1,
                    max_position_embeddings=128)
-    c.pretrain.update(steps=4, seq_len=64, global_batch_size=4)
+    c.pretrain.update(steps=4, seq_len=64, global_batch_size=8)
     c.finetune.update(lrs=dict(adamw=(1e-3,), muon=(1e-3,), lora=(3e-3,)),
                       epochs=2, train_examples=24, seq_len=128,
-                      global_batch_size=4, lora_rank=2, lora_alpha=4.0)
+                      global_batch_size=8, lora_rank=2, lora_alpha=4.0)
     c.eval.update(math_examples=4, max_new_tokens=8, retention_docs=2,
                   retention_max_len=64)
     c.memorization.enabled = False
