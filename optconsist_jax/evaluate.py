@@ -759,6 +759,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   jax.config.parse_flags_with_absl()
+  from optconsist_jax import train_step  # pylint: disable=g-import-not-at-top
+  # A multi-host eval slice: every process restores its shards together.
+  train_step.maybe_initialize_distributed()
   f = flags.FLAGS
   try:
     config = EvalConfig.from_dict(f.config.to_dict())
