@@ -88,12 +88,15 @@ def main(argv=None) -> int:
   p.add_argument("--model", default="llama2_7b")
   p.add_argument("--fresh", action="store_true",
                  help="discard earlier rows in plan_7b.jsonl")
+  p.add_argument("--hlo_dir", default=None,
+                 help="also save each compiled HLO (gzip) here")
+  p.add_argument("--table_only", action="store_true",
+                 help="only rewrite plan_7b.md from plan_7b.jsonl")
   args = p.parse_args(argv)
   os.makedirs(RESULTS, exist_ok=True)
   if args.fresh and os.path.exists(JSONL):
     os.remove(JSONL)
-  command = "python bench/plan_7b.py " + " ".join(argv or sys.argv[1:])
-  for topology in args.topology.split(","):
+  for topology in ([] if args.table_only else args.topology.split(",")):
     for mesh in args.mesh.split(","):
       for optimizer in args.optimizer.split(","):
         spec = plan_lib.PlanSpec(
@@ -103,7 +106,11 @@ def main(argv=None) -> int:
             dtype="bfloat16", remat_policy="full", scan_layers=True)
         start = time.time()
         try:
-          r = plan_lib.plan(spec)
+          hlo = (None if args.hlo_dir is None else os.path.join(
+              args.hlo_dir, f"{topology}_{mesh}_{optimizer}.hlo.gz"))
+          if args.hlo_dir:
+            os.makedirs(args.hlo_dir, exist_ok=True)
+          r = plan_lib.plan(spec, hlo_path=hlo)
         except Exception as e:  # pylint: disable=broad-except
           print(f"{topology} {mesh} {optimizer}: FAILED {type(e).__name__}:"
                 f" {str(e)[:500]}", flush=True)
@@ -127,7 +134,6 @@ def main(argv=None) -> int:
     f.write("```\n.venv/bin/python bench/plan_7b.py --topology "
             "v4-8,v5p-8,v5e-16,v6e-8 --mesh fsdp,fsdp_tp --optimizer "
             "adamw,lora\n```\n\n")
-    f.write(f"(last invocation: `{command.strip()}`)\n\n")
     f.write(NOTES + "\n")
     f.write(_table(rows) + "\n")
   print(_table(rows))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 import dataclasses
+import gzip
 import importlib.util
 import itertools
 import json
@@ -178,7 +179,11 @@ def collectives(hlo_text: str) -> CollectiveStats:
 
   TPU fuses reduce-scatters into `fusion(..., calls=%all-reduce-scatter...)`;
   such a fusion counts as one reduce-scatter of its operand's size. Async
-  `-start` ops count once (their `-done` halves are skipped).
+  `-start` ops count once (their `-done` halves are skipped). TPU's async
+  collectives are an `async-collective-start` fusion holding the collective,
+  continuation fusions (`calls=%async_collective_fusion...`) and an
+  `async-collective-done` fusion that repeat the op as they progress it: only
+  the start is counted.
   """
   comps: dict[str, list[tuple[str, str, str, str]]] = {}
   types: dict[str, str] = {}
@@ -221,8 +226,12 @@ def collectives(hlo_text: str) -> CollectiveStats:
   def visit(comp: str, mult: int, depth: int = 0):
     if depth > 64:
       return
-    for _, type_str, opcode, rest in comps.get(comp, ()):
+    for name, type_str, opcode, rest in comps.get(comp, ()):
       called = re.search(r"calls=%?([\w.\-]+)", rest)
+      if opcode == "fusion" and called and (
+          name.startswith("async-collective-done")
+          or called.group(1).startswith("async_collective_fusion")):
+        continue  # continuations of an async collective counted at its start
       if opcode == "fusion" and called:
         kind = next((_kind(k) for k in ("all-reduce-scatter", *COLLECTIVE_KINDS)
                      if called.group(1).startswith(k)), None)
@@ -400,8 +409,14 @@ def _optimizer(spec: PlanSpec, model_config, mesh, rules):
   return optim.build(optim_config, params, mesh=mesh), trainable, transform
 
 
-def plan(spec: PlanSpec) -> PlanResult:
-  """Compiles the train step for `spec` and measures it."""
+def plan(spec: PlanSpec, hlo_path: str | None = None) -> PlanResult:
+  """Compiles the train step for `spec` and measures it.
+
+  Args:
+    spec: what to compile.
+    hlo_path: if set, the optimized HLO text is written there (gzip when the
+      name ends in .gz), to re-count or inspect collectives later.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from optconsist_jax import sharding  # pylint: disable=g-import-not-at-top
   from optconsist_jax import train_step  # pylint: disable=g-import-not-at-top
@@ -452,6 +467,11 @@ def plan(spec: PlanSpec) -> PlanResult:
         collectives=None, compile_seconds=time.perf_counter() - start,
         trainable_params=trainable_params, error=str(e).splitlines()[0][:300])
   seconds = time.perf_counter() - start
+  hlo_text = compiled.as_text()
+  if hlo_path:
+    opener = gzip.open if hlo_path.endswith(".gz") else open
+    with opener(hlo_path, "wt") as f:
+      f.write(hlo_text)
   mem = compiled.memory_analysis()
   args = int(mem.argument_size_in_bytes)
   out = int(mem.output_size_in_bytes)
@@ -463,7 +483,7 @@ def plan(spec: PlanSpec) -> PlanResult:
       spec=spec, mesh_shape=dict(mesh.shape), grad_accum_steps=accum,
       hbm_gib=hbm_gib, argument_bytes=args, output_bytes=out,
       alias_bytes=alias, temp_bytes=temp, peak_bytes=peak, fits=fits,
-      collectives=collectives(compiled.as_text()), compile_seconds=seconds,
+      collectives=collectives(hlo_text), compile_seconds=seconds,
       trainable_params=trainable_params)
 
 

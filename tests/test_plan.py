@@ -60,7 +60,27 @@ ENTRY %main (arg: f32[1024]) -> f32[] {
   %arg.q = f32[256]{0} parameter(1)
   %loop = (s32[], f32[16]{0}) while(%init), condition=%outer_cond, body=%outer_body, backend_config={"known_trip_count":{"n":"3"}}
   %a2a = s32[2,8]{1,0} all-to-all(%tok), dimensions={0}
+  %async-collective-start.1 = (bf16[2,16]{1,0}, bf16[8,16]{1,0}) fusion(%w0), kind=kCustom, calls=%gather_start
+  %fusion.7 = (f32[4]{0}, bf16[2,16]{1,0}, bf16[8,16]{1,0}) fusion(%x0, %async-collective-start.1), kind=kCustom, calls=%async_collective_fusion.7
+  %async-collective-done.1 = bf16[8,16]{1,0} fusion(%fusion.7), kind=kCustom, calls=%gather_done
   ROOT %r = f32[] constant(0)
+}
+
+%gather_start (q.1: bf16[2,16]) -> (bf16[2,16], bf16[8,16]) {
+  %q.1 = bf16[2,16]{1,0} parameter(0)
+  %g.1 = bf16[8,16]{1,0} all-gather(%q.1), dimensions={0}
+  ROOT %t.5 = (bf16[2,16]{1,0}, bf16[8,16]{1,0}) tuple(%q.1, %g.1)
+}
+
+%async_collective_fusion.7 (q.2: bf16[2,16]) -> (f32[4], bf16[2,16], bf16[8,16]) {
+  %q.2 = bf16[2,16]{1,0} parameter(0)
+  %g.2 = bf16[8,16]{1,0} all-gather(%q.2), dimensions={0}
+  ROOT %t.6 = (f32[4]{0}, bf16[2,16]{1,0}, bf16[8,16]{1,0}) tuple(%z, %q.2, %g.2)
+}
+
+%gather_done (q.3: bf16[2,16]) -> bf16[8,16] {
+  %q.3 = bf16[2,16]{1,0} parameter(0)
+  ROOT %g.3 = bf16[8,16]{1,0} all-gather(%q.3), dimensions={0}
 }
 """
 
@@ -71,10 +91,12 @@ def test_collectives_counts_loops_by_trip_count():
   # all-to-all of 64 B. Outer loop x3: a bf16[8,16] all-gather (256 B) and a
   # reduce-scatter fusion of f32[64] (256 B; its inner all-reduce is not
   # counted again). Inner loop x5 per outer trip: collective-permute 128 B.
-  assert c.count == {"all-gather": 1 + 3, "reduce-scatter": 3,
+  # A TPU async all-gather (start, continuation, done) of bf16[8,16]: once.
+  assert c.count == {"all-gather": 1 + 3 + 1, "reduce-scatter": 3,
                      "all-reduce": 1, "all-to-all": 1,
                      "collective-permute": 15}
-  assert c.bytes == {"all-gather": 4096 + 3 * 256, "reduce-scatter": 3 * 256,
+  assert c.bytes == {"all-gather": 4096 + 3 * 256 + 256,
+                     "reduce-scatter": 3 * 256,
                      "all-reduce": 4096, "all-to-all": 64,
                      "collective-permute": 15 * 128}
   assert c.loops_without_trip_count == 0
