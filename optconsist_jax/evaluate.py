@@ -115,6 +115,10 @@ def _typed(cls, d: Mapping[str, Any] | None, section: str):
   return cls(**d)
 
 
+MATH_FORMATS = {"gsm8k": formats.read_gsm8k,
+                "metamathqa": formats.read_metamathqa}
+
+
 @dataclasses.dataclass(frozen=True)
 class MathEvalConfig:
   """Learning: GSM8K-format accuracy.
@@ -128,6 +132,11 @@ class MathEvalConfig:
     limit: first items of the test set (0 = all; also the synthetic size).
     batch_size: generation batch.
     max_new_tokens: 0 = the protocol's published budget (512 / 256).
+    format: of the `test` file: "gsm8k" (jsonl question/answer) or
+      "metamathqa" (MetaMathQA's records, responses in the training format).
+    response_loss: also report math/response_loss, the teacher-forced NLL
+      of the gold responses under the training prompt (evals.math
+      .response_loss): a smooth learning measure for small models.
   """
 
   protocols: tuple[str, ...] = ("gsm8k_fewshot",)
@@ -138,9 +147,14 @@ class MathEvalConfig:
   limit: int = 100
   batch_size: int = 16
   max_new_tokens: int = 0
+  format: str = "gsm8k"
+  response_loss: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "protocols", tuple(self.protocols))
+    if self.format not in MATH_FORMATS:
+      raise ValueError(f"eval config.math.format={self.format!r}; valid:"
+                       f" {list(MATH_FORMATS)}")
     bad = sorted(set(self.protocols) - set(math_lib.PROTOCOLS))
     if bad:
       raise ValueError(f"eval config.math.protocols: unknown {bad}; valid:"
@@ -361,7 +375,8 @@ def load_eval_data(config: EvalConfig, run: RunInfo,
     test_path = (synthetic_file("gsm8k_test.jsonl",
                                 [synthetic.render_gsm8k(p) for p in test_p])
                  if m.test == SYNTHETIC else m.test)
-    math_test = _limit(formats.read_gsm8k(test_path), m.limit)
+    math_test = _limit(MATH_FORMATS[m.format if m.test != SYNTHETIC
+                                    else "gsm8k"](test_path), m.limit)
     if "gsm8k_fewshot" in m.protocols:
       train_path = (synthetic_file(
           "gsm8k_train.jsonl",
@@ -415,6 +430,9 @@ def run_evals(model: nnx.Module, tokenizer, data: EvalData,
     metrics[f"math/{protocol}/acc"] = r.accuracy
     metrics[f"math/{protocol}/tokens_per_second"] = r.tokens_per_second
     predictions += [{"eval": f"math/{protocol}", **p} for p in r.predictions]
+  if m.response_loss and data.math_test:
+    metrics["math/response_loss"] = math_lib.response_loss(
+        model, tokenizer, data.math_test, batch_size=m.batch_size).loss
   if data.mc_items:
     c = config.multiple_choice
     r = mc_lib.evaluate(model, tokenizer, data.mc_items, add_bos=c.add_bos,

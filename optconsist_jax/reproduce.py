@@ -71,10 +71,19 @@ class FinetuneConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
+  """Eval sizes; the headline learning metric of the plot and table.
+
+  learning_metric: "math/metamath/acc" (exact-match accuracy, the paper's),
+    or "-math/response_loss" (minus the held-out finetuning loss), which
+    separates runs where a tiny model's accuracy is near zero. Both are
+    recorded for every checkpoint.
+  """
+
   math_examples: int = 48
   max_new_tokens: int = 48
   retention_docs: int = 26
   retention_max_len: int = 256
+  learning_metric: str = "math/metamath/acc"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,24 +226,19 @@ def write_math_data(rc: ReproConfig, data_dir: str) -> tuple[str, str]:
   """Generated train/test problems (MetaMathQA format); skipped if present."""
   from optconsist_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   train_file = os.path.join(data_dir, "math_train.json")
-  test_file = os.path.join(data_dir, "math_test.jsonl")
+  test_file = os.path.join(data_dir, "math_test.json")
   if os.path.exists(train_file) and os.path.exists(test_file):
     return train_file, test_file
   os.makedirs(data_dir, exist_ok=True)
   f = rc.finetune
   train, test = synthetic.make_splits(f.train_examples, rc.eval.math_examples,
                                       rc.seed, levels=f.levels)
-  # Test items in GSM8K jsonl (the eval job's math format), train items in
-  # MetaMathQA's JSON list; the questions are disjoint.
-  tmp = test_file + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as fh:
-    for p in test:
-      fh.write(json.dumps(synthetic.render_gsm8k(p)) + "\n")
-  os.replace(tmp, test_file)
-  tmp = train_file + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as fh:
-    json.dump([synthetic.render_metamath(p) for p in train], fh, indent=0)
-  os.replace(tmp, train_file)
+  # Both in MetaMathQA's format (a JSON list); the questions are disjoint.
+  for path, problems in ((test_file, test), (train_file, train)):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+      json.dump([synthetic.render_metamath(p) for p in problems], fh, indent=0)
+    os.replace(tmp, path)
   return train_file, test_file
 
 
@@ -273,12 +277,13 @@ def eval_config(rc: ReproConfig, test_file: str, labels: dict[str, Any],
       mesh=dict(preset="dp"),
       tokenizer_path=rc.tokenizer_path,
       math=dict(protocols=("metamath",), test=test_file, train="",
+                format="metamathqa", response_loss=True,
                 limit=rc.eval.math_examples, batch_size=16,
                 max_new_tokens=rc.eval.max_new_tokens),
       multiple_choice=dict(),
       lm_loss=dict(path="stdlib", limit=rc.eval.retention_docs,
                    max_len=rc.eval.retention_max_len, batch_size=8),
-      learning_metric="math/metamath/acc",
+      learning_metric=rc.eval.learning_metric,
       retention_metric="-lm_loss/loss",
       method=labels["method"], base=labels["base"], lr=labels["lr"],
       base_model="" if with_base else "none"))

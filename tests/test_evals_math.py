@@ -1,6 +1,7 @@
 """Answer extraction (MetaMath rule, GSM8K strict match) and prompts."""
 
 from flax import nnx
+import numpy as np
 import pytest
 
 from optconsist_jax import generate as gen
@@ -132,3 +133,31 @@ def test_accuracy_scoring(monkeypatch, protocol, completions, want):
   else:
     assert seen["texts"][1] == mm.metamath_prompt("2+2?")
     assert seen["config"].max_new_tokens == 512
+
+
+def test_response_loss_equals_numpy_from_full_logits():
+  """Held-out finetuning loss = brute-force log-softmax over full sequences."""
+  from optconsist_jax.data import supervised  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  tok = Tokenizer.tiny()
+  model = Llama(preset("tiny_gqa").replace(vocab_size=tok.vocab_size),
+                rngs=nnx.Rngs(0))
+  examples = [MathExample(query="Ava has 3 apples and buys 4. How many?",
+                          response="3 + 4 = 7.\nThe answer is: 7", answer="7"),
+              MathExample(query="What is 12 - 5?",
+                          response="12 - 5 = 7.\n#### 7\nThe answer is: 7",
+                          answer="7")]
+  got = mm.response_loss(model, tok, examples, batch_size=4)
+  total, count = 0.0, 0
+  for e in examples:
+    ex = supervised.tokenize_supervised(e, tok, 512)
+    tokens = np.asarray(ex.tokens)
+    logits = np.asarray(model(tokens[None, :-1])[0], np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
+        -1, keepdims=True)) - logits.max(-1, keepdims=True)
+    for i in range(1, len(tokens)):
+      if ex.loss_mask[i]:
+        total -= logp[i - 1, tokens[i]]
+        count += 1
+  assert got.tokens == count
+  np.testing.assert_allclose(got.loss, total / count, rtol=1e-5)

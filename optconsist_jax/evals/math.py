@@ -38,6 +38,7 @@ import re
 from typing import Any
 
 from flax import nnx
+import numpy as np
 
 from optconsist_jax import generate as gen
 from optconsist_jax.data import prompts
@@ -215,3 +216,37 @@ def accuracy(model: nnx.Module, tokenizer: gen.Tokenizer,
   total = len(examples)
   return MathAccuracy(protocol, correct / total if total else 0.0, correct,
                       total, predictions, result.tokens_per_second)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponseLoss:
+  """Teacher-forced NLL of the gold responses (nats per target token)."""
+
+  loss: float
+  tokens: int
+
+
+def response_loss(model: nnx.Module, tokenizer: gen.Tokenizer,
+                  examples: Sequence[MathExample], *, batch_size: int = 16,
+                  max_len: int = 1024) -> ResponseLoss:
+  """Held-out finetuning loss: -log p(response + EOS | training prompt).
+
+  The sequences are exactly the training ones (data.supervised: BOS, the
+  MetaMath Alpaca prompt, response, EOS; loss on response + EOS), so this is
+  the finetuning objective on held-out items: a smooth learning measure that
+  still moves when a small model's exact-match accuracy does not.
+  """
+  from optconsist_jax.data import supervised  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.evals import multiple_choice  # pylint: disable=g-import-not-at-top
+  requests = []
+  for i, e in enumerate(examples):
+    ex = supervised.tokenize_supervised(e, tokenizer, max_len,
+                                        name=f"math example {i}")
+    first = int(np.argmax(np.asarray(ex.loss_mask) > 0))
+    requests.append((list(ex.tokens[:first]), list(ex.tokens[first:])))
+  if not requests:
+    raise ValueError("response_loss: no examples")
+  sums = multiple_choice.score_continuations(
+      model, requests, batch_size=batch_size, max_len=max_len)
+  tokens = sum(len(c) for _, c in requests)
+  return ResponseLoss(loss=float(-np.sum(sums) / tokens), tokens=tokens)
