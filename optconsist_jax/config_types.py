@@ -30,6 +30,7 @@ import dataclasses
 import json
 from typing import Any
 
+from optconsist_jax import typed_config
 from optconsist_jax.checkpoints import CheckpointConfig
 from optconsist_jax.model import LlamaConfig
 from optconsist_jax.sharding import MeshConfig
@@ -104,17 +105,8 @@ class InitFromConfig:
 
 
 def typed_section(cls, d: Mapping[str, Any] | None, section: str):
-  """cls(**d) with unknown keys reported as `config.<section>.<key>`."""
-  d = dict(d or {})
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(d) - known)
-  if unknown:
-    raise ValueError(f"config.{section}: unknown keys {unknown}; valid keys:"
-                     f" {sorted(known)}")
-  try:
-    return cls(**d)
-  except TypeError as e:
-    raise ValueError(f"config.{section}: {e}") from e
+  """cls(**d) with unknown keys reported as `config.<section>: ...`."""
+  return typed_config.from_dict(cls, d, f"config.{section}")
 
 
 def _owned(section: str, d: Mapping[str, Any] | None, from_dict):

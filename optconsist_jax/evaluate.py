@@ -57,6 +57,7 @@ from optconsist_jax import checkpoints as ckpt_lib
 from optconsist_jax import metrics as metrics_lib
 from optconsist_jax import report
 from optconsist_jax import sharding
+from optconsist_jax import typed_config
 from optconsist_jax.data import formats
 from optconsist_jax.data.records import MathExample
 from optconsist_jax.data.records import MultipleChoice
@@ -106,13 +107,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _typed(cls, d: Mapping[str, Any] | None, section: str):
-  d = dict(d or {})
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(d) - known)
-  if unknown:
-    raise ValueError(f"eval config.{section}: unknown keys {unknown}; valid"
-                     f" keys: {sorted(known)}")
-  return cls(**d)
+  return typed_config.from_dict(cls, d, f"eval config.{section}")
 
 
 MATH_FORMATS = {"gsm8k": formats.read_gsm8k,
@@ -248,11 +243,7 @@ class EvalConfig:
   def from_dict(cls, d: Mapping[str, Any]) -> EvalConfig:
     d = dict(d)
     nested = {"mesh", "math", "multiple_choice", "lm_loss", "watch"}
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"eval config: unknown keys {unknown}; valid keys:"
-                       f" {sorted(known)}")
+    typed_config.check_keys(cls, d, "eval config")
     flat = {k: v for k, v in d.items() if k not in nested}
     return cls(
         mesh=sharding.MeshConfig.from_dict(d.get("mesh") or

@@ -38,6 +38,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from optconsist_jax import typed_config
+
 DONE_FILE = "done.json"
 
 
@@ -103,23 +105,12 @@ class ReproConfig:
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ReproConfig:
     d = dict(d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"reproduce config: unknown keys {unknown}; valid:"
-                       f" {sorted(known)}")
+    typed_config.check_keys(cls, d, "reproduce config")
 
     def section(typ, name):
-      sd = dict(d.get(name) or {})
-      names = {f.name for f in dataclasses.fields(typ)}
-      bad = sorted(set(sd) - names)
-      if bad:
-        raise ValueError(f"reproduce config.{name}: unknown keys {bad};"
-                         f" valid: {sorted(names)}")
-      for k, v in sd.items():
-        if isinstance(v, list):
-          sd[k] = tuple(v)
-      return typ(**sd)
+      sd = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in typed_config.as_dict(d.get(name)).items()}
+      return typed_config.from_dict(typ, sd, f"reproduce config.{name}")
 
     ft = section(FinetuneConfig, "finetune")
     lrs = {m: tuple(float(x) for x in v) for m, v in dict(ft.lrs).items()}

@@ -34,6 +34,8 @@ import jax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from optconsist_jax import typed_config
+
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 
 # A rule maps one logical axis name to a mesh axis, several mesh axes (the dim
@@ -165,11 +167,7 @@ class MeshConfig:
     """From a config dict; a `preset` key starts from a preset."""
     d = dict(d)
     name = d.pop("preset", None)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"mesh config: unknown keys {unknown}; valid keys:"
-                       f" {sorted(known | {'preset'})}")
+    typed_config.check_keys(cls, d, "mesh config", extra=("preset",))
     return cls.preset(name, **d) if name else cls(**d)
 
   def axis_sizes(self, num_devices: int) -> dict[str, int]:

@@ -189,11 +189,11 @@ def test_doubly_assigned_param_is_named():
 
 @pytest.mark.parametrize("bad,match", [
     ({"groups": {"a": {}}, "routes": [("all", "b")]}, r"group 'b'"),
-    ({"groups": {"a": {}}, "rules": []}, r"unknown keys \['rules'\] in optim;"),
-    ({"groups": {"a": {"lr": 1}}}, r"unknown keys \['lr'\] in optim.groups.a"),
+    ({"groups": {"a": {}}, "rules": []}, r"optim config optim: unknown keys \['rules'\];"),
+    ({"groups": {"a": {"lr": 1}}}, r"optim config optim.groups.a: unknown keys \['lr'\]"),
     ({"groups": {"a": {"schedule": {"kind": "cosine"}}}}, r"total_steps"),
     ({"groups": {"a": {"schedule": {"warmup": 3}}}},
-     r"unknown keys \['warmup'\] in optim.groups.a.schedule"),
+     r"optim config optim.groups.a.schedule: unknown keys \['warmup'\]"),
     ({"groups": {"a": {}}, "route_mode": "any"}, r"route_mode"),
 ])
 def test_bad_config_names_the_key(bad, match):

@@ -39,6 +39,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from optconsist_jax import typed_config
 from optconsist_jax.data import formats
 from optconsist_jax.data import prompts
 from optconsist_jax.data import supervised
@@ -122,13 +123,7 @@ class DataConfig:
   @classmethod
   def from_dict(cls, d: Any) -> DataConfig:
     """From a dict or ml_collections.ConfigDict; unknown keys are an error."""
-    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"data config: unknown keys {unknown}; valid keys:"
-                       f" {sorted(known)}")
-    return cls(**d)
+    return typed_config.from_dict(cls, d, "data config")
 
   def replace(self, **kw) -> DataConfig:
     return dataclasses.replace(self, **kw)

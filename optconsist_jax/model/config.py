@@ -12,6 +12,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from optconsist_jax import typed_config
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 POSITION_EMBEDDINGS = ("rope", "learned")
 NORM_TYPES = ("rms", "layer")
@@ -116,12 +118,7 @@ class LlamaConfig:
     """Builds a config from a plain dict; a `preset` key starts from a preset."""
     d = dict(d)
     base = d.pop("preset", None)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(
-          f"model config: unknown keys {unknown}; valid keys: {sorted(known)}"
-      )
+    typed_config.check_keys(cls, d, "model config", extra=("preset",))
     if base:
       return dataclasses.replace(preset(base), **d)
     return cls(**d)

@@ -23,6 +23,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from optconsist_jax import typed_config
 from optconsist_jax.model.llama import Linear
 from optconsist_jax.model.llama import Llama
 
@@ -66,15 +67,7 @@ class LoRAConfig:
 
   @classmethod
   def from_dict(cls, d: Any) -> LoRAConfig:
-    if isinstance(d, LoRAConfig):
-      return d
-    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"lora config: unknown keys {unknown}; valid keys: "
-                       f"{sorted(known)}")
-    return cls(**d)
+    return typed_config.from_dict(cls, d, "lora config")
 
 
 class LoRALinear(nnx.Module):

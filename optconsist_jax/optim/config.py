@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from optconsist_jax import typed_config
 from optconsist_jax.optim import routing
 from optconsist_jax.optim.schedules import ScheduleConfig
 
@@ -23,11 +24,7 @@ def _plain(d: Any) -> dict[str, Any]:
 
 
 def _check_keys(d: dict[str, Any], cls, where: str) -> None:
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(d) - known)
-  if unknown:
-    raise ValueError(f"optim config: unknown keys {unknown} in {where}; "
-                     f"valid keys: {sorted(known)}")
+  typed_config.check_keys(cls, d, f"optim config {where}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,8 @@ from typing import Any
 
 import optax
 
+from optconsist_jax import typed_config
+
 KINDS = ("constant", "linear", "cosine")
 
 
@@ -66,11 +68,7 @@ class ScheduleConfig:
     if isinstance(d, ScheduleConfig):
       return d
     d = dict(d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"optim config: unknown keys {unknown} in {where}; "
-                       f"valid keys: {sorted(known)}")
+    typed_config.check_keys(cls, d, f"optim config {where}")
     return cls(**d)
 
 
