@@ -73,7 +73,10 @@ against the chip's HBM; collectives per optimizer step from the compiled HLO,
 as the size of the full tensor each op moves (all-gather output,
 reduce-scatter input, all-reduce operand), ops in the layer scan and the
 accumulation loop multiplied by their trip counts. A ring collective moves
-about (n-1)/n of that per chip over ICI. Where the TPU compiler itself
+about (n-1)/n of that per chip over ICI. On v5e and v6e the compiler turns
+many weight all-gathers into windowed-einsum loops of collective-permutes
+(each counted at its shard's size), so compare the total column across chip
+generations rather than the per-kind columns. Where the TPU compiler itself
 refuses the program (RESOURCE_EXHAUSTED), temp is the figure from its error
 message, args are computed from the shardings, and collectives are "-".
 """
