@@ -373,9 +373,9 @@ def run(rc: ReproConfig, workdir: str) -> dict[str, str]:
     from optconsist_jax import memorization  # pylint: disable=g-import-not-at-top
     print("memorization experiment", flush=True)
     t0 = time.time()
-    outputs["memorization"] = memorization.run(
-        os.path.join(workdir, "memorization"), bases[0].workdir,
-        mode=rc.mode)
+    # Outputs go to W/memorization/ (memorization.SUBDIR).
+    outputs["memorization"] = memorization.run(workdir, bases[0].workdir,
+                                               mode=rc.mode)
     stage_times["memorization"] = time.time() - t0
 
   if rc.fingerprints:
@@ -388,8 +388,13 @@ def run(rc: ReproConfig, workdir: str) -> dict[str, str]:
   if os.path.exists(info_path):
     with open(info_path) as fh:
       previous = json.load(fh)
+  # One entry per invocation: the first is the whole run, later ones resume.
+  invocations = previous.get("invocations", []) + [{
+      "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_start)),
+      "seconds": time.time() - t_start,
+      "stages_run": sorted(stage_times)}]
   info = {"mode": rc.mode, "seed": rc.seed, "machine": machine_info(),
-          "seconds_this_invocation": time.time() - t_start,
+          "invocations": invocations,
           "stage_seconds": {**previous.get("stage_seconds", {}),
                             **stage_times}}
   with open(info_path, "w") as fh:
