@@ -294,7 +294,9 @@ class PlanSpec:
     per_chip_batch: rows per chip per micro-batch (used when
       grad_accum_steps is None).
     optimizer: adamw, muon or lora (AdamW on LoRA adapters, base frozen):
-      the `optconsist_jax.optim.presets` of that name.
+      the `optconsist_jax.optim.presets` of that name; muon_gspmd (Muon with
+      the gspmd Newton-Schulz strategy) or muon_contrib (optax.contrib.muon
+      on the hidden matrices) to compare with muon's default `stacked`.
     lora_rank: LoRA rank (alpha = 2 x rank).
     param_dtype: parameter (and optimizer state) dtype; None keeps the
       model config's.
@@ -378,6 +380,20 @@ def _mesh_config(spec: PlanSpec):
   return sharding.MeshConfig.from_dict(dict(spec.mesh))
 
 
+def _contrib_muon():
+  """The Muon preset with optax.contrib.muon on the hidden matrices.
+
+  Same routing as ours (AdamW on embeddings, head and norms), for comparing
+  the Newton-Schulz strategies: muon (stacked), muon_gspmd, muon_contrib.
+  """
+  from optconsist_jax import optim  # pylint: disable=g-import-not-at-top
+  config = optim.presets.muon()
+  groups = dict(config.groups)
+  groups["muon"] = dataclasses.replace(groups["muon"],
+                                       optimizer="contrib.muon", kwargs={})
+  return dataclasses.replace(config, groups=groups)
+
+
 def _optimizer(spec: PlanSpec, model_config, mesh, rules):
   """(tx, trainable filter, model_transform) for spec.optimizer.
 
@@ -390,7 +406,8 @@ def _optimizer(spec: PlanSpec, model_config, mesh, rules):
   from optconsist_jax.model import lora  # pylint: disable=g-import-not-at-top
   name = spec.optimizer
   presets = {"adamw": optim.presets.adamw, "muon": optim.presets.muon,
-             "lora": optim.presets.lora}
+             "muon_gspmd": lambda: optim.presets.muon(strategy="gspmd"),
+             "muon_contrib": _contrib_muon, "lora": optim.presets.lora}
   if name not in presets:
     raise ValueError(f"optimizer={name!r}; expected one of {sorted(presets)}")
   optim_config = (spec.optim_config if spec.optim_config is not None
@@ -658,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="rows per chip per micro-batch; sets grad accumulation")
   p.add_argument("--grad_accum_steps", type=int, default=None)
   p.add_argument("--optimizer", default="adamw",
-                 help="adamw|muon|lora, comma-separated for --compare")
+                 help="adamw|muon|muon_gspmd|muon_contrib|lora, comma-separated for --compare")
   p.add_argument("--lora_rank", type=int, default=16)
   p.add_argument("--param_dtype", default="float32")
   p.add_argument("--dtype", default="bfloat16")
