@@ -335,6 +335,50 @@ def restore_params(workdir_or_ckpt_dir: str | os.PathLike, step: int | None,
   return _like(abstract_params, restored)
 
 
+def restore_model(path: str | os.PathLike, model_config: Any, *,
+                  step: int | None = None,
+                  lora: dict[str, Any] | None = None, mesh: Any = None,
+                  rules: Any = None,
+                  identity: dict[str, Any] | None = None) -> nnx.Module:
+  """A Llama from one checkpoint (params only), LoRA adapters merged.
+
+  Args:
+    path: W, W/checkpoints, or a step directory.
+    model_config: the LlamaConfig the checkpoint was written for (numerics
+      such as dtype or scan_layers may differ).
+    step: the step to read (None: newest complete, or the step directory's).
+    lora: the run's LoRA config dict, if it trained adapters; they are
+      restored and folded into the base weights (model.lora.merge).
+    mesh, rules: lay the params out on this mesh (sharding.state_shardings);
+      None = one device.
+    identity: the model identity to insist on; default the one train.py
+      writes for `model_config` and `lora`.
+  """
+  from optconsist_jax import config_types  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import sharding  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.model.llama import Llama, no_constraint  # pylint: disable=g-import-not-at-top
+  constrain = (sharding.LogicalConstraint(mesh, rules) if mesh is not None
+               else no_constraint)
+
+  def build():
+    model = Llama(model_config, rngs=nnx.Rngs(0), constrain=constrain)
+    if lora:
+      lora_lib.apply_lora(model, lora_lib.LoRAConfig.from_dict(lora),
+                          rngs=nnx.Rngs(1))
+    return model
+
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
+  shardings = (sharding.state_shardings(abstract_state, mesh, rules)
+               if mesh is not None else None)
+  if identity is None:
+    identity = {"llama": config_types.to_jsonable(model_config),
+                "lora": config_types.to_jsonable(lora) if lora else None}
+  state = restore_params(path, step, abstract_state, shardings, model=identity)
+  model = nnx.merge(graphdef, state)
+  return lora_lib.merge(model) if lora else model
+
+
 class RunCheckpoints:
   """Saves and restores the checkpoints of one run (W/checkpoints).
 

@@ -65,7 +65,6 @@ from optconsist_jax.evals import lm_loss as lm_loss_lib
 from optconsist_jax.evals import math as math_lib
 from optconsist_jax.evals import multiple_choice as mc_lib
 from optconsist_jax.generate import GenerationConfig
-from optconsist_jax.model import Llama
 from optconsist_jax.model import LlamaConfig
 
 EVAL_DIR = "eval"
@@ -484,7 +483,6 @@ class Evaluator:
     self.results_path = self.eval_dir / "results.jsonl"
     self.mesh = sharding.make_mesh(config.mesh)
     self.rules = config.mesh.rules
-    self.constrain = sharding.LogicalConstraint(self.mesh, self.rules)
     self.tokenizer = tokenizer or self._tokenizer()
     if self.tokenizer.vocab_size > self.run.model.vocab_size:
       raise ValueError(
@@ -500,28 +498,12 @@ class Evaluator:
         "tokenizer_path", "")
     return Tokenizer.load(path) if path else Tokenizer.tiny()
 
-  def _build(self, lora: Mapping[str, Any] | None) -> nnx.Module:
-    model = Llama(self.run.model, rngs=nnx.Rngs(0), constrain=self.constrain)
-    if lora:
-      from optconsist_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
-      lora_lib.apply_lora(model, lora_lib.LoRAConfig.from_dict(lora),
-                          rngs=nnx.Rngs(1))
-    return model
-
   def _restore(self, path: str | os.PathLike, step: int | None,
                lora: Mapping[str, Any] | None, identity: dict[str, Any]
                ) -> nnx.Module:
-    abstract = nnx.eval_shape(lambda: self._build(lora))
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = sharding.state_shardings(abstract_state, self.mesh,
-                                         self.rules)
-    state = ckpt_lib.restore_params(path, step, abstract_state, shardings,
-                                    model=identity)
-    model = nnx.merge(graphdef, state)
-    if lora:
-      from optconsist_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
-      model = lora_lib.merge(model)
-    return model
+    return ckpt_lib.restore_model(path, self.run.model, step=step, lora=lora,
+                                  mesh=self.mesh, rules=self.rules,
+                                  identity=identity)
 
   def checkpoint_model(self, step_dir: str | os.PathLike) -> nnx.Module:
     """The (merged) model of one step directory, on the eval mesh."""

@@ -51,7 +51,6 @@ import time
 from typing import Any
 
 from flax import nnx
-import jax
 import numpy as np
 
 from optconsist_jax import checkpoints as ckpt_lib
@@ -63,8 +62,6 @@ from optconsist_jax.data import synthetic
 from optconsist_jax.data.records import MathExample
 from optconsist_jax.evals import math as math_eval
 from optconsist_jax.evals import multiple_choice
-from optconsist_jax.model import Llama
-from optconsist_jax.model import LlamaConfig
 
 SUBDIR = "memorization"
 RESULTS = "results.jsonl"
@@ -306,19 +303,6 @@ def evaluate(model: nnx.Module, tokenizer: gen.Tokenizer,
   }
 
 
-def restore_model(model_config: LlamaConfig,
-                  checkpoint: str | os.PathLike) -> Llama:
-  """A full (non-LoRA) model from a run dir or step dir of checkpoints.py."""
-  abstract = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0)))
-  graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
-  if jax.tree.leaves(rest):
-    raise ValueError("restore_model: the model has non-Param state")
-  params = ckpt_lib.restore_params(
-      checkpoint, None, abstract_params,
-      model={"llama": config_types.to_jsonable(model_config), "lora": None})
-  return nnx.merge(graphdef, params, rest)
-
-
 # ---------------------------------------------------------------------------
 # The experiment.
 
@@ -514,7 +498,7 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
     if (optimizer, epoch) in done:
       return
     t = time.perf_counter()
-    model = restore_model(model_config, checkpoint)
+    model = ckpt_lib.restore_model(checkpoint, model_config)
     m = evaluate(model, tokenizer, facts, heldout,
                  max_new_tokens=s.max_new_tokens,
                  batch_size=s.eval_batch_size)

@@ -317,8 +317,8 @@ def base_fingerprints(rc: ReproConfig, bases: Sequence[Run],
                       out_dir: str) -> dict[str, str]:
   """Weight spectra and residual-stream statistics of the pretrained bases."""
   from optconsist_jax import config_types  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from optconsist_jax import fingerprints  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import memorization  # pylint: disable=g-import-not-at-top
   from optconsist_jax.data import corpus  # pylint: disable=g-import-not-at-top
   from optconsist_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   done = os.path.join(out_dir, "fingerprints.json")
@@ -327,7 +327,7 @@ def base_fingerprints(rc: ReproConfig, bases: Sequence[Run],
   models = {}
   for b in bases:
     config = config_types.ExperimentConfig.from_dict(b.config)
-    models[b.name] = (memorization.restore_model(config.model, b.workdir),
+    models[b.name] = (checkpoints.restore_model(b.workdir, config.model),
                       pipeline.load_tokenizer(config.data))
   texts = corpus.python_stdlib_text("heldout")[:rc.eval.retention_docs]
   paths = fingerprints.compare(models, texts, out_dir)
