@@ -10,6 +10,7 @@ ml_collections config.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from optconsist_jax.optim.config import GroupConfig
@@ -75,14 +76,10 @@ def muon(*, peak_lr: float = 1e-5, adam_peak_lr: float | None = None,
       clip_norm=clip_norm)
 
 
-def lora(*, peak_lr: float = 1e-4, total_steps: int = 1000,
-         warmup_fraction: float = 0.1, floor: float = 0.01,
-         schedule: str = "cosine", weight_decay: float = 0.0,
-         b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-         clip_norm: float | None = 1.0) -> OptimConfig:
-  """AdamW on the LoRA adapters (lora_a / lora_b); nothing else may be given."""
-  return OptimConfig(
-      groups={"adamw": _adamw_group(peak_lr, total_steps, warmup_fraction,
-                                    floor, schedule, weight_decay, b1, b2,
-                                    eps)},
-      routes=(("lora", "adamw"),), clip_norm=clip_norm)
+def lora(*, peak_lr: float = 1e-4, **adamw_kwargs) -> OptimConfig:
+  """AdamW on the LoRA adapters (lora_a / lora_b); nothing else may be given.
+
+  Keyword arguments are `adamw`'s (schedule, weight decay, betas, clipping).
+  """
+  return dataclasses.replace(adamw(peak_lr=peak_lr, **adamw_kwargs),
+                             routes=(("lora", "adamw"),))
