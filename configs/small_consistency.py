@@ -4,8 +4,8 @@ r"""The small reproduction of arXiv 2605.06654 (README's main job).
       --workdir workdirs/small_consistency
 
 Args (`--config configs/small_consistency.py:ARG`):
-  quick  (default) a 2-core CPU finishes everything in about 13 minutes
-         (12 min 27 s measured; results/small_consistency_quick/).
+  quick  (default) a 2-core CPU finishes everything in about 10 minutes
+         (9 min 7 s measured; results/small_consistency_quick/).
   full   sized for one GPU, an estimated hour (not yet run on a GPU): a
          wider, deeper model, more pretraining, more finetuning data, levels
          1-2 problems and a three-point learning-rate sweep.
