@@ -9,7 +9,8 @@ foo`), raised before anything is compiled.
 
 Sections (each converted by the module that owns its type):
 
-  model       LlamaConfig (optconsist_jax.model), `preset` key allowed
+  model       LlamaConfig (optconsist_jax.model), `preset` key allowed;
+              preset "from_init" takes the architecture of init_from
   mesh        MeshConfig (optconsist_jax.sharding), `preset` key allowed
   optim       OptimConfig (optconsist_jax.optim); a schedule with
               `total_steps: 0` decays over the run's length, filled in by
@@ -29,6 +30,9 @@ from collections.abc import Mapping
 import dataclasses
 import json
 from typing import Any
+
+from absl import logging
+from etils import epath
 
 from optconsist_jax import typed_config
 from optconsist_jax.checkpoints import CheckpointConfig
@@ -157,8 +161,10 @@ class ExperimentConfig:
     if d.get("lora"):
       from optconsist_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
       lora = _owned("lora", d["lora"], _lora_from_dict(lora_lib))
+    init_from = typed_section(InitFromConfig, d.get("init_from"), "init_from")
     return cls(
-        model=_owned("model", d.get("model"), LlamaConfig.from_dict),
+        model=_owned("model", d.get("model"),
+                     lambda m: _model_config(m, init_from)),
         mesh=_owned("mesh", d.get("mesh"), MeshConfig.from_dict),
         optim=_optim(d.get("optim"), _STAND_IN_STEPS),
         lora=lora,
@@ -166,8 +172,7 @@ class ExperimentConfig:
         train=typed_section(TrainConfig, d.get("train"), "train"),
         checkpoint=typed_section(CheckpointConfig, d.get("checkpoint"),
                                  "checkpoint"),
-        init_from=typed_section(InitFromConfig, d.get("init_from"),
-                                "init_from"),
+        init_from=init_from,
         optim_dict=dict(d.get("optim") or {}),
     )
 
@@ -197,6 +202,76 @@ def _optim(d: Mapping[str, Any] | None, total_steps: int):
         and not sched.get("total_steps")):
       sched["total_steps"] = int(total_steps)
   return _owned("optim", d, optim_lib.OptimConfig.from_dict)
+
+
+FROM_INIT = "from_init"
+# LlamaConfig keys that change how a model runs, not its parameters.
+NUMERICS_KEYS = ("param_dtype", "dtype", "scan_layers", "remat_policy",
+                 "attention_impl")
+
+
+def init_kind(path: str, kind: str = "auto") -> str:
+  """hf, nanogpt or orbax for an init_from path (kind "auto" decides)."""
+  if kind != "auto":
+    return kind
+  p = epath.Path(path)
+  if p.is_file() and p.suffix == ".pt":
+    return "nanogpt"
+  if (p / "config.json").exists() and list(p.glob("*.safetensors")):
+    return "hf"
+  return "orbax"
+
+
+def model_config_of(path: str, kind: str = "auto") -> LlamaConfig:
+  """The architecture stored with an init_from source.
+
+  A Hugging Face folder's config.json, a nanoGPT ckpt.pt's model_args, or
+  the config.json train.py wrote beside an Orbax run (W, W/checkpoints or a
+  step directory).
+  """
+  kind = init_kind(path, kind)
+  if kind == "hf":
+    from optconsist_jax import hf  # pylint: disable=g-import-not-at-top
+    return hf.config_from_hf(
+        json.loads((epath.Path(path) / "config.json").read_text()))
+  if kind == "nanogpt":
+    from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
+    return nanogpt.read_config(path)
+  p = epath.Path(path)
+  for run_dir in (p, p.parent, p.parent.parent):
+    if (run_dir / "config.json").exists():
+      run = json.loads((run_dir / "config.json").read_text())
+      return LlamaConfig.from_dict(run["model"])
+  raise FileNotFoundError(f"config.init_from.path={path!r}: no config.json of"
+                          " a train.py run found in it or its parents")
+
+
+def _model_config(d: Mapping[str, Any], init_from: InitFromConfig
+                  ) -> LlamaConfig:
+  """LlamaConfig from config.model; preset "from_init" reads init_from's.
+
+  With `preset: "from_init"` the architecture comes from the init_from source
+  (so a Hugging Face folder, a nanoGPT ckpt.pt or an Orbax run can be
+  finetuned with any config file without copying its shapes). The section's
+  execution keys (NUMERICS_KEYS) still apply; its other keys, typically the
+  config file's own architecture, are ignored with a warning naming them.
+  """
+  d = dict(d)
+  if d.get("preset") != FROM_INIT:
+    return LlamaConfig.from_dict(d)
+  del d["preset"]
+  if not init_from.path:
+    raise ValueError("config.model.preset='from_init' needs"
+                     " config.init_from.path")
+  typed_config.check_keys(LlamaConfig, d, "model config")
+  ignored = sorted(k for k in d if k not in NUMERICS_KEYS)
+  if ignored:
+    logging.warning("config.model.preset=from_init: the architecture comes"
+                    " from %s; ignoring config.model keys %s",
+                    init_from.path, ignored)
+  return dataclasses.replace(
+      model_config_of(init_from.path, init_from.kind),
+      **{k: v for k, v in d.items() if k in NUMERICS_KEYS})
 
 
 def _lora_from_dict(lora_lib):

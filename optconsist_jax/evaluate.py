@@ -54,6 +54,7 @@ import ml_collections
 import numpy as np
 
 from optconsist_jax import checkpoints as ckpt_lib
+from optconsist_jax import config_types
 from optconsist_jax import metrics as metrics_lib
 from optconsist_jax import report
 from optconsist_jax import sharding
@@ -520,12 +521,10 @@ class Evaluator:
       step = self.run.init_from.get("step")
       if not path:
         return None
-    p = epath.Path(path)
-    if (p / "config.json").exists() and list(p.glob("*.safetensors")):
-      return "hf", path, None
-    if not p.exists():
+    if not epath.Path(path).exists():
       raise FileNotFoundError(f"base model {path} does not exist")
-    return "orbax", path, step
+    kind = config_types.init_kind(path)
+    return kind, path, (step if kind == "orbax" else None)
 
   def base_model(self, kind: str, path: str, step: int | None) -> nnx.Module:
     m = self.run.model
@@ -537,6 +536,17 @@ class Evaluator:
                          remat_policy=m.remat_policy,
                          attention_impl=m.attention_impl)
       return model
+    if kind == "nanogpt":
+      from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
+      from optconsist_jax.model import Llama  # pylint: disable=g-import-not-at-top
+      constrain = sharding.LogicalConstraint(self.mesh, self.rules)
+      graphdef, abstract_params = nnx.split(nnx.eval_shape(
+          lambda: Llama(m, rngs=nnx.Rngs(0), constrain=constrain)))
+      params = nanogpt.load_params_into(
+          path, abstract_params,
+          sharding.state_shardings(abstract_params, self.mesh, self.rules),
+          model_config=m)
+      return nnx.merge(graphdef, params)
     return self._restore(path, step, None,
                          {"llama": self.run.identity["llama"], "lora": None})
 

@@ -230,14 +230,7 @@ def _base_params_from_init(config: ExperimentConfig, s: Setup):
   """Full-model params from config.init_from, in this mesh's shardings."""
   src = config.init_from
   path = epath.Path(src.path)
-  kind = src.kind
-  if kind == "auto":
-    if path.is_file() and path.suffix == ".pt":
-      kind = "nanogpt"
-    elif (path / "config.json").exists() and list(path.glob("*.safetensors")):
-      kind = "hf"
-    else:
-      kind = "orbax"
+  kind = config_types.init_kind(src.path, src.kind)
   constrain = sharding.LogicalConstraint(s.mesh, s.rules)
   abstract_base = nnx.eval_shape(lambda: Llama(
       config.model, rngs=nnx.Rngs(0), constrain=constrain))

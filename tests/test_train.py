@@ -292,6 +292,57 @@ def test_init_from_nanogpt_checkpoint(tmp_path):
     train.preflight(too_long, mesh)
 
 
+def test_model_preset_from_init_reads_the_source_architecture(reference):
+  """model.preset=from_init: shapes from the HF folder / ckpt.pt / Orbax run."""
+  import json  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import config_types  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import hf  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
+  ref_dir, _ = reference
+  hf_dir = REPO / "tests" / "fixtures" / "hf" / "gqa"
+  ckpt = REPO / "tests" / "fixtures" / "nanogpt" / "ckpt.pt"
+  want = {
+      str(hf_dir): hf.config_from_hf(
+          json.loads((hf_dir / "config.json").read_text())),
+      str(ckpt): nanogpt.read_config(str(ckpt)),
+      str(ref_dir / "checkpoints" / str(NUM_STEPS)): _config().model,
+  }
+  for path, expected in want.items():
+    # The config file's own shapes (vocab 2048, ...) give way to the source's.
+    cfg = _config(**{"model.preset": "from_init", "model.remat_policy": "full",
+                     "init_from.path": path})
+    assert cfg.model == expected.replace(remat_policy="full"), path
+  with pytest.raises(ValueError, match="from_init' needs config.init_from"):
+    _config(**{"model": {"preset": "from_init"}})
+  with pytest.raises(ValueError, match=r"unknown keys \['bogus'\]"):
+    _config(**{"model": {"preset": "from_init", "bogus": 1},
+               "init_from.path": str(ckpt)})
+
+
+def test_eval_job_reads_a_nanogpt_base(tmp_path):
+  """The eval job's base model from a ckpt.pt equals the importer's model."""
+  import types  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import sharding  # pylint: disable=g-import-not-at-top
+  ckpt = str(REPO / "tests" / "fixtures" / "nanogpt" / "ckpt.pt")
+  mesh_config = sharding.MeshConfig.from_dict({"preset": "fsdp"})
+  fake = types.SimpleNamespace(
+      run=types.SimpleNamespace(model=nanogpt.read_config(ckpt)),
+      mesh=sharding.make_mesh(mesh_config), rules=mesh_config.rules)
+  got = evaluate.Evaluator.base_model(fake, "nanogpt", ckpt, None)
+  _, want = nanogpt.load_nanogpt(ckpt)
+  got_p = train.nnx.state(got, train.nnx.Param).to_pure_dict()
+  want_p = train.nnx.state(want, train.nnx.Param).to_pure_dict()
+  for a, b in zip(jax.tree.leaves(got_p), jax.tree.leaves(want_p),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Sharded over 8 devices vs one: same logits up to summation order.
+  tokens = np.arange(16, dtype=np.int32).reshape(2, 8) % 96
+  np.testing.assert_allclose(np.asarray(got(tokens)), np.asarray(want(tokens)),
+                             rtol=1e-5, atol=1e-4)
+
+
 def test_lora_run_from_orbax_base(reference, tmp_path):
   ref_dir, _ = reference
   cfg = _config("lora", **{"init_from.path": str(ref_dir),
