@@ -237,32 +237,42 @@ def test_init_from_orbax_run_loads_its_params(reference, tmp_path):
       state.opt_state) if np.ndim(x) and np.asarray(x).dtype.kind == "f")
 
 
-def test_init_from_hugging_face_folder(tmp_path):
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import hf  # pylint: disable=g-import-not-at-top
-  folder = REPO / "tests" / "fixtures" / "hf" / "gqa"
-  model_cfg = hf.config_from_hf(json.loads((folder / "config.json").read_text()))
-  cfg = _config(**{"init_from.path": str(folder)})
-  cfg = dataclasses.replace(cfg, model=model_cfg).resolve_total_steps(4)
+def _initial_params(cfg, workdir):
+  """train.initial_state in an empty workdir: (params, how it was made, mesh)."""
+  cfg = cfg.resolve_total_steps(4)
   mesh = train.sharding.make_mesh(cfg.mesh)
-  s = train.setup(cfg, mesh)
-  ckpts = checkpoints.RunCheckpoints(tmp_path, cfg.checkpoint,
+  ckpts = checkpoints.RunCheckpoints(workdir, cfg.checkpoint,
                                      train.model_identity(cfg))
-  state, _, how = train.initial_state(cfg, s, ckpts, data_iter=None)
-  ckpts.close()
-  assert "Hugging Face folder" in how
-  _, want = hf.load(str(folder))
-  want = train.nnx.state(want, train.nnx.Param).to_pure_dict()
-  got = state.params.to_pure_dict()
+  try:
+    state, _, how = train.initial_state(cfg, train.setup(cfg, mesh), ckpts,
+                                        data_iter=None)
+  finally:
+    ckpts.close()
+  return state.params, how, mesh
+
+
+def _assert_same_params(params, model):
+  want = train.nnx.state(model, train.nnx.Param).to_pure_dict()
+  got = params.to_pure_dict() if hasattr(params, "to_pure_dict") else params
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_from_hugging_face_folder(tmp_path):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import hf  # pylint: disable=g-import-not-at-top
+  folder = REPO / "tests" / "fixtures" / "hf" / "gqa"
+  cfg = _config(**{"init_from.path": str(folder),
+                   "model.preset": "from_init"})
+  params, how, _ = _initial_params(cfg, tmp_path)
+  assert "Hugging Face folder" in how
+  _assert_same_params(params, hf.load(str(folder))[1])
   # A config that disagrees with config.json is refused, naming the key.
-  bad = dataclasses.replace(cfg, model=model_cfg.replace(intermediate_size=64))
+  bad = dataclasses.replace(cfg, model=cfg.model.replace(intermediate_size=64))
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match=r"intermediate_size: checkpoint has 48, config has"
                      r" 64"):
-    train.initial_state(bad, train.setup(bad, mesh), ckpts, data_iter=None)
+    _initial_params(bad, tmp_path / "bad")
 
 
 def test_init_from_nanogpt_checkpoint(tmp_path):
@@ -270,21 +280,11 @@ def test_init_from_nanogpt_checkpoint(tmp_path):
   import dataclasses  # pylint: disable=g-import-not-at-top
   from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
   ckpt = REPO / "tests" / "fixtures" / "nanogpt" / "ckpt.pt"
-  model_cfg = nanogpt.read_config(str(ckpt))
-  cfg = _config(**{"init_from.path": str(ckpt), "data.seq_len": 32})
-  cfg = dataclasses.replace(cfg, model=model_cfg).resolve_total_steps(4)
-  mesh = train.sharding.make_mesh(cfg.mesh)
-  s = train.setup(cfg, mesh)
-  ckpts = checkpoints.RunCheckpoints(tmp_path, cfg.checkpoint,
-                                     train.model_identity(cfg))
-  state, _, how = train.initial_state(cfg, s, ckpts, data_iter=None)
-  ckpts.close()
+  cfg = _config(**{"init_from.path": str(ckpt), "model.preset": "from_init",
+                   "data.seq_len": 32})
+  params, how, mesh = _initial_params(cfg, tmp_path)
   assert "nanoGPT checkpoint" in how
-  _, want = nanogpt.load_nanogpt(str(ckpt))
-  want = train.nnx.state(want, train.nnx.Param).to_pure_dict()
-  got = state.params.to_pure_dict()
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _assert_same_params(params, nanogpt.load_nanogpt(str(ckpt))[1])
   # Rows past a learned position table would be NaN: refused up front.
   too_long = dataclasses.replace(
       cfg, data=dataclasses.replace(cfg.data, seq_len=64))
@@ -332,11 +332,7 @@ def test_eval_job_reads_a_nanogpt_base(tmp_path):
       mesh=sharding.make_mesh(mesh_config), rules=mesh_config.rules)
   got = evaluate.Evaluator.base_model(fake, "nanogpt", ckpt, None)
   _, want = nanogpt.load_nanogpt(ckpt)
-  got_p = train.nnx.state(got, train.nnx.Param).to_pure_dict()
-  want_p = train.nnx.state(want, train.nnx.Param).to_pure_dict()
-  for a, b in zip(jax.tree.leaves(got_p), jax.tree.leaves(want_p),
-                  strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _assert_same_params(train.nnx.state(got, train.nnx.Param), want)
   # Sharded over 8 devices vs one: same logits up to summation order.
   tokens = np.arange(16, dtype=np.int32).reshape(2, 8) % 96
   np.testing.assert_allclose(np.asarray(got(tokens)), np.asarray(want(tokens)),
