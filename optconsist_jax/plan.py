@@ -684,7 +684,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="plan every topology x mesh x optimizer, print a table")
   p.add_argument("--markdown", help="also write the table to this file")
   p.add_argument("--json", help="also write the results as JSON lines here")
+  p.add_argument("--hlo_dir", default=None,
+                 help="write each compiled step's optimized HLO here"
+                 " (TOPOLOGY_MESH_OPTIMIZER.hlo.gz)")
   args = p.parse_args(argv)
+  if args.hlo_dir:
+    args.hlo_dir = os.path.abspath(args.hlo_dir)
+    os.makedirs(args.hlo_dir, exist_ok=True)
   _configure_platform(_csv(args.topology))
 
   specs = []
@@ -700,8 +706,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = module.get_config(arg) if arg else module.get_config()
     overrides = ({} if args.grad_accum_steps is None else
                  {"grad_accum_steps": args.grad_accum_steps})
-    results = [plan_from_config(config, t, **overrides)
-               for t in _csv(args.topology)]
+    results = []
+    for t in _csv(args.topology):
+      hlo = (os.path.join(args.hlo_dir, f"{t}_config.hlo.gz")
+             if args.hlo_dir else None)
+      results.append(plan(spec_from_config(config, t, **overrides),
+                          hlo_path=hlo))
     for r in results:
       print(report(r), flush=True)
       print(flush=True)
@@ -729,8 +739,13 @@ def main(argv: Sequence[str] | None = None) -> int:
           dtype=args.dtype, remat_policy=args.remat))
     results = []
     for s in specs:
+      hlo = None
+      if args.hlo_dir:
+        mesh_name = s.mesh if isinstance(s.mesh, str) else s.mesh["preset"]
+        hlo = os.path.join(args.hlo_dir,
+                           f"{s.topology}_{mesh_name}_{s.optimizer}.hlo.gz")
       try:
-        r = plan(s)
+        r = plan(s, hlo_path=hlo)
       except Exception as e:  # pylint: disable=broad-except
         if not args.compare:
           raise
