@@ -225,7 +225,7 @@ class Remote:
   repo_dir: str = "optconsist_jax"
   venv_dir: str = "optconsist_venv"
   log_dir: str = "optconsist_logs"
-  python_version: str = "3.11"
+  python_version: str = "3.12"
 
   def __post_init__(self):
     for key in ("repo_dir", "venv_dir", "log_dir"):
@@ -486,7 +486,9 @@ def install_commands(target: Target, remote: Remote, source: str,
       "python3 -m pip install -q --user --upgrade uv",
       fetch,
       f"{uv} venv -q --allow-existing --python {remote.python_version} {venv}",
+      # The exact versions the tests passed with (constraints.txt).
       f"{uv} pip install -q --python {remote.python}"
+      f" -c {remote.home(f'{remote.repo_dir}/constraints.txt')}"
       f" {remote.home(f'{remote.repo_dir}[{extras}]')}",
       # On a slice this runs on every host at once, as JAX's pod check wants.
       f"{remote.python} -c 'import jax; print(jax.device_count())'",

@@ -2,7 +2,7 @@ r"""Ahead-of-time fit and communication report for TPU topologies, on a CPU.
 
 Compiles the real train step (optconsist_jax.train_step) for a Cloud TPU
 topology without a TPU: `jax.experimental.topologies.get_topology_desc` with
-libtpu (`pip install "jax[tpu]==0.10.2"`) gives the topology's devices, the
+libtpu (`pip install -c constraints.txt libtpu`, the `test` extra) gives the topology's devices, the
 state and batch are ShapeDtypeStructs with shardings (nothing is allocated),
 and `jit(...).lower(...).compile()` runs the TPU compiler. From the compiled
 executable it reports per-chip HBM (`compiled.memory_analysis()`) against the
@@ -98,7 +98,8 @@ def topology_devices(name: str) -> tuple[list[Any], float | None]:
                      " and cpu-N")
   if importlib.util.find_spec("libtpu") is None:
     raise RuntimeError(
-        "TPU topologies need libtpu: .venv/bin/pip install 'jax[tpu]==0.10.2'")
+        "TPU topologies need libtpu: .venv/bin/pip install -c constraints.txt"
+        " libtpu")
   # Several libtpu users on one machine (tests, other planners) would fight
   # over /tmp/libtpu_lockfile; compiling needs no exclusive chip access.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

@@ -204,7 +204,8 @@ def test_install_from_checkout_copies_head_to_all_workers(tmp_path):
   argv, script = ssh_script(ssh)
   assert "--worker=all" in argv
   assert '"$HOME/optconsist_jax[tpu]"' in script
-  assert "--python 3.11" in script
+  assert "--python 3.12" in script
+  assert '-c "$HOME/optconsist_jax/constraints.txt"' in script
 
 
 def test_install_from_git_url_and_bad_source(capsys):

@@ -128,7 +128,7 @@ def test_cpu_mesh_dp_all_reduces_every_gradient_once(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="needs libtpu (pip install 'jax[tpu]==0.10.2')")
+                    reason="needs libtpu (pip install -c constraints.txt libtpu)")
 def test_tpu_topology_fsdp_fits_and_gathers():
   r = plan.plan(plan.PlanSpec(
       model="tiny_gqa", mesh="fsdp", topology="v5p-8", seq_len=32,
