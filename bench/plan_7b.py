@@ -59,7 +59,8 @@ def _table(rows: list[dict]) -> str:
 
 NOTES = """\
 Llama-2-7B (6.74B params), sequence 1024, global batch 768 sequences per
-optimizer step as in "LoRA Learns Less and Forgets Less" (REFERENCE.md). That
+optimizer step as in "LoRA Learns Less and Forgets Less" (Biderman et al.,
+TMLR 2024). That
 batch does not fit in one pass on these slices, so each step runs
 `grad accum` micro-batches of `micro-batch/chip` x chips rows (lax.scan inside
 the jitted step). Params and optimizer state fp32, compute bf16, scan over the
@@ -80,6 +81,12 @@ generations rather than the per-kind columns. Where the TPU compiler itself
 refuses the program (RESOURCE_EXHAUSTED), temp is the figure from its error
 message, args are computed from the shardings, and collectives are "-".
 """
+
+
+def _versions() -> str:
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  return ", ".join(f"{name} {metadata.version(name)}"
+                   for name in ("jax", "jaxlib", "libtpu"))
 
 
 def main(argv=None) -> int:
@@ -133,8 +140,9 @@ def main(argv=None) -> int:
       JSONL) else []
   with open(MARKDOWN, "w") as f:
     f.write("# Planner: Llama-2-7B finetuning on Cloud TPU slices\n\n")
-    f.write("Produced on a CPU-only machine (libtpu AOT compile) by\n\n")
-    f.write("```\n.venv/bin/python bench/plan_7b.py --topology "
+    f.write("Produced on a CPU-only machine (libtpu AOT compile;"
+            f" {_versions()}) by\n\n")
+    f.write("```\n.venv/bin/python bench/plan_7b.py --fresh --topology "
             "v4-8,v5p-8,v5e-16,v6e-8 --mesh fsdp,fsdp_tp --optimizer "
             "adamw,lora\n```\n\n")
     f.write(NOTES + "\n")

@@ -15,7 +15,8 @@ Expected time per epoch = tokens per epoch x training flops per token /
 `LlamaConfig.flops_per_token(1024)` (6 x matmul params + causal attention, as
 the trainer's MFU counts them); LoRA does no weight gradients for the frozen
 base, so 2/3 of that (+ the adapters, negligible); Muon adds its Newton-Schulz
-iterations per step (5 x (4 m^2 n + 2 m^3) per matrix, REFERENCE.md), spread
+iterations per step (5 x (4 m^2 n + 2 m^3) per matrix: X X^T, the quintic
+polynomial and its product with X; Jordan et al. 2024, "Muon"), spread
 over the chips. MFU is an assumption (--mfu), not a measurement.
 """
 
@@ -31,7 +32,7 @@ import time
 from optconsist_jax import launch
 from optconsist_jax.model import preset
 
-TOKENS_PER_EPOCH = 103e6  # MetaMathQA, 395K examples (REFERENCE.md)
+TOKENS_PER_EPOCH = 103e6  # MetaMathQA, 395K examples (Biderman et al. 2024)
 SEQ_LEN = 1024
 GLOBAL_BATCH = 768
 GRAD_ACCUM = 24  # configs/llama2_7b_metamath.py default

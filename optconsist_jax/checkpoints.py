@@ -276,14 +276,14 @@ def list_checkpoints(workdir: str | os.PathLike) -> list[CheckpointInfo]:
 
 def _pure(tree: Any) -> Any:
   """nnx.State -> its plain nested dict (the on-disk form of params)."""
-  return tree.to_pure_dict() if isinstance(tree, nnx.State) else tree
+  return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
 
 
 def _like(abstract: Any, restored: Any) -> Any:
   """Restored plain dict -> the container type of `abstract`."""
   if isinstance(abstract, nnx.State):
     out = jax.tree.map(lambda x: x, abstract)  # A copy to fill.
-    out.replace_by_pure_dict(restored)
+    nnx.replace_by_pure_dict(out, restored)
     return out
   return restored
 

@@ -49,7 +49,7 @@ def _pure(params: Any) -> Mapping[str, Any]:
   if isinstance(params, nnx.Module):
     params = nnx.state(params, nnx.Param)
   if isinstance(params, nnx.State):
-    params = params.to_pure_dict()
+    params = nnx.to_pure_dict(params)
   return params
 
 

@@ -63,8 +63,7 @@ def make_model(seed, lora=None):
     # Trained-looking adapters: B != 0 so merging changes the weights.
     for path, v in nnx.iter_graph(model):
       if isinstance(v, lora_lib.LoRAParam) and "lora_b" in str(path[-1]):
-        v.value = 0.05 * jax.random.normal(jax.random.key(seed),
-                                           v.value.shape)
+        v[...] = 0.05 * jax.random.normal(jax.random.key(seed), v.shape)
   return model
 
 
@@ -149,7 +148,7 @@ def test_other_mesh_same_numbers(run_dir, tokenizer):
   info = [c for c in ckpt_lib.list_checkpoints(w) if c.step == 4][0]
   model = ev.checkpoint_model(info.path)
   kernel = nnx.state(model, nnx.Param)["layers"]["mlp"]["up_proj"]["kernel"]
-  assert len(kernel.value.sharding.device_set) == 8  # really resharded
+  assert len(kernel[...].sharding.device_set) == 8  # really resharded
   metrics, _ = ev_lib.run_evals(model, tokenizer, ev.data, other)
   for k, v in want[4].metrics.items():
     if "seconds" not in k and "tokens_per_second" not in k:

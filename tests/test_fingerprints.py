@@ -31,7 +31,7 @@ def _model(seed=0, scan=True):
 def test_spectra_match_numpy_svd_of_each_layer():
   model = _model()
   spectra = fingerprints.weight_spectra(model)
-  state = nnx.state(model, nnx.Param).to_pure_dict()
+  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   assert set(spectra) == {"q", "k", "v", "o", "gate", "up", "down"}
   c = model.config
   for kind, path in fingerprints.MATRIX_KINDS.items():

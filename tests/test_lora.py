@@ -65,13 +65,12 @@ def test_init_leaves_logits_unchanged_and_filters_are_disjoint():
   assert not lora_paths & base_paths
   assert len(lora_paths) == 14
   q = model.layers.attn.q_proj
-  assert q.lora_a.value.shape == (3, 64, 4) and q.lora_b.value.shape == (
-      3, 4, 64)
-  assert not np.any(np.asarray(q.lora_b.value))
+  assert q.lora_a.shape == (3, 64, 4) and q.lora_b.shape == (3, 4, 64)
+  assert not np.any(np.asarray(q.lora_b[...]))
   specs = nnx.get_partition_spec(lora)
-  assert tuple(specs["layers"]["attn"]["q_proj"]["lora_a"].value) == (
+  assert tuple(specs["layers"]["attn"]["q_proj"]["lora_a"].get_value()) == (
       "layers", "embed", None)
-  assert tuple(specs["layers"]["mlp"]["down_proj"]["lora_b"].value) == (
+  assert tuple(specs["layers"]["mlp"]["down_proj"]["lora_b"].get_value()) == (
       "layers", None, "embed")
 
 
@@ -82,7 +81,7 @@ def test_step_keeps_base_bit_identical_and_state_adapter_sized():
   base_after = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
   for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(base_after)):
     np.testing.assert_array_equal(a, b)
-  assert np.any(np.asarray(model.layers.mlp.up_proj.lora_b.value))
+  assert np.any(np.asarray(model.layers.mlp.up_proj.lora_b[...]))
   adapter_shapes = {x.shape for x in jax.tree.leaves(lora_params)}
   state_arrays = [x for x in jax.tree.leaves(opt_state) if x.ndim]
   assert state_arrays and all(x.shape in adapter_shapes for x in state_arrays)
@@ -110,7 +109,7 @@ def test_dropout_uses_forward_rng_only():
   model, _ = _lora_model(dropout=0.5)
   # Make the adapter path non-zero so dropout shows.
   b = model.layers.attn.q_proj.lora_b
-  b.value = jnp.ones_like(b.value) * 0.1
+  b[...] = jnp.ones_like(b[...]) * 0.1
   plain = np.asarray(model.forward(TOKENS).logits_BTV)
   np.testing.assert_array_equal(
       plain, np.asarray(model.forward(TOKENS, dropout_rng=None).logits_BTV))

@@ -72,7 +72,11 @@ def _params(workdir, step):
   ref = checkpoints.checkpoint_dir(workdir) / str(step) / checkpoints.PARAMS
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with ocp.PyTreeCheckpointer() as ckptr:
-    tree = ckptr.restore(ref)
+    saved = ckptr.metadata(ref).item_metadata.tree
+    as_numpy = jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+    tree = ckptr.restore(ref, args=ocp.args.PyTreeRestore(
+        restore_args=as_numpy))
   return {k: np.asarray(v) for k, v in _flat(tree).items()}
 
 
@@ -228,7 +232,7 @@ def test_init_from_orbax_run_loads_its_params(reference, tmp_path):
   assert int(state.step) == 0
   want = _params(ref_dir, 8)
   got = {k: np.asarray(v) for k, v in _flat(
-      train.full_params(state).to_pure_dict()).items()}
+      train.nnx.to_pure_dict(train.full_params(state))).items()}
   assert want.keys() == got.keys()
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
@@ -252,8 +256,9 @@ def _initial_params(cfg, workdir):
 
 
 def _assert_same_params(params, model):
-  want = train.nnx.state(model, train.nnx.Param).to_pure_dict()
-  got = params.to_pure_dict() if hasattr(params, "to_pure_dict") else params
+  want = train.nnx.to_pure_dict(train.nnx.state(model, train.nnx.Param))
+  got = (train.nnx.to_pure_dict(params)
+         if isinstance(params, train.nnx.State) else params)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
