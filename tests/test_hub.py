@@ -8,6 +8,7 @@ HF_HUB_CACHE, so the real snapshot_download / hf_hub_download code paths run
 """
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -185,3 +186,41 @@ def test_processes_sharing_a_cache_do_not_race(env, tmp_path):
   for name in os.listdir(folder):
     with open(os.path.join(folder, name), "rb") as f:
       assert f.read() == _model_repo().files[name], name
+
+
+def test_train_init_from_hub_repo_with_from_init(env, tmp_path):
+  """config.init_from.path = a Hub repo id: architecture and params from it."""
+  from optconsist_jax import config_types  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import train  # pylint: disable=g-import-not-at-top
+  from tests import test_train  # pylint: disable=g-import-not-at-top
+  with FakeHub({("model", REPO): _model_repo("gqa")}) as server:
+    env.setenv("HF_ENDPOINT", server.endpoint)
+    assert config_types.init_kind(f"{REPO}@main") == "hf"
+    cfg = test_train._config(**{"init_from.path": f"{REPO}@main",  # pylint: disable=protected-access
+                                "model.preset": "from_init"})
+    # from_init read only config.json so far.
+    assert server.count("GET", "cdn:/blobs/") == 0
+    with open(os.path.join(FIXTURES, "gqa", "config.json")) as f:
+      want = hf.config_from_hf(json.load(f))
+    assert cfg.model == want.replace(
+        **{k: getattr(cfg.model, k) for k in config_types.NUMERICS_KEYS})
+    train.preflight(cfg, train.sharding.make_mesh(cfg.mesh))
+    params, how, _ = test_train._initial_params(cfg, tmp_path / "w")  # pylint: disable=protected-access
+  assert how == f"initialized from Hugging Face repo {REPO}@main"
+  test_train._assert_same_params(  # pylint: disable=protected-access
+      params, hf.load(os.path.join(FIXTURES, "gqa"))[1])
+
+
+def test_7b_config_defaults_to_a_pinned_hub_repo_and_its_tokenizer():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "cfg7b", os.path.join(os.path.dirname(__file__), "..", "configs",
+                            "llama2_7b_metamath.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("adamw")
+  ref = hub.parse_ref(c.init_from.path)
+  assert ref.repo_id == "meta-llama/Llama-2-7b-hf" and len(ref.revision) == 40
+  assert c.data.tokenizer_path == c.init_from.path
+  local = module.get_config("adamw,init=/ckpt/llama")
+  assert local.data.tokenizer_path == "/ckpt/llama/tokenizer.model"
