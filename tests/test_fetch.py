@@ -19,7 +19,7 @@ import pytest
 
 from optconsist_jax.data import fetch
 from optconsist_jax.data import formats
-from tests.fake_hub import FakeHub, Repo
+from fake_hub import FakeHub, Repo
 
 METAMATH = [
     {"type": "GSM_Rephrased", "query": "What is 2 + 3?",
@@ -270,7 +270,10 @@ def test_command_line_exit_status_and_one_line(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   with FakeHub({}) as server:  # a Hub without the repo
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, HF_ENDPOINT=server.endpoint,
+               PYTHONPATH=os.pathsep.join(
+                   [root] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
                HF_HUB_CACHE=str(tmp_path / "cache"),
                HF_HUB_DISABLE_PROGRESS_BARS="1")
     env.pop("HF_HUB_OFFLINE", None)

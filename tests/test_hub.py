@@ -18,7 +18,7 @@ import pytest
 
 from optconsist_jax import hf
 from optconsist_jax import hub
-from tests.fake_hub import FakeHub, Repo
+from fake_hub import FakeHub, Repo
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 TOKENIZER = os.path.join(os.path.dirname(hf.__file__), "data", "assets")
@@ -167,6 +167,12 @@ def test_tokenizer_from_the_model_repo(env):
   assert hub.tokenizer_file("local/tokenizer.model") == "local/tokenizer.model"
 
 
+def _env_with_repo():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = [root] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+  return dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+
+
 def test_processes_sharing_a_cache_do_not_race(env, tmp_path):
   """Two processes resolve the same repo into one cache at once."""
   script = ("import sys; from optconsist_jax import hub;"
@@ -175,7 +181,7 @@ def test_processes_sharing_a_cache_do_not_race(env, tmp_path):
     env.setenv("HF_ENDPOINT", server.endpoint)
     procs = [subprocess.Popen([sys.executable, "-c", script, REPO],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=dict(os.environ))
+                              text=True, env=_env_with_repo())
              for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
   for p, (out, err) in zip(procs, outs):
@@ -192,7 +198,7 @@ def test_train_init_from_hub_repo_with_from_init(env, tmp_path):
   """config.init_from.path = a Hub repo id: architecture and params from it."""
   from optconsist_jax import config_types  # pylint: disable=g-import-not-at-top
   from optconsist_jax import train  # pylint: disable=g-import-not-at-top
-  from tests import test_train  # pylint: disable=g-import-not-at-top
+  import test_train  # pylint: disable=g-import-not-at-top
   with FakeHub({("model", REPO): _model_repo("gqa")}) as server:
     env.setenv("HF_ENDPOINT", server.endpoint)
     assert config_types.init_kind(f"{REPO}@main") == "hf"
