@@ -16,7 +16,8 @@ Reads top to bottom (big_vision style):
 3. Initial state, first found wins:
      a. a checkpoint in W/checkpoints (resume: params, optimizer state, data
         iterator position, step; refused if written for another model);
-     b. `config.init_from`: a Hugging Face folder (optconsist_jax.hf.load) or
+     b. `config.init_from`: a Hugging Face folder or Hub repo id
+        (optconsist_jax.hf.load, optconsist_jax.hub), a nanoGPT ckpt.pt or
         an Orbax run/checkpoint of a full model, possibly saved under another
         mesh (params only; fresh optimizer state);
      c. random init (`config.train.seed`).
