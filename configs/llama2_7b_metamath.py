@@ -18,11 +18,16 @@ comma-separated `key=value` settings:
   epochs     passes over MetaMathQA (default 11, one checkpoint per epoch).
   accum      gradient-accumulation micro-batches per step (default 24: 32
              rows per micro-batch, i.e. 4 rows per chip on 8 chips, 1 on 32).
-  init       Hugging Face Llama-2-7B folder (config.json, *.safetensors,
-             tokenizer.model) or an Orbax run (may be gs://). Default
-             `llama-2-7b-hf` (relative to the working directory).
-  tokenizer  SentencePiece model; default `<init>/tokenizer.model`.
-  data       MetaMathQA-395K.json; default `MetaMathQA-395K.json`.
+  init       Hugging Face Hub repo `org/name[@revision]`, a local Hugging
+             Face folder (config.json, *.safetensors, tokenizer.model) or an
+             Orbax run (may be gs://). Default `HF_MODEL`, Llama-2-7B on the
+             Hub at a pinned commit (gated: accept Meta's license on the Hub
+             and set HF_TOKEN); every host downloads it into its own
+             Hugging Face cache (optconsist_jax.hub).
+  tokenizer  SentencePiece model or Hub repo; default the init repo's
+             tokenizer.model (a Hub init), else `<init>/tokenizer.model`.
+  data       MetaMathQA-395K.json; default `MetaMathQA-395K.json`, which
+             `python -m optconsist_jax.data.fetch metamathqa .` writes.
   mesh       mesh preset (default fsdp).
 
 Fixed settings (REFERENCE.md, Biderman et al. 2024): sequence length 1024,
@@ -31,9 +36,11 @@ peak, weight decay 0, grad-norm clip 1.0; bf16 compute with fp32 params, scan
 over layers with full remat; LoRA alpha = 2 x rank, dropout 0.05 on
 q,k,v,o,gate,up,down with embeddings and head frozen.
 
-Hugging Face folders and the data file are read from local disk: on a TPU
-slice copy them to every worker first (`python -m optconsist_jax.launch tpu
-stage`). Orbax `init` paths and the workdir may be gs://.
+The data file is read from local disk: on a TPU slice fetch it on every
+worker first (`python -m optconsist_jax.launch tpu fetch`, which runs
+optconsist_jax.data.fetch there; launch/llama2_7b_metamath.sh does it). Local
+Hugging Face folders must be on every worker too (`launch tpu stage`); Orbax
+`init` paths and the workdir may be gs://.
 
 The matching eval job is configs/llama2_7b_metamath_eval.py (GSM8K with both
 prompt protocols, HellaSwag / ARC-Challenge / WinoGrande, held-out LM loss).
@@ -41,11 +48,18 @@ prompt protocols, HellaSwag / ARC-Challenge / WinoGrande, held-out LM loss).
 
 import ml_collections
 
+from optconsist_jax import hub
+
 VARIANTS = ("adamw", "muon", "lora16", "lora64", "lora256")
 _DEFAULT_LR = {"adamw": 1e-5, "muon": 5e-5, "lora16": 2e-4, "lora64": 1e-4,
                "lora256": 5e-5}
 _KEYS = ("lr", "adam_lr", "epochs", "accum", "init", "tokenizer", "data",
          "mesh")
+
+# meta-llama/Llama-2-7b-hf at the commit public Hugging Face caches show for
+# its main branch (not checked against the Hub from here; a wrong revision
+# fails with one line: pass init=meta-llama/Llama-2-7b-hf@main then).
+HF_MODEL = "meta-llama/Llama-2-7b-hf@01c7f73d771dfac7d292323805ebc428287df4f9"
 
 SEQ_LEN = 1024
 GLOBAL_BATCH = 768
@@ -87,7 +101,10 @@ def _adamw_group(peak: float) -> dict:
 def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
   variant, s = parse_arg(arg)
   lr = float(s.get("lr", _DEFAULT_LR[variant]))
-  init = s.get("init", "llama-2-7b-hf")
+  init = s.get("init", HF_MODEL)
+  # A Hub repo's tokenizer.model comes from the same repo and revision.
+  tokenizer = s.get("tokenizer", init if hub.is_hub_ref(init)
+                    else f"{init}/tokenizer.model")
 
   c = ml_collections.ConfigDict()
   c.model = dict(preset="llama2_7b", param_dtype="float32", dtype="bfloat16",
@@ -115,7 +132,7 @@ def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
                    routes=[("lora", "adamw")], clip_norm=1.0)
 
   c.data = dict(format="metamathqa", path=s.get("data", "MetaMathQA-395K.json"),
-                tokenizer_path=s.get("tokenizer", f"{init}/tokenizer.model"),
+                tokenizer_path=tokenizer,
                 seq_len=SEQ_LEN, global_batch_size=GLOBAL_BATCH, pack=True,
                 seed=0, num_workers=0)
   c.train = dict(num_epochs=int(s.get("epochs", EPOCHS)), num_steps=0,

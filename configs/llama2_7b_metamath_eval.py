@@ -16,11 +16,13 @@ LoRA settings and tokenizer come from the run's W/config.json.
 
 Arg (`:ARG`): optional comma-separated `key=value` settings:
   data_dir   folder holding the files below (default ".", the repo dir on a
-             TPU worker after `launch tpu stage`):
-             gsm8k_test.jsonl, gsm8k_train.jsonl (the few shots),
-             hellaswag_val.jsonl, arc_challenge_test.jsonl,
-             winogrande_val.jsonl, heldout_text.jsonl (documents for the LM
-             loss, JSON lines with `text`)
+             TPU worker): gsm8k_test.jsonl, gsm8k_train.jsonl (the few
+             shots), hellaswag_val.jsonl, arc_challenge_test.jsonl,
+             winogrande_val.jsonl, which `python -m optconsist_jax.data.fetch
+             gsm8k,hellaswag,arc,winogrande DATA_DIR` downloads from the Hub
+             (`launch tpu fetch` on every worker), and heldout_text.jsonl
+             (documents for the LM loss, JSON lines with `text`; not on the
+             Hub: `launch tpu stage` it from a bucket)
   limit      first items of every set (default 0 = all), for a quick check.
   mesh       eval mesh preset (default fsdp).
 """

@@ -2,8 +2,13 @@
 # The paper's 7B runs on one slice each, plus an eval slice (prints with DRY_RUN=1).
 #   BUCKET=gs://my-bucket ZONE=us-east5-a ACCEL=v5p-16 VARIANT=adamw LR=1e-5 \
 #     launch/llama2_7b_metamath.sh
-# Needs gs://.../llama-2-7b-hf (HF folder with tokenizer.model),
-# gs://.../data/{MetaMathQA-395K.json,gsm8k_test.jsonl,...} in $BUCKET.
+# Weights and tokenizer: the config's default, meta-llama/Llama-2-7b-hf at a
+# pinned commit, downloaded from the Hugging Face Hub by every worker (gated:
+# accept Meta's license on the Hub and log in here with `hf auth login`; the
+# token file, HF_TOKEN_FILE, default ~/.cache/huggingface/token, is copied to
+# the workers by scp). Datasets: `python -m optconsist_jax.data.fetch` on every
+# worker (files already there are kept). Only $BUCKET/data/heldout_text.jsonl
+# (the eval's LM-loss documents; not on the Hub) is copied from the bucket.
 set -euo pipefail
 : "${BUCKET:?set BUCKET=gs://...}" "${ZONE:?set ZONE}"
 ACCEL=${ACCEL:-v5p-16}; VARIANT=${VARIANT:-adamw}; LR=${LR:-}
@@ -14,20 +19,22 @@ DRY=${DRY_RUN:+--dry-run}
 T="$(dirname "$0")/tpu.sh"
 COMMON=(--zone="$ZONE" ${PROJECT:+--project="$PROJECT"})
 WORKDIR="$BUCKET/runs/$RUN"
+TOKEN_FILE=${HF_TOKEN_FILE:-$HOME/.cache/huggingface/token}
+TOKEN=(); [ -f "$TOKEN_FILE" ] && TOKEN=(--hf-token-file="$TOKEN_FILE")
 
 "$T" create --name="$NAME" "${COMMON[@]}" --accelerator-type="$ACCEL" \
   --queued --provisioning="$PROVISIONING" $DRY
 "$T" install --name="$NAME" "${COMMON[@]}" $DRY
-"$T" stage --name="$NAME" "${COMMON[@]}" --src="$BUCKET/llama-2-7b-hf" --dest=. $DRY
-"$T" stage --name="$NAME" "${COMMON[@]}" --src="$BUCKET/data/MetaMathQA-395K.json" --dest=. $DRY
+"$T" fetch --name="$NAME" "${COMMON[@]}" --data=metamathqa --dest=. "${TOKEN[@]}" $DRY
 "$T" train --name="$NAME" "${COMMON[@]}" --config="configs/llama2_7b_metamath.py:$ARG" \
   --workdir="$WORKDIR" $DRY
 
 "$T" create --name="$NAME-eval" "${COMMON[@]}" --accelerator-type="$EVAL_ACCEL" \
   --queued --provisioning="$PROVISIONING" $DRY
 "$T" install --name="$NAME-eval" "${COMMON[@]}" $DRY
-"$T" stage --name="$NAME-eval" "${COMMON[@]}" --src="$BUCKET/llama-2-7b-hf" --dest=. $DRY
-"$T" stage --name="$NAME-eval" "${COMMON[@]}" --src="$BUCKET/data/*" --dest=. $DRY
+"$T" fetch --name="$NAME-eval" "${COMMON[@]}" --data=gsm8k,hellaswag,arc,winogrande --dest=. \
+  "${TOKEN[@]}" $DRY
+"$T" stage --name="$NAME-eval" "${COMMON[@]}" --src="$BUCKET/data/heldout_text.jsonl" --dest=. $DRY
 "$T" eval --name="$NAME-eval" "${COMMON[@]}" --config=configs/llama2_7b_metamath_eval.py --arg=--watch \
   --workdir="$WORKDIR" $DRY
 echo "logs:   $T logs --name=$NAME ${COMMON[*]}"

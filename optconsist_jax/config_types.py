@@ -89,12 +89,13 @@ class InitFromConfig:
   """Where initial weights come from when the workdir has no checkpoint.
 
   Attributes:
-    path: a Hugging Face Llama folder (config.json + *.safetensors), an
+    path: a Hugging Face Llama folder (config.json + *.safetensors) or Hub
+      repo (`org/name[@revision]`, see optconsist_jax.hub), an
       Orbax run (its workdir, W/checkpoints, or one step directory), or a
       nanoGPT `ckpt.pt` (the paper's GPT-2-small bases; config.model must
       then be `nanogpt.read_config(path)`). Empty: random init.
     kind: hf, orbax, nanogpt, or auto (hf if path holds config.json with
-      safetensors, nanogpt for a .pt file, else orbax).
+      safetensors or is a Hub repo id, nanogpt for a .pt file, else orbax).
     step: for an Orbax run, the step to read (None: the newest complete one).
   """
 
@@ -214,6 +215,9 @@ def init_kind(path: str, kind: str = "auto") -> str:
   """hf, nanogpt or orbax for an init_from path (kind "auto" decides)."""
   if kind != "auto":
     return kind
+  from optconsist_jax import hub  # pylint: disable=g-import-not-at-top
+  if hub.is_hub_ref(path):
+    return "hf"
   p = epath.Path(path)
   if p.is_file() and p.suffix == ".pt":
     return "nanogpt"
@@ -232,8 +236,10 @@ def model_config_of(path: str, kind: str = "auto") -> LlamaConfig:
   kind = init_kind(path, kind)
   if kind == "hf":
     from optconsist_jax import hf  # pylint: disable=g-import-not-at-top
+    from optconsist_jax import hub  # pylint: disable=g-import-not-at-top
+    folder = hub.model_dir(path, patterns=("config.json",))  # a Hub repo's
     return hf.config_from_hf(
-        json.loads((epath.Path(path) / "config.json").read_text()))
+        json.loads((epath.Path(folder) / "config.json").read_text()))
   if kind == "nanogpt":
     from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
     return nanogpt.read_config(path)

@@ -210,7 +210,8 @@ class EvalConfig:
 
   Attributes:
     mesh: the eval mesh (independent of the training mesh).
-    tokenizer_path: SentencePiece model; "" = the run's data.tokenizer_path
+    tokenizer_path: SentencePiece model or Hub model repo; "" = the run's
+      data.tokenizer_path
       (itself "" = the shipped tiny tokenizer).
     math, multiple_choice, lm_loss: the evals (see their types).
     learning_metric: the headline learning metric name ("" = auto).
@@ -495,9 +496,10 @@ class Evaluator:
 
   def _tokenizer(self):
     from optconsist_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+    from optconsist_jax import hub  # pylint: disable=g-import-not-at-top
     path = self.config.tokenizer_path or self.run.data.get(
         "tokenizer_path", "")
-    return Tokenizer.load(path) if path else Tokenizer.tiny()
+    return Tokenizer.load(hub.tokenizer_file(path)) if path else Tokenizer.tiny()
 
   def _restore(self, path: str | os.PathLike, step: int | None,
                lora: Mapping[str, Any] | None, identity: dict[str, Any]
@@ -521,7 +523,8 @@ class Evaluator:
       step = self.run.init_from.get("step")
       if not path:
         return None
-    if not epath.Path(path).exists():
+    from optconsist_jax import hub  # pylint: disable=g-import-not-at-top
+    if not hub.is_hub_ref(path) and not epath.Path(path).exists():
       raise FileNotFoundError(f"base model {path} does not exist")
     kind = config_types.init_kind(path)
     return kind, path, (step if kind == "orbax" else None)

@@ -36,6 +36,7 @@ import ml_dtypes
 import numpy as np
 import safetensors
 
+from optconsist_jax import hub
 from optconsist_jax import sharding
 from optconsist_jax.model import Llama, LlamaConfig
 from optconsist_jax.model.llama import no_constraint
@@ -310,11 +311,14 @@ def _slice_fn(source: TensorSource, handle: Callable[[str], Any],
 def load(hf_dir: str, dtype: Any = jnp.float32, *, mesh: Any = None,
          rules: Any = None, compute_dtype: Any = None,
          **config_overrides) -> tuple[LlamaConfig, Llama]:
-  """Loads a Hugging Face Llama folder into our model.
+  """Loads a Hugging Face Llama folder or Hub repo into our model.
 
   Args:
     hf_dir: folder with config.json and model.safetensors, or a sharded
-      checkpoint (model.safetensors.index.json + the shards it lists).
+      checkpoint (model.safetensors.index.json + the shards it lists); or a
+      Hub repo `org/name[@revision]` / `hf://org/name[@revision]` (see
+      optconsist_jax.hub): its config, tokenizer and safetensors files are
+      downloaded into the Hugging Face cache first (every host into its own).
     dtype: parameter dtype (weights are cast on read).
     mesh: a `jax.sharding.Mesh`; params are created directly in the
       shardings `optconsist_jax.sharding.state_shardings` gives for `rules`.
@@ -331,10 +335,11 @@ def load(hf_dir: str, dtype: Any = jnp.float32, *, mesh: Any = None,
 
   Raises:
     FileNotFoundError: config.json, the weights or a listed shard is missing.
+    hub.HubError: the Hub download failed (one-line message).
     ValueError: not a Llama config, or a tensor is missing or misshapen (the
       message names the file and the tensor).
   """
-  hf_dir = os.fspath(hf_dir)
+  hf_dir = hub.model_dir(hf_dir)
   hf_config = _read_config(hf_dir)
   config = config_from_hf(hf_config,
                           source=os.path.join(hf_dir, CONFIG_FILE))

@@ -8,6 +8,8 @@ shell runs exactly that argv. Tests check these lines.
     python -m optconsist_jax.launch tpu create --name=ft7b --zone=us-east5-a \
         --accelerator-type=v5p-16 --dry-run
     python -m optconsist_jax.launch tpu install --name=ft7b --zone=us-east5-a
+    python -m optconsist_jax.launch tpu fetch --name=ft7b --zone=us-east5-a \
+        --data=metamathqa --hf-token-file=~/.cache/huggingface/token
     python -m optconsist_jax.launch tpu stage --name=ft7b --zone=us-east5-a \
         --src=gs://BUCKET/llama-2-7b-hf --dest=.
     python -m optconsist_jax.launch tpu train --name=ft7b --zone=us-east5-a \
@@ -515,6 +517,42 @@ def stage_commands(target: Target, remote: Remote, src: str,
   return [target.ssh(script)]
 
 
+def fetch_commands(target: Target, remote: Remote, data: str, dest: str,
+                   token_file: str | None = None) -> list[Command]:
+  """Downloads datasets from the Hugging Face Hub on every worker.
+
+  Runs `python -m optconsist_jax.data.fetch DATA DEST` in the repo dir (it
+  keeps files already there, so staged data stays). With `token_file` (a
+  local Hugging Face token file, e.g. ~/.cache/huggingface/token), copies it
+  to each worker's ~/.cache/huggingface/token first, where huggingface_hub
+  finds it: the jobs can then download gated model repos
+  (meta-llama/Llama-2-7b-hf). The token travels by scp, never on a command
+  line.
+  """
+  if not re.fullmatch(r"[a-z0-9]+(,[a-z0-9]+)*", data):
+    raise ValueError(f"--data={data!r}: comma-separated dataset names (see"
+                     " python -m optconsist_jax.data.fetch --help)")
+  if not _SAFE_REMOTE.fullmatch(dest) or dest.startswith("/") or ".." in dest:
+    raise ValueError(f"--dest={dest!r}: a path relative to the repo dir made of"
+                     " letters, digits, '._/-'")
+  commands: list[Command] = []
+  if token_file:
+    if not os.path.isfile(os.path.expanduser(token_file)):
+      raise ValueError(f"--hf-token-file={token_file!r}: no such file (log in"
+                       " with `hf auth login`, or leave the flag out)")
+    commands.append(target.scp(os.path.expanduser(token_file),
+                               "optconsist-hf-token"))
+    commands.append(target.ssh(
+        'mkdir -p "$HOME/.cache/huggingface" && mv "$HOME/optconsist-hf-token"'
+        ' "$HOME/.cache/huggingface/token" && chmod 600'
+        ' "$HOME/.cache/huggingface/token"'))
+  repo = remote.home(remote.repo_dir)
+  script = (f"mkdir -p {repo} && cd {repo} && {remote.python} -m"
+            f" optconsist_jax.data.fetch {data} {shlex.quote(dest)}")
+  commands.append(target.ssh(script))
+  return commands
+
+
 def start_job_commands(target: Target, remote: Remote,
                        job: JobSpec) -> list[Command]:
   """Starts `job` on every worker under nohup; logs and pid in log_dir."""
@@ -637,6 +675,18 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--src", required=True, help="gs://BUCKET/PATH")
   p.add_argument("--dest", required=True,
                  help="destination, relative to the repo dir on each worker")
+  p = sub.add_parser("fetch", help="download datasets from the Hugging Face"
+                     " Hub on every worker (and install an HF token)")
+  _add_target_args(p)
+  _add_remote_args(p)
+  p.add_argument("--data", required=True,
+                 help="metamathqa, gsm8k, hellaswag, arc, winogrande or all"
+                 " (comma-separated)")
+  p.add_argument("--dest", default=".",
+                 help="destination, relative to the repo dir on each worker")
+  p.add_argument("--hf-token-file", default=None,
+                 help="local Hugging Face token file to copy to every worker"
+                 " (for gated model repos)")
   p = sub.add_parser("up", help="create + install + train")
   _add_target_args(p)
   _add_slice_args(p, required=True)
@@ -731,6 +781,9 @@ def build(args) -> list[Command]:
     return install_commands(target, remote, args.source, args.extras)
   if args.verb == "stage":
     return stage_commands(target, remote, args.src, args.dest)
+  if args.verb == "fetch":
+    return fetch_commands(target, remote, args.data, args.dest,
+                          args.hf_token_file)
   if args.verb in ("train", "eval"):
     job = _job(args)
     _check_workdir(job, acc, args.verb)

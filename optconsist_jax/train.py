@@ -16,7 +16,8 @@ Reads top to bottom (big_vision style):
 3. Initial state, first found wins:
      a. a checkpoint in W/checkpoints (resume: params, optimizer state, data
         iterator position, step; refused if written for another model);
-     b. `config.init_from`: a Hugging Face folder (optconsist_jax.hf.load) or
+     b. `config.init_from`: a Hugging Face folder or Hub repo id
+        (optconsist_jax.hf.load, optconsist_jax.hub), a nanoGPT ckpt.pt or
         an Orbax run/checkpoint of a full model, possibly saved under another
         mesh (params only; fresh optimizer state);
      c. random init (`config.train.seed`).
@@ -59,6 +60,7 @@ import numpy as np
 
 from optconsist_jax import checkpoints as ckpt_lib
 from optconsist_jax import config_types
+from optconsist_jax import hub
 from optconsist_jax import metrics as metrics_lib
 from optconsist_jax import sharding
 from optconsist_jax import train_step as step_lib
@@ -139,7 +141,8 @@ def preflight(config: ExperimentConfig, mesh) -> None:
                      " long to run: set config.train.num_epochs (or"
                      " config.train.num_steps) and leave data.num_epochs None")
   path = config.init_from.path
-  if path and not epath.Path(path).exists():
+  if (path and not hub.is_hub_ref(path)
+      and not epath.Path(path).exists()):
     raise FileNotFoundError(f"config.init_from.path={path!r} does not exist")
   if config.data.seq_len > config.model.max_position_embeddings:
     if config.model.position_embedding == "learned":
@@ -240,7 +243,7 @@ def _base_params_from_init(config: ExperimentConfig, s: Setup):
     from optconsist_jax import hf  # pylint: disable=g-import-not-at-top
     m = config.model
     hf_config, model = hf.load(
-        os.fspath(path), dtype=m.param_dtype, mesh=s.mesh, rules=s.rules,
+        src.path, dtype=m.param_dtype, mesh=s.mesh, rules=s.rules,
         compute_dtype=m.dtype, scan_layers=m.scan_layers,
         remat_policy=m.remat_policy, attention_impl=m.attention_impl)
     ckpt_lib.compare_models(
@@ -248,7 +251,9 @@ def _base_params_from_init(config: ExperimentConfig, s: Setup):
         {"llama": config_types.to_jsonable(hf_config)},
         f"config.init_from {path} (config.json)",
         hint="Set config.model to the folder's config.json values.")
-    return nnx.state(model, nnx.Param), f"Hugging Face folder {path}"
+    return nnx.state(model, nnx.Param), (
+        f"Hugging Face {'repo' if hub.is_hub_ref(src.path) else 'folder'}"
+        f" {src.path}")
   if kind == "nanogpt":
     from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
     return nanogpt.load_params_into(

@@ -280,3 +280,50 @@ def test_stage_copies_to_every_worker(capsys):
     launch.main(["tpu", "stage", *TARGET, "--src=/local", "--dest=.",
                  "--dry-run"])
   assert "gs://" in capsys.readouterr().err
+
+
+def test_fetch_downloads_on_every_worker_and_copies_the_token_by_scp(
+    tmp_path, capsys):
+  token = tmp_path / "token"
+  token.write_text("hf_secret_value\n")
+  lines = dry("tpu", "fetch", *TARGET, "--data=gsm8k,arc", "--dest=data",
+              f"--hf-token-file={token}")
+  assert len(lines) == 3
+  scp = shlex.split(lines[0])
+  assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]
+  assert str(token) in scp and "--worker=all" in scp
+  _, install = ssh_script(lines[1])
+  assert '"$HOME/.cache/huggingface/token"' in install and "chmod 600" in install
+  argv, script = ssh_script(lines[2])
+  assert "--worker=all" in argv
+  assert script.endswith("-m optconsist_jax.data.fetch gsm8k,arc data")
+  assert not any("hf_secret_value" in line for line in lines)
+  # Without a token file: only the fetch itself.
+  (line,) = dry("tpu", "fetch", *TARGET, "--data=all")
+  assert ssh_script(line)[1].endswith("optconsist_jax.data.fetch all .")
+  for bad in ("--data=gsm8k;rm", "--dest=/abs", f"--hf-token-file={tmp_path}/x"):
+    with pytest.raises(SystemExit):
+      launch.main(["tpu", "fetch", *TARGET, "--data=gsm8k", bad, "--dry-run"])
+  capsys.readouterr()
+
+
+def test_7b_script_fetches_weights_and_data_itself(tmp_path):
+  """launch/llama2_7b_metamath.sh with only a bucket, zone and accelerator."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, BUCKET="gs://bkt", ZONE="us-east5-a",
+             ACCEL="v5p-16", DRY_RUN="1", PYTHON=sys.executable,
+             HF_TOKEN_FILE=str(tmp_path / "none"))
+  p = subprocess.run(["bash", os.path.join(root, "launch",
+                                           "llama2_7b_metamath.sh")],
+                     capture_output=True, text=True, env=env, timeout=120)
+  assert p.returncode == 0, p.stderr
+  out = p.stdout
+  assert "optconsist_jax.data.fetch metamathqa ." in out
+  assert "optconsist_jax.data.fetch gsm8k,hellaswag,arc,winogrande ." in out
+  # Weights are no longer copied from the bucket; only the held-out text is.
+  stages = [l for l in out.splitlines() if "gcloud storage cp" in l]
+  assert len(stages) == 1 and "gs://bkt/data/heldout_text.jsonl" in stages[0]
+  assert "llama-2-7b-hf" not in out

@@ -65,7 +65,9 @@ class DataConfig:
     source: "file" (formats.py readers) or "tfds" (built array_record
       dataset, tfds_builders.py).
     split: tfds split ("train"); stdlib split ("train"/"heldout").
-    tokenizer_path: SentencePiece model; "" = the shipped tiny tokenizer.
+    tokenizer_path: SentencePiece model, or a Hub model repo
+      `org/name[@revision]` (its tokenizer.model); "" = the shipped tiny
+      tokenizer.
     seq_len: row length T of the batch arrays.
     global_batch_size: rows per step over all processes.
     pack: pack several examples per row (else one example per row).
@@ -130,13 +132,17 @@ class DataConfig:
 
 
 def load_tokenizer(config: DataConfig) -> Tokenizer:
-  """SentencePiece file, GPT-2 BPE folder (vocab + merges), or the tiny one."""
+  """SentencePiece file, GPT-2 BPE folder (vocab + merges), or the tiny one.
+
+  A Hub model repo (`org/name[@revision]`) means its `tokenizer.model`.
+  """
   if not config.tokenizer_path:
     return Tokenizer.tiny()
+  from optconsist_jax import hub  # pylint: disable=g-import-not-at-top
   from optconsist_jax.data import gpt2_bpe  # pylint: disable=g-import-not-at-top
   if gpt2_bpe.is_gpt2_bpe_dir(config.tokenizer_path):
     return gpt2_bpe.GPT2BPETokenizer.load(config.tokenizer_path)
-  return Tokenizer.load(config.tokenizer_path)
+  return Tokenizer.load(hub.tokenizer_file(config.tokenizer_path))
 
 
 def load_records(config: DataConfig) -> list[MathExample] | list[str]:

@@ -7,13 +7,15 @@ same records) and writes array_record shards. Reading back uses
 source that grain consumes directly; no TensorFlow is needed to read.
 
 Files expected in the manual directory (any subset; each present file becomes
-a split):
+a split; the second name is what `python -m optconsist_jax.data.fetch`
+writes, so its OUT_DIR is a manual directory):
 
   optconsist_metamathqa   train: MetaMathQA-395K.json
-  optconsist_gsm8k        train: train.jsonl, test: test.jsonl
+  optconsist_gsm8k        train: train.jsonl | gsm8k_train.jsonl,
+                          test: test.jsonl | gsm8k_test.jsonl
   optconsist_hellaswag    validation: hellaswag_val.jsonl
-  optconsist_arc          test: ARC-Challenge-Test.jsonl
-  optconsist_winogrande   validation: dev.jsonl
+  optconsist_arc          test: ARC-Challenge-Test.jsonl | arc_challenge_test.jsonl
+  optconsist_winogrande   validation: dev.jsonl | winogrande_val.jsonl
 
 Build: `python -m optconsist_jax.data.tfds_builders NAME MANUAL_DIR DATA_DIR`.
 """
@@ -48,11 +50,11 @@ def _choice_features() -> tfds.features.FeaturesDict:
 
 
 class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Reads `FILES[split]` from the manual dir with `READER`."""
+  """Reads `FILES[split]` (the first name present) from the manual dir."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "From local files via optconsist_jax readers."}
-  FILES: dict[str, str] = {}
+  FILES: dict[str, str | tuple[str, ...]] = {}
   READER = None
   KIND = "math"
 
@@ -62,7 +64,8 @@ class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
   @property
   def MANUAL_DOWNLOAD_INSTRUCTIONS(self):  # pylint: disable=invalid-name
-    return ("Put " + ", ".join(f"{f} ({s})" for s, f in self.FILES.items())
+    return ("Put " + ", ".join(f"{' or '.join(_names(f))} ({s})"
+                               for s, f in self.FILES.items())
             + " into the manual directory.")
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -73,12 +76,17 @@ class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
   def _split_generators(self, dl_manager):
     manual = os.fspath(dl_manager.manual_dir)
-    splits = {split: self._generate_examples(os.path.join(manual, name))
-              for split, name in self.FILES.items()
-              if os.path.isfile(os.path.join(manual, name))}
+    splits = {}
+    for split, names in self.FILES.items():
+      present = [n for n in _names(names)
+                 if os.path.isfile(os.path.join(manual, n))]
+      if present:
+        splits[split] = self._generate_examples(
+            os.path.join(manual, present[0]))
     if not splits:
       raise FileNotFoundError(
-          f"{self.name}: none of {list(self.FILES.values())} in {manual}")
+          f"{self.name}: none of"
+          f" {[n for f in self.FILES.values() for n in _names(f)]} in {manual}")
     return splits
 
   def _generate_examples(self, path):
@@ -94,13 +102,18 @@ class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
                   "label": rec.label, "benchmark": rec.benchmark, "id": rec.id}
 
 
+def _names(files: str | tuple[str, ...]) -> tuple[str, ...]:
+  return (files,) if isinstance(files, str) else files
+
+
 class OptconsistMetamathqa(_LocalFilesBuilder):
   FILES = {"train": "MetaMathQA-395K.json"}
   READER = staticmethod(formats.read_metamathqa)
 
 
 class OptconsistGsm8k(_LocalFilesBuilder):
-  FILES = {"train": "train.jsonl", "test": "test.jsonl"}
+  FILES = {"train": ("train.jsonl", "gsm8k_train.jsonl"),
+           "test": ("test.jsonl", "gsm8k_test.jsonl")}
   READER = staticmethod(formats.read_gsm8k)
 
 
@@ -111,13 +124,13 @@ class OptconsistHellaswag(_LocalFilesBuilder):
 
 
 class OptconsistArc(_LocalFilesBuilder):
-  FILES = {"test": "ARC-Challenge-Test.jsonl"}
+  FILES = {"test": ("ARC-Challenge-Test.jsonl", "arc_challenge_test.jsonl")}
   READER = staticmethod(formats.read_arc)
   KIND = "choice"
 
 
 class OptconsistWinogrande(_LocalFilesBuilder):
-  FILES = {"validation": "dev.jsonl"}
+  FILES = {"validation": ("dev.jsonl", "winogrande_val.jsonl")}
   READER = staticmethod(formats.read_winogrande)
   KIND = "choice"
 
