@@ -47,6 +47,8 @@ def test_hellaswag_harness_preprocessing(tmp_path):
   # The harness strips before deleting brackets, so "[step] eat it." keeps
   # its inner leading space (faithful, if odd).
   assert mc.continuations == (" put the tree in it.", "  eat it.")
+  # acc_norm's choices: the harness's doc_to_choice, no target delimiter.
+  assert mc.choices == ("put the tree in it.", " eat it.")
   assert (mc.label, mc.id, mc.benchmark) == (0, "7", "hellaswag")
 
 
@@ -62,6 +64,7 @@ def test_arc_both_layouts(tmp_path):
   assert a == b
   assert a[0].contexts[0] == "Question: Which is hot?\nAnswer:"
   assert a[0].continuations == (" ice", " fire") and a[0].label == 1
+  assert a[0].choices == ("ice", "fire")
 
 
 def test_winogrande_partial_scoring(tmp_path):
@@ -72,6 +75,8 @@ def test_winogrande_partial_scoring(tmp_path):
   assert mc.contexts == ("The cup fell off the table because the cup",
                          "The cup fell off the table because the table")
   assert mc.continuations == (" was tilted.",) * 2 and mc.label == 1
+  # The harness's winogrande doc_to_choice: the filled-in contexts.
+  assert mc.choices == mc.contexts
 
 
 def test_read_text(tmp_path):

@@ -71,17 +71,24 @@ ITEMS = [
     MultipleChoice(("Roof: The man climbs the ladder and",) * 4,
                    (" fixes the roof.", " eats a sandwich quickly.", " sleeps.",
                     " paints the fence , then goes home ."), 0, "hellaswag",
-                   "h0"),
+                   "h0", choices=("fixes the roof.", "eats a sandwich quickly.",
+                                  "sleeps.",
+                                  "paints the fence , then goes home .")),
     MultipleChoice(("Question: What melts ice?\nAnswer:",) * 3,
                    (" heat", " cold air", " a rock"), 0, "arc_challenge",
-                   "a0"),
+                   "a0", choices=("heat", "cold air", "a rock")),
     MultipleChoice(("Question: Which is a planet?\nAnswer: ",) * 2,
-                   ("Mars", "the moon"), 0, "arc_challenge", "a1"),
-    # WinoGrande partial scoring: two contexts, one continuation.
+                   ("Mars", "the moon"), 0, "arc_challenge", "a1",
+                   choices=("Mars", "the moon")),
+    # WinoGrande partial scoring: two contexts, one continuation; the
+    # harness's choices are the contexts.
     MultipleChoice(("The trophy did not fit in the suitcase because the trophy",
                     "The trophy did not fit in the suitcase because the"
                     " suitcase"), (" was too big.",) * 2, 0, "winogrande",
-                   "w0"),
+                   "w0", choices=(
+                       "The trophy did not fit in the suitcase because the"
+                       " trophy", "The trophy did not fit in the suitcase"
+                       " because the suitcase")),
 ]
 
 
@@ -93,14 +100,16 @@ def model():
 
 def test_scores_equal_brute_force(model):
   tok = WordTokenizer()
-  out = mc.evaluate(model, tok, ITEMS, batch_size=3)
+  out = mc.evaluate(model, tok, ITEMS, batch_size=3, add_bos=False)
+  assert out.add_bos is False
   correct = {}
   for item, pred in zip(ITEMS, out.predictions):
     want = np.array([brute_force(model, *mc.encode_pair(tok, c, k))
                      for c, k in zip(item.contexts, item.continuations)])
     np.testing.assert_allclose(pred["logprobs"], want, rtol=1e-5, atol=1e-4)
     assert pred["pred"] == int(np.argmax(want))
-    chars = np.array([len(k) for k in item.continuations])
+    # acc_norm: characters of the choice, without the target delimiter.
+    chars = np.array([len(c) for c in item.choices])
     assert pred["pred_norm"] == int(np.argmax(want / chars))
     assert (pred["benchmark"], pred["id"]) == (item.benchmark, item.id)
     c = correct.setdefault(item.benchmark, [0, 0, 0])
@@ -108,10 +117,63 @@ def test_scores_equal_brute_force(model):
     c[1] += int(np.argmax(want / chars)) == item.label
     c[2] += 1
   for bench, (acc, acc_norm, n) in correct.items():
-    assert out.scores[bench] == {"acc": acc / n, "acc_norm": acc_norm / n,
-                                 "n": n}
+    got = dict(out.scores[bench])
+    # ASCII choices: bytes = characters.
+    assert got.pop("acc_bytes") == got["acc_norm"]
+    assert got == {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
   # Choices of one item differ, so the test discriminates between them.
   assert len(set(out.predictions[0]["logprobs"])) == 4
+
+
+def test_acc_norm_issue_case():
+  """The harness divides by len(choice), not len(" " + choice).
+
+  Log-likelihoods and choice lengths from the issue: the harness picks
+  choice 2 (-200.841 / 53 = -3.789 beats -25.531 / 6 = -4.255); dividing by
+  the lengths plus one delimiter picks 3 (-25.531 / 7 = -3.647).
+  """
+  lls = [-139.913, -18.909, -200.841, -25.531]
+  choices = ["x" * 36, "x" * 3, "x" * 53, "x" * 6]
+  _, pred_norm, pred_bytes = mc.predict(lls, choices)
+  assert pred_norm == 2 and pred_bytes == 2
+  assert int(np.argmax(np.array(lls) / [37, 4, 54, 7])) == 3
+  # Bytes differ from characters once a choice is not ASCII: 4 "é" = 8 bytes.
+  _, pred_norm, pred_bytes = mc.predict([-4.0, -4.5], ["é" * 4, "abcd"])
+  assert (pred_norm, pred_bytes) == (0, 0)
+  _, pred_norm, pred_bytes = mc.predict([-4.4, -4.5], ["éé", "abcd"])
+  assert (pred_norm, pred_bytes) == (1, 0)
+
+
+def test_bos_default_follows_the_tokenizer(model):
+  """Llama's tokenizer adds BOS (harness >= 0.4.9.2), GPT-2's does not."""
+  from optconsist_jax.data import gpt2_bpe, tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  assert mc.harness_add_bos(tok_lib.Tokenizer.tiny()) is True
+  assert gpt2_bpe.GPT2BPETokenizer.add_bos_default is False
+  with pytest.raises(TypeError, match="add_bos_default"):
+    mc.harness_add_bos(WordTokenizer())
+  tok = WordTokenizer()
+  tok.add_bos_default = True
+  out = mc.evaluate(model, tok, ITEMS[:1], batch_size=4)
+  want = [brute_force(model, [tok.bos_id] + tok.encode(ITEMS[0].contexts[0]),
+                      tok.encode(ITEMS[0].contexts[0] + k)[
+                          len(tok.encode(ITEMS[0].contexts[0])):])
+          for k in ITEMS[0].continuations]
+  assert out.add_bos is True
+  np.testing.assert_allclose(out.predictions[0]["logprobs"], want, rtol=1e-5,
+                             atol=1e-4)
+
+
+def test_is_greedy_matches_argmax(model):
+  tok = WordTokenizer()
+  ctx = tok.encode("The man climbs")
+  tokens = np.array([ctx], np.int32)
+  logits = np.asarray(jax.jit(model)(tokens))[0]
+  nxt = int(np.argmax(logits[-1]))
+  other = (nxt + 1) % tok.vocab_size
+  ll, greedy = mc.score_requests(model, [(ctx, [nxt]), (ctx, [other])],
+                                 batch_size=2)
+  assert greedy.tolist() == [True, False]
+  assert ll[0] > ll[1]
 
 
 def test_left_truncation(model):

@@ -213,9 +213,10 @@ def _parse_hellaswag(path: str, i: int, r: Any) -> MultipleChoice:
                      len(endings))
   ctx = ctx_a + " " + ctx_b.capitalize()
   context = hellaswag_preprocess(activity + ": " + ctx)
-  conts = tuple(" " + hellaswag_preprocess(e) for e in endings)
-  return MultipleChoice(contexts=(context,) * len(conts), continuations=conts,
-                        label=label, benchmark="hellaswag",
+  choices = tuple(hellaswag_preprocess(e) for e in endings)
+  return MultipleChoice(contexts=(context,) * len(choices),
+                        continuations=tuple(" " + c for c in choices),
+                        choices=choices, label=label, benchmark="hellaswag",
                         id=str(r.get("ind", i)))
 
 
@@ -254,8 +255,9 @@ def _parse_arc(path: str, i: int, r: Any) -> MultipleChoice:
         f"{_where(path, i, 'answerKey')}: {key!r} not among choice labels"
         f" {labels}")
   context = f"Question: {stem}\nAnswer:"
-  conts = tuple(" " + t for t in texts)
-  return MultipleChoice(contexts=(context,) * len(conts), continuations=conts,
+  return MultipleChoice(contexts=(context,) * len(texts),
+                        continuations=tuple(" " + t for t in texts),
+                        choices=tuple(texts),
                         label=labels.index(key), benchmark="arc",
                         id=str(r.get("id", i)))
 
@@ -277,7 +279,8 @@ def _parse_winogrande(path: str, i: int, r: Any) -> MultipleChoice:
     raise DataFormatError(f"{_where(path, i, 'answer')}: expected '1' or '2'")
   blank = sentence.index("_")
   prefix, suffix = sentence[:blank], sentence[blank + 1:].strip()
-  return MultipleChoice(contexts=(prefix + option1, prefix + option2),
+  contexts = (prefix + option1, prefix + option2)
+  return MultipleChoice(contexts=contexts, choices=contexts,
                         continuations=(" " + suffix,) * 2, label=label,
                         benchmark="winogrande", id=str(r.get("qID", i)))
 

@@ -110,7 +110,14 @@ def is_gpt2_bpe_dir(path: str | os.PathLike) -> bool:
 
 
 class GPT2BPETokenizer:
-  """GPT-2's byte-level BPE with Llama-style `encode(..., bos=, eos=)`."""
+  """GPT-2's byte-level BPE with Llama-style `encode(..., bos=, eos=)`.
+
+  Attributes:
+    add_bos_default: Hugging Face's `GPT2Tokenizer` adds no BOS when encoding;
+      lm-evaluation-harness >= 0.4.9.2 follows the tokenizer (no BOS).
+  """
+
+  add_bos_default = False
 
   def __init__(self, encoder: dict[str, int], merges: Sequence[tuple[str, str]],
                path: str = "", *, add_prefix_space: bool = True):

@@ -47,6 +47,11 @@ class MultipleChoice:
     label: index of the correct choice.
     benchmark: "hellaswag", "arc_challenge", "winogrande", ...
     id: the item's id in its source file, for per-item outputs.
+    choices: the answer strings as the harness's `doc_to_choice` returns
+      them, one per choice: HellaSwag/ARC the choice text without the " "
+      target delimiter, WinoGrande the two filled-in contexts. acc_norm
+      divides choice i's log-likelihood by `len(choices[i])` (characters),
+      acc_bytes by its UTF-8 bytes (`process_results` in lm_eval/api/task.py).
   """
 
   contexts: tuple[str, ...]
@@ -54,8 +59,13 @@ class MultipleChoice:
   label: int
   benchmark: str
   id: str = ""
+  choices: tuple[str, ...] = dataclasses.field(kw_only=True)
 
   def __post_init__(self):
+    if len(self.choices) != len(self.contexts):
+      raise ValueError(
+          f"MultipleChoice {self.benchmark}/{self.id}: {len(self.choices)}"
+          f" choices but {len(self.contexts)} contexts")
     if len(self.contexts) != len(self.continuations):
       raise ValueError(
           f"MultipleChoice {self.benchmark}/{self.id}: {len(self.contexts)}"

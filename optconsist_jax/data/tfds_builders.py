@@ -44,6 +44,7 @@ def _choice_features() -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict({
       "contexts": tfds.features.Sequence(tfds.features.Text()),
       "continuations": tfds.features.Sequence(tfds.features.Text()),
+      "choices": tfds.features.Sequence(tfds.features.Text()),
       "label": np.int32, "benchmark": tfds.features.Text(),
       "id": tfds.features.Text(),
   })
@@ -52,8 +53,10 @@ def _choice_features() -> tfds.features.FeaturesDict:
 class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Reads `FILES[split]` (the first name present) from the manual dir."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "From local files via optconsist_jax readers."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "From local files via optconsist_jax readers.",
+                   "1.1.0": "Multiple-choice records keep their choices"
+                            " (the strings acc_norm is normalized by)."}
   FILES: dict[str, str | tuple[str, ...]] = {}
   READER = None
   KIND = "math"
@@ -99,6 +102,7 @@ class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
       else:
         yield i, {"contexts": list(rec.contexts),
                   "continuations": list(rec.continuations),
+                  "choices": list(rec.choices),
                   "label": rec.label, "benchmark": rec.benchmark, "id": rec.id}
 
 
@@ -188,6 +192,7 @@ def to_record(example: dict) -> MathExample | MultipleChoice:
   return MultipleChoice(
       contexts=tuple(_text(c) for c in example["contexts"]),
       continuations=tuple(_text(c) for c in example["continuations"]),
+      choices=tuple(_text(c) for c in example["choices"]),
       label=int(example["label"]), benchmark=_text(example["benchmark"]),
       id=_text(example["id"]))
 

@@ -32,7 +32,15 @@ import sentencepiece as spm
 
 
 class Tokenizer:
-  """A loaded SentencePiece model with Llama-style BOS/EOS handling."""
+  """A loaded SentencePiece model with Llama-style BOS/EOS handling.
+
+  Attributes:
+    add_bos_default: Hugging Face's `LlamaTokenizer` for this model adds BOS
+      when encoding (`add_bos_token=True`); lm-evaluation-harness >= 0.4.9.2
+      follows the tokenizer, so its default for Llama models is BOS first.
+  """
+
+  add_bos_default = True
 
   def __init__(self, processor: spm.SentencePieceProcessor, path: str = ""):
     self._sp = processor
