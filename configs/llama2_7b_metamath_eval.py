@@ -56,7 +56,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       hellaswag=f"{d}/hellaswag_val.jsonl",
       arc_challenge=f"{d}/arc_challenge_test.jsonl",
       winogrande=f"{d}/winogrande_val.jsonl", limit=limit, batch_size=32,
-      add_bos=False, max_len=1024)
+      # None: lm-evaluation-harness's default for the tokenizer (since
+      # v0.4.9.2 the tokenizer's own; Llama-2's adds BOS).
+      add_bos=ml_collections.config_dict.placeholder(bool), max_len=1024)
   c.lm_loss = dict(path=f"{d}/heldout_text.jsonl", limit=limit, max_len=1024,
                    batch_size=16)
   c.learning_metric = "math/metamath/acc"

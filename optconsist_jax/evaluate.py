@@ -29,11 +29,15 @@ Runs beside training (another process, its own mesh) or after it:
    `watch.poll_secs` until the run's final step is evaluated or nothing new
    arrived for `watch.idle_timeout_secs` (0: keep waiting).
 
-Metric names: math/<protocol>/acc, mc/<benchmark>/acc and acc_norm, mc/mean
-(the retention average of Biderman et al. 2024: acc_norm for HellaSwag and
-ARC, acc for WinoGrande), lm_loss/loss and lm_loss/perplexity. The headline
-learning score defaults to the first math protocol's accuracy; the headline
-retention score to mc/mean, else minus the LM loss.
+Metric names: math/<protocol>/acc, mc/<benchmark>/acc, acc_norm and acc_bytes,
+mc/mean (the retention average of Biderman et al. 2024: acc_norm for HellaSwag
+and ARC, acc for WinoGrande), lm_loss/loss and lm_loss/perplexity, and for
+tasks scored by lm-evaluation-harness itself (`harness.tasks`, needs the
+`harness` extra) harness/<task>/<metric>[/<filter>] as the harness reports
+them. The headline learning score defaults to the first math protocol's
+accuracy; the headline retention score to mc/mean, else minus the LM loss
+(any metric can be named instead). Each results row states its BOS settings
+and the harness version in `settings`.
 """
 
 from __future__ import annotations
@@ -94,7 +98,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 batch_size=16, max_new_tokens=0)
   c.multiple_choice = dict(hellaswag=SYNTHETIC, arc_challenge=SYNTHETIC,
                            winogrande=SYNTHETIC, limit=100, batch_size=16,
-                           add_bos=False, max_len=1024)
+                           add_bos=ml_collections.config_dict.placeholder(bool),
+                           max_len=1024)
+  # Tasks scored by lm-evaluation-harness itself (pip install '.[harness]').
+  c.harness = dict(tasks=(), include_path=(), include_defaults=True,
+                   num_fewshot=ml_collections.config_dict.placeholder(int),
+                   limit=0, batch_size=16, gen_batch_size=8, max_len=2048,
+                   max_gen_toks=256,
+                   add_bos=ml_collections.config_dict.placeholder(bool),
+                   fewshot_seed=1234)
   c.lm_loss = dict(path="stdlib", limit=50, max_len=512, batch_size=8)
   c.learning_metric = ""
   c.retention_metric = ""
@@ -166,7 +178,9 @@ class MultipleChoiceEvalConfig:
     winogrande: WinoGrande jsonl, "synthetic" or "".
     limit: first items of each set (0 = all; also the synthetic size).
     batch_size: rows per forward.
-    add_bos: BOS before each context (the harness's Llama default is False).
+    add_bos: BOS before each context; None = lm-evaluation-harness's default
+      for the tokenizer (since v0.4.9.2 the tokenizer's own: BOS for Llama's,
+      none for GPT-2's).
     max_len: longest scored sequence.
   """
 
@@ -175,8 +189,50 @@ class MultipleChoiceEvalConfig:
   winogrande: str = ""
   limit: int = 0
   batch_size: int = 16
-  add_bos: bool = False
+  add_bos: bool | None = None
   max_len: int = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class HarnessEvalConfig:
+  """Tasks scored by lm-evaluation-harness itself (evals/harness.py).
+
+  Attributes:
+    tasks: task or group names the harness knows ("hellaswag",
+      "arc_challenge", "winogrande", "gsm8k", ...) or defines in
+      `include_path`; empty = none.
+    include_path: directories of task YAML files (e.g. a harness task with
+      `dataset_path: json` and local `data_files`).
+    include_defaults: also index the harness's built-in tasks (tens of
+      seconds once per job; False when every task is in `include_path`).
+    num_fewshot: overrides the tasks' few-shot count (None = the task's).
+    limit: first items of each task (0 = all).
+    batch_size: rows per scoring forward.
+    gen_batch_size: prompts decoded together.
+    max_len: context length (the harness's `max_length`).
+    max_gen_toks: generated tokens when a task does not say.
+    add_bos: BOS first; None = the harness's default for the tokenizer.
+    fewshot_seed: the harness's `fewshot_random_seed`.
+  """
+
+  tasks: tuple[str, ...] = ()
+  include_path: tuple[str, ...] = ()
+  include_defaults: bool = True
+  num_fewshot: int | None = None
+  limit: int = 0
+  batch_size: int = 16
+  gen_batch_size: int = 8
+  max_len: int = 2048
+  max_gen_toks: int = 256
+  add_bos: bool | None = None
+  fewshot_seed: int = 1234
+
+  def __post_init__(self):
+    for key in ("tasks", "include_path"):
+      value = getattr(self, key)
+      if isinstance(value, str):
+        value = (value,) if value else ()
+      object.__setattr__(self, key, tuple(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +269,7 @@ class EvalConfig:
     tokenizer_path: SentencePiece model or Hub model repo; "" = the run's
       data.tokenizer_path
       (itself "" = the shipped tiny tokenizer).
-    math, multiple_choice, lm_loss: the evals (see their types).
+    math, multiple_choice, lm_loss, harness: the evals (see their types).
     learning_metric: the headline learning metric name ("" = auto).
     retention_metric: the headline retention metric ("" = auto; a name
       starting with "-" means minus that metric, e.g. "-lm_loss/loss").
@@ -232,6 +288,7 @@ class EvalConfig:
   math: MathEvalConfig = MathEvalConfig()
   multiple_choice: MultipleChoiceEvalConfig = MultipleChoiceEvalConfig()
   lm_loss: LMLossEvalConfig = LMLossEvalConfig()
+  harness: HarnessEvalConfig = HarnessEvalConfig()
   learning_metric: str = ""
   retention_metric: str = ""
   method: str = ""
@@ -243,7 +300,8 @@ class EvalConfig:
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> EvalConfig:
     d = dict(d)
-    nested = {"mesh", "math", "multiple_choice", "lm_loss", "watch"}
+    nested = {"mesh", "math", "multiple_choice", "lm_loss", "harness",
+              "watch"}
     typed_config.check_keys(cls, d, "eval config")
     flat = {k: v for k, v in d.items() if k not in nested}
     return cls(
@@ -253,6 +311,7 @@ class EvalConfig:
         multiple_choice=_typed(MultipleChoiceEvalConfig,
                                d.get("multiple_choice"), "multiple_choice"),
         lm_loss=_typed(LMLossEvalConfig, d.get("lm_loss"), "lm_loss"),
+        harness=_typed(HarnessEvalConfig, d.get("harness"), "harness"),
         watch=_typed(WatchConfig, d.get("watch"), "watch"),
         **flat)
 
@@ -407,8 +466,13 @@ def load_eval_data(config: EvalConfig, run: RunInfo,
 
 
 def run_evals(model: nnx.Module, tokenizer, data: EvalData,
-              config: EvalConfig) -> tuple[dict[str, float], list[dict]]:
-  """All configured evals of one model: (metrics, per-item predictions)."""
+              config: EvalConfig, *, mesh: jax.sharding.Mesh | None = None
+              ) -> tuple[dict[str, float], list[dict]]:
+  """All configured evals of one model: (metrics, per-item predictions).
+
+  `mesh`: the eval mesh, over whose batch axes the harness tasks shard their
+  batches (None: jit places them).
+  """
   metrics: dict[str, float] = {}
   predictions: list[dict[str, Any]] = []
   m = config.math
@@ -432,10 +496,17 @@ def run_evals(model: nnx.Module, tokenizer, data: EvalData,
     for bench, s in r.scores.items():
       metrics[f"mc/{bench}/acc"] = s["acc"]
       metrics[f"mc/{bench}/acc_norm"] = s["acc_norm"]
+      metrics[f"mc/{bench}/acc_bytes"] = s["acc_bytes"]
     metrics["mc/mean"] = float(np.mean(
         [r.scores[b][MC_MEAN_SCORE[b]] for b in r.scores]))
     predictions += [{"eval": f"mc/{p['benchmark']}", **p}
                     for p in r.predictions]
+  if config.harness.tasks:
+    harness_lib = _harness_lib()
+    r = harness_lib.evaluate_tasks(model, tokenizer, config.harness,
+                                   mesh=mesh, rules=config.mesh.rules)
+    metrics.update(r.metrics)
+    predictions += r.predictions
   if data.documents:
     c = config.lm_loss
     r = lm_loss_lib.evaluate(model, tokenizer, data.documents,
@@ -444,6 +515,32 @@ def run_evals(model: nnx.Module, tokenizer, data: EvalData,
     metrics["lm_loss/perplexity"] = r.perplexity
     metrics["lm_loss/tokens"] = float(r.tokens)
   return metrics, predictions
+
+
+def _harness_lib():
+  try:
+    from optconsist_jax.evals import harness  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError(f"eval config.harness.tasks is set but {e}") from None
+  return harness
+
+
+def eval_settings(config: EvalConfig, tokenizer) -> dict[str, Any]:
+  """How the scores were made, stated in every results row."""
+  out: dict[str, Any] = {}
+  c = config.multiple_choice
+  if any(getattr(c, b) for b in MC_BENCHMARKS):
+    out["mc_add_bos"] = (mc_lib.harness_add_bos(tokenizer)
+                         if c.add_bos is None else c.add_bos)
+  h = config.harness
+  if h.tasks:
+    import lm_eval  # pylint: disable=g-import-not-at-top
+    out["harness"] = {
+        "version": lm_eval.__version__, "tasks": list(h.tasks),
+        "add_bos": (mc_lib.harness_add_bos(tokenizer) if h.add_bos is None
+                    else h.add_bos),
+        "num_fewshot": h.num_fewshot, "limit": h.limit, "max_len": h.max_len}
+  return out
 
 
 def _metric(metrics: Mapping[str, float], name: str, what: str) -> float:
@@ -607,7 +704,7 @@ class Evaluator:
     self.eval_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     metrics, predictions = run_evals(model, self.tokenizer, self.data,
-                                     self.config)
+                                     self.config, mesh=self.mesh)
     metrics["eval_seconds"] = time.perf_counter() - t0
     learning, lname, retention, rname = headline(metrics, self.config)
     c = self.config
@@ -619,7 +716,8 @@ class Evaluator:
         learning=float(learning), retention=float(retention),
         learning_metric=lname, retention_metric=rname,
         metrics={k: float(v) for k, v in metrics.items()},
-        run=self.workdir.name, checkpoint=checkpoint, is_base=is_base)
+        run=self.workdir.name, checkpoint=checkpoint, is_base=is_base,
+        settings=eval_settings(c, self.tokenizer))
     self._append(record, predictions, name)
     return record
 

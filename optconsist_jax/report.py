@@ -49,6 +49,8 @@ class EvalRecord:
     run: run name (default: the workdir's name).
     checkpoint: the checkpoint (or Hugging Face folder) evaluated.
     is_base: this is the starting point of the runs, not a finetuned model.
+    settings: how the scores were made (e.g. whether contexts started with
+      BOS, the lm-evaluation-harness version and tasks).
   """
 
   step: int
@@ -64,6 +66,7 @@ class EvalRecord:
   run: str = ""
   checkpoint: str = ""
   is_base: bool = False
+  settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -74,6 +77,7 @@ _FIELD_TYPES = {
     "lr": (int, float), "learning": (int, float), "retention": (int, float),
     "learning_metric": (str,), "retention_metric": (str,), "metrics": (dict,),
     "run": (str,), "checkpoint": (str,), "is_base": (bool,),
+    "settings": (dict,),
 }
 REQUIRED_FIELDS = tuple(
     f.name for f in dataclasses.fields(EvalRecord)
