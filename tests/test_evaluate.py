@@ -108,6 +108,9 @@ def test_evaluates_complete_checkpoints_and_records_schema(run_dir):
   assert (r2.method, r2.base, r2.lr) == ("adamw", "adamw", 1e-3)
   assert r2.retention_metric == "mc/mean"
   assert r2.learning_metric == "math/metamath/acc"
+  # The BOS rule is stated in the row: the harness's default for the tiny
+  # SentencePiece (Llama-style) tokenizer.
+  assert r2.settings == {"mc_add_bos": True}
   for key in ("mc/arc_challenge/acc_norm", "mc/winogrande/acc", "mc/mean",
               "lm_loss/loss", "lm_loss/perplexity", "math/metamath/acc"):
     assert key in r2.metrics
