@@ -308,3 +308,50 @@ def test_unknown_task_is_named(setup):
                                     include_defaults=False)
   with pytest.raises(ValueError, match="no_such_task.*unknown to lm-eval"):
     harness.evaluate_tasks(model, tok, config)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+  """2 processes x 4 CPU devices, params and rows sharded: same answers.
+
+  Each process runs the adapter on the same requests (the harness's world
+  size is 1); each batch's rows are spread over both processes' devices and
+  the scores gathered back. Process 0's answers must equal this process's
+  unsharded ones.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import portpicker  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(__file__))
+  import harness_multihost_worker as worker  # pylint: disable=g-import-not-at-top
+
+  port = portpicker.pick_unused_port()
+  out_json = tmp_path / "out.json"
+  env = dict(os.environ)
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  procs = [subprocess.Popen(
+      [sys.executable, worker.__file__, str(port), "2", str(i),
+       str(out_json)], env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = []
+  try:
+    for p in procs:
+      outputs.append(p.communicate(timeout=300)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+  multi = json.loads(out_json.read_text())
+  single = worker.run()
+  np.testing.assert_allclose([x[0] for x in multi["loglikelihood"]],
+                             [x[0] for x in single["loglikelihood"]],
+                             atol=1e-4)
+  assert ([x[1] for x in multi["loglikelihood"]]
+          == [bool(x[1]) for x in single["loglikelihood"]])
+  assert len({round(x[0], 3) for x in single["loglikelihood"]}) > 1
+  np.testing.assert_allclose(multi["rolling"], single["rolling"], rtol=1e-5)
+  assert multi["generate"] == single["generate"]
+  assert all(single["generate"])
