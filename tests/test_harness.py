@@ -355,3 +355,20 @@ def test_two_processes_match_one(tmp_path):
   np.testing.assert_allclose(multi["rolling"], single["rolling"], rtol=1e-5)
   assert multi["generate"] == single["generate"]
   assert all(single["generate"])
+
+
+def test_mesh_batch_size_must_split(setup):
+  mesh_config = sharding.MeshConfig.preset("fsdp")
+  mesh = sharding.make_mesh(mesh_config)
+  lm = harness.HarnessLM(setup["model"], setup["tok"], batch_size=4,
+                         mesh=mesh, rules=mesh_config.rules)
+  with pytest.raises(ValueError, match="batch_size=4 is not a multiple of the"
+                     " mesh's batch axes \\(8 devices\\)"):
+    lm.loglikelihood([("Question: 1 + 1?\nAnswer:", " 2")])
+
+
+def test_predictions_are_json(setup):
+  json.dumps(setup["result"].predictions)
+  kinds = {p["eval"] for p in setup["result"].predictions}
+  assert kinds == {"harness/local_hellaswag", "harness/local_arc",
+                   "harness/local_winogrande", "harness/local_gsm8k"}

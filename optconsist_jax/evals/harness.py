@@ -241,6 +241,21 @@ class HarnessResult:
   raw: dict[str, Any]
 
 
+def _plain(x: Any) -> Any:
+  """JSON-ready copy of a harness sample (numpy values, tuples, objects)."""
+  if isinstance(x, dict):
+    return {str(k): _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, (np.generic,)):
+    return x.item()
+  if x is None or isinstance(x, (str, int, float, bool)):
+    return x
+  return str(x)
+
+
 def metric_name(task: str, key: str) -> str | None:
   """"acc_norm,none" -> harness/<task>/acc_norm; filters add a last part."""
   if "," not in key:
@@ -295,9 +310,9 @@ def evaluate_tasks(model: nnx.Module, tokenizer: gen.Tokenizer,
   predictions = []
   for task, samples in raw.get("samples", {}).items():
     for s in samples:
-      predictions.append({
+      predictions.append(_plain({
           "eval": f"harness/{task}", "doc_id": s["doc_id"],
           "filter": s["filter"], "target": s["target"],
           "arguments": s["arguments"], "resps": s["filtered_resps"],
-          **{m: s[m] for m in s["metrics"] if m in s}})
+          **{m: s[m] for m in s["metrics"] if m in s}}))
   return HarnessResult(metrics, predictions, lm.add_bos, raw)

@@ -108,6 +108,10 @@ def _to_device(x: np.ndarray, mesh: jax.sharding.Mesh | None,
     return x
   from optconsist_jax import sharding  # pylint: disable=g-import-not-at-top
   sh = sharding.batch_sharding(mesh, sharding.as_rules(rules))
+  shards = sharding.axes_size(mesh, sh.spec[0]) if sh.spec else 1
+  if x.shape[0] % shards:
+    raise ValueError(f"batch_size={x.shape[0]} is not a multiple of the"
+                     f" mesh's batch axes ({shards} devices)")
   return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
 
 
