@@ -372,3 +372,33 @@ def test_predictions_are_json(setup):
   kinds = {p["eval"] for p in setup["result"].predictions}
   assert kinds == {"harness/local_hellaswag", "harness/local_arc",
                    "harness/local_winogrande", "harness/local_gsm8k"}
+
+
+def test_eval_job_end_to_end_harness_retention(setup, tmp_path):
+  """A checkpoint's results row: harness metric as the headline retention."""
+  import io  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import report  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(__file__))
+  import test_evaluate as te  # pylint: disable=g-import-not-at-top
+  w = str(tmp_path / "run")
+  identity = te.write_run(w)
+  te.save(w, identity, 2, setup["model"], epoch_end=True)
+  config = te.eval_config(
+      math=dict(protocols=(), test=""),
+      multiple_choice=dict(arc_challenge=setup["data"]["arc"], batch_size=8,
+                           max_len=512),
+      harness=dict(tasks=("local_arc",), include_path=(setup["tasks_dir"],),
+                   include_defaults=False, batch_size=8, max_len=512),
+      retention_metric="harness/local_arc/acc_norm")
+  ev_lib.evaluate_workdir(w, config, out=io.StringIO())
+  (row,) = report.read_workdir(w)
+  assert row.retention == row.metrics["harness/local_arc/acc_norm"]
+  assert row.metrics["harness/local_arc/acc_norm"] == pytest.approx(
+      row.metrics["mc/arc_challenge/acc_norm"])
+  assert row.settings["harness"]["version"] == lm_eval.__version__
+  assert row.settings["mc_add_bos"] is True
+  preds = [json.loads(l) for l in open(os.path.join(
+      w, "eval", "predictions", "step_00000002.jsonl"))]
+  assert sum(p["eval"] == "harness/local_arc" for p in preds) == (
+      setup["n"]["local_arc"])
