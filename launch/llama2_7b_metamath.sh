@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The paper's 7B runs on one slice each, plus an eval slice (prints with DRY_RUN=1).
+# The paper's 7B runs on one slice each, plus an eval slice (prints with DRY_RUN=1);
+# training restarts itself after a preemption (tpu supervise).
 #   BUCKET=gs://my-bucket ZONE=us-east5-a ACCEL=v5p-16 VARIANT=adamw LR=1e-5 \
 #     launch/llama2_7b_metamath.sh
 # Weights and tokenizer: the config's default, meta-llama/Llama-2-7b-hf at a
@@ -22,13 +23,6 @@ WORKDIR="$BUCKET/runs/$RUN"
 TOKEN_FILE=${HF_TOKEN_FILE:-$HOME/.cache/huggingface/token}
 TOKEN=(); [ -f "$TOKEN_FILE" ] && TOKEN=(--hf-token-file="$TOKEN_FILE")
 
-"$T" create --name="$NAME" "${COMMON[@]}" --accelerator-type="$ACCEL" \
-  --queued --provisioning="$PROVISIONING" $DRY
-"$T" install --name="$NAME" "${COMMON[@]}" $DRY
-"$T" fetch --name="$NAME" "${COMMON[@]}" --data=metamathqa --dest=. "${TOKEN[@]}" $DRY
-"$T" train --name="$NAME" "${COMMON[@]}" --config="configs/llama2_7b_metamath.py:$ARG" \
-  --workdir="$WORKDIR" $DRY
-
 "$T" create --name="$NAME-eval" "${COMMON[@]}" --accelerator-type="$EVAL_ACCEL" \
   --queued --provisioning="$PROVISIONING" $DRY
 "$T" install --name="$NAME-eval" "${COMMON[@]}" $DRY
@@ -39,3 +33,10 @@ TOKEN=(); [ -f "$TOKEN_FILE" ] && TOKEN=(--hf-token-file="$TOKEN_FILE")
   --workdir="$WORKDIR" $DRY
 echo "logs:   $T logs --name=$NAME ${COMMON[*]}"
 echo "delete: $T delete --name=$NAME ${COMMON[*]} --queued; $T delete --name=$NAME-eval ${COMMON[*]} --queued"
+# Training, supervised from this machine until it finishes: a Spot slice that
+# is reclaimed is created again (install + fetch) and the run resumes from its
+# last checkpoint in $WORKDIR; a run stopped by SIGTERM (exit 75) is restarted.
+# Ends with the job's exit code (0 done, 2 refused input, 3 NaN, 74 save failed).
+exec "$T" supervise --name="$NAME" "${COMMON[@]}" --accelerator-type="$ACCEL" \
+  --queued --provisioning="$PROVISIONING" --fetch=metamathqa "${TOKEN[@]}" \
+  --config="configs/llama2_7b_metamath.py:$ARG" --workdir="$WORKDIR" $DRY

@@ -47,6 +47,7 @@ import json
 import os
 from typing import Any, NamedTuple
 
+from absl import logging
 from etils import epath
 from flax import nnx
 import grain
@@ -55,6 +56,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
+
+from optconsist_jax import errors
 
 PARAMS = "params"
 OPT_STATE = "opt_state"
@@ -67,8 +70,8 @@ RUNTIME_ONLY_KEYS = frozenset(
     {"dtype", "scan_layers", "remat_policy", "attention_impl"})
 
 
-class CheckpointMismatchError(ValueError):
-  """A checkpoint was written for a different model than the one asked for."""
+class CheckpointMismatchError(errors.UserError):
+  """A checkpoint was written for a different model (or run) than asked for."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,11 @@ class CheckpointConfig:
     keep_epochs: also keep every epoch-end checkpoint.
     save_epoch_ends: save at the end of each epoch.
     async_save: write in a background thread.
+    epoch_params_only: an epoch-end checkpoint keeps only params and meta
+      once a newer full checkpoint has committed (its optimizer state and
+      data-iterator state are deleted): the eval job needs only the params,
+      and with AdamW a 7B model's optimizer state is twice its params. The
+      newest checkpoint always keeps the full state for resume.
   """
 
   every_steps: int = 1000
@@ -89,6 +97,7 @@ class CheckpointConfig:
   keep_epochs: bool = True
   save_epoch_ends: bool = True
   async_save: bool = True
+  epoch_params_only: bool = False
 
   def __post_init__(self):
     if self.every_steps < 0:
@@ -98,11 +107,33 @@ class CheckpointConfig:
       raise ValueError(f"checkpoint.keep={self.keep} must be >= 1 or None")
 
 
+class SaveFailedError(errors.CommandError, OSError):
+  """A checkpoint did not commit (disk full, no permission, ...)."""
+
+  exit_code = errors.SAVE_FAILED
+
+
 class CheckpointInfo(NamedTuple):
+  """One step directory.
+
+  Attributes:
+    step: its step.
+    epoch: epochs completed, for epoch-end checkpoints only.
+    path: the step directory.
+    complete: finalized by Orbax and its meta readable.
+    error: why a finalized directory is unreadable (missing or truncated
+      meta/metadata), else None; an in-flight save has complete=False and
+      error=None.
+    params_only: holds params and meta but no optimizer state (an epoch-end
+      checkpoint under `epoch_params_only`): evaluable, not resumable.
+  """
+
   step: int
-  epoch: int | None  # epochs completed, for epoch-end checkpoints only
+  epoch: int | None
   path: epath.Path
   complete: bool
+  error: str | None = None
+  params_only: bool = False
 
 
 class Restored(NamedTuple):
@@ -181,8 +212,11 @@ def _rng_from_json(d: dict[str, Any] | None) -> jax.Array | None:
 
 def compare_models(expected: dict[str, Any], found: dict[str, Any],
                    where: str, hint: str = "Use a fresh --workdir, or set the"
-                   " model config to match."):
-  """Raises CheckpointMismatchError if two model identities differ."""
+                   " model config to match.", what: str = "model"):
+  """Raises CheckpointMismatchError if two model (or run) identities differ.
+
+  The message is one line: every differing key with both values, and `hint`.
+  """
   flat_e, flat_f = _flatten(expected), _flatten(found)
   diffs = []
   for k in sorted(set(flat_e) | set(flat_f)):
@@ -193,8 +227,8 @@ def compare_models(expected: dict[str, Any], found: dict[str, Any],
                    f" config has {flat_e.get(k, '<absent>')!r}")
   if diffs:
     raise CheckpointMismatchError(
-        f"{where} was written for a different model:\n  " + "\n  ".join(diffs)
-        + "\n" + hint)
+        f"{where} was written for a different {what}: " + "; ".join(diffs)
+        + ". " + hint)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -258,19 +292,24 @@ def list_checkpoints(workdir: str | os.PathLike) -> list[CheckpointInfo]:
     try:
       step = ocp.path.step.step_from_checkpoint_name(p.name)
     except ValueError:
-      continue
-    complete = (p.name.isdigit()
-                and ocp.path.step.is_checkpoint_finalized(p)
-                and (p / META / "metadata").exists())
-    epoch = None
-    if complete:
+      continue  # Not a step (e.g. "<step>.corrupt", set aside on resume).
+    finalized = p.name.isdigit() and ocp.path.step.is_checkpoint_finalized(p)
+    epoch, error, complete = None, None, False
+    if finalized:
       try:
         meta = read_meta(p)
-      except (OSError, json.JSONDecodeError):
-        complete = False
+      except FileNotFoundError:
+        error = f"{META}/metadata is missing"
+      except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError.
+        error = f"{META}/metadata is unreadable ({errors.short_cause(e)})"
       else:
-        epoch = meta.get("epoch") if meta.get("epoch_end") else None
-    out.append(CheckpointInfo(step, epoch, p, complete))
+        if isinstance(meta, dict) and "step" in meta:
+          complete = True
+          epoch = meta.get("epoch") if meta.get("epoch_end") else None
+        else:
+          error = f"{META}/metadata has no step"
+    out.append(CheckpointInfo(step, epoch, p, complete, error,
+                              complete and not (p / OPT_STATE).exists()))
   return sorted(out, key=lambda c: (c.step, c.complete))
 
 
@@ -383,19 +422,33 @@ class RunCheckpoints:
   """Saves and restores the checkpoints of one run (W/checkpoints).
 
   Construction refuses a workdir whose newest checkpoint was written for a
-  different model identity.
+  different model identity. Each save records `run_config` (the resolved
+  config of the run that wrote it) in meta["config"]: the eval job labels a
+  checkpoint from it.
+
+  A save that fails (in `save`, or later in Orbax's background thread) raises
+  `SaveFailedError` from the next `save`, `check`, `wait` or `close`, naming
+  the step directory, the cause and the last good checkpoint; its temporary
+  directory is removed.
   """
 
   def __init__(self, workdir: str | os.PathLike, config: CheckpointConfig,
-               model: dict[str, Any]):
+               model: dict[str, Any], run_config: dict[str, Any] | None = None):
     self.config = config
     self.model = model
+    self.run_config = run_config
     self.directory = checkpoint_dir(workdir)
-    existing = [c for c in list_checkpoints(self.directory) if c.complete]
+    infos = list_checkpoints(self.directory)
+    existing = [c for c in infos if c.complete]
     if existing:
       compare_models(model, read_meta(existing[-1].path).get("model", {}),
                      f"checkpoint {existing[-1].path}")
     self._epoch_steps = {c.step for c in existing if c.epoch is not None}
+    # Epoch-end steps whose optimizer state goes once a newer save commits.
+    self._to_strip = ({c.step for c in existing if c.epoch is not None
+                       and not c.params_only}
+                      if config.epoch_params_only else set())
+    self._pending: int | None = None  # A save started, not yet verified.
     policies = [pp.LatestN(config.keep)]
     if config.keep_epochs:
       policies.append(_KeepSteps(self._epoch_steps))
@@ -404,6 +457,11 @@ class RunCheckpoints:
         cleanup_tmp_directories=True,
         enable_async_checkpointing=config.async_save,
         preservation_policy=pp.AnyPreservationPolicy(policies),
+        # The step directory is made in `save` itself, so an unwritable
+        # directory fails there (Orbax's background creation would make the
+        # trainer wait for its 300 s timeout instead).
+        async_options=ocp.AsyncOptions(
+            create_directories_asynchronously=False),
     )
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add(PARAMS, ocp.args.PyTreeSave, ocp.PyTreeCheckpointHandler())
@@ -452,11 +510,14 @@ class RunCheckpoints:
     Returns:
       False if `step` was already saved (nothing written), else True.
     """
+    self.wait()  # The previous save has committed (or raises).
     if step in self._manager.all_steps():
       return False
     meta = {"step": int(step), "epoch": int(epoch),
             "epoch_end": bool(epoch_end), "rng": _rng_to_json(rng),
             "model": self.model, **(extra or {})}
+    if self.run_config is not None:
+      meta["config"] = self.run_config
     items = {PARAMS: ocp.args.PyTreeSave(_pure(params)),
              OPT_STATE: ocp.args.PyTreeSave(opt_state),
              META: ocp.args.JsonSave(meta)}
@@ -465,8 +526,75 @@ class RunCheckpoints:
           _IterState(_iter_state_text(data_iter)))
     if epoch_end:
       self._epoch_steps.add(int(step))
-    return self._manager.save(step, args=ocp.args.Composite(**items),
-                              force=True)
+    self._pending = int(step)
+    try:
+      return self._manager.save(step, args=ocp.args.Composite(**items),
+                                force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(step, e)
+
+  def last_good(self) -> str:
+    """The newest complete checkpoint, for messages."""
+    done = [c for c in list_checkpoints(self.directory)
+            if c.complete and c.step != self._pending]
+    return (f"{done[-1].path} (step {done[-1].step})" if done
+            else "none")
+
+  def _failed(self, step: int, e: BaseException | None):
+    """Removes what a failed save left and raises SaveFailedError."""
+    self._pending = None
+    step_dir = self.directory / str(step)
+    for p in (self.directory.glob(f"{step}.orbax-checkpoint-tmp*")
+              if self.directory.exists() else []):
+      try:
+        p.rmtree()
+      except OSError:
+        pass
+    cause = errors.short_cause(e) if e is not None else (
+        "the save did not commit (see the log for Orbax's error)")
+    raise SaveFailedError(
+        f"could not save checkpoint {step_dir}: {cause}. Training stopped;"
+        f" last good checkpoint: {self.last_good()}. Fix the storage (free"
+        " space, permissions) and rerun the same command to resume from it"
+    ) from e
+
+  def check(self):
+    """Raises SaveFailedError if a finished background save failed.
+
+    Cheap (no waiting); the trainer calls it after every step.
+    """
+    if self._pending is None or self._manager.is_saving_in_progress():
+      return
+    self._verify()
+
+  def _verify(self):
+    step = self._pending
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(step, e)
+    step_dir = self.directory / str(step)
+    if not (step_dir.exists() and ocp.path.step.is_checkpoint_finalized(
+        step_dir) and (step_dir / META / "metadata").exists()):
+      self._failed(step, None)
+    self._pending = None
+    self._strip_epochs(step)
+
+  def _strip_epochs(self, newest: int):
+    """Drops optimizer and iterator state of epoch ends older than `newest`."""
+    if jax.process_index() != 0:
+      return
+    for step in sorted(s for s in self._to_strip if s < newest):
+      step_dir = self.directory / str(step)
+      for item in (OPT_STATE, DATA_ITER):
+        if (step_dir / item).exists():
+          # Renamed first: a kill mid-delete never leaves a half state.
+          doomed = step_dir / f"{item}.deleting"
+          (step_dir / item).rename(doomed)
+          doomed.rmtree()
+      self._to_strip.discard(step)
+    if self.config.epoch_params_only and newest in self._epoch_steps:
+      self._to_strip.add(newest)
 
   def restore(self, step: int | None, *, abstract_params: Any,
               abstract_opt_state: Any, data_iter: Any | None = None,
@@ -505,11 +633,11 @@ class RunCheckpoints:
     except ValueError as e:
       if "structures do not match" not in str(e):
         raise
-      raise ValueError(
+      raise CheckpointMismatchError(
           f"checkpoint {step_dir}: the saved params or optimizer state do not"
           " match this run's (was config.optim or config.lora changed since"
           " it was written? Resume with the same optimizer, or start a new"
-          f" workdir with init_from={str(self.directory.parent)!r}).\n{e}"
+          f" workdir with init_from={str(self.directory.parent)!r})"
       ) from e
     if data_iter is not None:
       _set_iter_state(data_iter, snapshot.text)
@@ -519,10 +647,69 @@ class RunCheckpoints:
                     rng=_rng_from_json(meta.get("rng")), meta=meta)
 
   def wait(self):
-    """Blocks until the save in flight (if any) is on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until the save in flight (if any) is on disk; raises if not."""
+    if self._pending is None:
+      return
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(self._pending, e)
+    self._verify()
+
+  def set_aside(self, step: int, cause: str) -> epath.Path:
+    """Renames an unreadable step directory to `<step>.corrupt[.k]`."""
+    step_dir = self.directory / str(step)
+    dest = self.directory / f"{step}.corrupt"
+    k = 1
+    while dest.exists():
+      dest, k = self.directory / f"{step}.corrupt.{k}", k + 1
+    if jax.process_index() == 0:
+      step_dir.rename(dest)
+      logging.warning("checkpoint %s is unreadable (%s); moved to %s",
+                      step_dir, cause, dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"set_aside_{step}")
+    self._manager.reload()
+    self._to_strip.discard(step)
+    self._epoch_steps.discard(step)
+    return dest
+
+  def restore_newest(self, *, abstract_params: Any, abstract_opt_state: Any,
+                     data_iter: Any | None = None, say=print
+                     ) -> Restored | None:
+    """The newest checkpoint that restores; unreadable ones are set aside.
+
+    Params-only checkpoints are passed over (they cannot resume). A
+    checkpoint of another model or optimizer is refused (not set aside).
+    Returns None when no checkpoint restores.
+    """
+    for info in reversed(list_checkpoints(self.directory)):
+      if info.params_only or (not info.complete and info.error is None):
+        continue
+      try:
+        if info.error is not None:
+          raise ValueError(info.error)
+        return self.restore(info.step, abstract_params=abstract_params,
+                            abstract_opt_state=abstract_opt_state,
+                            data_iter=data_iter)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        if "do not match this run" in str(e):
+          raise
+        cause = info.error or errors.short_cause(e)
+        dest = self.set_aside(info.step, cause)
+        say(f"checkpoint {info.path} is unreadable ({cause}); moved it to"
+            f" {dest} and resuming from the newest readable one")
+    return None
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except
+        logging.exception("closing the checkpoint manager")
 

@@ -59,6 +59,7 @@ import numpy as np
 
 from optconsist_jax import checkpoints as ckpt_lib
 from optconsist_jax import config_types
+from optconsist_jax import errors
 from optconsist_jax import metrics as metrics_lib
 from optconsist_jax import report
 from optconsist_jax import sharding
@@ -114,7 +115,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.base = "unknown"
   c.lr = ml_collections.config_dict.placeholder(float)
   c.base_model = ""
-  c.watch = dict(poll_secs=60.0, idle_timeout_secs=0.0)
+  c.watch = dict(poll_secs=60.0, idle_timeout_secs=0.0, retries=2)
   return c
 
 
@@ -256,8 +257,19 @@ class LMLossEvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class WatchConfig:
+  """Polling with --watch.
+
+  Attributes:
+    poll_secs: seconds between looks at W/checkpoints.
+    idle_timeout_secs: stop when nothing new arrived for this long (0: wait
+      until the run's final step is evaluated or given up).
+    retries: an unreadable checkpoint is tried again on this many later
+      passes before it is given up (reported each time).
+  """
+
   poll_secs: float = 60.0
   idle_timeout_secs: float = 0.0
+  retries: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,6 +372,16 @@ def read_run(workdir: str | os.PathLike) -> RunInfo:
     d = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not JSON: {e}") from None
+  return run_info(d, os.fspath(path))
+
+
+def run_info(d: Mapping[str, Any], path: str) -> RunInfo:
+  """A RunInfo from a resolved train config (config.json or a checkpoint's).
+
+  Args:
+    d: the resolved config dict.
+    path: where it was read, for messages.
+  """
   for key in ("model", "train"):
     if key not in d:
       raise ValueError(f"{path}: missing section {key!r}")
@@ -605,9 +627,26 @@ class Evaluator:
                                   mesh=self.mesh, rules=self.rules,
                                   identity=identity)
 
-  def checkpoint_model(self, step_dir: str | os.PathLike) -> nnx.Module:
+  def checkpoint_run(self, step_dir: str | os.PathLike) -> RunInfo:
+    """The run that wrote a checkpoint: the config its meta records.
+
+    W/config.json describes only the latest invocation of train.py; each
+    checkpoint keeps the config it was written with (train.py), so labels
+    and the model come from there. Checkpoints without one (older
+    versions) fall back to W/config.json.
+    """
+    meta = ckpt_lib.read_meta(step_dir)
+    if isinstance(meta.get("config"), dict):
+      return run_info(meta["config"], f"{step_dir}/meta/metadata")
+    return self.run
+
+  def checkpoint_model(self, step_dir: str | os.PathLike,
+                       run: RunInfo | None = None) -> nnx.Module:
     """The (merged) model of one step directory, on the eval mesh."""
-    return self._restore(step_dir, None, self.run.lora, self.run.identity)
+    run = run or self.checkpoint_run(step_dir)
+    return ckpt_lib.restore_model(step_dir, run.model, lora=run.lora,
+                                  mesh=self.mesh, rules=self.rules,
+                                  identity=run.identity)
 
   def base_source(self) -> tuple[str, str, int | None] | None:
     """(kind, path, step) of the base model, or None."""
@@ -699,8 +738,8 @@ class Evaluator:
   # -- one evaluation ------------------------------------------------------
 
   def evaluate_model(self, model: nnx.Module, *, step: int, epoch: float,
-                     checkpoint: str, is_base: bool, name: str
-                     ) -> report.EvalRecord:
+                     checkpoint: str, is_base: bool, name: str,
+                     run: RunInfo | None = None) -> report.EvalRecord:
     self.eval_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     metrics, predictions = run_evals(model, self.tokenizer, self.data,
@@ -708,11 +747,12 @@ class Evaluator:
     metrics["eval_seconds"] = time.perf_counter() - t0
     learning, lname, retention, rname = headline(metrics, self.config)
     c = self.config
+    run = run or self.run
     record = report.EvalRecord(
         step=int(step), epoch=float(epoch),
-        method="base" if is_base else (c.method or self.run.method),
+        method="base" if is_base else (c.method or run.method),
         base=c.base, lr=0.0 if is_base else float(
-            c.lr if c.lr is not None else self.run.lr),
+            c.lr if c.lr is not None else run.lr),
         learning=float(learning), retention=float(retention),
         learning_metric=lname, retention_metric=rname,
         metrics={k: float(v) for k, v in metrics.items()},
@@ -731,7 +771,9 @@ class Evaluator:
     if info.epoch is not None:
       return float(info.epoch)
     meta = ckpt_lib.read_meta(info.path)
-    spe = meta.get("steps_per_epoch") or self.run.steps_per_epoch
+    run = (run_info(meta["config"], os.fspath(info.path))
+           if isinstance(meta.get("config"), dict) else self.run)
+    spe = meta.get("steps_per_epoch") or run.steps_per_epoch
     if spe:
       return info.step / float(spe)
     return float(meta.get("epoch", 0))
@@ -776,35 +818,44 @@ def evaluate_workdir(workdir: str | os.PathLike, config: EvalConfig, *,
         f" {r.retention:.4f} ({r.retention_metric})")
     result.base_evaluated = True
 
-  failed: dict[int, float] = {}  # step -> directory mtime when it failed
+  attempts: dict[int, int] = {}  # step -> failed reads so far
+  given_up: set[int] = set()
+  retries = config.watch.retries
   last_new = clock()
   said_waiting = False
   while True:
     infos = ckpt_lib.list_checkpoints(workdir)
-    todo = []
-    for info in infos:
-      if not info.complete or info.step in done_steps:
-        continue
-      mtime = _mtime(info.path)
-      if failed.get(info.step) == mtime:
-        continue
-      todo.append((info, mtime))
-    for info, mtime in todo:
+    # Finalized but unreadable (meta missing or truncated), or complete.
+    todo = [info for info in infos
+            if (info.complete or info.error is not None)
+            and info.step not in done_steps and info.step not in given_up]
+    for info in todo:
       say(f"evaluating step {info.step} ({info.path})")
       try:
-        model = ev.checkpoint_model(info.path)
+        if info.error is not None:
+          raise ValueError(info.error)
+        run = ev.checkpoint_run(info.path)
+        model = ev.checkpoint_model(info.path, run)
       except Exception as e:  # pylint: disable=broad-except
         # Corrupt, truncated, or written for another model: report, go on.
-        failed[info.step] = mtime
-        result.failed.append(info.step)
-        msg = (f"checkpoint {info.path} could not be restored, skipped:"
-               f" {type(e).__name__}: {e}")
+        n = attempts[info.step] = attempts.get(info.step, 0) + 1
+        cause = (info.error if info.error is not None
+                 else errors.one_line(str(e)) if isinstance(
+                     e, errors.UserError) else errors.short_cause(e))
+        if n > retries or not watch:
+          given_up.add(info.step)
+          result.failed.append(info.step)
+          then = "given up" if watch else "skipped (rerun to retry)"
+        else:
+          then = f"will retry on the next pass ({n} of {retries + 1} tries)"
+        msg = (f"checkpoint step {info.step} ({info.path}) is unreadable:"
+               f" {cause}; {then}")
         logging.error("%s", msg)
         print(f"ERROR: {msg}", file=sys.stderr, flush=True)
         continue
       r = ev.evaluate_model(model, step=info.step, epoch=ev.epoch_of(info),
                             checkpoint=os.fspath(info.path), is_base=False,
-                            name=f"step_{info.step:08d}")
+                            name=f"step_{info.step:08d}", run=run)
       done_steps.add(info.step)
       result.evaluated.append(info.step)
       last_new = clock()
@@ -822,6 +873,9 @@ def evaluate_workdir(workdir: str | os.PathLike, config: EvalConfig, *,
     if final is not None and final in done_steps:
       say(f"final step {final} evaluated; done")
       break
+    if final is not None and final in given_up:
+      say(f"final step {final} is unreadable (reported above); done")
+      break
     idle = config.watch.idle_timeout_secs
     if idle and clock() - last_new >= idle:
       say(f"no new checkpoint for {idle:g} s; stopping")
@@ -833,13 +887,6 @@ def evaluate_workdir(workdir: str | os.PathLike, config: EvalConfig, *,
     sleep(config.watch.poll_secs)
   ev.close()
   return result
-
-
-def _mtime(path: epath.Path) -> float:
-  try:
-    return os.stat(os.fspath(path)).st_mtime
-  except OSError:
-    return -1.0
 
 
 def _define_flags():
@@ -865,12 +912,17 @@ def main(argv):
   # A multi-host eval slice: every process restores its shards together.
   train_step.maybe_initialize_distributed()
   f = flags.FLAGS
-  try:
+  with errors.user_input():
     config = EvalConfig.from_dict(f.config.to_dict())
-    r = evaluate_workdir(f.workdir, config, watch=f.watch)
-  except (FileNotFoundError, ValueError, report.EvalFileError) as e:
-    print(f"ERROR: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    try:
+      ev = Evaluator(f.workdir, config)
+    except report.EvalFileError as e:
+      raise errors.UserError(str(e)) from e
+  try:
+    r = evaluate_workdir(f.workdir, config, watch=f.watch, evaluator=ev)
+  except (report.EvalFileError, FileNotFoundError) as e:
+    # results.jsonl that is not ours, a base model that is not there.
+    raise errors.UserError(str(e)) from e
   print(f"evaluated {len(r.evaluated)} checkpoints"
         + (" and the base model" if r.base_evaluated else "")
         + (f"; {len(r.failed)} failed to restore: {r.failed}" if r.failed
@@ -880,6 +932,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  errors.run(main)

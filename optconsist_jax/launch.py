@@ -42,7 +42,10 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+
+from optconsist_jax import errors
 
 # ----------------------------------------------------------------------------
 # TPU generations and accelerator types.
@@ -555,18 +558,146 @@ def fetch_commands(target: Target, remote: Remote, data: str, dest: str,
 
 def start_job_commands(target: Target, remote: Remote,
                        job: JobSpec) -> list[Command]:
-  """Starts `job` on every worker under nohup; logs and pid in log_dir."""
+  """Starts `job` on every worker under nohup; logs and pid in log_dir.
+
+  The program's exit code lands in `<job>.rc` when it ends (`job_status`
+  reads it): 0 finished, 75 preempted and saved (errors.PREEMPTED), ...
+  """
   log = remote.home(f"{remote.log_dir}/{job.job}.log")
   pid = remote.home(f"{remote.log_dir}/{job.job}.pid")
+  rc = remote.home(f"{remote.log_dir}/{job.job}.rc")
   env = " ".join(shlex.quote(e) for e in job.env)
   program = " ".join([remote.python, "-m", shlex.quote(job.module),
                       *(shlex.quote(a) for a in job.argv())])
   script = (
       f"mkdir -p {remote.home(remote.log_dir)} && cd {remote.home(remote.repo_dir)}"
-      f" && ( nohup env {env + ' ' if env else ''}{program}"
-      f" > {log} 2>&1 < /dev/null & echo $! > {pid} )"
-      f" && echo started {shlex.quote(job.job)} pid $(cat {pid}) on $(hostname)")
+      f" && rm -f {rc} {pid} && ( trap '' HUP; nohup env {env + ' ' if env else ''}"
+      f"{program} > {log} 2>&1 < /dev/null & echo $! > {pid}; wait $!;"
+      f" echo $? > {rc} ) > /dev/null 2>&1 < /dev/null &"
+      f" while [ ! -s {pid} ]; do sleep 0.1; done; echo started {shlex.quote(job.job)} pid $(cat {pid})"
+      " on $(hostname)")
   return [target.ssh(script)]
+
+
+def job_status_command(target: Target, remote: Remote, job: str) -> Command:
+  """Prints `running`, `exit <code>` or `none` for the job on worker 0."""
+  pid = remote.home(f"{remote.log_dir}/{job}.pid")
+  rc = remote.home(f"{remote.log_dir}/{job}.rc")
+  script = (f"if [ -f {rc} ]; then echo exit $(cat {rc}); elif [ -f {pid} ]"
+            f" && kill -0 $(cat {pid}) 2>/dev/null; then echo running;"
+            " else echo none; fi")
+  return target.ssh(script, worker="0")
+
+
+# Slice states (gcloud `state` / queued resource `state.state`) that mean the
+# slice is gone and must be created again: a Spot VM or a queued resource
+# reclaimed by Cloud TPU ("Manage TPU Spot VMs", "Manage queued resources").
+GONE_STATES = ("PREEMPTED", "SUSPENDED", "SUSPENDING", "FAILED", "TERMINATED",
+               "DELETING", "")
+UP_STATES = ("ACTIVE", "READY")
+
+
+@dataclasses.dataclass
+class Supervisor:
+  """Keeps one training job going on a (spot / queued) slice until it ends.
+
+  Each poll: if the slice is gone (preempted / suspended / missing) it is
+  deleted, created again, installed, staged and the job started (it resumes
+  from its gs:// workdir); if the job exited with errors.PREEMPTED (SIGTERM,
+  checkpoint saved) it is started again; exit 0 ends the supervision; any
+  other exit code (2 refused input, 3 non-finite loss, 74 failed save, a
+  crash) stops it with that code, since a restart would fail the same way.
+  At most `max_restarts` restarts.
+  """
+
+  target: TpuTarget
+  spec: SliceSpec
+  setup: list[Command]  # install + stage + start, after a (re)create
+  start: list[Command]  # start the job on a live slice
+  status: Command
+  max_restarts: int = 10
+  poll_secs: float = 300.0
+  out: object = sys.stdout
+  sleep: Callable[[float], None] = time.sleep
+
+  def _say(self, msg: str):
+    print(f"[supervise] {msg}", file=self.out, flush=True)
+
+  def slice_state(self) -> str:
+    t = self.target
+    loc = t._location()  # pylint: disable=protected-access
+    if self.spec.queued:
+      argv = (t.gcloud, "compute", "tpus", "queued-resources", "describe",
+              t.name, *loc, "--format=value(state.state)")
+    else:
+      argv = t.tpu_vm("describe", "--format=value(state)")
+    r = subprocess.run(argv, capture_output=True, text=True, check=False)
+    return r.stdout.strip() if r.returncode == 0 else ""
+
+  def job_state(self) -> str:
+    r = subprocess.run(self.status.argv, capture_output=True, text=True,
+                       check=False)
+    if r.returncode:
+      return "unreachable"
+    return (r.stdout.strip().splitlines() or ["none"])[-1]
+
+  def _run(self, commands: list[Command]) -> int:
+    return run_commands(commands, False, out=self.out)
+
+  def recreate(self) -> int:
+    commands = (delete_commands(self.target, self.spec.queued)
+                + create_commands(self.target, dataclasses.replace(
+                    self.spec, reuse=False, wait=True)) + self.setup)
+    self._run(commands[:1])  # Deleting what is already gone may fail.
+    return self._run(commands[1:])
+
+  def run(self) -> int:
+    restarts = 0
+    rc = self._run(create_commands(self.target, self.spec) + self.setup)
+    if rc:
+      return rc
+    while True:
+      self.sleep(self.poll_secs)
+      state = self.slice_state()
+      if state not in UP_STATES:
+        if state not in GONE_STATES:
+          self._say(f"slice {self.target.name} is {state}; waiting")
+          continue
+        if restarts >= self.max_restarts:
+          self._say(f"slice {self.target.name} is {state or 'gone'}; gave up"
+                    f" after {restarts} restarts")
+          return errors.PREEMPTED
+        restarts += 1
+        self._say(f"slice {self.target.name} is {state or 'gone'}"
+                  f" (preempted): creating it again and resuming (restart"
+                  f" {restarts} of {self.max_restarts})")
+        rc = self.recreate()
+        if rc:
+          return rc
+        continue
+      job = self.job_state()
+      if job in ("running", "unreachable"):
+        continue
+      code = int(job.split()[1]) if job.startswith("exit ") else None
+      if code == errors.OK:
+        self._say("the job finished (exit 0)")
+        return errors.OK
+      if code == errors.PREEMPTED or code is None:
+        if restarts >= self.max_restarts:
+          self._say(f"gave up after {restarts} restarts")
+          return errors.PREEMPTED
+        restarts += 1
+        why = ("was preempted and saved (exit 75)" if code is not None
+               else "is not running (the VM restarted?)")
+        self._say(f"the job {why}: starting it again to resume (restart"
+                  f" {restarts} of {self.max_restarts})")
+        rc = self._run(self.start)
+        if rc:
+          return rc
+        continue
+      self._say(f"the job failed with exit code {code}; not restarting (see"
+                " its log: launch tpu logs)")
+      return code
 
 
 def stop_job_commands(target: Target, remote: Remote, job: str) -> list[Command]:
@@ -693,6 +824,25 @@ def _parser() -> argparse.ArgumentParser:
   _add_remote_args(p)
   _add_install_args(p, "tpu")
   _add_job_args(p, "optconsist_jax.train", "train")
+  p = sub.add_parser(
+      "supervise", help="up, then keep the job going: recreate a preempted"
+      " slice and restart a preempted job until it finishes")
+  _add_target_args(p)
+  _add_slice_args(p, required=True)
+  _add_remote_args(p)
+  _add_install_args(p, "tpu")
+  _add_job_args(p, "optconsist_jax.train", "train")
+  p.add_argument("--stage", action="append", default=[],
+                 metavar="gs://SRC=DEST", help="stage after each (re)create"
+                 " (repeatable; see `tpu stage`)")
+  p.add_argument("--fetch", default=None, metavar="DATA",
+                 help="datasets to fetch from the Hugging Face Hub after each"
+                 " (re)create (see `tpu fetch`)")
+  p.add_argument("--hf-token-file", default=None,
+                 help="with --fetch: local Hugging Face token file to copy to"
+                 " every worker")
+  p.add_argument("--max-restarts", type=int, default=10)
+  p.add_argument("--poll-secs", type=float, default=300.0)
   p = sub.add_parser("logs", help="print / stream a job's log")
   _add_target_args(p, worker_default="0")
   _add_remote_args(p)
@@ -795,10 +945,53 @@ def build(args) -> list[Command]:
   return delete_commands(target, args.queued)
 
 
-def main(argv: Sequence[str] | None = None, out=sys.stdout) -> int:
+def supervisor(args, out=sys.stdout, sleep=time.sleep) -> Supervisor:
+  """The Supervisor of `tpu supervise` from parsed arguments."""
+  remote = Remote(args.repo_dir, args.venv_dir, args.log_dir,
+                  args.python_version)
+  target = TpuTarget(args.name, args.zone, args.project, args.worker,
+                     args.gcloud)
+  spec = SliceSpec(accelerator(args.accelerator_type), args.runtime_version,
+                   args.provisioning, args.queued, args.reuse,
+                   args.valid_until, args.wait)
+  job = _job(args)
+  _check_workdir(job, spec.accelerator, "supervise")
+  stage = []
+  for pair in args.stage:
+    src, sep, dest = pair.rpartition("=")
+    if not sep:
+      raise ValueError(f"--stage={pair!r}: expected gs://SRC=DEST")
+    stage += stage_commands(target, remote, src, dest)
+  if args.fetch:
+    stage += fetch_commands(target, remote, args.fetch, ".",
+                            args.hf_token_file)
+  start = start_job_commands(target, remote, job)
+  if args.max_restarts < 0 or args.poll_secs <= 0:
+    raise ValueError("--max-restarts must be >= 0 and --poll-secs > 0")
+  return Supervisor(
+      target=target, spec=spec,
+      setup=install_commands(target, remote, args.source, args.extras)
+      + stage + start, start=start,
+      status=job_status_command(target, remote, job.job),
+      max_restarts=args.max_restarts, poll_secs=args.poll_secs, out=out,
+      sleep=sleep)
+
+
+def main(argv: Sequence[str] | None = None, out=sys.stdout,
+         sleep=time.sleep) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
   try:
+    if getattr(args, "verb", None) == "supervise":
+      sup = supervisor(args, out=out, sleep=sleep)
+      if args.dry_run:
+        run_commands(create_commands(sup.target, sup.spec) + sup.setup, True,
+                     out=out)
+        print(f"# then every {sup.poll_secs:g} s: {sup.status.shell()}"
+              " (recreate a preempted slice, restart a job that exited"
+              f" {errors.PREEMPTED})", file=out)
+        return 0
+      return sup.run()
     commands = build(args)
   except ValueError as e:
     parser.error(str(e))

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -60,6 +61,7 @@ import numpy as np
 
 from optconsist_jax import checkpoints as ckpt_lib
 from optconsist_jax import config_types
+from optconsist_jax import errors
 from optconsist_jax import hub
 from optconsist_jax import metrics as metrics_lib
 from optconsist_jax import sharding
@@ -71,8 +73,10 @@ from optconsist_jax.model import LlamaConfig
 CONFIG_FILE = "config.json"
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(errors.CommandError, FloatingPointError):
   """The loss or gradient norm became NaN/Inf."""
+
+  exit_code = errors.NONFINITE
 
 
 @dataclasses.dataclass
@@ -107,6 +111,69 @@ def model_identity(config: ExperimentConfig) -> dict[str, Any]:
   """What a checkpoint's param tree depends on (checkpoints.compare_models)."""
   return {"llama": config_types.to_jsonable(config.model),
           "lora": config_types.to_jsonable(config.lora)}
+
+
+# Resolved-config keys that change how a run executes, not what it computes:
+# they may differ between the segments of one run (a resume on another mesh,
+# with other logging). Every other key is the run's identity.
+RUNTIME_SECTIONS = frozenset({"mesh", "checkpoint"})
+RUNTIME_KEYS = {
+    "train": frozenset({"log_every", "stats_every", "progress_every_secs",
+                        "stop_on_nonfinite", "parameter_overview"}),
+    "data": frozenset({"num_workers", "worker_buffer_size", "read_threads",
+                       "cache_dir", "num_epochs"}),
+}
+
+
+def run_identity(resolved: dict[str, Any]) -> dict[str, Any]:
+  """What makes a workdir one run: model, LoRA, optimizer, data, init, length.
+
+  Args:
+    resolved: a resolved config in its JSON form (W/config.json, or the
+      `config` a checkpoint's meta records).
+  """
+  out = {}
+  for section, value in resolved.items():
+    if section in RUNTIME_SECTIONS:
+      continue
+    if isinstance(value, dict):
+      skip = RUNTIME_KEYS.get(section, frozenset())
+      value = {k: v for k, v in value.items() if k not in skip}
+    out[section] = value
+  return out
+
+
+def check_workdir(resolved: dict[str, Any], workdir: epath.Path) -> None:
+  """Refuses a workdir that holds another run, before anything is written.
+
+  The run already there is the config recorded in its newest readable
+  checkpoint, else its W/config.json (a run stopped before its first save).
+  Any hyperparameter change is refused (a run has one set of settings, so
+  every checkpoint's label is true); the runtime keys above may change.
+  """
+  found, where = None, None
+  for info in reversed(ckpt_lib.list_checkpoints(workdir)):
+    if info.complete:
+      found = ckpt_lib.read_meta(info.path).get("config")
+      where = f"checkpoint {info.path}"
+      break
+  config_file = workdir / CONFIG_FILE
+  if found is None and config_file.exists():
+    try:
+      found = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+      raise errors.UserError(
+          f"{config_file} is not readable JSON ({errors.short_cause(e)}):"
+          " is this a training workdir? Use another --workdir") from None
+    where = os.fspath(config_file)
+  if found is None:
+    return
+  ckpt_lib.compare_models(
+      run_identity(resolved), run_identity(found), where, what="run",
+      hint=f"A workdir holds one run: rerun with the settings it was"
+      f" written with, or use a fresh --workdir (with"
+      f" config.init_from.path={os.fspath(workdir)!r} to start from its"
+      " weights). Nothing was written")
 
 
 def _batch_shards(mesh, rules) -> int:
@@ -272,19 +339,17 @@ def _base_params_from_init(config: ExperimentConfig, s: Setup):
 def initial_state(config: ExperimentConfig, s: Setup,
                   ckpts: ckpt_lib.RunCheckpoints, data_iter):
   """Returns (state, epoch, how) following the init order of the docstring."""
-  latest = ckpts.latest_step()
-  if latest is not None:
-    full_abs = nnx.merge_state(s.abstract_state.params,
-                               s.abstract_state.frozen)
-    r = ckpts.restore(latest, abstract_params=full_abs,
-                      abstract_opt_state=s.abstract_state.opt_state,
-                      data_iter=data_iter)
+  full_abs = nnx.merge_state(s.abstract_state.params, s.abstract_state.frozen)
+  r = ckpts.restore_newest(
+      abstract_params=full_abs, abstract_opt_state=s.abstract_state.opt_state,
+      data_iter=data_iter, say=_say)
+  if r is not None:
     params, frozen = _split_full(s, r.params)
     step = jax.device_put(jnp.asarray(r.step, jnp.int32),
                           s.shardings.step)
     state = step_lib.TrainState(step=step, params=params, frozen=frozen,
                                 opt_state=r.opt_state)
-    return state, r.epoch, f"resumed from {ckpts.directory / str(latest)}"
+    return state, r.epoch, f"resumed from {ckpts.directory / str(r.step)}"
   if config.init_from.path:
     base, how = _base_params_from_init(config, s)
     constrain = sharding.LogicalConstraint(s.mesh, s.rules)
@@ -301,6 +366,13 @@ def initial_state(config: ExperimentConfig, s: Setup,
       config.model, s.tx, s.mesh, s.rules, trainable=s.trainable,
       model_transform=s.model_transform, seed=config.train.seed)
   return state, 0, f"random init (seed {config.train.seed})"
+
+
+def _say(msg: str):
+  """A line for the person running the job (stdout) and the log."""
+  logging.warning("%s", msg)
+  if jax.process_index() == 0:
+    print(msg, flush=True)
 
 
 def _split_full(s: Setup, full):
@@ -390,22 +462,26 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
   """
   workdir = epath.Path(workdir)
   step_lib.maybe_initialize_distributed()
-  mesh = sharding.make_mesh(config.mesh)
-  preflight(config, mesh)
+  # Everything read from the user is checked before anything is written.
+  with errors.user_input():
+    mesh = sharding.make_mesh(config.mesh)
+    preflight(config, mesh)
 
-  from optconsist_jax.data import pipeline as data_lib  # pylint: disable=g-import-not-at-top
-  pipe = data_lib.build_pipeline(config.data)
-  if pipe.tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(
-        f"the tokenizer has {pipe.tokenizer.vocab_size} tokens but"
-        f" config.model.vocab_size={config.model.vocab_size}")
-  tc = config.train
-  total_steps = tc.num_steps or tc.num_epochs * pipe.steps_per_epoch
-  config = config.resolve_total_steps(total_steps)
+    from optconsist_jax.data import pipeline as data_lib  # pylint: disable=g-import-not-at-top
+    pipe = data_lib.build_pipeline(config.data)
+    if pipe.tokenizer.vocab_size > config.model.vocab_size:
+      raise ValueError(
+          f"the tokenizer has {pipe.tokenizer.vocab_size} tokens but"
+          f" config.model.vocab_size={config.model.vocab_size}")
+    tc = config.train
+    total_steps = tc.num_steps or tc.num_epochs * pipe.steps_per_epoch
+    config = config.resolve_total_steps(total_steps)
+    resolved = json.loads(config.to_json())
+    check_workdir(resolved, workdir)
+    s = setup(config, mesh)
   write_config(config, workdir)
-  s = setup(config, mesh)
   ckpts = ckpt_lib.RunCheckpoints(workdir, config.checkpoint,
-                                  model_identity(config))
+                                  model_identity(config), run_config=resolved)
   data_iter = pipe.iterator()
   state, epoch, how = initial_state(config, s, ckpts, data_iter)
   start = int(jax.device_get(state.step))
@@ -490,6 +566,7 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
             stats = None
           state, m = train_fn(state, batch)
           step += 1
+        ckpts.check()  # A background save that failed stops the run here.
         report(pending.push(step, m))
         if stats is not None:
           writer.scalars(step, metrics_lib.layer_stats_scalars(
@@ -544,38 +621,23 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   jax.config.parse_flags_with_absl()
-  config = ExperimentConfig.from_dict(flags.FLAGS.config.to_dict())
-  try:
-    result = train(config, flags.FLAGS.workdir)
-  except NonFiniteError as e:
-    logging.error("%s", e)
-    print(f"ERROR: {e}", file=sys.stderr, flush=True)
-    sys.exit(3)
+  with errors.user_input():
+    config = ExperimentConfig.from_dict(flags.FLAGS.config.to_dict())
+  result = train(config, flags.FLAGS.workdir)
   w = result.workdir
   final = result.losses.get(result.step)
-  what = ("stopped by SIGTERM; rerun the same command to resume"
+  what = (f"preempted (exit code {errors.PREEMPTED}): stopped by SIGTERM"
+          " after saving; rerun the same command to resume"
           if result.stopped == "preempted" else "done")
   print(f"{what}: step {result.step}"
         + (f", loss {final:.4f}" if final is not None else "")
         + f". Outputs in {w}: {CONFIG_FILE}, checkpoints/ (last:"
         f" {result.last_checkpoint}), metrics/ (tensorboard --logdir"
         f" {os.path.join(w, metrics_lib.METRICS_DIR)})", flush=True)
-
-
-def _parse_flags(argv):
-  """absl parsing, with `--config.x.y=` overrides of unknown keys named."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    bad = [a for a in argv[1:] if a.startswith("--config.")]
-    print(f"FATAL: a --config override names a key the config does not have"
-          f" ({e}); overrides given: {bad}", file=sys.stderr)
-    sys.exit(2)
-  except flags.Error as e:
-    print(f"FATAL: {e}", file=sys.stderr)
-    sys.exit(2)
+  if result.stopped == "preempted":
+    sys.exit(errors.PREEMPTED)
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  errors.run(main)

@@ -33,7 +33,8 @@ def eval_config(mesh=None, **kw):
       multiple_choice=dict(arc_challenge="synthetic", winogrande="synthetic",
                            limit=3, batch_size=4, max_len=128),
       lm_loss=dict(path="", limit=0, max_len=32, batch_size=2),
-      base="adamw", watch=dict(poll_secs=1.0, idle_timeout_secs=0.0))
+      base="adamw", watch=dict(poll_secs=1.0, idle_timeout_secs=0.0,
+                               retries=2))
   d.update(kw)
   return ev_lib.EvalConfig.from_dict(d)
 
@@ -178,10 +179,16 @@ def test_corrupt_checkpoint_reported_and_skipped(tmp_path, capsys):
   res = ev_lib.evaluate_workdir(w, config, out=io.StringIO())
   assert res.failed == [2] and res.evaluated == [4]
   err = capsys.readouterr().err
-  assert "checkpoints/2 could not be restored, skipped" in err
-  # Not retried while unchanged; the report only has the good one.
+  # One line naming the step and the cause, not TensorStore's spec dump.
+  (line,) = [x for x in err.splitlines() if x.startswith("ERROR:")]
+  assert line.startswith("ERROR: checkpoint step 2 (")
+  assert "checkpoints/2) is unreadable: " in line
+  assert "skipped (rerun to retry)" in line and "tensorstore_spec" not in line
+  assert len(line) < 500
+  # A rerun tries it again; the report only has the good one.
   res = ev_lib.evaluate_workdir(w, config, out=io.StringIO())
-  assert res.evaluated == [] and [r.step for r in report.read_workdir(w)] == [4]
+  assert res.evaluated == [] and res.failed == [2]
+  assert [r.step for r in report.read_workdir(w)] == [4]
 
 
 def test_no_checkpoints_says_so_or_waits(tmp_path):
@@ -269,3 +276,73 @@ def test_bad_eval_config_is_named():
     eval_config(math=dict(protocols=("mmlu",)))
   with pytest.raises(FileNotFoundError, match="config.json not found"):
     ev_lib.read_run("/nonexistent/run")
+
+
+def _run_config(w):
+  with open(os.path.join(w, "config.json")) as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize("fault", ["truncated", "missing"])
+def test_watch_ends_when_final_step_is_unreadable(tmp_path, capsys, fault):
+  """A final checkpoint whose meta is cut short or gone: reported, retried a
+  bounded number of passes, and the watch ends instead of waiting forever."""
+  w = str(tmp_path / "run")
+  identity = write_run(w)
+  save(w, identity, 2, make_model(2))
+  save(w, identity, TOTAL_STEPS, make_model(6), epoch_end=True)
+  meta = os.path.join(w, "checkpoints", str(TOTAL_STEPS), "meta", "metadata")
+  if fault == "truncated":
+    with open(meta) as f:
+      text = f.read()
+    with open(meta, "w") as f:
+      f.write(text[:len(text) // 2])
+  else:
+    os.remove(meta)
+  config = eval_config(math=dict(protocols=()),
+                       multiple_choice=dict(winogrande="synthetic", limit=2),
+                       watch=dict(poll_secs=5.0, idle_timeout_secs=0.0,
+                                  retries=2))
+  sleeps = []
+  out = io.StringIO()
+  res = ev_lib.evaluate_workdir(w, config, watch=True, sleep=sleeps.append,
+                                out=out)
+  assert res.evaluated == [2] and res.failed == [TOTAL_STEPS]
+  assert sleeps == [5.0, 5.0]  # Tried on 3 passes (1 + 2 retries).
+  errs = [x for x in capsys.readouterr().err.splitlines()
+          if x.startswith("ERROR:")]
+  assert len(errs) == 3
+  cause = ("meta/metadata is missing" if fault == "missing"
+           else "meta/metadata is unreadable (JSONDecodeError")
+  assert all(f"checkpoint step {TOTAL_STEPS} (" in e and cause in e
+             for e in errs)
+  assert "(1 of 3 tries)" in errs[0] and errs[-1].endswith("given up")
+  assert f"final step {TOTAL_STEPS} is unreadable" in out.getvalue()
+
+
+def test_labels_come_from_the_checkpoint_not_config_json(tmp_path):
+  """config.json is rewritten by every train.py invocation; each checkpoint
+  keeps the config that wrote it, and the eval job labels from that."""
+  w = str(tmp_path / "run")
+  identity = write_run(w)
+  written_with = _run_config(w)
+  ck = ckpt_lib.RunCheckpoints(
+      w, ckpt_lib.CheckpointConfig(keep=None, async_save=False), identity,
+      run_config=written_with)
+  ck.save(2, params=nnx.state(make_model(2)),
+          opt_state={"count": jnp.zeros(())}, epoch=1)
+  ck.close()
+  # Someone trains another optimizer into W (train.py refuses; simulate the
+  # old behaviour of a rewritten config.json).
+  other = dict(written_with)
+  other["optim"] = {"groups": {"muon": {"optimizer": "muon", "schedule": {
+      "kind": "cosine", "peak": 0.02, "total_steps": TOTAL_STEPS}}},
+                    "routes": [["hidden_matrix", "muon"]]}
+  with open(os.path.join(w, "config.json"), "w") as f:
+    json.dump(other, f)
+  config = eval_config(math=dict(protocols=()),
+                       multiple_choice=dict(winogrande="synthetic", limit=2))
+  res = ev_lib.evaluate_workdir(w, config, out=io.StringIO())
+  assert res.evaluated == [2]
+  (rec,) = report.read_workdir(w)
+  assert (rec.method, rec.lr) == ("adamw", 1e-3)

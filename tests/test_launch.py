@@ -327,3 +327,101 @@ def test_7b_script_fetches_weights_and_data_itself(tmp_path):
   stages = [l for l in out.splitlines() if "gcloud storage cp" in l]
   assert len(stages) == 1 and "gs://bkt/data/heldout_text.jsonl" in stages[0]
   assert "llama-2-7b-hf" not in out
+
+
+SUPERVISE = ("tpu", "supervise", *TARGET, "--accelerator-type=v5p-8",
+             "--queued", "--provisioning=spot",
+             "--source=git+https://github.com/o/r.git",
+             "--config=configs/tiny_metamath.py", "--workdir=/w",
+             "--stage=gs://b/data=.", "--poll-secs=0.01")
+
+
+def _fake_cloud(tmp_path, exits):
+  """A fake gcloud whose ssh runs the remote script locally in bash.
+
+  The queued resource's state lives in a file (create: ACTIVE, delete: gone);
+  ssh fails while the slice is not ACTIVE; the install script (pip, uv) is
+  only recorded. The venv's python is the training job: its n-th run exits
+  with exits[n] ("gone": the slice is reclaimed under it, as a Spot
+  preemption does, and it dies).
+  """
+  home = tmp_path / "home"
+  (home / "optconsist_jax").mkdir(parents=True)
+  state, calls, runs = tmp_path / "state", tmp_path / "calls", tmp_path / "runs"
+  state.write_text("")
+  runs.write_text("")
+  py = home / "optconsist_venv" / "bin" / "python"
+  py.parent.mkdir(parents=True)
+  cases = "".join(
+      f"  {i}) {'echo SUSPENDED > ' + str(state) + '; exit 137' if e == 'gone' else f'exit {e}'};;\n"
+      for i, e in enumerate(exits))
+  py.write_text(
+      "#!/bin/bash\n"
+      f'echo "$*" >> {runs}\n'
+      f"n=$(($(wc -l < {runs}) - 1))\n"
+      "sleep 0.05\n"
+      f'case $n in\n{cases}  *) exit 99;;\nesac\n')
+  fake = tmp_path / "gcloud"
+  fake.write_text(
+      "#!/bin/bash\n"
+      f'echo "$*" >> {calls}\n'
+      f's=$(cat {state})\n'
+      'case "$*" in\n'
+      '  *"queued-resources create"*) echo ACTIVE > ' f'{state};;\n'
+      '  *"queued-resources delete"*) echo -n > ' f'{state};;\n'
+      '  *"queued-resources describe"*)\n'
+      '    [ -n "$s" ] || exit 1; case "$*" in *--format*) echo "$s";; esac;;\n'
+      '  *"tpu-vm ssh"*)\n'
+      '    [ "$s" = ACTIVE ] || exit 255\n'
+      '    for a in "$@"; do case "$a" in --command=*) cmd="${a#--command=}";;'
+      ' esac; done\n'
+      '    case "$cmd" in *"pip install"*|*"gcloud storage"*) exit 0;; esac\n'
+      f'    HOME={home} bash -c "$cmd";;\n'
+      'esac\n')
+  fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+  py.chmod(py.stat().st_mode | stat.S_IEXEC)
+  return fake, calls, runs
+
+
+def test_supervise_restarts_a_preempted_run(tmp_path):
+  """Job exit 75 -> started again; slice reclaimed -> recreated, reinstalled,
+  restaged and started again; exit 0 -> done."""
+  fake, calls, runs = _fake_cloud(tmp_path, [75, "gone", 0])
+  out = io.StringIO()
+  rc = launch.main([*SUPERVISE, f"--gcloud={fake}"], out=out)
+  assert rc == 0, out.getvalue()
+  lines = runs.read_text().splitlines()
+  assert len(lines) == 3  # Three runs of the same command (it resumes).
+  assert all(line == ("-m optconsist_jax.train --config=configs/tiny_metamath.py"
+                      " --workdir=/w") for line in lines)
+  verbs = [" ".join(c.split()[2:5]) for c in calls.read_text().splitlines()]
+  creates = [v for v in verbs if v == "queued-resources create ft7b"]
+  deletes = [v for v in verbs if v == "queued-resources delete ft7b"]
+  assert len(creates) == 2 and len(deletes) == 1
+  text = out.getvalue()
+  assert "preempted and saved (exit 75)" in text
+  assert "is SUSPENDED (preempted): creating it again" in text
+  assert "the job finished (exit 0)" in text
+  # After the recreate the data was staged again before the job started.
+  staged = [i for i, c in enumerate(calls.read_text().splitlines())
+            if "gcloud storage cp" in c]
+  assert len(staged) == 2
+
+
+@pytest.mark.parametrize("code", [2, 3, 74])
+def test_supervise_does_not_restart_a_failed_run(tmp_path, code):
+  fake, _, runs = _fake_cloud(tmp_path, [code])
+  out = io.StringIO()
+  rc = launch.main([*SUPERVISE, f"--gcloud={fake}"], out=out)
+  assert rc == code
+  assert len(runs.read_text().splitlines()) == 1
+  assert f"failed with exit code {code}; not restarting" in out.getvalue()
+
+
+def test_supervise_gives_up_after_max_restarts(tmp_path):
+  fake, _, runs = _fake_cloud(tmp_path, [75, 75, 75])
+  out = io.StringIO()
+  rc = launch.main([*SUPERVISE, f"--gcloud={fake}", "--max-restarts=1"],
+                   out=out)
+  assert rc == 75 and len(runs.read_text().splitlines()) == 2
+  assert "gave up after 1 restarts" in out.getvalue()

@@ -90,7 +90,7 @@ def _flat(tree, prefix=""):
   return out
 
 
-def _wait_for_checkpoint(workdir, proc, min_step, timeout=300):
+def _wait_for_checkpoint(workdir, proc, min_step, timeout=300, poll=0.05):
   t0 = time.time()
   while time.time() - t0 < timeout:
     done = [c.step for c in checkpoints.list_checkpoints(workdir)
@@ -101,7 +101,7 @@ def _wait_for_checkpoint(workdir, proc, min_step, timeout=300):
       out = proc.stdout.read()
       raise AssertionError(f"training exited early ({proc.returncode}):\n"
                            f"{out[-3000:]}")
-    time.sleep(0.05)
+    time.sleep(poll)
   proc.kill()
   raise AssertionError(f"no checkpoint >= {min_step} after {timeout}s")
 
@@ -155,18 +155,24 @@ def test_sigkill_then_resume_is_bitwise_identical(reference, tmp_path):
 
 def test_sigterm_leaves_a_complete_checkpoint(reference, tmp_path):
   ref_dir, _ = reference
-  proc = subprocess.Popen(_command(tmp_path), cwd=REPO, env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-  _wait_for_checkpoint(tmp_path, proc, 4)
+  # Saving and measuring every step (runtime settings: the same run) slows
+  # the steps, so the signal lands well before the end.
+  proc = subprocess.Popen(
+      _command(tmp_path, **{"checkpoint.every_steps": 1,
+                            "train.stats_every": 1}),
+      cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+  _wait_for_checkpoint(tmp_path, proc, 2, poll=0.01)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out[-3000:]
   done = [c for c in checkpoints.list_checkpoints(tmp_path)]
   assert all(c.complete for c in done)
   last = done[-1].step
-  if last < NUM_STEPS:
-    assert f"stopped by SIGTERM; rerun the same command to resume: step {last}" in out
+  # A preemption happened: the run stopped early, said so, and exited 75.
+  assert last < NUM_STEPS, "the run finished before the signal: not a test"
+  assert proc.returncode == 75, out[-3000:]
+  assert (f"preempted (exit code 75): stopped by SIGTERM after saving; rerun"
+          f" the same command to resume: step {last}") in out
   assert f"checkpoints/ (last: {done[-1].path})" in out
   # The preemption checkpoint holds the state an uninterrupted run had.
   meta = checkpoints.read_meta(done[-1].path)
@@ -193,9 +199,22 @@ def test_refuses_checkpoint_of_another_model(reference, tmp_path):
   ref_dir, _ = reference
   shutil.copytree(ref_dir / "checkpoints" / "4", tmp_path / "checkpoints" / "4")
   with pytest.raises(checkpoints.CheckpointMismatchError,
-                     match=r"llama.intermediate_size: checkpoint has 160,"
+                     match=r"model.intermediate_size: checkpoint has 160,"
                      r" config has 192"):
     train.train(_config(**{"model.intermediate_size": 192}), tmp_path)
+
+
+def _adopt(workdir, step, cfg):
+  """Records `cfg` as the config that wrote checkpoint `step` of workdir.
+
+  Stands in for a run of `cfg` whose first steps were fine (the reference
+  run's), without training it.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  meta = workdir / "checkpoints" / str(step) / "meta" / "metadata"
+  d = json.loads(meta.read_text())
+  d["config"] = json.loads(cfg.resolve_total_steps(NUM_STEPS).to_json())
+  meta.write_text(json.dumps(d))
 
 
 def test_nan_guard_names_step_and_last_good_checkpoint(reference, tmp_path):
@@ -204,6 +223,7 @@ def test_nan_guard_names_step_and_last_good_checkpoint(reference, tmp_path):
   cfg = _config(**{"optim.groups.adamw.schedule.kind": "constant",
                    "optim.groups.adamw.schedule.warmup_fraction": 0.0,
                    "optim.groups.adamw.schedule.peak": float("inf")})
+  _adopt(tmp_path, 4, cfg)
   with pytest.raises(train.NonFiniteError,
                      match=r"at step 5; stopping without saving\. Last good"
                      r" checkpoint: .*checkpoints/4 \(step 4\)"):
@@ -214,6 +234,12 @@ def test_nan_guard_names_step_and_last_good_checkpoint(reference, tmp_path):
 def test_changed_optimizer_structure_is_named(reference, tmp_path):
   ref_dir, _ = reference
   shutil.copytree(ref_dir / "checkpoints" / "4", tmp_path / "checkpoints" / "4")
+  with pytest.raises(ValueError, match=r"different run: optim.clip_norm:"
+                     r" checkpoint has 1.0, config has 0.0"):
+    train.train(_config(**{"optim.clip_norm": 0.0}), tmp_path)
+  # A checkpoint that records no config (or one edited to agree) still meets
+  # the optimizer-state structure check.
+  _adopt(tmp_path, 4, _config(**{"optim.clip_norm": 0.0}))
   with pytest.raises(ValueError, match=r"optimizer state do not\s+match this run"):
     train.train(_config(**{"optim.clip_norm": 0.0}), tmp_path)
 
