@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 import ast
 import contextlib
 import os
+import re
 import sys
 import traceback
 from typing import Any, NoReturn
@@ -114,8 +115,13 @@ def short_cause(e: BaseException, limit: int = 300) -> str:
   for marker in (" [source locations=", " [tensorstore_spec=", " {\""):
     if marker in first:
       first = first[:first.index(marker)]
+  first = re.sub(r"\s*\[[a-z_]+='[^']*'\]", "", first).strip()
   out = f"{type(inner).__name__}: {first}"
-  return out if len(out) <= limit else out[:limit - 3] + "..."
+  if len(out) <= limit:
+    return out
+  # Keep the beginning (what failed) and the end (why: "No space left...").
+  reason = out.rsplit(": ", 1)[-1][-(limit // 2):]
+  return out[:limit - len(reason) - 5] + " ... " + reason
 
 
 def _verbose() -> bool:
@@ -171,14 +177,16 @@ def parse_absl_flags(argv: Sequence[str]) -> list[str]:
   try:
     return flags.FLAGS(list(argv))
   except (AttributeError, KeyError) as e:
-    msg = one_line(_message(e))
-    key = msg.split(";")[0].strip().strip("'\"")
+    lines = [x.strip() for x in _message(e).splitlines() if x.strip()]
+    quoted = lines[0] if lines else "?"
+    hint = " ".join(lines[1:]) or "See the config file for the valid keys."
+    key = quoted.strip("'\"")
     bad = [a for a in argv[1:] if a.startswith("--config.")
            and key and key in a.split("=")[0]] or [
                a for a in argv[1:] if a.startswith("--config.")]
     report(UserError(
         f"{', '.join(bad) or 'a --config override'}: the config has no key"
-        f" {msg}. See the config file for the valid keys."), USER)
+        f" {quoted}. {hint}"), USER)
   except flags.Error as e:
     text = str(e)
     if "Traceback (most recent call last)" in text:

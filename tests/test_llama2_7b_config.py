@@ -51,6 +51,7 @@ def test_variant_converts_and_builds_its_optimizer(arg):
         "cosine", 0.1, 0.01)
     assert sched.total_steps == steps and group.weight_decay == 0.0
   assert exp.checkpoint.save_epoch_ends and exp.checkpoint.keep_epochs
+  assert exp.checkpoint.epoch_params_only
   if "epochs" not in arg:
     assert exp.train.num_epochs == 11
   # The optimizer builds on the abstract 7B tree (shapes only) and its state
