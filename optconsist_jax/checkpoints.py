@@ -15,10 +15,13 @@ Workdir layout (one run = one directory W):
                                   `process_<i>-of-<n>.json` per host
       meta/metadata               JSON: step, epoch (epochs completed so far),
                                   epoch_end (bool), rng (key data + impl),
-                                  model (the model identity dict, see below)
+                                  model (the model identity dict, see below),
+                                  config (the resolved config of the run
+                                  that wrote it: the eval job's labels)
       _CHECKPOINT_METADATA        Orbax's own step metadata
   W/checkpoints/<step>.orbax-checkpoint-tmp-<t>/   a save still being written
                                   (or killed): never read, removed on resume
+  W/checkpoints/<step>.corrupt/   an unreadable checkpoint a resume set aside
   W/metrics/                    clu metric writers (TensorBoard events)
   W/eval/                       the eval job's outputs
 
@@ -29,7 +32,13 @@ temporary suffix (or with `commit_success.txt` on GCS) is complete.
 
 Retention: the newest `keep` checkpoints, plus every epoch-end checkpoint when
 `keep_epochs` is set (the eval job draws one learning/forgetting point per
-epoch). `list_checkpoints(W)` reports each step with its epoch (for epoch-end
+epoch). With `epoch_params_only`, an epoch-end checkpoint loses opt_state/ and
+data_iter/ once a newer save has committed (params-only: evaluable, not
+resumable); the newest checkpoint is always complete.
+
+Faults: a save that does not commit raises SaveFailedError (errors.
+SAVE_FAILED) at the trainer's next step; `restore_newest` sets an unreadable
+checkpoint aside and resumes from the newest readable full one. `list_checkpoints(W)` reports each step with its epoch (for epoch-end
 checkpoints; None otherwise), its path and whether it is complete.
 
 Model identity: each checkpoint stores a JSON dict describing the parameter tree

@@ -59,6 +59,12 @@ class UserError(CommandError, ValueError):
   exit_code = USER
 
 
+class Preempted(CommandError):
+  """Stopped on SIGTERM after saving; the same command resumes."""
+
+  exit_code = PREEMPTED
+
+
 def one_line(text: str) -> str:
   """A message on one line: its lines joined by '; '."""
   parts = [p.strip() for p in str(text).splitlines()]

@@ -22,12 +22,19 @@ Runs beside training (another process, its own mesh) or after it:
    `report.EvalRecord` schema) to W/eval/results.jsonl, plus clu scalars
    (W/eval/metrics, keyed by the training step). A crash loses at most the
    checkpoint being evaluated: rerunning skips those already in results.jsonl.
-5. Half-written checkpoints (Orbax temporary directories) are never read; a
-   checkpoint that fails to restore is reported and skipped (retried only if
-   its directory changes). Without --watch the job evaluates what is there
-   and exits (saying so when there is nothing); with --watch it polls every
-   `watch.poll_secs` until the run's final step is evaluated or nothing new
-   arrived for `watch.idle_timeout_secs` (0: keep waiting).
+5. Half-written checkpoints (Orbax temporary directories) are never read. A
+   finalized checkpoint that cannot be read (missing or truncated
+   meta/metadata, a corrupt array, another model) is reported on one line
+   with its step and cause (errors.short_cause, not TensorStore's spec dump)
+   and the rest are evaluated; with --watch it is tried again on the next
+   `watch.retries` passes, then given up. Without --watch the job evaluates
+   what is there and exits (saying so when there is nothing); with --watch it
+   polls every `watch.poll_secs` until the run's final step is evaluated or
+   given up, or nothing new arrived for `watch.idle_timeout_secs` (0: keep
+   waiting).
+6. Labels (method, LR) and the model/LoRA shapes of each checkpoint come
+   from the config recorded in its meta (train.py writes it), so a later
+   train.py invocation rewriting W/config.json cannot mislabel it.
 
 Metric names: math/<protocol>/acc, mc/<benchmark>/acc, acc_norm and acc_bytes,
 mc/mean (the retention average of Biderman et al. 2024: acc_norm for HellaSwag

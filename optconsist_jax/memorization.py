@@ -557,4 +557,5 @@ if __name__ == "__main__":
                       required=True)
   flags.DEFINE_enum("mode", "quick", sorted(MODES), "Experiment size.")
   flags.DEFINE_list("optimizers", ["adamw", "muon"], "Finetuning optimizers.")
-  app.run(main)
+  from optconsist_jax import errors  # pylint: disable=g-import-not-at-top
+  errors.run(main)

@@ -40,6 +40,8 @@ import sys
 import time
 from typing import Any
 
+from optconsist_jax import errors
+
 GIB = 1024**3
 
 
@@ -699,12 +701,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     path, _, arg = args.config.partition(":")
     spec = importlib.util.spec_from_file_location("plan_config", path)
     if spec is None:
-      raise SystemExit(f"--config {path}: not a Python file")
+      raise errors.UserError(f"--config {path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-      raise SystemExit(f"--config {path}: has no get_config()")
-    config = module.get_config(arg) if arg else module.get_config()
+    with errors.user_input(f"--config {args.config}"):
+      spec.loader.exec_module(module)
+      if not hasattr(module, "get_config"):
+        raise errors.UserError(f"--config {path}: has no get_config()")
+      config = module.get_config(arg) if arg else module.get_config()
     overrides = ({} if args.grad_accum_steps is None else
                  {"grad_accum_steps": args.grad_accum_steps})
     results = []
@@ -721,7 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mesh_shape:
       sizes = [int(x) for x in _csv(args.mesh_shape)]
       if len(sizes) != 3:
-        raise SystemExit(f"--mesh_shape={args.mesh_shape!r}: expected"
+        raise errors.UserError(f"--mesh_shape={args.mesh_shape!r}: expected"
                          " data,fsdp,tensor")
       mesh_override = dict(zip(("data", "fsdp", "tensor"), sizes))
     combos = list(itertools.product(_csv(args.topology), _csv(args.mesh),
@@ -770,4 +773,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  errors.run(main, absl=False)

@@ -455,19 +455,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                  " headline `learning`)")
   p.add_argument("--title", default="")
   args = p.parse_args(argv)
+  from optconsist_jax import errors  # pylint: disable=g-import-not-at-top
   records = []
-  try:
-    for w in args.workdirs:
-      records.extend(read_workdir(w))
-    paths = make_report(records, args.out, x_metric=args.x, y_metric=args.y,
-                        title=args.title)
-  except (EvalFileError, FileNotFoundError, ValueError) as e:
-    print(f"report: {e}", file=sys.stderr)
-    return 1
+  with errors.user_input():
+    try:
+      for w in args.workdirs:
+        records.extend(read_workdir(w))
+      paths = make_report(records, args.out, x_metric=args.x,
+                          y_metric=args.y, title=args.title)
+    except EvalFileError as e:
+      raise errors.UserError(str(e)) from e
   print(f"{len(records)} points from {len(args.workdirs)} workdirs ->"
         f" {', '.join(paths.values())}")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from optconsist_jax import errors  # pylint: disable=g-import-not-at-top
+  errors.run(main, absl=False)

@@ -38,6 +38,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from optconsist_jax import errors
 from optconsist_jax import typed_config
 
 DONE_FILE = "done.json"
@@ -248,8 +249,8 @@ def train_once(run_config: dict[str, Any], workdir: str,
   t0 = time.time()
   result = train.train(config, workdir)
   if result.stopped != "done":
-    raise RuntimeError(f"{workdir}: training stopped ({result.stopped}); rerun"
-                       " the same command to resume")
+    raise errors.Preempted(f"{workdir}: training stopped ({result.stopped});"
+                           " rerun the same command to resume")
   _mark_done(workdir, {"steps": result.step, "seconds": time.time() - t0,
                        "final_loss": (result.losses[max(result.losses)]
                                       if result.losses else None)})
@@ -416,7 +417,8 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   metrics.quiet_library_logs()
-  rc = ReproConfig.from_dict(flags.FLAGS.config.to_dict())
+  with errors.user_input():
+    rc = ReproConfig.from_dict(flags.FLAGS.config.to_dict())
   outputs = run(rc, flags.FLAGS.workdir)
   print("\nOutputs:")
   for k, v in outputs.items():
@@ -425,4 +427,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  errors.run(main)

@@ -238,9 +238,9 @@ def test_full_disk_stops_training_and_leaves_no_tmp(four_steps, tmp_path):
 
 def test_epoch_checkpoints_keep_params_only(tmp_path):
   w = tmp_path / "w"
-  # 14 steps per epoch: epoch end at 14, periodic saves every 4, keep 2.
+  # 14 steps per epoch: epoch end at 14, periodic saves every 4, keep 3.
   cfg = tt._config(**{"checkpoint.epoch_params_only": True,
-                      "checkpoint.keep": 2, "train.stats_every": 0})
+                      "checkpoint.keep": 3, "train.stats_every": 0})
   r = train.train(cfg, w)
   assert r.step == tt.NUM_STEPS
   infos = {c.step: c for c in checkpoints.list_checkpoints(w)}
@@ -257,7 +257,7 @@ def test_epoch_checkpoints_keep_params_only(tmp_path):
   # setting it aside.
   shutil.rmtree(w / "checkpoints" / "16")
   cfg2 = tt._config(**{"checkpoint.epoch_params_only": True,
-                       "checkpoint.keep": 2, "train.stats_every": 0})
+                       "checkpoint.keep": 3, "train.stats_every": 0})
   r2 = train.train(cfg2, w)
   assert min(r2.losses) == 13
   assert (w / "checkpoints" / "14" / "params").is_dir()

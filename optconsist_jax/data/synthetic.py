@@ -369,8 +369,16 @@ def write_all(out_dir: str, *, n_train: int = 20000, n_test: int = 500,
   return paths
 
 
-if __name__ == "__main__":
-  if len(sys.argv) != 2:
-    sys.exit("usage: python -m optconsist_jax.data.synthetic OUT_DIR")
-  for k, v in write_all(sys.argv[1]).items():
+def main(argv: list[str]) -> int:
+  from optconsist_jax import errors  # pylint: disable=g-import-not-at-top
+  if len(argv) != 1:
+    raise errors.UserError(
+        "usage: python -m optconsist_jax.data.synthetic OUT_DIR")
+  for k, v in write_all(argv[0]).items():
     print(k, v)
+  return 0
+
+
+if __name__ == "__main__":
+  from optconsist_jax import errors  # pylint: disable=g-import-not-at-top
+  errors.run(main, absl=False)
