@@ -190,9 +190,11 @@ def parse_absl_flags(argv: Sequence[str]) -> list[str]:
     bad = [a for a in argv[1:] if a.startswith("--config.")
            and key and key in a.split("=")[0]] or [
                a for a in argv[1:] if a.startswith("--config.")]
-    report(UserError(
+    err = UserError(
         f"{', '.join(bad) or 'a --config override'}: the config has no key"
-        f" {quoted}. {hint}"), USER)
+        f" {quoted}. {hint}")
+    err.__cause__ = e
+    report(err, USER)
   except flags.Error as e:
     text = str(e)
     if "Traceback (most recent call last)" in text:
@@ -200,7 +202,9 @@ def parse_absl_flags(argv: Sequence[str]) -> list[str]:
       head = text.splitlines()[0].split(": Error whilst parsing")[0]
       last = [line for line in text.splitlines() if line.strip()][-1]
       text = f"{head.removeprefix('flag ')}: {last.strip()}"
-    report(UserError(text), USER)
+    err = UserError(text)
+    err.__cause__ = e  # With --verbose: the config file's traceback.
+    report(err, USER)
 
 
 def run(main: Callable[..., Any], *, absl: bool = True) -> NoReturn:
