@@ -113,6 +113,5 @@ def test_report_end_to_end(tmp_path, capsys):
 
 def test_report_errors_are_reported(tmp_path, capsys):
   from optconsist_jax import errors  # pylint: disable=g-import-not-at-top
-  with pytest.raises(errors.UserError):
+  with pytest.raises(errors.UserError, match="no eval results"):
     report.main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
-  assert "no eval results" in capsys.readouterr().err
