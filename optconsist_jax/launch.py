@@ -583,9 +583,11 @@ def job_status_command(target: Target, remote: Remote, job: str) -> Command:
   """Prints `running`, `exit <code>` or `none` for the job on worker 0."""
   pid = remote.home(f"{remote.log_dir}/{job}.pid")
   rc = remote.home(f"{remote.log_dir}/{job}.rc")
-  script = (f"if [ -f {rc} ]; then echo exit $(cat {rc}); elif [ -f {pid} ]"
-            f" && kill -0 $(cat {pid}) 2>/dev/null; then echo running;"
-            " else echo none; fi")
+  # A job that just ended may not have its .rc yet: wait up to 5 s for it.
+  script = (f"if [ ! -f {rc} ] && [ -f {pid} ] && kill -0 $(cat {pid})"
+            " 2>/dev/null; then echo running; else for i in $(seq 50); do"
+            f" [ -f {rc} ] && break; sleep 0.1; done; if [ -f {rc} ]; then"
+            f" echo exit $(cat {rc}); else echo none; fi; fi")
   return target.ssh(script, worker="0")
 
 
@@ -695,6 +697,8 @@ class Supervisor:
         if rc:
           return rc
         continue
+      if self.slice_state() not in UP_STATES:
+        continue  # Killed by the slice going away: recreated next poll.
       self._say(f"the job failed with exit code {code}; not restarting (see"
                 " its log: launch tpu logs)")
       return code
