@@ -585,8 +585,10 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
           break
       report(pending.pop())
   finally:
-    ckpts.close()
-    writer.close()
+    try:
+      ckpts.close()  # Raises SaveFailedError if the last save did not commit.
+    finally:
+      writer.close()
   done = [c for c in ckpt_lib.list_checkpoints(workdir) if c.complete]
   last = os.fspath(done[-1].path) if done else None
   summary = {}
