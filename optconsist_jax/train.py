@@ -29,9 +29,16 @@ Reads top to bottom (big_vision style):
    stall) and written every `log_every` steps; residual-stream statistics
    every `stats_every` steps; checkpoints every `checkpoint.every_steps`, at
    each epoch end and at the end (async).
-5. Stops: normally; on SIGTERM (preemption) after saving the current step;
-   on a NaN/Inf loss or gradient norm with a message naming the step and the
-   last good checkpoint (nothing is saved from the bad state).
+5. Stops: normally (exit 0); on SIGTERM (preemption) after saving the
+   current step (exit 75); on a NaN/Inf loss or gradient norm with a message
+   naming the step and the last good checkpoint, nothing saved from the bad
+   state (exit 3); at the first step after a save that did not commit, naming
+   the step directory, the cause and the last good checkpoint (exit 74).
+   Refused input exits 2 (optconsist_jax.errors). A workdir holds one run:
+   its identity (`run_identity`) is checked against the newest checkpoint's
+   recorded config before anything is written; a resume meeting an
+   unreadable checkpoint sets it aside (`<step>.corrupt`) and resumes from
+   the newest readable one.
 
 Outputs in W: config.json, checkpoints/<step>/ (checkpoints.py documents the
 layout), metrics/ (TensorBoard event files).
