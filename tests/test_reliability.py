@@ -190,7 +190,7 @@ def test_unwritable_checkpoint_dir_stops_with_one_line(four_steps, tmp_path):
   assert "Traceback" not in out.stderr
   assert _tree_hash(ckpt) == before  # Nothing half-written left behind.
   # Before: 300 s stall in Orbax's directory creation, then a TimeoutError.
-  assert took < 200, took
+  assert took < 290, took  # Startup included; the old stall alone was 300 s.
 
 
 def _tmpfs(path, size):
