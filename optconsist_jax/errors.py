@@ -192,7 +192,7 @@ def parse_absl_flags(argv: Sequence[str]) -> list[str]:
                a for a in argv[1:] if a.startswith("--config.")]
     err = UserError(
         f"{', '.join(bad) or 'a --config override'}: the config has no key"
-        f" {quoted}. {hint}")
+        f" {key!r}. {hint}")
     err.__cause__ = e
     report(err, USER)
   except flags.Error as e:
