@@ -1,7 +1,7 @@
 """Train-step time with Muon vs AdamW on this CPU (~100M `llama_100m`).
 
 One jitted step = forward + backward + clip + optimizer update, fp32, the
-same batch for both optimizers (optim.presets.adamw / optim.presets.muon,
+same batch for both optimizers (optim.presets.preset("adamw") / preset("muon"),
 Muon on the q,k,v,o,gate,up,down kernels with 5 fp32 Newton-Schulz steps,
 AdamW on the rest). Beside the measured times it prints the analytic
 Newton-Schulz share of the step's flops: NS costs 4 m m n + 2 m m m per
@@ -96,8 +96,8 @@ def main():
   config = preset(args.preset)
   tokens = args.batch * args.seq
   results = {}
-  for name, cfg in (("adamw", optim.presets.adamw(total_steps=100)),
-                    ("muon", optim.presets.muon(total_steps=100))):
+  for name in ("adamw", "muon"):
+    cfg = optim.presets.preset(name, total_steps=100)
     results[name] = time_step(config, cfg, args.batch, args.seq, args.warmup,
                               args.iters)
     print(name, results[name], flush=True)

@@ -49,6 +49,7 @@ prompt protocols, HellaSwag / ARC-Challenge / WinoGrande, held-out LM loss).
 import ml_collections
 
 from optconsist_jax import hub
+from optconsist_jax.optim import presets
 
 VARIANTS = ("adamw", "muon", "lora16", "lora64", "lora256")
 _DEFAULT_LR = {"adamw": 1e-5, "muon": 5e-5, "lora16": 2e-4, "lora64": 1e-4,
@@ -87,17 +88,6 @@ def parse_arg(arg: str) -> tuple[str, dict[str, str]]:
   return variant, settings
 
 
-def _schedule(peak: float) -> dict:
-  # total_steps 0: decay over the run's length (train.py fills it in).
-  return dict(kind="cosine", peak=peak, warmup_fraction=0.1, total_steps=0,
-              floor=0.01)
-
-
-def _adamw_group(peak: float) -> dict:
-  return dict(optimizer="adamw", kwargs=dict(b1=0.9, b2=0.999, eps=1e-8),
-              schedule=_schedule(peak), weight_decay=0.0)
-
-
 def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
   variant, s = parse_arg(arg)
   lr = float(s.get("lr", _DEFAULT_LR[variant]))
@@ -111,25 +101,19 @@ def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
                  scan_layers=True, remat_policy="full")
   c.mesh = dict(preset=s.get("mesh", "fsdp"))
 
-  if variant == "adamw":
-    c.optim = dict(groups=dict(adamw=_adamw_group(lr)),
-                   routes=[("all", "adamw")], clip_norm=1.0)
-  elif variant == "muon":
-    muon = dict(optimizer="muon",
-                kwargs=dict(scale="rms_match", beta=0.95, nesterov=True,
-                            ns_steps=5, strategy="stacked"),
-                schedule=_schedule(lr), weight_decay=0.0)
-    c.optim = dict(
-        groups=dict(muon=muon,
-                    adamw=_adamw_group(float(s.get("adam_lr", 1e-5)))),
-        routes=[("hidden_matrix", "muon"), ("not_hidden_matrix", "adamw")],
-        clip_norm=1.0)
+  # The paper's schedule, clipping and AdamW betas are the presets' defaults;
+  # total_steps 0 decays over the run's length (train.py fills it in).
+  if variant == "muon":
+    c.optim = presets.preset(
+        "muon", peak_lr=lr, adam_peak_lr=float(s.get("adam_lr", 1e-5)),
+        kwargs=dict(nesterov=True)).to_dict()
+  elif variant == "adamw":
+    c.optim = presets.preset("adamw", peak_lr=lr).to_dict()
   else:
     rank = int(variant[len("lora"):])
     c.lora = dict(rank=rank, alpha=2.0 * rank, dropout=0.05,
                   targets="q,k,v,o,gate,up,down".split(","))
-    c.optim = dict(groups=dict(adamw=_adamw_group(lr)),
-                   routes=[("lora", "adamw")], clip_norm=1.0)
+    c.optim = presets.preset("lora", peak_lr=lr).to_dict()
 
   c.data = dict(format="metamathqa", path=s.get("data", "MetaMathQA-395K.json"),
                 tokenizer_path=tokenizer,

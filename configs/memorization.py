@@ -12,35 +12,26 @@ written by `memorization.make_dataset("/tmp/mem_data")`:
       --workdir /tmp/mem_muon --config.data.path=/tmp/mem_data/train.json \
       --config.init_from.path=/tmp/base_run
 
-Args (`--config configs/memorization.py:ARG`): `adamw` (default) or `muon`
-(Muon on hidden matrices with the `rms_match` scale, AdamW elsewhere). Both
-use the same peak learning rate, since rms_match puts Muon's updates on
-AdamW's scale (optim/presets.py).
+Args (`--config configs/memorization.py:ARG`): the optimizer preset
+(`optim.presets.preset`): `adamw` (default), `muon` (Muon on hidden matrices
+with the `rms_match` scale, AdamW elsewhere), or any optimizer name (an Optax
+name such as `lion`, or `pkg.module:function`) on every parameter. All use the
+same peak learning rate, since rms_match puts Muon's updates on AdamW's scale.
 """
 
 import ml_collections
 
 from optconsist_jax.optim import presets
 
-OPTIMIZERS = ("adamw", "muon")
-
-
 def optim_dict(name: str, peak_lr: float, warmup_fraction: float = 0.05,
                floor: float = 0.1) -> dict:
   """The optim section for `name`; the cosine decays over the whole run."""
-  if name == "adamw":
-    cfg = presets.adamw(peak_lr=peak_lr, total_steps=1, b2=0.95)
-  elif name == "muon":
-    cfg = presets.muon(peak_lr=peak_lr, total_steps=1, b2=0.95)
-  else:
-    raise ValueError(f"configs/memorization.py: unknown optimizer {name!r};"
-                     f" expected one of {OPTIMIZERS}")
-  d = cfg.to_dict()
-  for group in d["groups"].values():
-    # total_steps 0: filled with the run's length by resolve_total_steps.
-    group["schedule"].update(total_steps=0, warmup_fraction=warmup_fraction,
-                             floor=floor)
-  return d
+  try:
+    return presets.preset(name, peak_lr=peak_lr,
+                          warmup_fraction=warmup_fraction, floor=floor,
+                          adam_kwargs=dict(b2=0.95)).to_dict()
+  except ValueError as e:
+    raise ValueError(f"configs/memorization.py:{name}: {e}") from None
 
 
 def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:

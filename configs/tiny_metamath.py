@@ -3,10 +3,12 @@ r"""A tiny Llama trained on generated MetaMathQA-format problems (CPU, ~1 min).
   python -m optconsist_jax.train --config configs/tiny_metamath.py \
       --workdir /tmp/tiny_metamath
 
-Args (`--config configs/tiny_metamath.py:ARG`): the optimizer preset, `adamw`
-(default), `muon` (Muon on hidden matrices, AdamW elsewhere) or `lora` (rank-8
-adapters on every projection, AdamW on the adapters; meant with
-`--config.init_from.path=` a trained base, e.g. an earlier run's workdir).
+Args (`--config configs/tiny_metamath.py:ARG`): the optimizer preset
+(`optim.presets.preset`), `adamw` (default), `muon` (Muon on hidden matrices,
+AdamW elsewhere), `lora` (rank-8 adapters on every projection, AdamW on the
+adapters; meant with `--config.init_from.path=` a trained base, e.g. an
+earlier run's workdir), or any optimizer name on every parameter (an Optax
+name such as `lion`, or `pkg.module:function`).
 
 Data: 2,000 generated arithmetic word problems in MetaMathQA format
 (optconsist_jax.data.synthetic), Alpaca prompt, loss on the response, the
@@ -19,6 +21,8 @@ ln(2048) ~ 7.6. Overrides such as `--config.train.num_epochs=1` or
 
 import ml_collections
 
+from optconsist_jax.optim import presets
+
 
 def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -29,29 +33,18 @@ def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
   c.mesh = dict(preset="fsdp")
 
   lr = 3e-3
-  adamw = dict(optimizer="adamw", kwargs=dict(b1=0.9, b2=0.95),
-               schedule=dict(kind="cosine", peak=lr, warmup_fraction=0.05,
-                             total_steps=0, floor=0.1),
-               weight_decay=0.0)
-  if arg == "adamw":
-    c.optim = dict(groups=dict(adamw=adamw), routes=[("all", "adamw")],
-                   clip_norm=1.0)
-  elif arg == "muon":
-    muon = dict(optimizer="muon", kwargs=dict(),
-                schedule=dict(adamw["schedule"], peak=0.02), weight_decay=0.0)
-    c.optim = dict(groups=dict(muon=muon, adamw=adamw),
-                   routes=[("hidden_matrix", "muon"),
-                           ("not_hidden_matrix", "adamw")],
-                   clip_norm=1.0)
-  elif arg == "lora":
+  if arg == "lora":
     c.lora = dict(rank=8, alpha=16.0, dropout=0.05,
                   targets=("q", "k", "v", "o", "gate", "up", "down"))
-    lora = dict(adamw, schedule=dict(adamw["schedule"], peak=1e-2))
-    c.optim = dict(groups=dict(adamw=lora), routes=[("all", "adamw")],
-                   clip_norm=1.0)
-  else:
-    raise ValueError(f"configs/tiny_metamath.py: unknown arg {arg!r};"
-                     " expected adamw, muon or lora")
+  try:
+    c.optim = presets.preset(
+        arg, peak_lr={"muon": 0.02, "lora": 1e-2}.get(arg, lr),
+        adam_peak_lr=lr, warmup_fraction=0.05, floor=0.1,
+        # Muon's own 'shape' scale, at its own (larger) learning rate.
+        kwargs=dict(scale="shape") if arg == "muon" else None,
+        adam_kwargs=dict(b2=0.95)).to_dict()
+  except ValueError as e:
+    raise ValueError(f"configs/tiny_metamath.py:{arg}: {e}") from None
 
   c.data = dict(format="synthetic", synthetic_examples=2000, seq_len=192,
                 global_batch_size=16, seed=0)

@@ -296,17 +296,19 @@ class PlanSpec:
     grad_accum_steps: micro-batches per step; None = from per_chip_batch.
     per_chip_batch: rows per chip per micro-batch (used when
       grad_accum_steps is None).
-    optimizer: adamw, muon or lora (AdamW on LoRA adapters, base frozen):
-      the `optconsist_jax.optim.presets` of that name; muon_gspmd (Muon with
-      the gspmd Newton-Schulz strategy) or muon_contrib (optax.contrib.muon
-      on the hidden matrices) to compare with muon's default `stacked`.
+    optimizer: the optimizer preset (`optim.presets.preset(optimizer)`):
+      adamw, muon, muon_gspmd (Muon with the gspmd Newton-Schulz strategy),
+      muon_contrib (optax.contrib.muon on the hidden matrices), lora (AdamW
+      on LoRA adapters, base frozen), or any optimizer name (an Optax name,
+      `pkg.module:function`) on every parameter; also the report's label.
     lora_rank: LoRA rank (alpha = 2 x rank).
     param_dtype: parameter (and optimizer state) dtype; None keeps the
       model config's.
     dtype: compute dtype; None keeps the model config's.
     remat_policy: LlamaConfig.remat_policy; None keeps the model config's.
     scan_layers: LlamaConfig.scan_layers; None keeps the model config's.
-    optim_config: an OptimConfig (or dict) used instead of the preset.
+    optim_config: an OptimConfig (or dict) used instead of the preset
+      (`optimizer` is then only the label).
     lora_config: a LoRAConfig (or dict); given, the run is LoRA.
   """
 
@@ -383,46 +385,27 @@ def _mesh_config(spec: PlanSpec):
   return sharding.MeshConfig.from_dict(dict(spec.mesh))
 
 
-def _contrib_muon():
-  """The Muon preset with optax.contrib.muon on the hidden matrices.
-
-  Same routing as ours (AdamW on embeddings, head and norms), for comparing
-  the Newton-Schulz strategies: muon (stacked), muon_gspmd, muon_contrib.
-  """
-  from optconsist_jax import optim  # pylint: disable=g-import-not-at-top
-  config = optim.presets.muon()
-  groups = dict(config.groups)
-  groups["muon"] = dataclasses.replace(groups["muon"],
-                                       optimizer="contrib.muon", kwargs={})
-  return dataclasses.replace(config, groups=groups)
-
-
 def _optimizer(spec: PlanSpec, model_config, mesh, rules):
-  """(tx, trainable filter, model_transform) for spec.optimizer.
+  """(tx, trainable filter, model_transform) for the spec's optim config.
 
-  The optimizer comes from `optconsist_jax.optim` presets (cosine schedule,
-  grad-norm clip 1.0; REFERENCE.md), built on the sharded abstract params.
+  The optim config is `spec.optim_config`, else the preset
+  `optim.presets.preset(spec.optimizer)`; schedules of the run's length
+  (total_steps 0) get a stand-in length, which compiles alike. LoRA adapters
+  (`spec.lora_config`, or rank `spec.lora_rank` for the `lora` preset) are
+  added as train.py adds them.
   """
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   from optconsist_jax import optim  # pylint: disable=g-import-not-at-top
   from optconsist_jax import train_step  # pylint: disable=g-import-not-at-top
   from optconsist_jax.model import lora  # pylint: disable=g-import-not-at-top
-  name = spec.optimizer
-  presets = {"adamw": optim.presets.adamw, "muon": optim.presets.muon,
-             "muon_gspmd": lambda: optim.presets.muon(strategy="gspmd"),
-             "muon_contrib": _contrib_muon, "lora": optim.presets.lora}
-  if name not in presets:
-    raise ValueError(f"optimizer={name!r}; expected one of {sorted(presets)}")
-  optim_config = (spec.optim_config if spec.optim_config is not None
-                  else presets[name]())
-  trainable, transform = nnx.Param, None
-  if name == "lora" or spec.lora_config is not None:
-    trainable = lora.LoRAParam
-    lora_config = (lora.LoRAConfig.from_dict(spec.lora_config)
-                   if spec.lora_config is not None else
-                   lora.LoRAConfig(rank=spec.lora_rank,
-                                   alpha=2.0 * spec.lora_rank))
-    transform = lambda m: lora.apply_lora(m, lora_config, nnx.Rngs(1))  # pylint: disable=unnecessary-lambda-assignment
+  optim_config = (optim.presets.preset(spec.optimizer)
+                  if spec.optim_config is None
+                  else optim.OptimConfig.from_dict(spec.optim_config))
+  optim_config = optim_config.resolve_total_steps(1000)
+  lora_config = spec.lora_config
+  if lora_config is None and spec.optimizer == "lora":
+    lora_config = lora.LoRAConfig(rank=spec.lora_rank,
+                                  alpha=2.0 * spec.lora_rank)
+  trainable, transform = train_step.lora_pieces(lora_config, seed=1)
   params = train_step.abstract_params(model_config, mesh, rules,
                                       trainable=trainable,
                                       model_transform=transform)
@@ -553,16 +536,14 @@ def spec_from_config(config: Any, topology: str | None = None,
   def plain(x):
     return x.to_dict() if hasattr(x, "to_dict") else x
 
+  from optconsist_jax import optim  # pylint: disable=g-import-not-at-top
   d = PlanSpec()
   lora_config = plain(get("lora"))
   optim_config = plain(get("optim"))
+  label = d.optimizer
   if optim_config:
-    # The trainer fills total_steps=0 from the data; any value compiles alike.
-    optim_config = dict(optim_config, groups={
-        name: dict(g, schedule=dict(g["schedule"], total_steps=(
-            g["schedule"].get("total_steps") or 1000)))
-        if isinstance(g, dict) and isinstance(g.get("schedule"), dict) else g
-        for name, g in dict(optim_config.get("groups", {})).items()})
+    optim_config = optim.OptimConfig.from_dict(optim_config)
+    label = optim_config.label()
   spec = PlanSpec(
       model=plain(get("model", d.model)),
       mesh=plain(get("mesh", d.mesh)),
@@ -570,7 +551,7 @@ def spec_from_config(config: Any, topology: str | None = None,
       seq_len=int(get("data.seq_len", d.seq_len)),
       global_batch=int(get("data.global_batch_size", d.global_batch)),
       grad_accum_steps=int(get("train.grad_accum_steps", 1)),
-      optimizer="lora" if lora_config else "adamw",
+      optimizer="lora" if lora_config else label,
       param_dtype=None, dtype=None, remat_policy=None, scan_layers=None,
       optim_config=optim_config, lora_config=lora_config)
   return dataclasses.replace(spec, **overrides)
@@ -678,7 +659,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="rows per chip per micro-batch; sets grad accumulation")
   p.add_argument("--grad_accum_steps", type=int, default=None)
   p.add_argument("--optimizer", default="adamw",
-                 help="adamw|muon|muon_gspmd|muon_contrib|lora, comma-separated for --compare")
+                 help="optimizer preset: adamw|muon|muon_gspmd|muon_contrib|"
+                 "lora or any optimizer name (an Optax name such as lion,"
+                 " pkg.module:function), comma-separated for --compare")
   p.add_argument("--lora_rank", type=int, default=16)
   p.add_argument("--param_dtype", default="float32")
   p.add_argument("--dtype", default="bfloat16")

@@ -119,15 +119,20 @@ class ReproConfig:
     if missing:
       raise ValueError(f"reproduce config.finetune.lrs: no learning rates for"
                        f" methods {missing}")
-    unknown_methods = sorted(set(ft.methods) - set(METHODS))
-    if unknown_methods:
-      raise ValueError(f"reproduce config.finetune.methods: unknown"
-                       f" {unknown_methods}; valid: {list(METHODS)}")
+    from optconsist_jax.optim import presets  # pylint: disable=g-import-not-at-top
+    pretrain = section(PretrainConfig, "pretrain")
+    for key, names in (("finetune.methods", ft.methods),
+                       ("pretrain.optimizers", pretrain.optimizers)):
+      for name in names:
+        try:
+          presets.preset(name)
+        except ValueError as e:
+          raise ValueError(f"reproduce config.{key}: {e}") from None
     return cls(
         mode=d.get("mode", "quick"), seed=int(d.get("seed", 0)),
         tokenizer_path=d.get("tokenizer_path", ""),
         model=dict(d["model"]),
-        pretrain=section(PretrainConfig, "pretrain"),
+        pretrain=pretrain,
         finetune=dataclasses.replace(ft, lrs=lrs),
         eval=section(EvalSettings, "eval"),
         memorization=bool(dict(d.get("memorization") or {}).get("enabled")),
@@ -135,25 +140,14 @@ class ReproConfig:
     )
 
 
-METHODS = ("adamw", "muon", "lora")
-
-
 # ---------------------------------------------------------------------------
 # Run configs (ordinary train.py experiment dicts).
 
 
-def _zero_total_steps(optim: dict[str, Any]) -> dict[str, Any]:
-  """Schedules with total_steps 0 decay over the run (train.py fills it in)."""
-  for group in optim["groups"].values():
-    group["schedule"]["total_steps"] = 0
-  return optim
-
-
 def _optim_dict(method: str, lr: float) -> dict[str, Any]:
+  """The optim section: the preset `method` (schedules over the whole run)."""
   from optconsist_jax.optim import presets  # pylint: disable=g-import-not-at-top
-  make = {"adamw": presets.adamw, "muon": presets.muon,
-          "lora": presets.lora}[method]
-  return _zero_total_steps(make(peak_lr=lr, total_steps=1).to_dict())
+  return presets.preset(method, peak_lr=lr).to_dict()
 
 
 def _common(rc: ReproConfig, workdir_seed: int) -> dict[str, Any]:

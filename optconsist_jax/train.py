@@ -256,19 +256,6 @@ class Setup:
   lr_fns: dict[str, Callable[[Any], Any]]
 
 
-def _lora_pieces(config: ExperimentConfig):
-  """(trainable filter, model transform) for LoRA, or full finetuning."""
-  if config.lora is None:
-    return nnx.Param, None
-  from optconsist_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
-
-  def transform(model):
-    # Adapter init draws from its own stream, so the base init is unchanged.
-    return lora_lib.apply_lora(model, config.lora,
-                               rngs=nnx.Rngs(config.train.seed + 1))
-  return lora_lib.LoRAParam, transform
-
-
 def _build_model(config: LlamaConfig, constrain, seed: int, transform,
                  base_params=None) -> nnx.Module:
   model = Llama(config, rngs=nnx.Rngs(seed), constrain=constrain)
@@ -284,7 +271,9 @@ def setup(config: ExperimentConfig, mesh) -> Setup:
   """Mesh-bound model/optimizer pieces and the abstract sharded state."""
   from optconsist_jax import optim as optim_lib  # pylint: disable=g-import-not-at-top
   rules = config.mesh.rules
-  trainable, transform = _lora_pieces(config)
+  # Adapter init draws from its own stream, so the base init is unchanged.
+  trainable, transform = step_lib.lora_pieces(config.lora,
+                                              seed=config.train.seed + 1)
   abstract_params = step_lib.abstract_params(
       config.model, mesh, rules, trainable=trainable,
       model_transform=transform, seed=config.train.seed)

@@ -61,6 +61,24 @@ def _build(model_config: LlamaConfig, constrain, seed: int,
   return model
 
 
+def lora_pieces(lora_config: Any | None, seed: int
+                ) -> tuple[Any, Callable[[Llama], Any] | None]:
+  """(trainable filter, model transform) of a run: LoRA or full finetuning.
+
+  With a LoRAConfig (or its dict), adapters are added to the built model
+  (drawing from `nnx.Rngs(seed)`, so the base init is unchanged) and only
+  they train; with None every nnx.Param trains.
+  """
+  if lora_config is None:
+    return nnx.Param, None
+  from optconsist_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  lora_config = lora_lib.LoRAConfig.from_dict(lora_config)
+
+  def transform(model):
+    return lora_lib.apply_lora(model, lora_config, rngs=nnx.Rngs(seed))
+  return lora_lib.LoRAParam, transform
+
+
 def abstract_params(model_config: LlamaConfig, mesh: Mesh,
                     rules: sharding.Rules, *, trainable: Any = nnx.Param,
                     model_transform: Callable[[Llama], Any] | None = None,

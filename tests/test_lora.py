@@ -31,8 +31,8 @@ def _lora_model(targets=("q", "k", "v", "o", "gate", "up", "down"), rank=4,
 def _train_steps(model, steps=2):
   """LoRA train steps that differentiate only wrt LoRAParam."""
   graphdef, lora_params, rest = nnx.split(model, LoRAParam, ...)
-  tx = optim.build(optim.presets.lora(peak_lr=1e-2, total_steps=10,
-                                      warmup_fraction=0.0), lora_params)
+  tx = optim.build(optim.presets.preset("lora", peak_lr=1e-2, total_steps=10,
+                                       warmup_fraction=0.0), lora_params)
   opt_state = tx.init(lora_params)
 
   @jax.jit
@@ -136,6 +136,7 @@ def test_bad_lora_config(kwargs, match):
 def test_lora_preset_rejects_base_params():
   model, _ = _lora_model()
   with pytest.raises(ValueError, match=r"'embed'.*matches no rule"):
-    optim.build(optim.presets.lora(), nnx.state(model))
+    optim.build(optim.presets.preset("lora", total_steps=10),
+                nnx.state(model))
   with pytest.raises(ValueError, match="already has an adapter"):
     apply_lora(model, LoRAConfig(targets=("q",)), nnx.Rngs(2))

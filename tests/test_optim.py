@@ -12,6 +12,7 @@ import pytest
 from optconsist_jax import optim
 from optconsist_jax.model import Llama, preset
 from optconsist_jax.optim import muon as muon_lib
+from optconsist_jax.optim.paths import path_name
 
 
 def _params(name="tiny_gqa"):
@@ -24,7 +25,7 @@ def _names(assignment, group):
 
 def test_muon_preset_routes_hidden_matrices_only():
   for name in ("tiny_gqa", "tiny_tied"):
-    assignment = optim.assign_groups(optim.presets.muon(), _params(name))
+    assignment = optim.assign_groups(optim.presets.preset("muon"), _params(name))
     muon = _names(assignment, "muon")
     assert muon == sorted(
         f"layers/{blk}/{p}_proj/kernel" for blk, ps in
@@ -37,8 +38,8 @@ def test_muon_preset_routes_hidden_matrices_only():
 
 def test_adamw_preset_equals_optax_adamw_with_clipping():
   params = _params()
-  cfg = optim.presets.adamw(peak_lr=1e-3, total_steps=10, weight_decay=0.1,
-                            clip_norm=0.5)
+  cfg = optim.presets.preset("adamw", peak_lr=1e-3, total_steps=10,
+                             weight_decay=0.1, clip_norm=0.5)
   tx = optim.build(cfg, params)
   sched = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 1, 10, 1e-5)
   ref = optax.chain(optax.clip_by_global_norm(0.5),
@@ -93,7 +94,7 @@ def test_schedules():
 
 
 def test_from_config_dict_roundtrip_and_ml_collections():
-  cfg = optim.presets.muon(peak_lr=2e-5, total_steps=50)
+  cfg = optim.presets.preset("muon", peak_lr=2e-5, total_steps=50)
   cd = ml_collections.ConfigDict(cfg.to_dict())
   cd.groups.muon.schedule.peak = 4e-5
   back = optim.OptimConfig.from_dict(cd)
@@ -103,35 +104,56 @@ def test_from_config_dict_roundtrip_and_ml_collections():
   assert optim.OptimConfig.from_dict(cfg) is cfg
 
 
-def test_muon_preset_trains_llama_under_jit_with_group_stats():
-  model = Llama(preset("tiny_gqa"), rngs=nnx.Rngs(0))
-  params = nnx.state(model, nnx.Param)
-  cfg = optim.presets.muon(peak_lr=1e-2, total_steps=10, warmup_fraction=0.0)
-  tx = optim.build(cfg, jax.eval_shape(lambda: params))
-  assignment = optim.assign_groups(cfg, params)
-  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 16)))
-
-  def loss_fn(params):
-    logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
-    logp = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
-
-  @jax.jit
-  def step(params, opt_state):
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state, loss,
-            optim.group_stats(assignment, updates))
-
-  opt_state = tx.init(params)
+def test_muon_preset_trains_llama_in_the_train_step_with_group_stats():
+  """The library path: train_step with the preset and param_groups."""
+  from optconsist_jax import sharding
+  from optconsist_jax import train_step
+  config = preset("tiny_gqa")
+  mesh_config = sharding.MeshConfig(data=1, fsdp=1, tensor=1)
+  mesh = sharding.make_mesh(mesh_config, jax.devices()[:1])
+  rules = mesh_config.rules
+  cfg = optim.presets.preset("muon", peak_lr=1e-2, total_steps=10,
+                             warmup_fraction=0.0)
+  abstract = train_step.abstract_params(config, mesh, rules)
+  tx = optim.build(cfg, abstract, mesh=mesh)
+  assignment = optim.assign_groups(cfg, abstract)
+  graphdef, state, shardings = train_step.create_train_state(
+      config, tx, mesh, rules)
+  step = train_step.make_train_step(graphdef, tx, mesh=mesh, rules=rules,
+                                    state_shardings=shardings,
+                                    param_groups=assignment)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, config.vocab_size, (4, 17)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "weights": np.ones((4, 16), np.float32),
+           "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1)),
+           "segment_ids": np.ones((4, 16), np.int32)}
+  batch = train_step.global_batch(batch, mesh, rules)
   losses = []
   for _ in range(4):
-    params, opt_state, loss, stats = step(params, opt_state)
-    losses.append(float(loss))
+    before = jax.tree_util.tree_flatten_with_path(
+        jax.device_get(state.params))[0]
+    state, metrics = step(state, batch)
+    after = jax.tree.leaves(jax.device_get(state.params))
+    losses.append(float(metrics["loss"]))
+  # The last step's update stats against the param change, in numpy.
+  sumsq, count = {}, {}
+  for (path, b), a in zip(before, after):
+    group = assignment[path_name(path)]
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    sumsq[group] = sumsq.get(group, 0.0) + float(np.sum(d * d))
+    count[group] = count.get(group, 0) + d.size
+  assert set(sumsq) == {"muon", "adamw"}
+  for g in sumsq:
+    np.testing.assert_allclose(metrics[f"update_norm/{g}"],
+                               np.sqrt(sumsq[g]), rtol=1e-4)
+    np.testing.assert_allclose(metrics[f"update_rms/{g}"],
+                               np.sqrt(sumsq[g] / count[g]), rtol=1e-4)
+  # Muon with rms_match: the hidden matrices' update RMS is 0.2 * lr
+  # (Liu et al. 2025, arXiv 2502.16982), up to Newton-Schulz's inexactness.
+  lr_last = float(optim.make_schedule(cfg.groups["muon"].schedule)(3))
+  assert 0.5 * 0.2 * lr_last < metrics["update_rms/muon"] < 1.5 * 0.2 * lr_last
   assert losses[-1] < losses[0]
-  assert set(stats) == {"muon", "adamw"}
-  assert all(np.isfinite(float(v["rms"])) for v in stats.values())
 
 
 def test_build_uses_param_shardings_for_muon():
@@ -191,7 +213,6 @@ def test_doubly_assigned_param_is_named():
     ({"groups": {"a": {}}, "routes": [("all", "b")]}, r"group 'b'"),
     ({"groups": {"a": {}}, "rules": []}, r"optim config optim: unknown keys \['rules'\];"),
     ({"groups": {"a": {"lr": 1}}}, r"optim config optim.groups.a: unknown keys \['lr'\]"),
-    ({"groups": {"a": {"schedule": {"kind": "cosine"}}}}, r"total_steps"),
     ({"groups": {"a": {"schedule": {"warmup": 3}}}},
      r"optim config optim.groups.a.schedule: unknown keys \['warmup'\]"),
     ({"groups": {"a": {}}, "route_mode": "any"}, r"route_mode"),
@@ -199,6 +220,17 @@ def test_doubly_assigned_param_is_named():
 def test_bad_config_names_the_key(bad, match):
   with pytest.raises(ValueError, match=match):
     optim.OptimConfig.from_dict(bad)
+
+
+def test_unresolved_run_length_is_an_error_at_build():
+  cfg = optim.OptimConfig.from_dict(
+      {"groups": {"a": {"schedule": {"kind": "cosine"}}},
+       "routes": [("all", "a")]})
+  with pytest.raises(ValueError, match=r"total_steps=0 \(the run's length\)"
+                     r" unresolved"):
+    optim.build(cfg, _params())
+  tx = optim.build(cfg.resolve_total_steps(10), _params())
+  assert tx is not None
 
 
 def test_bad_kwargs_name_the_group():

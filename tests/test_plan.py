@@ -168,8 +168,8 @@ def test_spec_from_a_training_config():
   assert spec.model["preset"] == "tiny_gqa"
   assert spec.mesh == {"preset": "fsdp"}
   assert spec.lora_config["rank"] == 8
-  # Schedules with total_steps=0 (filled in by the trainer) get a placeholder.
-  groups = spec.optim_config["groups"]
-  assert all(g["schedule"]["total_steps"] > 0 for g in groups.values())
+  # The optimizer is the config's (LoRA's AdamW at 1e-2), not a preset.
+  assert spec.optim_config.groups["adamw"].schedule.peak == 1e-2
+  assert plan.spec_from_config(module.get_config("muon")).optimizer == "muon"
   assert plan.spec_from_config(module.get_config("adamw"),
                                grad_accum_steps=4).grad_accum_steps == 4

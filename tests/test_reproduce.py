@@ -88,6 +88,8 @@ def test_driver_end_to_end_then_skips_everything(tmp_path, monkeypatch):
 def test_unknown_keys_and_methods_are_named():
   with pytest.raises(ValueError, match=r"unknown keys \['bogus'\]"):
     reproduce.ReproConfig.from_dict({"bogus": 1, "model": {}})
-  with pytest.raises(ValueError, match=r"methods: unknown \['sgd'\]"):
+  with pytest.raises(ValueError, match=r"finetune.methods: unknown optimizer"
+                     r" 'adamz'"):
     reproduce.ReproConfig.from_dict({
-        "model": {}, "finetune": {"methods": ["sgd"], "lrs": {"sgd": [1.0]}}})
+        "model": {}, "finetune": {"methods": ["adamz"],
+                                  "lrs": {"adamz": [1.0]}}})

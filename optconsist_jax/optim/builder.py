@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 import optax
 
@@ -18,7 +17,6 @@ from optconsist_jax.optim import registry
 from optconsist_jax.optim import routing
 from optconsist_jax.optim.config import OptimConfig
 from optconsist_jax.optim.paths import leaf_shardings
-from optconsist_jax.optim.paths import path_name
 from optconsist_jax.optim.schedules import make_schedule
 
 
@@ -70,19 +68,3 @@ def learning_rates(optim_config: OptimConfig | Any,
   c = OptimConfig.from_dict(optim_config)
   return {name: float(make_schedule(g.schedule)(step))
           for name, g in c.groups.items()}
-
-
-def group_stats(assignment: dict[str, str], tree: Any
-                ) -> dict[str, dict[str, jax.Array]]:
-  """Per group: global L2 `norm` and `rms` of a tree (e.g. the updates).
-
-  Jittable; `assignment` is `assign_groups(...)`.
-  """
-  sums: dict[str, list] = {}
-  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    group = assignment[path_name(path)]
-    x = x.astype(jnp.float32)
-    sq, n = sums.setdefault(group, [0.0, 0])
-    sums[group] = [sq + jnp.sum(x * x), n + x.size]
-  return {g: {"norm": jnp.sqrt(sq), "rms": jnp.sqrt(sq / max(n, 1))}
-          for g, (sq, n) in sums.items()}

@@ -32,7 +32,9 @@ class GroupConfig:
   """One optimizer group.
 
   Attributes:
-    optimizer: registry name (optim.registry.names()).
+    optimizer: an optimizer name: any Optax optimizer (`lion`,
+      `contrib.prodigy`), `muon`, or an import path `pkg.module:function`
+      (optim/registry.py).
     kwargs: extra keyword arguments of that optimizer.
     schedule: its learning-rate schedule.
     weight_decay: decoupled weight decay (multiplied by the learning rate).
@@ -100,6 +102,21 @@ class OptimConfig:
         routes.append(tuple(r))
       d["routes"] = tuple(routes)
     return cls(**d)
+
+  def label(self) -> str:
+    """The optimizer of the group the hidden matrices go to (else the first
+    route's group): what names this config in tables and plots."""
+    group = next((g for pattern, g in self.routes
+                  if pattern == "hidden_matrix"), None)
+    if group is None:
+      group = self.routes[0][1] if self.routes else sorted(self.groups)[0]
+    return self.groups[group].optimizer
+
+  def resolve_total_steps(self, total_steps: int) -> OptimConfig:
+    """Schedules with total_steps 0 ("the run's length") get `total_steps`."""
+    return dataclasses.replace(self, groups={
+        name: dataclasses.replace(g, schedule=g.schedule.resolved(total_steps))
+        for name, g in self.groups.items()})
 
   def to_dict(self) -> dict[str, Any]:
     """Plain nested dict (for an ml_collections.ConfigDict)."""

@@ -1,23 +1,40 @@
-"""Optimizer families by name: every Optax alias, optax.contrib, and our Muon.
+"""Optimizer families by name: any Optax optimizer, an import path, our Muon.
 
-A factory is called as `factory(learning_rate, weight_decay, **kwargs)` (plus
-`context=BuildContext(...)` when it declares a `context` parameter) and returns
-an optax.GradientTransformation whose updates already include the learning
-rate and the sign (like `optax.adamw`). Adding a family is a few lines:
+`groups.<g>.optimizer` in an optim config resolves, in this order, to
 
-  @registry.register("my_sgd")
-  def _my_sgd(learning_rate, weight_decay, momentum=0.9):
-    return optax.chain(optax.sgd(learning_rate, momentum),
-                       registry.decoupled_weight_decay(weight_decay,
-                                                       learning_rate))
+  a registered name     `muon` (ours), `contrib.muon` (optax.contrib.muon on
+                        stacked matrices), or one a user registered;
+  an import path        `"my_pkg.my_opt:make"`: the callable `make` in module
+                        `my_pkg.my_opt` (imported on first use);
+  an Optax optimizer    `<name>` or `optax.<name>` for any `optax.<name>`, and
+                        `contrib.<name>` or `optax.contrib.<name>` for any
+                        `optax.contrib.<name>`, that takes `learning_rate`
+                        (e.g. `adamw`, `lion`, `signum`, `contrib.prodigy`).
 
-and a config entry `groups.<name>.optimizer = "my_sgd"`.
+Nothing lists the Optax names, so a newer Optax's optimizers are reachable as
+soon as it is installed. Import paths and Optax functions are called the
+Optax way, `fn(learning_rate=schedule, **kwargs)`; `weight_decay` is passed
+when the function takes it, else decoupled decay is chained after it
+(`decoupled_weight_decay`), and `context=BuildContext(...)` when it declares a
+`context` parameter. So a new family is one function and one config entry:
+
+  # my_pkg/my_opt.py
+  def make(learning_rate, momentum=0.9):
+    return optax.sgd(learning_rate, momentum)
+
+  # the training config
+  c.optim = optim.presets.preset("my_pkg.my_opt:make").to_dict()
+
+`register(name)` adds a factory called as
+`factory(learning_rate, weight_decay, **kwargs)`; registering a name again
+with the same function (a config file executed twice) is harmless.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import importlib
 import inspect
 from typing import Any, NamedTuple
 
@@ -43,27 +60,96 @@ class BuildContext:
 _REGISTRY: dict[str, Factory] = {}
 
 
+def _qualname(fn: Callable[..., Any]) -> str:
+  return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+
+
 def register(name: str) -> Callable[[Factory], Factory]:
-  """Decorator adding a factory under `name` (an error if taken)."""
+  """Decorator adding a factory under `name`.
+
+  Registering the same function again, or a function of the same module and
+  qualified name (a config file executed twice defines it anew), replaces the
+  entry; a different function under a taken name is an error.
+  """
   def add(factory: Factory) -> Factory:
-    if name in _REGISTRY:
-      raise ValueError(f"optimizer {name!r} is already registered")
+    old = _REGISTRY.get(name)
+    if old is not None and _qualname(old) != _qualname(factory):
+      raise ValueError(f"optimizer {name!r} is already registered to "
+                       f"{_qualname(old)}; cannot register {_qualname(factory)}"
+                       " under the same name")
     _REGISTRY[name] = factory
     return factory
   return add
 
 
+def _takes_learning_rate(fn: Any) -> bool:
+  if not callable(fn) or isinstance(fn, type):
+    return False
+  try:
+    return "learning_rate" in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def optax_names() -> list[str]:
+  """The Optax optimizers of the installed Optax (`contrib.` ones prefixed)."""
+  out = [n for n in dir(optax)
+         if not n.startswith("_") and _takes_learning_rate(getattr(optax, n))]
+  out += [f"contrib.{n}" for n in dir(optax.contrib)
+          if not n.startswith("_")
+          and _takes_learning_rate(getattr(optax.contrib, n))]
+  return out
+
+
 def names() -> list[str]:
-  return sorted(_REGISTRY)
+  """Every name `get` resolves (import paths aside)."""
+  return sorted(set(_REGISTRY) | set(optax_names()))
+
+
+def _from_import_path(name: str) -> Callable[..., Any]:
+  module_name, _, attr = name.partition(":")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ValueError(f"optimizer {name!r}: cannot import module "
+                     f"{module_name!r}: {e}") from None
+  fn = module
+  for part in attr.split("."):
+    fn = getattr(fn, part, None)
+    if fn is None:
+      raise ValueError(f"optimizer {name!r}: module {module_name!r} has no "
+                       f"{attr!r}")
+  if not callable(fn):
+    raise ValueError(f"optimizer {name!r}: {attr!r} is not callable")
+  return fn
+
+
+def _from_optax(name: str) -> Callable[..., Any] | None:
+  short = name.removeprefix("optax.")
+  module = optax
+  if short.startswith("contrib."):
+    module, short = optax.contrib, short.removeprefix("contrib.")
+  fn = getattr(module, short, None) if short.isidentifier() else None
+  return fn if _takes_learning_rate(fn) else None
 
 
 def get(name: str) -> Factory:
-  """The factory for `name`; unknown names list the valid ones."""
-  try:
+  """The factory for `name` (see the module docstring for the lookup order).
+
+  Raises:
+    ValueError: an unknown name (the message lists the valid ones) or an
+      import path that does not import.
+  """
+  if name in _REGISTRY:
     return _REGISTRY[name]
-  except KeyError:
+  if ":" in name:
+    return _wrap_optax(_from_import_path(name))
+  fn = _from_optax(name)
+  if fn is None:
     raise ValueError(
-        f"unknown optimizer {name!r}; valid optimizers: {names()}") from None
+        f"unknown optimizer {name!r}; valid optimizers: {names()}, or an "
+        "import path 'package.module:function'")
+  return _wrap_optax(fn)
 
 
 class DecoupledDecayState(NamedTuple):
@@ -100,9 +186,17 @@ def decoupled_weight_decay(weight_decay: float,
 
 
 def _wrap_optax(fn: Callable[..., optax.GradientTransformation]) -> Factory:
-  takes_decay = "weight_decay" in inspect.signature(fn).parameters
+  """A registry factory calling `fn` the Optax way (see module docstring)."""
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    params = {}
+  takes_decay = "weight_decay" in params
+  takes_context = "context" in params
 
-  def factory(learning_rate, weight_decay, **kwargs):
+  def factory(learning_rate, weight_decay, *, context=None, **kwargs):
+    if takes_context:
+      kwargs["context"] = context
     if takes_decay:
       return fn(learning_rate=learning_rate, weight_decay=weight_decay,
                 **kwargs)
@@ -113,25 +207,6 @@ def _wrap_optax(fn: Callable[..., optax.GradientTransformation]) -> Factory:
 
   factory.__doc__ = fn.__doc__
   return factory
-
-
-_OPTAX_ALIASES = (
-    "adabelief", "adadelta", "adafactor", "adagrad", "adam", "adamax",
-    "adamaxw", "adamw", "adan", "amsgrad", "fromage", "lamb", "lars", "lion",
-    "nadam", "nadamw", "noisy_sgd", "novograd", "optimistic_gradient_descent",
-    "polyak_sgd", "radam", "rmsprop", "rprop", "sgd", "sign_sgd", "sm3",
-    "yogi")
-_CONTRIB = (
-    "acprop", "ademamix", "adopt", "cocob", "dadapt_adamw", "dog", "dowg",
-    "madgrad", "momo", "momo_adam", "prodigy", "schedule_free_adamw",
-    "schedule_free_sgd", "simplified_ademamix", "sophia")
-
-for _name in _OPTAX_ALIASES:
-  if hasattr(optax, _name):
-    register(_name)(_wrap_optax(getattr(optax, _name)))
-for _name in _CONTRIB:
-  if hasattr(optax.contrib, _name):
-    register(f"contrib.{_name}")(_wrap_optax(getattr(optax.contrib, _name)))
 
 
 def _matrix_dims(params):

@@ -2,8 +2,12 @@
 
 All start at 0, rise linearly to `peak` over the warmup, then stay (constant)
 or decay to `floor * peak` at `total_steps` (linear, cosine) and stay there.
-The cosine form is the one of Biderman et al. 2024 (10% warmup, decay to 1%
-of peak); see REFERENCE.md.
+The cosine form is the one of Biderman et al. 2024, "LoRA Learns Less and
+Forgets Less" (arXiv 2405.09673): 10% warmup, decay to 1% of peak.
+
+`total_steps: 0` means "the run's length": a config can say it before the
+data is read; `resolved(total_steps)` fills it in (train.py does), and
+`make_schedule` refuses a decaying or fraction-warmup schedule without it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ class ScheduleConfig:
     peak: the learning rate after warmup.
     warmup_steps: linear warmup length in steps.
     warmup_fraction: warmup as a fraction of total_steps (use one of the two).
-    total_steps: step at which linear/cosine decay reaches the floor.
+    total_steps: step at which linear/cosine decay reaches the floor; 0 =
+      the run's length, to be filled in by `resolved`.
     floor: final learning rate as a fraction of peak.
   """
 
@@ -50,11 +55,11 @@ class ScheduleConfig:
                        " [0, 1]")
     if not 0.0 <= self.floor <= 1.0:
       raise ValueError(f"{where}.floor={self.floor} not in [0, 1]")
-    if self.kind != "constant" and self.total_steps <= 0:
-      raise ValueError(f"{where}: kind={self.kind!r} needs total_steps > 0")
-    if self.warmup_fraction and self.total_steps <= 0:
-      raise ValueError(f"{where}: warmup_fraction needs total_steps > 0")
-    if self.kind != "constant" and self.warmup() > self.total_steps:
+    if self.total_steps < 0 or self.warmup_steps < 0:
+      raise ValueError(f"{where}: total_steps={self.total_steps} and "
+                       f"warmup_steps={self.warmup_steps} must be >= 0")
+    if (self.kind != "constant" and self.total_steps
+        and self.warmup() > self.total_steps):
       raise ValueError(f"{where}: warmup {self.warmup()} > total_steps "
                        f"{self.total_steps}")
 
@@ -62,6 +67,15 @@ class ScheduleConfig:
     if self.warmup_fraction:
       return int(round(self.warmup_fraction * self.total_steps))
     return int(self.warmup_steps)
+
+  def needs_total_steps(self) -> bool:
+    return self.kind != "constant" or bool(self.warmup_fraction)
+
+  def resolved(self, total_steps: int) -> ScheduleConfig:
+    """This schedule with total_steps 0 set to `total_steps` (> 0)."""
+    if self.total_steps or total_steps <= 0:
+      return self
+    return dataclasses.replace(self, total_steps=int(total_steps))
 
   @classmethod
   def from_dict(cls, d: Any, where: str = "schedule") -> ScheduleConfig:
@@ -74,6 +88,11 @@ class ScheduleConfig:
 
 def make_schedule(c: ScheduleConfig) -> optax.Schedule:
   """The optax schedule (a function of the 0-based step) for a config."""
+  if c.needs_total_steps() and not c.total_steps:
+    raise ValueError(
+        f"optim schedule kind={c.kind!r}, warmup_fraction={c.warmup_fraction}"
+        " has total_steps=0 (the run's length) unresolved: call"
+        " OptimConfig.resolve_total_steps(n) first")
   warmup = c.warmup()
   if c.kind == "constant":
     if not warmup:
