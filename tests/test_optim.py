@@ -1,5 +1,7 @@
 """optim: config tree, routing, schedules, registry, build on the Llama params."""
 
+import inspect
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -244,3 +246,46 @@ def test_bad_kwargs_name_the_group():
       "routes": [("all", "a")]})
   with pytest.raises(ValueError, match=r"optim.groups.a.kwargs.weight_decay"):
     optim.build(cfg, _params())
+
+
+def test_any_optax_name_resolves_like_optax():
+  params = {"w": jnp.arange(6.0).reshape(2, 3) - 2.0}
+  grads = {"w": jnp.cos(params["w"])}
+  for name, ref in (("signum", optax.signum), ("optax.lion", optax.lion),
+                    ("contrib.prodigy", optax.contrib.prodigy),
+                    ("optax.contrib.adopt", optax.contrib.adopt)):
+    cfg = optim.presets.preset(name, peak_lr=0.1, schedule="constant",
+                               warmup_fraction=0.0, clip_norm=None)
+    # The group's weight_decay (0) replaces the function's default.
+    decay = ({"weight_decay": 0.0} if "weight_decay" in
+             inspect.signature(ref).parameters else {})
+    tx, tx_ref = optim.build(cfg, params), ref(learning_rate=0.1, **decay)
+    u, _ = tx.update(grads, tx.init(params), params)
+    u_ref, _ = tx_ref.update(grads, tx_ref.init(params), params)
+    np.testing.assert_allclose(u["w"], u_ref["w"], rtol=1e-6, err_msg=name)
+  # Nothing lists them: what the installed Optax has is what resolves.
+  assert "signum" in optim.registry.names()
+  assert "contrib.muon" in optim.registry.names()
+
+
+def test_register_twice_is_harmless_and_a_clash_is_named():
+  def make_factory():
+    def my_sgd(learning_rate, weight_decay):
+      del weight_decay
+      return optax.sgd(learning_rate)
+    return my_sgd
+
+  # A config file executed twice defines the function anew.
+  first, second = make_factory(), make_factory()
+  optim.registry.register("test_my_sgd")(first)
+  optim.registry.register("test_my_sgd")(second)
+  assert optim.registry.get("test_my_sgd") is second
+  with pytest.raises(ValueError, match="'test_my_sgd' is already registered"):
+    optim.registry.register("test_my_sgd")(lambda lr, wd: optax.sgd(lr))
+
+
+def test_bad_import_path_is_named():
+  for name, match in (("no_such_module_xyz:make", "cannot import module"),
+                      ("optax:no_such_fn", "has no 'no_such_fn'")):
+    with pytest.raises(ValueError, match=match):
+      optim.presets.preset(name)
