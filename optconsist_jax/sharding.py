@@ -1,20 +1,33 @@
 """Device mesh, logical-axis rules and the shardings they imply.
 
 The model names the axes of every parameter and key activation ("vocab",
-"embed", "act_batch", ...). One rules table maps those logical names to the
-axes of a device mesh with three axes, `data`, `fsdp` and `tensor`, so a new
-layout is a config change (the scheme of MaxText and flax.linen's
-`logical_axis_rules`). The presets:
+"embed", "act_batch", ...). One rules table, `RULES`, maps those logical names
+to the axes of a device mesh with three axes, `data`, `fsdp` and `tensor`
+(the scheme of MaxText and flax.linen's `logical_axis_rules`):
 
-  dp       pure data parallel: batch over data x fsdp, params replicated.
-  fsdp     ZeRO-3 style (Rajbhandari et al. 2020, arXiv 1910.02054): every
-           matrix sharded on its `embed` dim over `fsdp`; the batch over
-           data x fsdp; XLA gathers weights per layer and reduce-scatters grads.
-  fsdp_tp  FSDP x tensor (Megatron-LM, Shoeybi et al. 2019, arXiv 1909.08053):
-           q/k/v/gate/up column-parallel (heads / kv_heads / mlp over
-           `tensor`), o/down row-parallel, embedding and head vocab-parallel;
-           the other matrix dim over `fsdp`.
-  dp_fsdp  data x FSDP: FSDP inside groups, replicas across `data` (HSDP).
+  batch          over data x fsdp
+  embed          over fsdp: ZeRO-3 style FSDP (Rajbhandari et al. 2020, arXiv
+                 1910.02054); XLA gathers weights per layer and
+                 reduce-scatters grads
+  heads, kv_heads, mlp, vocab
+                 over tensor: Megatron-LM tensor parallelism (Shoeybi et al.
+                 2019, arXiv 1909.08053), q/k/v/gate/up column-parallel,
+                 o/down row-parallel, embedding and head vocab-parallel
+
+An axis of size 1 shards nothing, so a layout is a mesh shape. The presets:
+
+  dp       (data=-1, fsdp=1, tensor=1)  pure data parallel, params replicated
+  fsdp     (data=1, fsdp=-1, tensor=1)  FSDP over all devices
+  fsdp_tp  (data=1, fsdp=-1, tensor=2)  FSDP x tensor parallel
+  dp_fsdp  (data=2, fsdp=-1, tensor=1)  FSDP inside groups, replicas across
+                                        `data` (HSDP)
+
+(-1 fills with the remaining devices.) Any other layout is sizes plus
+`extra_rules`, rules put in front of the table, so they win: e.g.
+`{"preset": "fsdp_tp", "extra_rules": [("vocab", None)]}` keeps the embedding
+and head out of tensor parallelism. A rule naming an axis the mesh does not
+have, or a mesh axis of size > 1 that no rule uses (which would silently
+replicate over it), is an error.
 
 Multi-slice: `MeshConfig.dcn_data` > 1 puts `dcn_data` slices on the outer part
 of the `data` axis (`mesh_utils.create_hybrid_device_mesh`), so only the
@@ -48,36 +61,23 @@ PARAM_NAMES = ("vocab", "embed", "heads", "kv_heads", "mlp", "norm", "layers",
                "positions", "lora_rank")
 ACTIVATION_NAMES = ("act_batch", "act_length", "act_embed", "act_heads",
                     "act_kv_heads", "act_mlp", "act_vocab")
-_BATCH = ("data", "fsdp")
 
-DP_RULES: Rules = (
-    *((name, None) for name in PARAM_NAMES),
-    ("act_batch", _BATCH),
-    *((name, None) for name in ACTIVATION_NAMES[1:]),
-)
-
-FSDP_RULES: Rules = (
-    ("vocab", None), ("embed", "fsdp"), ("heads", None), ("kv_heads", None),
-    ("mlp", None), ("norm", None), ("layers", None), ("positions", None),
-    ("lora_rank", None), ("act_batch", _BATCH),
-    *((name, None) for name in ACTIVATION_NAMES[1:]),
-)
-
-FSDP_TP_RULES: Rules = (
+# The one table (see the module docstring); axes of size 1 shard nothing.
+RULES: Rules = (
     ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
     ("kv_heads", "tensor"), ("mlp", "tensor"), ("norm", None),
     ("layers", None), ("positions", None), ("lora_rank", None),
-    ("act_batch", _BATCH), ("act_length", None), ("act_embed", None),
+    ("act_batch", ("data", "fsdp")), ("act_length", None), ("act_embed", None),
     ("act_heads", "tensor"), ("act_kv_heads", "tensor"), ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
 )
 
-# name -> (data, fsdp, tensor, rules). -1 fills with the remaining devices.
-_PRESETS: dict[str, tuple[int, int, int, Rules]] = {
-    "dp": (-1, 1, 1, DP_RULES),
-    "fsdp": (1, -1, 1, FSDP_RULES),
-    "fsdp_tp": (1, -1, 2, FSDP_TP_RULES),
-    "dp_fsdp": (2, -1, 1, FSDP_RULES),
+# name -> (data, fsdp, tensor). -1 fills with the remaining devices.
+_PRESETS: dict[str, tuple[int, int, int]] = {
+    "dp": (-1, 1, 1),
+    "fsdp": (1, -1, 1),
+    "fsdp_tp": (1, -1, 2),
+    "dp_fsdp": (2, -1, 1),
 }
 
 
@@ -121,26 +121,52 @@ def check_rules(rules: Rules, axis_names: Sequence[str]) -> None:
             f" {axis!r}; mesh axes are {tuple(axis_names)}")
 
 
+def effective_rules(rules: Rules) -> dict[str, MeshAxes]:
+  """{logical name: mesh axes} with the first rule for each name."""
+  out: dict[str, MeshAxes] = {}
+  for name, axes in rules:
+    out.setdefault(name, axes)
+  return out
+
+
+def check_axes_used(rules: Rules, axis_sizes: Mapping[str, int]) -> None:
+  """Raises if a mesh axis of size > 1 is used by no (winning) rule.
+
+  Such an axis would replicate everything over it: devices doing the same
+  work, which is never what a layout means.
+  """
+  used = {a for axes in effective_rules(rules).values()
+          for a in _axes_tuple(axes)}
+  for axis, size in axis_sizes.items():
+    if size > 1 and axis not in used:
+      raise ValueError(
+          f"mesh axis {axis!r} has size {size} but no sharding rule maps a"
+          f" logical name to it (rules for it are overridden by extra_rules"
+          f" or absent), so every array would be replicated over it; set"
+          f" {axis}=1 or add a rule that uses it")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Mesh axis sizes and the logical-axis rules table.
+  """Mesh axis sizes, and rules that take precedence over `RULES`.
 
   Attributes:
     data: size of the `data` axis within one slice (-1: fill).
     fsdp: size of the `fsdp` axis (-1: fill).
     tensor: size of the `tensor` axis (-1: fill).
     dcn_data: number of slices; multiplies the `data` axis across slices.
-    rules: logical axis name -> mesh axes (see module docstring).
+    extra_rules: (logical name, mesh axes) rules put before `RULES`; the
+      first rule for a name wins, so these override the table.
   """
 
   data: int = 1
   fsdp: int = -1
   tensor: int = 1
   dcn_data: int = 1
-  rules: Rules = FSDP_RULES
+  extra_rules: Rules = ()
 
   def __post_init__(self):
-    object.__setattr__(self, "rules", as_rules(self.rules))
+    object.__setattr__(self, "extra_rules", as_rules(self.extra_rules))
     sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
     fills = [k for k, v in sizes.items() if v == -1]
     if len(fills) > 1:
@@ -149,16 +175,25 @@ class MeshConfig:
       if v == 0 or v < -1 or (k == "dcn_data" and v < 1):
         raise ValueError(f"MeshConfig.{k}={v}: expected a positive size"
                          + ("" if k == "dcn_data" else " or -1"))
-    check_rules(self.rules, MESH_AXES)
+    try:
+      check_rules(self.extra_rules, MESH_AXES)
+    except ValueError as e:
+      raise ValueError(f"MeshConfig.extra_rules: {e}") from None
+    check_axes_used(self.rules, sizes)
+
+  @property
+  def rules(self) -> Rules:
+    """The rules table of this layout: `extra_rules` then `RULES`."""
+    return self.extra_rules + RULES
 
   @classmethod
   def preset(cls, name: str, **overrides) -> MeshConfig:
-    """The named layout; keyword overrides replace axis sizes or rules."""
+    """The named mesh shape; keyword overrides replace sizes or extra_rules."""
     if name not in _PRESETS:
       raise ValueError(f"unknown mesh preset {name!r}; valid presets:"
                        f" {preset_names()}")
-    data, fsdp, tensor, rules = _PRESETS[name]
-    base = dict(data=data, fsdp=fsdp, tensor=tensor, rules=rules)
+    data, fsdp, tensor = _PRESETS[name]
+    base = dict(data=data, fsdp=fsdp, tensor=tensor)
     base.update(overrides)
     return cls(**base)
 
@@ -167,6 +202,11 @@ class MeshConfig:
     """From a config dict; a `preset` key starts from a preset."""
     d = dict(d)
     name = d.pop("preset", None)
+    if "rules" in d:
+      raise ValueError(
+          "mesh config: 'rules' (a whole table) is gone: set the sizes and"
+          " put overriding rules in 'extra_rules' (prepended to"
+          " optconsist_jax.sharding.RULES)")
     typed_config.check_keys(cls, d, "mesh config", extra=("preset",))
     return cls.preset(name, **d) if name else cls(**d)
 
@@ -210,6 +250,7 @@ def make_mesh(mesh_config: MeshConfig, devices: Sequence[Any] | None = None
   """
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_config.axis_sizes(len(devices))
+  check_axes_used(mesh_config.rules, sizes)
   shape = tuple(sizes[k] for k in MESH_AXES)
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   if mesh_config.dcn_data > 1:
@@ -275,11 +316,13 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
     NamedSharding), usable as jit in/out_shardings.
 
   Raises:
-    ValueError: a rule names an unknown mesh axis, a name has no rule, or a
-      dim is not divisible by the product of its mesh axes.
+    ValueError: a rule names an unknown mesh axis, a mesh axis of size > 1
+      is used by no rule, a name has no rule, or a dim is not divisible by
+      the product of its mesh axes.
   """
   rules = as_rules(rules)
   check_rules(rules, mesh.axis_names)
+  check_axes_used(rules, dict(mesh.shape))
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def one(path, leaf):

@@ -34,12 +34,22 @@ def _batch(seed=0):
 
 
 def _run(mesh_config, devices, init_state, grad_accum_steps):
-  """Two SGD(lr=1) steps; returns (losses, grads of step 1, step fn)."""
+  """Two SGD(lr=1) steps.
+
+  Returns:
+    (losses, grads of step 1, step fn, {param path: (spec, bytes on device
+    0)} of the sharded initial params).
+  """
   mesh = sharding.make_mesh(mesh_config, devices)
   tx = optax.sgd(1.0)
   graphdef, _, shardings = train_step.create_train_state(
       CONFIG, tx, mesh, mesh_config.rules, abstract=True)
   state = jax.device_put(init_state, shardings)
+  layout = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+    name = "/".join(str(getattr(k, "key", k)) for k in path[:-1])
+    layout[name] = (_without_size_one(x.sharding.spec, mesh),
+                    x.addressable_shards[0].data.nbytes)
   step = train_step.make_train_step(
       graphdef, tx, mesh=mesh, rules=mesh_config.rules,
       state_shardings=shardings, grad_accum_steps=grad_accum_steps)
@@ -49,7 +59,49 @@ def _run(mesh_config, devices, init_state, grad_accum_steps):
   after = jax.device_get(state.params)
   state, m2 = step(state, batch)
   grads = jax.tree.map(lambda a, b: a - b, before, after)  # sgd(1): p - g
-  return [float(m1["loss"]), float(m2["loss"])], grads, step
+  return [float(m1["loss"]), float(m2["loss"])], grads, step, layout
+
+
+def _without_size_one(spec, mesh):
+  """A PartitionSpec's mesh axes per dim, axes of size 1 dropped."""
+  out = []
+  for axes in spec:
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    kept = tuple(a for a in axes if mesh.shape[a] > 1)
+    out.append(kept or None)
+  return tuple(out)
+
+
+# The layout the module docstring promises (FSDP on `embed`, Megatron tensor
+# parallelism on heads / kv_heads / mlp / vocab, norms replicated), written
+# out per parameter of tiny_gqa, independently of sharding.RULES.
+EXPECTED_AXES = {
+    "embed": ("tensor", "fsdp"),
+    "final_norm/scale": (None,),
+    "layers/attn/q_proj/kernel": (None, "fsdp", "tensor"),
+    "layers/attn/k_proj/kernel": (None, "fsdp", "tensor"),
+    "layers/attn/v_proj/kernel": (None, "fsdp", "tensor"),
+    "layers/attn/o_proj/kernel": (None, "tensor", "fsdp"),
+    "layers/attn_norm/scale": (None, None),
+    "layers/mlp/gate_proj/kernel": (None, "fsdp", "tensor"),
+    "layers/mlp/up_proj/kernel": (None, "fsdp", "tensor"),
+    "layers/mlp/down_proj/kernel": (None, "tensor", "fsdp"),
+    "layers/mlp_norm/scale": (None, None),
+    "lm_head/kernel": ("fsdp", "tensor"),
+}
+
+
+def _expected_layout(init_params, sizes):
+  """{param path: (spec without size-1 axes, fp32 bytes per device)}."""
+  out = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(init_params)[0]:
+    name = "/".join(str(getattr(k, "key", k)) for k in path[:-1])
+    axes = tuple(a if a is not None and sizes[a] > 1 else None
+                 for a in EXPECTED_AXES[name])
+    shards = np.prod([sizes[a] for a in axes if a is not None])
+    out[name] = (tuple((a,) if a else None for a in axes),
+                 x.size * x.dtype.itemsize // shards)
+  return out
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +134,12 @@ def test_sharded_step_matches_single_device(reference, name, shape, accum):
   init, ref = reference
   data, fsdp, tensor = shape
   cfg = sharding.MeshConfig.preset(name, data=data, fsdp=fsdp, tensor=tensor)
-  losses, grads, step = _run(cfg, jax.devices(), init, accum)
+  losses, grads, step, layout = _run(cfg, jax.devices(), init, accum)
+  # Each parameter is laid out as promised: its PartitionSpec and the bytes
+  # device 0 holds (a layout that replicates anything fails here).
+  expected = _expected_layout(init.params, dict(zip(("data", "fsdp",
+                                                     "tensor"), shape)))
+  assert layout == expected
   ref_losses, ref_grads = ref[accum]
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
   for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
@@ -154,7 +211,7 @@ def test_presets_cover_every_model_name():
 
 
 def test_logical_to_spec():
-  rules = sharding.FSDP_TP_RULES
+  rules = sharding.RULES
   assert sharding.logical_to_spec(("layers", "embed", "heads"), rules) == (
       jax.sharding.PartitionSpec(None, "fsdp", "tensor"))
   assert sharding.logical_to_spec(("act_batch", None), rules) == (
@@ -194,10 +251,42 @@ def test_mesh_size_mismatch_is_an_error():
 
 def test_rule_with_unknown_mesh_axis_is_an_error():
   with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
-    sharding.MeshConfig(rules=(("embed", "model"),))
+    sharding.MeshConfig(extra_rules=(("embed", "model"),))
   mesh = sharding.make_mesh(sharding.MeshConfig.preset("fsdp"))
   with pytest.raises(ValueError, match="unknown mesh axis 'expert'"):
     sharding.LogicalConstraint(mesh, (("act_batch", ("data", "expert")),))
+
+
+def test_extra_rules_win_and_unused_axes_are_errors():
+  # One config entry: the vocab dims leave tensor parallelism.
+  cfg = sharding.MeshConfig.from_dict(
+      {"preset": "fsdp_tp", "extra_rules": [["vocab", None]]})
+  assert sharding.logical_to_spec(("vocab", "embed"), cfg.rules) == (
+      jax.sharding.PartitionSpec(None, "fsdp"))
+  assert sharding.logical_to_spec(("embed", "mlp"), cfg.rules) == (
+      jax.sharding.PartitionSpec("fsdp", "tensor"))
+  mesh = sharding.make_mesh(cfg)
+  params = nnx.state(abstract_model(CONFIG), nnx.Param)
+  specs = sharding.state_shardings(params, mesh, cfg.rules)
+  assert specs["embed"].get_value().spec == jax.sharding.PartitionSpec(
+      None, "fsdp")
+  # An axis of size > 1 that no rule uses would replicate over it.
+  no_tensor = [[n, None] for n in ("vocab", "heads", "kv_heads", "mlp",
+                                   "act_heads", "act_kv_heads", "act_mlp",
+                                   "act_vocab")]
+  with pytest.raises(ValueError, match="mesh axis 'tensor' has size 2 but no"
+                     " sharding rule maps a logical name to it"):
+    sharding.MeshConfig.preset("fsdp_tp", extra_rules=no_tensor)
+  ok = sharding.MeshConfig.preset("fsdp_tp", tensor=1, extra_rules=no_tensor)
+  with pytest.raises(ValueError, match="mesh axis 'tensor' has size 4"):
+    sharding.make_mesh(sharding.MeshConfig.preset(
+        "dp", data=2, tensor=-1, extra_rules=no_tensor))
+  with pytest.raises(ValueError, match="mesh axis 'tensor' has size 8"):
+    sharding.state_shardings(params, sharding.make_mesh(
+        sharding.MeshConfig.preset("fsdp_tp", fsdp=1, tensor=8)),
+                             ok.rules)
+  with pytest.raises(ValueError, match="'rules' .* is gone.*extra_rules"):
+    sharding.MeshConfig.from_dict({"preset": "fsdp", "rules": []})
 
 
 def test_non_divisible_dim_is_an_error_naming_it():
