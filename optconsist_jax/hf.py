@@ -323,7 +323,7 @@ def load(hf_dir: str, dtype: Any = jnp.float32, *, mesh: Any = None,
     mesh: a `jax.sharding.Mesh`; params are created directly in the
       shardings `optconsist_jax.sharding.state_shardings` gives for `rules`.
       None puts every param on the first device.
-    rules: logical-axis rules for `mesh` (e.g. `sharding.FSDP_RULES` or
+    rules: logical-axis rules for `mesh` (e.g. `sharding.RULES` or
       `sharding.MeshConfig.rules`); required with a mesh.
     compute_dtype: activation/matmul dtype; default `dtype`.
     **config_overrides: further LlamaConfig fields (scan_layers,
