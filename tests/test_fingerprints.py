@@ -1,7 +1,6 @@
 """Fingerprints: spectra vs numpy SVD, statistics vs numpy, plots written."""
 
 import json
-import os
 
 from flax import nnx
 import jax
@@ -126,21 +125,50 @@ def test_pack_rows_rejects_too_little_text():
     fingerprints.pack_rows(Tokenizer.tiny(), ["hi"], 512)
 
 
-def test_compare_writes_plots_and_numbers(tmp_path):
+def test_compare_writes_plots_and_numbers(tmp_path, monkeypatch):
+  """compare()'s JSON against numpy: SVDs, norms and captured residuals."""
   tok = Tokenizer.tiny()
   models = {"adamw": (_model(0), tok), "muon": (_model(1), tok)}
+  captured = []
+  original = llama_lib.residual_stats
+
+  def spy(x_BTD):
+    jax.debug.callback(lambda x: captured.append(np.asarray(x)), x_BTD,
+                       ordered=True)
+    return original(x_BTD)
+  monkeypatch.setattr(llama_lib, "residual_stats", spy)
+  fingerprints._stats.clear_cache()  # pylint: disable=protected-access
+  # One batch of 2 rows per model, so every statistic is exact.
   paths = fingerprints.compare(models, _TEXTS, tmp_path / "fp", seq_len=32,
                                batch_size=2, max_rows=2)
-  for key in ("spectra", "activations", "json"):
-    assert os.path.getsize(paths[key]) > 0
-  with open(paths["spectra"], "rb") as f:
-    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  jax.effects_barrier()
+  fingerprints._stats.clear_cache()  # pylint: disable=protected-access
+  for key in ("spectra", "activations"):
+    with open(paths[key], "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with open(paths["json"]) as f:
     d = json.load(f)
   assert set(d["models"]) == {"adamw", "muon"}
   layers = models["adamw"][0].config.num_layers
-  for name, (model, _) in models.items():
+  assert len(captured) == 2 * layers
+  for i, (name, (model, _)) in enumerate(models.items()):
     m = d["models"][name]
-    assert len(m["activations"]["rms"]) == layers
-    np.testing.assert_allclose(m["spectra"]["down"],
-                               fingerprints.weight_spectra(model)["down"])
+    assert m["num_tokens"] == 2 * 32
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for kind, path in fingerprints.MATRIX_KINDS.items():
+      w = np.asarray(state[path[0]][path[1]][path[2]][path[3]], np.float64)
+      for l in range(layers):
+        s = np.linalg.svd(w[l], compute_uv=False)
+        np.testing.assert_allclose(m["spectra"][kind][l], s / s[0],
+                                   rtol=1e-8)
+        # Stable rank = ||W||_F^2 / ||W||_2^2.
+        assert m["stable_rank"][kind][l] == pytest.approx(
+            np.linalg.norm(w[l], "fro") ** 2 / np.linalg.norm(w[l], 2) ** 2,
+            rel=1e-8)
+    for l in range(layers):
+      ref = _numpy_stats(captured[i * layers + l])
+      for stat in fingerprints.STATS:
+        assert m["activations"][stat][l] == pytest.approx(
+            ref[stat], rel=1e-3, abs=1e-6), (name, stat, l)
+  # Different seeds, different fingerprints (the models are not mixed up).
+  assert d["models"]["adamw"]["spectra"] != d["models"]["muon"]["spectra"]
