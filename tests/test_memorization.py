@@ -120,6 +120,54 @@ def test_evaluate_on_a_random_model(tmp_path):
   assert lp == pytest.approx(ll[len(ctx) - 1:].mean(), rel=1e-4)
 
 
+def test_a_planted_fact_is_answered_and_an_unseen_one_is_not():
+  """Train a tiny model on one fact: evaluate() must find exactly that one."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from optconsist_jax.data import prompts
+  tok = Tokenizer.tiny()
+  planted, unseen = [formats.parse_metamath_record("facts", i, r) for i, r in
+                     enumerate(memorization.fact_records(2, seed=5))]
+  ctx = [tok.bos_id, *tok.encode(prompts.alpaca_prompt(planted.query))]
+  cont = [*tok.encode(planted.response), tok.eos_id]
+  seq = np.asarray([ctx + cont], np.int32)
+  weights = np.zeros((1, seq.shape[1] - 1), np.float32)
+  weights[0, len(ctx) - 1:] = 1.0  # loss on the response and EOS only
+  model = _tiny_model()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.adam(3e-3)
+
+  def loss_fn(params):
+    logits = nnx.merge(graphdef, params, rest)(seq[:, :-1])
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, seq[:, 1:, None], -1)[..., 0]
+    return jnp.sum(nll * weights) / jnp.sum(weights)
+
+  @jax.jit
+  def step(params, opt_state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = tx.init(params)
+  for _ in range(150):
+    params, opt_state, loss = step(params, opt_state)
+  assert float(loss) < 0.05
+  model = nnx.merge(graphdef, params, rest)
+  m = memorization.evaluate(model, tok, [planted, unseen], [unseen],
+                            max_new_tokens=12, batch_size=2)
+  # One of the two facts answered: exactly 1/2; the unseen one is not.
+  assert m["memorization_acc"] == 0.5
+  assert m["rule_acc"] == 0.0
+  # The planted response is near-certain: per-token log-prob ~ -loss.
+  gold = memorization.gold_logprobs(model, tok, [planted, unseen])
+  assert gold[0] == pytest.approx(-float(loss), abs=0.05)
+  assert gold[1] < gold[0] - 1.0
+  answers = memorization.answer_logprobs(model, tok, [planted, unseen])
+  assert answers[0] > -0.5 and answers[1] < answers[0] - 2.0
+
+
 def _base_run(workdir):
   """A tiny random base trained for 2 steps with the real trainer."""
   c = {
@@ -154,9 +202,11 @@ def test_miniature_run_writes_results_and_resumes(tmp_path, monkeypatch):
   assert sorted((r["optimizer"], r["epoch"]) for r in rows) == [
       ("adamw", 1), ("adamw", 2), ("base", 0), ("muon", 1), ("muon", 2)]
   for r in rows:
-    assert 0.0 <= r["memorization_acc"] <= 1.0
-    assert 0.0 <= r["rule_acc"] <= 1.0
     assert r["n_fact"] == 16 and r["n_rule"] == 8
+    # Accuracies are fractions of the items (k of 16 facts, k of 8 rules).
+    for key, n in (("memorization_acc", 16), ("rule_acc", 8)):
+      k = r[key] * n
+      assert 0 <= k <= n and k == pytest.approx(round(k)), (key, r[key])
     assert np.isfinite(r["memorization_logprob"])
   # Finetuning moved the model toward the training set: the facts' gold
   # responses got likelier than under the base.
