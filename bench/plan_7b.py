@@ -6,7 +6,8 @@ topology x layout x optimizer below and writes one markdown table:
   .venv/bin/python bench/plan_7b.py [--optimizer adamw,lora] \
       [--topology v4-8,v5p-8,v5e-16,v6e-8] [--mesh fsdp,fsdp_tp]
 
-Settings: sequence 1024, global batch 768 (REFERENCE.md), split into
+Settings: sequence 1024, global batch 768 (Biderman et al. 2024, arXiv
+2405.09673), split into
 micro-batches of `--per_chip_batch` rows per chip with gradient accumulation,
 params and AdamW moments in fp32, bf16 compute, scan over layers with full
 remat. Results are appended to bench/results/plan_7b.jsonl as each compile

@@ -10,8 +10,9 @@ comma-separated `key=value` settings:
   variant    adamw (default) | muon | lora16 | lora64 | lora256
   lr         peak learning rate (the sweep axis). Defaults: adamw 1e-5
              (Biderman et al. 2024 full FT); muon 5e-5 on the hidden matrices
-             (the concurrent Muon-finetuning recipe in REFERENCE.md, update
-             scale 0.2 * sqrt(max(m, n)) = `rms_match`); lora 2e-4 (r16),
+             (a concurrent Muon-finetuning recipe: Muon 5e-5 vs AdamW 1e-5,
+             update scale 0.2 * sqrt(max(m, n)) of Liu et al. 2025, arXiv
+             2502.16982 = `rms_match`); lora 2e-4 (r16),
              1e-4 (r64), 5e-5 (r256) (Biderman et al. 2024).
   adam_lr    muon only: peak LR of the AdamW group (embeddings, norms, head);
              default 1e-5.
@@ -30,7 +31,8 @@ comma-separated `key=value` settings:
              `python -m optconsist_jax.data.fetch metamathqa .` writes.
   mesh       mesh preset (default fsdp).
 
-Fixed settings (REFERENCE.md, Biderman et al. 2024): sequence length 1024,
+Fixed settings (Biderman et al. 2024, "LoRA Learns Less and Forgets Less",
+arXiv 2405.09673): sequence length 1024,
 global batch 768 rows (packed), cosine schedule with 10% warmup down to 1% of
 peak, weight decay 0, grad-norm clip 1.0; bf16 compute with fp32 params, scan
 over layers with full remat; LoRA alpha = 2 x rank, dropout 0.05 on

@@ -1,6 +1,6 @@
 """Import of nanoGPT-style `ckpt.pt` bases (the authors' GPT-2-small models).
 
-The paper's small-model part (REFERENCE.md) released two GPT-2-small bases,
+The paper's small-model part (arXiv 2605.06654) released two GPT-2-small bases,
 pretrained on OpenWebText with AdamW and with Muon, saved by a nanoGPT fork
 (karpathy/nanoGPT train.py) as `ckpt.pt`: 12 layers, 12 heads, width 768,
 context 1024, SwiGLU, no biases, learned absolute positions, vocab padded to

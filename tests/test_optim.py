@@ -27,7 +27,8 @@ def _names(assignment, group):
 
 def test_muon_preset_routes_hidden_matrices_only():
   for name in ("tiny_gqa", "tiny_tied"):
-    assignment = optim.assign_groups(optim.presets.preset("muon"), _params(name))
+    assignment = optim.assign_groups(optim.presets.preset("muon"),
+                                     _params(name))
     muon = _names(assignment, "muon")
     assert muon == sorted(
         f"layers/{blk}/{p}_proj/kernel" for blk, ps in

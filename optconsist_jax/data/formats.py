@@ -2,7 +2,8 @@
 
 Each reader takes a local path and returns a non-empty list of records; bad
 input raises `DataFormatError` naming the file, the record index (0-based) and
-the field. Conventions follow REFERENCE.md and lm-evaluation-harness:
+the field. Conventions follow the MetaMath release (Yu et al. 2023, arXiv
+2309.12284) and lm-evaluation-harness:
 
 * MetaMathQA (`MetaMathQA-395K.json`): one JSON list of objects with `type`,
   `query`, `response` (and `original_question`); JSON lines also accepted.

@@ -1,4 +1,4 @@
-"""The MetaMath prompt templates (REFERENCE.md, "MetaMathQA and its evaluation").
+"""The MetaMath prompt templates (Yu et al. 2023, arXiv 2309.12284).
 
 Training uses the Alpaca template without input; the target is the response
 plus EOS and only the target carries loss. MetaMath's GSM8K evaluation uses the

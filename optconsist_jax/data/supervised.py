@@ -1,8 +1,9 @@
 """Token sequences with loss masks, packing into rows, and batch assembly.
 
-Supervised examples follow MetaMath's training recipe (REFERENCE.md): tokens =
-BOS + encode(Alpaca prompt) + encode(response) + EOS; the loss mask is 1 on the
-target (response + EOS) only. Plain-text documents (language-model loss) are
+Supervised examples follow MetaMath's training recipe (Yu et al. 2023, arXiv
+2309.12284; train_math.py in meta-math/MetaMath, after Stanford Alpaca):
+tokens = BOS + encode(Alpaca prompt) + encode(response) + EOS; the loss mask
+is 1 on the target (response + EOS) only. Plain-text documents (language-model loss) are
 BOS + encode(text) + EOS with every token after BOS a target.
 
 Truncation policy (`TRUNCATION_POLICIES`), for an example longer than

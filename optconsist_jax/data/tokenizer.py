@@ -14,7 +14,7 @@ Encoding behaviour, stated once because scoring depends on it:
 * lm-evaluation-harness-style scoring must therefore tokenize context and
   continuation jointly: `whole = encode(context + continuation)`,
   `n = len(encode(context))`, continuation tokens = `whole[n:]` (the harness's
-  rule, REFERENCE.md). Do not concatenate separately encoded pieces there.
+  rule, `TemplateLM._encode_pair` in lm_eval/api/model.py). Do not concatenate separately encoded pieces there.
 * Supervised examples (supervised.py) concatenate `encode(prompt)` and
   `encode(response)`; since SentencePiece splits at whitespace and the
   response's dummy prefix stands for a space, this equals encoding

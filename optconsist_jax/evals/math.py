@@ -1,6 +1,6 @@
 """Math word-problem accuracy: answer extraction and the two GSM8K protocols.
 
-Protocols (REFERENCE.md):
+Protocols (MetaMath, Yu et al. 2023, arXiv 2309.12284; lm-evaluation-harness):
 
 * "metamath" (the MetaMath project's eval_gsm8k.py): the Alpaca prompt ending
   "### Response: Let's think step by step.", greedy decoding up to 512 new

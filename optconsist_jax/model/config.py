@@ -2,7 +2,8 @@
 
 `LlamaConfig` is the typed boundary for model shapes and numerics; ml_collections
 configs convert to it with `LlamaConfig.from_dict`. Presets follow the Llama-2
-paper / Hugging Face `config.json` values (REFERENCE.md).
+paper (Touvron et al. 2023, arXiv 2307.09288) and the Hugging Face
+`config.json` of meta-llama/Llama-2-7b-hf.
 """
 
 from __future__ import annotations
