@@ -87,6 +87,10 @@ def splash_attention(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array,
       shard (shard_map), with the batch dim over `batch_axes` and the head dims
       over `head_axes` (mesh axes or None); the length axis must be unsharded.
     interpret: run the Pallas kernel in interpret mode (any backend; tests).
+
+  The kernel's dots follow jax_default_matmul_precision when it is lowered;
+  with bf16 inputs that must not be "highest" (Mosaic rejects fp32
+  contractions of bf16 tiles).
   """
   b, t, n, h = q_BTNH.shape
   k = k_BTKH.shape[2]
