@@ -41,30 +41,26 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
+from machine_load import cpu_busy_seconds
+from machine_load import MATMUL_N
+from machine_load import usage
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT = os.path.join(ROOT, "bench", "results", "model_throughput.json")
-MATMUL_N = 2048
-
-
-def _usage() -> dict:
-  r = resource.getrusage(resource.RUSAGE_SELF)
-  return {"utime": r.ru_utime, "stime": r.ru_stime, "minflt": r.ru_minflt,
-          "majflt": r.ru_majflt}
 
 
 def _timed(fn) -> dict:
   """Runs fn() once; wall seconds and this process's resource deltas."""
-  u0 = _usage()
+  u0 = usage()
   t0 = time.perf_counter()
   out = fn()
   wall = time.perf_counter() - t0
-  u1 = _usage()
+  u1 = usage()
   return {"seconds": wall, "cpu_s": (u1["utime"] + u1["stime"]
                                      - u0["utime"] - u0["stime"]),
           "system_s": u1["stime"] - u0["stime"],
@@ -260,15 +256,6 @@ def worker_main(framework: str) -> None:
 # Parent: lockstep rotation, load accounting.
 
 
-def _cpu_busy_jiffies() -> tuple[int, int]:
-  """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
-  with open("/proc/stat") as f:
-    fields = [int(x) for x in f.readline().split()[1:]]
-  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-  total = sum(fields[:8])
-  return total - idle, total
-
-
 class Worker:
   """A worker process and its lockstep channel."""
 
@@ -302,11 +289,10 @@ class Worker:
 
 def sample(worker: Worker, op: str, variant: str | None = None) -> dict:
   """One timed call with the machine's load outside the worker."""
-  tick = os.sysconf("SC_CLK_TCK")
-  busy0, _ = _cpu_busy_jiffies()
+  busy0 = cpu_busy_seconds()
   r = worker.call(op=op, variant=variant)
-  busy1, _ = _cpu_busy_jiffies()
-  other_s = max((busy1 - busy0) / tick - r["cpu_s"], 0.0)
+  busy1 = cpu_busy_seconds()
+  other_s = max(busy1 - busy0 - r["cpu_s"], 0.0)
   r["other_load"] = other_s / (r["seconds"] * os.cpu_count())
   r["loadavg_1m"] = os.getloadavg()[0]
   return r
