@@ -185,7 +185,7 @@ class TorchWorker:
       loss = torch.nn.functional.cross_entropy(
           logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
       loss.backward()
-      return float(loss)
+      return loss.item()
 
     self.step_fn = step
     t0 = time.perf_counter()

@@ -51,6 +51,25 @@ def test_xla_attention_matches_numpy_with_segments(n, k):
                                                   n // k, axis=0), atol=1e-5)
 
 
+def test_causal_blocks_match_numpy_with_segments():
+  # T = 64: four query blocks, each over the keys up to its end; segments
+  # cross the block boundaries.
+  t = 64
+  segments = np.ones((2, t), np.int32)
+  segments[0, 10:37] = 2
+  segments[0, 37:50] = 3
+  segments[0, 50:] = 0
+  q, kk, v = _qkv(2, t, 4, 2, 8, seed=4)
+  out = attention.attend("xla", q, kk, v, segment_BT=jnp.asarray(segments))
+  mask = attention.causal_segment_mask(jnp.asarray(segments), t)
+  np.testing.assert_allclose(out, _numpy_attention(q, kk, v, np.asarray(mask)),
+                             atol=2e-5, rtol=1e-5)
+  out_causal = attention.attend("xla", q, kk, v)
+  causal = np.tril(np.ones((t, t), bool))[None].repeat(2, 0)
+  np.testing.assert_allclose(out_causal, _numpy_attention(q, kk, v, causal),
+                             atol=2e-5, rtol=1e-5)
+
+
 def test_xla_attention_with_cache_mask_matches_numpy():
   # A decoding step: 3 new queries over 8 cache slots, slots 0-1 padding.
   q, _, _ = _qkv(2, 3, 4, 2, 8, seed=1)
