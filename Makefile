@@ -10,6 +10,12 @@ PYTEST_ARGS ?=
 # enough of python3.13, python3.12, python3, then pyenv's installed versions.
 PYTHON ?= $(shell bash .ci/find_python 2>/dev/null)
 
+# tcmalloc, preloaded for the demo when installed (optconsist_jax/allocator.py
+# globs the same paths): XLA's CPU runtime re-maps its large temporaries every
+# step under glibc malloc; tcmalloc keeps them. Optional; TCMALLOC= turns it off.
+TCMALLOC ?= $(firstword $(wildcard /usr/lib/*/libtcmalloc_minimal.so.4 \
+  /usr/lib64/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4))
+
 .PHONY: demo test venv lock clean-venv
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -27,7 +33,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) -m optconsist_jax.reproduce \
+	$(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC) )$(PY) -m optconsist_jax.reproduce \
 	  --config configs/small_consistency.py:$(MODE) --workdir $(WORKDIR)
 
 test: $(VENV)/.installed-test

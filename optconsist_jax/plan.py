@@ -307,6 +307,8 @@ class PlanSpec:
     dtype: compute dtype; None keeps the model config's.
     remat_policy: LlamaConfig.remat_policy; None keeps the model config's.
     scan_layers: LlamaConfig.scan_layers; None keeps the model config's.
+    attention_impl: LlamaConfig.attention_impl (e.g. splash, the TPU Pallas
+      kernel a TPU run would use); None keeps the model config's.
     optim_config: an OptimConfig (or dict) used instead of the preset
       (`optimizer` is then only the label).
     lora_config: a LoRAConfig (or dict); given, the run is LoRA.
@@ -325,6 +327,7 @@ class PlanSpec:
   dtype: str | None = "bfloat16"
   remat_policy: str | None = "full"
   scan_layers: bool | None = True
+  attention_impl: str | None = None
   optim_config: Any = None
   lora_config: Any = None
 
@@ -373,7 +376,8 @@ def _model_config(spec: PlanSpec):
   cfg = (preset(spec.model) if isinstance(spec.model, str)
          else LlamaConfig.from_dict(dict(spec.model)))
   overrides = {k: getattr(spec, k) for k in ("param_dtype", "dtype",
-                                             "remat_policy", "scan_layers")
+                                             "remat_policy", "scan_layers",
+                                             "attention_impl")
                if getattr(spec, k) is not None}
   return cfg.replace(**overrides)
 
@@ -666,6 +670,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--param_dtype", default="float32")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--remat", default="full")
+  p.add_argument("--attention", default=None,
+                 help="LlamaConfig.attention_impl: xla (the model's default),"
+                 " splash (TPU Pallas kernel), cudnn or auto")
   p.add_argument("--compare", action="store_true",
                  help="plan every topology x mesh x optimizer, print a table")
   p.add_argument("--markdown", help="also write the table to this file")
@@ -693,6 +700,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       config = module.get_config(arg) if arg else module.get_config()
     overrides = ({} if args.grad_accum_steps is None else
                  {"grad_accum_steps": args.grad_accum_steps})
+    if args.attention:
+      overrides["attention_impl"] = args.attention
     results = []
     for t in _csv(args.topology):
       hlo = (os.path.join(args.hlo_dir, f"{t}_config.hlo.gz")
@@ -723,7 +732,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           grad_accum_steps=args.grad_accum_steps,
           per_chip_batch=args.per_chip_batch, optimizer=optimizer,
           lora_rank=args.lora_rank, param_dtype=args.param_dtype,
-          dtype=args.dtype, remat_policy=args.remat))
+          dtype=args.dtype, remat_policy=args.remat,
+          attention_impl=args.attention))
     results = []
     for s in specs:
       hlo = None

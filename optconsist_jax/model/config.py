@@ -18,7 +18,7 @@ from optconsist_jax import typed_config
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 POSITION_EMBEDDINGS = ("rope", "learned")
 NORM_TYPES = ("rms", "layer")
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +44,11 @@ class LlamaConfig:
       either way, so checkpoints do not depend on this flag.
     remat_policy: what to keep for the backward pass: none (no remat), full
       (keep nothing), dots, dots_no_batch (jax.checkpoint_policies).
-    attention_impl: `jax.nn.dot_product_attention` implementation: xla,
-      cudnn (GPU, bf16/fp16) or auto (let JAX choose).
+    attention_impl: xla (masked softmax in plain XLA ops, any backend; the
+      fast path on CPU), cudnn (GPU, bf16/fp16) or auto (let
+      `jax.nn.dot_product_attention` choose its fused kernel), or splash (the
+      TPU Pallas splash kernel; training/scoring passes, decoding uses xla).
+      See optconsist_jax.model.attention.
     initializer_range: std of the normal initializer (as in Hugging Face).
     position_embedding: rope (Llama) or learned absolute positions added to
       the token embeddings (GPT-2 / nanoGPT style bases).

@@ -1,7 +1,8 @@
 """Llama decoder in Flax NNX.
 
 RMSNorm, rotary embeddings in the Hugging Face (rotate-half) convention,
-grouped-query attention through `jax.nn.dot_product_attention`, SwiGLU MLP,
+grouped-query attention (model.attention: XLA, JAX's fused kernels or the TPU
+splash kernel, by `LlamaConfig.attention_impl`), SwiGLU MLP,
 tied or untied embeddings, and a KV cache for decoding.
 
 Parameters of the decoder blocks are always stacked on a leading `layers` axis
@@ -26,6 +27,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from optconsist_jax import sharding
+from optconsist_jax.model import attention
 from optconsist_jax.model.config import LlamaConfig
 
 Array = jax.Array
@@ -48,6 +51,21 @@ _REMAT = {
 
 def _param(value: Array, names: tuple[str, ...]) -> nnx.Param:
   return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def dense(x: Array, w_IO: Array) -> Array:
+  """x[..., I] @ w[I, O] computed as one 2-D matmul [rows, I] @ [I, O].
+
+  Folding the leading (batch, length) axes into one row axis before the dot
+  makes the transposed products of the backward pass (the weight gradient
+  x^T g) contract a single axis. With x kept [B, T, I], XLA's CPU backend
+  receives dot_general(g[B, T, O], x[B, T, I]) contracting two axes and
+  materialises a strided transpose of g before a generic dot; the 2-D form
+  maps every product onto the GEMM library (bench/model_throughput.py).
+  Same values: it is the same sum.
+  """
+  rows = x.reshape(-1, x.shape[-1])
+  return jnp.dot(rows, w_IO).reshape(*x.shape[:-1], w_IO.shape[-1])
 
 
 class KVCache(NamedTuple):
@@ -93,7 +111,7 @@ class Linear(nnx.Module):
 
   def __call__(self, x: Array, rng: Array | None = None) -> Array:
     del rng
-    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    return dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 
 class RMSNorm(nnx.Module):
@@ -133,6 +151,24 @@ def rope(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return (x32 * cos + rotated * sin).astype(x_BTNH.dtype)
+
+
+def _head_sharding(constrain: Constrain, impl: str):
+  """(mesh, batch axes, head axes) of the activations, for the splash kernel.
+
+  None without a mesh (or for the other implementations, which GSPMD
+  partitions by itself). A sharded length axis is an error (the kernel sees
+  whole sequences).
+  """
+  mesh = getattr(constrain, "mesh", None)
+  if impl != "splash" or mesh is None:
+    return None
+  batch, length, heads = sharding.logical_to_spec(
+      ("act_batch", "act_length", "act_heads"), constrain.rules)
+  if length is not None:
+    raise ValueError("attention_impl='splash' needs an unsharded sequence"
+                     f" axis; the rules map act_length to {length!r}")
+  return mesh, batch, heads
 
 
 class Attention(nnx.Module):
@@ -175,18 +211,11 @@ class Attention(nnx.Module):
                                 None))
     v_BTKH = constrain(v_BTKH, ("act_batch", "act_length", "act_kv_heads",
                                 None))
-    impl = None if self.impl == "auto" else self.impl
     new_kv = None
     if kv is None:
-      if segment_BT is None:
-        out_BTNH = jax.nn.dot_product_attention(
-            q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=impl)
-      else:
-        mask_BTS = ((segment_BT[:, :, None] == segment_BT[:, None, :])
-                    & jnp.tril(jnp.ones((t, t), bool))[None])
-        out_BTNH = jax.nn.dot_product_attention(
-            q_BTNH, k_BTKH, v_BTKH, mask=mask_BTS[:, None],
-            implementation=impl)
+      out_BTNH = attention.attend(self.impl, q_BTNH, k_BTKH, v_BTKH,
+                                  segment_BT=segment_BT,
+                                  shard=_head_sharding(constrain, self.impl))
     else:
       cache_k, cache_v, cache_segment_BS, index = kv
       k_BSKH = jax.lax.dynamic_update_slice(
@@ -198,9 +227,8 @@ class Attention(nnx.Module):
       causal_TS = q_slot_T[:, None] >= jnp.arange(s)[None, :]
       mask_BTS = ((segment_BT[:, :, None] == cache_segment_BS[:, None, :])
                   & causal_TS[None])
-      out_BTNH = jax.nn.dot_product_attention(
-          q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype),
-          mask=mask_BTS[:, None], implementation=impl)
+      out_BTNH = attention.attend(self.impl, q_BTNH, k_BSKH, v_BSKH,
+                                  mask_BTS=mask_BTS)
       new_kv = (k_BSKH, v_BSKH)
     out_BTNH = constrain(out_BTNH, ("act_batch", "act_length", "act_heads",
                                     None))
@@ -384,7 +412,7 @@ class Llama(nnx.Module):
 
     x_BTD = self.final_norm(x_BTD)
     if self.lm_head is None:
-      logits_BTV = jnp.dot(x_BTD, self.embed[...].astype(c.dtype).T)
+      logits_BTV = dense(x_BTD, self.embed[...].astype(c.dtype).T)
     else:
       logits_BTV = self.lm_head(x_BTD)
     logits_BTV = constrain(logits_BTV.astype(jnp.float32),

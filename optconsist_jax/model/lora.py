@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from optconsist_jax import typed_config
+from optconsist_jax.model.llama import dense
 from optconsist_jax.model.llama import Linear
 from optconsist_jax.model.llama import Llama
 
@@ -99,13 +100,13 @@ class LoRALinear(nnx.Module):
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     x = x.astype(self.dtype)
-    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    y = dense(x, self.kernel[...].astype(self.dtype))
     h = x
     if rng is not None and self.dropout > 0.0:
       keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
       h = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(self.dtype)
-    low = jnp.dot(h, self.lora_a[...].astype(self.dtype))
-    delta = jnp.dot(low, self.lora_b[...].astype(self.dtype))
+    low = dense(h, self.lora_a[...].astype(self.dtype))
+    delta = dense(low, self.lora_b[...].astype(self.dtype))
     return y + (self.scale * delta).astype(y.dtype)
 
 
