@@ -56,6 +56,7 @@ import numpy as np
 from optconsist_jax import checkpoints as ckpt_lib
 from optconsist_jax import config_types
 from optconsist_jax import generate as gen
+from optconsist_jax import paths
 from optconsist_jax.data import formats
 from optconsist_jax.data import prompts
 from optconsist_jax.data import synthetic
@@ -543,7 +544,8 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   start = time.perf_counter()
-  path = run(f.workdir, f.base, tuple(f.optimizers), mode=f.mode)
+  path = run(paths.resolve(f.workdir), paths.resolve(f.base),
+             tuple(f.optimizers), mode=f.mode)
   print(f"results: {path}\ncurves: {os.path.join(os.path.dirname(path), CURVES)}"
         f"\n({time.perf_counter() - start:.1f} s)")
 

@@ -26,6 +26,8 @@ import os
 import sys
 from typing import Any
 
+from optconsist_jax import paths as paths_lib
+
 RESULTS_FILE = os.path.join("eval", "results.jsonl")
 
 
@@ -456,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--title", default="")
   args = p.parse_args(argv)
   from optconsist_jax import errors  # pylint: disable=g-import-not-at-top
+  args.workdirs = [paths_lib.resolve(w) for w in args.workdirs]
+  args.out = paths_lib.resolve(args.out)
   records = []
   with errors.user_input():
     try:

@@ -39,6 +39,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from optconsist_jax import errors
+from optconsist_jax import paths as paths_lib
 from optconsist_jax import typed_config
 
 DONE_FILE = "done.json"
@@ -413,7 +414,7 @@ def main(argv: Sequence[str]) -> None:
   metrics.quiet_library_logs()
   with errors.user_input():
     rc = ReproConfig.from_dict(flags.FLAGS.config.to_dict())
-  outputs = run(rc, flags.FLAGS.workdir)
+  outputs = run(rc, paths_lib.resolve(flags.FLAGS.workdir))
   print("\nOutputs:")
   for k, v in outputs.items():
     print(f"  {k}: {v}")
