@@ -69,6 +69,7 @@ from optconsist_jax import config_types
 from optconsist_jax import errors
 from optconsist_jax import metrics as metrics_lib
 from optconsist_jax import paths
+from optconsist_jax import platforms
 from optconsist_jax import report
 from optconsist_jax import sharding
 from optconsist_jax import typed_config
@@ -920,6 +921,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   jax.config.parse_flags_with_absl()
+  platforms.select_default()
   from optconsist_jax import train_step  # pylint: disable=g-import-not-at-top
   # A multi-host eval slice: every process restores its shards together.
   train_step.maybe_initialize_distributed()

@@ -542,6 +542,8 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import platforms  # pylint: disable=g-import-not-at-top
+  platforms.select_default()
   f = flags.FLAGS
   start = time.perf_counter()
   path = run(paths.resolve(f.workdir), paths.resolve(f.base),

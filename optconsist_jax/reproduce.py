@@ -409,9 +409,11 @@ def _define_flags():
 
 def main(argv: Sequence[str]) -> None:
   from optconsist_jax import metrics  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import platforms  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   metrics.quiet_library_logs()
+  platforms.select_default()
   with errors.user_input():
     rc = ReproConfig.from_dict(flags.FLAGS.config.to_dict())
   outputs = run(rc, paths_lib.resolve(flags.FLAGS.workdir))

@@ -72,6 +72,7 @@ from optconsist_jax import errors
 from optconsist_jax import hub
 from optconsist_jax import metrics as metrics_lib
 from optconsist_jax import paths
+from optconsist_jax import platforms
 from optconsist_jax import sharding
 from optconsist_jax import train_step as step_lib
 from optconsist_jax.config_types import ExperimentConfig
@@ -623,6 +624,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   jax.config.parse_flags_with_absl()
+  platforms.select_default()
   with errors.user_input():
     config = ExperimentConfig.from_dict(
         paths.resolve_keys(flags.FLAGS.config.to_dict(), PATH_KEYS))
