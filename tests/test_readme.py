@@ -96,7 +96,10 @@ def clone(tmp_path_factory):
                   str(work)], check=True)
   shim = root / "bin"
   shim.mkdir()
-  (shim / "python").symlink_to(sys.executable)
+  # A script, not a symlink: a venv's python finds its site-packages only
+  # when started by its own path.
+  (shim / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+  (shim / "python").chmod(0o755)
   env = dict(os.environ)
   env["PATH"] = f"{shim}{os.pathsep}{env.get('PATH', '')}"
   env["PYTHONPATH"] = str(work)
