@@ -44,13 +44,15 @@ def final_params(workdir: str):
   """Flat {path: float64 array} of the last checkpoint's params."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import platforms  # pylint: disable=g-import-not-at-top
+  platforms.select_default()
   from optconsist_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from optconsist_jax.config_types import ExperimentConfig  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, "config.json")) as f:
     config = ExperimentConfig.from_dict(json.load(f))
   model = checkpoints.restore_model(workdir, config.model)
   flat = nnx.state(model, nnx.Param).flat_state()
-  return {"/".join(map(str, k)): np.asarray(v.value, np.float64)
+  return {"/".join(map(str, k)): np.asarray(v[...], np.float64)
           for k, v in flat}
 
 

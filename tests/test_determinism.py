@@ -40,7 +40,7 @@ def _params(workdir):
   config = ExperimentConfig.from_dict(
       json.loads((workdir / "config.json").read_text()))
   model = checkpoints.restore_model(workdir, config.model)
-  return {k: np.asarray(v.value)
+  return {k: np.asarray(v[...])
           for k, v in nnx.state(model, nnx.Param).flat_state()}
 
 
