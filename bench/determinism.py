@@ -9,6 +9,10 @@ different thread settings, and compares the final parameters bit for bit:
   no_eigen_mt  XLA_FLAGS=--xla_cpu_multi_thread_eigen=false (single-threaded
                Eigen matmuls/convolutions)
 
+It also runs the one operation found to depend on the core count (a dot
+contracting a long dimension, as weight gradients contract batch x time) in a
+fresh process with two cores and with one, and records whether the bits differ.
+
 Run: .venv/bin/python bench/determinism.py [--steps 30]
 Writes bench/results/determinism.json (max |difference| and the max relative
 difference of every variant against the first run, bitwise equality, the
@@ -56,6 +60,29 @@ def final_params(workdir: str):
           for k, v in flat}
 
 
+_DOT_PROBE = """
+import hashlib, jax, jax.numpy as jnp, numpy as np
+rng = np.random.default_rng(0)
+a = jnp.asarray(rng.standard_normal((3072, 64)), jnp.float32)
+b = jnp.asarray(rng.standard_normal((3072, 160)), jnp.float32)
+f = jax.jit(lambda a, b: jnp.einsum("kb,kn->bn", jnp.tanh(a), b))
+print(hashlib.md5(np.asarray(f(a, b)).tobytes()).hexdigest())
+"""
+
+
+def dot_probe(env: dict[str, str]) -> dict[str, str]:
+  """Hash of the long-contraction dot with all cores and with one."""
+  out = {}
+  cpus = sorted(os.sched_getaffinity(0))
+  for name, use in (("all_cores", cpus), ("one_core", cpus[:1])):
+    p = subprocess.run(["taskset", "-c", ",".join(map(str, use)),
+                        sys.executable, "-c", _DOT_PROBE],
+                       env={**os.environ, **env}, check=True,
+                       capture_output=True, text=True)
+    out[name] = p.stdout.strip().splitlines()[-1]
+  return out
+
+
 def compare(a, b) -> dict[str, float | bool]:
   import numpy as np  # pylint: disable=g-import-not-at-top
   diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
@@ -90,12 +117,14 @@ def main() -> None:
     params[name] = final_params(w)
     print(f"{name}: trained", flush=True)
   shutil.rmtree(root, ignore_errors=True)
+  probe = dot_probe(base_env) if "one_core" in variants else {}
   out = {
       "command": "bench/determinism.py --steps %d" % args.steps,
       "config": "configs/tiny_metamath.py:muon",
       "steps": args.steps,
       "vs_first": {n: compare(params["first"], params[n])
                    for n in variants if n != "first"},
+      "dot_probe_md5": probe,
       "machine": {"platform": platform.platform(),
                   "cpu_count": os.cpu_count(),
                   "affinity": len(os.sched_getaffinity(0)),
