@@ -346,8 +346,13 @@ def test_plan_command_on_a_small_model(clone):
   (plan,) = commands("python", "-m", "optconsist_jax.plan")
   out = run(clone, plan + ["--model", "tiny_gqa", "--seq_len", "64",
                            "--global_batch", "64"], timeout=1200)
-  for topology in ("v4-8", "v5p-8", "v5e-16", "v6e-8"):
-    assert topology in out
+  # One table row per topology x mesh x optimizer the command names.
+  arg = {k: plan[plan.index(k) + 1] for k in ("--mesh", "--optimizer",
+                                              "--topology")}
+  rows = [l for l in out.splitlines() if l.startswith("| v")]
+  assert len(rows) == np.prod([len(v.split(",")) for v in arg.values()])
+  for topology in arg["--topology"].split(","):
+    assert any(l.startswith(f"| {topology} |") for l in rows), topology
 
 
 def test_every_command_is_run_or_marked():
