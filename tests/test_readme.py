@@ -107,12 +107,20 @@ def clone(tmp_path_factory):
   # choice (the commands pick their backend themselves).
   for k in ("XLA_FLAGS", "JAX_PLATFORMS"):
     env.pop(k, None)
+  # A home as after `hf auth login` (README's fetch passes the token file).
+  home = root / "home"
+  (home / ".cache" / "huggingface").mkdir(parents=True)
+  (home / ".cache" / "huggingface" / "token").write_text("hf_test_token\n")
+  env["HOME"] = str(home)
   return work, env
 
 
 def run(clone, argv: list[str], timeout: float = 900) -> str:
   """Runs argv in the clone; asserts exit 0 and no TPU-runtime noise."""
   work, env = clone
+  # $VAR as the user's shell expands it.
+  argv = [re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), ""), a)
+          for a in argv]
   p = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True,
                      timeout=timeout)
   out = p.stdout + p.stderr
