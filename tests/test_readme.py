@@ -115,8 +115,10 @@ def clone(tmp_path_factory):
   return work, env
 
 
-def run(clone, argv: list[str], timeout: float = 900) -> str:
-  """Runs argv in the clone; asserts exit 0 and no TPU-runtime noise."""
+def run(clone, argv: list[str], timeout: float = 900, *,
+        loads_libtpu: bool = False) -> str:
+  """Runs argv in the clone; asserts exit 0 and, unless the command loads
+  libtpu on purpose (the planner), no TPU-runtime noise."""
   work, env = clone
   # $VAR as the user's shell expands it.
   argv = [re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), ""), a)
@@ -127,7 +129,8 @@ def run(clone, argv: list[str], timeout: float = 900) -> str:
   assert p.returncode == 0, f"{shlex.join(argv)} exited {p.returncode}:\n" + (
       out[-4000:])
   for noise in ("unexpected worker hostname", "Failed to find host bounds"):
-    assert noise not in out, f"{shlex.join(argv)} printed {noise!r}"
+    assert loads_libtpu or noise not in out, (
+        f"{shlex.join(argv)} printed {noise!r}")
   return out
 
 
@@ -353,7 +356,8 @@ def test_plan_command_on_a_small_model(clone):
   pytest.importorskip("libtpu")
   (plan,) = commands("python", "-m", "optconsist_jax.plan")
   out = run(clone, plan + ["--model", "tiny_gqa", "--seq_len", "64",
-                           "--global_batch", "64"], timeout=1200)
+                           "--global_batch", "64"], timeout=1200,
+            loads_libtpu=True)
   # One table row per topology x mesh x optimizer the command names.
   arg = {k: plan[plan.index(k) + 1] for k in ("--mesh", "--optimizer",
                                               "--topology")}
