@@ -6,13 +6,17 @@ before doing anything else, so a relative path means "relative to the
 directory the command was started in" everywhere downstream. That matters
 because Orbax refuses relative checkpoint paths, and because worker processes
 or later stages must not depend on the current directory. URLs such as
-`gs://bucket/run` (anything with a `scheme://`) are left as they are.
+`gs://bucket/run` (anything with a `scheme://`) are left as they are, and so
+are Hugging Face Hub references among a config's input paths
+(`org/name[@revision]` that is not a local path; hub.parse_ref).
 """
 
 from __future__ import annotations
 
 import os
 import re
+
+from optconsist_jax import hub
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -22,15 +26,18 @@ def is_url(path: str | os.PathLike) -> bool:
   return bool(_URL.match(os.fspath(path)))
 
 
-def resolve(path: str | os.PathLike | None) -> str | None:
+def resolve(path: str | os.PathLike | None, *,
+            hub_refs: bool = False) -> str | None:
   """An absolute, normalized local path; URLs, "" and None unchanged.
 
-  `~` is expanded. The path need not exist.
+  `~` is expanded. The path need not exist. hub_refs: also leave Hub
+  references unchanged (for inputs; never for an output directory such as a
+  workdir, whose `runs/name` form would read as a repo id).
   """
   if path is None:
     return None
   path = os.fspath(path)
-  if not path or is_url(path):
+  if not path or is_url(path) or (hub_refs and hub.is_hub_ref(path)):
     return path
   return os.path.abspath(os.path.expanduser(path))
 
@@ -41,7 +48,8 @@ def resolve_keys(config: dict, keys: tuple[str, ...],
 
   Keys absent from `config` (or set to None/"") are left alone, so one list of
   path keys serves configs that have only some of them; so are values in
-  `keep` (words such as "synthetic" that name a built-in source, not a file).
+  `keep` (words such as "synthetic" that name a built-in source, not a file)
+  and Hugging Face Hub references.
   """
   out = dict(config)
   for key in keys:
@@ -53,5 +61,5 @@ def resolve_keys(config: dict, keys: tuple[str, ...],
         out[head] = resolve_keys(out[head], (rest,), keep)
     elif (isinstance(out[head], (str, os.PathLike))
           and os.fspath(out[head]) not in keep):
-      out[head] = resolve(out[head])
+      out[head] = resolve(out[head], hub_refs=True)
   return out
