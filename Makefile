@@ -9,6 +9,9 @@ PYTEST_ARGS ?=
 # A Python >= 3.12 (jax >= 0.11 needs it): PYTHON=... wins, else the first that is new
 # enough of python3.13, python3.12, python3, then pyenv's installed versions.
 PYTHON ?= $(shell bash .ci/find_python 2>/dev/null)
+# `make demo VENV=DIR` with an existing DIR/bin/python uses that environment
+# as it is (nothing installed; tests/test_readme.py runs README's commands so).
+AS_IS := $(and $(filter command line,$(origin VENV)),$(wildcard $(VENV)/bin/python))
 
 # tcmalloc, preloaded for the demo when installed (optconsist_jax/allocator.py
 # globs the same paths): XLA's CPU runtime re-maps its large temporaries every
@@ -32,11 +35,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 venv: $(VENV)/.installed
 
-demo: $(VENV)/.installed
+demo: $(if $(AS_IS),,$(VENV)/.installed)
 	$(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC) )$(PY) -m optconsist_jax.reproduce \
 	  --config configs/small_consistency.py:$(MODE) --workdir $(WORKDIR)
 
-test: $(VENV)/.installed-test
+test: $(if $(AS_IS),,$(VENV)/.installed-test)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
 	  $(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 

@@ -46,8 +46,12 @@ def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
   except ValueError as e:
     raise ValueError(f"configs/tiny_metamath.py:{arg}: {e}") from None
 
-  c.data = dict(format="synthetic", synthetic_examples=2000, seq_len=192,
-                global_batch_size=16, seed=0)
+  # format/path/tokenizer_path are here to be overridden, e.g. with
+  # --config.data.format=metamathqa --config.data.path=MetaMathQA-395K.json
+  # --config.data.tokenizer_path=GPT2_DIR (README: the authors' nanoGPT bases).
+  c.data = dict(format="synthetic", path="", tokenizer_path="",
+                synthetic_examples=2000, seq_len=192, global_batch_size=16,
+                seed=0)
   c.train = dict(num_epochs=3, num_steps=0, grad_accum_steps=1, seed=0,
                  dropout_seed=ml_collections.config_dict.placeholder(int),
                  log_every=10, stats_every=50, progress_every_secs=10.0)

@@ -2,5 +2,6 @@
 # A plain machine over ssh (e.g. a GPU host for the eval job).
 #   launch/host.sh install|eval|logs|stop --host=USER@HOST [FLAGS] [--dry-run]
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec "${PYTHON:-python3}" -m optconsist_jax.launch host "$@"
+# Relative paths (e.g. --source) stay relative to where this was started.
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "${PYTHON:-python3}" -m optconsist_jax.launch host "$@"

@@ -3,5 +3,6 @@
 #   launch/tpu.sh create|install|fetch|stage|train|eval|logs|stop|delete|up [FLAGS] [--dry-run]
 # Flags: python -m optconsist_jax.launch tpu VERB --help
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec "${PYTHON:-python3}" -m optconsist_jax.launch tpu "$@"
+# Relative paths (e.g. --source) stay relative to where this was started.
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "${PYTHON:-python3}" -m optconsist_jax.launch tpu "$@"

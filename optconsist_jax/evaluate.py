@@ -68,6 +68,8 @@ from optconsist_jax import checkpoints as ckpt_lib
 from optconsist_jax import config_types
 from optconsist_jax import errors
 from optconsist_jax import metrics as metrics_lib
+from optconsist_jax import paths
+from optconsist_jax import platforms
 from optconsist_jax import report
 from optconsist_jax import sharding
 from optconsist_jax import typed_config
@@ -87,6 +89,10 @@ MC_BENCHMARKS = ("hellaswag", "arc_challenge", "winogrande")
 MC_MEAN_SCORE = {"hellaswag": "acc_norm", "arc_challenge": "acc_norm",
                  "winogrande": "acc"}
 SYNTHETIC = "synthetic"
+# Config keys holding local paths (made absolute at the command line).
+PATH_KEYS = ("tokenizer_path", "base_model", "math.test", "math.train",
+             "multiple_choice.hellaswag", "multiple_choice.arc_challenge",
+             "multiple_choice.winogrande", "lm_loss.path")
 
 
 # ---------------------------------------------------------------------------
@@ -915,18 +921,21 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   jax.config.parse_flags_with_absl()
+  platforms.select_default()
   from optconsist_jax import train_step  # pylint: disable=g-import-not-at-top
   # A multi-host eval slice: every process restores its shards together.
   train_step.maybe_initialize_distributed()
   f = flags.FLAGS
+  workdir = paths.resolve(f.workdir)
   with errors.user_input():
-    config = EvalConfig.from_dict(f.config.to_dict())
+    config = EvalConfig.from_dict(paths.resolve_keys(
+        f.config.to_dict(), PATH_KEYS, keep=(SYNTHETIC, "stdlib", "none")))
     try:
-      ev = Evaluator(f.workdir, config)
+      ev = Evaluator(workdir, config)
     except report.EvalFileError as e:
       raise errors.UserError(str(e)) from e
   try:
-    r = evaluate_workdir(f.workdir, config, watch=f.watch, evaluator=ev)
+    r = evaluate_workdir(workdir, config, watch=f.watch, evaluator=ev)
   except (report.EvalFileError, FileNotFoundError) as e:
     # results.jsonl that is not ours, a base model that is not there.
     raise errors.UserError(str(e)) from e
@@ -934,7 +943,7 @@ def main(argv):
         + (" and the base model" if r.base_evaluated else "")
         + (f"; {len(r.failed)} failed to restore: {r.failed}" if r.failed
            else "")
-        + f". Results in {os.path.join(f.workdir, EVAL_DIR, 'results.jsonl')}",
+        + f". Results in {os.path.join(workdir, EVAL_DIR, 'results.jsonl')}",
         flush=True)
 
 

@@ -42,6 +42,9 @@ MATRIX_KINDS = {
     "down": ("layers", "mlp", "down_proj", "kernel"),
 }
 STATS = ("mean", "rms", "max_abs", "kurtosis")
+# Axis titles of the activation panels (the residual stream is unitless).
+_STAT_TITLES = {"mean": "mean of x", "rms": "RMS of x", "max_abs": "max |x|",
+                "kurtosis": "kurtosis of x (Gaussian = 3)"}
 
 
 def _pure(params: Any) -> Mapping[str, Any]:
@@ -169,6 +172,7 @@ def compare(named_models: Mapping[str, tuple[nnx.Module, Any]],
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
@@ -190,7 +194,7 @@ def compare(named_models: Mapping[str, tuple[nnx.Module, Any]],
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
   fig, axes = plt.subplots(1, len(MATRIX_KINDS),
-                           figsize=(3 * len(MATRIX_KINDS), 3.2))
+                           figsize=(3 * len(MATRIX_KINDS), 3.5))
   for ax, kind in zip(axes, MATRIX_KINDS):
     for i, (name, d) in enumerate(numbers.items()):
       s_LK = np.asarray(d["spectra"][kind])
@@ -198,11 +202,14 @@ def compare(named_models: Mapping[str, tuple[nnx.Module, Any]],
       c = colors[i % len(colors)]
       ax.plot(idx, s_LK.mean(0), color=c, label=name)
       ax.fill_between(idx, s_LK.min(0), s_LK.max(0), color=c, alpha=0.2)
-    ax.set_title(kind)
-    ax.set_xlabel("singular value index")
+    ax.set_title(f"{kind} matrices")
+    ax.set_xlabel("singular value rank i (1 = largest)")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-  axes[0].set_ylabel("s_i / s_max (mean over layers,\nband = min..max)")
-  axes[0].legend(fontsize=8)
+  axes[0].set_ylabel("s_i / s_max (mean over layers;\nband: min to max)")
+  fig.suptitle("Weight spectra: singular values relative to the largest"
+               " (flatter = higher stable rank)", fontsize=10)
+  axes[0].legend(fontsize=8, title="model", title_fontsize=8)
   fig.tight_layout()
   fig.savefig(paths["spectra"], dpi=110)
   plt.close(fig)
@@ -213,10 +220,13 @@ def compare(named_models: Mapping[str, tuple[nnx.Module, Any]],
       v = d["activations"][stat]
       ax.plot(np.arange(len(v)), v, "-o", color=colors[i % len(colors)],
               label=name)
-    ax.set_title(f"residual stream {stat}")
-    ax.set_xlabel("layer")
+    ax.set_title(f"residual stream: {_STAT_TITLES.get(stat, stat)}",
+                 fontsize=10)
+    ax.set_xlabel("layer (output of block; 0 = first)")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=8)
+  axes[0].set_ylabel("value over held-out tokens")
+  axes[0].legend(fontsize=8, title="model", title_fontsize=8)
   fig.tight_layout()
   fig.savefig(paths["activations"], dpi=110)
   plt.close(fig)

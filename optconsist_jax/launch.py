@@ -47,6 +47,11 @@ from collections.abc import Callable, Sequence
 
 from optconsist_jax import errors
 
+from optconsist_jax import paths
+
+# The checkout this module runs from (the default --source).
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # ----------------------------------------------------------------------------
 # TPU generations and accelerator types.
 
@@ -760,8 +765,9 @@ def _add_remote_args(p: argparse.ArgumentParser):
 
 
 def _add_install_args(p: argparse.ArgumentParser, extras: str):
-  p.add_argument("--source", default=".",
-                 help="local git checkout (HEAD is copied) or git+https://URL[@ref]")
+  p.add_argument("--source", default=_CHECKOUT,
+                 help="local git checkout (HEAD is copied; default: the one"
+                 " holding this package) or git+https://URL[@ref]")
   p.add_argument("--extras", default=extras, help="pip extras to install")
 
 
@@ -985,6 +991,8 @@ def main(argv: Sequence[str] | None = None, out=sys.stdout,
          sleep=time.sleep) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
+  if getattr(args, "source", None):
+    args.source = paths.resolve(args.source)  # Local; remote paths stay.
   try:
     if getattr(args, "verb", None) == "supervise":
       sup = supervisor(args, out=out, sleep=sleep)

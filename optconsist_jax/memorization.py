@@ -56,6 +56,7 @@ import numpy as np
 from optconsist_jax import checkpoints as ckpt_lib
 from optconsist_jax import config_types
 from optconsist_jax import generate as gen
+from optconsist_jax import paths
 from optconsist_jax.data import formats
 from optconsist_jax.data import prompts
 from optconsist_jax.data import synthetic
@@ -541,9 +542,12 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import platforms  # pylint: disable=g-import-not-at-top
+  platforms.select_default()
   f = flags.FLAGS
   start = time.perf_counter()
-  path = run(f.workdir, f.base, tuple(f.optimizers), mode=f.mode)
+  path = run(paths.resolve(f.workdir), paths.resolve(f.base),
+             tuple(f.optimizers), mode=f.mode)
   print(f"results: {path}\ncurves: {os.path.join(os.path.dirname(path), CURVES)}"
         f"\n({time.perf_counter() - start:.1f} s)")
 

@@ -41,6 +41,7 @@ import time
 from typing import Any
 
 from optconsist_jax import errors
+from optconsist_jax import paths
 
 GIB = 1024**3
 
@@ -681,9 +682,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="write each compiled step's optimized HLO here"
                  " (TOPOLOGY_MESH_OPTIMIZER.hlo.gz)")
   args = p.parse_args(argv)
+  args.markdown, args.json, args.hlo_dir = (
+      paths.resolve(x) for x in (args.markdown, args.json, args.hlo_dir))
   if args.hlo_dir:
-    args.hlo_dir = os.path.abspath(args.hlo_dir)
     os.makedirs(args.hlo_dir, exist_ok=True)
+  if args.config:
+    file, sep, arg = args.config.partition(":")
+    args.config = paths.resolve(file) + sep + arg
   _configure_platform(_csv(args.topology))
 
   specs = []

@@ -26,6 +26,8 @@ import os
 import sys
 from typing import Any
 
+from optconsist_jax import paths as paths_lib
+
 RESULTS_FILE = os.path.join("eval", "results.jsonl")
 
 
@@ -193,7 +195,42 @@ def _value(r: EvalRecord, metric: str | None, headline: str) -> float:
 
 _METHOD_COLOURS = {"adamw": "tab:blue", "muon": "tab:red",
                    "lora": "tab:green", "base": "black"}
-_BASE_MARKERS = ["o", "s", "^", "D", "v", "P"]
+# Marker shape = peak learning rate (in increasing order of LR).
+_LR_MARKERS = ["o", "^", "s", "D", "v", "P", "X", "<", ">"]
+# Metric name -> (words, unit) for axis titles; see evaluate.py for the names.
+_METRIC_WORDS = {
+    "lm_loss/loss": ("held-out LM loss", "nats/token"),
+    "lm_loss/perplexity": ("held-out LM perplexity", ""),
+    "math/response_loss": ("held-out finetuning loss", "nats/token"),
+    "mc/mean": ("mean multiple-choice accuracy", "fraction correct"),
+}
+
+
+def metric_words(metric: str) -> tuple[str, str]:
+  """(words, unit) of a metric name such as "-lm_loss/loss" ("" = no unit)."""
+  neg = metric.startswith("-")
+  name = metric[1:] if neg else metric
+  parts = name.split("/")
+  if name in _METRIC_WORDS:
+    words, unit = _METRIC_WORDS[name]
+  elif len(parts) == 3 and parts[0] == "math" and parts[2] == "acc":
+    words, unit = f"math exact-match accuracy ({parts[1]})", "fraction correct"
+  elif len(parts) == 3 and parts[0] == "mc" and parts[2] in ("acc",
+                                                              "acc_norm"):
+    words = f"{parts[1]} accuracy" + (
+        " (length-normalized)" if parts[2] == "acc_norm" else "")
+    unit = "fraction correct"
+  else:
+    words, unit = name, ""
+  return ("minus " if neg else "") + words, unit
+
+
+def axis_title(role: str, metric: str, higher_is_better: bool) -> str:
+  """E.g. "Retention: minus held-out LM loss (nats/token; higher is better)"."""
+  words, unit = metric_words(metric)
+  direction = ("higher is better" if higher_is_better
+               else "lower is better; axis reversed")
+  return f"{role}: {words} ({unit + '; ' if unit else ''}{direction})"
 
 
 def _colours(methods: Sequence[str]) -> dict[str, str]:
@@ -205,13 +242,23 @@ def _colours(methods: Sequence[str]) -> dict[str, str]:
   return out
 
 
+def _marker_size(epoch: float, max_epoch: float) -> float:
+  return 30 + 170 * epoch / max_epoch
+
+
 def make_report(records: Sequence[EvalRecord], out_dir: str, *,
                 x_metric: str | None = None, y_metric: str | None = None,
                 title: str = "") -> dict[str, str]:
-  """Writes the plot (PNG, SVG) and the table; returns their paths."""
+  """Writes the plot (PNG, SVG) and the table; returns their paths.
+
+  One panel per base model (its own Pareto frontier), sharing both axes.
+  Colour = finetuning method, marker shape = peak LR, marker size = epochs,
+  black outline = on that base's frontier, star = the base model itself.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
 
   if not records:
     raise ValueError("report: no evaluated checkpoints to plot")
@@ -221,60 +268,100 @@ def make_report(records: Sequence[EvalRecord], out_dir: str, *,
   y_name = y_metric or _common(r.learning_metric for r in records)
   maximize = (not (x_metric and lower_is_better(x_metric)),
               not (y_metric and lower_is_better(y_metric)))
-  front = pareto_frontier(list(zip(xs, ys)), maximize)
-  on_front = set(front)
+  bases = sorted({r.base for r in records})
+  # The frontier is per base: runs from different bases are not comparable
+  # points of one trade-off.
+  fronts = {}
+  for b in bases:
+    idx = [i for i, r in enumerate(records) if r.base == b]
+    fronts[b] = [idx[k] for k in pareto_frontier(
+        [(xs[i], ys[i]) for i in idx], maximize)]
+  on_front = {i for f in fronts.values() for i in f}
 
   methods = sorted({r.method for r in records if not r.is_base})
   colours = _colours(methods)
-  bases = sorted({r.base for r in records})
-  markers = {b: _BASE_MARKERS[i % len(_BASE_MARKERS)]
-             for i, b in enumerate(bases)}
+  lrs = sorted({r.lr for r in records if not r.is_base})
+  lr_marker = {lr: _LR_MARKERS[i % len(_LR_MARKERS)]
+               for i, lr in enumerate(lrs)}
   max_epoch = max([r.epoch for r in records] + [1e-9])
 
-  fig, ax = plt.subplots(figsize=(7, 5))
-  runs: dict[str, list[int]] = {}
-  for i, r in enumerate(records):
-    if not r.is_base:
-      runs.setdefault(r.run, []).append(i)
-  for idx in runs.values():
-    idx = sorted(idx, key=lambda i: records[i].step)
-    ax.plot([xs[i] for i in idx], [ys[i] for i in idx], "-", lw=0.8,
-            alpha=0.35, color=colours[records[idx[0]].method], zorder=1)
-  for i, r in enumerate(records):
-    if r.is_base:
-      ax.scatter(xs[i], ys[i], marker="*", s=260, color="black", zorder=4,
-                 edgecolors="white", linewidths=0.5)
-      ax.annotate(f"base ({r.base})", (xs[i], ys[i]), textcoords="offset"
-                  " points", xytext=(6, -12), fontsize=8)
-    else:
-      ax.scatter(xs[i], ys[i], marker=markers[r.base],
-                 s=30 + 170 * r.epoch / max_epoch, color=colours[r.method],
-                 alpha=0.85, edgecolors="black" if i in on_front else "none",
-                 linewidths=1.0, zorder=3)
-  ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="gray",
-          lw=1.2, zorder=2, label="Pareto frontier")
-  # Legend: methods by colour, bases by marker, the base star.
-  for m in methods:
-    ax.scatter([], [], color=colours[m], marker="o", label=m)
-  if len(bases) > 1:
-    for b in bases:
-      ax.scatter([], [], color="gray", marker=markers[b],
-                 label=f"pretrained with {b}")
-  if any(r.is_base for r in records):
-    ax.scatter([], [], color="black", marker="*", s=120, label="base model")
-  ax.set_xlabel(f"retention: {x_name}"
-                + (" (lower is better)" if not maximize[0] else ""))
-  ax.set_ylabel(f"learning: {y_name}"
-                + (" (lower is better)" if not maximize[1] else ""))
+  fig, axes = plt.subplots(1, len(bases), figsize=(4.6 * len(bases) + 2.6, 5),
+                           sharex=True, sharey=True, squeeze=False)
+  for ax, b in zip(axes[0], bases):
+    runs: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+      if r.base == b and not r.is_base:
+        runs.setdefault(r.run, []).append(i)
+    for idx in runs.values():
+      idx = sorted(idx, key=lambda i: records[i].step)
+      ax.plot([xs[i] for i in idx], [ys[i] for i in idx], "-", lw=0.8,
+              alpha=0.35, color=colours[records[idx[0]].method], zorder=1)
+    for i, r in enumerate(records):
+      if r.base != b:
+        continue
+      if r.is_base:
+        ax.scatter(xs[i], ys[i], marker="*", s=260, color="black", zorder=4,
+                   edgecolors="white", linewidths=0.5)
+        ax.annotate("base model", (xs[i], ys[i]), textcoords="offset points",
+                    xytext=(8, -4), fontsize=8)
+      else:
+        ax.scatter(xs[i], ys[i], marker=lr_marker[r.lr],
+                   s=_marker_size(r.epoch, max_epoch), color=colours[r.method],
+                   alpha=0.85,
+                   edgecolors="black" if i in on_front else "none",
+                   linewidths=1.2, zorder=3)
+    front = fronts[b]
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], "--",
+            color="gray", lw=1.2, zorder=2)
+    ax.set_title(f"base pretrained with {b}" if len(bases) > 1
+                 else (title or f"base pretrained with {b}"), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.margins(0.1)
+    ax.set_xlabel(axis_title("Retention", x_name, maximize[0]), fontsize=8)
+  axes[0][0].set_ylabel(axis_title("Learning", y_name, maximize[1]),
+                        fontsize=8)
   if not maximize[0]:
-    ax.invert_xaxis()
+    axes[0][0].invert_xaxis()
   if not maximize[1]:
-    ax.invert_yaxis()
-  ax.set_title(title or "Learning vs. retention (marker size = epochs)")
-  ax.grid(alpha=0.3)
-  ax.margins(0.1)
-  ax.legend(fontsize=8, loc="best")
-  fig.tight_layout()
+    axes[0][0].invert_yaxis()
+
+  # Legends, right of the panels: colour, shape, size, outline/line/star.
+  def dot(**kw):
+    kw.setdefault("marker", "o")
+    kw.setdefault("color", "gray")
+    return Line2D([], [], linestyle="none", **kw)
+  groups = [
+      ("finetuning method", [dot(color=colours[m], markersize=8)
+                             for m in methods], methods),
+      ("peak learning rate", [dot(marker=lr_marker[lr], markersize=8)
+                              for lr in lrs], [f"{lr:g}" for lr in lrs]),
+  ]
+  epochs = sorted({r.epoch for r in records if not r.is_base})
+  if epochs:
+    shown = sorted({epochs[0], epochs[len(epochs) // 2], epochs[-1]})
+    groups.append(("epochs (marker size)",
+                   [dot(markersize=_marker_size(e, max_epoch) ** 0.5)
+                    for e in shown], [f"{e:g}" for e in shown]))
+  key = [dot(markeredgecolor="black", markeredgewidth=1.2, markersize=8),
+         Line2D([], [], color="gray", linestyle="--")]
+  key_labels = ["outlined: on the frontier", "Pareto frontier" + (
+      " (per base)" if len(bases) > 1 else "")]
+  if any(r.is_base for r in records):
+    key.append(dot(marker="*", color="black", markersize=13))
+    key_labels.append("base model (before finetuning)")
+  groups.append(("key", key, key_labels))
+  y = 1.0
+  for group_title, handles, labels in groups:
+    leg = fig.legend(handles, labels, title=group_title, fontsize=8,
+                     title_fontsize=8, loc="upper left",
+                     bbox_to_anchor=(1.0 - 2.4 / fig.get_figwidth(), y),
+                     frameon=False, alignment="left")
+    y -= (len(labels) + 1.6) * 0.045
+    del leg
+  if len(bases) > 1:
+    fig.suptitle(title or "Learning vs. retention per base model",
+                 fontsize=11)
+  fig.tight_layout(rect=(0, 0, 1.0 - 2.5 / fig.get_figwidth(), 1))
   os.makedirs(out_dir, exist_ok=True)
   paths = {"png": os.path.join(out_dir, "pareto.png"),
            "svg": os.path.join(out_dir, "pareto.svg"),
@@ -456,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--title", default="")
   args = p.parse_args(argv)
   from optconsist_jax import errors  # pylint: disable=g-import-not-at-top
+  args.workdirs = [paths_lib.resolve(w) for w in args.workdirs]
+  args.out = paths_lib.resolve(args.out)
   records = []
   with errors.user_input():
     try:

@@ -39,6 +39,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from optconsist_jax import errors
+from optconsist_jax import paths as paths_lib
 from optconsist_jax import typed_config
 
 DONE_FILE = "done.json"
@@ -276,10 +277,12 @@ def eval_config(rc: ReproConfig, test_file: str, labels: dict[str, Any],
 
 
 def evaluate_run(rc: ReproConfig, run: Run, test_file: str,
-                 with_base: bool) -> None:
+                 with_base: bool) -> bool:
+  """Evaluates what is not evaluated yet; returns True when it did any."""
   from optconsist_jax import evaluate  # pylint: disable=g-import-not-at-top
-  evaluate.evaluate_workdir(
+  r = evaluate.evaluate_workdir(
       run.workdir, eval_config(rc, test_file, run.labels, with_base))
+  return bool(r.evaluated or r.base_evaluated)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,7 +321,10 @@ def base_fingerprints(rc: ReproConfig, bases: Sequence[Run],
   from optconsist_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   done = os.path.join(out_dir, "fingerprints.json")
   if os.path.exists(done):
-    return {"fingerprints": done}
+    return {f"fingerprints_{k}": os.path.join(out_dir, f)
+            for k, f in (("spectra", "spectra.png"),
+                         ("activations", "activations.png"),
+                         ("json", "fingerprints.json"))}
   models = {}
   for b in bases:
     config = config_types.ExperimentConfig.from_dict(b.config)
@@ -343,21 +349,28 @@ def run(rc: ReproConfig, workdir: str) -> dict[str, str]:
   train_file, test_file = write_math_data(rc, os.path.join(workdir, "data"))
   bases, runs = plan_runs(rc, workdir, train_file)
   total = len(bases) + len(runs)
+  # Seconds of the stages this invocation ran; the names of those it skipped.
   stage_times: dict[str, float] = {}
+  skipped: list[str] = []
+
+  def timed(name: str, t0: float, ran: bool):
+    if ran:
+      stage_times[name] = time.time() - t0
+    else:
+      skipped.append(name)
 
   for i, r in enumerate(bases + runs, 1):
     print(f"[{i}/{total}] train {r.name}", flush=True)
     t0 = time.time()
-    if train_once(r.config, r.workdir, r.labels):
-      stage_times[f"train/{r.name}"] = time.time() - t0
+    timed(f"train/{r.name}", t0, train_once(r.config, r.workdir, r.labels))
 
   seen_bases = set()
   for i, r in enumerate(runs, 1):
     print(f"[{i}/{len(runs)}] evaluate {r.name}", flush=True)
     t0 = time.time()
-    evaluate_run(rc, r, test_file, r.labels["base"] not in seen_bases)
+    ran = evaluate_run(rc, r, test_file, r.labels["base"] not in seen_bases)
     seen_bases.add(r.labels["base"])
-    stage_times[f"eval/{r.name}"] = time.time() - t0
+    timed(f"eval/{r.name}", t0, ran)
 
   from optconsist_jax import report  # pylint: disable=g-import-not-at-top
   out_dir = os.path.join(workdir, "report")
@@ -368,30 +381,44 @@ def run(rc: ReproConfig, workdir: str) -> dict[str, str]:
     from optconsist_jax import memorization  # pylint: disable=g-import-not-at-top
     print("memorization experiment", flush=True)
     t0 = time.time()
-    # Outputs go to W/memorization/ (memorization.SUBDIR).
+    # Outputs go to W/memorization/ (memorization.SUBDIR); it ran when it
+    # added results.
+    results = os.path.join(workdir, memorization.SUBDIR, memorization.RESULTS)
+    before = os.path.getsize(results) if os.path.exists(results) else -1
     outputs["memorization"] = memorization.run(workdir, bases[0].workdir,
                                                mode=rc.mode)
-    stage_times["memorization"] = time.time() - t0
+    outputs["memorization_curves"] = os.path.join(
+        os.path.dirname(outputs["memorization"]), memorization.CURVES)
+    timed("memorization", t0, os.path.getsize(results) != before)
 
   if rc.fingerprints:
     print("activation fingerprints", flush=True)
-    outputs.update(base_fingerprints(rc, bases,
-                                     os.path.join(workdir, "fingerprints")))
+    t0 = time.time()
+    fp_dir = os.path.join(workdir, "fingerprints")
+    ran = not os.path.exists(os.path.join(fp_dir, "fingerprints.json"))
+    outputs.update(base_fingerprints(rc, bases, fp_dir))
+    timed("fingerprints", t0, ran)
 
   info_path = os.path.join(workdir, "run_info.json")
   previous = {}
   if os.path.exists(info_path):
     with open(info_path) as fh:
       previous = json.load(fh)
-  # One entry per invocation: the first is the whole run, later ones resume.
+  # One entry per invocation: the first is the whole run, later ones resume
+  # and name what they skipped. stage_seconds keeps each stage's first real
+  # timing (on the first invocation's machine); a skip never overwrites it.
+  machine = machine_info()
   invocations = previous.get("invocations", []) + [{
       "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_start)),
       "seconds": time.time() - t_start,
-      "stages_run": sorted(stage_times)}]
-  info = {"mode": rc.mode, "seed": rc.seed, "machine": machine_info(),
+      "machine": machine,
+      "stages_run": sorted(stage_times),
+      "stages_skipped": sorted(skipped)}]
+  info = {"mode": rc.mode, "seed": rc.seed,
+          "machine": previous.get("machine", machine),
           "invocations": invocations,
-          "stage_seconds": {**previous.get("stage_seconds", {}),
-                            **stage_times}}
+          "stage_seconds": {**stage_times,
+                            **previous.get("stage_seconds", {})}}
   with open(info_path, "w") as fh:
     json.dump(info, fh, indent=2)
   outputs["run_info"] = info_path
@@ -408,12 +435,14 @@ def _define_flags():
 
 def main(argv: Sequence[str]) -> None:
   from optconsist_jax import metrics  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import platforms  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   metrics.quiet_library_logs()
+  platforms.select_default()
   with errors.user_input():
     rc = ReproConfig.from_dict(flags.FLAGS.config.to_dict())
-  outputs = run(rc, flags.FLAGS.workdir)
+  outputs = run(rc, paths_lib.resolve(flags.FLAGS.workdir))
   print("\nOutputs:")
   for k, v in outputs.items():
     print(f"  {k}: {v}")

@@ -71,6 +71,8 @@ from optconsist_jax import config_types
 from optconsist_jax import errors
 from optconsist_jax import hub
 from optconsist_jax import metrics as metrics_lib
+from optconsist_jax import paths
+from optconsist_jax import platforms
 from optconsist_jax import sharding
 from optconsist_jax import train_step as step_lib
 from optconsist_jax.config_types import ExperimentConfig
@@ -78,6 +80,9 @@ from optconsist_jax.model import Llama
 from optconsist_jax.model import LlamaConfig
 
 CONFIG_FILE = "config.json"
+# Config keys holding local paths (made absolute at the command line).
+PATH_KEYS = ("data.path", "data.tokenizer_path", "data.cache_dir",
+             "init_from.path")
 
 
 class NonFiniteError(errors.CommandError, FloatingPointError):
@@ -619,9 +624,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   jax.config.parse_flags_with_absl()
+  platforms.select_default()
   with errors.user_input():
-    config = ExperimentConfig.from_dict(flags.FLAGS.config.to_dict())
-  result = train(config, flags.FLAGS.workdir)
+    config = ExperimentConfig.from_dict(
+        paths.resolve_keys(flags.FLAGS.config.to_dict(), PATH_KEYS))
+  result = train(config, paths.resolve(flags.FLAGS.workdir))
   w = result.workdir
   final = result.losses.get(result.step)
   what = (f"preempted (exit code {errors.PREEMPTED}): stopped by SIGTERM"

@@ -179,19 +179,17 @@ def test_worker_processes_give_the_same_batches_and_resume(store):
 def test_tfds_path_equals_plain_path(tmp_path):
   from optconsist_jax.data import tfds_builders
   manual = tmp_path / "manual"
+  # The generator's output directory is a manual directory as it is.
   paths = synthetic.write_all(str(manual), n_train=120, n_test=10,
                               n_retention=5, seed=2)
-  (manual / "MetaMathQA-395K.json").write_text(
-      open(paths["metamathqa"]).read())
   data_dir = str(tmp_path / "tfds")
   tfds_builders.build("metamathqa", str(manual), data_dir)
-  plain = _cfg(format="metamathqa", path=str(manual / "MetaMathQA-395K.json"),
+  plain = _cfg(format="metamathqa", path=paths["metamathqa"],
                seq_len=256, num_epochs=1)
   via_tfds = plain.replace(source="tfds", path=data_dir)
   kw = dict(process_index=0, process_count=1)
   _same(list(pipeline.build_pipeline(plain, **kw)),
         list(pipeline.build_pipeline(via_tfds, **kw)))
-  (manual / "hellaswag_val.jsonl").write_text(open(paths["hellaswag"]).read())
   tfds_builders.build("hellaswag", str(manual), data_dir)
   from optconsist_jax.data import formats
   assert tfds_builders.read("hellaswag", "validation", data_dir) == (

@@ -78,11 +78,29 @@ def test_driver_end_to_end_then_skips_everything(tmp_path, monkeypatch):
   monkeypatch.setattr(train, "train", fail)
   from optconsist_jax import evaluate  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(evaluate.Evaluator, "evaluate_model", fail)
-  reproduce.run(rc, str(tmp_path))
+  info = json.loads((tmp_path / "run_info.json").read_text())
+  again = reproduce.run(rc, str(tmp_path))
   after = _mtimes(tmp_path)
   changed = sorted(p for p in before if after.get(p) != before[p])
   assert all(("/report/" in p) or p.endswith("run_info.json")
              for p in changed), changed
+
+  # run_info keeps the first invocation's stage timings; the second one is
+  # recorded as an invocation that ran nothing and skipped every stage.
+  info2 = json.loads((tmp_path / "run_info.json").read_text())
+  stages = {f"train/{r.name}" for r in bases + runs} | {
+      f"eval/{r.name}" for r in runs} | {"fingerprints"} | (
+          {"memorization"} if rc.memorization else set())
+  assert set(info["stage_seconds"]) == stages
+  assert info2["stage_seconds"] == info["stage_seconds"]
+  assert [len(i["stages_run"]) for i in info2["invocations"]] == [
+      len(stages), 0]
+  assert set(info2["invocations"][1]["stages_skipped"]) == stages
+  # The output listing of the rerun still names every picture.
+  pngs = {k for k, v in outputs.items() if v.endswith(".png")}
+  assert pngs >= {"adamw_base_png", "muon_base_png", "all_png",
+                  "fingerprints_spectra", "fingerprints_activations"}
+  assert {k for k, v in again.items() if v.endswith(".png")} == pngs
 
 
 def test_unknown_keys_and_methods_are_named():

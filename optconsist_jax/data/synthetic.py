@@ -371,11 +371,15 @@ def write_all(out_dir: str, *, n_train: int = 20000, n_test: int = 500,
 
 def main(argv: list[str]) -> int:
   from optconsist_jax import errors  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import paths as paths_lib  # pylint: disable=g-import-not-at-top
   if len(argv) != 1:
     raise errors.UserError(
         "usage: python -m optconsist_jax.data.synthetic OUT_DIR")
-  for k, v in write_all(argv[0]).items():
+  out = paths_lib.resolve(argv[0])
+  for k, v in write_all(out).items():
     print(k, v)
+  print(f"wrote {out} (a manual directory for"
+        " optconsist_jax.data.tfds_builders)")
   return 0
 
 

@@ -7,10 +7,11 @@ same records) and writes array_record shards. Reading back uses
 source that grain consumes directly; no TensorFlow is needed to read.
 
 Files expected in the manual directory (any subset; each present file becomes
-a split; the second name is what `python -m optconsist_jax.data.fetch`
-writes, so its OUT_DIR is a manual directory):
+a split; the first name present is used; the second names are what
+`python -m optconsist_jax.data.fetch` and `python -m
+optconsist_jax.data.synthetic` write, so their OUT_DIR is a manual directory):
 
-  optconsist_metamathqa   train: MetaMathQA-395K.json
+  optconsist_metamathqa   train: MetaMathQA-395K.json | MetaMathQA-synthetic.json
   optconsist_gsm8k        train: train.jsonl | gsm8k_train.jsonl,
                           test: test.jsonl | gsm8k_test.jsonl
   optconsist_hellaswag    validation: hellaswag_val.jsonl
@@ -25,9 +26,18 @@ from __future__ import annotations
 import os
 import sys
 
+if __name__ == "__main__":
+  # `python -m`: run the importable module's main, so the builders are
+  # `optconsist_jax.data.tfds_builders` classes (tfds locates a builder's
+  # files through its module, which `__main__` is not), registered once.
+  from optconsist_jax.data import tfds_builders as _module  # pylint: disable=g-import-not-at-top
+  _module.main(sys.argv[1:])
+  sys.exit(0)
+
 import numpy as np
 import tensorflow_datasets as tfds
 
+from optconsist_jax import paths
 from optconsist_jax.data import formats
 from optconsist_jax.data.records import MathExample, MultipleChoice
 
@@ -111,7 +121,7 @@ def _names(files: str | tuple[str, ...]) -> tuple[str, ...]:
 
 
 class OptconsistMetamathqa(_LocalFilesBuilder):
-  FILES = {"train": "MetaMathQA-395K.json"}
+  FILES = {"train": ("MetaMathQA-395K.json", "MetaMathQA-synthetic.json")}
   READER = staticmethod(formats.read_metamathqa)
 
 
@@ -122,7 +132,7 @@ class OptconsistGsm8k(_LocalFilesBuilder):
 
 
 class OptconsistHellaswag(_LocalFilesBuilder):
-  FILES = {"validation": "hellaswag_val.jsonl"}
+  FILES = {"validation": ("hellaswag_val.jsonl",)}
   READER = staticmethod(formats.read_hellaswag)
   KIND = "choice"
 
@@ -207,8 +217,13 @@ def read(name: str, split: str, data_dir: str
   return out
 
 
-if __name__ == "__main__":
-  if len(sys.argv) != 4:
+def main(argv: list[str]) -> None:
+  if len(argv) != 3:
     sys.exit("usage: python -m optconsist_jax.data.tfds_builders NAME"
              " MANUAL_DIR DATA_DIR")
-  print(build(*sys.argv[1:]).info)
+  name, manual_dir, data_dir = argv
+  builder = build(name, paths.resolve(manual_dir), paths.resolve(data_dir))
+  print(builder.info)
+  print(f"{builder.name}: splits {sorted(builder.info.splits)} written to"
+        f" {builder.data_dir}", flush=True)
+

@@ -1,0 +1,398 @@
+"""README.md's commands, run as a newcomer runs them: in a fresh clone.
+
+The test reads every ```bash block of README.md, clones this checkout's HEAD
+into a temporary directory and runs each command there with relative paths
+(`python` is the interpreter running the tests). Long jobs get small
+overrides appended (absl and argparse let a later flag win) or their mini
+mode; placeholders (W, DIR, ...) become relative paths. Each test asserts the
+exit status and the outputs README says the command writes. A command no test
+runs must say so in README (a "not run by tests/test_readme.py" note on its
+line); `test_every_command_is_run_or_marked` fails on any other.
+
+Commit before running: the clone is of HEAD, not of the working tree.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import pathlib
+import pickle
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+NOT_RUN = "not run by tests/test_readme.py"
+
+
+# ---------------------------------------------------------------------------
+# README parsing.
+
+
+def readme_commands() -> list[tuple[list[str], str]]:
+  """(argv, line comment) of every command in README's ```bash blocks."""
+  text = (REPO / "README.md").read_text()
+  out = []
+  for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+    for line in block.replace("\\\n", " ").splitlines():
+      if not line.strip():
+        continue
+      code, _, comment = line.partition(" #")
+      out.append((shlex.split(code), comment.strip()))
+  return out
+
+
+def commands(*prefix: str) -> list[list[str]]:
+  """README commands starting with `prefix`; at least one must exist."""
+  found = [argv for argv, _ in readme_commands()
+           if argv[:len(prefix)] == list(prefix)]
+  assert found, f"README.md has no command starting with {' '.join(prefix)}"
+  return found
+
+
+def _without_optional(argv: list[str]) -> list[str]:
+  """Drops README's optional `[...]` groups (the options they show stay)."""
+  out = []
+  for a in argv:
+    a = a.strip("[]")
+    if a and a != "...":
+      out.append(a)
+  return out
+
+
+def _replace(argv: list[str], mapping: dict[str, str]) -> list[str]:
+  """Replaces whole placeholders, also as `--flag=PLACEHOLDER` values."""
+  out = []
+  for a in argv:
+    flag, eq, value = a.partition("=")
+    if a in mapping:
+      out.append(mapping[a])
+    elif eq and value in mapping:
+      out.append(f"{flag}={mapping[value]}")
+    else:
+      out.append(a)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# The clone and how commands run in it.
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+  """A fresh clone of HEAD; `python` on PATH is this interpreter."""
+  root = tmp_path_factory.mktemp("readme")
+  work = root / "optconsist_jax"
+  subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO),
+                  str(work)], check=True)
+  shim = root / "bin"
+  shim.mkdir()
+  # A script, not a symlink: a venv's python finds its site-packages only
+  # when started by its own path.
+  (shim / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+  (shim / "python").chmod(0o755)
+  env = dict(os.environ)
+  env["PATH"] = f"{shim}{os.pathsep}{env.get('PATH', '')}"
+  env["PYTHONPATH"] = str(work)
+  # As a user's shell has it: no test-only device settings, no platform
+  # choice (the commands pick their backend themselves).
+  for k in ("XLA_FLAGS", "JAX_PLATFORMS"):
+    env.pop(k, None)
+  # A home as after `hf auth login` (README's fetch passes the token file).
+  home = root / "home"
+  (home / ".cache" / "huggingface").mkdir(parents=True)
+  (home / ".cache" / "huggingface" / "token").write_text("hf_test_token\n")
+  env["HOME"] = str(home)
+  return work, env
+
+
+def run(clone, argv: list[str], timeout: float = 900, *,
+        loads_libtpu: bool = False) -> str:
+  """Runs argv in the clone; asserts exit 0 and, unless the command loads
+  libtpu on purpose (the planner), no TPU-runtime noise."""
+  work, env = clone
+  # $VAR as the user's shell expands it.
+  argv = [re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), ""), a)
+          for a in argv]
+  p = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True,
+                     timeout=timeout)
+  out = p.stdout + p.stderr
+  assert p.returncode == 0, f"{shlex.join(argv)} exited {p.returncode}:\n" + (
+      out[-4000:])
+  for noise in ("unexpected worker hostname", "Failed to find host bounds"):
+    assert loads_libtpu or noise not in out, (
+        f"{shlex.join(argv)} printed {noise!r}")
+  return out
+
+
+def _venv() -> str:
+  """The environment running the tests (make's VENV=; used as it is)."""
+  return os.path.dirname(os.path.dirname(sys.executable))
+
+
+# ---------------------------------------------------------------------------
+# Tests, in README order.
+
+
+def test_demo_in_mini_mode_with_a_relative_workdir(clone):
+  (demo,) = [c for c in commands("make", "demo") if len(c) == 2]
+  out = run(clone, demo + ["MODE=mini", "WORKDIR=workdirs/mini",
+                           f"VENV={_venv()}"], timeout=1800)
+  w = clone[0] / "workdirs" / "mini"
+  # README: W/report/ (per-base frontiers, all/, summary.md), fingerprints.
+  for rel in ("report/adamw_base/pareto.png", "report/muon_base/pareto.svg",
+              "report/adamw_base/pareto.md", "report/all/pareto.png",
+              "report/summary.md", "fingerprints/spectra.png",
+              "fingerprints/activations.png", "run_info.json"):
+    assert (w / rel).stat().st_size > 0, rel
+    assert str(w / rel) in out, f"the output listing misses {rel}"
+  assert "Outputs:" in out
+
+
+def test_train_resumes_then_evaluate_and_report(clone):
+  """README's training, eval and report commands on one relative workdir."""
+  (train,) = commands("python", "-m", "optconsist_jax.train",
+                      "--config", "configs/tiny_metamath.py:adamw")
+  train = _replace(_without_optional(train), {"W": "runs/tiny"})
+  small = ["--config.train.stats_every=0", "--config.checkpoint.every_steps=2",
+           "--config.train.num_steps=40"]
+  w = clone[0] / "runs" / "tiny"
+  # Stopped (SIGTERM, as a preemption) once a checkpoint exists...
+  work, env = clone
+  proc = subprocess.Popen(train + small, cwd=work, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  deadline = time.time() + 900
+  while not (w / "checkpoints" / "2").is_dir() and proc.poll() is None:
+    assert time.time() < deadline, "no checkpoint after 900 s"
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=900)[0]
+  # 75: stopped by SIGTERM after saving (0 if it had already finished).
+  assert proc.returncode in (0, 75), out[-3000:]
+  assert "stopped by SIGTERM" in out or "done: step 40" in out, out[-2000:]
+  # ... the same command resumes from the relative workdir's checkpoint.
+  out = run(clone, train + small)
+  assert "done: step 40" in out and str(w) in out
+  assert f"resumed from {w / 'checkpoints'}" in out
+  assert not list(w.rglob("*orbax-checkpoint-tmp*"))
+
+  (evaluate,) = commands("python", "-m", "optconsist_jax.evaluate")
+  evaluate = [a for a in _replace(_without_optional(evaluate),
+                                  {"W": "runs/tiny"})
+              if a != "--watch"]
+  # The 7B eval config needs the 7B data: the default (synthetic) one here.
+  if "--config" in evaluate:
+    i = evaluate.index("--config")
+    del evaluate[i:i + 2]
+  out = run(clone, evaluate + [
+      "--config.math.limit=4", "--config.math.max_new_tokens=8",
+      "--config.multiple_choice.limit=4", "--config.lm_loss.limit=2",
+      "--config.lm_loss.max_len=64"])
+  results = w / "eval" / "results.jsonl"
+  lines = [json.loads(l) for l in results.read_text().splitlines()]
+  steps = sorted(r["step"] for r in lines)
+  assert steps and steps[-1] == 40, steps
+  assert str(results) in out
+
+  (report,) = commands("python", "-m", "optconsist_jax.report")
+  report = [a for a in report if a not in ("W2", "...")]
+  out = run(clone, _replace(report, {"W1": "runs/tiny", "DIR": "plots"}))
+  for name in ("pareto.png", "pareto.svg", "pareto.md"):
+    assert (clone[0] / "plots" / name).stat().st_size > 0
+
+
+def test_data_commands(clone):
+  (synthetic,) = commands("python", "-m", "optconsist_jax.data.synthetic")
+  run(clone, synthetic)
+  out_dir = clone[0] / synthetic[-1]
+  # README lists the file names; the tfds builders read the same ones.
+  text = (REPO / "README.md").read_text()
+  for name in ("MetaMathQA-synthetic.json", "gsm8k_test.jsonl",
+               "hellaswag_val.jsonl", "arc_challenge_test.jsonl",
+               "winogrande_val.jsonl"):
+    assert (out_dir / name).stat().st_size > 0
+    assert name in text, name
+  for build in commands("python", "-m", "optconsist_jax.data.tfds_builders"):
+    out = run(clone, build)
+    name, data_dir = build[3], clone[0] / build[5]
+    assert f"optconsist_{name}" in out
+    assert list((data_dir / f"optconsist_{name}").rglob("*.array_record*"))
+
+
+class _Global:
+
+  def __init__(self, module, name):
+    self.module, self.name = module, name
+
+
+class _Tensor:
+
+  def __init__(self, key, shape):
+    self.key, self.shape = key, tuple(shape)
+
+
+class _StorageRef:
+
+  def __init__(self, key, numel):
+    self.key, self.numel = key, numel
+
+
+class _TorchPickler(pickle._Pickler):  # pylint: disable=protected-access
+  """torch.save's data.pkl for float32 tensors, written without torch."""
+
+  dispatch = dict(pickle._Pickler.dispatch)  # pylint: disable=protected-access
+
+  def persistent_id(self, obj):
+    if isinstance(obj, _StorageRef):
+      return ("storage", _Global("torch", "FloatStorage"), obj.key, "cpu",
+              obj.numel)
+    return None
+
+  def _save_global(self, obj):
+    self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+
+  def _save_tensor(self, t):
+    stride = tuple(int(np.prod(t.shape[i + 1:])) for i in range(len(t.shape)))
+    self.save(_Global("torch._utils", "_rebuild_tensor_v2"))
+    self.save((_StorageRef(t.key, int(np.prod(t.shape))), 0, t.shape, stride,
+               False, collections.OrderedDict()))
+    self.write(pickle.REDUCE)
+
+  dispatch[_Global] = _save_global
+  dispatch[_Tensor] = _save_tensor
+
+
+def widen_nanogpt(src, dst, vocab_size: int, block_size: int) -> None:
+  """The nanoGPT fixture with more token and position rows (new rows random).
+
+  The fixture (tests/make_nanogpt_fixture.py, written by torch) has 96 tokens
+  and 32 positions; a GPT-2 byte-level tokenizer has at least 257 tokens and
+  README's command uses 1,024 positions. Every other tensor, the tied
+  wte/lm_head storage and the checkpoint's layout are kept.
+  """
+  from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
+  ckpt = nanogpt.read_torch_checkpoint(src)
+  rng = np.random.default_rng(0)
+  records, by_record, state = {}, {}, {}
+  for name, t in ckpt["model"].items():
+    if t.storage.record not in by_record:
+      a = t.numpy().astype("<f4")
+      for part, n in (("wte.", vocab_size), ("lm_head.", vocab_size),
+                      ("wpe.", block_size)):
+        if part in name:
+          extra = 0.02 * rng.standard_normal((n - a.shape[0], a.shape[1]))
+          a = np.concatenate([a, extra.astype("<f4")])
+      records[str(len(records))] = a
+      by_record[t.storage.record] = _Tensor(str(len(records) - 1), a.shape)
+    state[name] = by_record[t.storage.record]
+  out = {"model": state,
+         "model_args": {**ckpt["model_args"], "vocab_size": vocab_size,
+                        "block_size": block_size},
+         "iter_num": ckpt.get("iter_num", 0), "config": ckpt.get("config")}
+  buf = io.BytesIO()
+  _TorchPickler(buf, protocol=2).dump(out)
+  with zipfile.ZipFile(dst, "w") as zf:
+    zf.writestr("ckpt/data.pkl", buf.getvalue())
+    zf.writestr("ckpt/byteorder", "little")
+    zf.writestr("ckpt/version", "3\n")
+    for key, a in records.items():
+      zf.writestr(f"ckpt/data/{key}", a.tobytes())
+
+
+def test_widened_nanogpt_fixture_keeps_the_model(tmp_path):
+  """The widened file reads back with the original weights (torch-free check
+  of the writer above: the first 96 logits are the fixture's own)."""
+  from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
+  fixtures = REPO / "tests" / "fixtures" / "nanogpt"
+  wide = tmp_path / "ckpt.pt"
+  widen_nanogpt(fixtures / "ckpt.pt", wide, vocab_size=320, block_size=1024)
+  config = nanogpt.read_config(wide)
+  assert (config.vocab_size, config.max_position_embeddings) == (320, 1024)
+  assert config.tie_embeddings
+  _, model = nanogpt.load_nanogpt(wide)
+  tokens = np.load(fixtures / "tokens.npy")
+  np.testing.assert_allclose(np.asarray(model(tokens))[..., :96],
+                             np.load(fixtures / "logits.npy"),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_nanogpt_finetune_command(clone):
+  """README's command, literally, on the nanoGPT fixture (widened) with a
+  GPT-2-format tokenizer folder and a MetaMathQA file under its names."""
+  work = clone[0]
+  fixtures = REPO / "tests" / "fixtures" / "nanogpt"
+  (cmd,) = [c for c in commands("python", "-m", "optconsist_jax.train")
+            if any(a.startswith("--config.init_from.path=") for a in c)]
+  paths = dict(a.split("=", 1) for a in cmd if a.startswith("--config.")
+               and a.split("=", 1)[0] in ("--config.init_from.path",
+                                          "--config.data.tokenizer_path",
+                                          "--config.data.path"))
+  widen_nanogpt(fixtures / "ckpt.pt", work / paths["--config.init_from.path"],
+                vocab_size=320, block_size=1024)
+  tok_dir = work / paths["--config.data.tokenizer_path"]
+  tok_dir.mkdir()
+  for f in ("vocab.json", "merges.txt"):
+    shutil.copy(fixtures / f, tok_dir / f)
+  from optconsist_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  train, _ = synthetic.make_splits(48, 4, 0)
+  (work / paths["--config.data.path"]).write_text(
+      json.dumps([synthetic.render_metamath(p) for p in train]))
+  out = run(clone, _replace(cmd, {"W": "runs/nanogpt"}) + [
+      "--config.train.num_steps=2", "--config.train.stats_every=0",
+      "--config.data.global_batch_size=4"])
+  assert "done: step 2" in out
+  config = json.loads((work / "runs" / "nanogpt" / "config.json").read_text())
+  assert config["model"]["vocab_size"] == 320
+  assert config["init_from"]["path"] == str(work / "ckpt.pt")
+
+
+def test_launch_commands_dry_run(clone):
+  """The Cloud TPU commands need gcloud: each runs with --dry-run."""
+  for cmd in commands("launch/tpu.sh"):
+    out = run(clone, cmd + ["--dry-run"], timeout=120)
+    assert "gcloud compute tpus" in out, out
+
+
+def test_plan_command_on_a_small_model(clone):
+  """README's planner command with a tiny model (the 7B compiles take
+  minutes each): same topologies, meshes and optimizers."""
+  pytest.importorskip("libtpu")
+  (plan,) = commands("python", "-m", "optconsist_jax.plan")
+  out = run(clone, plan + ["--model", "tiny_gqa", "--seq_len", "64",
+                           "--global_batch", "64"], timeout=1200,
+            loads_libtpu=True)
+  # One table row per topology x mesh x optimizer the command names.
+  arg = {k: plan[plan.index(k) + 1] for k in ("--mesh", "--optimizer",
+                                              "--topology")}
+  rows = [l for l in out.splitlines() if l.startswith("| v")]
+  assert len(rows) == np.prod([len(v.split(",")) for v in arg.values()])
+  for topology in arg["--topology"].split(","):
+    assert any(l.startswith(f"| {topology} |") for l in rows), topology
+
+
+def test_every_command_is_run_or_marked():
+  """Each README command is run above, or README says why it is not."""
+  run_prefixes = [("make", "demo"), ("python", "-m", "optconsist_jax.train"),
+                  ("python", "-m", "optconsist_jax.evaluate"),
+                  ("python", "-m", "optconsist_jax.report"),
+                  ("python", "-m", "optconsist_jax.plan"),
+                  ("python", "-m", "optconsist_jax.data.synthetic"),
+                  ("python", "-m", "optconsist_jax.data.tfds_builders"),
+                  ("launch/tpu.sh",)]
+  for argv, comment in readme_commands():
+    covered = any(argv[:len(p)] == list(p) for p in run_prefixes)
+    assert covered or NOT_RUN in comment, (
+        f"README command {shlex.join(argv)!r} is neither run by this test"
+        f" nor marked '# ... {NOT_RUN}: <why>'")
