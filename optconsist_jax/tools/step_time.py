@@ -4,7 +4,8 @@ Compute: the step's flops over the chips' peak. The flops are analytic:
 6 x matmul params x tokens plus the attention score/value products (PaLM's
 MFU accounting, Chowdhery et al. 2022, appendix B; `LlamaConfig.
 flops_per_token`), plus what rematerialization recomputes in the backward
-pass (the block forward for `full`, the attention products for
+pass (the block forward but its down projection for `full`, the attention
+products for
 `dots_no_batch`, nothing for `dots`/`none`). A test checks the total against
 XLA's own count (`compiled.cost_analysis()`) on an unrolled small model.
 
@@ -127,8 +128,11 @@ def recompute_flops_per_token(model_config, seq_len: int) -> float:
   block_matmul = c.num_layers * (
       d * h * (2 * c.num_heads + 2 * c.num_kv_heads)
       + 3 * d * c.intermediate_size)
+  # Full remat re-runs the block forward except its last matmul (down
+  # projection): the backward needs that matmul's input, not its output.
+  down = c.num_layers * d * c.intermediate_size
   return {"none": 0.0, "dots": 0.0, "dots_no_batch": float(attention_fwd),
-          "full": 2.0 * block_matmul + attention_fwd}[c.remat_policy]
+          "full": 2.0 * (block_matmul - down) + attention_fwd}[c.remat_policy]
 
 
 def step_flops(model_config, seq_len: int, global_batch: int,
