@@ -42,6 +42,7 @@ from typing import Any
 
 from optconsist_jax import errors
 from optconsist_jax import paths
+from optconsist_jax.tools import search
 from optconsist_jax.tools import step_time
 from optconsist_jax.tools import tpu as tpu_facts
 
@@ -717,9 +718,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--hlo_dir", default=None,
                  help="write each compiled step's optimized HLO here"
                  " (TOPOLOGY_MESH_OPTIMIZER.hlo.gz)")
+  search.add_arguments(p)
   args = p.parse_args(argv)
   args.markdown, args.json, args.hlo_dir = (
       paths.resolve(x) for x in (args.markdown, args.json, args.hlo_dir))
+  if args.search:
+    _configure_platform([args.topology])
+    return search.main(args)
   if args.hlo_dir:
     os.makedirs(args.hlo_dir, exist_ok=True)
   if args.config:
