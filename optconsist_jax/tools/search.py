@@ -170,8 +170,9 @@ class Row:
 def run_search(base, cands: list[Candidate], *, workers: int = 1,
                cache_dir: str | None = DEFAULT_CACHE,
                assumptions: step_time.Assumptions = step_time.Assumptions(),
-               log=sys.stdout) -> list[Row]:
+               log=None) -> list[Row]:
   """Compiles (or reads from the cache) every candidate; ranked rows."""
+  log = log or sys.stdout
   specs = [spec_for(base, c) for c in cands]
   rows: list[Row | None] = [None] * len(cands)
   todo = []
