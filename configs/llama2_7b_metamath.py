@@ -106,7 +106,8 @@ def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
   c.mesh = dict(preset=s.get("mesh", "fsdp"),
                 data=ml_collections.config_dict.placeholder(int),
                 fsdp=ml_collections.config_dict.placeholder(int),
-                tensor=ml_collections.config_dict.placeholder(int))
+                tensor=ml_collections.config_dict.placeholder(int),
+                dcn_data=ml_collections.config_dict.placeholder(int))
 
   # The paper's schedule, clipping and AdamW betas are the presets' defaults;
   # total_steps 0 decays over the run's length (train.py fills it in).

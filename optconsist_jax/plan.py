@@ -88,9 +88,11 @@ def topology_devices(name: str) -> tuple[list[Any], float | None]:
           f"topology {name!r}: only {len(devices)} CPU devices; set XLA_FLAGS="
           f"--xla_force_host_platform_device_count={n}")
     return devices[:n], None
-  if name not in TOPOLOGIES:
+  parsed = tpu_facts.parse_topology(name)
+  if parsed is None or parsed[1].name not in TOPOLOGIES:
     raise ValueError(f"unknown topology {name!r}; known: {sorted(TOPOLOGIES)}"
-                     " and cpu-N")
+                     ", NxTOPOLOGY (N slices over DCN) and cpu-N")
+  num_slices, name = parsed[0], parsed[1].name
   if importlib.util.find_spec("libtpu") is None:
     raise RuntimeError(
         "TPU topologies need libtpu: .venv/bin/pip install -c constraints.txt"
@@ -104,11 +106,11 @@ def topology_devices(name: str) -> tuple[list[Any], float | None]:
   t = TOPOLOGIES[name]
   desc = topologies.get_topology_desc(
       platform="tpu", topology_name=t.libtpu_name, chip_config_name=t.chip_config,
-      chips_per_host_bounds=(2, 2, 1), num_slices=1)
+      chips_per_host_bounds=(2, 2, 1), num_slices=num_slices)
   devices = list(desc.devices)
-  if len(devices) != t.chips:
+  if len(devices) != t.chips * num_slices:
     raise RuntimeError(f"topology {name}: libtpu gave {len(devices)} devices,"
-                       f" expected {t.chips}")
+                       f" expected {t.chips * num_slices}")
   return devices, t.hbm_gib
 
 
@@ -494,8 +496,9 @@ def plan(spec: PlanSpec, hlo_path: str | None = None) -> PlanResult:
     with opener(hlo_path, "wt") as f:
       f.write(hlo_text)
   coords = None
-  if spec.topology in TOPOLOGIES:
-    dims = len(tpu_facts.tpu_slice(spec.topology).shape)
+  parsed = tpu_facts.parse_topology(spec.topology)
+  if parsed is not None:
+    dims = len(parsed[1].shape)
     coords = [tuple(d.coords[:dims]) + (getattr(d, "slice_index", 0) or 0,)
               for d in mesh.devices.flat]
   mem = compiled.memory_analysis()
@@ -517,14 +520,14 @@ def step_estimate(r: PlanResult,
                   assumptions: step_time.Assumptions | None = None
                   ) -> step_time.StepEstimate | None:
   """Roofline step time of a compiled plan (None: not a TPU slice or OOM)."""
-  if r.collectives is None or r.spec.topology not in TOPOLOGIES:
+  parsed = tpu_facts.parse_topology(r.spec.topology)
+  if r.collectives is None or parsed is None:
     return None
   lora = r.spec.optimizer == "lora" or r.spec.lora_config is not None
   return step_time.estimate(
       _model_config(r.spec), seq_len=r.spec.seq_len,
       global_batch=r.spec.global_batch, collectives=r.collectives,
-      tpu=tpu_facts.tpu_slice(r.spec.topology),
-      device_coords=r.device_coords,
+      tpu=parsed[1], device_coords=r.device_coords,
       trainable_fraction=0.0 if lora else 1.0,
       assumptions=assumptions or step_time.Assumptions())
 

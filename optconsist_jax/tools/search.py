@@ -42,21 +42,24 @@ DEFAULT_CACHE = os.path.join(".cache", "plan_search")
 class Candidate:
   """One point of the search space."""
 
-  data: int
+  data: int  # per slice
   fsdp: int
   tensor: int
   micro_batch: int  # rows per batch shard per micro-batch
   remat: str
   accum: int
+  dcn: int = 1  # slices; the data axis spans them (MeshConfig.dcn_data)
 
   def label(self) -> str:
-    return f"{self.data}x{self.fsdp}x{self.tensor}"
+    dcn = f"{self.dcn}x" if self.dcn > 1 else ""
+    return f"{dcn}{self.data}x{self.fsdp}x{self.tensor}"
 
   def overrides(self) -> str:
     """The train.py `--config.*` flags that run this layout."""
+    dcn = f" --config.mesh.dcn_data={self.dcn}" if self.dcn > 1 else ""
     return (f"--config.mesh.preset=fsdp_tp --config.mesh.data={self.data}"
             f" --config.mesh.fsdp={self.fsdp}"
-            f" --config.mesh.tensor={self.tensor}"
+            f" --config.mesh.tensor={self.tensor}{dcn}"
             f" --config.train.grad_accum_steps={self.accum}"
             f" --config.model.remat_policy={self.remat}")
 
@@ -67,11 +70,13 @@ def _divisors(n: int) -> list[int]:
 
 def candidates(chips: int, global_batch: int, model_config,
                micro_batches: list[int], remats: list[str],
-               max_tensor: int = 8) -> list[Candidate]:
+               max_tensor: int = 8, slices: int = 1) -> list[Candidate]:
   """Every layout x micro-batch x remat that divides evenly.
 
-  tensor must divide the heads, kv heads, MLP width and vocabulary (the
-  `fsdp_tp` rules shard them over it) and fsdp the hidden size.
+  `chips` per slice; with `slices` > 1 the data axis also spans the slices
+  (only data-parallel gradient reductions cross the DCN). tensor must divide
+  the heads, kv heads, MLP width and vocabulary (the `fsdp_tp` rules shard
+  them over it) and fsdp the hidden size.
   """
   c = model_config
   out = []
@@ -85,12 +90,12 @@ def candidates(chips: int, global_batch: int, model_config,
         continue
       data = chips // (tensor * fsdp)
       for micro in micro_batches:
-        rows = micro * data * fsdp
+        rows = micro * data * fsdp * slices
         if global_batch % rows:
           continue
         for remat in remats:
           out.append(Candidate(data, fsdp, tensor, micro, remat,
-                               global_batch // rows))
+                               global_batch // rows, slices))
   return out
 
 
@@ -98,7 +103,7 @@ def spec_for(base, cand: Candidate):
   """The PlanSpec of a candidate (base: the searched PlanSpec)."""
   return dataclasses.replace(
       base, mesh={"preset": "fsdp_tp", "data": cand.data, "fsdp": cand.fsdp,
-                  "tensor": cand.tensor},
+                  "tensor": cand.tensor, "dcn_data": cand.dcn},
       grad_accum_steps=cand.accum, remat_policy=cand.remat)
 
 
@@ -253,7 +258,7 @@ def markdown(rows: list[Row], base, assumptions: step_time.Assumptions) -> str:
       f" {base.global_batch}, optimizer {base.optimizer}, params"
       f" {base.param_dtype}, compute {base.dtype}.",
       step_time.Assumptions.describe(assumptions) + ".", "",
-      "| rank | mesh data x fsdp x tensor | rows/shard x accum | remat |"
+      "| rank | mesh [slices x] data x fsdp x tensor | rows/shard x accum | remat |"
       " peak GiB/chip | est. step s | compute s | comm. s | bound |"
       " MFU bound | h/epoch | train.py overrides |",
       "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -309,9 +314,11 @@ def main(args: argparse.Namespace) -> int:
   """Runs `plan --search` from the planner's parsed flags."""
   from optconsist_jax import plan  # pylint: disable=g-import-not-at-top
   topology = args.topology
-  if "," in topology or topology not in tpu_facts.SLICES:
-    raise SystemExit(f"--search takes one TPU topology, got {topology!r};"
-                     f" known: {sorted(tpu_facts.SLICES)}")
+  parsed = tpu_facts.parse_topology(topology)
+  if "," in topology or parsed is None:
+    raise SystemExit(f"--search takes one TPU topology (NxTOPOLOGY for N"
+                     f" slices), got {topology!r}; known:"
+                     f" {sorted(tpu_facts.SLICES)}")
   base = plan.PlanSpec(
       model=args.model, topology=topology, seq_len=args.seq_len,
       global_batch=args.global_batch, optimizer=args.optimizer,
@@ -320,9 +327,9 @@ def main(args: argparse.Namespace) -> int:
   model_config = plan._model_config(base)  # pylint: disable=protected-access
   ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # pylint: disable=unnecessary-lambda-assignment
   cands = candidates(
-      tpu_facts.tpu_slice(topology).chips, args.global_batch, model_config,
+      parsed[1].chips, args.global_batch, model_config,
       ints(args.micro_batches), [x.strip() for x in args.remats.split(",")],
-      args.max_tensor)
+      args.max_tensor, slices=parsed[0])
   if args.meshes:
     keep = {m.strip() for m in args.meshes.split(",")}
     cands = [c for c in cands if c.label() in keep]

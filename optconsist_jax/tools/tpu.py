@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 GB = 1e9
 
@@ -153,3 +154,15 @@ def tpu_slice(name: str) -> TpuSlice:
   if name not in SLICES:
     raise ValueError(f"unknown TPU slice {name!r}; known: {sorted(SLICES)}")
   return SLICES[name]
+
+
+def parse_topology(name: str) -> tuple[int, TpuSlice] | None:
+  """'v5p-8' -> (1, slice); '2xv5p-8' (2 slices over DCN) -> (2, slice).
+
+  None when `name` is not a known TPU slice (e.g. cpu-N).
+  """
+  m = re.fullmatch(r"(?:(\d+)x)?(.+)", name)
+  slices = int(m.group(1) or 1)
+  if m.group(2) not in SLICES or slices < 1:
+    return None
+  return slices, SLICES[m.group(2)]
