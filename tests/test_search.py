@@ -79,3 +79,15 @@ def test_search_cli_compiles_once_then_reads_the_cache(tmp_path, capsys):
   assert row["fits"] and row["step_s"] > 0 and row["accum"] == 1
   assert plan.main(argv) == 0
   assert "1 cached, 0 to compile" in capsys.readouterr().out
+
+
+def test_multi_slice_candidates_put_data_over_dcn():
+  assert search.tpu_facts.parse_topology("2xv5p-8")[0] == 2
+  assert search.tpu_facts.parse_topology("cpu-8") is None
+  c = search.candidates(4, 768, preset("llama2_7b"), [4], ["full"],
+                        max_tensor=1, slices=2)
+  assert {x.label() for x in c} == {"2x4x1x1", "2x2x2x1", "2x1x4x1"}
+  for x in c:
+    assert x.micro_batch * x.data * x.fsdp * x.dcn * x.accum == 768
+    assert "--config.mesh.dcn_data=2" in x.overrides()
+    assert search.spec_for(plan.PlanSpec(), x).mesh["dcn_data"] == 2
