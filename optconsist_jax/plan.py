@@ -174,6 +174,9 @@ class CollectiveStats:
   loops_without_trip_count: int
   groups: dict[tuple[str, tuple[int, ...]], list[float]] = dataclasses.field(
       default_factory=dict)
+  # Multi-slice: collectives across slices, which XLA emits as megascale
+  # `send`s over the data-center network: {kind: [count, bytes per chip]}.
+  dcn: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
   @property
   def total_bytes(self) -> float:
@@ -228,6 +231,7 @@ def collectives(hlo_text: str) -> CollectiveStats:
   count = {k: 0 for k in COLLECTIVE_KINDS}
   nbytes = {k: 0.0 for k in COLLECTIVE_KINDS}
   groups: dict[tuple[str, tuple[int, ...]], list[float]] = {}
+  dcn: dict[str, list[float]] = {}
   unknown = [0]
 
   def add(kind: str, mult: int, size: float, attrs: str, comp: str | None):
@@ -279,6 +283,13 @@ def collectives(hlo_text: str) -> CollectiveStats:
                                  .split("}")[0]):
           visit(branch, mult, depth + 1)
         continue
+      megascale = re.search(r'_xla_megascale_transfer_type="(\w+)"', rest)
+      if opcode == "send" and megascale:
+        entry = dcn.setdefault(megascale.group(1).lower().replace("_", "-"),
+                               [0, 0.0])
+        entry[0] += mult
+        entry[1] += mult * _type_bytes(type_str)
+        continue
       kind = _kind(opcode)
       if kind is None:
         continue
@@ -289,7 +300,7 @@ def collectives(hlo_text: str) -> CollectiveStats:
       add(kind, mult, max(out, operand), rest, None)
 
   visit(entry, 1)
-  return CollectiveStats(count, nbytes, unknown[0], groups)
+  return CollectiveStats(count, nbytes, unknown[0], groups, dcn)
 
 
 # ----------------------------------------------------------------------------
@@ -656,6 +667,8 @@ def report(r: PlanResult) -> str:
   lines.append("collectives per step (count, bytes of the full tensors):")
   for k in COLLECTIVE_KINDS:
     lines.append(f"  {k:20s} {c.count[k]:8d} {_human(c.bytes[k]):>12s}")
+  for k, (n, b) in c.dcn.items():
+    lines.append(f"  {'DCN ' + k:20s} {n:8.0f} {_human(b):>12s} per chip")
   if c.loops_without_trip_count:
     lines.append(f"  ({c.loops_without_trip_count} while loops had no trip"
                  " count; their collectives are counted once)")

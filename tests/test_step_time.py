@@ -167,3 +167,30 @@ def test_plan_groups_split_bytes_by_mesh_axis():
   assert sizes <= {2, 4, 8} and 2 in sizes
   assert math.isclose(sum(v[0] for v in c.groups.values()),
                       sum(c.count.values()))
+
+
+MEGASCALE_HLO = """\
+HloModule m
+
+ENTRY %main (p: f32[1024]) -> f32[1024] {
+  %p = f32[1024]{0} parameter(0)
+  %after-all = token[] after-all()
+  %send = (f32[1024]{0}, u32[], token[]) send(%p, %after-all), channel_id=2, is_host_transfer=true, frontend_attributes={_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %recv = (f32[1024]{0}, u32[], token[]) recv(%after-all), channel_id=1, is_host_transfer=true, frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE"}
+  ROOT %r = f32[1024]{0} all-reduce(%p), replica_groups={{0,1,2,3}}, to_apply=%add
+}
+"""
+
+
+def test_cross_slice_transfers_cost_dcn_time():
+  c = plan.collectives(MEGASCALE_HLO)
+  assert c.dcn == {"all-reduce": [1, 4096 + 4]}  # the send, not the recv
+  assert c.count["all-reduce"] == 1  # the in-slice all-reduce
+  v5p = tpu.tpu_slice("v5p-8")
+  coords = [(x, y, 0, s) for s in range(2) for y in range(2) for x in range(2)]
+  est = step_time.estimate(
+      LlamaConfig(), seq_len=16, global_batch=8, collectives=c, tpu=v5p,
+      device_coords=coords, assumptions=step_time.Assumptions(
+          ici_efficiency=1.0))
+  assert est.comm_s["DCN all-reduce"] == pytest.approx(
+      2 * 0.5 * 4100 / v5p.chip.dcn_bytes_per_s)

@@ -127,7 +127,8 @@ def result_from_json(d: dict[str, Any]):
   if c is not None:
     d["collectives"] = plan.CollectiveStats(
         c["count"], c["bytes"], c["loops_without_trip_count"],
-        {(k, tuple(g)): [n, b] for k, g, n, b in c["groups"]})
+        {(k, tuple(g)): [n, b] for k, g, n, b in c["groups"]},
+        c.get("dcn", {}))
   if d.get("device_coords") is not None:
     d["device_coords"] = [tuple(x) for x in d["device_coords"]]
   return plan.PlanResult(**d)

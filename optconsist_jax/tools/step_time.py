@@ -22,10 +22,11 @@ group,
   collective-permute           B / link   (one link, one direction)
 
 where W = sum over the spanned torus axes of link x (2 with wraparound, 1
-without: a ring on an open line uses each link once each way). A group that
-spans slices goes hierarchically: the ICI part over the chips of one slice,
-then a ring over the s slices on the data-center network with the per-chip
-shard B / n_ici: (s - 1) / s (twice for all-reduce) x B / n_ici / DCN.
+without: a ring on an open line uses each link once each way). Across slices
+XLA emits megascale transfers (`send`s over the data-center network) of each
+chip's part b: a ring over the s slices, (s - 1) / s (twice for all-reduce)
+x b / DCN bandwidth. (A replica group that itself spans slices is costed
+hierarchically the same way, with b = B / chips of the group per slice.)
 
 Assumptions (printed with every estimate): matmuls reach `mxu_efficiency` of
 the peak, links `ici_efficiency` of their bandwidth; `overlap` of the shorter
@@ -305,6 +306,17 @@ def estimate(model_config, *, seq_len: int, global_batch: int,
     group = locate_group(tuple(ids), device_coords, tpu, chips)
     comm[kind] = comm.get(kind, 0.0) + collective_seconds(
         kind, nbytes, group, tpu, a.ici_efficiency)
+  slices = len({c[-1] for c in device_coords}) if device_coords else 1
+  if slices > 1:
+    dcn_bw = tpu.chip.dcn_bytes_per_s
+    if dcn_bw is None:
+      raise ValueError(f"no DCN bandwidth for {tpu.chip.name} in the TPU table")
+    for kind, (_, nbytes) in getattr(collectives, "dcn", {}).items():
+      # Megascale transfers carry each chip's part: a ring over the slices.
+      factor = 2.0 if kind == "all-reduce" else 1.0
+      comm[f"DCN {kind}"] = comm.get(f"DCN {kind}", 0.0) + (
+          factor * (slices - 1) / slices * nbytes
+          / (dcn_bw * a.ici_efficiency))
   comm_total = sum(comm.values())
   step = (max(compute, comm_total)
           + (1.0 - a.overlap) * min(compute, comm_total))
