@@ -101,7 +101,13 @@ def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = dict(preset="llama2_7b", param_dtype="float32", dtype="bfloat16",
                  scan_layers=True, remat_policy="full")
-  c.mesh = dict(preset=s.get("mesh", "fsdp"))
+  # Axis sizes unset: the preset's; `--config.mesh.fsdp=4` etc. override them
+  # (the rows of `python -m optconsist_jax.plan --search` print such flags).
+  c.mesh = dict(preset=s.get("mesh", "fsdp"),
+                data=ml_collections.config_dict.placeholder(int),
+                fsdp=ml_collections.config_dict.placeholder(int),
+                tensor=ml_collections.config_dict.placeholder(int),
+                dcn_data=ml_collections.config_dict.placeholder(int))
 
   # The paper's schedule, clipping and AdamW betas are the presets' defaults;
   # total_steps 0 decays over the run's length (train.py fills it in).

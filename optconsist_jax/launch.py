@@ -46,8 +46,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from optconsist_jax import errors
-
 from optconsist_jax import paths
+from optconsist_jax.tools import tpu as tpu_facts
 
 # The checkout this module runs from (the default --source).
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,22 +93,30 @@ def _multiples(step: int, top: int) -> tuple[int, ...]:
   return tuple(range(step, top + 1, step))
 
 
-# Per-chip HBM and peak bf16 from the Cloud TPU "TPU versions" pages.
+def _generation(name, type_prefix, runtime_version, suffix_unit,
+                cores_per_chip, devices_per_chip, chips_per_host,
+                max_single_host_chips, sizes) -> TpuGeneration:
+  chip = tpu_facts.CHIPS[name]
+  return TpuGeneration(name, type_prefix, runtime_version, suffix_unit,
+                       cores_per_chip, devices_per_chip, chips_per_host,
+                       max_single_host_chips, chip.hbm_gib,
+                       chip.peak_bf16_flops / 1e12, sizes)
+
+
+# Per-chip HBM and peak bf16 from the TPU facts table (tools/tpu.py).
 GENERATIONS: dict[str, TpuGeneration] = {
-    "v2": TpuGeneration("v2", "v2", "tpu-ubuntu2204-base", "cores", 2, 2, 4,
-                        4, 16.0, 45.0, (8, 32, 128, 256, 512)),
-    "v3": TpuGeneration("v3", "v3", "tpu-ubuntu2204-base", "cores", 2, 2, 4,
-                        4, 32.0, 123.0,
-                        (8, 32, 64, 128, 256, 512, 1024, 2048)),
-    "v4": TpuGeneration("v4", "v4", "tpu-ubuntu2204-base", "cores", 2, 1, 4,
-                        4, 32.0, 275.0, _multiples(8, 4096)),
-    "v5p": TpuGeneration("v5p", "v5p", "v2-alpha-tpuv5", "cores", 2, 1, 4, 4,
-                         95.0, 459.0, _multiples(8, 12288)),
-    "v5e": TpuGeneration("v5e", "v5litepod", "v2-alpha-tpuv5-lite", "chips",
-                         1, 1, 4, 8, 16.0, 197.0,
-                         (1, 4, 8, 16, 32, 64, 128, 256)),
-    "v6e": TpuGeneration("v6e", "v6e", "v2-alpha-tpuv6e", "chips", 1, 1, 4, 8,
-                         32.0, 918.0, (1, 4, 8, 16, 32, 64, 128, 256)),
+    "v2": _generation("v2", "v2", "tpu-ubuntu2204-base", "cores", 2, 2, 4,
+                      4, (8, 32, 128, 256, 512)),
+    "v3": _generation("v3", "v3", "tpu-ubuntu2204-base", "cores", 2, 2, 4,
+                      4, (8, 32, 64, 128, 256, 512, 1024, 2048)),
+    "v4": _generation("v4", "v4", "tpu-ubuntu2204-base", "cores", 2, 1, 4,
+                      4, _multiples(8, 4096)),
+    "v5p": _generation("v5p", "v5p", "v2-alpha-tpuv5", "cores", 2, 1, 4, 4,
+                       _multiples(8, 12288)),
+    "v5e": _generation("v5e", "v5litepod", "v2-alpha-tpuv5-lite", "chips",
+                       1, 1, 4, 8, (1, 4, 8, 16, 32, 64, 128, 256)),
+    "v6e": _generation("v6e", "v6e", "v2-alpha-tpuv6e", "chips", 1, 1, 4, 8,
+                       (1, 4, 8, 16, 32, 64, 128, 256)),
 }
 
 # Names people write that gcloud spells differently.

@@ -25,19 +25,19 @@ from etils import epath
 import jax
 import numpy as np
 
+from optconsist_jax.tools import tpu as tpu_facts
+
 METRICS_DIR = "metrics"
 
 # device_kind substring -> dense bf16 peak flop/s per device (chip for TPUs,
-# except v4/v5p whose jax device is one chip with 2 megacores fused).
-# Sources: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}; NVIDIA H100/H200/A100
+# except v4/v5p whose jax device is one chip with 2 megacores fused). TPUs
+# from the TPU facts table (optconsist_jax.tools.tpu, longest name first so
+# "TPU v5 lite" wins over "TPU v5"); GPUs from NVIDIA's H100/H200/A100/L4/A10G
 # datasheets (SXM, without sparsity).
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("TPU v6", 918e12),      # v6e (Trillium)
-    ("TPU v5p", 459e12),
-    ("TPU v5 lite", 197e12),  # v5e
-    ("TPU v5e", 197e12),
-    ("TPU v5", 459e12),
-    ("TPU v4", 275e12),
+    *sorted(((kind, chip.peak_bf16_flops)
+             for chip in tpu_facts.CHIPS.values()
+             for kind in chip.device_kinds), key=lambda kf: -len(kf[0])),
     ("H200", 989e12),
     ("H100 PCIe", 756e12),
     ("H100", 989e12),

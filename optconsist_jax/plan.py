@@ -42,6 +42,9 @@ from typing import Any
 
 from optconsist_jax import errors
 from optconsist_jax import paths
+from optconsist_jax.tools import search
+from optconsist_jax.tools import step_time
+from optconsist_jax.tools import tpu as tpu_facts
 
 GIB = 1024**3
 
@@ -66,23 +69,12 @@ class Topology:
   hbm_gib: float
 
 
-# HBM per chip from Cloud TPU's system-architecture pages: v4 32 GiB,
-# v5e 16 GiB, v5p 95 GiB, v6e (Trillium) 32 GiB.
-TOPOLOGIES: dict[str, Topology] = {t.name: t for t in (
-    Topology("v4-8", "v4:2x2x1", "megacore", 4, 32),
-    Topology("v4-16", "v4:2x2x2", "megacore", 8, 32),
-    Topology("v4-32", "v4:2x2x4", "megacore", 16, 32),
-    Topology("v5p-8", "v5:2x2x1", "megacore", 4, 95),
-    Topology("v5p-16", "v5:2x2x2", "megacore", 8, 95),
-    Topology("v5p-32", "v5:2x2x4", "megacore", 16, 95),
-    Topology("v5e-4", "v5e:2x2", "default", 4, 16),
-    Topology("v5e-8", "v5e:2x4", "default", 8, 16),
-    Topology("v5e-16", "v5e:4x4", "default", 16, 16),
-    Topology("v5e-32", "v5e:4x8", "default", 32, 16),
-    Topology("v6e-4", "v6e:2x2", "default", 4, 32),
-    Topology("v6e-8", "v6e:2x4", "default", 8, 32),
-    Topology("v6e-16", "v6e:4x4", "default", 16, 32),
-)}
+# Slices and their HBM per chip from the one TPU facts table
+# (optconsist_jax.tools.tpu, which cites the Cloud TPU pages).
+TOPOLOGIES: dict[str, Topology] = {
+    s.name: Topology(s.name, s.libtpu_name, s.chip_config, s.chips,
+                     s.chip.hbm_gib)
+    for s in tpu_facts.SLICES.values()}
 
 
 def topology_devices(name: str) -> tuple[list[Any], float | None]:
@@ -96,9 +88,11 @@ def topology_devices(name: str) -> tuple[list[Any], float | None]:
           f"topology {name!r}: only {len(devices)} CPU devices; set XLA_FLAGS="
           f"--xla_force_host_platform_device_count={n}")
     return devices[:n], None
-  if name not in TOPOLOGIES:
+  parsed = tpu_facts.parse_topology(name)
+  if parsed is None or parsed[1].name not in TOPOLOGIES:
     raise ValueError(f"unknown topology {name!r}; known: {sorted(TOPOLOGIES)}"
-                     " and cpu-N")
+                     ", NxTOPOLOGY (N slices over DCN) and cpu-N")
+  num_slices, name = parsed[0], parsed[1].name
   if importlib.util.find_spec("libtpu") is None:
     raise RuntimeError(
         "TPU topologies need libtpu: .venv/bin/pip install -c constraints.txt"
@@ -112,11 +106,11 @@ def topology_devices(name: str) -> tuple[list[Any], float | None]:
   t = TOPOLOGIES[name]
   desc = topologies.get_topology_desc(
       platform="tpu", topology_name=t.libtpu_name, chip_config_name=t.chip_config,
-      chips_per_host_bounds=(2, 2, 1), num_slices=1)
+      chips_per_host_bounds=(2, 2, 1), num_slices=num_slices)
   devices = list(desc.devices)
-  if len(devices) != t.chips:
+  if len(devices) != t.chips * num_slices:
     raise RuntimeError(f"topology {name}: libtpu gave {len(devices)} devices,"
-                       f" expected {t.chips}")
+                       f" expected {t.chips * num_slices}")
   return devices, t.hbm_gib
 
 
@@ -167,11 +161,22 @@ def _operands(rest: str) -> list[str]:
 
 @dataclasses.dataclass
 class CollectiveStats:
-  """Per kind: number of ops executed per step and their bytes."""
+  """Per kind: number of ops executed per step and their bytes.
+
+  `groups` splits the same ops by the devices they run over:
+  {(kind, first replica group as device ids): [count, bytes]}, the group
+  empty where the HLO names none (collective-permute: its source-target
+  pairs), for the step-time estimate (optconsist_jax.tools.step_time).
+  """
 
   count: dict[str, int]
   bytes: dict[str, float]
   loops_without_trip_count: int
+  groups: dict[tuple[str, tuple[int, ...]], list[float]] = dataclasses.field(
+      default_factory=dict)
+  # Multi-slice: collectives across slices, which XLA emits as megascale
+  # `send`s over the data-center network: {kind: [count, bytes per chip]}.
+  dcn: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
   @property
   def total_bytes(self) -> float:
@@ -225,7 +230,21 @@ def collectives(hlo_text: str) -> CollectiveStats:
 
   count = {k: 0 for k in COLLECTIVE_KINDS}
   nbytes = {k: 0.0 for k in COLLECTIVE_KINDS}
+  groups: dict[tuple[str, tuple[int, ...]], list[float]] = {}
+  dcn: dict[str, list[float]] = {}
   unknown = [0]
+
+  def add(kind: str, mult: int, size: float, attrs: str, comp: str | None):
+    count[kind] += mult
+    nbytes[kind] += mult * size
+    if comp is not None and "replica_groups=" not in attrs:
+      # A fused collective: its replica groups are on the op inside.
+      attrs = next((r for _, _, _, r in comps.get(comp, ())
+                    if "replica_groups=" in r), attrs)
+    key = (kind, step_time.first_replica_group(attrs))
+    entry = groups.setdefault(key, [0, 0.0])
+    entry[0] += mult
+    entry[1] += mult * size
 
   def visit(comp: str, mult: int, depth: int = 0):
     if depth > 64:
@@ -242,8 +261,7 @@ def collectives(hlo_text: str) -> CollectiveStats:
         if kind:
           size = max(_type_bytes(type_str),
                      sum(_type_bytes(types.get(o, "")) for o in _operands(rest)))
-          count[kind] += mult
-          nbytes[kind] += mult * size
+          add(kind, mult, size, rest, called.group(1))
           continue
         visit(called.group(1), mult, depth + 1)
         continue
@@ -265,6 +283,13 @@ def collectives(hlo_text: str) -> CollectiveStats:
                                  .split("}")[0]):
           visit(branch, mult, depth + 1)
         continue
+      megascale = re.search(r'_xla_megascale_transfer_type="(\w+)"', rest)
+      if opcode == "send" and megascale:
+        entry = dcn.setdefault(megascale.group(1).lower().replace("_", "-"),
+                               [0, 0.0])
+        entry[0] += mult
+        entry[1] += mult * _type_bytes(type_str)
+        continue
       kind = _kind(opcode)
       if kind is None:
         continue
@@ -272,11 +297,10 @@ def collectives(hlo_text: str) -> CollectiveStats:
       operand = sum(_type_bytes(types.get(o, "")) for o in _operands(rest))
       if opcode.endswith("-start") and type_str.startswith("("):
         out = max(out - operand, 0.0)  # the tuple also holds the operands
-      count[kind] += mult
-      nbytes[kind] += mult * max(out, operand)
+      add(kind, mult, max(out, operand), rest, None)
 
   visit(entry, 1)
-  return CollectiveStats(count, nbytes, unknown[0])
+  return CollectiveStats(count, nbytes, unknown[0], groups, dcn)
 
 
 # ----------------------------------------------------------------------------
@@ -349,6 +373,8 @@ class PlanResult:
   compile_seconds: float
   trainable_params: int
   error: str | None = None
+  # Torus coordinates (+ slice index) of each logical device (TPU only).
+  device_coords: list[tuple[int, ...]] | None = None
 
   def row(self) -> dict[str, Any]:
     s = self.spec
@@ -480,6 +506,12 @@ def plan(spec: PlanSpec, hlo_path: str | None = None) -> PlanResult:
     opener = gzip.open if hlo_path.endswith(".gz") else open
     with opener(hlo_path, "wt") as f:
       f.write(hlo_text)
+  coords = None
+  parsed = tpu_facts.parse_topology(spec.topology)
+  if parsed is not None:
+    dims = len(parsed[1].shape)
+    coords = [tuple(d.coords[:dims]) + (getattr(d, "slice_index", 0) or 0,)
+              for d in mesh.devices.flat]
   mem = compiled.memory_analysis()
   args = int(mem.argument_size_in_bytes)
   out = int(mem.output_size_in_bytes)
@@ -492,7 +524,23 @@ def plan(spec: PlanSpec, hlo_path: str | None = None) -> PlanResult:
       hbm_gib=hbm_gib, argument_bytes=args, output_bytes=out,
       alias_bytes=alias, temp_bytes=temp, peak_bytes=peak, fits=fits,
       collectives=collectives(hlo_text), compile_seconds=seconds,
-      trainable_params=trainable_params)
+      trainable_params=trainable_params, device_coords=coords)
+
+
+def step_estimate(r: PlanResult,
+                  assumptions: step_time.Assumptions | None = None
+                  ) -> step_time.StepEstimate | None:
+  """Roofline step time of a compiled plan (None: not a TPU slice or OOM)."""
+  parsed = tpu_facts.parse_topology(r.spec.topology)
+  if r.collectives is None or parsed is None:
+    return None
+  lora = r.spec.optimizer == "lora" or r.spec.lora_config is not None
+  return step_time.estimate(
+      _model_config(r.spec), seq_len=r.spec.seq_len,
+      global_batch=r.spec.global_batch, collectives=r.collectives,
+      tpu=parsed[1], device_coords=r.device_coords,
+      trainable_fraction=0.0 if lora else 1.0,
+      assumptions=assumptions or step_time.Assumptions())
 
 
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -619,9 +667,14 @@ def report(r: PlanResult) -> str:
   lines.append("collectives per step (count, bytes of the full tensors):")
   for k in COLLECTIVE_KINDS:
     lines.append(f"  {k:20s} {c.count[k]:8d} {_human(c.bytes[k]):>12s}")
+  for k, (n, b) in c.dcn.items():
+    lines.append(f"  {'DCN ' + k:20s} {n:8.0f} {_human(b):>12s} per chip")
   if c.loops_without_trip_count:
     lines.append(f"  ({c.loops_without_trip_count} while loops had no trip"
                  " count; their collectives are counted once)")
+  est = step_estimate(r)
+  if est is not None:
+    lines.append(est.describe())
   return "\n".join(lines)
 
 
@@ -681,9 +734,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--hlo_dir", default=None,
                  help="write each compiled step's optimized HLO here"
                  " (TOPOLOGY_MESH_OPTIMIZER.hlo.gz)")
+  search.add_arguments(p)
   args = p.parse_args(argv)
   args.markdown, args.json, args.hlo_dir = (
       paths.resolve(x) for x in (args.markdown, args.json, args.hlo_dir))
+  if args.search:
+    _configure_platform([args.topology])
+    return search.main(args)
   if args.hlo_dir:
     os.makedirs(args.hlo_dir, exist_ok=True)
   if args.config:

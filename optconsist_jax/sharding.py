@@ -199,8 +199,12 @@ class MeshConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> MeshConfig:
-    """From a config dict; a `preset` key starts from a preset."""
-    d = dict(d)
+    """From a config dict; a `preset` key starts from a preset.
+
+    None values (unset ml_collections placeholders, so that `--config.mesh.
+    fsdp=4` can override a preset's size) keep the preset's value.
+    """
+    d = {k: v for k, v in d.items() if v is not None}
     name = d.pop("preset", None)
     if "rules" in d:
       raise ValueError(
