@@ -369,7 +369,8 @@ def test_plan_command_on_a_small_model(clone):
   """README's planner command with a tiny model (the 7B compiles take
   minutes each): same topologies, meshes and optimizers."""
   pytest.importorskip("libtpu")
-  (plan,) = commands("python", "-m", "optconsist_jax.plan")
+  (plan,) = [c for c in commands("python", "-m", "optconsist_jax.plan")
+             if "--search" not in c]
   out = run(clone, plan + ["--model", "tiny_gqa", "--seq_len", "64",
                            "--global_batch", "64"], timeout=1200,
             loads_libtpu=True)
@@ -380,6 +381,19 @@ def test_plan_command_on_a_small_model(clone):
   assert len(rows) == np.prod([len(v.split(",")) for v in arg.values()])
   for topology in arg["--topology"].split(","):
     assert any(l.startswith(f"| {topology} |") for l in rows), topology
+
+
+def test_plan_search_command_on_a_small_model(clone):
+  """README's layout search with a tiny model: ranked rows, overrides."""
+  pytest.importorskip("libtpu")
+  (search,) = [c for c in commands("python", "-m", "optconsist_jax.plan")
+               if "--search" in c]
+  out = run(clone, search + ["--model", "tiny_gqa", "--seq_len", "64",
+                             "--global_batch", "64", "--micro_batches", "1"],
+            timeout=1200, loads_libtpu=True)
+  assert "--config.mesh." in out, out
+  md = search[search.index("--markdown") + 1]
+  assert (pathlib.Path(clone[0]) / md).exists()
 
 
 def test_every_command_is_run_or_marked():
