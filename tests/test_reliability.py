@@ -299,7 +299,7 @@ def test_user_mistake_costs_one_line(tmp_path, case):
         {"query": "What is 2+2?"}]))
   args = {
       "key": ["--config", str(tt.CONFIG), "--config.train.num_epoch=2"],
-      "variant": ["--config", f"{tt.CONFIG}:adam"],
+      "variant": ["--config", f"{tt.CONFIG}:adamx"],
       "missing": ["--config", str(config)],
       "record": ["--config", str(config)],
   }[case]
@@ -314,9 +314,8 @@ def test_user_mistake_costs_one_line(tmp_path, case):
   want = {
       "key": ("--config.train.num_epoch=2: the config has no key 'num_epoch'."
               ' Did you mean "num_epochs" instead of "num_epoch"?'),
-      "variant": (f"--config={tt.CONFIG}:adam: ValueError:"
-                  " configs/tiny_metamath.py: unknown arg 'adam'; expected"
-                  " adamw, muon or lora"),
+      "variant": (f"--config={tt.CONFIG}:adamx: ValueError:"
+                  " configs/tiny_metamath.py:adamx: unknown optimizer 'adamx'"),
       "missing": f"data file not found: {data}",
       "record": f"{data}: record 1",
   }[case]
@@ -328,7 +327,7 @@ def test_user_mistake_costs_one_line(tmp_path, case):
 def test_verbose_keeps_the_traceback(tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "optconsist_jax.train", "--config",
-       f"{tt.CONFIG}:adam", "--workdir", str(tmp_path / "w"), "--verbose"],
+       f"{tt.CONFIG}:adamx", "--workdir", str(tmp_path / "w"), "--verbose"],
       cwd=REPO, env=tt._env(), capture_output=True, text=True, timeout=300)
   assert out.returncode == 2
   assert "Traceback" in out.stderr and "ERROR: --config=" in out.stderr
