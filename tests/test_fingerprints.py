@@ -27,6 +27,20 @@ def _model(seed=0, scan=True):
   return Llama(config, rngs=nnx.Rngs(seed))
 
 
+def _capture_residuals(monkeypatch) -> list[np.ndarray]:
+  """Every residual stream the model's statistics see, in call order."""
+  captured = []
+  original = llama_lib.residual_stats
+
+  def spy(x_BTD):
+    jax.debug.callback(lambda x: captured.append(np.asarray(x)), x_BTD,
+                       ordered=True)
+    return original(x_BTD)
+  monkeypatch.setattr(llama_lib, "residual_stats", spy)
+  fingerprints._stats.clear_cache()  # pylint: disable=protected-access
+  return captured
+
+
 def test_spectra_match_numpy_svd_of_each_layer():
   model = _model()
   spectra = fingerprints.weight_spectra(model)
@@ -76,15 +90,7 @@ def test_activation_stats_match_numpy_on_captured_residuals(monkeypatch,
     stream += [tok.bos_id, *tok.encode(t), tok.eos_id]
   rows = np.asarray(stream[:max_rows * seq_len]).reshape(max_rows, seq_len)
 
-  captured = []
-  original = llama_lib.residual_stats
-
-  def spy(x_BTD):
-    jax.debug.callback(lambda x: captured.append(np.asarray(x)), x_BTD,
-                       ordered=True)
-    return original(x_BTD)
-  monkeypatch.setattr(llama_lib, "residual_stats", spy)
-  fingerprints._stats.clear_cache()  # pylint: disable=protected-access
+  captured = _capture_residuals(monkeypatch)
   got = fingerprints.activation_stats(model, tok, _TEXTS, seq_len=seq_len,
                                       batch_size=batch_size,
                                       max_rows=max_rows)
@@ -129,15 +135,7 @@ def test_compare_writes_plots_and_numbers(tmp_path, monkeypatch):
   """compare()'s JSON against numpy: SVDs, norms and captured residuals."""
   tok = Tokenizer.tiny()
   models = {"adamw": (_model(0), tok), "muon": (_model(1), tok)}
-  captured = []
-  original = llama_lib.residual_stats
-
-  def spy(x_BTD):
-    jax.debug.callback(lambda x: captured.append(np.asarray(x)), x_BTD,
-                       ordered=True)
-    return original(x_BTD)
-  monkeypatch.setattr(llama_lib, "residual_stats", spy)
-  fingerprints._stats.clear_cache()  # pylint: disable=protected-access
+  captured = _capture_residuals(monkeypatch)
   # One batch of 2 rows per model, so every statistic is exact.
   paths = fingerprints.compare(models, _TEXTS, tmp_path / "fp", seq_len=32,
                                batch_size=2, max_rows=2)
