@@ -36,7 +36,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 venv: $(VENV)/.installed
 
 demo: $(if $(AS_IS),,$(VENV)/.installed)
-	$(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC) )$(PY) -m optconsist_jax.reproduce \
+	$(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC) )$(PY) -m optconsist_jax.experiments.reproduce \
 	  --config configs/small_consistency.py:$(MODE) --workdir $(WORKDIR)
 
 test: $(if $(AS_IS),,$(VENV)/.installed-test)

@@ -17,7 +17,7 @@ libtpu==0.0.52`). Its command, per setting:
       weight_dtype=float32 dtype=bfloat16 ici_fsdp_parallelism=-1 \
       opt_type=adamw attention=dot_product gradient_accumulation_steps=8
 
-Ours: `python -m optconsist_jax.plan --model llama2_7b --mesh fsdp --optimizer
+Ours: `python -m optconsist_jax.tools.plan --model llama2_7b --mesh fsdp --optimizer
 adamw --topology v5p-8 --seq_len 1024 --global_batch 64 --per_chip_batch 2`
 (8 micro-batches; `--global_batch 8` for none). Peak = arguments + outputs -
 donated aliases + temporaries, the same formula on both sides, from
@@ -84,7 +84,7 @@ def run_maxtext(python: str, topology: str, accum: int, per_chip: int,
 
 
 def run_ours(topology: str, accum: int, per_chip: int, seq_len: int) -> dict:
-  from optconsist_jax import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.tools import plan as plan_lib  # pylint: disable=g-import-not-at-top
   chips = plan_lib.topology_devices(topology)[0]
   spec = plan_lib.PlanSpec(
       model="llama2_7b", mesh="fsdp", topology=topology, seq_len=seq_len,
@@ -98,7 +98,7 @@ def run_ours(topology: str, accum: int, per_chip: int, seq_len: int) -> dict:
           "args_gib": row["args_gib"], "collective_gib": row["collective_gib"],
           "compile_s": row["compile_s"], "wall_s": time.time() - t0,
           "chips": len(chips),
-          "command": ("python -m optconsist_jax.plan --model llama2_7b --mesh"
+          "command": ("python -m optconsist_jax.tools.plan --model llama2_7b --mesh"
                       f" fsdp --optimizer adamw --topology {topology} --seq_len"
                       f" {seq_len} --global_batch {spec.global_batch}"
                       f" --per_chip_batch {per_chip}")}

@@ -80,7 +80,7 @@ class JaxWorker:
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-    from optconsist_jax import hf  # pylint: disable=g-import-not-at-top
+    from optconsist_jax.io import hf  # pylint: disable=g-import-not-at-top
     from optconsist_jax.loss import masked_cross_entropy  # pylint: disable=g-import-not-at-top
     from optconsist_jax.model import attention  # pylint: disable=g-import-not-at-top
     from optconsist_jax.model import Llama, preset  # pylint: disable=g-import-not-at-top

@@ -1,6 +1,6 @@
 r"""Planner table for Llama-2-7B finetuning on small Cloud TPU slices.
 
-Compiles the real train step ahead of time (optconsist_jax.plan) for every
+Compiles the real train step ahead of time (optconsist_jax.tools.plan) for every
 topology x layout x optimizer below and writes one markdown table:
 
   .venv/bin/python bench/plan_7b.py [--optimizer adamw,lora] \
@@ -25,7 +25,7 @@ import os
 import sys
 import time
 
-from optconsist_jax import plan as plan_lib
+from optconsist_jax.tools import plan as plan_lib
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 JSONL = os.path.join(RESULTS, "plan_7b.jsonl")

@@ -39,7 +39,7 @@ import os
 import sys
 import time
 
-from optconsist_jax import plan as plan_lib
+from optconsist_jax.tools import plan as plan_lib
 from optconsist_jax.tools import search
 from optconsist_jax.tools import step_time
 from optconsist_jax.tools import tpu

@@ -1,4 +1,4 @@
-r"""The 7B fit table: AOT plans (optconsist_jax.plan) + expected time per epoch.
+r"""The 7B fit table: AOT plans (optconsist_jax.tools.plan) + expected time per epoch.
 
   .venv/bin/python bench/tpu_fit.py --out bench/results/tpu_fit.md \
       --optimizers adamw,muon,lora --topologies v4-32,v5p-16,v5e-32,v6e-16
@@ -29,7 +29,7 @@ import os
 import sys
 import time
 
-from optconsist_jax import launch
+from optconsist_jax.tools import launch
 from optconsist_jax.model import preset
 
 TOKENS_PER_EPOCH = 103e6  # MetaMathQA, 395K examples (Biderman et al. 2024)
@@ -68,7 +68,7 @@ def epoch_hours(topology: str, optimizer: str, mfu: float) -> float:
 
 
 def run_plans(topologies, optimizers, jsonl: str, lora_rank: int):
-  from optconsist_jax import plan  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.tools import plan  # pylint: disable=g-import-not-at-top
   done = set()
   if os.path.exists(jsonl):
     with open(jsonl) as f:

@@ -24,7 +24,7 @@ comma-separated `key=value` settings:
              Orbax run (may be gs://). Default `HF_MODEL`, Llama-2-7B on the
              Hub at a pinned commit (gated: accept Meta's license on the Hub
              and set HF_TOKEN); every host downloads it into its own
-             Hugging Face cache (optconsist_jax.hub).
+             Hugging Face cache (optconsist_jax.io.hub).
   tokenizer  SentencePiece model or Hub repo; default the init repo's
              tokenizer.model (a Hub init), else `<init>/tokenizer.model`.
   data       MetaMathQA-395K.json; default `MetaMathQA-395K.json`, which
@@ -39,7 +39,7 @@ over layers with full remat; LoRA alpha = 2 x rank, dropout 0.05 on
 q,k,v,o,gate,up,down with embeddings and head frozen.
 
 The data file is read from local disk: on a TPU slice fetch it on every
-worker first (`python -m optconsist_jax.launch tpu fetch`, which runs
+worker first (`python -m optconsist_jax.tools.launch tpu fetch`, which runs
 optconsist_jax.data.fetch there; launch/llama2_7b_metamath.sh does it). Local
 Hugging Face folders must be on every worker too (`launch tpu stage`); Orbax
 `init` paths and the workdir may be gs://.
@@ -50,7 +50,7 @@ prompt protocols, HellaSwag / ARC-Challenge / WinoGrande, held-out LM loss).
 
 import ml_collections
 
-from optconsist_jax import hub
+from optconsist_jax.io import hub
 from optconsist_jax.optim import presets
 
 VARIANTS = ("adamw", "muon", "lora16", "lora64", "lora256")
@@ -102,7 +102,7 @@ def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
   c.model = dict(preset="llama2_7b", param_dtype="float32", dtype="bfloat16",
                  scan_layers=True, remat_policy="full")
   # Axis sizes unset: the preset's; `--config.mesh.fsdp=4` etc. override them
-  # (the rows of `python -m optconsist_jax.plan --search` print such flags).
+  # (the rows of `python -m optconsist_jax.tools.plan --search` print such flags).
   c.mesh = dict(preset=s.get("mesh", "fsdp"),
                 data=ml_collections.config_dict.placeholder(int),
                 fsdp=ml_collections.config_dict.placeholder(int),

@@ -1,6 +1,6 @@
 r"""Finetuning for the synthetic memorization experiment (AdamW or Muon).
 
-The experiment (optconsist_jax/memorization.py) finetunes one base model on a
+The experiment (optconsist_jax/experiments/memorization.py) finetunes one base model on a
 mix of rule items (arithmetic word problems whose answer follows from the
 question) and fact items (made-up "locker numbers" that can only be
 memorized), once per optimizer, and measures memorization and rule accuracy

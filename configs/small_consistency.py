@@ -1,6 +1,6 @@
 r"""The small reproduction of arXiv 2605.06654 (README's main job).
 
-  python -m optconsist_jax.reproduce --config configs/small_consistency.py:quick \
+  python -m optconsist_jax.experiments.reproduce --config configs/small_consistency.py:quick \
       --workdir workdirs/small_consistency
 
 Args (`--config configs/small_consistency.py:ARG`):
@@ -11,7 +11,7 @@ Args (`--config configs/small_consistency.py:ARG`):
          1-2 problems and a three-point learning-rate sweep.
   mini   seconds per stage; the test suite's end-to-end run.
 
-What it does (optconsist_jax/reproduce.py):
+What it does (optconsist_jax/experiments/reproduce.py):
   1. pretrains one tiny Llama twice on the Python standard library's
      docstrings (real text present offline), once with AdamW and once with
      Muon, holding out 5% of the files for retention;

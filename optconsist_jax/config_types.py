@@ -20,7 +20,7 @@ Sections (each converted by the module that owns its type):
               empty = full finetuning
   data        DataConfig (optconsist_jax.data)
   train       TrainConfig (below)
-  checkpoint  CheckpointConfig (optconsist_jax.checkpoints)
+  checkpoint  CheckpointConfig (optconsist_jax.io.checkpoints)
   init_from   InitFromConfig (below)
 """
 
@@ -35,7 +35,7 @@ from absl import logging
 from etils import epath
 
 from optconsist_jax import typed_config
-from optconsist_jax.checkpoints import CheckpointConfig
+from optconsist_jax.io.checkpoints import CheckpointConfig
 from optconsist_jax.model import LlamaConfig
 from optconsist_jax.sharding import MeshConfig
 
@@ -90,7 +90,7 @@ class InitFromConfig:
 
   Attributes:
     path: a Hugging Face Llama folder (config.json + *.safetensors) or Hub
-      repo (`org/name[@revision]`, see optconsist_jax.hub), an
+      repo (`org/name[@revision]`, see optconsist_jax.io.hub), an
       Orbax run (its workdir, W/checkpoints, or one step directory), or a
       nanoGPT `ckpt.pt` (the paper's GPT-2-small bases; config.model must
       then be `nanogpt.read_config(path)`). Empty: random init.
@@ -215,7 +215,7 @@ def init_kind(path: str, kind: str = "auto") -> str:
   """hf, nanogpt or orbax for an init_from path (kind "auto" decides)."""
   if kind != "auto":
     return kind
-  from optconsist_jax import hub  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import hub  # pylint: disable=g-import-not-at-top
   if hub.is_hub_ref(path):
     return "hf"
   p = epath.Path(path)
@@ -235,13 +235,13 @@ def model_config_of(path: str, kind: str = "auto") -> LlamaConfig:
   """
   kind = init_kind(path, kind)
   if kind == "hf":
-    from optconsist_jax import hf  # pylint: disable=g-import-not-at-top
-    from optconsist_jax import hub  # pylint: disable=g-import-not-at-top
+    from optconsist_jax.io import hf  # pylint: disable=g-import-not-at-top
+    from optconsist_jax.io import hub  # pylint: disable=g-import-not-at-top
     folder = hub.model_dir(path, patterns=("config.json",))  # a Hub repo's
     return hf.config_from_hf(
         json.loads((epath.Path(folder) / "config.json").read_text()))
   if kind == "nanogpt":
-    from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
+    from optconsist_jax.io import nanogpt  # pylint: disable=g-import-not-at-top
     return nanogpt.read_config(path)
   p = epath.Path(path)
   for run_dir in (p, p.parent, p.parent.parent):

@@ -64,7 +64,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from optconsist_jax import checkpoints as ckpt_lib
+from optconsist_jax.io import checkpoints as ckpt_lib
 from optconsist_jax import config_types
 from optconsist_jax import errors
 from optconsist_jax import metrics as metrics_lib
@@ -628,7 +628,7 @@ class Evaluator:
 
   def _tokenizer(self):
     from optconsist_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-    from optconsist_jax import hub  # pylint: disable=g-import-not-at-top
+    from optconsist_jax.io import hub  # pylint: disable=g-import-not-at-top
     path = self.config.tokenizer_path or self.run.data.get(
         "tokenizer_path", "")
     return Tokenizer.load(hub.tokenizer_file(path)) if path else Tokenizer.tiny()
@@ -672,7 +672,7 @@ class Evaluator:
       step = self.run.init_from.get("step")
       if not path:
         return None
-    from optconsist_jax import hub  # pylint: disable=g-import-not-at-top
+    from optconsist_jax.io import hub  # pylint: disable=g-import-not-at-top
     if not hub.is_hub_ref(path) and not epath.Path(path).exists():
       raise FileNotFoundError(f"base model {path} does not exist")
     kind = config_types.init_kind(path)
@@ -681,7 +681,7 @@ class Evaluator:
   def base_model(self, kind: str, path: str, step: int | None) -> nnx.Module:
     m = self.run.model
     if kind == "hf":
-      from optconsist_jax import hf  # pylint: disable=g-import-not-at-top
+      from optconsist_jax.io import hf  # pylint: disable=g-import-not-at-top
       _, model = hf.load(path, dtype=m.param_dtype, mesh=self.mesh,
                          rules=self.rules, compute_dtype=m.dtype,
                          scan_layers=m.scan_layers,
@@ -689,7 +689,7 @@ class Evaluator:
                          attention_impl=m.attention_impl)
       return model
     if kind == "nanogpt":
-      from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
+      from optconsist_jax.io import nanogpt  # pylint: disable=g-import-not-at-top
       from optconsist_jax.model import Llama  # pylint: disable=g-import-not-at-top
       constrain = sharding.LogicalConstraint(self.mesh, self.rules)
       graphdef, abstract_params = nnx.split(nnx.eval_shape(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 
-from optconsist_jax import hub
+from optconsist_jax.io import hub
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 

@@ -17,7 +17,7 @@ Reads top to bottom (big_vision style):
      a. a checkpoint in W/checkpoints (resume: params, optimizer state, data
         iterator position, step; refused if written for another model);
      b. `config.init_from`: a Hugging Face folder or Hub repo id
-        (optconsist_jax.hf.load, optconsist_jax.hub), a nanoGPT ckpt.pt or
+        (optconsist_jax.io.hf.load, optconsist_jax.io.hub), a nanoGPT ckpt.pt or
         an Orbax run/checkpoint of a full model, possibly saved under another
         mesh (params only; fresh optimizer state);
      c. random init (`config.train.seed`).
@@ -40,7 +40,7 @@ Reads top to bottom (big_vision style):
    unreadable checkpoint sets it aside (`<step>.corrupt`) and resumes from
    the newest readable one.
 
-Outputs in W: config.json, checkpoints/<step>/ (checkpoints.py documents the
+Outputs in W: config.json, checkpoints/<step>/ (io/checkpoints.py documents the
 layout), metrics/ (TensorBoard event files).
 """
 
@@ -66,10 +66,10 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from optconsist_jax import checkpoints as ckpt_lib
+from optconsist_jax.io import checkpoints as ckpt_lib
 from optconsist_jax import config_types
 from optconsist_jax import errors
-from optconsist_jax import hub
+from optconsist_jax.io import hub
 from optconsist_jax import metrics as metrics_lib
 from optconsist_jax import paths
 from optconsist_jax import platforms
@@ -308,7 +308,7 @@ def _base_params_from_init(config: ExperimentConfig, s: Setup):
   abstract_params = nnx.state(abstract_base, nnx.Param)
   base_shardings = sharding.state_shardings(abstract_params, s.mesh, s.rules)
   if kind == "hf":
-    from optconsist_jax import hf  # pylint: disable=g-import-not-at-top
+    from optconsist_jax.io import hf  # pylint: disable=g-import-not-at-top
     m = config.model
     hf_config, model = hf.load(
         src.path, dtype=m.param_dtype, mesh=s.mesh, rules=s.rules,
@@ -323,7 +323,7 @@ def _base_params_from_init(config: ExperimentConfig, s: Setup):
         f"Hugging Face {'repo' if hub.is_hub_ref(src.path) else 'folder'}"
         f" {src.path}")
   if kind == "nanogpt":
-    from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
+    from optconsist_jax.io import nanogpt  # pylint: disable=g-import-not-at-top
     return nanogpt.load_params_into(
         os.fspath(path), abstract_params, base_shardings,
         model_config=config.model), f"nanoGPT checkpoint {path}"
@@ -611,7 +611,7 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
 
 def _define_flags():
   """Flags of the command line (only when run as a program, so other mains
-  such as optconsist_jax.reproduce can import this module)."""
+  such as optconsist_jax.experiments.reproduce can import this module)."""
   config_flags.DEFINE_config_file(
       "config", None, "Experiment config file (configs/*.py[:arg]).",
       lock_config=True)

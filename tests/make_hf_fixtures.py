@@ -16,7 +16,7 @@ transpose changes the logits visibly.
 
 Then (unless --no-roundtrip) it checks the other direction: the project's
 Python (`--project-python`, default .venv/bin/python) loads each fixture with
-`optconsist_jax.hf.load` and writes it back with `hf.save`; transformers must
+`optconsist_jax.io.hf.load` and writes it back with `hf.save`; transformers must
 load that folder and reproduce the expected logits. It prints OK per case.
 """
 
@@ -94,7 +94,7 @@ def build(name: str, config_kw: dict, save_kw: dict, seed: int) -> None:
 
 _SAVE_SNIPPET = """
 import sys
-from optconsist_jax import hf
+from optconsist_jax.io import hf
 config, model = hf.load(sys.argv[1])
 hf.save(config, model, sys.argv[2], max_shard_bytes=int(sys.argv[3]))
 """

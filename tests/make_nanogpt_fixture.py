@@ -27,7 +27,7 @@ What it writes, and why each file is independent of optconsist_jax:
   `bpe_cases.json`: texts with the ids that Hugging Face's (slow, regex-based)
   GPT2Tokenizer gives them, plus GPT-2's pre-tokenizer pieces from `regex`.
 
-SwiGLU layout of the fixture (one of the layouts optconsist_jax.nanogpt
+SwiGLU layout of the fixture (one of the layouts optconsist_jax.io.nanogpt
 documents): mlp.c_fc = gate [F, D], mlp.c_fc2 = up [F, D], mlp.c_proj = down
 [D, F]; out = c_proj(silu(c_fc(x)) * c_fc2(x)).
 """

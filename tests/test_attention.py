@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optconsist_jax import plan
+from optconsist_jax.tools import plan
 from optconsist_jax.model import attention
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from optconsist_jax import checkpoints
+from optconsist_jax.io import checkpoints
 from optconsist_jax.model import Llama
 from optconsist_jax.model import preset
 

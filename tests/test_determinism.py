@@ -35,7 +35,7 @@ def _train(workdir, steps=6):
 
 def _params(workdir):
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import checkpoints  # pylint: disable=g-import-not-at-top
   from optconsist_jax.config_types import ExperimentConfig  # pylint: disable=g-import-not-at-top
   config = ExperimentConfig.from_dict(
       json.loads((workdir / "config.json").read_text()))

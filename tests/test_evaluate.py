@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optconsist_jax import checkpoints as ckpt_lib
+from optconsist_jax.io import checkpoints as ckpt_lib
 from optconsist_jax import evaluate as ev_lib
 from optconsist_jax import report
 from optconsist_jax import sharding
@@ -234,7 +234,7 @@ def test_no_checkpoints_says_so_or_waits(tmp_path):
 
 
 def test_lora_checkpoint_evaluated_merged_and_hf_base(tmp_path, tokenizer):
-  from optconsist_jax import hf  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import hf  # pylint: disable=g-import-not-at-top
   from optconsist_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
   base = make_model(7)
   hf_dir = str(tmp_path / "hf_base")

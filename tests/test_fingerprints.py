@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from optconsist_jax import fingerprints
+from optconsist_jax.experiments import fingerprints
 from optconsist_jax.data.tokenizer import Tokenizer
 from optconsist_jax.model import Llama
 from optconsist_jax.model import llama as llama_lib

@@ -18,7 +18,7 @@ import pytest
 import safetensors
 from safetensors.numpy import save_file
 
-from optconsist_jax import hf
+from optconsist_jax.io import hf
 from optconsist_jax import sharding
 from optconsist_jax.model import Llama
 from optconsist_jax.model import preset

@@ -16,8 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-from optconsist_jax import hf
-from optconsist_jax import hub
+from optconsist_jax.io import hf
+from optconsist_jax.io import hub
 from fake_hub import FakeHub, Repo
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -175,7 +175,7 @@ def _env_with_repo():
 
 def test_processes_sharing_a_cache_do_not_race(env, tmp_path):
   """Two processes resolve the same repo into one cache at once."""
-  script = ("import sys; from optconsist_jax import hub;"
+  script = ("import sys; from optconsist_jax.io import hub;"
             " print(hub.model_dir(sys.argv[1]))")
   with FakeHub({("model", REPO): _model_repo()}) as server:
     env.setenv("HF_ENDPOINT", server.endpoint)

@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from optconsist_jax import launch
+from optconsist_jax.tools import launch
 
 
 def dry(*argv):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from optconsist_jax import config_types
-from optconsist_jax import memorization
+from optconsist_jax.experiments import memorization
 from optconsist_jax import train as train_lib
 from optconsist_jax.data import formats
 from optconsist_jax.data import synthetic

@@ -115,7 +115,7 @@ def worker(port: int, num_processes: int, process_id: int, workdir: str,
   assert jax.process_count() == num_processes
   assert jax.local_device_count() == 4 and jax.device_count() == 8
 
-  from optconsist_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import checkpoints  # pylint: disable=g-import-not-at-top
   state, losses, abstract = train(process_id, num_processes)
   ckpts = checkpoints.RunCheckpoints(
       workdir, checkpoints.CheckpointConfig(every_steps=0), MODEL_ID)
@@ -135,7 +135,7 @@ def worker(port: int, num_processes: int, process_id: int, workdir: str,
 def test_two_processes_match_one(tmp_path):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import portpicker  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import checkpoints  # pylint: disable=g-import-not-at-top
 
   port = portpicker.pick_unused_port()
   workdir = tmp_path / "run"

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from optconsist_jax import nanogpt
+from optconsist_jax.io import nanogpt
 from optconsist_jax.loss import masked_cross_entropy
 from optconsist_jax.model import Llama
 

@@ -16,7 +16,7 @@ import optax
 
 from optconsist_jax import evaluate
 from optconsist_jax import optim
-from optconsist_jax import plan
+from optconsist_jax.tools import plan
 from optconsist_jax import train
 from optconsist_jax.config_types import ExperimentConfig
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from optconsist_jax import plan
+from optconsist_jax.tools import plan
 from optconsist_jax.model import preset
 
 HLO = """\

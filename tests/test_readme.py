@@ -282,7 +282,7 @@ def widen_nanogpt(src, dst, vocab_size: int, block_size: int) -> None:
   README's command uses 1,024 positions. Every other tensor, the tied
   wte/lm_head storage and the checkpoint's layout are kept.
   """
-  from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import nanogpt  # pylint: disable=g-import-not-at-top
   ckpt = nanogpt.read_torch_checkpoint(src)
   rng = np.random.default_rng(0)
   records, by_record, state = {}, {}, {}
@@ -314,7 +314,7 @@ def widen_nanogpt(src, dst, vocab_size: int, block_size: int) -> None:
 def test_widened_nanogpt_fixture_keeps_the_model(tmp_path):
   """The widened file reads back with the original weights (torch-free check
   of the writer above: the first 96 logits are the fixture's own)."""
-  from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import nanogpt  # pylint: disable=g-import-not-at-top
   fixtures = REPO / "tests" / "fixtures" / "nanogpt"
   wide = tmp_path / "ckpt.pt"
   widen_nanogpt(fixtures / "ckpt.pt", wide, vocab_size=320, block_size=1024)
@@ -369,7 +369,7 @@ def test_plan_command_on_a_small_model(clone):
   """README's planner command with a tiny model (the 7B compiles take
   minutes each): same topologies, meshes and optimizers."""
   pytest.importorskip("libtpu")
-  (plan,) = [c for c in commands("python", "-m", "optconsist_jax.plan")
+  (plan,) = [c for c in commands("python", "-m", "optconsist_jax.tools.plan")
              if "--search" not in c]
   out = run(clone, plan + ["--model", "tiny_gqa", "--seq_len", "64",
                            "--global_batch", "64"], timeout=1200,
@@ -386,7 +386,7 @@ def test_plan_command_on_a_small_model(clone):
 def test_plan_search_command_on_a_small_model(clone):
   """README's layout search with a tiny model: ranked rows, overrides."""
   pytest.importorskip("libtpu")
-  (search,) = [c for c in commands("python", "-m", "optconsist_jax.plan")
+  (search,) = [c for c in commands("python", "-m", "optconsist_jax.tools.plan")
                if "--search" in c]
   out = run(clone, search + ["--model", "tiny_gqa", "--seq_len", "64",
                              "--global_batch", "64", "--micro_batches", "1"],
@@ -401,7 +401,7 @@ def test_every_command_is_run_or_marked():
   run_prefixes = [("make", "demo"), ("python", "-m", "optconsist_jax.train"),
                   ("python", "-m", "optconsist_jax.evaluate"),
                   ("python", "-m", "optconsist_jax.report"),
-                  ("python", "-m", "optconsist_jax.plan"),
+                  ("python", "-m", "optconsist_jax.tools.plan"),
                   ("python", "-m", "optconsist_jax.data.synthetic"),
                   ("python", "-m", "optconsist_jax.data.tfds_builders"),
                   ("launch/tpu.sh",)]

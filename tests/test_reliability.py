@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from optconsist_jax import checkpoints
+from optconsist_jax.io import checkpoints
 from optconsist_jax import errors
 from optconsist_jax import train
 

@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 from optconsist_jax import report
-from optconsist_jax import reproduce
+from optconsist_jax.experiments import reproduce
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from optconsist_jax import loss as loss_lib
-from optconsist_jax import plan
+from optconsist_jax.tools import plan
 from optconsist_jax.model import LlamaConfig, Llama
 from optconsist_jax.tools import step_time
 from optconsist_jax.tools import tpu

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from optconsist_jax import checkpoints
+from optconsist_jax.io import checkpoints
 from optconsist_jax import train
 from optconsist_jax.config_types import ExperimentConfig
 
@@ -291,7 +291,7 @@ def _assert_same_params(params, model):
 
 def test_init_from_hugging_face_folder(tmp_path):
   import dataclasses  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import hf  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import hf  # pylint: disable=g-import-not-at-top
   folder = REPO / "tests" / "fixtures" / "hf" / "gqa"
   cfg = _config(**{"init_from.path": str(folder),
                    "model.preset": "from_init"})
@@ -309,7 +309,7 @@ def test_init_from_hugging_face_folder(tmp_path):
 def test_init_from_nanogpt_checkpoint(tmp_path):
   """A nanoGPT ckpt.pt (the paper's small bases) initialises the run."""
   import dataclasses  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import nanogpt  # pylint: disable=g-import-not-at-top
   ckpt = REPO / "tests" / "fixtures" / "nanogpt" / "ckpt.pt"
   cfg = _config(**{"init_from.path": str(ckpt), "model.preset": "from_init",
                    "data.seq_len": 32})
@@ -327,8 +327,8 @@ def test_model_preset_from_init_reads_the_source_architecture(reference):
   """model.preset=from_init: shapes from the HF folder / ckpt.pt / Orbax run."""
   import json  # pylint: disable=g-import-not-at-top
   from optconsist_jax import config_types  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import hf  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import hf  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import nanogpt  # pylint: disable=g-import-not-at-top
   ref_dir, _ = reference
   hf_dir = REPO / "tests" / "fixtures" / "hf" / "gqa"
   ckpt = REPO / "tests" / "fixtures" / "nanogpt" / "ckpt.pt"
@@ -354,7 +354,7 @@ def test_eval_job_reads_a_nanogpt_base(tmp_path):
   """The eval job's base model from a ckpt.pt equals the importer's model."""
   import types  # pylint: disable=g-import-not-at-top
   from optconsist_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import nanogpt  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import nanogpt  # pylint: disable=g-import-not-at-top
   from optconsist_jax import sharding  # pylint: disable=g-import-not-at-top
   ckpt = str(REPO / "tests" / "fixtures" / "nanogpt" / "ckpt.pt")
   mesh_config = sharding.MeshConfig.from_dict({"preset": "fsdp"})

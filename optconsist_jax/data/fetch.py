@@ -5,7 +5,7 @@ r"""Downloads the study's datasets from the Hugging Face Hub at pinned revisions
 NAME: metamathqa, gsm8k, hellaswag, arc, winogrande, or all. Each file comes
 from its dataset repo at a pinned commit (`SOURCES`, below) through
 `huggingface_hub` (shared cache, HF_ENDPOINT / HF_TOKEN / HF_HUB_OFFLINE as in
-optconsist_jax.hub), is checked, converted to the file the readers
+optconsist_jax.io.hub), is checked, converted to the file the readers
 (formats.py), the eval config (configs/llama2_7b_metamath_eval.py) and the
 tfds builders (tfds_builders.py) read, read back with its reader, and
 written atomically into OUT_DIR:
@@ -43,7 +43,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from optconsist_jax import hub
+from optconsist_jax.io import hub
 
 MANIFEST = "fetch_manifest.json"
 

@@ -138,7 +138,7 @@ def load_tokenizer(config: DataConfig) -> Tokenizer:
   """
   if not config.tokenizer_path:
     return Tokenizer.tiny()
-  from optconsist_jax import hub  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import hub  # pylint: disable=g-import-not-at-top
   from optconsist_jax.data import gpt2_bpe  # pylint: disable=g-import-not-at-top
   if gpt2_bpe.is_gpt2_bpe_dir(config.tokenizer_path):
     return gpt2_bpe.GPT2BPETokenizer.load(config.tokenizer_path)

@@ -43,7 +43,7 @@ import numpy as np
 
 from optconsist_jax import config_types
 from optconsist_jax import metrics as metrics_lib
-from optconsist_jax import plan as plan_lib
+from optconsist_jax.tools import plan as plan_lib
 from optconsist_jax import sharding
 from optconsist_jax import train_step as step_lib
 from optconsist_jax.tools import step_time

@@ -5,11 +5,11 @@ Enumerates mesh factorizations data x fsdp x tensor of the slice's chips
 parallelism at fsdp=tensor=1), rows per batch shard per micro-batch (the
 gradient-accumulation count follows from the global batch) and remat
 policies; compiles each candidate's real train step for the TPU topology
-(optconsist_jax.plan), drops those that do not fit in HBM, and ranks the rest
+(optconsist_jax.tools.plan), drops those that do not fit in HBM, and ranks the rest
 by the roofline step time of optconsist_jax.tools.step_time. Each row carries
 the `--config.*` overrides that run it with optconsist_jax.train.
 
-  python -m optconsist_jax.plan --search --model llama2_7b --topology v5p-8 \
+  python -m optconsist_jax.tools.plan --search --model llama2_7b --topology v5p-8 \
       --micro_batches 2,4,8 --remat full,dots --max_tensor 2 --workers 1
 
 Compiles run in separate processes (`--workers`, default 1: a 7B compile
@@ -120,7 +120,7 @@ def result_to_json(r) -> dict[str, Any]:
 
 
 def result_from_json(d: dict[str, Any]):
-  from optconsist_jax import plan  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.tools import plan  # pylint: disable=g-import-not-at-top
   d = dict(d)
   d["spec"] = plan.PlanSpec(**d["spec"])
   c = d.get("collectives")
@@ -148,7 +148,7 @@ def cache_key(spec) -> str:
 
 def _compile(spec_json: str) -> dict[str, Any]:
   """Worker: plan one spec; errors come back as a record."""
-  from optconsist_jax import plan  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.tools import plan  # pylint: disable=g-import-not-at-top
   spec = plan.PlanSpec(**json.loads(spec_json))
   try:
     return {"result": result_to_json(plan.plan(spec))}
@@ -221,7 +221,7 @@ def run_search(base, cands: list[Candidate], *, workers: int = 1,
 
 
 def _row(cand, record, assumptions, cached) -> Row:
-  from optconsist_jax import plan  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.tools import plan  # pylint: disable=g-import-not-at-top
   if "result" not in record:
     return Row(cand, None, None, record.get("error", "?"), cached)
   r = result_from_json(record["result"])
@@ -313,7 +313,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
   """Runs `plan --search` from the planner's parsed flags."""
-  from optconsist_jax import plan  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.tools import plan  # pylint: disable=g-import-not-at-top
   topology = args.topology
   parsed = tpu_facts.parse_topology(topology)
   if "," in topology or parsed is None:

@@ -10,7 +10,7 @@ products for
 XLA's own count (`compiled.cost_analysis()`) on an unrolled small model.
 
 Communication: every collective of the compiled step (counted by
-`optconsist_jax.plan.collectives` with loop trip counts, and split by the
+`optconsist_jax.tools.plan.collectives` with loop trip counts, and split by the
 devices each runs over) costs the ring-algorithm time over the ICI links of
 the torus axes its replica group spans ("How to Scale Your Model", part 3
 "Sharded matrices"): with B the bytes of the full tensor and n chips in the
@@ -290,7 +290,7 @@ def estimate(model_config, *, seq_len: int, global_batch: int,
     model_config: the LlamaConfig compiled (remat_policy included).
     seq_len: tokens per row.
     global_batch: rows per optimizer step.
-    collectives: `optconsist_jax.plan.CollectiveStats` of the step.
+    collectives: `optconsist_jax.tools.plan.CollectiveStats` of the step.
     tpu: the slice (one slice; `device_coords` carry slice indices).
     device_coords: torus coordinates (+ slice index) per logical device.
     trainable_fraction: < 1 for LoRA (see step_flops).

@@ -5,19 +5,19 @@ runs them one by one, stopping at the first failure; with `--dry-run` it
 prints them instead, one per line, quoted so that pasting the line into a
 shell runs exactly that argv. Tests check these lines.
 
-    python -m optconsist_jax.launch tpu create --name=ft7b --zone=us-east5-a \
+    python -m optconsist_jax.tools.launch tpu create --name=ft7b --zone=us-east5-a \
         --accelerator-type=v5p-16 --dry-run
-    python -m optconsist_jax.launch tpu install --name=ft7b --zone=us-east5-a
-    python -m optconsist_jax.launch tpu fetch --name=ft7b --zone=us-east5-a \
+    python -m optconsist_jax.tools.launch tpu install --name=ft7b --zone=us-east5-a
+    python -m optconsist_jax.tools.launch tpu fetch --name=ft7b --zone=us-east5-a \
         --data=metamathqa --hf-token-file=~/.cache/huggingface/token
-    python -m optconsist_jax.launch tpu stage --name=ft7b --zone=us-east5-a \
+    python -m optconsist_jax.tools.launch tpu stage --name=ft7b --zone=us-east5-a \
         --src=gs://BUCKET/llama-2-7b-hf --dest=.
-    python -m optconsist_jax.launch tpu train --name=ft7b --zone=us-east5-a \
+    python -m optconsist_jax.tools.launch tpu train --name=ft7b --zone=us-east5-a \
         --config=configs/llama2_7b_metamath.py:adamw \
         --workdir=gs://BUCKET/runs/adamw
-    python -m optconsist_jax.launch tpu eval --name=ft7b-eval ...
-    python -m optconsist_jax.launch tpu logs --name=ft7b --zone=us-east5-a
-    python -m optconsist_jax.launch tpu delete --name=ft7b --zone=us-east5-a
+    python -m optconsist_jax.tools.launch tpu eval --name=ft7b-eval ...
+    python -m optconsist_jax.tools.launch tpu logs --name=ft7b --zone=us-east5-a
+    python -m optconsist_jax.tools.launch tpu delete --name=ft7b --zone=us-east5-a
 
 Multi-host: `gcloud compute tpus tpu-vm ssh --worker=all` starts the same
 program on every host of the slice; `jax.distributed.initialize()` (called by
@@ -795,7 +795,7 @@ def _add_job_args(p: argparse.ArgumentParser, module: str, job: str):
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="python -m optconsist_jax.launch",
+      prog="python -m optconsist_jax.tools.launch",
       description="Cloud TPU VM / host launcher. Every subcommand takes "
       "--dry-run to print its commands.")
   groups = parser.add_subparsers(dest="group", required=True)

@@ -8,9 +8,9 @@ and `jit(...).lower(...).compile()` runs the TPU compiler. From the compiled
 executable it reports per-chip HBM (`compiled.memory_analysis()`) against the
 chip's capacity and the collectives in the optimized HLO, per step.
 
-  python -m optconsist_jax.plan --model llama2_7b --mesh fsdp \
+  python -m optconsist_jax.tools.plan --model llama2_7b --mesh fsdp \
       --topology v5p-8 --seq_len 1024 --global_batch 768 --per_chip_batch 4
-  python -m optconsist_jax.plan --compare --model llama2_7b \
+  python -m optconsist_jax.tools.plan --compare --model llama2_7b \
       --mesh fsdp,fsdp_tp --optimizer adamw,lora --topology v4-8,v5p-8
 
 Peak HBM is estimated as arguments + outputs - aliased (donated) + temporaries,
@@ -699,7 +699,7 @@ def _csv(s: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
-      prog="python -m optconsist_jax.plan", description=__doc__.split("\n")[0])
+      prog="python -m optconsist_jax.tools.plan", description=__doc__.split("\n")[0])
   p.add_argument("--config", help="configs/*.py with get_config(arg):"
                  " FILE or FILE:ARG; plans that run (with --topology,"
                  " optionally --grad_accum_steps)")

@@ -36,7 +36,7 @@ and every epoch checkpoint, and writes
 
 Each step is skipped when its output exists, so an interrupted run resumes.
 
-  python -m optconsist_jax.memorization --workdir W --base BASE_RUN_DIR \
+  python -m optconsist_jax.experiments.memorization --workdir W --base BASE_RUN_DIR \
       [--mode quick|full] [--optimizers adamw,muon]
 """
 
@@ -53,7 +53,7 @@ from typing import Any
 from flax import nnx
 import numpy as np
 
-from optconsist_jax import checkpoints as ckpt_lib
+from optconsist_jax.io import checkpoints as ckpt_lib
 from optconsist_jax import config_types
 from optconsist_jax import generate as gen
 from optconsist_jax import paths

@@ -36,7 +36,7 @@ import ml_dtypes
 import numpy as np
 import safetensors
 
-from optconsist_jax import hub
+from optconsist_jax.io import hub
 from optconsist_jax import sharding
 from optconsist_jax.model import Llama, LlamaConfig
 from optconsist_jax.model.llama import no_constraint
@@ -317,7 +317,7 @@ def load(hf_dir: str, dtype: Any = jnp.float32, *, mesh: Any = None,
     hf_dir: folder with config.json and model.safetensors, or a sharded
       checkpoint (model.safetensors.index.json + the shards it lists); or a
       Hub repo `org/name[@revision]` / `hf://org/name[@revision]` (see
-      optconsist_jax.hub): its config, tokenizer and safetensors files are
+      optconsist_jax.io.hub): its config, tokenizer and safetensors files are
       downloaded into the Hugging Face cache first (every host into its own).
     dtype: parameter dtype (weights are cast on read).
     mesh: a `jax.sharding.Mesh`; params are created directly in the

@@ -398,7 +398,7 @@ def _detect_mlp_layout(path: str, state: dict[str, Any], d: int,
   raise ValueError(
       f"{path}: unknown SwiGLU layout: layer-0 MLP keys {found} with shapes"
       f" {names}; known layouts (gate|up|down under mlp.): {table}. See"
-      " optconsist_jax/nanogpt.py for the mapping.")
+      " optconsist_jax/io/nanogpt.py for the mapping.")
 
 
 def _get(path: str, state: dict[str, Any], key: str,
@@ -631,7 +631,7 @@ def check_architecture(file_config: LlamaConfig, model_config: LlamaConfig,
   if diffs:
     raise ValueError(
         f"{path}: config.model does not match the checkpoint ({'; '.join(diffs)})."
-        " Build config.model from optconsist_jax.nanogpt.read_config(path).")
+        " Build config.model from optconsist_jax.io.nanogpt.read_config(path).")
 
 
 def _placed_state(abstract_params: nnx.State, params: dict[str, Any],

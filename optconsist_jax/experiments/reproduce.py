@@ -1,6 +1,6 @@
 r"""The small reproduction: pretrain twice, finetune every way, evaluate, report.
 
-  python -m optconsist_jax.reproduce --config configs/small_consistency.py:quick \
+  python -m optconsist_jax.experiments.reproduce --config configs/small_consistency.py:quick \
       --workdir workdirs/small_consistency
 
 Stages (each skipped when its outputs exist, so a rerun resumes):
@@ -14,8 +14,8 @@ Stages (each skipped when its outputs exist, so a rerun resumes):
   evaluate      W/{bases,runs}/*/eval/results.jsonl (optconsist_jax.evaluate)
   report        W/report/: Pareto frontier per base (PNG, SVG), table.md and
                 summary.md (matched vs mismatched vs LoRA)
-  memorization  W/memorization/ (optconsist_jax.memorization)
-  fingerprints  W/fingerprints/ (optconsist_jax.fingerprints)
+  memorization  W/memorization/ (optconsist_jax.experiments.memorization)
+  fingerprints  W/fingerprints/ (optconsist_jax.experiments.fingerprints)
 
 Each training run is an ordinary `optconsist_jax.train` workdir (its
 config.json can be rerun with `python -m optconsist_jax.train`), marked done by
@@ -315,8 +315,8 @@ def base_fingerprints(rc: ReproConfig, bases: Sequence[Run],
                       out_dir: str) -> dict[str, str]:
   """Weight spectra and residual-stream statistics of the pretrained bases."""
   from optconsist_jax import config_types  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import fingerprints  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import checkpoints  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.experiments import fingerprints  # pylint: disable=g-import-not-at-top
   from optconsist_jax.data import corpus  # pylint: disable=g-import-not-at-top
   from optconsist_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   done = os.path.join(out_dir, "fingerprints.json")
@@ -378,7 +378,7 @@ def run(rc: ReproConfig, workdir: str) -> dict[str, str]:
   outputs = report.consistency_report([r.workdir for r in runs], out_dir)
 
   if rc.memorization:
-    from optconsist_jax import memorization  # pylint: disable=g-import-not-at-top
+    from optconsist_jax.experiments import memorization  # pylint: disable=g-import-not-at-top
     print("memorization experiment", flush=True)
     t0 = time.time()
     # Outputs go to W/memorization/ (memorization.SUBDIR); it ran when it

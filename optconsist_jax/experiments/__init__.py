@@ -1,0 +1,1 @@
+"""The paper's experiments: the small reproduction, memorization, activation fingerprints."""
