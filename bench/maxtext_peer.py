@@ -84,15 +84,15 @@ def run_maxtext(python: str, topology: str, accum: int, per_chip: int,
 
 
 def run_ours(topology: str, accum: int, per_chip: int, seq_len: int) -> dict:
-  from optconsist_jax.tools import plan as plan_lib  # pylint: disable=g-import-not-at-top
-  chips = plan_lib.topology_devices(topology)[0]
-  spec = plan_lib.PlanSpec(
+  from optconsist_jax.tools import planner  # pylint: disable=g-import-not-at-top
+  chips = planner.topology_devices(topology)[0]
+  spec = planner.PlanSpec(
       model="llama2_7b", mesh="fsdp", topology=topology, seq_len=seq_len,
       global_batch=per_chip * len(chips) * accum, per_chip_batch=per_chip,
       optimizer="adamw", param_dtype="float32", dtype="bfloat16",
       remat_policy="full")
   t0 = time.time()
-  r = plan_lib.plan(spec)
+  r = planner.plan(spec)
   row = r.row()
   return {"peak_gib": row["peak_gib"], "temp_gib": row["temp_gib"],
           "args_gib": row["args_gib"], "collective_gib": row["collective_gib"],

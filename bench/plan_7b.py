@@ -25,7 +25,10 @@ import os
 import sys
 import time
 
+from optconsist_jax.tools import hlo_stats
 from optconsist_jax.tools import plan as plan_lib
+from optconsist_jax.tools import planner
+from optconsist_jax.tools import tpu as tpu_facts
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 JSONL = os.path.join(RESULTS, "plan_7b.jsonl")
@@ -43,7 +46,7 @@ def _table(rows: list[dict]) -> str:
           " all-reduce GiB | all-to-all GiB | coll.-permute GiB |"
           " collectives GiB/step | compile s |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
-  order = {t: i for i, t in enumerate(plan_lib.TOPOLOGIES)}
+  order = {t: i for i, t in enumerate(tpu_facts.SLICES)}
   rows = sorted(rows, key=lambda r: (order.get(r["topology"], 99), r["mesh"],
                                      r["optimizer"]))
   for r in rows:
@@ -53,7 +56,7 @@ def _table(rows: list[dict]) -> str:
         f" {r['per_chip_batch']} x {r['accum']} | {r['args_gib']:.2f} |"
         f" {r['temp_gib']:.2f} | {r['peak_gib']:.2f} | {r['hbm_gib']:.0f} |"
         f" {fits} | "
-        + " | ".join(_num(r[k + "_gib"]) for k in plan_lib.COLLECTIVE_KINDS)
+        + " | ".join(_num(r[k + "_gib"]) for k in hlo_stats.COLLECTIVE_KINDS)
         + f" | {_num(r['collective_gib'])} | {r['compile_s']:.0f} |")
   return "\n".join(lines)
 
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
   for topology in ([] if args.table_only else args.topology.split(",")):
     for mesh in args.mesh.split(","):
       for optimizer in args.optimizer.split(","):
-        spec = plan_lib.PlanSpec(
+        spec = planner.PlanSpec(
             model=args.model, mesh=mesh, topology=topology, seq_len=1024,
             global_batch=768, per_chip_batch=args.per_chip_batch,
             optimizer=optimizer, lora_rank=16, param_dtype="float32",
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
               args.hlo_dir, f"{topology}_{mesh}_{optimizer}.hlo.gz"))
           if args.hlo_dir:
             os.makedirs(args.hlo_dir, exist_ok=True)
-          r = plan_lib.plan(spec, hlo_path=hlo)
+          r = planner.plan(spec, hlo_path=hlo)
         except Exception as e:  # pylint: disable=broad-except
           print(f"{topology} {mesh} {optimizer}: FAILED {type(e).__name__}:"
                 f" {str(e)[:500]}", flush=True)

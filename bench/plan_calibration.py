@@ -40,6 +40,7 @@ import sys
 import time
 
 from optconsist_jax.tools import plan as plan_lib
+from optconsist_jax.tools import planner
 from optconsist_jax.tools import search
 from optconsist_jax.tools import step_time
 from optconsist_jax.tools import tpu
@@ -57,7 +58,7 @@ CASES = (
 
 
 def run_case(case: dict, cache_dir: str, compile_missing: bool) -> dict:
-  base = plan_lib.PlanSpec(
+  base = planner.PlanSpec(
       model=case["model"], topology=case["topology"], seq_len=case["seq_len"],
       global_batch=case["per_device_batch"] * case["chips"])
   cand = search.Candidate(1, case["chips"], 1, case["per_device_batch"],
@@ -65,7 +66,7 @@ def run_case(case: dict, cache_dir: str, compile_missing: bool) -> dict:
   spec = search.spec_for(base, cand)
   path = os.path.join(cache_dir, search.cache_key(spec) + ".json")
   out = {k: v for k, v in case.items()}
-  model = plan_lib._model_config(spec)  # pylint: disable=protected-access
+  model = planner.llama_config(spec)
   eff = step_time.MXU_EFFICIENCY
   # The compute side alone (what the estimate is when compute-bound).
   for label, m in (("full_remat", model),

@@ -23,13 +23,12 @@ over the chips. MFU is an assumption (--mfu), not a measurement.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
 
-from optconsist_jax.tools import launch
+from optconsist_jax.tools import tpu
 from optconsist_jax.model import preset
 
 TOKENS_PER_EPOCH = 103e6  # MetaMathQA, 395K examples (Biderman et al. 2024)
@@ -62,13 +61,13 @@ def flops_per_token(optimizer: str) -> float:
 
 
 def epoch_hours(topology: str, optimizer: str, mfu: float) -> float:
-  acc = launch.accelerator(topology)
+  acc = tpu.accelerator(topology)
   flops = TOKENS_PER_EPOCH * flops_per_token(optimizer)
-  return flops / (acc.chips * acc.generation.peak_bf16_tflops * 1e12 * mfu) / 3600
+  return flops / (acc.chips * acc.generation.chip.peak_bf16_flops * mfu) / 3600
 
 
 def run_plans(topologies, optimizers, jsonl: str, lora_rank: int):
-  from optconsist_jax.tools import plan  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.tools import planner  # pylint: disable=g-import-not-at-top
   done = set()
   if os.path.exists(jsonl):
     with open(jsonl) as f:
@@ -80,13 +79,13 @@ def run_plans(topologies, optimizers, jsonl: str, lora_rank: int):
     for o in optimizers:
       if (t, o) in done:
         continue
-      spec = plan.PlanSpec(model="llama2_7b", mesh="fsdp", topology=t,
+      spec = planner.PlanSpec(model="llama2_7b", mesh="fsdp", topology=t,
                            seq_len=SEQ_LEN, global_batch=GLOBAL_BATCH,
                            grad_accum_steps=GRAD_ACCUM, optimizer=o,
                            lora_rank=lora_rank)
       start = time.perf_counter()
       try:
-        r = plan.plan(spec)
+        r = planner.plan(spec)
         row = {**r.row(), "trainable_params": r.trainable_params}
       except Exception as e:  # pylint: disable=broad-except
         row = {"topology": t, "optimizer": o, "peak_gib": None,
@@ -110,7 +109,7 @@ def markdown(topologies, optimizers, jsonl: str, mfu: float,
           f" h/epoch @ {mfu:.0%} MFU | h for 11 epochs |")
   lines = [head, "|" + "---|" * 9]
   for t in topologies:
-    acc = launch.accelerator(t)
+    acc = tpu.accelerator(t)
     for o in optimizers:
       r = rows.get((t, o), {})
       name = f"lora r{lora_rank}" if o == "lora" else o
@@ -125,7 +124,7 @@ def markdown(topologies, optimizers, jsonl: str, mfu: float,
         fits, mesh, coll = "?", f"fsdp 1x{acc.num_devices}x1", "?"
       h = epoch_hours(t, o, mfu)
       lines.append(
-          f"| {t} | {acc.chips} x {acc.generation.hbm_gib_per_chip:g} GiB |"
+          f"| {t} | {acc.chips} x {acc.generation.chip.hbm_gib:g} GiB |"
           f" {name} | {mesh} | {peak} | {fits} | {coll} | {h:.2f} |"
           f" {11 * h:.1f} |")
   return "\n".join(lines)

@@ -15,7 +15,7 @@ Exit codes (the same for every `python -m optconsist_jax.<command>`):
                   rerun the same command to resume. `EX_TEMPFAIL` of BSD
                   sysexits.h ("a temporary failure ... the user is invited to
                   retry"), the code schedulers and the launcher's supervisor
-                  (tools/launch.py) treat as "start me again".
+                  (tools/supervise.py) treat as "start me again".
 
 Anything else (1, or a signal) is a bug or a crash and keeps its traceback.
 

@@ -8,7 +8,7 @@ explicit choice (`JAX_PLATFORMS`, `--jax_platforms`) alone and otherwise
 names only the platforms this machine has: TPU when TPU chips are attached
 (found the way JAX's Cloud TPU setup finds them, on the PCI bus), else CUDA
 when an NVIDIA GPU and JAX's CUDA plugin are present, else CPU. Only the
-planner (tools/plan.py) loads libtpu on a CPU machine, on purpose.
+planner (tools/planner.py) loads libtpu on a CPU machine, on purpose.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optconsist_jax.tools import plan
+from optconsist_jax.tools import planner
 from optconsist_jax.model import attention
 
 
@@ -111,7 +111,7 @@ def test_splash_path_compiles_for_a_tpu_topology(tmp_path):
   # conftest asks for "highest" matmul precision; the kernel's bf16 dots are
   # lowered with the default (as in a training run).
   with jax.default_matmul_precision("default"):
-    results = {impl: plan.plan(plan.PlanSpec(**spec, attention_impl=impl),
+    results = {impl: planner.plan(planner.PlanSpec(**spec, attention_impl=impl),
                                hlo_path=str(path))
                for impl, path in hlo.items()}
   assert all(r.fits and r.collectives is not None for r in results.values())

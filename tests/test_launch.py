@@ -10,6 +10,7 @@ import tarfile
 import pytest
 
 from optconsist_jax.tools import launch
+from optconsist_jax.tools import tpu
 
 
 def dry(*argv):
@@ -104,7 +105,7 @@ def test_bad_create_input_is_a_clear_error(argv, message, capsys):
 
 def test_unknown_accelerator_lists_every_generation():
   with pytest.raises(ValueError) as e:
-    launch.accelerator("tpu-16")
+    tpu.accelerator("tpu-16")
   for prefix in ("v2-", "v3-", "v4-", "v5p-", "v5litepod-", "v6e-"):
     assert prefix in str(e.value)
 
@@ -117,7 +118,7 @@ def test_unknown_accelerator_lists_every_generation():
     ("v3-8", 4, 1),
 ])
 def test_slice_shapes(name, chips, hosts):
-  acc = launch.accelerator(name)
+  acc = tpu.accelerator(name)
   assert (acc.chips, acc.num_hosts) == (chips, hosts)
 
 
@@ -206,6 +207,15 @@ def test_install_from_checkout_copies_head_to_all_workers(tmp_path):
   assert '"$HOME/optconsist_jax[tpu]"' in script
   assert "--python 3.12" in script
   assert '-c "$HOME/optconsist_jax/constraints.txt"' in script
+
+
+def test_install_defaults_to_this_checkout():
+  """Without --source the checkout holding the package is archived."""
+  archive = dry("tpu", "install", *TARGET)[0]
+  argv = shlex.split(archive)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(launch.__file__)))
+  assert argv[:3] == ["git", "-C", os.path.dirname(root)]
+  assert os.path.isfile(os.path.join(argv[2], "pyproject.toml"))
 
 
 def test_install_from_git_url_and_bad_source(capsys):

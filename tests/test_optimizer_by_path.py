@@ -16,7 +16,7 @@ import optax
 
 from optconsist_jax import evaluate
 from optconsist_jax import optim
-from optconsist_jax.tools import plan
+from optconsist_jax.tools import planner
 from optconsist_jax import train
 from optconsist_jax.config_types import ExperimentConfig
 
@@ -80,7 +80,7 @@ def test_a_config_naming_it_trains_plans_and_is_labelled(tmp_path):
   assert run.lr == 3e-3
 
   # The planner compiles the same config on 8 CPU devices.
-  r = plan.plan(plan.spec_from_config(c, "cpu-8", grad_accum_steps=1))
+  r = planner.plan(planner.spec_from_config(c, "cpu-8", grad_accum_steps=1))
   assert r.spec.optimizer == NAME
   assert r.trainable_params == config.model.num_params()
   assert r.peak_bytes > 0 and r.collectives is not None

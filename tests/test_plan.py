@@ -5,8 +5,11 @@ import json
 
 import pytest
 
-from optconsist_jax.tools import plan
+from optconsist_jax import sharding
 from optconsist_jax.model import preset
+from optconsist_jax.tools import hlo_stats
+from optconsist_jax.tools import plan
+from optconsist_jax.tools import planner
 
 HLO = """\
 HloModule jit_step, entry_computation_layout={()->f32[]}
@@ -86,7 +89,7 @@ ENTRY %main (arg: f32[1024]) -> f32[] {
 
 
 def test_collectives_counts_loops_by_trip_count():
-  c = plan.collectives(HLO)
+  c = hlo_stats.collectives(HLO)
   # Entry: one all-reduce of 4 KiB, one async all-gather (output 4 KiB), one
   # all-to-all of 64 B. Outer loop x3: a bf16[8,16] all-gather (256 B) and a
   # reduce-scatter fusion of f32[64] (256 B; its inner all-reduce is not
@@ -104,7 +107,7 @@ def test_collectives_counts_loops_by_trip_count():
 
 def test_loop_without_trip_count_is_reported():
   text = HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', "")
-  c = plan.collectives(text)
+  c = hlo_stats.collectives(text)
   assert c.loops_without_trip_count == 1
   assert c.count["reduce-scatter"] == 1
 
@@ -119,7 +122,7 @@ def test_cpu_mesh_dp_all_reduces_every_gradient_once(tmp_path):
       "--dtype", "float32", "--json", str(out), "--markdown", str(md)]) == 0
   row = json.loads(out.read_text().splitlines()[0])
   param_bytes = preset("tiny_gqa").num_params() * 4
-  all_reduce = row["all-reduce_gib"] * plan.GIB
+  all_reduce = row["all-reduce_gib"] * planner.GIB
   # Gradients plus a few scalars (loss, token count, grad norm).
   assert param_bytes <= all_reduce <= 1.01 * param_bytes + 1024
   assert row["all-gather_gib"] == 0 and row["reduce-scatter_gib"] == 0
@@ -130,7 +133,7 @@ def test_cpu_mesh_dp_all_reduces_every_gradient_once(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="needs libtpu (pip install -c constraints.txt libtpu)")
 def test_tpu_topology_fsdp_fits_and_gathers():
-  r = plan.plan(plan.PlanSpec(
+  r = planner.plan(planner.PlanSpec(
       model="tiny_gqa", mesh="fsdp", topology="v5p-8", seq_len=32,
       global_batch=8, per_chip_batch=1, dtype="bfloat16"))
   assert r.mesh_shape == {"data": 1, "fsdp": 4, "tensor": 1}
@@ -150,11 +153,12 @@ def test_tpu_topology_fsdp_fits_and_gathers():
 
 def test_unknown_topology_and_bad_batch_are_errors():
   with pytest.raises(ValueError, match="unknown topology 'v9-8'"):
-    plan.topology_devices("v9-8")
+    planner.topology_devices("v9-8")
   with pytest.raises(ValueError, match="not a multiple of per_chip_batch x"
                      " chips = 24"):
-    plan.plan(plan.PlanSpec(model="tiny_gqa", topology="cpu-8", seq_len=8,
-                            global_batch=20, per_chip_batch=3))
+    planner.plan(planner.PlanSpec(model="tiny_gqa", topology="cpu-8",
+                                  seq_len=8, global_batch=20,
+                                  per_chip_batch=3))
 
 
 def test_spec_from_a_training_config():
@@ -162,14 +166,17 @@ def test_spec_from_a_training_config():
       "tiny_metamath", "configs/tiny_metamath.py")
   module = importlib.util.module_from_spec(spec_file)
   spec_file.loader.exec_module(module)
-  spec = plan.spec_from_config(module.get_config("lora"), "v5e-4")
+  spec = planner.spec_from_config(module.get_config("lora"), "v5e-4")
   assert spec.topology == "v5e-4" and spec.optimizer == "lora"
   assert spec.seq_len == 192 and spec.global_batch == 16
-  assert spec.model["preset"] == "tiny_gqa"
-  assert spec.mesh == {"preset": "fsdp"}
-  assert spec.lora_config["rank"] == 8
+  # The config's sections, parsed by ExperimentConfig (the one parser).
+  assert spec.model == preset("tiny_gqa").replace(
+      **{k: v for k, v in module.get_config("lora").model.items()
+         if k != "preset"})
+  assert spec.mesh == sharding.MeshConfig.preset("fsdp")
+  assert (spec.lora_config.rank, spec.lora_config.alpha) == (8, 16.0)
   # The optimizer is the config's (LoRA's AdamW at 1e-2), not a preset.
   assert spec.optim_config.groups["adamw"].schedule.peak == 1e-2
-  assert plan.spec_from_config(module.get_config("muon")).optimizer == "muon"
-  assert plan.spec_from_config(module.get_config("adamw"),
-                               grad_accum_steps=4).grad_accum_steps == 4
+  assert planner.spec_from_config(module.get_config("muon")).optimizer == "muon"
+  assert planner.spec_from_config(module.get_config("adamw"),
+                                  grad_accum_steps=4).grad_accum_steps == 4

@@ -5,7 +5,9 @@ import json
 
 import pytest
 
+from optconsist_jax.tools import hlo_stats
 from optconsist_jax.tools import plan
+from optconsist_jax.tools import planner
 from optconsist_jax.model import preset
 from optconsist_jax.tools import search
 
@@ -31,11 +33,11 @@ def test_candidates_cover_factorizations_that_divide():
 
 
 def _result(spec, step_bytes, fits=True):
-  kinds = plan.COLLECTIVE_KINDS
-  stats = plan.CollectiveStats(
+  kinds = hlo_stats.COLLECTIVE_KINDS
+  stats = hlo_stats.CollectiveStats(
       {k: 1 for k in kinds}, {k: 0.0 for k in kinds}, 0,
       {("all-gather", (0, 1, 2, 3)): [1, step_bytes]})
-  return plan.PlanResult(
+  return planner.PlanResult(
       spec=spec, mesh_shape={"data": 1, "fsdp": 4, "tensor": 1},
       grad_accum_steps=spec.grad_accum_steps, hbm_gib=95.0, argument_bytes=1,
       output_bytes=1, alias_bytes=1, temp_bytes=1, peak_bytes=2 * 2**30,
@@ -44,7 +46,7 @@ def _result(spec, step_bytes, fits=True):
 
 
 def test_json_round_trip_and_ranking():
-  base = plan.PlanSpec(model="llama2_7b", topology="v5p-8")
+  base = planner.PlanSpec(model="llama2_7b", topology="v5p-8")
   cands = search.candidates(4, 768, preset("llama2_7b"), [4], ["full"],
                             max_tensor=1)[:3]
   rows = []
@@ -90,4 +92,4 @@ def test_multi_slice_candidates_put_data_over_dcn():
   for x in c:
     assert x.micro_batch * x.data * x.fsdp * x.dcn * x.accum == 768
     assert "--config.mesh.dcn_data=2" in x.overrides()
-    assert search.spec_for(plan.PlanSpec(), x).mesh["dcn_data"] == 2
+    assert search.spec_for(planner.PlanSpec(), x).mesh["dcn_data"] == 2

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from optconsist_jax import loss as loss_lib
-from optconsist_jax.tools import plan
+from optconsist_jax.tools import hlo_stats
+from optconsist_jax.tools import planner
 from optconsist_jax.model import LlamaConfig, Llama
 from optconsist_jax.tools import step_time
 from optconsist_jax.tools import tpu
@@ -70,7 +71,7 @@ def test_recompute_is_a_forward_for_full_remat():
 
 
 def test_replica_group_spellings():
-  rg = step_time.first_replica_group
+  rg = hlo_stats.first_replica_group
   assert rg("x, replica_groups={{0,1,2,3},{4,5,6,7}}, y") == (0, 1, 2, 3)
   # iota(4, 2) transposed to (2, 4), cut into groups of 2: [[0, 2], ...].
   ids = np.arange(8).reshape(4, 2).T.reshape(4, 2)
@@ -118,8 +119,8 @@ def test_group_location_from_coordinates():
 
 
 def _stats(groups):
-  kinds = plan.COLLECTIVE_KINDS
-  return plan.CollectiveStats(
+  kinds = hlo_stats.COLLECTIVE_KINDS
+  return hlo_stats.CollectiveStats(
       {k: 0 for k in kinds}, {k: 0.0 for k in kinds}, 0, groups)
 
 
@@ -156,13 +157,13 @@ def test_estimate_switches_bound_and_reports_assumptions():
 def test_plan_groups_split_bytes_by_mesh_axis():
   """A 2x2x2 fsdp_tp plan: per-group bytes add up to the per-kind totals and
   the groups are the mesh axes (tensor pairs, data x fsdp quads)."""
-  r = plan.plan(plan.PlanSpec(
+  r = planner.plan(planner.PlanSpec(
       model="tiny_mha", mesh={"preset": "fsdp_tp", "data": 2, "fsdp": 2,
                               "tensor": 2},
       topology="cpu-8", seq_len=16, global_batch=8, per_chip_batch=1,
       dtype="float32"))
   c = r.collectives
-  for kind in plan.COLLECTIVE_KINDS:
+  for kind in hlo_stats.COLLECTIVE_KINDS:
     assert sum(v[1] for (k, _), v in c.groups.items() if k == kind) == (
         pytest.approx(c.bytes[kind]))
   sizes = {len(g) for (k, g), _ in c.groups.items()
@@ -186,7 +187,7 @@ ENTRY %main (p: f32[1024]) -> f32[1024] {
 
 
 def test_cross_slice_transfers_cost_dcn_time():
-  c = plan.collectives(MEGASCALE_HLO)
+  c = hlo_stats.collectives(MEGASCALE_HLO)
   assert c.dcn == {"all-reduce": [1, 4096 + 4]}  # the send, not the recv
   assert c.count["all-reduce"] == 1  # the in-slice all-reduce
   v5p = tpu.tpu_slice("v5p-8")

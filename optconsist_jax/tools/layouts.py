@@ -29,7 +29,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
@@ -43,9 +42,9 @@ import numpy as np
 
 from optconsist_jax import config_types
 from optconsist_jax import metrics as metrics_lib
-from optconsist_jax.tools import plan as plan_lib
 from optconsist_jax import sharding
 from optconsist_jax import train_step as step_lib
+from optconsist_jax.tools import hlo_stats
 from optconsist_jax.tools import step_time
 from optconsist_jax.tools import tpu as tpu_facts
 
@@ -156,7 +155,7 @@ def measure(config: dict[str, Any], layout: Layout, steps: int,
   t0 = time.perf_counter()
   compiled = fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
-  stats = plan_lib.collectives(compiled.as_text())
+  stats = hlo_stats.collectives(compiled.as_text())
   state, m = compiled(state, batch)  # warm-up
   jax.block_until_ready(m)
   times = []

@@ -5,8 +5,8 @@ Enumerates mesh factorizations data x fsdp x tensor of the slice's chips
 parallelism at fsdp=tensor=1), rows per batch shard per micro-batch (the
 gradient-accumulation count follows from the global batch) and remat
 policies; compiles each candidate's real train step for the TPU topology
-(optconsist_jax.tools.plan), drops those that do not fit in HBM, and ranks the rest
-by the roofline step time of optconsist_jax.tools.step_time. Each row carries
+(optconsist_jax.tools.planner), drops those that do not fit in HBM, and ranks
+the rest by the roofline step time of optconsist_jax.tools.step_time. Each row carries
 the `--config.*` overrides that run it with optconsist_jax.train.
 
   python -m optconsist_jax.tools.plan --search --model llama2_7b --topology v5p-8 \
@@ -32,6 +32,8 @@ import sys
 import time
 from typing import Any
 
+from optconsist_jax.tools import hlo_stats
+from optconsist_jax.tools import planner
 from optconsist_jax.tools import step_time
 from optconsist_jax.tools import tpu as tpu_facts
 
@@ -120,18 +122,17 @@ def result_to_json(r) -> dict[str, Any]:
 
 
 def result_from_json(d: dict[str, Any]):
-  from optconsist_jax.tools import plan  # pylint: disable=g-import-not-at-top
   d = dict(d)
-  d["spec"] = plan.PlanSpec(**d["spec"])
+  d["spec"] = planner.PlanSpec(**d["spec"])
   c = d.get("collectives")
   if c is not None:
-    d["collectives"] = plan.CollectiveStats(
+    d["collectives"] = hlo_stats.CollectiveStats(
         c["count"], c["bytes"], c["loops_without_trip_count"],
         {(k, tuple(g)): [n, b] for k, g, n, b in c["groups"]},
         c.get("dcn", {}))
   if d.get("device_coords") is not None:
     d["device_coords"] = [tuple(x) for x in d["device_coords"]]
-  return plan.PlanResult(**d)
+  return planner.PlanResult(**d)
 
 
 def cache_key(spec) -> str:
@@ -148,10 +149,9 @@ def cache_key(spec) -> str:
 
 def _compile(spec_json: str) -> dict[str, Any]:
   """Worker: plan one spec; errors come back as a record."""
-  from optconsist_jax.tools import plan  # pylint: disable=g-import-not-at-top
-  spec = plan.PlanSpec(**json.loads(spec_json))
+  spec = planner.PlanSpec(**json.loads(spec_json))
   try:
-    return {"result": result_to_json(plan.plan(spec))}
+    return {"result": result_to_json(planner.plan(spec))}
   except Exception as e:  # pylint: disable=broad-except
     return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
 
@@ -221,11 +221,10 @@ def run_search(base, cands: list[Candidate], *, workers: int = 1,
 
 
 def _row(cand, record, assumptions, cached) -> Row:
-  from optconsist_jax.tools import plan  # pylint: disable=g-import-not-at-top
   if "result" not in record:
     return Row(cand, None, None, record.get("error", "?"), cached)
   r = result_from_json(record["result"])
-  est = plan.step_estimate(r, assumptions) if r.fits is not False else None
+  est = planner.step_estimate(r, assumptions) if r.fits is not False else None
   return Row(cand, r, est, r.error, cached)
 
 
@@ -313,19 +312,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
   """Runs `plan --search` from the planner's parsed flags."""
-  from optconsist_jax.tools import plan  # pylint: disable=g-import-not-at-top
   topology = args.topology
   parsed = tpu_facts.parse_topology(topology)
   if "," in topology or parsed is None:
     raise SystemExit(f"--search takes one TPU topology (NxTOPOLOGY for N"
                      f" slices), got {topology!r}; known:"
                      f" {sorted(tpu_facts.SLICES)}")
-  base = plan.PlanSpec(
+  base = planner.PlanSpec(
       model=args.model, topology=topology, seq_len=args.seq_len,
       global_batch=args.global_batch, optimizer=args.optimizer,
       lora_rank=args.lora_rank, param_dtype=args.param_dtype,
       dtype=args.dtype)
-  model_config = plan._model_config(base)  # pylint: disable=protected-access
+  model_config = planner.llama_config(base)
   ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # pylint: disable=unnecessary-lambda-assignment
   cands = candidates(
       parsed[1].chips, args.global_batch, model_config,

@@ -10,11 +10,11 @@ products for
 XLA's own count (`compiled.cost_analysis()`) on an unrolled small model.
 
 Communication: every collective of the compiled step (counted by
-`optconsist_jax.tools.plan.collectives` with loop trip counts, and split by the
-devices each runs over) costs the ring-algorithm time over the ICI links of
-the torus axes its replica group spans ("How to Scale Your Model", part 3
-"Sharded matrices"): with B the bytes of the full tensor and n chips in the
-group,
+`optconsist_jax.tools.hlo_stats.collectives` with loop trip counts, and split
+by the devices each runs over) costs the ring-algorithm time over the ICI
+links of the torus axes its replica group spans ("How to Scale Your Model",
+part 3 "Sharded matrices"): with B the bytes of the full tensor and n chips in
+the group,
 
   all-gather, reduce-scatter   (n - 1) / n * B / W
   all-reduce                   2 * (n - 1) / n * B / W
@@ -39,11 +39,7 @@ elementwise ops) and per-op latency are not modelled.
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from typing import Any
-
-import numpy as np
 
 from optconsist_jax.tools import tpu as tpu_facts
 
@@ -54,50 +50,6 @@ ICI_EFFICIENCY = 0.8
 OVERLAP = 1.0
 # MetaMathQA (395K examples) packed, as bench/tpu_fit.py counts it.
 EPOCH_TOKENS = 103e6
-
-
-# ----------------------------------------------------------------------------
-# Replica groups in HLO text.
-
-_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
-_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
-_LIST = re.compile(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)?\}")
-
-
-def first_replica_group(attrs: str) -> tuple[int, ...]:
-  """Device ids of the first replica group in an HLO op's attributes.
-
-  Reads the three spellings XLA prints: explicit `{{0,1},{2,3}}`, iota
-  `[G,S]<=[dims]T(perm)` (ids = iota(dims) transposed by perm, reshaped to
-  G groups of S) and `mesh['a'=2,'b'=4] {'b'}` (groups along the named mesh
-  axes). Returns () when there is none (all devices, or a
-  collective-permute's source-target pairs).
-  """
-  m = _IOTA.search(attrs)
-  if m:
-    groups, size = int(m.group(1)), int(m.group(2))
-    dims = [int(d) for d in m.group(3).split(",")]
-    ids = np.arange(math.prod(dims)).reshape(dims)
-    if m.group(4):
-      ids = ids.transpose([int(p) for p in m.group(4).split(",")])
-    return tuple(int(i) for i in ids.reshape(groups, size)[0])
-  m = _MESH.search(attrs)
-  if m:
-    axes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
-    names = [a for a, _ in axes]
-    sizes = [int(s) for _, s in axes]
-    chosen = re.findall(r"'([^']+)'", m.group(2))
-    rest = [i for i, a in enumerate(names) if a not in chosen]
-    order = rest + [names.index(a) for a in chosen]
-    ids = np.arange(math.prod(sizes)).reshape(sizes).transpose(order)
-    return tuple(int(i) for i in
-                 ids.reshape(-1, math.prod(sizes[names.index(a)]
-                                           for a in chosen))[0])
-  m = _LIST.search(attrs)
-  if m and m.group(1):
-    first = m.group(1).split("}")[0].strip("{")
-    return tuple(int(i) for i in first.split(",") if i)
-  return ()
 
 
 # ----------------------------------------------------------------------------
@@ -290,7 +242,7 @@ def estimate(model_config, *, seq_len: int, global_batch: int,
     model_config: the LlamaConfig compiled (remat_policy included).
     seq_len: tokens per row.
     global_batch: rows per optimizer step.
-    collectives: `optconsist_jax.tools.plan.CollectiveStats` of the step.
+    collectives: `optconsist_jax.tools.hlo_stats.CollectiveStats` of the step.
     tpu: the slice (one slice; `device_coords` carry slice indices).
     device_coords: torus coordinates (+ slice index) per logical device.
     trainable_fraction: < 1 for LoRA (see step_flops).

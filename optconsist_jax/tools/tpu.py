@@ -1,8 +1,8 @@
 """One table of Cloud TPU hardware facts, with their sources.
 
 Every TPU number the package uses (peak flops for MFU, HBM for fit checks,
-ICI and DCN bandwidth for step-time estimates, slice shapes for the planner
-and the launcher) comes from here.
+ICI and DCN bandwidth for step-time estimates, slice shapes for the planner,
+accelerator types and software versions for the launcher) comes from here.
 
 Sources:
   [v4]  cloud.google.com/tpu/docs/v4 ("System architecture"): 275 TFLOP/s bf16,
@@ -166,3 +166,123 @@ def parse_topology(name: str) -> tuple[int, TpuSlice] | None:
   if m.group(2) not in SLICES or slices < 1:
     return None
   return slices, SLICES[m.group(2)]
+
+
+# ----------------------------------------------------------------------------
+# Accelerator types as gcloud names them (the launcher). Software versions
+# from the Cloud TPU page "TPU software versions": v6e -> v2-alpha-tpuv6e,
+# v5p -> v2-alpha-tpuv5, v5e -> v2-alpha-tpuv5-lite, v4 and older ->
+# tpu-ubuntu2204-base.
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+  """One Cloud TPU generation as gcloud sees it.
+
+  Attributes:
+    chip: the generation's TpuChip (HBM, peak flops, ...).
+    type_prefix: prefix of the gcloud accelerator type (v5e is `v5litepod`).
+    runtime_version: the TPU software version for JAX on this generation.
+    suffix_unit: what the number after the prefix counts: "cores"
+      (TensorCores, 2 per chip: v2/v3/v4/v5p) or "chips" (v5e, v6e).
+    cores_per_chip: TensorCores per chip.
+    devices_per_chip: JAX devices per chip (1 for v4/v5p megacore, 2 for
+      v2/v3, 1 for v5e/v6e).
+    chips_per_host: chips attached to one TPU VM host in a multi-host slice.
+    max_single_host_chips: largest slice that is a single host.
+    sizes: valid numbers after the prefix.
+  """
+
+  chip: TpuChip
+  type_prefix: str
+  runtime_version: str
+  suffix_unit: str
+  cores_per_chip: int
+  devices_per_chip: int
+  chips_per_host: int
+  max_single_host_chips: int
+  sizes: tuple[int, ...]
+
+  @property
+  def name(self) -> str:
+    return self.chip.name
+
+
+def _multiples(step: int, top: int) -> tuple[int, ...]:
+  return tuple(range(step, top + 1, step))
+
+
+GENERATIONS: dict[str, TpuGeneration] = {g.name: g for g in (
+    TpuGeneration(CHIPS["v2"], "v2", "tpu-ubuntu2204-base", "cores", 2, 2, 4,
+                  4, (8, 32, 128, 256, 512)),
+    TpuGeneration(CHIPS["v3"], "v3", "tpu-ubuntu2204-base", "cores", 2, 2, 4,
+                  4, (8, 32, 64, 128, 256, 512, 1024, 2048)),
+    TpuGeneration(CHIPS["v4"], "v4", "tpu-ubuntu2204-base", "cores", 2, 1, 4,
+                  4, _multiples(8, 4096)),
+    TpuGeneration(CHIPS["v5p"], "v5p", "v2-alpha-tpuv5", "cores", 2, 1, 4, 4,
+                  _multiples(8, 12288)),
+    TpuGeneration(CHIPS["v5e"], "v5litepod", "v2-alpha-tpuv5-lite", "chips",
+                  1, 1, 4, 8, (1, 4, 8, 16, 32, 64, 128, 256)),
+    TpuGeneration(CHIPS["v6e"], "v6e", "v2-alpha-tpuv6e", "chips", 1, 1, 4, 8,
+                  (1, 4, 8, 16, 32, 64, 128, 256)),
+)}
+
+# Names people write that gcloud spells differently.
+_PREFIX_ALIASES = {"v5e": "v5litepod", "v5lite": "v5litepod"}
+
+
+def _describe_sizes(gen: TpuGeneration) -> str:
+  if len(gen.sizes) > 12:
+    step = gen.sizes[0]
+    return (f"{gen.type_prefix}-N (N = {gen.suffix_unit}, a multiple of {step}"
+            f" from {gen.sizes[0]} to {gen.sizes[-1]})")
+  return f"{gen.type_prefix}-{{{','.join(str(s) for s in gen.sizes)}}}"
+
+
+def valid_accelerator_types() -> str:
+  """A one-line description of every valid accelerator type."""
+  parts = [_describe_sizes(g) for g in GENERATIONS.values()]
+  return "; ".join(parts) + " (v5e-N is accepted for v5litepod-N)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+  """A TPU slice shape, e.g. `v5p-16` = 8 v5p chips on 2 hosts."""
+
+  accelerator_type: str  # canonical gcloud spelling
+  generation: TpuGeneration
+  size: int
+
+  @property
+  def chips(self) -> int:
+    if self.generation.suffix_unit == "cores":
+      return self.size // self.generation.cores_per_chip
+    return self.size
+
+  @property
+  def num_devices(self) -> int:
+    return self.chips * self.generation.devices_per_chip
+
+  @property
+  def num_hosts(self) -> int:
+    if self.chips <= self.generation.max_single_host_chips:
+      return 1
+    return self.chips // self.generation.chips_per_host
+
+
+def accelerator(accelerator_type: str) -> Accelerator:
+  """Parses and validates an accelerator type ("v5p-16", "v5e-32", ...).
+
+  Raises:
+    ValueError: naming the bad type and listing the valid ones.
+  """
+  m = re.fullmatch(r"([a-z0-9]+)-(\d+)", accelerator_type.strip().lower())
+  if m:
+    prefix = _PREFIX_ALIASES.get(m.group(1), m.group(1))
+    size = int(m.group(2))
+    for gen in GENERATIONS.values():
+      if gen.type_prefix == prefix and size in gen.sizes:
+        return Accelerator(f"{prefix}-{size}", gen, size)
+  raise ValueError(
+      f"unknown accelerator type {accelerator_type!r}; valid types: "
+      f"{valid_accelerator_types()}")
