@@ -1,12 +1,13 @@
 r"""Finetuning for the synthetic memorization experiment (AdamW or Muon).
 
-The experiment (optconsist_jax/experiments/memorization.py) finetunes one base model on a
-mix of rule items (arithmetic word problems whose answer follows from the
-question) and fact items (made-up "locker numbers" that can only be
-memorized), once per optimizer, and measures memorization and rule accuracy
-after every epoch. `memorization.run` fills in the data path, the base and the
-model shape from the base's own W/config.json. By hand, with a data set
-written by `memorization.make_dataset("/tmp/mem_data")`:
+The experiment (optconsist_jax/experiments/memorization.py) finetunes one
+base model on a mix of rule items (arithmetic word problems whose answer
+follows from the question) and fact items (made-up "locker numbers" that can
+only be memorized), once per optimizer, and measures memorization and rule
+accuracy after every epoch. `memorization.run` fills in the data path, the
+base and the model shape from the base's own W/config.json. By hand, with a
+data set written by `memorization_data.make_dataset("/tmp/mem_data")`
+(optconsist_jax.experiments.memorization_data):
 
   python -m optconsist_jax.train --config configs/memorization.py:muon \
       --workdir /tmp/mem_muon --config.data.path=/tmp/mem_data/train.json \

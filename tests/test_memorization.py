@@ -10,6 +10,7 @@ import pytest
 
 from optconsist_jax import config_types
 from optconsist_jax.experiments import memorization
+from optconsist_jax.experiments import memorization_data
 from optconsist_jax import train as train_lib
 from optconsist_jax.data import formats
 from optconsist_jax.data import synthetic
@@ -40,7 +41,7 @@ def _recompute(question):
 
 
 def test_dataset_properties(tmp_path):
-  data = memorization.make_dataset(tmp_path, seed=3, n_rule=120, n_fact=80,
+  data = memorization_data.make_dataset(tmp_path, seed=3, n_rule=120, n_fact=80,
                                    n_heldout=40)
   train, facts, heldout = (_load(data.train), _load(data.facts),
                            _load(data.heldout_rule))
@@ -57,7 +58,7 @@ def test_dataset_properties(tmp_path):
   assert all(str(a) not in f["query"] for a, f in zip(answers, facts))
   assert all(re.search(r"\d", f["query"]) is None for f in facts)
   # Different seeds: different associations.
-  other = _load(memorization.make_dataset(tmp_path / "o", seed=4, n_rule=10,
+  other = _load(memorization_data.make_dataset(tmp_path / "o", seed=4, n_rule=10,
                                           n_fact=80, n_heldout=5).facts)
   assert [_answer(f) for f in other] != answers
   # Rule items: the answer follows from the question; responses verified.
@@ -75,10 +76,10 @@ def test_dataset_properties(tmp_path):
   assert len(formats.read_metamathqa(data.train)) == 200
   # Deterministic, and kept when asked again with the same arguments.
   mtime = os.path.getmtime(data.train)
-  again = memorization.make_dataset(tmp_path, seed=3, n_rule=120, n_fact=80,
+  again = memorization_data.make_dataset(tmp_path, seed=3, n_rule=120, n_fact=80,
                                     n_heldout=40)
   assert again == data and os.path.getmtime(data.train) == mtime
-  fresh = memorization.make_dataset(tmp_path / "f", seed=3, n_rule=120,
+  fresh = memorization_data.make_dataset(tmp_path / "f", seed=3, n_rule=120,
                                     n_fact=80, n_heldout=40)
   assert _load(fresh.train) == train
 
@@ -90,7 +91,7 @@ def _tiny_model(seed=0):
 
 
 def test_evaluate_on_a_random_model(tmp_path):
-  data = memorization.make_dataset(tmp_path, n_rule=8, n_fact=6, n_heldout=5)
+  data = memorization_data.make_dataset(tmp_path, n_rule=8, n_fact=6, n_heldout=5)
   facts = formats.read_metamathqa(data.facts)
   heldout = formats.read_metamathqa(data.heldout_rule)
   tok = Tokenizer.tiny()
@@ -128,7 +129,7 @@ def test_a_planted_fact_is_answered_and_an_unseen_one_is_not():
   from optconsist_jax.data import prompts
   tok = Tokenizer.tiny()
   planted, unseen = [formats.parse_metamath_record("facts", i, r) for i, r in
-                     enumerate(memorization.fact_records(2, seed=5))]
+                     enumerate(memorization_data.fact_records(2, seed=5))]
   ctx = [tok.bos_id, *tok.encode(prompts.alpaca_prompt(planted.query))]
   cont = [*tok.encode(planted.response), tok.eos_id]
   seq = np.asarray([ctx + cont], np.int32)

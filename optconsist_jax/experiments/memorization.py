@@ -4,12 +4,11 @@ The paper (arXiv 2605.06654) reports, from a synthetic task, that Muon leans
 to rote memorization when finetuning. This module rebuilds such a task so the
 two abilities are measured separately:
 
-* rule items: level-1 arithmetic word problems from
-  `optconsist_jax.data.synthetic` (add / subtract / multiply, numbers up to
-  20), whose answer follows from the question by a rule;
+* rule items: level-1 arithmetic word problems whose answer follows from
+  the question by a rule;
 * fact items: "What is the locker number of <made-up name>?" answered by an
-  arbitrary 3-digit number ("The answer is: N"), unique per item and not
-  present in the question, so it can only be memorized.
+  arbitrary 3-digit number, so they can only be memorized
+  (optconsist_jax.experiments.memorization_data writes both).
 
 The finetuning set mixes both (MetaMathQA format, so the ordinary trainer and
 data pipeline read it). Two probes are scored after every epoch:
@@ -46,7 +45,6 @@ from collections.abc import Sequence
 import dataclasses
 import json
 import os
-import re
 import time
 from typing import Any
 
@@ -59,149 +57,16 @@ from optconsist_jax import generate as gen
 from optconsist_jax import paths
 from optconsist_jax.data import formats
 from optconsist_jax.data import prompts
-from optconsist_jax.data import synthetic
 from optconsist_jax.data.records import MathExample
 from optconsist_jax.evals import math as math_eval
 from optconsist_jax.evals import multiple_choice
+from optconsist_jax.experiments import memorization_data
 
 SUBDIR = "memorization"
 RESULTS = "results.jsonl"
 CURVES = "curves.png"
 SETTINGS = "settings.json"
 BASE = "base"  # The `optimizer` of the epoch-0 line (the base model).
-
-_FACT_TYPE = "FACT_Locker"
-_SYLLABLES = ("ba", "dor", "ke", "lim", "mo", "nar", "pe", "quil", "ra", "sen",
-              "tu", "vok", "wen", "xa", "yor", "zu", "fen", "gat", "hil", "jo",
-              "bri", "cas", "del", "fro", "gri", "hap", "lun", "mir", "nob",
-              "osk", "pru", "tav")
-
-
-# ---------------------------------------------------------------------------
-# The data set.
-
-
-@dataclasses.dataclass(frozen=True)
-class MemorizationData:
-  """Paths of the written data set (MetaMathQA-format JSON lists).
-
-  Attributes:
-    train: the finetuning set (rule and fact items, shuffled).
-    facts: the fact items (the memorization probe; all are in `train`).
-    heldout_rule: rule items not in `train` (the rule probe).
-  """
-
-  train: str
-  facts: str
-  heldout_rule: str
-
-
-def _made_up_name(rng: np.random.Generator) -> str:
-  def word(n):
-    return "".join(str(s) for s in rng.choice(_SYLLABLES, n)).capitalize()
-  return f"{word(int(rng.integers(2, 4)))} {word(int(rng.integers(2, 4)))}"
-
-
-def fact_records(n: int, seed: int) -> list[dict[str, Any]]:
-  """`n` fact items: unique made-up names with unique arbitrary numbers."""
-  if not 0 < n <= 900:
-    raise ValueError(f"fact_records: n={n} must be in [1, 900] (answers are"
-                     " distinct 3-digit numbers)")
-  rng = np.random.default_rng([seed, 1])
-  names: list[str] = []
-  seen = set()
-  while len(names) < n:
-    name = _made_up_name(rng)
-    if name not in seen:
-      seen.add(name)
-      names.append(name)
-  answers = rng.choice(np.arange(100, 1000), size=n, replace=False)
-  out = []
-  for name, a in zip(names, answers):
-    q = f"What is the locker number of {name}?"
-    out.append({"type": _FACT_TYPE, "query": q, "original_question": q,
-                "response": f"The answer is: {int(a)}", "kind": "fact"})
-  return out
-
-
-def _arithmetic_key(p: synthetic.Problem) -> tuple:
-  return tuple((s.a, s.op, s.b) for s in p.steps)
-
-
-def rule_records(n_train: int, n_heldout: int, seed: int,
-                 levels: Sequence[int] = (1,)
-                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-  """Training and held-out rule items (held-out arithmetic never trained on)."""
-  def unique(problems, taken_q, taken_key, want, out):
-    for p in problems:
-      if len(out) == want:
-        break
-      if p.question in taken_q or _arithmetic_key(p) in taken_key:
-        continue
-      taken_q.add(p.question)
-      out.append(p)
-
-  train: list[synthetic.Problem] = []
-  seen_q: set[str] = set()
-  for attempt in range(100):
-    if len(train) == n_train:
-      break
-    unique(synthetic.generate_problems(max(n_train, 16), seed * 1000 + attempt,
-                                       levels, kinds=("word",)),
-           seen_q, set(), n_train, train)
-  train_keys = {_arithmetic_key(p) for p in train}
-  heldout: list[synthetic.Problem] = []
-  for attempt in range(100):
-    if len(heldout) == n_heldout:
-      break
-    unique(synthetic.generate_problems(
-        max(n_heldout, 16), 10_000_019 + seed * 1000 + attempt, levels,
-        kinds=("word",)), seen_q, train_keys, n_heldout, heldout)
-  if len(train) < n_train or len(heldout) < n_heldout:
-    raise ValueError(
-        f"rule_records: only {len(train)} train / {len(heldout)} held-out"
-        f" distinct problems at levels {tuple(levels)} (asked for {n_train} /"
-        f" {n_heldout}); ask for fewer or allow higher levels")
-
-  def render(p):
-    return {**synthetic.render_metamath(p), "kind": "rule"}
-  return [render(p) for p in train], [render(p) for p in heldout]
-
-
-def make_dataset(out_dir: str | os.PathLike, seed: int = 0, n_rule: int = 200,
-                 n_fact: int = 100, n_heldout: int = 64,
-                 levels: Sequence[int] = (1,)) -> MemorizationData:
-  """Writes the finetuning set and both probes to `out_dir` (module docstring).
-
-  Deterministic in its arguments; files already written with the same
-  arguments are kept (the manifest records them).
-  """
-  out_dir = os.fspath(out_dir)
-  data = MemorizationData(train=os.path.join(out_dir, "train.json"),
-                          facts=os.path.join(out_dir, "facts.json"),
-                          heldout_rule=os.path.join(out_dir,
-                                                    "heldout_rule.json"))
-  manifest = {"seed": seed, "n_rule": n_rule, "n_fact": n_fact,
-              "n_heldout": n_heldout, "levels": list(levels)}
-  manifest_path = os.path.join(out_dir, "manifest.json")
-  if os.path.exists(manifest_path) and all(
-      os.path.exists(p) for p in dataclasses.astuple(data)):
-    with open(manifest_path, encoding="utf-8") as f:
-      if json.load(f) == manifest:
-        return data
-  rule_train, rule_heldout = rule_records(n_rule, n_heldout, seed, levels)
-  facts = fact_records(n_fact, seed)
-  train = rule_train + facts
-  order = np.random.default_rng([seed, 2]).permutation(len(train))
-  train = [train[i] for i in order]
-  os.makedirs(out_dir, exist_ok=True)
-  for path, records in ((data.train, train), (data.facts, facts),
-                        (data.heldout_rule, rule_heldout)):
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(records, f, indent=0)
-  with open(manifest_path, "w", encoding="utf-8") as f:
-    json.dump(manifest, f)
-  return data
 
 
 # ---------------------------------------------------------------------------
@@ -356,8 +221,9 @@ def _base_run_config(base: str) -> dict[str, Any]:
       " be a run directory written by optconsist_jax.train (or inside one)")
 
 
-CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "configs", "memorization.py")
+# configs/ beside the package (a checkout).
+CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs", "memorization.py")
 
 
 def _config_module():
@@ -485,8 +351,9 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
       json.dump(wanted, f, indent=2)
 
   s = settings
-  data = make_dataset(os.path.join(root, "data"), seed=s.seed,
-                      n_rule=s.n_rule, n_fact=s.n_fact, n_heldout=s.n_heldout)
+  data = memorization_data.make_dataset(
+      os.path.join(root, "data"), seed=s.seed, n_rule=s.n_rule,
+      n_fact=s.n_fact, n_heldout=s.n_heldout)
   facts = formats.read_metamathqa(data.facts)
   heldout = formats.read_metamathqa(data.heldout_rule)
   results_path = os.path.join(root, RESULTS)
