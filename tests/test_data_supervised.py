@@ -87,8 +87,8 @@ def test_truncation_policies_are_counted(tok):
 def test_documents_split_every_token_a_target_once(tok):
   stats = supervised.TruncationStats()
   text = "The quick brown fox jumps over the lazy dog. " * 5
-  chunks = supervised.tokenize_document(text, tok, 16, stats)
   full = [tok.bos_id] + tok.encode(text) + [tok.eos_id]
+  chunks = supervised.document_chunks(full, 16, stats)
   targets = np.concatenate([c.tokens[1:] for c in chunks])
   np.testing.assert_array_equal(targets, full[1:])
   assert all(c.loss_mask[0] == 0 and c.loss_mask[1:].all() for c in chunks)

@@ -320,14 +320,6 @@ class DataPipeline:
   def __iter__(self):
     return self.iterator()
 
-  def epoch_of_step(self, step: int) -> int:
-    """Epoch (0-based) that global step `step` (0-based) belongs to."""
-    return step // self.steps_per_epoch
-
-  def is_epoch_end(self, step: int) -> bool:
-    """True when `step` (1-based count of steps done) completes an epoch."""
-    return step > 0 and step % self.steps_per_epoch == 0
-
 
 def _ensure_flags_parsed() -> None:
   if not flags.FLAGS.is_parsed():
@@ -402,21 +394,3 @@ def build_pipeline(config: DataConfig, *, tokenizer: Tokenizer | None = None,
       num_sequences=len(store), num_rows=len(rows), stats=stats,
       tokenizer=tokenizer,
       target_tokens_per_epoch=int(store.loss_mask.sum()))
-
-
-def eval_batches(store: supervised.TokenStore, seq_len: int, batch_size: int,
-                 *, pack: bool = False, pad_id: int = 0
-                 ) -> list[dict[str, np.ndarray]]:
-  """All sequences once, in order, as batches (last one padded with weight 0).
-
-  For held-out loss: no shuffling, no dropped remainder.
-  """
-  rows = supervised.pack_rows(store.lengths, seq_len, pack=pack)
-  if pack:  # Keep evaluation order independent of the seed.
-    rows = sorted(rows, key=lambda r: int(r.min()))
-  out = []
-  for i in range(0, len(rows), batch_size):
-    chunk = rows[i:i + batch_size]
-    chunk += [np.zeros(0, np.int64)] * (batch_size - len(chunk))
-    out.append(supervised.assemble_rows(store, chunk, seq_len, pad_id))
-  return out

@@ -142,19 +142,12 @@ def tokenize_supervised(example: MathExample | dict, tokenizer: Tokenizer,
                  name)
 
 
-def tokenize_document(text: str, tokenizer: Tokenizer, max_len: int,
-                      stats: TruncationStats | None = None
-                      ) -> list[TokenizedExample]:
-  """BOS + text + EOS as chunks of at most `max_len` tokens (overlap 1)."""
-  if max_len < 2:
-    raise ValueError(f"max_len={max_len} must be at least 2")
-  stats = stats if stats is not None else TruncationStats()
-  tokens = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
-  return document_chunks(tokens, max_len, stats)
-
-
 def document_chunks(tokens: Sequence[int], max_len: int,
                     stats: TruncationStats) -> list[TokenizedExample]:
+  """A document's tokens (BOS ... EOS) in chunks of <= `max_len` (overlap 1).
+
+  Every token but the first is a target exactly once.
+  """
   stats.examples += 1
   stats.longest = max(stats.longest, len(tokens))
   if len(tokens) > max_len:
