@@ -319,31 +319,13 @@ def test_two_processes_match_one(tmp_path):
   the scores gathered back. Process 0's answers must equal this process's
   unsharded ones.
   """
-  import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  import portpicker  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(__file__))
   import harness_multihost_worker as worker  # pylint: disable=g-import-not-at-top
+  from worker_processes import run_workers  # pylint: disable=g-import-not-at-top
 
-  port = portpicker.pick_unused_port()
   out_json = tmp_path / "out.json"
-  env = dict(os.environ)
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  procs = [subprocess.Popen(
-      [sys.executable, worker.__file__, str(port), "2", str(i),
-       str(out_json)], env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = []
-  try:
-    for p in procs:
-      outputs.append(p.communicate(timeout=300)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, (p, out) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+  run_workers(worker.__file__, [out_json])
   multi = json.loads(out_json.read_text())
   single = worker.run()
   np.testing.assert_allclose([x[0] for x in multi["loglikelihood"]],

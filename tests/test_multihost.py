@@ -16,8 +16,6 @@ WORKDIR OUT_JSON`) it is one worker process.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -134,33 +132,12 @@ def worker(port: int, num_processes: int, process_id: int, workdir: str,
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import portpicker  # pylint: disable=g-import-not-at-top
   from optconsist_jax.io import checkpoints  # pylint: disable=g-import-not-at-top
+  from worker_processes import run_workers  # pylint: disable=g-import-not-at-top
 
-  port = portpicker.pick_unused_port()
   workdir = tmp_path / "run"
   out_json = tmp_path / "out.json"
-  env = dict(os.environ)
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  procs = [
-      subprocess.Popen(
-          [sys.executable, __file__, str(port), "2", str(i), str(workdir),
-           str(out_json)],
-          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)
-  ]
-  outputs = []
-  try:
-    for p in procs:
-      out, _ = p.communicate(timeout=300)
-      outputs.append(out)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, (p, out) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+  run_workers(__file__, [workdir, out_json])
   multi = json.loads(out_json.read_text())
 
   # The reference: this pytest process, 1 process x 8 devices (conftest).
