@@ -50,11 +50,11 @@ def final_params(workdir: str):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from optconsist_jax import platforms  # pylint: disable=g-import-not-at-top
   platforms.select_default()
-  from optconsist_jax.io import checkpoints  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import weights  # pylint: disable=g-import-not-at-top
   from optconsist_jax.config_types import ExperimentConfig  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, "config.json")) as f:
     config = ExperimentConfig.from_dict(json.load(f))
-  model = checkpoints.restore_model(workdir, config.model)
+  model = weights.restore_run_model(workdir, config.model)
   flat = nnx.state(model, nnx.Param).flat_state()
   return {"/".join(map(str, k)): np.asarray(v[...], np.float64)
           for k, v in flat}

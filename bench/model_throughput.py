@@ -80,7 +80,7 @@ class JaxWorker:
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-    from optconsist_jax.io import hf  # pylint: disable=g-import-not-at-top
+    from optconsist_jax.io import hf_layout  # pylint: disable=g-import-not-at-top
     from optconsist_jax.loss import masked_cross_entropy  # pylint: disable=g-import-not-at-top
     from optconsist_jax.model import attention  # pylint: disable=g-import-not-at-top
     from optconsist_jax.model import Llama, preset  # pylint: disable=g-import-not-at-top
@@ -117,7 +117,7 @@ class JaxWorker:
         "first_step_incl_compile_s": time.perf_counter() - t0,
         "loss": self.loss,
         "flops_per_step": config.flops_per_token(seq) * batch * seq,
-        "hf_config": {k: v for k, v in hf.config_to_hf(config).items()
+        "hf_config": {k: v for k, v in hf_layout.config_to_hf(config).items()
                       if k != "architectures"},
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
     }

@@ -21,7 +21,7 @@ Sections (each converted by the module that owns its type):
   data        DataConfig (optconsist_jax.data)
   train       TrainConfig (below)
   checkpoint  CheckpointConfig (optconsist_jax.io.checkpoints)
-  init_from   InitFromConfig (below)
+  init_from   InitFromConfig (optconsist_jax.io.weights)
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ import json
 from typing import Any
 
 from absl import logging
-from etils import epath
 
 from optconsist_jax import typed_config
-from optconsist_jax.io.checkpoints import CheckpointConfig
+from optconsist_jax.io import weights
+from optconsist_jax.io.run_checkpoints import CheckpointConfig
+from optconsist_jax.io.weights import InitFromConfig
 from optconsist_jax.model import LlamaConfig
 from optconsist_jax.sharding import MeshConfig
 
@@ -81,34 +82,6 @@ class TrainConfig:
       raise ValueError(f"config.train.log_every={self.log_every} must be >= 1")
 
 
-INIT_KINDS = ("auto", "hf", "orbax", "nanogpt")
-
-
-@dataclasses.dataclass(frozen=True)
-class InitFromConfig:
-  """Where initial weights come from when the workdir has no checkpoint.
-
-  Attributes:
-    path: a Hugging Face Llama folder (config.json + *.safetensors) or Hub
-      repo (`org/name[@revision]`, see optconsist_jax.io.hub), an
-      Orbax run (its workdir, W/checkpoints, or one step directory), or a
-      nanoGPT `ckpt.pt` (the paper's GPT-2-small bases; config.model must
-      then be `nanogpt.read_config(path)`). Empty: random init.
-    kind: hf, orbax, nanogpt, or auto (hf if path holds config.json with
-      safetensors or is a Hub repo id, nanogpt for a .pt file, else orbax).
-    step: for an Orbax run, the step to read (None: the newest complete one).
-  """
-
-  path: str = ""
-  kind: str = "auto"
-  step: int | None = None
-
-  def __post_init__(self):
-    if self.kind not in INIT_KINDS:
-      raise ValueError(f"config.init_from.kind={self.kind!r}; expected one of"
-                       f" {INIT_KINDS}")
-
-
 def typed_section(cls, d: Mapping[str, Any] | None, section: str):
   """cls(**d) with unknown keys reported as `config.<section>: ...`."""
   return typed_config.from_dict(cls, d, f"config.{section}")
@@ -141,15 +114,11 @@ class ExperimentConfig:
   checkpoint: CheckpointConfig
   init_from: InitFromConfig
 
-  # The optim section as given, for resolve_total_steps.
-  optim_dict: Mapping[str, Any] = dataclasses.field(
-      default_factory=dict, repr=False, compare=False)
-
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ExperimentConfig:
     """From `ConfigDict.to_dict()`; every key must be known.
 
-    Schedules with total_steps 0 are validated with a stand-in length; call
+    Schedules with total_steps 0 (the run's length) stay 0; call
     `resolve_total_steps` before building the optimizer.
     """
     from optconsist_jax.data import pipeline as data_lib  # pylint: disable=g-import-not-at-top
@@ -167,89 +136,35 @@ class ExperimentConfig:
         model=_owned("model", d.get("model"),
                      lambda m: _model_config(m, init_from)),
         mesh=_owned("mesh", d.get("mesh"), MeshConfig.from_dict),
-        optim=_optim(d.get("optim"), _STAND_IN_STEPS),
+        optim=_owned("optim", d.get("optim"), _optim_from_dict),
         lora=lora,
         data=_owned("data", d.get("data"), data_lib.DataConfig.from_dict),
         train=typed_section(TrainConfig, d.get("train"), "train"),
         checkpoint=typed_section(CheckpointConfig, d.get("checkpoint"),
                                  "checkpoint"),
         init_from=init_from,
-        optim_dict=dict(d.get("optim") or {}),
     )
 
   def resolve_total_steps(self, total_steps: int) -> ExperimentConfig:
     """Fills schedules' `total_steps: 0` with the run's length."""
-    return dataclasses.replace(self, optim=_optim(self.optim_dict, total_steps))
+    return dataclasses.replace(
+        self, optim=self.optim.resolve_total_steps(total_steps))
 
   def to_json(self) -> str:
     """The resolved config (presets expanded), for W/config.json."""
-    d = to_jsonable(self)
-    d.pop("optim_dict", None)
-    return json.dumps(d, indent=2, sort_keys=True)
+    return json.dumps(typed_config.to_jsonable(self), indent=2,
+                      sort_keys=True)
 
 
-# Validates schedules whose length is the run's (total_steps 0) before the
-# data is read.
-_STAND_IN_STEPS = 1_000_000
-
-
-def _optim(d: Mapping[str, Any] | None, total_steps: int):
-  """OptimConfig with schedules' total_steps 0 set to `total_steps`."""
+def _optim_from_dict(d: Mapping[str, Any]):
   from optconsist_jax import optim as optim_lib  # pylint: disable=g-import-not-at-top
-  d = json.loads(json.dumps(dict(d or {})))
-  for group in (d.get("groups") or {}).values():
-    sched = group.get("schedule") if isinstance(group, dict) else None
-    if (isinstance(sched, dict) and sched.get("kind", "constant") != "constant"
-        and not sched.get("total_steps")):
-      sched["total_steps"] = int(total_steps)
-  return _owned("optim", d, optim_lib.OptimConfig.from_dict)
+  return optim_lib.OptimConfig.from_dict(d)
 
 
 FROM_INIT = "from_init"
 # LlamaConfig keys that change how a model runs, not its parameters.
 NUMERICS_KEYS = ("param_dtype", "dtype", "scan_layers", "remat_policy",
                  "attention_impl")
-
-
-def init_kind(path: str, kind: str = "auto") -> str:
-  """hf, nanogpt or orbax for an init_from path (kind "auto" decides)."""
-  if kind != "auto":
-    return kind
-  from optconsist_jax.io import hub  # pylint: disable=g-import-not-at-top
-  if hub.is_hub_ref(path):
-    return "hf"
-  p = epath.Path(path)
-  if p.is_file() and p.suffix == ".pt":
-    return "nanogpt"
-  if (p / "config.json").exists() and list(p.glob("*.safetensors")):
-    return "hf"
-  return "orbax"
-
-
-def model_config_of(path: str, kind: str = "auto") -> LlamaConfig:
-  """The architecture stored with an init_from source.
-
-  A Hugging Face folder's config.json, a nanoGPT ckpt.pt's model_args, or
-  the config.json train.py wrote beside an Orbax run (W, W/checkpoints or a
-  step directory).
-  """
-  kind = init_kind(path, kind)
-  if kind == "hf":
-    from optconsist_jax.io import hf  # pylint: disable=g-import-not-at-top
-    from optconsist_jax.io import hub  # pylint: disable=g-import-not-at-top
-    folder = hub.model_dir(path, patterns=("config.json",))  # a Hub repo's
-    return hf.config_from_hf(
-        json.loads((epath.Path(folder) / "config.json").read_text()))
-  if kind == "nanogpt":
-    from optconsist_jax.io import nanogpt  # pylint: disable=g-import-not-at-top
-    return nanogpt.read_config(path)
-  p = epath.Path(path)
-  for run_dir in (p, p.parent, p.parent.parent):
-    if (run_dir / "config.json").exists():
-      run = json.loads((run_dir / "config.json").read_text())
-      return LlamaConfig.from_dict(run["model"])
-  raise FileNotFoundError(f"config.init_from.path={path!r}: no config.json of"
-                          " a train.py run found in it or its parents")
 
 
 def _model_config(d: Mapping[str, Any], init_from: InitFromConfig
@@ -276,7 +191,7 @@ def _model_config(d: Mapping[str, Any], init_from: InitFromConfig
                     " from %s; ignoring config.model keys %s",
                     init_from.path, ignored)
   return dataclasses.replace(
-      model_config_of(init_from.path, init_from.kind),
+      weights.model_config_of(init_from.path, init_from.kind),
       **{k: v for k, v in d.items() if k in NUMERICS_KEYS})
 
 
@@ -285,17 +200,3 @@ def _lora_from_dict(lora_lib):
   if hasattr(cls, "from_dict"):
     return cls.from_dict
   return lambda d: typed_section(cls, d, "lora")
-
-
-def to_jsonable(x: Any) -> Any:
-  """Dataclasses, tuples, dtypes... -> JSON-able builtins."""
-  if dataclasses.is_dataclass(x) and not isinstance(x, type):
-    return {f.name: to_jsonable(getattr(x, f.name))
-            for f in dataclasses.fields(x)}
-  if isinstance(x, Mapping):
-    return {str(k): to_jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [to_jsonable(v) for v in x]
-  if x is None or isinstance(x, (bool, int, float, str)):
-    return x
-  return str(x)

@@ -77,6 +77,61 @@ def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int,
   return flops_per_token * tokens_per_sec / (num_devices * peak_per_device)
 
 
+class Throughput:
+  """Step time, tokens/s and MFU between a start step and the latest counted.
+
+  train.py keeps two: one reset at every log (the logged rates) and one over
+  the whole run after its first step (which includes compilation).
+
+  Args:
+    tokens_per_step: B x T slots of one optimizer step.
+    flops_per_token: model flops per token (LlamaConfig.flops_per_token).
+    num_devices: devices the step runs on.
+    peak_per_device: peak flop/s of one device (`peak_flops()`; None: no MFU).
+  """
+
+  def __init__(self, tokens_per_step: int, flops_per_token: float,
+               num_devices: int, peak_per_device: float | None):
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_token = flops_per_token
+    self.num_devices = num_devices
+    self.peak_per_device = peak_per_device
+    self.started = False
+    self.t0 = self.t = 0.0
+    self.step0 = self.step = 0
+    self.target_tokens = 0.0
+
+  def start(self, step: int, now: float | None = None) -> None:
+    """Starts the window at `step` (now: time.perf_counter())."""
+    now = time.perf_counter() if now is None else now
+    self.started = True
+    self.t0, self.step0, self.t, self.step = now, step, now, step
+    self.target_tokens = 0.0
+
+  def count(self, step: int, target_tokens: float,
+            now: float | None = None) -> None:
+    """Step `step` is done, with `target_tokens` tokens that carry loss."""
+    self.t = time.perf_counter() if now is None else now
+    self.step = step
+    self.target_tokens += float(target_tokens)
+
+  @property
+  def steps(self) -> int:
+    return self.step - self.step0
+
+  def rates(self) -> dict[str, float | None]:
+    """step_time_s, tokens_per_s (all slots), target_tokens_per_s, mfu;
+    empty before a step and a moment have passed."""
+    n, dt = self.steps, self.t - self.t0
+    if not self.started or n <= 0 or dt <= 0:
+      return {}
+    tokens_per_s = n * self.tokens_per_step / dt
+    return {"step_time_s": dt / n, "tokens_per_s": tokens_per_s,
+            "target_tokens_per_s": self.target_tokens / dt,
+            "mfu": mfu(self.flops_per_token, tokens_per_s, self.num_devices,
+                       self.peak_per_device)}
+
+
 def layer_stats_scalars(stats: Mapping[str, Any],
                         prefix: str = "activations") -> dict[str, float]:
   """{"mean": [L], ...} -> {"activations/mean/layer_00": x, ...}."""
@@ -132,9 +187,6 @@ class Writer:
   def scalars(self, step: int, values: Mapping[str, Any]):
     self.writer.write_scalars(
         step, {k: float(v) for k, v in values.items() if v is not None})
-
-  def hparams(self, flat_config: Mapping[str, Any]):
-    self.writer.write_hparams(dict(flat_config))
 
   def parameter_overview(self, params: Any, title: str = "params"):
     """Logs a table of names, shapes, sizes, mean/std and sharding."""

@@ -1,4 +1,9 @@
-"""User-given paths, made absolute once where a command line hands them over.
+"""Paths to strings: user-given file paths, and parameter paths.
+
+`path_name` is the one spelling of a parameter's path in a pytree
+('layers/attn/q_proj/kernel'), used in messages, routing and file formats.
+
+User-given paths are made absolute once where a command line hands them over.
 
 Every command (train, evaluate, reproduce, memorization, fingerprints, report,
 plan, the data CLIs, launch) passes the paths it was given through `resolve`
@@ -13,8 +18,12 @@ are Hugging Face Hub references among a config's input paths
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import os
 import re
+from typing import Any
+
+import jax
 
 from optconsist_jax.io import hub
 
@@ -63,3 +72,21 @@ def resolve_keys(config: dict, keys: tuple[str, ...],
           and os.fspath(out[head]) not in keep):
       out[head] = resolve(out[head], hub_refs=True)
   return out
+
+
+def path_name(path: Sequence[Any]) -> str:
+  """'layers/attn/q_proj/kernel' for a jax key path (NNX `.value` dropped)."""
+  parts = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      if k.name not in ("value", "raw_value"):
+        parts.append(k.name)
+    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(k.key))
+    else:
+      parts.append(str(k))
+  return "/".join(parts)

@@ -47,6 +47,7 @@ import jax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from optconsist_jax import paths
 from optconsist_jax import typed_config
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
@@ -302,11 +303,6 @@ def _is_variable(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(
-      k, "idx", k)))) for k in path)
-
-
 def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
   """A NamedSharding for every leaf of a (possibly abstract) state.
 
@@ -342,12 +338,12 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
     try:
       spec = logical_to_spec(names, rules)
     except ValueError as e:
-      raise ValueError(f"param {_path_str(path)!r}: {e}") from None
+      raise ValueError(f"param {paths.path_name(path)!r}: {e}") from None
     for dim, (size, axes) in enumerate(zip(shape, spec)):
       n = axes_size(mesh, axes)
       if size % n:
         raise ValueError(
-            f"param {_path_str(path)!r} shape {tuple(shape)}: dim {dim}"
+            f"param {paths.path_name(path)!r} shape {tuple(shape)}: dim {dim}"
             f" ({names[dim]!r}, size {size}) is not divisible by mesh axes"
             f" {axes!r} of size {n}; change the mesh or the rule for"
             f" {names[dim]!r}")

@@ -355,3 +355,17 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     return False
   jax.distributed.initialize()
   return True
+
+
+def make_stats_fn(graphdef: Any) -> Callable[..., Any]:
+  """Residual-stream statistics of one forward pass (the optimizer fingerprint).
+
+  Returns a jitted `stats(params, frozen, batch)`.
+  """
+
+  @jax.jit
+  def stats(params, frozen, batch):
+    model = nnx.merge(graphdef, params, frozen)
+    return model.forward(batch["inputs"], batch["positions"],
+                         batch["segment_ids"], return_stats=True).stats
+  return stats

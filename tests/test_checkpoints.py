@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from optconsist_jax.io import checkpoints
+from optconsist_jax.io import run_checkpoints
 from optconsist_jax.model import Llama
 from optconsist_jax.model import preset
 
@@ -77,8 +78,8 @@ def test_round_trip_onto_other_mesh(tmp_path):
   it = _data_iter()
   next(it), next(it)
   rng = jax.random.key(7)
-  ckpts = checkpoints.RunCheckpoints(
-      tmp_path, checkpoints.CheckpointConfig(every_steps=1), MODEL)
+  ckpts = run_checkpoints.RunCheckpoints(
+      tmp_path, run_checkpoints.CheckpointConfig(every_steps=1), MODEL)
   ckpts.save(2, params=params8, opt_state=opt8, data_iter=it, rng=rng,
              epoch=0)
   expected_batches = [next(it) for _ in range(3)]
@@ -88,8 +89,8 @@ def test_round_trip_onto_other_mesh(tmp_path):
   mesh24 = _mesh((2, 4), ("data", "tensor"))
   abs_params = _abstract(_shard_first_axis(params, mesh24, "tensor"))
   abs_opt = _abstract(_shard_first_axis(opt_state, mesh24, "tensor"))
-  ckpts = checkpoints.RunCheckpoints(
-      tmp_path, checkpoints.CheckpointConfig(), MODEL)
+  ckpts = run_checkpoints.RunCheckpoints(
+      tmp_path, run_checkpoints.CheckpointConfig(), MODEL)
   assert ckpts.latest_step() == 2
   it2 = _data_iter()
   r = ckpts.restore(None, abstract_params=abs_params,
@@ -119,8 +120,8 @@ def test_round_trip_onto_other_mesh(tmp_path):
 
 def test_retention_keeps_latest_and_epoch_ends(tmp_path):
   params, opt_state = _model_and_opt()
-  ckpts = checkpoints.RunCheckpoints(
-      tmp_path, checkpoints.CheckpointConfig(keep=2, async_save=False), MODEL)
+  ckpts = run_checkpoints.RunCheckpoints(
+      tmp_path, run_checkpoints.CheckpointConfig(keep=2, async_save=False), MODEL)
   for step in range(1, 8):
     ckpts.save(step, params=params, opt_state=opt_state, epoch=step // 3,
                epoch_end=step % 3 == 0)
@@ -134,8 +135,8 @@ def test_retention_keeps_latest_and_epoch_ends(tmp_path):
 
 def test_incomplete_checkpoint_is_listed_as_such(tmp_path):
   params, opt_state = _model_and_opt()
-  ckpts = checkpoints.RunCheckpoints(
-      tmp_path, checkpoints.CheckpointConfig(async_save=False), MODEL)
+  ckpts = run_checkpoints.RunCheckpoints(
+      tmp_path, run_checkpoints.CheckpointConfig(async_save=False), MODEL)
   ckpts.save(1, params=params, opt_state=opt_state)
   ckpts.close()
   # What a save killed half-way leaves behind.
@@ -146,8 +147,8 @@ def test_incomplete_checkpoint_is_listed_as_such(tmp_path):
   with pytest.raises(FileNotFoundError, match="step 2"):
     checkpoints.restore_params(tmp_path, 2, params)
   # A resumed run starts from step 1 and writes step 2 again.
-  ckpts = checkpoints.RunCheckpoints(
-      tmp_path, checkpoints.CheckpointConfig(), MODEL)
+  ckpts = run_checkpoints.RunCheckpoints(
+      tmp_path, run_checkpoints.CheckpointConfig(), MODEL)
   assert ckpts.latest_step() == 1
   assert ckpts.save(2, params=params, opt_state=opt_state)
   ckpts.close()
@@ -159,19 +160,19 @@ def test_incomplete_checkpoint_is_listed_as_such(tmp_path):
 
 def test_refuses_other_model(tmp_path):
   params, opt_state = _model_and_opt()
-  ckpts = checkpoints.RunCheckpoints(
-      tmp_path, checkpoints.CheckpointConfig(async_save=False), MODEL)
+  ckpts = run_checkpoints.RunCheckpoints(
+      tmp_path, run_checkpoints.CheckpointConfig(async_save=False), MODEL)
   ckpts.save(1, params=params, opt_state=opt_state)
   ckpts.close()
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match=r"llama.hidden_size: checkpoint has 64, config has 96"):
-    checkpoints.RunCheckpoints(tmp_path, checkpoints.CheckpointConfig(),
+    run_checkpoints.RunCheckpoints(tmp_path, run_checkpoints.CheckpointConfig(),
                                _identity(hidden_size=96))
   with pytest.raises(checkpoints.CheckpointMismatchError, match="num_layers"):
     checkpoints.restore_params(tmp_path, None, params,
                                model=_identity(num_layers=4))
   # Runtime-only settings are not part of the identity.
-  ckpts = checkpoints.RunCheckpoints(
-      tmp_path, checkpoints.CheckpointConfig(),
+  ckpts = run_checkpoints.RunCheckpoints(
+      tmp_path, run_checkpoints.CheckpointConfig(),
       _identity(remat_policy="full", scan_layers=False))
   ckpts.close()

@@ -35,11 +35,11 @@ def _train(workdir, steps=6):
 
 def _params(workdir):
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.io import checkpoints  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import weights  # pylint: disable=g-import-not-at-top
   from optconsist_jax.config_types import ExperimentConfig  # pylint: disable=g-import-not-at-top
   config = ExperimentConfig.from_dict(
       json.loads((workdir / "config.json").read_text()))
-  model = checkpoints.restore_model(workdir, config.model)
+  model = weights.restore_run_model(workdir, config.model)
   return {k: np.asarray(v[...])
           for k, v in nnx.state(model, nnx.Param).flat_state()}
 

@@ -12,13 +12,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optconsist_jax.io import checkpoints as ckpt_lib
+from etils import epath
+
 from optconsist_jax import evaluate as ev_lib
 from optconsist_jax import report
 from optconsist_jax import sharding
-from optconsist_jax.config_types import to_jsonable
+from optconsist_jax import train_setup
+from optconsist_jax.config_types import ExperimentConfig
 from optconsist_jax.data.tokenizer import Tokenizer
+from optconsist_jax.evals import job
+from optconsist_jax.evals import suite
+from optconsist_jax.io import checkpoints as ckpt_lib
+from optconsist_jax.io import run_checkpoints
+from optconsist_jax.io import weights
 from optconsist_jax.model import Llama, preset
+from optconsist_jax.typed_config import to_jsonable
 
 MODEL = preset("tiny_gqa").replace(vocab_size=2048, initializer_range=0.1)
 LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q", "v", "down"]}
@@ -26,12 +34,16 @@ TOTAL_STEPS, EPOCHS = 6, 3
 
 
 def eval_config(mesh=None, **kw):
+  """Small evals; a benchmark of multiple_choice runs only when named."""
+  mc = dict(hellaswag="", arc_challenge="", winogrande="")
+  mc.update(kw.pop("multiple_choice", dict(
+      arc_challenge="synthetic", winogrande="synthetic", limit=3,
+      batch_size=4, max_len=128)))
   d = dict(
       mesh=mesh or {"preset": "fsdp"},
       math=dict(protocols=("metamath",), limit=2, batch_size=2,
                 max_new_tokens=6),
-      multiple_choice=dict(arc_challenge="synthetic", winogrande="synthetic",
-                           limit=3, batch_size=4, max_len=128),
+      multiple_choice=mc,
       lm_loss=dict(path="", limit=0, max_len=32, batch_size=2),
       base="adamw", watch=dict(poll_secs=1.0, idle_timeout_secs=0.0,
                                retries=2))
@@ -39,20 +51,21 @@ def eval_config(mesh=None, **kw):
   return ev_lib.EvalConfig.from_dict(d)
 
 
-def write_run(w, lora=None, init_from=""):
-  os.makedirs(w, exist_ok=True)
-  cfg = {"model": to_jsonable(MODEL), "lora": lora,
-         "train": {"num_epochs": EPOCHS, "num_steps": 0},
-         "optim": {"groups": {"adamw": {"optimizer": "adamw", "schedule": {
-             "kind": "cosine", "peak": 1e-3, "total_steps": TOTAL_STEPS}}},
-                   "routes": [["all", "adamw"]]},
-         "data": {"seed": 0, "synthetic_examples": 40, "tokenizer_path": ""},
-         "init_from": {"path": init_from, "kind": "auto", "step": None}}
-  with open(os.path.join(w, "config.json"), "w") as f:
-    json.dump(cfg, f)
+def write_run(w, lora=None, init_from="", model=MODEL, kind="auto"):
+  """W/config.json as train.py writes it; returns the checkpoints' identity."""
+  config = ExperimentConfig.from_dict({
+      "model": to_jsonable(model), "lora": lora,
+      "train": {"num_epochs": EPOCHS, "num_steps": 0},
+      "optim": {"groups": {"adamw": {"optimizer": "adamw", "schedule": {
+          "kind": "cosine", "peak": 1e-3, "total_steps": TOTAL_STEPS}}},
+                "routes": [["all", "adamw"]]},
+      "data": {"format": "synthetic", "seed": 0, "synthetic_examples": 40,
+               "tokenizer_path": ""},
+      "init_from": {"path": init_from, "kind": kind}})
+  train_setup.write_config(config, epath.Path(w))
   with open(os.path.join(w, "heldout.txt"), "w") as f:
     f.write("The cat sat on the mat.\n\nTwo plus two is four, said Ava.\n")
-  return {"llama": cfg["model"], "lora": lora}
+  return weights.identity(config.model, config.lora)
 
 
 def make_model(seed, lora=None):
@@ -69,7 +82,7 @@ def make_model(seed, lora=None):
 
 
 def save(w, identity, step, model, epoch_end=False):
-  ck = ckpt_lib.RunCheckpoints(w, ckpt_lib.CheckpointConfig(
+  ck = run_checkpoints.RunCheckpoints(w, run_checkpoints.CheckpointConfig(
       keep=None, async_save=False), identity)
   ck.save(step, params=nnx.state(model), opt_state={"count": jnp.zeros(())},
           epoch=step * EPOCHS // TOTAL_STEPS, epoch_end=epoch_end)
@@ -148,17 +161,17 @@ def test_other_mesh_same_numbers(run_dir, tokenizer):
   want = {r.step: r for r in report.read_workdir(w)}
   other = dataclasses.replace(
       config, mesh=sharding.MeshConfig.preset("fsdp_tp", fsdp=4, tensor=2))
-  ev = ev_lib.Evaluator(w, other, tokenizer=tokenizer)
+  ev = job.Evaluator(w, other, tokenizer=tokenizer)
   info = [c for c in ckpt_lib.list_checkpoints(w) if c.step == 4][0]
   model = ev.checkpoint_model(info.path)
   kernel = nnx.state(model, nnx.Param)["layers"]["mlp"]["up_proj"]["kernel"]
   assert len(kernel[...].sharding.device_set) == 8  # really resharded
-  metrics, _ = ev_lib.run_evals(model, tokenizer, ev.data, other)
+  metrics, _ = suite.run_evals(model, tokenizer, ev.data, other)
   for k, v in want[4].metrics.items():
     if "seconds" not in k and "tokens_per_second" not in k:
       assert metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
   # And the same as the in-memory model that was saved, without any mesh.
-  direct, _ = ev_lib.run_evals(models[4], tokenizer, ev.data, other)
+  direct, _ = suite.run_evals(models[4], tokenizer, ev.data, other)
   assert direct["lm_loss/loss"] == pytest.approx(metrics["lm_loss/loss"],
                                                  rel=1e-5)
 
@@ -254,10 +267,10 @@ def test_lora_checkpoint_evaluated_merged_and_hf_base(tmp_path, tokenizer):
   assert base_rec.is_base and base_rec.checkpoint == hf_dir
   assert (base_rec.method, base_rec.step) == ("base", 0)
   assert lora_rec.method == "lora" and not lora_rec.is_base
-  ev = ev_lib.Evaluator(w, config, tokenizer=tokenizer)
-  want_lora, _ = ev_lib.run_evals(lora_lib.merge(tuned), tokenizer, ev.data,
+  ev = job.Evaluator(w, config, tokenizer=tokenizer)
+  want_lora, _ = suite.run_evals(lora_lib.merge(tuned), tokenizer, ev.data,
                                   config)
-  want_base, _ = ev_lib.run_evals(base, tokenizer, ev.data, config)
+  want_base, _ = suite.run_evals(base, tokenizer, ev.data, config)
   assert lora_rec.metrics["lm_loss/loss"] == pytest.approx(
       want_lora["lm_loss/loss"], rel=1e-5)
   assert base_rec.metrics["lm_loss/loss"] == pytest.approx(
@@ -275,7 +288,7 @@ def test_bad_eval_config_is_named():
   with pytest.raises(ValueError, match="math.protocols: unknown"):
     eval_config(math=dict(protocols=("mmlu",)))
   with pytest.raises(FileNotFoundError, match="config.json not found"):
-    ev_lib.read_run("/nonexistent/run")
+    job.read_run("/nonexistent/run")
 
 
 def _run_config(w):
@@ -326,8 +339,8 @@ def test_labels_come_from_the_checkpoint_not_config_json(tmp_path):
   w = str(tmp_path / "run")
   identity = write_run(w)
   written_with = _run_config(w)
-  ck = ckpt_lib.RunCheckpoints(
-      w, ckpt_lib.CheckpointConfig(keep=None, async_save=False), identity,
+  ck = run_checkpoints.RunCheckpoints(
+      w, run_checkpoints.CheckpointConfig(keep=None, async_save=False), identity,
       run_config=written_with)
   ck.save(2, params=nnx.state(make_model(2)),
           opt_state={"count": jnp.zeros(())}, epoch=1)
@@ -346,3 +359,30 @@ def test_labels_come_from_the_checkpoint_not_config_json(tmp_path):
   assert res.evaluated == [2]
   (rec,) = report.read_workdir(w)
   assert (rec.method, rec.lr) == ("adamw", 1e-3)
+
+
+def test_base_model_honours_init_from_kind(tmp_path):
+  """init_from.kind decides the base model's reader, as it does in train.py.
+
+  A nanoGPT checkpoint under a name "auto" does not recognise (no .pt) reads
+  as nanoGPT because the run says kind=nanogpt.
+  """
+  import types  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import nanogpt  # pylint: disable=g-import-not-at-top
+  fixture = os.path.join(os.path.dirname(__file__), "fixtures", "nanogpt",
+                         "ckpt.pt")
+  ckpt = str(tmp_path / "base_weights")
+  shutil.copy(fixture, ckpt)
+  assert weights.kind_of(ckpt) == "orbax"  # what "auto" would have said
+  w = str(tmp_path / "run")
+  write_run(w, init_from=ckpt, model=nanogpt.read_config(ckpt),
+            kind="nanogpt")
+  ev = job.Evaluator(w, eval_config(), data=suite.EvalData([], [], [], []),
+                     tokenizer=types.SimpleNamespace(vocab_size=1))
+  source = ev.base_source()
+  assert (source.path, source.kind) == (ckpt, "nanogpt")
+  got = nnx.state(ev.base_model(source), nnx.Param)
+  _, want = nanogpt.load_nanogpt(fixture)
+  want = nnx.state(want, nnx.Param)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -24,6 +24,8 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval")
 
 from optconsist_jax import evaluate as ev_lib  # pylint: disable=g-import-not-at-top
+from optconsist_jax.evals import config as eval_config  # pylint: disable=g-import-not-at-top
+from optconsist_jax.evals import suite  # pylint: disable=g-import-not-at-top
 from optconsist_jax import generate as gen  # pylint: disable=g-import-not-at-top
 from optconsist_jax import sharding  # pylint: disable=g-import-not-at-top
 from optconsist_jax.data import formats  # pylint: disable=g-import-not-at-top
@@ -124,7 +126,7 @@ def setup(tmp_path_factory):
              "generation_kwargs:\n  until: ['Question:', '</s>', '<|im_end|>']"
              f"\n  do_sample: false\n  temperature: 0.0\n"
              f"  max_gen_toks: {GEN_TOKENS}\n")
-  config = ev_lib.HarnessEvalConfig(
+  config = eval_config.HarnessEvalConfig(
       tasks=("local_hellaswag", "local_arc", "local_winogrande",
              "local_gsm8k"), include_path=(str(tasks),),
       include_defaults=False, batch_size=8, max_len=512)
@@ -280,8 +282,8 @@ def test_eval_job_records_harness_metrics(setup):
                   "max_len": 512}})
   items = [dataclasses_replace(i, "arc_challenge")
            for i in formats.read_arc(data["arc"])]
-  eval_data = ev_lib.EvalData([], [], items, [])
-  metrics, predictions = ev_lib.run_evals(model, tok, eval_data, config)
+  eval_data = suite.EvalData([], [], items, [])
+  metrics, predictions = suite.run_evals(model, tok, eval_data, config)
   assert metrics["harness/local_arc/acc_norm"] == pytest.approx(
       metrics["mc/arc_challenge/acc_norm"])
   assert metrics["harness/local_arc/acc"] == pytest.approx(
@@ -289,7 +291,7 @@ def test_eval_job_records_harness_metrics(setup):
   assert "harness/local_arc/acc_stderr" in metrics
   assert sum(p["eval"] == "harness/local_arc"
              for p in predictions) == setup["n"]["local_arc"]
-  settings = ev_lib.eval_settings(config, tok)
+  settings = suite.eval_settings(config, tok)
   assert settings == {
       "mc_add_bos": True,
       "harness": {"version": "0.4.13", "tasks": ["local_arc"],
@@ -304,7 +306,7 @@ def dataclasses_replace(item, benchmark):
 
 def test_unknown_task_is_named(setup):
   model, tok = setup["model"], setup["tok"]
-  config = ev_lib.HarnessEvalConfig(tasks=("no_such_task",),
+  config = eval_config.HarnessEvalConfig(tasks=("no_such_task",),
                                     include_defaults=False)
   with pytest.raises(ValueError, match="no_such_task.*unknown to lm-eval"):
     harness.evaluate_tasks(model, tok, config)

@@ -18,7 +18,9 @@ import pytest
 import safetensors
 from safetensors.numpy import save_file
 
+from optconsist_jax import paths
 from optconsist_jax.io import hf
+from optconsist_jax.io import hf_layout
 from optconsist_jax import sharding
 from optconsist_jax.model import Llama
 from optconsist_jax.model import preset
@@ -34,7 +36,7 @@ def _fixture(name):
 
 
 def _params(model):
-  return {hf._path_str(kp): np.asarray(v) for kp, v in  # pylint: disable=protected-access
+  return {paths.path_name(kp): np.asarray(v) for kp, v in
           jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
 
 
@@ -84,7 +86,7 @@ def test_llama2_7b_hf_config_gives_preset():
       "num_key_value_heads": 32, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
       "rope_scaling": None, "tie_word_embeddings": False,
       "torch_dtype": "float16", "use_cache": True, "vocab_size": 32000}
-  config = hf.config_from_hf(hf_json)
+  config = hf_layout.config_from_hf(hf_json)
   assert config == preset("llama2_7b")
   assert config.num_params() == 6_738_415_616
 
@@ -93,14 +95,14 @@ def test_llama2_7b_hf_config_gives_preset():
                                   "tiny_gqa"])
 def test_config_round_trip(name):
   config = preset(name)
-  assert hf.config_from_hf(hf.config_to_hf(config)) == config
+  assert hf_layout.config_from_hf(hf_layout.config_to_hf(config)) == config
 
 
 def test_rope_scaling_is_rejected():
-  hf_json = hf.config_to_hf(preset("tiny_mha"))
+  hf_json = hf_layout.config_to_hf(preset("tiny_mha"))
   hf_json["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
   with pytest.raises(ValueError, match="rope type 'llama3'"):
-    hf.config_from_hf(hf_json)
+    hf_layout.config_from_hf(hf_json)
 
 
 @pytest.mark.parametrize("name", ["gqa", "tied", "sharded"])

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from optconsist_jax.io import hf
+from optconsist_jax.io import hf_layout
 from optconsist_jax.io import hub
+from optconsist_jax.io import weights
 from fake_hub import FakeHub, Repo
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -197,20 +199,21 @@ def test_processes_sharing_a_cache_do_not_race(env, tmp_path):
 def test_train_init_from_hub_repo_with_from_init(env, tmp_path):
   """config.init_from.path = a Hub repo id: architecture and params from it."""
   from optconsist_jax import config_types  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import train  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import sharding  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import train_setup  # pylint: disable=g-import-not-at-top
   import test_train  # pylint: disable=g-import-not-at-top
   with FakeHub({("model", REPO): _model_repo("gqa")}) as server:
     env.setenv("HF_ENDPOINT", server.endpoint)
-    assert config_types.init_kind(f"{REPO}@main") == "hf"
+    assert weights.kind_of(f"{REPO}@main") == "hf"
     cfg = test_train._config(**{"init_from.path": f"{REPO}@main",  # pylint: disable=protected-access
                                 "model.preset": "from_init"})
     # from_init read only config.json so far.
     assert server.count("GET", "cdn:/blobs/") == 0
     with open(os.path.join(FIXTURES, "gqa", "config.json")) as f:
-      want = hf.config_from_hf(json.load(f))
+      want = hf_layout.config_from_hf(json.load(f))
     assert cfg.model == want.replace(
         **{k: getattr(cfg.model, k) for k in config_types.NUMERICS_KEYS})
-    train.preflight(cfg, train.sharding.make_mesh(cfg.mesh))
+    train_setup.preflight(cfg, sharding.make_mesh(cfg.mesh))
     params, how, _ = test_train._initial_params(cfg, tmp_path / "w")  # pylint: disable=protected-access
   assert how == f"initialized from Hugging Face repo {REPO}@main"
   test_train._assert_same_params(  # pylint: disable=protected-access

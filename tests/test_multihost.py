@@ -114,9 +114,10 @@ def worker(port: int, num_processes: int, process_id: int, workdir: str,
   assert jax.local_device_count() == 4 and jax.device_count() == 8
 
   from optconsist_jax.io import checkpoints  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import run_checkpoints  # pylint: disable=g-import-not-at-top
   state, losses, abstract = train(process_id, num_processes)
-  ckpts = checkpoints.RunCheckpoints(
-      workdir, checkpoints.CheckpointConfig(every_steps=0), MODEL_ID)
+  ckpts = run_checkpoints.RunCheckpoints(
+      workdir, run_checkpoints.CheckpointConfig(every_steps=0), MODEL_ID)
   ckpts.save(NUM_STEPS, params=state.params, opt_state=state.opt_state,
              epoch=1, epoch_end=True)
   ckpts.close()

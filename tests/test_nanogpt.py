@@ -19,6 +19,7 @@ import optax
 import pytest
 
 from optconsist_jax.io import nanogpt
+from optconsist_jax.io import torch_pickle
 from optconsist_jax.loss import masked_cross_entropy
 from optconsist_jax.model import Llama
 
@@ -32,7 +33,7 @@ def _fixture(name):
 
 @pytest.fixture(scope="module")
 def raw():
-  return nanogpt.read_torch_checkpoint(CKPT)
+  return torch_pickle.read_torch_checkpoint(CKPT)
 
 
 @pytest.fixture(scope="module")
@@ -265,14 +266,14 @@ def test_malicious_global_refused(tmp_path):
   marker = tmp_path / "pwned"
   ckpt = tmp_path / "ckpt.pt"
   _zip_with_pickle(ckpt, pickle.dumps({"model": _Exploit(marker)}, protocol=2))
-  with pytest.raises(nanogpt.UnsafePickleError,
+  with pytest.raises(torch_pickle.UnsafePickleError,
                      match=r"ckpt\.pt: refusing to load global .*system"):
     nanogpt.load_nanogpt(ckpt)
   assert not marker.exists()
   _zip_with_pickle(ckpt, pickle.dumps(
       {"model": {}, "model_args": io.BytesIO}, protocol=2))
-  with pytest.raises(nanogpt.UnsafePickleError, match=r"_io\.BytesIO"):
-    nanogpt.read_torch_checkpoint(ckpt)
+  with pytest.raises(torch_pickle.UnsafePickleError, match=r"_io\.BytesIO"):
+    torch_pickle.read_torch_checkpoint(ckpt)
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optconsist_jax import evaluate
+from optconsist_jax.evals import job
 from optconsist_jax import optim
 from optconsist_jax.tools import planner
 from optconsist_jax import train
@@ -75,7 +75,7 @@ def test_a_config_naming_it_trains_plans_and_is_labelled(tmp_path):
   assert losses[-1] < losses[0], losses
 
   # The eval job reads the run's config.json and labels it by the optimizer.
-  run = evaluate.read_run(tmp_path)
+  run = job.read_run(tmp_path)
   assert run.method == NAME
   assert run.lr == 3e-3
 

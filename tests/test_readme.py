@@ -282,8 +282,8 @@ def widen_nanogpt(src, dst, vocab_size: int, block_size: int) -> None:
   README's command uses 1,024 positions. Every other tensor, the tied
   wte/lm_head storage and the checkpoint's layout are kept.
   """
-  from optconsist_jax.io import nanogpt  # pylint: disable=g-import-not-at-top
-  ckpt = nanogpt.read_torch_checkpoint(src)
+  from optconsist_jax.io import torch_pickle  # pylint: disable=g-import-not-at-top
+  ckpt = torch_pickle.read_torch_checkpoint(src)
   rng = np.random.default_rng(0)
   records, by_record, state = {}, {}, {}
   for name, t in ckpt["model"].items():

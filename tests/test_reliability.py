@@ -13,10 +13,13 @@ import subprocess
 import sys
 import time
 
+from flax import nnx
 import numpy as np
 import pytest
 
 from optconsist_jax.io import checkpoints
+from optconsist_jax.io import run_checkpoints
+from optconsist_jax.io import weights
 from optconsist_jax import errors
 from optconsist_jax import train
 
@@ -216,7 +219,7 @@ def test_full_disk_stops_training_and_leaves_no_tmp(four_steps, tmp_path):
     with open(ckpt / "filler", "wb") as f:
       f.write(b"\0" * max(0, free - used // 5))
     t0 = time.monotonic()
-    with pytest.raises(checkpoints.SaveFailedError) as e:
+    with pytest.raises(run_checkpoints.SaveFailedError) as e:
       train.train(_cfg(), w)
     took = time.monotonic() - t0
     msg = str(e.value)
@@ -249,11 +252,11 @@ def test_epoch_checkpoints_keep_params_only(tmp_path):
   assert not (w / "checkpoints" / "14" / "opt_state").exists()
   assert not infos[16].params_only and not infos[12].params_only
   # The eval job's read: params of both kinds.
-  a = checkpoints.restore_model(w / "checkpoints" / "14", cfg.model)
-  b = checkpoints.restore_model(w / "checkpoints" / "16", cfg.model)
+  a = weights.restore_run_model(w / "checkpoints" / "14", cfg.model)
+  b = weights.restore_run_model(w / "checkpoints" / "16", cfg.model)
   import jax  # pylint: disable=g-import-not-at-top
-  leaves_a = jax.tree.leaves(train.nnx.state(a, train.nnx.Param))
-  leaves_b = jax.tree.leaves(train.nnx.state(b, train.nnx.Param))
+  leaves_a = jax.tree.leaves(nnx.state(a, nnx.Param))
+  leaves_b = jax.tree.leaves(nnx.state(b, nnx.Param))
   assert len(leaves_a) == len(leaves_b) > 0
   assert any(np.any(np.asarray(x) != np.asarray(y))
              for x, y in zip(leaves_a, leaves_b))

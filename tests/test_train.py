@@ -17,9 +17,16 @@ import jax
 import numpy as np
 import pytest
 
-from optconsist_jax.io import checkpoints
+from flax import nnx
+
+from optconsist_jax import sharding
 from optconsist_jax import train
+from optconsist_jax import train_guards
+from optconsist_jax import train_setup
 from optconsist_jax.config_types import ExperimentConfig
+from optconsist_jax.io import checkpoints
+from optconsist_jax.io import run_checkpoints
+from optconsist_jax.io import weights
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny_metamath.py"
@@ -224,7 +231,7 @@ def test_nan_guard_names_step_and_last_good_checkpoint(reference, tmp_path):
                    "optim.groups.adamw.schedule.warmup_fraction": 0.0,
                    "optim.groups.adamw.schedule.peak": float("inf")})
   _adopt(tmp_path, 4, cfg)
-  with pytest.raises(train.NonFiniteError,
+  with pytest.raises(train_guards.NonFiniteError,
                      match=r"at step 5; stopping without saving\. Last good"
                      r" checkpoint: .*checkpoints/4 \(step 4\)"):
     train.train(cfg, tmp_path)
@@ -248,17 +255,17 @@ def test_init_from_orbax_run_loads_its_params(reference, tmp_path):
   ref_dir, _ = reference
   cfg = _config(**{"init_from.path": str(ref_dir), "init_from.step": 8,
                    "mesh.preset": "dp_fsdp"})
-  mesh = train.sharding.make_mesh(cfg.mesh)
-  s = train.setup(cfg.resolve_total_steps(NUM_STEPS), mesh)
-  ckpts = checkpoints.RunCheckpoints(tmp_path, cfg.checkpoint,
-                                     train.model_identity(cfg))
-  state, epoch, how = train.initial_state(cfg, s, ckpts, data_iter=None)
+  mesh = sharding.make_mesh(cfg.mesh)
+  s = train_setup.setup(cfg.resolve_total_steps(NUM_STEPS), mesh)
+  ckpts = run_checkpoints.RunCheckpoints(tmp_path, cfg.checkpoint,
+                                     weights.identity(cfg.model, cfg.lora))
+  state, epoch, how = train_setup.initial_state(cfg, s, ckpts, data_iter=None)
   ckpts.close()
   assert epoch == 0 and "Orbax checkpoint" in how
   assert int(state.step) == 0
   want = _params(ref_dir, 8)
   got = {k: np.asarray(v) for k, v in _flat(
-      train.nnx.to_pure_dict(train.full_params(state))).items()}
+      nnx.to_pure_dict(train_setup.full_params(state))).items()}
   assert want.keys() == got.keys()
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
@@ -268,13 +275,13 @@ def test_init_from_orbax_run_loads_its_params(reference, tmp_path):
 
 
 def _initial_params(cfg, workdir):
-  """train.initial_state in an empty workdir: (params, how it was made, mesh)."""
+  """train_setup.initial_state in an empty workdir: (params, how it was made, mesh)."""
   cfg = cfg.resolve_total_steps(4)
-  mesh = train.sharding.make_mesh(cfg.mesh)
-  ckpts = checkpoints.RunCheckpoints(workdir, cfg.checkpoint,
-                                     train.model_identity(cfg))
+  mesh = sharding.make_mesh(cfg.mesh)
+  ckpts = run_checkpoints.RunCheckpoints(workdir, cfg.checkpoint,
+                                     weights.identity(cfg.model, cfg.lora))
   try:
-    state, _, how = train.initial_state(cfg, train.setup(cfg, mesh), ckpts,
+    state, _, how = train_setup.initial_state(cfg, train_setup.setup(cfg, mesh), ckpts,
                                         data_iter=None)
   finally:
     ckpts.close()
@@ -282,9 +289,9 @@ def _initial_params(cfg, workdir):
 
 
 def _assert_same_params(params, model):
-  want = train.nnx.to_pure_dict(train.nnx.state(model, train.nnx.Param))
-  got = (train.nnx.to_pure_dict(params)
-         if isinstance(params, train.nnx.State) else params)
+  want = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  got = (nnx.to_pure_dict(params)
+         if isinstance(params, nnx.State) else params)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -320,20 +327,20 @@ def test_init_from_nanogpt_checkpoint(tmp_path):
   too_long = dataclasses.replace(
       cfg, data=dataclasses.replace(cfg.data, seq_len=64))
   with pytest.raises(ValueError, match=r"seq_len=64 exceeds .*learned"):
-    train.preflight(too_long, mesh)
+    train_setup.preflight(too_long, mesh)
 
 
 def test_model_preset_from_init_reads_the_source_architecture(reference):
   """model.preset=from_init: shapes from the HF folder / ckpt.pt / Orbax run."""
   import json  # pylint: disable=g-import-not-at-top
   from optconsist_jax import config_types  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.io import hf  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import hf_layout  # pylint: disable=g-import-not-at-top
   from optconsist_jax.io import nanogpt  # pylint: disable=g-import-not-at-top
   ref_dir, _ = reference
   hf_dir = REPO / "tests" / "fixtures" / "hf" / "gqa"
   ckpt = REPO / "tests" / "fixtures" / "nanogpt" / "ckpt.pt"
   want = {
-      str(hf_dir): hf.config_from_hf(
+      str(hf_dir): hf_layout.config_from_hf(
           json.loads((hf_dir / "config.json").read_text())),
       str(ckpt): nanogpt.read_config(str(ckpt)),
       str(ref_dir / "checkpoints" / str(NUM_STEPS)): _config().model,
@@ -352,18 +359,15 @@ def test_model_preset_from_init_reads_the_source_architecture(reference):
 
 def test_eval_job_reads_a_nanogpt_base(tmp_path):
   """The eval job's base model from a ckpt.pt equals the importer's model."""
-  import types  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import evaluate  # pylint: disable=g-import-not-at-top
   from optconsist_jax.io import nanogpt  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import sharding  # pylint: disable=g-import-not-at-top
   ckpt = str(REPO / "tests" / "fixtures" / "nanogpt" / "ckpt.pt")
   mesh_config = sharding.MeshConfig.from_dict({"preset": "fsdp"})
-  fake = types.SimpleNamespace(
-      run=types.SimpleNamespace(model=nanogpt.read_config(ckpt)),
-      mesh=sharding.make_mesh(mesh_config), rules=mesh_config.rules)
-  got = evaluate.Evaluator.base_model(fake, "nanogpt", ckpt, None)
+  got = weights.load_model(
+      weights.InitFromConfig(path=ckpt, kind="nanogpt"),
+      nanogpt.read_config(ckpt), mesh=sharding.make_mesh(mesh_config),
+      rules=mesh_config.rules)
   _, want = nanogpt.load_nanogpt(ckpt)
-  _assert_same_params(train.nnx.state(got, train.nnx.Param), want)
+  _assert_same_params(nnx.state(got, nnx.Param), want)
   # Sharded over 8 devices vs one: same logits up to summation order.
   tokens = np.arange(16, dtype=np.int32).reshape(2, 8) % 96
   np.testing.assert_allclose(np.asarray(got(tokens)), np.asarray(want(tokens)),
@@ -411,7 +415,7 @@ def test_unknown_config_key_is_named():
 
 def _dict(cfg):
   return {"model": {"preset": "tiny_gqa", "vocab_size": 2048},
-          "optim": cfg.optim_dict,
+          "optim": cfg.optim.to_dict(),
           "data": {"format": "synthetic", "synthetic_examples": 100}}
 
 

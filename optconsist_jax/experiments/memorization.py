@@ -52,6 +52,7 @@ from flax import nnx
 import numpy as np
 
 from optconsist_jax.io import checkpoints as ckpt_lib
+from optconsist_jax.io import weights
 from optconsist_jax import config_types
 from optconsist_jax import generate as gen
 from optconsist_jax import paths
@@ -366,7 +367,7 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
     if (optimizer, epoch) in done:
       return
     t = time.perf_counter()
-    model = ckpt_lib.restore_model(checkpoint, model_config)
+    model = weights.restore_run_model(checkpoint, model_config)
     m = evaluate(model, tokenizer, facts, heldout,
                  max_new_tokens=s.max_new_tokens,
                  batch_size=s.eval_batch_size)

@@ -267,7 +267,7 @@ def eval_config(rc: ReproConfig, test_file: str, labels: dict[str, Any],
                 format="metamathqa", response_loss=True,
                 limit=rc.eval.math_examples, batch_size=16,
                 max_new_tokens=rc.eval.max_new_tokens),
-      multiple_choice=dict(),
+      multiple_choice=dict(hellaswag="", arc_challenge="", winogrande=""),
       lm_loss=dict(path="stdlib", limit=rc.eval.retention_docs,
                    max_len=rc.eval.retention_max_len, batch_size=8),
       learning_metric=rc.eval.learning_metric,
@@ -315,7 +315,7 @@ def base_fingerprints(rc: ReproConfig, bases: Sequence[Run],
                       out_dir: str) -> dict[str, str]:
   """Weight spectra and residual-stream statistics of the pretrained bases."""
   from optconsist_jax import config_types  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.io import checkpoints  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import weights  # pylint: disable=g-import-not-at-top
   from optconsist_jax.experiments import fingerprints  # pylint: disable=g-import-not-at-top
   from optconsist_jax.data import corpus  # pylint: disable=g-import-not-at-top
   from optconsist_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -328,7 +328,7 @@ def base_fingerprints(rc: ReproConfig, bases: Sequence[Run],
   models = {}
   for b in bases:
     config = config_types.ExperimentConfig.from_dict(b.config)
-    models[b.name] = (checkpoints.restore_model(b.workdir, config.model),
+    models[b.name] = (weights.restore_run_model(b.workdir, config.model),
                       pipeline.load_tokenizer(config.data))
   texts = corpus.python_stdlib_text("heldout")[:rc.eval.retention_docs]
   paths = fingerprints.compare(models, texts, out_dir)

@@ -1,15 +1,8 @@
 """Hugging Face Llama checkpoints (config.json + safetensors) <-> our model.
 
 `load` reads a Hugging Face `LlamaForCausalLM` folder into `(LlamaConfig,
-Llama)`; `save` writes one back that `transformers` loads. Tensor names follow
-the Hugging Face Llama implementation (`modeling_llama.py`):
-`model.embed_tokens.weight`, `model.layers.{i}.self_attn.{q,k,v,o}_proj.weight`,
-`model.layers.{i}.mlp.{gate,up,down}_proj.weight`,
-`model.layers.{i}.{input,post_attention}_layernorm.weight`, `model.norm.weight`,
-`lm_head.weight`. Linear weights are stored [out, in] there and [in, out] here;
-per-layer tensors are stacked on our leading layer axis. Hugging Face Llama
-checkpoints already use the rotate-half rotary convention our model uses, so
-q/k need no permutation.
+Llama)`; `save` writes one back that `transformers` loads. The name and
+config.json mapping is io/hf_layout.py.
 
 Memory: neither direction holds two copies of the model on the host. `load`
 creates the model abstractly and fills each parameter with
@@ -22,7 +15,6 @@ into the file (format: https://github.com/huggingface/safetensors#format).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import struct
@@ -36,6 +28,8 @@ import ml_dtypes
 import numpy as np
 import safetensors
 
+from optconsist_jax import paths
+from optconsist_jax.io import hf_layout
 from optconsist_jax.io import hub
 from optconsist_jax import sharding
 from optconsist_jax.model import Llama, LlamaConfig
@@ -48,187 +42,12 @@ INDEX_FILE = "model.safetensors.index.json"
 # than this gets a shard of its own).
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
 
-_ARCHITECTURE = "LlamaForCausalLM"
-_MODEL_TYPE = "llama"
-# Buffers some exporters store that are recomputed from the config.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-# Our per-layer parameter path -> (Hugging Face name inside
-# `model.layers.{i}.`, stored transposed ([out, in]) in Hugging Face files).
-_LAYER_TENSORS: dict[str, tuple[str, bool]] = {
-    "layers/attn/q_proj/kernel": ("self_attn.q_proj.weight", True),
-    "layers/attn/k_proj/kernel": ("self_attn.k_proj.weight", True),
-    "layers/attn/v_proj/kernel": ("self_attn.v_proj.weight", True),
-    "layers/attn/o_proj/kernel": ("self_attn.o_proj.weight", True),
-    "layers/mlp/gate_proj/kernel": ("mlp.gate_proj.weight", True),
-    "layers/mlp/up_proj/kernel": ("mlp.up_proj.weight", True),
-    "layers/mlp/down_proj/kernel": ("mlp.down_proj.weight", True),
-    "layers/attn_norm/scale": ("input_layernorm.weight", False),
-    "layers/mlp_norm/scale": ("post_attention_layernorm.weight", False),
-}
-# Our unstacked parameter path -> (Hugging Face name, transposed).
-_GLOBAL_TENSORS: dict[str, tuple[str, bool]] = {
-    "embed": ("model.embed_tokens.weight", False),
-    "final_norm/scale": ("model.norm.weight", False),
-    "lm_head/kernel": ("lm_head.weight", True),
-}
-
 _SAFETENSORS_DTYPES = {
     np.dtype(np.float32): "F32",
     np.dtype(np.float16): "F16",
     np.dtype(ml_dtypes.bfloat16): "BF16",
     np.dtype(np.float64): "F64",
 }
-_TORCH_DTYPE_NAMES = {
-    np.dtype(np.float32): "float32",
-    np.dtype(np.float16): "float16",
-    np.dtype(ml_dtypes.bfloat16): "bfloat16",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSource:
-  """Where one of our parameters lives in a Hugging Face checkpoint.
-
-  Attributes:
-    hf_names: one Hugging Face tensor name per layer for stacked params
-      (`stacked`), else a single name.
-    stacked: our param has a leading layer axis built from `hf_names`.
-    transpose: the Hugging Face tensor is our (per-layer) tensor transposed.
-  """
-
-  hf_names: tuple[str, ...]
-  stacked: bool
-  transpose: bool
-
-
-def tensor_sources(config: LlamaConfig) -> dict[str, TensorSource]:
-  """Our parameter paths ('/'-joined) -> their Hugging Face tensors."""
-  out = {}
-  for path, (suffix, transpose) in _LAYER_TENSORS.items():
-    names = tuple(f"model.layers.{i}.{suffix}" for i in range(config.num_layers))
-    out[path] = TensorSource(names, True, transpose)
-  for path, (name, transpose) in _GLOBAL_TENSORS.items():
-    if path == "lm_head/kernel" and config.tie_embeddings:
-      continue
-    out[path] = TensorSource((name,), False, transpose)
-  return out
-
-
-# --------------------------------------------------------------------------
-# config.json
-
-
-def config_from_hf(hf: dict[str, Any], *,
-                   source: str = CONFIG_FILE) -> LlamaConfig:
-  """Our config from a Hugging Face Llama `config.json` dict.
-
-  Accepts both the transformers 4.x (`rope_theta`, `rope_scaling`) and 5.x
-  (`rope_parameters`) spellings. Features our model does not implement (rope
-  scaling, biases, another activation) are errors, not silent approximations.
-
-  Args:
-    hf: the parsed config.json.
-    source: file name used in error messages.
-  """
-  archs = hf.get("architectures") or []
-  model_type = hf.get("model_type")
-  if model_type != _MODEL_TYPE or (archs and _ARCHITECTURE not in archs):
-    raise ValueError(
-        f"{source}: not a Llama checkpoint (model_type={model_type!r},"
-        f" architectures={archs!r}); expected model_type='llama' and"
-        f" architectures ['{_ARCHITECTURE}'].")
-
-  def get(key, default=None, required=False):
-    if required and key not in hf:
-      raise ValueError(f"{source}: missing required key {key!r}.")
-    return hf.get(key, default)
-
-  if get("hidden_act", "silu") != "silu":
-    raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r}; only 'silu'"
-                     " is supported.")
-  for key in ("attention_bias", "mlp_bias"):
-    if get(key, False):
-      raise ValueError(f"{source}: {key}=true is not supported.")
-
-  rope = get("rope_parameters") or {}
-  scaling = get("rope_scaling") or {}
-  rope_type = (rope.get("rope_type") or scaling.get("rope_type")
-               or scaling.get("type") or "default")
-  if rope_type != "default":
-    raise ValueError(f"{source}: rope type {rope_type!r} (rope_scaling /"
-                     " rope_parameters) is not supported; only 'default'.")
-  rope_theta = rope.get("rope_theta", get("rope_theta", 10000.0))
-
-  heads = get("num_attention_heads", required=True)
-  hidden = get("hidden_size", required=True)
-  kw = dict(
-      vocab_size=get("vocab_size", required=True),
-      hidden_size=hidden,
-      intermediate_size=get("intermediate_size", required=True),
-      num_layers=get("num_hidden_layers", required=True),
-      num_heads=heads,
-      num_kv_heads=get("num_key_value_heads") or heads,
-      head_dim=get("head_dim") or hidden // heads,
-      rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
-      rope_theta=float(rope_theta),
-      max_position_embeddings=get("max_position_embeddings", 2048),
-      tie_embeddings=bool(get("tie_word_embeddings", False)),
-      initializer_range=float(get("initializer_range", 0.02)),
-  )
-  for key in ("bos_token_id", "eos_token_id"):
-    value = get(key)
-    if isinstance(value, list):  # Some configs list several EOS ids.
-      value = value[0] if value else None
-    if value is not None:
-      kw[key] = int(value)
-  try:
-    return LlamaConfig(**kw)
-  except ValueError as e:
-    raise ValueError(f"{source}: {e}") from e
-
-
-def config_to_hf(config: LlamaConfig,
-                 torch_dtype: str | None = None) -> dict[str, Any]:
-  """A Hugging Face `config.json` dict for our config.
-
-  Args:
-    config: our config.
-    torch_dtype: the dtype the weights are saved in; default the config's
-      param_dtype.
-  """
-  c = config
-  dtype = torch_dtype or _TORCH_DTYPE_NAMES[np.dtype(jnp.dtype(c.param_dtype))]
-  return {
-      "architectures": [_ARCHITECTURE],
-      "model_type": _MODEL_TYPE,
-      "vocab_size": c.vocab_size,
-      "hidden_size": c.hidden_size,
-      "intermediate_size": c.intermediate_size,
-      "num_hidden_layers": c.num_layers,
-      "num_attention_heads": c.num_heads,
-      "num_key_value_heads": c.num_kv_heads,
-      "head_dim": c.head_dim,
-      "hidden_act": "silu",
-      "max_position_embeddings": c.max_position_embeddings,
-      "initializer_range": c.initializer_range,
-      "rms_norm_eps": c.rms_norm_eps,
-      "rope_theta": c.rope_theta,
-      "rope_scaling": None,
-      "attention_bias": False,
-      "attention_dropout": 0.0,
-      "mlp_bias": False,
-      "pretraining_tp": 1,
-      "tie_word_embeddings": c.tie_embeddings,
-      "bos_token_id": c.bos_token_id,
-      "eos_token_id": c.eos_token_id,
-      "use_cache": True,
-      # transformers 4.x reads torch_dtype, 5.x reads dtype.
-      "torch_dtype": dtype,
-      "dtype": dtype,
-  }
-
-
 # --------------------------------------------------------------------------
 # load
 
@@ -275,17 +94,7 @@ def _single_device_sharding() -> jax.sharding.Sharding:
   return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
-def _path_str(key_path) -> str:
-  parts = []
-  for k in key_path:
-    name = getattr(k, "key", getattr(k, "name", None))
-    if name is None or name == "value":
-      continue
-    parts.append(str(name))
-  return "/".join(parts)
-
-
-def _slice_fn(source: TensorSource, handle: Callable[[str], Any],
+def _slice_fn(source: hf_layout.TensorSource, handle: Callable[[str], Any],
               dtype: np.dtype) -> Callable[[tuple[slice, ...]], np.ndarray]:
   """The make_array_from_callback callback for one of our parameters.
 
@@ -341,7 +150,7 @@ def load(hf_dir: str, dtype: Any = jnp.float32, *, mesh: Any = None,
   """
   hf_dir = hub.model_dir(hf_dir)
   hf_config = _read_config(hf_dir)
-  config = config_from_hf(hf_config,
+  config = hf_layout.config_from_hf(hf_config,
                           source=os.path.join(hf_dir, CONFIG_FILE))
   dtype = np.dtype(jnp.dtype(dtype))
   config = config.replace(
@@ -349,13 +158,13 @@ def load(hf_dir: str, dtype: Any = jnp.float32, *, mesh: Any = None,
       dtype=jnp.dtype(compute_dtype or dtype).name,
       **config_overrides)
   weight_map, map_file = _weight_map(hf_dir)
-  sources = tensor_sources(config)
+  sources = hf_layout.tensor_sources(config)
 
   known = {n for s in sources.values() for n in s.hf_names}
   if config.tie_embeddings:
-    known.add(_GLOBAL_TENSORS["lm_head/kernel"][0])  # present but unused
+    known.add(hf_layout.GLOBAL_TENSORS["lm_head/kernel"][0])  # present but unused
   unexpected = sorted(n for n in weight_map if n not in known
-                      and not n.endswith(_IGNORED_SUFFIXES))
+                      and not n.endswith(hf_layout.IGNORED_SUFFIXES))
   if unexpected:
     raise ValueError(
         f"{map_file}: tensors not part of a Llama model with this config:"
@@ -387,7 +196,7 @@ def load(hf_dir: str, dtype: Any = jnp.float32, *, mesh: Any = None,
       return handles[file_name].get_slice(name)
 
     def fill(key_path, leaf, target_sharding):
-      path = _path_str(key_path)
+      path = paths.path_name(key_path)
       if path not in sources:
         raise ValueError(f"hf.load: no Hugging Face tensor for param {path!r}")
       source = sources[path]
@@ -428,9 +237,9 @@ def _hf_tensors(config: LlamaConfig, model: Llama, dtype: np.dtype
                 ) -> Iterator[tuple[str, tuple[int, ...],
                                     Callable[[], np.ndarray]]]:
   """(HF name, HF shape, reader) in Hugging Face order; readers gather lazily."""
-  params = {_path_str(kp): leaf for kp, leaf in
+  params = {paths.path_name(kp): leaf for kp, leaf in
             jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
-  sources = tensor_sources(config)
+  sources = hf_layout.tensor_sources(config)
   missing = sorted(set(sources) - set(params))
   if missing:
     raise ValueError(f"hf.save: model lacks params {missing} for its config.")
@@ -457,7 +266,7 @@ def _hf_tensors(config: LlamaConfig, model: Llama, dtype: np.dtype
 
   yield entry("embed", None)
   for i in range(config.num_layers):
-    for path in _LAYER_TENSORS:
+    for path in hf_layout.LAYER_TENSORS:
       yield entry(path, i)
   yield entry("final_norm/scale", None)
   if not config.tie_embeddings:
@@ -511,7 +320,7 @@ def save(config: LlamaConfig, model: Llama, out_dir: str, *,
         f" norm_type={config.norm_type!r} cannot be written as a Hugging Face"
         " LlamaForCausalLM (needs 'rope' and 'rms').")
   dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
-  if dtype not in _TORCH_DTYPE_NAMES:
+  if dtype not in hf_layout.TORCH_DTYPE_NAMES:
     raise ValueError(f"hf.save: unsupported dtype {dtype}; use float32,"
                      " bfloat16 or float16.")
   tensors = list(_hf_tensors(config, model, dtype))
@@ -529,7 +338,7 @@ def save(config: LlamaConfig, model: Llama, out_dir: str, *,
   if write:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-      json.dump(config_to_hf(config, _TORCH_DTYPE_NAMES[dtype]), f, indent=2)
+      json.dump(hf_layout.config_to_hf(config, hf_layout.TORCH_DTYPE_NAMES[dtype]), f, indent=2)
   if len(shards) == 1:
     names = [SINGLE_FILE]
   else:

@@ -106,11 +106,15 @@ class OptimConfig:
   def label(self) -> str:
     """The optimizer of the group the hidden matrices go to (else the first
     route's group): what names this config in tables and plots."""
+    return self.groups[self.label_group()].optimizer
+
+  def label_group(self) -> str:
+    """The group `label` names (its schedule's peak is the run's LR label)."""
     group = next((g for pattern, g in self.routes
                   if pattern == "hidden_matrix"), None)
     if group is None:
       group = self.routes[0][1] if self.routes else sorted(self.groups)[0]
-    return self.groups[group].optimizer
+    return group
 
   def resolve_total_steps(self, total_steps: int) -> OptimConfig:
     """Schedules with total_steps 0 ("the run's length") get `total_steps`."""

@@ -1,4 +1,4 @@
-"""Parameter path names ('layers/attn/q_proj/kernel') and their shardings."""
+"""Parameter shardings by path name (optconsist_jax.paths.path_name)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding
 
-
-def path_name(path: Sequence[Any]) -> str:
-  """'layers/attn/q_proj/kernel' for a jax key path (NNX `.value` dropped)."""
-  parts = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      parts.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      if k.name not in ("value", "raw_value"):
-        parts.append(k.name)
-    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(k.key))
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+from optconsist_jax.paths import path_name
 
 
 def leaf_shardings(abstract_params: Any) -> dict[str, NamedSharding | None]:

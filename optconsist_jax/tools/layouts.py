@@ -139,12 +139,12 @@ def _peak_memory() -> int | None:
 def measure(config: dict[str, Any], layout: Layout, steps: int,
             seed: int = 0) -> dict[str, Any]:
   """Compiles and times one layout; a record for the table."""
-  from optconsist_jax import train  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import train_setup  # pylint: disable=g-import-not-at-top
   exp = layout_config(config, layout)
   mesh = sharding.make_mesh(exp.mesh)
-  train.preflight(dataclasses.replace(
+  train_setup.preflight(dataclasses.replace(
       exp, init_from=dataclasses.replace(exp.init_from, path=None)), mesh)
-  s = train.setup(exp, mesh)
+  s = train_setup.setup(exp, mesh)
   _, state, _ = step_lib.create_train_state(
       exp.model, s.tx, mesh, s.rules, trainable=s.trainable,
       model_transform=s.model_transform, seed=exp.train.seed)
