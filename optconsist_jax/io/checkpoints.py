@@ -45,7 +45,7 @@ reports each step with its epoch (for epoch-end checkpoints; None otherwise),
 its path and whether it is complete.
 
 Model identity: each checkpoint stores a JSON dict describing the parameter tree
-(the LlamaConfig fields plus LoRA settings, whatever the trainer passes). A
+(`io.weights.identity`: the LlamaConfig fields plus LoRA settings). A
 trainer resuming in W, or a job restoring params, that expects a different
 identity is refused with a message naming the differing keys. Keys in
 `RUNTIME_ONLY_KEYS` (compute dtype, scan vs loop, remat, attention kernel)
