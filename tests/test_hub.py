@@ -23,7 +23,8 @@ from optconsist_jax.io import weights
 from fake_hub import FakeHub, Repo
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-TOKENIZER = os.path.join(os.path.dirname(hf.__file__), "data", "assets")
+TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(hf.__file__)),
+                         "data", "assets")
 REPO = "tiny-org/tiny-llama"
 TOKEN = "hf_test_token_123"
 COMMIT = "a" * 40
