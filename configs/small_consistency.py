@@ -79,9 +79,10 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
   c.pretrain = dict(optimizers=("adamw", "muon"), steps=250, seq_len=128,
                     global_batch_size=16, lr=3e-3, lrs=dict(), seeds=1)
   # Each grid spans mild forgetting (the lowest LR keeps the base's held-out
-  # loss within ~0.1 nats) to strong (> 0.5 nats), measured on the AdamW
-  # base: Muon's rms_match updates forget less per unit of LR than AdamW's,
-  # LoRA takes its usual ~10x higher LRs. 400 problems x 2 epochs = 46 steps
+  # loss within ~0.1 nats) to strong, measured on the AdamW base (seed 0,
+  # 2 epochs): AdamW 3e-5 / 1e-3 lose 0.014 / 1.28 nats, Muon 1e-4 / 3e-3
+  # 0.011 / 1.97, LoRA 3e-4 / 1e-2 0.034 / 1.74. Muon's rms_match updates
+  # forget less per unit of LR than AdamW's; LoRA takes its usual higher LRs. 400 problems x 2 epochs = 46 steps
   # per run (the CPU budget: 72 runs); level-1 problems are at most 93
   # tokens, so rows of 96 hold one each with little padding.
   c.finetune = dict(
