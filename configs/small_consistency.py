@@ -4,34 +4,62 @@ r"""The small reproduction of arXiv 2605.06654 (README's main job).
       --workdir workdirs/small_consistency
 
 Args (`--config configs/small_consistency.py:ARG`):
-  quick  (default) a 2-core CPU finishes everything in about 10 minutes
-         (9 min 7 s measured; results/small_consistency_quick/).
-  full   sized for one GPU, an estimated hour (not yet run on a GPU): a
-         wider, deeper model, more pretraining, more finetuning data, levels
-         1-2 problems and a three-point learning-rate sweep.
-  mini   seconds per stage; the test suite's end-to-end run.
+  quick        (default) `make demo`: 2 bases (AdamW, Muon) x 3 methods
+               (AdamW, Muon, LoRA) x 4 learning rates x 3 finetuning seeds
+               = 72 runs, sized for a 2-core CPU (estimated 12-15 minutes
+               with the vmapped population; not yet timed on a quiet
+               machine). The base is a language model of its corpus: the
+               AdamW base's held-out loss is 4.72 nats/token against 6.22
+               for a unigram model of the docstrings (run_info.json).
+  full         sized for one GPU (not yet run on a GPU): a wider, deeper
+               model, more pretraining, more finetuning data, levels 1-2
+               problems, 3 pretraining seeds per base paired one to one with
+               the 3 finetuning seeds.
+  matrix       the consistency matrix: bases pretrained with AdamW, Muon,
+               Lion, Adafactor and Adagrad, each finetuned with all five and
+               with LoRA, quick's model size.
+  mini         seconds per stage; the test suite's end-to-end run (2 seeds).
+  matrix_mini  the matrix's shape in miniature (3 x 3 optimizers), for CI.
 
 What it does (optconsist_jax/experiments/reproduce.py):
-  1. pretrains one tiny Llama twice on the Python standard library's
-     docstrings (real text present offline), once with AdamW and once with
-     Muon, holding out 5% of the files for retention;
-  2. finetunes each base with AdamW, Muon and LoRA over `finetune.lrs` on
-     generated arithmetic word problems (MetaMathQA format), one checkpoint
-     per epoch;
+  1. pretrains one tiny Llama per optimizer in `pretrain.optimizers` (and per
+     pretraining seed) on the Python standard library's docstrings (real
+     text present offline), holding out 5% of the files for retention;
+  2. finetunes each base with every method in `finetune.methods` over its
+     learning-rate grid `finetune.lrs[method]` and `finetune.seeds` seeds
+     (data order, adapter init and dropout), on generated arithmetic word
+     problems (MetaMathQA format), one checkpoint per epoch; every seed and
+     LR of one (base, method) trains as one population;
   3. evaluates every checkpoint (and each base): learning = answer accuracy
      on held-out problems under the MetaMath protocol, and the held-out
      finetuning loss (the plot's learning axis by default); retention =
      held-out standard-library LM loss;
-  4. reports the learning/forgetting Pareto frontier per base and a
-     matched / mismatched / LoRA table; then the memorization experiment and
-     the activation fingerprints of the two bases.
+  4. reports the learning/forgetting Pareto frontier per base and the
+     matched / mismatched / LoRA comparison over seeds; then the
+     memorization experiment and the activation fingerprints of the bases.
 Every stage is skipped when its outputs exist, so an interrupted run resumes.
-Override anything on the command line, e.g. `--config.seed=1`.
+Override anything on the command line, e.g. `--config.finetune.seeds=5`;
+`--config.reproduce.bases=adamw:PATH,muon:PATH` finetunes and evaluates
+external bases (a Hugging Face Llama folder or Hub repo, a nanoGPT ckpt.pt, an
+Orbax run) instead of pretraining; NAME is the optimizer each was pretrained
+with.
+
+Every optimizer family is a name: a preset of optim/presets.py or any Optax
+optimizer (`lion`, `adafactor`, `adagrad`, ...), with its learning rate in
+`pretrain.lrs` / `finetune.lrs` and extra keyword arguments in
+`optim_kwargs`.
 """
 
 import ml_collections
 
-_MODES = ("quick", "full", "mini")
+_MODES = ("quick", "full", "matrix", "mini", "matrix_mini")
+
+# The five families of the matrix, and the keyword arguments they need.
+_MATRIX_OPTIMIZERS = ("adamw", "muon", "lion", "adafactor", "adagrad")
+# Adagrad with Duchi et al.'s zero start: with Optax's default 0.1 the
+# accumulator dwarfs a clipped gradient's squares and the first steps are
+# plain SGD at a hundredth of the intended size.
+_OPTIM_KWARGS = dict(adagrad=dict(initial_accumulator_value=0.0, eps=1e-10))
 
 
 def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
@@ -49,19 +77,30 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
                  num_layers=3, num_heads=4, num_kv_heads=2,
                  max_position_embeddings=256)
   c.pretrain = dict(optimizers=("adamw", "muon"), steps=250, seq_len=128,
-                    global_batch_size=16, lr=3e-3)
+                    global_batch_size=16, lr=3e-3, lrs=dict(), seeds=1)
+  # Each grid spans mild forgetting (the lowest LR keeps the base's held-out
+  # loss within ~0.1 nats) to strong, measured on the AdamW base (seed 0,
+  # 2 epochs): AdamW 3e-5 / 1e-3 lose 0.014 / 1.28 nats, Muon 1e-4 / 3e-3
+  # 0.011 / 1.97, LoRA 3e-4 / 1e-2 0.034 / 1.74. Muon's rms_match updates
+  # forget less per unit of LR than AdamW's; LoRA takes its usual higher LRs. 400 problems x 2 epochs = 46 steps
+  # per run (the CPU budget: 72 runs); level-1 problems are at most 93
+  # tokens, so rows of 96 hold one each with little padding.
   c.finetune = dict(
       methods=("adamw", "muon", "lora"),
-      lrs=dict(adamw=(3e-4, 1e-3), muon=(3e-4, 1e-3), lora=(1e-3, 3e-3)),
-      epochs=3, train_examples=800, levels=(1,), seq_len=128,
+      lrs=dict(adamw=(3e-5, 1e-4, 3e-4, 1e-3), muon=(1e-4, 3e-4, 1e-3, 3e-3),
+               lora=(3e-4, 1e-3, 3e-3, 1e-2)),
+      seeds=3, epochs=2, train_examples=400, levels=(1,), seq_len=96,
       global_batch_size=16, lora_rank=8, lora_alpha=16.0, lora_dropout=0.0)
   # Exact-match accuracy of a model this small sits near zero, so the plot's
   # learning axis is the held-out finetuning loss; accuracy is recorded too
   # (--config.eval.learning_metric=math/metamath/acc plots it instead).
   c.eval = dict(math_examples=64, max_new_tokens=40, retention_docs=26,
                 retention_max_len=128, learning_metric="-math/response_loss")
+  c.optim_kwargs = dict(_OPTIM_KWARGS)
   c.memorization = dict(enabled=True)
   c.fingerprints = dict(enabled=True)
+  # NAME:PATH,... of external bases ("" = pretrain our own).
+  c.reproduce = dict(bases="")
 
   if arg == "full":
     # ~5.4M params. The docstrings are ~0.58M tokens, so 1,000 steps of
@@ -69,23 +108,53 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
     c.model = dict(vocab_size=2048, hidden_size=256, intermediate_size=704,
                    num_layers=6, num_heads=8, num_kv_heads=4,
                    max_position_embeddings=512)
-    c.pretrain.update(steps=1000, seq_len=256, global_batch_size=16)
+    c.pretrain.update(steps=1000, seq_len=256, global_batch_size=16, seeds=3)
     c.finetune.update(
-        lrs=dict(adamw=(1e-4, 3e-4, 1e-3), muon=(1e-4, 3e-4, 1e-3),
-                 lora=(3e-4, 1e-3, 3e-3)),
+        lrs=dict(adamw=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
+                 muon=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
+                 lora=(1e-4, 3e-4, 1e-3, 3e-3)),
         epochs=4, train_examples=8000, levels=(1, 2), seq_len=256,
         global_batch_size=32, lora_rank=16, lora_alpha=32.0)
     c.eval.update(math_examples=256, max_new_tokens=96, retention_max_len=256)
-  elif arg == "mini":
+  elif arg == "matrix":
+    c.pretrain.update(
+        optimizers=_MATRIX_OPTIMIZERS,
+        # Lion's sign update wants ~10x less than AdamW; Adafactor's step is
+        # relative to each parameter's RMS; Adagrad's decays as 1/sqrt(t).
+        lrs=dict(adamw=3e-3, muon=3e-3, lion=3e-4, adafactor=1e-2,
+                 adagrad=1e-2))
+    # Lion's grid is AdamW's / 10 (its sign update is larger per unit LR);
+    # Adafactor's and Adagrad's are first guesses from their update sizes
+    # (relative to the parameters' RMS; ~LR / sqrt(t)), not yet measured.
+    c.finetune.update(
+        methods=_MATRIX_OPTIMIZERS + ("lora",),
+        lrs=dict(adamw=(3e-5, 1e-4, 3e-4, 1e-3),
+                 muon=(1e-4, 3e-4, 1e-3, 3e-3),
+                 lion=(3e-6, 1e-5, 3e-5, 1e-4),
+                 adafactor=(3e-4, 1e-3, 3e-3, 1e-2),
+                 adagrad=(3e-4, 1e-3, 3e-3, 1e-2),
+                 lora=(3e-4, 1e-3, 3e-3, 1e-2)))
+    # The memorization experiment is about the AdamW base; the matrix
+    # answers the consistency question only.
+    c.memorization.enabled = False
+  elif arg in ("mini", "matrix_mini"):
     c.model = dict(vocab_size=2048, hidden_size=32, intermediate_size=64,
                    num_layers=2, num_heads=2, num_kv_heads=1,
                    max_position_embeddings=128)
     c.pretrain.update(steps=4, seq_len=64, global_batch_size=8)
     c.finetune.update(lrs=dict(adamw=(1e-3,), muon=(1e-3,), lora=(3e-3,)),
-                      epochs=2, train_examples=24, seq_len=128,
+                      seeds=2, epochs=2, train_examples=24, seq_len=128,
                       global_batch_size=8, lora_rank=2, lora_alpha=4.0)
     c.eval.update(math_examples=4, max_new_tokens=8, retention_docs=2,
                   retention_max_len=64)
     c.memorization.enabled = False
     c.fingerprints.enabled = True
+    if arg == "matrix_mini":
+      optimizers = ("adamw", "lion", "adagrad")
+      c.pretrain.update(optimizers=optimizers,
+                        lrs=dict(adamw=3e-3, lion=3e-4, adagrad=1e-2))
+      c.finetune.update(methods=optimizers,
+                        lrs=dict(adamw=(1e-3,), lion=(1e-4,), adagrad=(1e-3,)),
+                        seeds=1, epochs=1)
+      c.fingerprints.enabled = False
   return c

@@ -1,5 +1,7 @@
-"""The small-reproduction driver end to end, in its miniature mode."""
+"""The small-reproduction driver end to end, in its miniature modes."""
 
+import collections
+import dataclasses
 import importlib.util
 import json
 import os
@@ -13,12 +15,23 @@ from optconsist_jax.experiments import reproduce
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _mini_config():
+def _config_dict(mode):
   spec = importlib.util.spec_from_file_location(
       "small_consistency", REPO / "configs" / "small_consistency.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return reproduce.ReproConfig.from_dict(mod.get_config("mini").to_dict())
+  return mod.get_config(mode).to_dict()
+
+
+def _config(mode, **overrides):
+  d = _config_dict(mode)
+  for key, value in overrides.items():
+    section, _, name = key.partition("__")
+    if name:
+      d[section][name] = value
+    else:
+      d[section] = value
+  return reproduce.ReproConfig.from_dict(d)
 
 
 def _mtimes(root):
@@ -30,26 +43,59 @@ def _mtimes(root):
   return out
 
 
-def test_driver_end_to_end_then_skips_everything(tmp_path, monkeypatch):
-  rc = _mini_config()
-  outputs = reproduce.run(rc, str(tmp_path))
+def _records(runs):
+  out = []
+  for r in runs:
+    out += report.read_workdir(r.workdir)
+  return out
 
-  # Every planned run trained and was marked done; 2 bases x 3 methods.
+
+@pytest.fixture(scope="module")
+def mini_run(tmp_path_factory):
+  """The mini study (2 bases x 3 methods x 2 seeds), run once per module."""
+  w = tmp_path_factory.mktemp("mini")
+  rc = _config("mini")
+  outputs = reproduce.run(rc, str(w))
+  return rc, w, outputs
+
+
+def test_mini_run_has_every_seed_then_skips_everything(mini_run, monkeypatch):
+  rc, tmp_path, outputs = mini_run
+  assert rc.finetune.seeds == 2
+  # Every planned run trained and was marked done: 2 bases, and
+  # 2 bases x 3 methods x 1 LR x 2 seeds finetuning runs.
   bases, runs = reproduce.plan_runs(rc, str(tmp_path),
                                     str(tmp_path / "data" / "math_train.json"))
-  assert len(bases) == 2 and len(runs) == 6
-  for r in bases + runs:
+  assert len(bases) == 2 and len(runs) == 12
+  for r in bases:
     assert (pathlib.Path(r.workdir) / reproduce.DONE_FILE).exists(), r.name
-
-  # One base point per base model, one point per epoch checkpoint per run.
-  records = []
   for r in runs:
-    records += report.read_workdir(r.workdir)
+    assert (pathlib.Path(r.workdir) / reproduce.DONE_FILE).exists(), r.name
+    assert r.name.endswith(f"__s{r.labels['seed']}")
+    # Each seed is its own data order and adapter init.
+    assert r.config["data"]["seed"] == r.config["train"]["seed"] == (
+        r.labels["seed"])
+    # Both seeds of a (base, method) trained as one population.
+    done = json.loads((pathlib.Path(r.workdir) /
+                       reproduce.DONE_FILE).read_text())
+    assert done["population_size"] == 2, r.name
+  # The seeds saw their data in different orders: different training losses.
+  final = collections.defaultdict(set)
+  for r in runs:
+    done = json.loads((pathlib.Path(r.workdir) /
+                       reproduce.DONE_FILE).read_text())
+    final[(r.labels["base"], r.labels["method"])].add(done["final_loss"])
+  assert all(len(v) == 2 for v in final.values()), final
+
+  # One base point per base model, one point per epoch checkpoint per run,
+  # and a row for every (base, method, seed).
+  records = _records(runs)
   assert sum(r.is_base for r in records) == 2
   finetuned = [r for r in records if not r.is_base]
   assert len(finetuned) == len(runs) * rc.finetune.epochs
-  assert {(r.base, r.method) for r in finetuned} == {
-      (b, m) for b in ("adamw", "muon") for m in ("adamw", "muon", "lora")}
+  assert {(r.base, r.method, r.run.rsplit("__s", 1)[1]) for r in finetuned} == {
+      (b, m, str(s)) for b in ("adamw", "muon")
+      for m in ("adamw", "muon", "lora") for s in (0, 1)}
   for r in records:
     assert r.learning_metric == "-math/response_loss"
     assert r.retention_metric == "-lm_loss/loss"
@@ -75,7 +121,9 @@ def test_driver_end_to_end_then_skips_everything(tmp_path, monkeypatch):
     raise AssertionError("a finished step ran again")
 
   from optconsist_jax import train  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.experiments import population  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(train, "train", fail)
+  monkeypatch.setattr(population, "train_population", fail)
   from optconsist_jax import evaluate  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(evaluate.Evaluator, "evaluate_model", fail)
   info = json.loads((tmp_path / "run_info.json").read_text())
@@ -85,13 +133,16 @@ def test_driver_end_to_end_then_skips_everything(tmp_path, monkeypatch):
   assert all(("/report/" in p) or p.endswith("run_info.json")
              for p in changed), changed
 
-  # run_info keeps the first invocation's stage timings; the second one is
-  # recorded as an invocation that ran nothing and skipped every stage.
+  # run_info keeps the first invocation's stage timings (one training stage
+  # per population); the second one is recorded as an invocation that ran
+  # nothing and skipped every stage.
   info2 = json.loads((tmp_path / "run_info.json").read_text())
-  stages = {f"train/{r.name}" for r in bases + runs} | {
-      f"eval/{r.name}" for r in runs} | {"fingerprints"} | (
-          {"memorization"} if rc.memorization else set())
+  stages = {"train/adamw-base", "train/muon-base"} | {
+      f"train/{b}-base__{m}" for b in ("adamw", "muon")
+      for m in ("adamw", "muon", "lora")} | {
+          f"eval/{r.name}" for r in runs} | {"fingerprints"}
   assert set(info["stage_seconds"]) == stages
+  assert info["seeds"] == {"pretrain": 1, "finetune": 2}
   assert info2["stage_seconds"] == info["stage_seconds"]
   assert [len(i["stages_run"]) for i in info2["invocations"]] == [
       len(stages), 0]
@@ -103,6 +154,153 @@ def test_driver_end_to_end_then_skips_everything(tmp_path, monkeypatch):
   assert {k for k, v in again.items() if v.endswith(".png")} == pngs
 
 
+def test_matrix_mini_run_fills_the_matrix(tmp_path):
+  rc = _config("matrix_mini")
+  optimizers = rc.pretrain.optimizers
+  assert len(optimizers) == 3 and rc.finetune.methods == optimizers
+  reproduce.run(rc, str(tmp_path))
+  bases, runs = reproduce.plan_runs(rc, str(tmp_path),
+                                    str(tmp_path / "data" / "math_train.json"))
+  assert [b.name for b in bases] == list(optimizers)
+  records = _records(runs)
+  finetuned = [r for r in records if not r.is_base]
+  # Every cell of pretraining x finetuning optimizer has its rows, each run
+  # used its family's optimizer and learning rate.
+  assert collections.Counter((r.base, r.method) for r in finetuned) == {
+      (b, m): rc.finetune.epochs for b in optimizers for m in optimizers}
+  for r in runs:
+    groups = r.config["optim"]["groups"]
+    (group,) = groups.values()
+    assert group["optimizer"] == r.labels["method"]
+    assert group["schedule"]["peak"] == r.labels["lr"]
+  adagrad = next(r for r in runs if r.labels["method"] == "adagrad")
+  assert adagrad.config["optim"]["groups"]["main"]["kwargs"] == {
+      "initial_accumulator_value": 0.0, "eps": 1e-10}
+  assert {r.base for r in records if r.is_base} == set(optimizers)
+  summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+  roles = {(s["base"], s["method"]): s["role"] for s in summary}
+  assert {k for k, v in roles.items() if v == "matched"} == {
+      (o, o) for o in optimizers}
+
+
+def test_external_bases_skip_pretraining(mini_run, tmp_path):
+  from optconsist_jax import config_types  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import checkpoints  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import hf  # pylint: disable=g-import-not-at-top
+  _, mini_dir, _ = mini_run
+  # An Orbax run (the mini study's AdamW base) and a Hugging Face folder
+  # (its Muon base, exported).
+  orbax_base = mini_dir / "bases" / "adamw__s0"
+  muon_dir = str(mini_dir / "bases" / "muon__s0")
+  model_config = config_types.model_config_of(muon_dir)
+  hf.save(model_config, checkpoints.restore_model(muon_dir, model_config),
+          str(tmp_path / "hf_muon"))
+  rc = _config("mini", reproduce={
+      "bases": f"adamw:{orbax_base},muon:{tmp_path / 'hf_muon'}"},
+               finetune__methods=("adamw", "lora"), finetune__seeds=1,
+               finetune__epochs=1, fingerprints={"enabled": False})
+  w = tmp_path / "w"
+  reproduce.run(rc, str(w))
+  assert not (w / "bases").exists()  # nothing pretrained
+  bases, runs = reproduce.plan_runs(rc, str(w),
+                                    str(w / "data" / "math_train.json"))
+  assert [(b.name, b.kind) for b in bases] == [("adamw", "orbax"),
+                                                ("muon", "hf")]
+  assert len(runs) == 4
+  for r in runs:
+    assert r.config["init_from"]["path"] == r.base.workdir
+    assert r.config["model"] == {"preset": "from_init"}
+    saved = json.loads((pathlib.Path(r.workdir) / "config.json").read_text())
+    assert saved["model"]["hidden_size"] == model_config.hidden_size
+  records = _records(runs)
+  assert {(r.base, r.method) for r in records if not r.is_base} == {
+      (b, m) for b in ("adamw", "muon") for m in ("adamw", "lora")}
+  # Each external base was evaluated as the starting point, and scored as
+  # our own base was (same weights, same data).
+  base_points = {r.base: r for r in records if r.is_base}
+  assert set(base_points) == {"adamw", "muon"}
+  ours = {r.base: r for r in _records(
+      reproduce.plan_runs(mini_run[0], str(mini_dir), "")[1]) if r.is_base}
+  for name in ("adamw", "muon"):
+    assert base_points[name].retention == pytest.approx(
+        ours[name].retention, abs=1e-4)
+  info = json.loads((w / "run_info.json").read_text())
+  assert info["seeds"]["pretrain"] == 0
+  assert not {"train/adamw-base", "train/muon-base"} & set(
+      info["stage_seconds"])
+
+
+def test_bad_external_bases_are_one_line_errors(tmp_path):
+  def bases(spec):
+    return _config("mini", reproduce={"bases": spec})
+
+  with pytest.raises(ValueError, match=r"reproduce.bases: entry 'adamw' is"
+                     r" not NAME:PATH"):
+    bases("adamw")
+  with pytest.raises(ValueError, match=r"adamw:.*nowhere: no such file"):
+    bases(f"adamw:{tmp_path / 'nowhere'}")
+  with pytest.raises(ValueError, match=r"base name 'a' given twice"):
+    bases(f"a:{tmp_path},a:{tmp_path}")
+  # The tiny HF fixture has 64 embeddings, the shipped tokenizer 2,048 pieces.
+  rc = bases(f"adamw:{REPO / 'tests' / 'fixtures' / 'hf' / 'gqa'}")
+  with pytest.raises(ValueError) as e:
+    reproduce.check_bases(rc, reproduce.plan_bases(rc, str(tmp_path)))
+  assert "\n" not in str(e.value)
+  assert "adamw:" in str(e.value) and "vocabulary (64)" in str(e.value)
+  # An empty folder is no base of any kind.
+  (tmp_path / "empty").mkdir()
+  rc = bases(f"adamw:{tmp_path / 'empty'}")
+  with pytest.raises(ValueError, match=r"not a readable orbax base") as e:
+    reproduce.check_bases(rc, reproduce.plan_bases(rc, str(tmp_path)))
+  assert "\n" not in str(e.value)
+
+
+def test_seeds_pair_with_pretraining_seeds_and_group_into_populations():
+  # quick: one pretraining seed, every finetuning seed starts from it; one
+  # population per (base, method) holding every seed x LR.
+  rc = _config("quick")
+  bases, runs = reproduce.plan_runs(rc, "/w", "/w/train.json")
+  assert len(bases) == 2 and rc.finetune.seeds >= 3
+  assert {r.base.seed for r in runs} == {0}
+  groups = dict(reproduce.population_groups(rc, bases, runs))
+  assert len(groups) == 2 + 2 * 3
+  lrs = rc.finetune.lrs["adamw"]
+  assert len(lrs) >= 4
+  assert sorted((r.labels["seed"], r.labels["lr"])
+                for r in groups["adamw-base__muon"]) == sorted(
+                    (s, lr) for s in range(rc.finetune.seeds)
+                    for lr in rc.finetune.lrs["muon"])
+  # full: 3 pretraining seeds paired one to one with 3 finetuning seeds; a
+  # population per (base, base seed, method).
+  rc = _config("full")
+  bases, runs = reproduce.plan_runs(rc, "/w", "/w/train.json")
+  assert len(bases) == 2 * 3 and rc.finetune.seeds == rc.pretrain.seeds == 3
+  assert all(r.labels["seed"] == r.base.seed for r in runs)
+  groups = dict(reproduce.population_groups(rc, bases, runs))
+  assert [len(v) for k, v in groups.items() if k.endswith("-base")] == [3, 3]
+  member_seeds = {frozenset(r.labels["seed"] for r in v)
+                  for k, v in groups.items() if not k.endswith("-base")}
+  assert member_seeds == {frozenset([s]) for s in range(3)}
+  # More finetuning than pretraining seeds: they cycle over the bases.
+  rc = dataclasses.replace(rc, finetune=dataclasses.replace(rc.finetune,
+                                                            seeds=5))
+  _, runs = reproduce.plan_runs(rc, "/w", "/w/train.json")
+  assert {(r.labels["seed"], r.base.seed) for r in runs} == {
+      (0, 0), (1, 1), (2, 2), (3, 0), (4, 1)}
+  # Every member of a population differs only in seed and learning rate.
+  for members in groups.values():
+    stripped = []
+    for m in members:
+      d = json.loads(json.dumps(m.config))
+      for key in ("seed", "dropout_seed"):
+        d["train"].pop(key, None)
+      d["data"].pop("seed")
+      for g in d["optim"]["groups"].values():
+        g["schedule"].pop("peak")
+      stripped.append(d)
+    assert all(s == stripped[0] for s in stripped)
+
+
 def test_unknown_keys_and_methods_are_named():
   with pytest.raises(ValueError, match=r"unknown keys \['bogus'\]"):
     reproduce.ReproConfig.from_dict({"bogus": 1, "model": {}})
@@ -111,3 +309,10 @@ def test_unknown_keys_and_methods_are_named():
     reproduce.ReproConfig.from_dict({
         "model": {}, "finetune": {"methods": ["adamz"],
                                   "lrs": {"adamz": [1.0]}}})
+  with pytest.raises(ValueError, match=r"finetune.lrs: no learning rates for"
+                     r" methods \['muon'\]"):
+    reproduce.ReproConfig.from_dict({
+        "model": {}, "finetune": {"methods": ["muon"], "lrs": {}}})
+  with pytest.raises(ValueError, match=r"config.reproduce: unknown keys"
+                     r" \['base'\]"):
+    reproduce.ReproConfig.from_dict({"model": {}, "reproduce": {"base": ""}})
