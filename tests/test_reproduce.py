@@ -11,6 +11,7 @@ import pytest
 
 from optconsist_jax import report
 from optconsist_jax.experiments import reproduce
+from optconsist_jax.experiments import study
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -31,7 +32,7 @@ def _config(mode, **overrides):
       d[section][name] = value
     else:
       d[section] = value
-  return reproduce.ReproConfig.from_dict(d)
+  return study.ReproConfig.from_dict(d)
 
 
 def _mtimes(root):
@@ -64,7 +65,7 @@ def test_mini_run_has_every_seed_then_skips_everything(mini_run, monkeypatch):
   assert rc.finetune.seeds == 2
   # Every planned run trained and was marked done: 2 bases, and
   # 2 bases x 3 methods x 1 LR x 2 seeds finetuning runs.
-  bases, runs = reproduce.plan_runs(rc, str(tmp_path),
+  bases, runs = study.plan_runs(rc, str(tmp_path),
                                     str(tmp_path / "data" / "math_train.json"))
   assert len(bases) == 2 and len(runs) == 12
   for r in bases:
@@ -159,7 +160,7 @@ def test_matrix_mini_run_fills_the_matrix(tmp_path):
   optimizers = rc.pretrain.optimizers
   assert len(optimizers) == 3 and rc.finetune.methods == optimizers
   reproduce.run(rc, str(tmp_path))
-  bases, runs = reproduce.plan_runs(rc, str(tmp_path),
+  bases, runs = study.plan_runs(rc, str(tmp_path),
                                     str(tmp_path / "data" / "math_train.json"))
   assert [b.name for b in bases] == list(optimizers)
   records = _records(runs)
@@ -202,7 +203,7 @@ def test_external_bases_skip_pretraining(mini_run, tmp_path):
   w = tmp_path / "w"
   reproduce.run(rc, str(w))
   assert not (w / "bases").exists()  # nothing pretrained
-  bases, runs = reproduce.plan_runs(rc, str(w),
+  bases, runs = study.plan_runs(rc, str(w),
                                     str(w / "data" / "math_train.json"))
   assert [(b.name, b.kind) for b in bases] == [("adamw", "orbax"),
                                                 ("muon", "hf")]
@@ -220,7 +221,7 @@ def test_external_bases_skip_pretraining(mini_run, tmp_path):
   base_points = {r.base: r for r in records if r.is_base}
   assert set(base_points) == {"adamw", "muon"}
   ours = {r.base: r for r in _records(
-      reproduce.plan_runs(mini_run[0], str(mini_dir), "")[1]) if r.is_base}
+      study.plan_runs(mini_run[0], str(mini_dir), "")[1]) if r.is_base}
   for name in ("adamw", "muon"):
     assert base_points[name].retention == pytest.approx(
         ours[name].retention, abs=1e-4)
@@ -244,14 +245,14 @@ def test_bad_external_bases_are_one_line_errors(tmp_path):
   # The tiny HF fixture has 64 embeddings, the shipped tokenizer 2,048 pieces.
   rc = bases(f"adamw:{REPO / 'tests' / 'fixtures' / 'hf' / 'gqa'}")
   with pytest.raises(ValueError) as e:
-    reproduce.check_bases(rc, reproduce.plan_bases(rc, str(tmp_path)))
+    study.check_bases(rc, study.plan_bases(rc, str(tmp_path)))
   assert "\n" not in str(e.value)
   assert "adamw:" in str(e.value) and "vocabulary (64)" in str(e.value)
   # An empty folder is no base of any kind.
   (tmp_path / "empty").mkdir()
   rc = bases(f"adamw:{tmp_path / 'empty'}")
   with pytest.raises(ValueError, match=r"not a readable orbax base") as e:
-    reproduce.check_bases(rc, reproduce.plan_bases(rc, str(tmp_path)))
+    study.check_bases(rc, study.plan_bases(rc, str(tmp_path)))
   assert "\n" not in str(e.value)
 
 
@@ -259,10 +260,10 @@ def test_seeds_pair_with_pretraining_seeds_and_group_into_populations():
   # quick: one pretraining seed, every finetuning seed starts from it; one
   # population per (base, method) holding every seed x LR.
   rc = _config("quick")
-  bases, runs = reproduce.plan_runs(rc, "/w", "/w/train.json")
+  bases, runs = study.plan_runs(rc, "/w", "/w/train.json")
   assert len(bases) == 2 and rc.finetune.seeds >= 3
   assert {r.base.seed for r in runs} == {0}
-  groups = dict(reproduce.population_groups(rc, bases, runs))
+  groups = dict(study.population_groups(rc, bases, runs))
   assert len(groups) == 2 + 2 * 3
   lrs = rc.finetune.lrs["adamw"]
   assert len(lrs) >= 4
@@ -273,10 +274,10 @@ def test_seeds_pair_with_pretraining_seeds_and_group_into_populations():
   # full: 3 pretraining seeds paired one to one with 3 finetuning seeds; a
   # population per (base, base seed, method).
   rc = _config("full")
-  bases, runs = reproduce.plan_runs(rc, "/w", "/w/train.json")
+  bases, runs = study.plan_runs(rc, "/w", "/w/train.json")
   assert len(bases) == 2 * 3 and rc.finetune.seeds == rc.pretrain.seeds == 3
   assert all(r.labels["seed"] == r.base.seed for r in runs)
-  groups = dict(reproduce.population_groups(rc, bases, runs))
+  groups = dict(study.population_groups(rc, bases, runs))
   assert [len(v) for k, v in groups.items() if k.endswith("-base")] == [3, 3]
   member_seeds = {frozenset(r.labels["seed"] for r in v)
                   for k, v in groups.items() if not k.endswith("-base")}
@@ -284,7 +285,7 @@ def test_seeds_pair_with_pretraining_seeds_and_group_into_populations():
   # More finetuning than pretraining seeds: they cycle over the bases.
   rc = dataclasses.replace(rc, finetune=dataclasses.replace(rc.finetune,
                                                             seeds=5))
-  _, runs = reproduce.plan_runs(rc, "/w", "/w/train.json")
+  _, runs = study.plan_runs(rc, "/w", "/w/train.json")
   assert {(r.labels["seed"], r.base.seed) for r in runs} == {
       (0, 0), (1, 1), (2, 2), (3, 0), (4, 1)}
   # Every member of a population differs only in seed and learning rate.
@@ -303,16 +304,16 @@ def test_seeds_pair_with_pretraining_seeds_and_group_into_populations():
 
 def test_unknown_keys_and_methods_are_named():
   with pytest.raises(ValueError, match=r"unknown keys \['bogus'\]"):
-    reproduce.ReproConfig.from_dict({"bogus": 1, "model": {}})
+    study.ReproConfig.from_dict({"bogus": 1, "model": {}})
   with pytest.raises(ValueError, match=r"finetune.methods: unknown optimizer"
                      r" 'adamz'"):
-    reproduce.ReproConfig.from_dict({
+    study.ReproConfig.from_dict({
         "model": {}, "finetune": {"methods": ["adamz"],
                                   "lrs": {"adamz": [1.0]}}})
   with pytest.raises(ValueError, match=r"finetune.lrs: no learning rates for"
                      r" methods \['muon'\]"):
-    reproduce.ReproConfig.from_dict({
+    study.ReproConfig.from_dict({
         "model": {}, "finetune": {"methods": ["muon"], "lrs": {}}})
   with pytest.raises(ValueError, match=r"config.reproduce: unknown keys"
                      r" \['base'\]"):
-    reproduce.ReproConfig.from_dict({"model": {}, "reproduce": {"base": ""}})
+    study.ReproConfig.from_dict({"model": {}, "reproduce": {"base": ""}})
