@@ -391,7 +391,7 @@ def full_params(state: step_lib.TrainState):
 # The loop.
 
 
-class _Preemption:
+class Preemption:
   """Turns SIGTERM into a flag the loop checks after each step."""
 
   def __init__(self):
@@ -421,19 +421,9 @@ class _Preemption:
     return self.requested
 
 
-def _stats_fn(graphdef):
-  """Residual-stream statistics of one forward pass (the optimizer fingerprint)."""
-
-  @jax.jit
-  def stats(params, frozen, batch):
-    model = nnx.merge(graphdef, params, frozen)
-    return model.forward(batch["inputs"], batch["positions"],
-                         batch["segment_ids"], return_stats=True).stats
-  return stats
-
-
-def _check_finite(step: int, m: dict[str, Any], ckpts: ckpt_lib.RunCheckpoints,
-                  workdir: epath.Path):
+def check_finite(step: int, m: dict[str, Any], ckpts: ckpt_lib.RunCheckpoints,
+                 workdir: epath.Path):
+  """Raises NonFiniteError (naming the last good checkpoint) on NaN/Inf."""
   # The update norms catch a step whose own loss was finite but whose update
   # (and so the state it leaves behind) is not.
   keys = ["loss", "grad_norm", *sorted(k for k in m if k.startswith(
@@ -501,7 +491,7 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
       s.graphdef, s.tx, mesh=mesh, rules=s.rules,
       state_shardings=s.shardings, grad_accum_steps=tc.grad_accum_steps,
       param_groups=s.param_groups, dropout_seed=dropout_seed)
-  stats_fn = _stats_fn(s.graphdef)
+  stats_fn = jax.jit(step_lib.stats_fn(s.graphdef))
   tokens_per_step = config.data.global_batch_size * config.data.seq_len
   flops_per_token = config.model.flops_per_token(config.data.seq_len)
   peak = metrics_lib.peak_flops()
@@ -532,7 +522,7 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
           m.get("num_tokens", 0.0)))
     timer["tokens"] += float(m.get("num_tokens", 0.0))
     if tc.stop_on_nonfinite:
-      _check_finite(step, m, ckpts, workdir)
+      check_finite(step, m, ckpts, workdir)
     if timer["t"] is None:  # First step: includes compilation.
       timer.update(t=time.perf_counter(), step=step, tokens=0.0)
       writer.scalars(step, {"loss": m["loss"], "grad_norm": m["grad_norm"]})
@@ -555,7 +545,7 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
     timer.update(t=time.perf_counter(), step=step, tokens=0.0)
 
   try:
-    with _Preemption() as preemption:
+    with Preemption() as preemption:
       step = start
       while step < total_steps:
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
