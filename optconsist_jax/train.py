@@ -160,7 +160,7 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
       s.graphdef, s.tx, mesh=mesh, rules=s.rules,
       state_shardings=s.shardings, grad_accum_steps=tc.grad_accum_steps,
       param_groups=s.param_groups, dropout_seed=dropout_seed)
-  stats_fn = step_lib.make_stats_fn(s.graphdef)
+  stats_fn = jax.jit(step_lib.stats_fn(s.graphdef))
   rng = jax.random.key(dropout_seed if dropout_seed is not None else tc.seed)
   # Rates since the last log, and over the run after its first step.
   interval, whole_run = (metrics_lib.Throughput(

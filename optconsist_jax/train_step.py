@@ -207,45 +207,23 @@ def microbatches(batch: Mapping[str, jax.Array], grad_accum_steps: int,
   return out
 
 
-def make_train_step(
+def train_step_fn(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     *,
-    mesh: Mesh,
-    rules: sharding.Rules,
-    state_shardings: TrainState,
+    constrain: sharding.LogicalConstraint | None = None,
     grad_accum_steps: int = 1,
     param_groups: Any | None = None,
-    dropout_seed: int | None = None,
-    donate: bool = True,
-) -> Callable[[TrainState, dict[str, jax.Array]],
+) -> Callable[[TrainState, dict[str, jax.Array], Any],
               tuple[TrainState, dict[str, jax.Array]]]:
-  """The jitted train step.
+  """The unjitted step of `make_train_step`, the dropout seed an argument.
 
-  Args:
-    graphdef: from `create_train_state`.
-    tx: the optimizer the state was created with.
-    mesh: device mesh.
-    rules: logical-axis rules table.
-    state_shardings: from `create_train_state`.
-    grad_accum_steps: micro-batches per step; the batch's rows must divide.
-    param_groups: optional group name per param: a pytree with the
-      structure of `state.params` and a str per leaf, or {path name: group}
-      as `optconsist_jax.optim.assign_groups` returns; adds
-      update_norm/<g> and update_rms/<g> to the metrics.
-    dropout_seed: if set, adapters get dropout randomness
-      fold_in(key(seed), step); None runs deterministically.
-    donate: donate the input state's buffers.
-
-  Returns:
-    step(state, batch) -> (new_state, metrics) where batch is the dict of
-    [B, T] arrays of the batch contract and metrics holds float32 scalars
-    loss, grad_norm, num_tokens (and the per-group update stats).
+  Returns step(state, batch, dropout_seed) -> (new_state, metrics), where
+  dropout_seed is None (deterministic) or an integer scalar, traced or not:
+  `jax.vmap` over it (and the state and batch) trains a population of runs
+  in one program (optconsist_jax.experiments.population). The arguments are
+  those of `make_train_step`; `constrain` places the micro-batches.
   """
-  rules = sharding.as_rules(rules)
-  constrain = sharding.LogicalConstraint(mesh, rules)
-  batch_sh = sharding.batch_sharding(mesh, rules)
-  replicated = NamedSharding(mesh, PartitionSpec())
 
   def sum_loss(params, frozen, mb, rng):
     model = nnx.merge(graphdef, params, frozen)
@@ -256,7 +234,7 @@ def make_train_step(
 
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, dropout_seed):
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
       raise ValueError(f"batch is missing keys {missing}; expected"
@@ -297,10 +275,73 @@ def make_train_step(
                               opt_state=opt_state)
     return new_state, metrics
 
+  return step
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    mesh: Mesh,
+    rules: sharding.Rules,
+    state_shardings: TrainState,
+    grad_accum_steps: int = 1,
+    param_groups: Any | None = None,
+    dropout_seed: int | None = None,
+    donate: bool = True,
+) -> Callable[[TrainState, dict[str, jax.Array]],
+              tuple[TrainState, dict[str, jax.Array]]]:
+  """The jitted train step.
+
+  Args:
+    graphdef: from `create_train_state`.
+    tx: the optimizer the state was created with.
+    mesh: device mesh.
+    rules: logical-axis rules table.
+    state_shardings: from `create_train_state`.
+    grad_accum_steps: micro-batches per step; the batch's rows must divide.
+    param_groups: optional group name per param: a pytree with the
+      structure of `state.params` and a str per leaf, or {path name: group}
+      as `optconsist_jax.optim.assign_groups` returns; adds
+      update_norm/<g> and update_rms/<g> to the metrics.
+    dropout_seed: if set, adapters get dropout randomness
+      fold_in(key(seed), step); None runs deterministically.
+    donate: donate the input state's buffers.
+
+  Returns:
+    step(state, batch) -> (new_state, metrics) where batch is the dict of
+    [B, T] arrays of the batch contract and metrics holds float32 scalars
+    loss, grad_norm, num_tokens (and the per-group update stats).
+  """
+  rules = sharding.as_rules(rules)
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  step_fn = train_step_fn(
+      graphdef, tx, constrain=sharding.LogicalConstraint(mesh, rules),
+      grad_accum_steps=grad_accum_steps, param_groups=param_groups)
+
+  def step(state: TrainState, batch):
+    return step_fn(state, batch, dropout_seed)
+
   jitted = jax.jit(step, in_shardings=(state_shardings, batch_sh),
                    out_shardings=(state_shardings, replicated),
                    donate_argnums=(0,) if donate else ())
   return jitted
+
+
+def stats_fn(graphdef: nnx.GraphDef
+             ) -> Callable[[nnx.State, nnx.State, dict[str, jax.Array]], Any]:
+  """Unjitted (params, frozen, batch) -> residual-stream statistics per layer.
+
+  One forward pass with `return_stats=True` (the optimizer fingerprint the
+  trainer logs every `train.stats_every` steps).
+  """
+
+  def stats(params, frozen, batch):
+    model = nnx.merge(graphdef, params, frozen)
+    return model.forward(batch["inputs"], batch["positions"],
+                         batch["segment_ids"], return_stats=True).stats
+  return stats
 
 
 def abstract_batch(batch_size: int, seq_len: int, mesh: Mesh,
@@ -355,17 +396,3 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     return False
   jax.distributed.initialize()
   return True
-
-
-def make_stats_fn(graphdef: Any) -> Callable[..., Any]:
-  """Residual-stream statistics of one forward pass (the optimizer fingerprint).
-
-  Returns a jitted `stats(params, frozen, batch)`.
-  """
-
-  @jax.jit
-  def stats(params, frozen, batch):
-    model = nnx.merge(graphdef, params, frozen)
-    return model.forward(batch["inputs"], batch["positions"],
-                         batch["segment_ids"], return_stats=True).stats
-  return stats

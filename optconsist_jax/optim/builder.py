@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -28,7 +29,9 @@ def assign_groups(optim_config: OptimConfig | Any,
 
 
 def build(optim_config: OptimConfig | Any, abstract_params: Any, *,
-          mesh: Mesh | None = None) -> optax.GradientTransformation:
+          mesh: Mesh | None = None,
+          schedules: Mapping[str, optax.Schedule] | None = None
+          ) -> optax.GradientTransformation:
   """The optimizer for `abstract_params` (the trainable params only).
 
   Args:
@@ -37,6 +40,9 @@ def build(optim_config: OptimConfig | Any, abstract_params: Any, *,
       ShapeDtypeStructs; NamedShardings on the leaves tell Muon the layout.
     mesh: the device mesh (Muon's `stacked` strategy), else taken from the
       leaves' shardings.
+    schedules: {group: learning-rate schedule} used in place of those the
+      config's groups describe (e.g. one that depends on a traced value, as
+      when a vmapped population of runs selects each member's own).
 
   Returns:
     An optax.GradientTransformation whose updates are added to the params.
@@ -46,9 +52,11 @@ def build(optim_config: OptimConfig | Any, abstract_params: Any, *,
   context = registry.BuildContext(mesh=mesh,
                                   shardings=leaf_shardings(abstract_params))
   used = sorted(set(assignment.values()))
+  schedules = dict(schedules or {})
   transforms = {
       name: registry.make(
-          c.groups[name].optimizer, make_schedule(c.groups[name].schedule),
+          c.groups[name].optimizer,
+          schedules.get(name) or make_schedule(c.groups[name].schedule),
           c.groups[name].weight_decay, c.groups[name].kwargs, context,
           where=f"optim.groups.{name}")
       for name in used}
