@@ -358,6 +358,7 @@ class RunInfo:
   lr: float
   final_step: int | None
   steps_per_epoch: float | None
+  seed: int = 0
 
 
 def _optim_labels(optim: Mapping[str, Any]) -> tuple[str, float]:
@@ -419,7 +420,8 @@ def run_info(d: Mapping[str, Any], path: str) -> RunInfo:
                  identity={"llama": d["model"], "lora": lora},
                  data=dict(d.get("data") or {}),
                  init_from=dict(d.get("init_from") or {}), method=method,
-                 lr=lr, final_step=total or None, steps_per_epoch=spe)
+                 lr=lr, final_step=total or None, steps_per_epoch=spe,
+                 seed=int(train.get("seed") or 0))
 
 
 # ---------------------------------------------------------------------------
@@ -770,7 +772,7 @@ class Evaluator:
         learning_metric=lname, retention_metric=rname,
         metrics={k: float(v) for k, v in metrics.items()},
         run=self.workdir.name, checkpoint=checkpoint, is_base=is_base,
-        settings=eval_settings(c, self.tokenizer))
+        settings=eval_settings(c, self.tokenizer), seed=run.seed)
     self._append(record, predictions, name)
     return record
 
