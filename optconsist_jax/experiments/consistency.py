@@ -210,9 +210,9 @@ class MatrixRow:
     cells: finetuning method -> retention at `level` over seeds.
     seeds: the seeds every method of the row has (the margin's sample).
     diagonal_margin: diagonal's mean retention minus the best other
-      method's, best re-chosen per resample (`statistics.
-      margin_over_best_other`); > 0: the diagonal is best. Empty without a
-      diagonal, another method or a common seed.
+      method's, paired by seed (`statistics.margin_over_best_other`); > 0:
+      the diagonal is best. Empty without a diagonal, another method or a
+      common seed.
     diagonal_best: "yes" / "no" when the margin's interval excludes 0,
       "not resolved" otherwise, "n/a" when there is no margin.
   """
@@ -263,9 +263,9 @@ def matrix_markdown(rows: Sequence[MatrixRow], retention_name: str) -> str:
       f"Rows: pretraining optimizer; columns: finetuning method. Cell ="
       f" retention ({retention_name}, higher is better) at the row's common"
       f" learning level L, mean over seeds [{stats.LEVEL:.0%} interval,"
-      f" {stats.DEFAULT_METHOD}]; the diagonal (matched) in bold. Margin = diagonal minus"
-      " the best other cell of the row, the best re-chosen in every"
-      " resample.", "",
+      f" {stats.DEFAULT_METHOD}]; the diagonal (matched) in bold. Margin ="
+      " diagonal minus the best other cell of the row (the strongest on the"
+      " mean over seeds), paired by seed.", "",
       "| pretrained with | L | " + " | ".join(columns)
       + " | diagonal minus best other | diagonal best? |",
       "|---" * (len(columns) + 4) + "|"]
