@@ -221,11 +221,13 @@ def gap_plot(summary: Sequence[consistency.MethodSummary], y_name: str,
   fig, ax = plt.subplots(figsize=(7, 0.5 * max(len(rows), 1) + 1.8))
   for i, s in enumerate(rows):
     g = s.gap_vs_matched
-    ax.errorbar([g.mean], [i], xerr=[[max(g.mean - g.lo, 0.0)],
-                                     [max(g.hi - g.mean, 0.0)]],
-                fmt="o", capsize=4,
+    bounded = np.isfinite([g.lo, g.hi]).all()
+    err = ([[max(g.mean - g.lo, 0.0)], [max(g.hi - g.mean, 0.0)]] if bounded
+           else None)
+    ax.errorbar([g.mean], [i], xerr=err, fmt="o", capsize=4,
                 color=_VERDICT_COLOURS.get(s.verdict, "gray"))
-    ax.annotate(s.verdict, (g.hi, i), textcoords="offset points",
+    ax.annotate(s.verdict + ("" if bounded else " (interval unbounded)"),
+                (g.hi if bounded else g.mean, i), textcoords="offset points",
                 xytext=(6, -3), fontsize=7)
   ax.set_yticks(range(len(rows)))
   ax.set_yticklabels([f"{s.base} base: {s.base} vs {s.method}\n(L ="
