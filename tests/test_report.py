@@ -175,3 +175,12 @@ def test_matrix_from_the_command_line(tmp_path, capsys):
     assert r["diagonal_margin"]["mean"] == pytest.approx(0.1, abs=1e-9)
     assert r["cells"][r["base"]]["mean"] == pytest.approx(-1.6 + 0.1 + 0.01)
   assert "matrix.png" in capsys.readouterr().out
+
+
+def test_eval_job_labels_rows_with_the_train_seed():
+  from optconsist_jax import evaluate  # pylint: disable=g-import-not-at-top
+  run = evaluate.run_info({"model": {}, "train": {"seed": 5,
+                                                  "num_epochs": 1}}, "cfg")
+  assert run.seed == 5
+  assert evaluate.run_info({"model": {}, "train": {"num_epochs": 1}},
+                           "cfg").seed == 0
