@@ -281,13 +281,14 @@ def markdown_table(records: Sequence[EvalRecord], xs: Sequence[float],
                    ys: Sequence[float], on_front: set[int], x_name: str,
                    y_name: str) -> str:
   """One row per evaluated checkpoint; frontier points marked."""
-  lines = [f"| run | method | base | lr | step | epoch | {x_name} (retention)"
-           f" | {y_name} (learning) | frontier |",
-           "|---|---|---|---|---|---|---|---|---|"]
+  lines = [f"| run | method | base | lr | seed | step | epoch | {x_name}"
+           f" (retention) | {y_name} (learning) | frontier |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for i, r in enumerate(records):
     lines.append(
         f"| {r.run}{' (base)' if r.is_base else ''} | {r.method} | {r.base}"
-        f" | {r.lr:g} | {r.step} | {r.epoch:g} | {xs[i]:.4f} | {ys[i]:.4f}"
+        f" | {r.lr:g} | {r.seed} | {r.step} | {r.epoch:g} | {xs[i]:.4f}"
+        f" | {ys[i]:.4f}"
         f" | {'yes' if i in on_front else ''} |")
   return "\n".join(lines) + "\n"
 
@@ -344,7 +345,8 @@ def write_consistency(records: Sequence[EvalRecord], out_dir: str, *,
     f.write(consistency.consistency_markdown(summary, learning_name,
                                              retention_name))
   with open(paths["summary_json"], "w") as f:
-    json.dump(consistency.summary_json(summary), f, indent=2)
+    json.dump(consistency.summary_json(summary), f, indent=2,
+              allow_nan=False)
   paths["frontiers"] = report_plots.frontier_plot(
       records, summary, retention_name, learning_name,
       os.path.join(out_dir, "frontiers.png"))
@@ -360,7 +362,7 @@ def write_consistency(records: Sequence[EvalRecord], out_dir: str, *,
     with open(paths["matrix_md"], "w") as f:
       f.write(consistency.matrix_markdown(rows, retention_name))
     with open(paths["matrix_json"], "w") as f:
-      json.dump(consistency.matrix_json(rows), f, indent=2)
+      json.dump(consistency.matrix_json(rows), f, indent=2, allow_nan=False)
     report_plots.matrix_plot(rows, retention_name,
                              [paths["matrix_png"], paths["matrix_svg"]])
   return paths

@@ -108,6 +108,8 @@ def test_report_end_to_end(tmp_path, capsys):
   summary = json.loads((out / "summary.json").read_text())
   (muon,) = [s for s in summary if s["method"] == "muon"]
   assert muon["gap_vs_matched"]["n"] == 1
+  # One seed bounds nothing: the ends are null (strict JSON).
+  assert muon["gap_vs_matched"]["lo"] is None
   assert muon["verdict"] == "no difference resolved"
   assert f"outputs in {out}" in capsys.readouterr().out
   table = (out / "pareto.md").read_text().splitlines()

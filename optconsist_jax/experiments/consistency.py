@@ -280,12 +280,23 @@ def matrix_markdown(rows: Sequence[MatrixRow], retention_name: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _strict_json(x):
+  """NaN / +-inf (no interval, an unbounded end) as null: strict JSON."""
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  if isinstance(x, dict):
+    return {k: _strict_json(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_strict_json(v) for v in x]
+  return x
+
+
 def summary_json(summary: Sequence[MethodSummary]) -> list[dict]:
-  return [dataclasses.asdict(s) for s in summary]
+  return [_strict_json(dataclasses.asdict(s)) for s in summary]
 
 
 def matrix_json(rows: Sequence[MatrixRow]) -> list[dict]:
-  return [dataclasses.asdict(r) for r in rows]
+  return [_strict_json(dataclasses.asdict(r)) for r in rows]
 
 
 def mean_frontier(by_seed: Mapping[int, np.ndarray], levels_L: np.ndarray,
