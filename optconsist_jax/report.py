@@ -1,7 +1,7 @@
 r"""Learning/forgetting Pareto plot, tables and intervals across runs.
 
   python -m optconsist_jax.report W1 W2 ... --out DIR [--x METRIC] [--y METRIC]
-      [--matrix auto|always|never]
+      [--matrix auto|always|never] [--interval t|percentile|studentized]
 
 Reads `W/eval/results.jsonl` of every workdir (the eval job's output, one
 `EvalRecord` per line, schema below), draws one point per evaluated
@@ -12,7 +12,7 @@ DIR/pareto.png, DIR/pareto.svg and DIR/pareto.md (a markdown table).
 Layout follows Biderman et al. 2024 ("LoRA Learns Less and Forgets Less"),
 Fig. 1: one dot per (run, epoch), bigger dots for more epochs. Then
 `write_consistency`: matched vs the other methods at equal learning, mean
-with a 95% bootstrap interval over seeds and a verdict per base
+with a 95% interval over seeds (`--interval`) and a verdict per base
 (DIR/summary.md, frontiers.png, gaps.png; experiments/consistency.py), and
 with >= 3 pretraining optimizers the consistency matrix (DIR/matrix.*).
 Figures are drawn by report_plots.py.
@@ -319,17 +319,25 @@ MATRIX_MIN_BASES = 3
 
 
 def write_consistency(records: Sequence[EvalRecord], out_dir: str, *,
-                      matrix: str = "auto") -> dict[str, str]:
+                      matrix: str = "auto",
+                      interval: str | None = None) -> dict[str, str]:
   """Matched vs the rest at equal learning, with intervals over seeds.
 
   Writes out_dir/summary.md (+ .json), frontiers.png (mean frontier per
   base with its band and every seed's points), gaps.png (the gap vs matched
   per base and method, with its verdict) and, with >= MATRIX_MIN_BASES
   pretraining optimizers (`matrix="auto"`) or `matrix="always"`,
-  matrix.md (+ .json, .png, .svg). Returns the paths.
+  matrix.md (+ .json, .png, .svg). `interval`: a method of
+  `experiments.statistics.METHODS` (None: its DEFAULT_METHOD). Returns the
+  paths.
   """
   from optconsist_jax import report_plots  # pylint: disable=g-import-not-at-top
   from optconsist_jax.experiments import consistency  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.experiments import statistics  # pylint: disable=g-import-not-at-top
+  interval = interval or statistics.DEFAULT_METHOD
+  if interval not in statistics.METHODS:
+    raise ValueError(f"report: interval={interval!r}; expected one of"
+                     f" {statistics.METHODS}")
   if matrix not in MATRIX_MODES:
     raise ValueError(f"report: matrix={matrix!r}; expected one of"
                      f" {MATRIX_MODES}")
@@ -338,12 +346,12 @@ def write_consistency(records: Sequence[EvalRecord], out_dir: str, *,
   os.makedirs(out_dir, exist_ok=True)
   learning_name = _common(r.learning_metric for r in records)
   retention_name = _common(r.retention_metric for r in records)
-  summary = consistency.consistency_summary(records)
+  summary = consistency.consistency_summary(records, method=interval)
   paths = {"summary": os.path.join(out_dir, "summary.md"),
            "summary_json": os.path.join(out_dir, "summary.json")}
   with open(paths["summary"], "w") as f:
     f.write(consistency.consistency_markdown(summary, learning_name,
-                                             retention_name))
+                                             retention_name, interval))
   with open(paths["summary_json"], "w") as f:
     json.dump(consistency.summary_json(summary), f, indent=2,
               allow_nan=False)
@@ -352,15 +360,15 @@ def write_consistency(records: Sequence[EvalRecord], out_dir: str, *,
       os.path.join(out_dir, "frontiers.png"))
   paths["gaps"] = report_plots.gap_plot(
       summary, learning_name, retention_name,
-      os.path.join(out_dir, "gaps.png"))
+      os.path.join(out_dir, "gaps.png"), interval)
   bases = {r.base for r in records if not r.is_base}
   if matrix == "always" or (matrix == "auto"
                             and len(bases) >= MATRIX_MIN_BASES):
-    rows = consistency.consistency_matrix(records)
+    rows = consistency.consistency_matrix(records, method=interval)
     for kind in ("md", "json", "png", "svg"):
       paths[f"matrix_{kind}"] = os.path.join(out_dir, f"matrix.{kind}")
     with open(paths["matrix_md"], "w") as f:
-      f.write(consistency.matrix_markdown(rows, retention_name))
+      f.write(consistency.matrix_markdown(rows, retention_name, interval))
     with open(paths["matrix_json"], "w") as f:
       json.dump(consistency.matrix_json(rows), f, indent=2, allow_nan=False)
     report_plots.matrix_plot(rows, retention_name,
@@ -369,7 +377,8 @@ def write_consistency(records: Sequence[EvalRecord], out_dir: str, *,
 
 
 def consistency_report(workdirs: Sequence[str], out_dir: str, *,
-                       matrix: str = "auto") -> dict[str, str]:
+                       matrix: str = "auto",
+                       interval: str | None = None) -> dict[str, str]:
   """Per-base Pareto plots, an all-runs plot and `write_consistency`."""
   records = []
   for w in workdirs:
@@ -383,7 +392,8 @@ def consistency_report(workdirs: Sequence[str], out_dir: str, *,
       paths[f"{base}_base_{kind}"] = path
   for kind, path in make_report(records, os.path.join(out_dir, "all")).items():
     paths[f"all_{kind}"] = path
-  paths.update(write_consistency(records, out_dir, matrix=matrix))
+  paths.update(write_consistency(records, out_dir, matrix=matrix,
+                                 interval=interval))
   return paths
 
 
@@ -403,6 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--matrix", choices=MATRIX_MODES, default="auto",
                  help="the pretraining x finetuning optimizer matrix (auto:"
                  f" with >= {MATRIX_MIN_BASES} pretraining optimizers)")
+  p.add_argument("--interval", choices=("t", "percentile", "studentized"),
+                 default=None, help="interval over seeds (default t;"
+                 " optconsist_jax/experiments/statistics.py says why)")
   args = p.parse_args(argv)
   from optconsist_jax import errors  # pylint: disable=g-import-not-at-top
   args.workdirs = [paths_lib.resolve(w) for w in args.workdirs]
@@ -417,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       if any(not r.is_base for r in records):
         paths.update(write_consistency(
             headline_records(records, args.x, args.y), args.out,
-            matrix=args.matrix))
+            matrix=args.matrix, interval=args.interval))
     except EvalFileError as e:
       raise errors.UserError(str(e)) from e
   names = ", ".join(os.path.relpath(p, args.out) for p in paths.values())

@@ -214,7 +214,8 @@ def frontier_plot(records: Sequence[report.EvalRecord],
 
 
 def gap_plot(summary: Sequence[consistency.MethodSummary], y_name: str,
-             x_name: str, path: str) -> str:
+             x_name: str, path: str,
+             method: str = stats.DEFAULT_METHOD) -> str:
   """Does matched forget less at equal learning? One bar per (base, method)."""
   plt = _pyplot()
   rows = [s for s in summary if s.gap_vs_matched.n]
@@ -237,7 +238,7 @@ def gap_plot(summary: Sequence[consistency.MethodSummary], y_name: str,
   ax.invert_yaxis()
   ax.set_xlabel(f"matched minus other retention at equal learning\n({x_name};"
                 " > 0: matched forgets less; 95% interval over seeds,"
-                f" {stats.DEFAULT_METHOD})", fontsize=8)
+                f" {method})", fontsize=8)
   ax.set_title(f"Does matched finetuning forget less at equal learning"
                f" ({y_name})?", fontsize=10)
   ax.grid(alpha=0.3, axis="x")

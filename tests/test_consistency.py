@@ -86,6 +86,11 @@ def test_planted_effect_gives_the_right_verdicts():
   shifts = [0.05 * ((k * 7919 + _code("adamw")) % 5) / 5 for k in range(4)]
   want = -1.0 - 2.0 * 0.92 + np.mean(shifts)
   assert s.retention_at_level.mean == pytest.approx(want, abs=0.005)
+  # The percentile bootstrap over the same 4 seeds: inside the t interval.
+  pct = {(s.base, s.method): s for s in consistency.consistency_summary(
+      records, method="percentile")}[("adamw", "muon")].gap_vs_matched
+  assert pct.mean == s.gap_vs_matched.mean
+  assert s.gap_vs_matched.lo < pct.lo < pct.hi < s.gap_vs_matched.hi
   text = consistency.consistency_markdown(list(summary.values()), "l", "r")
   assert "vs muon: matched forgets less" in text
   assert "vs adamw: matched forgets more" in text

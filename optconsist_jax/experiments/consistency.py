@@ -157,13 +157,14 @@ def consistency_summary(records: Sequence[report.EvalRecord],
 
 
 def consistency_markdown(summary: Sequence[MethodSummary],
-                         learning_name: str, retention_name: str) -> str:
+                         learning_name: str, retention_name: str,
+                         method: str = stats.DEFAULT_METHOD) -> str:
   """The summary as a markdown table plus one verdict line per base."""
   level = stats.LEVEL
   lines = [
       f"Learning = {learning_name}; retention = {retention_name} (both"
       " higher is better). Every number is the mean over seeds with its"
-      f" {level:.0%} interval ({stats.DEFAULT_METHOD}; see"
+      f" {level:.0%} interval ({method}; see"
       " optconsist_jax/experiments/statistics.py). L = the base's common"
       " learning level"
       " (the highest learning every method reaches on every seed); retention"
@@ -255,7 +256,8 @@ def consistency_matrix(records: Sequence[report.EvalRecord],
   return rows
 
 
-def matrix_markdown(rows: Sequence[MatrixRow], retention_name: str) -> str:
+def matrix_markdown(rows: Sequence[MatrixRow], retention_name: str,
+                    method: str = stats.DEFAULT_METHOD) -> str:
   """Cells with intervals, the diagonal in bold, the diagonal's margin."""
   columns = matrix_columns([r.base for r in rows],
                            [m for r in rows for m in r.cells])
@@ -263,7 +265,7 @@ def matrix_markdown(rows: Sequence[MatrixRow], retention_name: str) -> str:
       f"Rows: pretraining optimizer; columns: finetuning method. Cell ="
       f" retention ({retention_name}, higher is better) at the row's common"
       f" learning level L, mean over seeds [{stats.LEVEL:.0%} interval,"
-      f" {stats.DEFAULT_METHOD}]; the diagonal (matched) in bold. Margin ="
+      f" {method}]; the diagonal (matched) in bold. Margin ="
       " diagonal minus the best other cell of the row (the strongest on the"
       " mean over seeds), paired by seed.", "",
       "| pretrained with | L | " + " | ".join(columns)
