@@ -1,6 +1,7 @@
-r"""Learning/forgetting Pareto plot and table across runs.
+r"""Learning/forgetting Pareto plot, tables and intervals across runs.
 
   python -m optconsist_jax.report W1 W2 ... --out DIR [--x METRIC] [--y METRIC]
+      [--matrix auto|always|never] [--interval t|percentile|studentized]
 
 Reads `W/eval/results.jsonl` of every workdir (the eval job's output, one
 `EvalRecord` per line, schema below), draws one point per evaluated
@@ -9,7 +10,12 @@ finetuning method, marker shape by the base model's pretraining optimizer, the
 base models as stars), the non-dominated frontier over all points, and writes
 DIR/pareto.png, DIR/pareto.svg and DIR/pareto.md (a markdown table).
 Layout follows Biderman et al. 2024 ("LoRA Learns Less and Forgets Less"),
-Fig. 1: one dot per (run, epoch), bigger dots for more epochs.
+Fig. 1: one dot per (run, epoch), bigger dots for more epochs. Then
+`write_consistency`: matched vs the other methods at equal learning, mean
+with a 95% interval over seeds (`--interval`) and a verdict per base
+(DIR/summary.md, frontiers.png, gaps.png; experiments/consistency.py), and
+with >= 3 pretraining optimizers the consistency matrix (DIR/matrix.*).
+Figures are drawn by report_plots.py.
 
 This module owns the schema of W/eval/results.jsonl; optconsist_jax.evaluate
 writes it.
@@ -23,7 +29,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from typing import Any
 
 from optconsist_jax import paths as paths_lib
@@ -53,6 +58,8 @@ class EvalRecord:
     is_base: this is the starting point of the runs, not a finetuned model.
     settings: how the scores were made (e.g. whether contexts started with
       BOS, the lm-evaluation-harness version and tasks).
+    seed: the run's seed (`train.seed`); runs that differ only in seed are
+      the replicates the report's intervals are over.
   """
 
   step: int
@@ -69,6 +76,7 @@ class EvalRecord:
   checkpoint: str = ""
   is_base: bool = False
   settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+  seed: int = 0
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -79,7 +87,7 @@ _FIELD_TYPES = {
     "lr": (int, float), "learning": (int, float), "retention": (int, float),
     "learning_metric": (str,), "retention_metric": (str,), "metrics": (dict,),
     "run": (str,), "checkpoint": (str,), "is_base": (bool,),
-    "settings": (dict,),
+    "settings": (dict,), "seed": (int,),
 }
 REQUIRED_FIELDS = tuple(
     f.name for f in dataclasses.fields(EvalRecord)
@@ -193,10 +201,6 @@ def _value(r: EvalRecord, metric: str | None, headline: str) -> float:
   return float(r.metrics[metric])
 
 
-_METHOD_COLOURS = {"adamw": "tab:blue", "muon": "tab:red",
-                   "lora": "tab:green", "base": "black"}
-# Marker shape = peak learning rate (in increasing order of LR).
-_LR_MARKERS = ["o", "^", "s", "D", "v", "P", "X", "<", ">"]
 # Metric name -> (words, unit) for axis titles; see evaluate.py for the names.
 _METRIC_WORDS = {
     "lm_loss/loss": ("held-out LM loss", "nats/token"),
@@ -233,33 +237,15 @@ def axis_title(role: str, metric: str, higher_is_better: bool) -> str:
   return f"{role}: {words} ({unit + '; ' if unit else ''}{direction})"
 
 
-def _colours(methods: Sequence[str]) -> dict[str, str]:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  cycle = matplotlib.colormaps["tab10"].colors
-  out, spare = {}, [c for c in cycle]
-  for m in methods:
-    out[m] = _METHOD_COLOURS.get(m.lower()) or spare[len(out) % len(spare)]
-  return out
-
-
-def _marker_size(epoch: float, max_epoch: float) -> float:
-  return 30 + 170 * epoch / max_epoch
-
-
 def make_report(records: Sequence[EvalRecord], out_dir: str, *,
                 x_metric: str | None = None, y_metric: str | None = None,
                 title: str = "") -> dict[str, str]:
-  """Writes the plot (PNG, SVG) and the table; returns their paths.
+  """Writes the Pareto plot (PNG, SVG) and the table; returns their paths.
 
-  One panel per base model (its own Pareto frontier), sharing both axes.
-  Colour = finetuning method, marker shape = peak LR, marker size = epochs,
-  black outline = on that base's frontier, star = the base model itself.
+  One panel per base model (its own Pareto frontier), sharing both axes
+  (`report_plots.pareto_plot` says what the marks mean).
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
-
+  from optconsist_jax import report_plots  # pylint: disable=g-import-not-at-top
   if not records:
     raise ValueError("report: no evaluated checkpoints to plot")
   xs = [_value(r, x_metric, "retention") for r in records]
@@ -268,107 +254,19 @@ def make_report(records: Sequence[EvalRecord], out_dir: str, *,
   y_name = y_metric or _common(r.learning_metric for r in records)
   maximize = (not (x_metric and lower_is_better(x_metric)),
               not (y_metric and lower_is_better(y_metric)))
-  bases = sorted({r.base for r in records})
   # The frontier is per base: runs from different bases are not comparable
   # points of one trade-off.
   fronts = {}
-  for b in bases:
+  for b in sorted({r.base for r in records}):
     idx = [i for i, r in enumerate(records) if r.base == b]
     fronts[b] = [idx[k] for k in pareto_frontier(
         [(xs[i], ys[i]) for i in idx], maximize)]
   on_front = {i for f in fronts.values() for i in f}
-
-  methods = sorted({r.method for r in records if not r.is_base})
-  colours = _colours(methods)
-  lrs = sorted({r.lr for r in records if not r.is_base})
-  lr_marker = {lr: _LR_MARKERS[i % len(_LR_MARKERS)]
-               for i, lr in enumerate(lrs)}
-  max_epoch = max([r.epoch for r in records] + [1e-9])
-
-  fig, axes = plt.subplots(1, len(bases), figsize=(4.6 * len(bases) + 2.6, 5),
-                           sharex=True, sharey=True, squeeze=False)
-  for ax, b in zip(axes[0], bases):
-    runs: dict[str, list[int]] = {}
-    for i, r in enumerate(records):
-      if r.base == b and not r.is_base:
-        runs.setdefault(r.run, []).append(i)
-    for idx in runs.values():
-      idx = sorted(idx, key=lambda i: records[i].step)
-      ax.plot([xs[i] for i in idx], [ys[i] for i in idx], "-", lw=0.8,
-              alpha=0.35, color=colours[records[idx[0]].method], zorder=1)
-    for i, r in enumerate(records):
-      if r.base != b:
-        continue
-      if r.is_base:
-        ax.scatter(xs[i], ys[i], marker="*", s=260, color="black", zorder=4,
-                   edgecolors="white", linewidths=0.5)
-        ax.annotate("base model", (xs[i], ys[i]), textcoords="offset points",
-                    xytext=(8, -4), fontsize=8)
-      else:
-        ax.scatter(xs[i], ys[i], marker=lr_marker[r.lr],
-                   s=_marker_size(r.epoch, max_epoch), color=colours[r.method],
-                   alpha=0.85,
-                   edgecolors="black" if i in on_front else "none",
-                   linewidths=1.2, zorder=3)
-    front = fronts[b]
-    ax.plot([xs[i] for i in front], [ys[i] for i in front], "--",
-            color="gray", lw=1.2, zorder=2)
-    ax.set_title(f"base pretrained with {b}" if len(bases) > 1
-                 else (title or f"base pretrained with {b}"), fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.margins(0.1)
-    ax.set_xlabel(axis_title("Retention", x_name, maximize[0]), fontsize=8)
-  axes[0][0].set_ylabel(axis_title("Learning", y_name, maximize[1]),
-                        fontsize=8)
-  if not maximize[0]:
-    axes[0][0].invert_xaxis()
-  if not maximize[1]:
-    axes[0][0].invert_yaxis()
-
-  # Legends, right of the panels: colour, shape, size, outline/line/star.
-  def dot(**kw):
-    kw.setdefault("marker", "o")
-    kw.setdefault("color", "gray")
-    return Line2D([], [], linestyle="none", **kw)
-  groups = [
-      ("finetuning method", [dot(color=colours[m], markersize=8)
-                             for m in methods], methods),
-      ("peak learning rate", [dot(marker=lr_marker[lr], markersize=8)
-                              for lr in lrs], [f"{lr:g}" for lr in lrs]),
-  ]
-  epochs = sorted({r.epoch for r in records if not r.is_base})
-  if epochs:
-    shown = sorted({epochs[0], epochs[len(epochs) // 2], epochs[-1]})
-    groups.append(("epochs (marker size)",
-                   [dot(markersize=_marker_size(e, max_epoch) ** 0.5)
-                    for e in shown], [f"{e:g}" for e in shown]))
-  key = [dot(markeredgecolor="black", markeredgewidth=1.2, markersize=8),
-         Line2D([], [], color="gray", linestyle="--")]
-  key_labels = ["outlined: on the frontier", "Pareto frontier" + (
-      " (per base)" if len(bases) > 1 else "")]
-  if any(r.is_base for r in records):
-    key.append(dot(marker="*", color="black", markersize=13))
-    key_labels.append("base model (before finetuning)")
-  groups.append(("key", key, key_labels))
-  y = 1.0
-  for group_title, handles, labels in groups:
-    leg = fig.legend(handles, labels, title=group_title, fontsize=8,
-                     title_fontsize=8, loc="upper left",
-                     bbox_to_anchor=(1.0 - 2.4 / fig.get_figwidth(), y),
-                     frameon=False, alignment="left")
-    y -= (len(labels) + 1.6) * 0.045
-    del leg
-  if len(bases) > 1:
-    fig.suptitle(title or "Learning vs. retention per base model",
-                 fontsize=11)
-  fig.tight_layout(rect=(0, 0, 1.0 - 2.5 / fig.get_figwidth(), 1))
-  os.makedirs(out_dir, exist_ok=True)
   paths = {"png": os.path.join(out_dir, "pareto.png"),
            "svg": os.path.join(out_dir, "pareto.svg"),
            "md": os.path.join(out_dir, "pareto.md")}
-  fig.savefig(paths["png"], dpi=150)
-  fig.savefig(paths["svg"])
-  plt.close(fig)
+  report_plots.pareto_plot(records, xs, ys, fronts, maximize, x_name, y_name,
+                           title, [paths["png"], paths["svg"]])
   with open(paths["md"], "w") as f:
     f.write(markdown_table(records, xs, ys, on_front, x_name, y_name))
   return paths
@@ -383,128 +281,105 @@ def markdown_table(records: Sequence[EvalRecord], xs: Sequence[float],
                    ys: Sequence[float], on_front: set[int], x_name: str,
                    y_name: str) -> str:
   """One row per evaluated checkpoint; frontier points marked."""
-  lines = [f"| run | method | base | lr | step | epoch | {x_name} (retention)"
-           f" | {y_name} (learning) | frontier |",
-           "|---|---|---|---|---|---|---|---|---|"]
+  lines = [f"| run | method | base | lr | seed | step | epoch | {x_name}"
+           f" (retention) | {y_name} (learning) | frontier |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for i, r in enumerate(records):
     lines.append(
         f"| {r.run}{' (base)' if r.is_base else ''} | {r.method} | {r.base}"
-        f" | {r.lr:g} | {r.step} | {r.epoch:g} | {xs[i]:.4f} | {ys[i]:.4f}"
+        f" | {r.lr:g} | {r.seed} | {r.step} | {r.epoch:g} | {xs[i]:.4f}"
+        f" | {ys[i]:.4f}"
         f" | {'yes' if i in on_front else ''} |")
   return "\n".join(lines) + "\n"
 
 
-def best_retention_at(records: Sequence[EvalRecord], level: float) -> float:
-  """Best retention among points that learned at least `level` (-inf if none)."""
-  vals = [r.retention for r in records if r.learning >= level]
-  return max(vals) if vals else -math.inf
+def headline_records(records: Sequence[EvalRecord],
+                     x_metric: str | None = None,
+                     y_metric: str | None = None) -> list[EvalRecord]:
+  """Records whose learning/retention are the chosen metrics, higher-better.
 
-
-@dataclasses.dataclass(frozen=True)
-class MethodSummary:
-  """One finetuning method on one base (a row of the consistency table).
-
-  Attributes:
-    base: the base model's pretraining optimizer.
-    method: finetuning method.
-    role: "matched" (same optimizer as pretraining), "mismatched" or "lora".
-    points: evaluated checkpoints.
-    best_learning: highest learning score over LRs and epochs.
-    retention_at_best: retention of that checkpoint.
-    gap_vs_matched: mean over this method's points of (best retention the
-      matched method reaches at that point's learning level or above) minus
-      (this point's retention); > 0 means matched forgot less at equal
-      learning; NaN where matched never learned that much, and for matched
-      itself.
-    compared: how many of this method's points entered the mean.
-  """
-
-  base: str
-  method: str
-  role: str
-  points: int
-  best_learning: float
-  retention_at_best: float
-  gap_vs_matched: float
-  compared: int
-
-
-def role_of(method: str, base: str) -> str:
-  if method.lower() == "lora":
-    return "lora"
-  return "matched" if method == base else "mismatched"
-
-
-def consistency_summary(records: Sequence[EvalRecord]) -> list[MethodSummary]:
-  """Matched vs mismatched vs LoRA at equal learning, per base model.
-
-  The paper's claim is that full finetuning with the pretraining optimizer
-  (matched) sits on the upper right of the learning/forgetting plane. For each
-  point of another method we ask how much retention the matched method keeps
-  among its checkpoints that learned at least as much, and average the
-  difference (headline learning and retention, both higher-is-better).
+  A loss-like metric (`lower_is_better`) enters negated, named "-metric",
+  so the consistency statistics see the same axes the plot shows.
   """
   out = []
-  for base in sorted({r.base for r in records}):
-    finetuned = [r for r in records if r.base == base and not r.is_base]
-    matched = [r for r in finetuned if r.method == base]
-    for method in sorted({r.method for r in finetuned}):
-      pts = [r for r in finetuned if r.method == method]
-      best = max(pts, key=lambda r: (r.learning, r.retention))
-      gaps = []
-      if method != base and matched:
-        for r in pts:
-          ref = best_retention_at(matched, r.learning)
-          if ref > -math.inf:
-            gaps.append(ref - r.retention)
-      out.append(MethodSummary(
-          base=base, method=method, role=role_of(method, base),
-          points=len(pts), best_learning=best.learning,
-          retention_at_best=best.retention,
-          gap_vs_matched=(sum(gaps) / len(gaps)) if gaps else math.nan,
-          compared=len(gaps)))
+  for r in records:
+    kw = {}
+    for field, metric in (("retention", x_metric), ("learning", y_metric)):
+      if metric is not None:
+        sign = -1.0 if lower_is_better(metric) else 1.0
+        kw[field] = sign * _value(r, metric, field)
+        kw[f"{field}_metric"] = ("-" if sign < 0 else "") + metric
+    out.append(dataclasses.replace(r, **kw) if kw else r)
   return out
 
 
-def consistency_markdown(summary: Sequence[MethodSummary],
-                         learning_name: str, retention_name: str) -> str:
-  """The summary as a markdown table plus one verdict line per base."""
-  lines = [f"Learning = {learning_name}; retention = {retention_name} (both"
-           " higher is better). Gap = matched's best retention at equal or"
-           " higher learning minus this method's, averaged over this"
-           " method's checkpoints (> 0: matched forgot less).", "",
-           "| base | method | role | points | best learning | retention at"
-           " best | gap vs matched (points compared) |",
-           "|---|---|---|---|---|---|---|"]
-  for s in summary:
-    gap = ("" if math.isnan(s.gap_vs_matched)
-           else f"{s.gap_vs_matched:+.4f} ({s.compared})")
-    lines.append(f"| {s.base} | {s.method} | {s.role} | {s.points} |"
-                 f" {s.best_learning:.4f} | {s.retention_at_best:.4f} |"
-                 f" {gap} |")
-  lines.append("")
-  for base in sorted({s.base for s in summary}):
-    others = [s for s in summary if s.base == base and s.role != "matched"
-              and not math.isnan(s.gap_vs_matched)]
-    if not any(s.base == base and s.role == "matched" for s in summary):
-      lines.append(f"- {base} base: no matched run to compare.")
-      continue
-    if not others:
-      lines.append(f"- {base} base: no other method reached a learning level"
-                   " the matched run also reached; no comparison at equal"
-                   " learning.")
-      continue
-    verdicts = ", ".join(
-        f"{'less' if s.gap_vs_matched > 0 else 'more' if s.gap_vs_matched < 0 else 'as much'}"
-        f" than {s.method} ({s.gap_vs_matched:+.4f})" for s in others)
-    lines.append(f"- {base} base: matched finetuning ({base}) forgot"
-                 f" {verdicts} at equal learning.")
-  return "\n".join(lines) + "\n"
+MATRIX_MODES = ("auto", "always", "never")
+# "auto" draws the matrix from this many pretraining optimizers on.
+MATRIX_MIN_BASES = 3
 
 
-def consistency_report(workdirs: Sequence[str], out_dir: str
-                       ) -> dict[str, str]:
-  """Per-base Pareto plots, an all-runs plot, and the consistency table."""
+def write_consistency(records: Sequence[EvalRecord], out_dir: str, *,
+                      matrix: str = "auto",
+                      interval: str | None = None) -> dict[str, str]:
+  """Matched vs the rest at equal learning, with intervals over seeds.
+
+  Writes out_dir/summary.md (+ .json), frontiers.png (mean frontier per
+  base with its band and every seed's points), gaps.png (the gap vs matched
+  per base and method, with its verdict) and, with >= MATRIX_MIN_BASES
+  pretraining optimizers (`matrix="auto"`) or `matrix="always"`,
+  matrix.md (+ .json, .png, .svg). `interval`: a method of
+  `experiments.statistics.METHODS` (None: its DEFAULT_METHOD). Returns the
+  paths.
+  """
+  from optconsist_jax import report_plots  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.experiments import consistency  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.experiments import statistics  # pylint: disable=g-import-not-at-top
+  interval = interval or statistics.DEFAULT_METHOD
+  if interval not in statistics.METHODS:
+    raise ValueError(f"report: interval={interval!r}; expected one of"
+                     f" {statistics.METHODS}")
+  if matrix not in MATRIX_MODES:
+    raise ValueError(f"report: matrix={matrix!r}; expected one of"
+                     f" {MATRIX_MODES}")
+  if not any(not r.is_base for r in records):
+    raise ValueError("report: no finetuned checkpoints to compare")
+  os.makedirs(out_dir, exist_ok=True)
+  learning_name = _common(r.learning_metric for r in records)
+  retention_name = _common(r.retention_metric for r in records)
+  summary = consistency.consistency_summary(records, method=interval)
+  paths = {"summary": os.path.join(out_dir, "summary.md"),
+           "summary_json": os.path.join(out_dir, "summary.json")}
+  with open(paths["summary"], "w") as f:
+    f.write(consistency.consistency_markdown(summary, learning_name,
+                                             retention_name, interval))
+  with open(paths["summary_json"], "w") as f:
+    json.dump(consistency.summary_json(summary), f, indent=2,
+              allow_nan=False)
+  paths["frontiers"] = report_plots.frontier_plot(
+      records, summary, retention_name, learning_name,
+      os.path.join(out_dir, "frontiers.png"))
+  paths["gaps"] = report_plots.gap_plot(
+      summary, learning_name, retention_name,
+      os.path.join(out_dir, "gaps.png"), interval)
+  bases = {r.base for r in records if not r.is_base}
+  if matrix == "always" or (matrix == "auto"
+                            and len(bases) >= MATRIX_MIN_BASES):
+    rows = consistency.consistency_matrix(records, method=interval)
+    for kind in ("md", "json", "png", "svg"):
+      paths[f"matrix_{kind}"] = os.path.join(out_dir, f"matrix.{kind}")
+    with open(paths["matrix_md"], "w") as f:
+      f.write(consistency.matrix_markdown(rows, retention_name, interval))
+    with open(paths["matrix_json"], "w") as f:
+      json.dump(consistency.matrix_json(rows), f, indent=2, allow_nan=False)
+    report_plots.matrix_plot(rows, retention_name,
+                             [paths["matrix_png"], paths["matrix_svg"]])
+  return paths
+
+
+def consistency_report(workdirs: Sequence[str], out_dir: str, *,
+                       matrix: str = "auto",
+                       interval: str | None = None) -> dict[str, str]:
+  """Per-base Pareto plots, an all-runs plot and `write_consistency`."""
   records = []
   for w in workdirs:
     records.extend(read_workdir(w))
@@ -517,15 +392,8 @@ def consistency_report(workdirs: Sequence[str], out_dir: str
       paths[f"{base}_base_{kind}"] = path
   for kind, path in make_report(records, os.path.join(out_dir, "all")).items():
     paths[f"all_{kind}"] = path
-  summary = consistency_summary(records)
-  text = consistency_markdown(
-      summary, _common(r.learning_metric for r in records),
-      _common(r.retention_metric for r in records))
-  paths["summary"] = os.path.join(out_dir, "summary.md")
-  with open(paths["summary"], "w") as f:
-    f.write(text)
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump([dataclasses.asdict(s) for s in summary], f, indent=2)
+  paths.update(write_consistency(records, out_dir, matrix=matrix,
+                                 interval=interval))
   return paths
 
 
@@ -533,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
       prog="python -m optconsist_jax.report",
       description="Pareto plot (learning vs. retention) and table across"
-      " runs, from each W/eval/results.jsonl.")
+      " runs, from each W/eval/results.jsonl, and the matched-vs-others"
+      " summary with intervals over seeds.")
   p.add_argument("workdirs", nargs="+", help="run directories W")
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--x", default=None, help="retention metric (a key of each"
@@ -541,6 +410,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--y", default=None, help="learning metric (default: the"
                  " headline `learning`)")
   p.add_argument("--title", default="")
+  p.add_argument("--matrix", choices=MATRIX_MODES, default="auto",
+                 help="the pretraining x finetuning optimizer matrix (auto:"
+                 f" with >= {MATRIX_MIN_BASES} pretraining optimizers)")
+  p.add_argument("--interval", choices=("t", "percentile", "studentized"),
+                 default=None, help="interval over seeds (default t;"
+                 " optconsist_jax/experiments/statistics.py says why)")
   args = p.parse_args(argv)
   from optconsist_jax import errors  # pylint: disable=g-import-not-at-top
   args.workdirs = [paths_lib.resolve(w) for w in args.workdirs]
@@ -552,10 +427,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         records.extend(read_workdir(w))
       paths = make_report(records, args.out, x_metric=args.x,
                           y_metric=args.y, title=args.title)
+      if any(not r.is_base for r in records):
+        paths.update(write_consistency(
+            headline_records(records, args.x, args.y), args.out,
+            matrix=args.matrix, interval=args.interval))
     except EvalFileError as e:
       raise errors.UserError(str(e)) from e
-  print(f"{len(records)} points from {len(args.workdirs)} workdirs ->"
-        f" {', '.join(paths.values())}")
+  names = ", ".join(os.path.relpath(p, args.out) for p in paths.values())
+  print(f"{len(records)} points from {len(args.workdirs)} workdirs; outputs"
+        f" in {args.out}: {names}")
   return 0
 
 

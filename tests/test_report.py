@@ -69,6 +69,8 @@ def test_missing_fields_are_named(tmp_path):
     (json.dumps(record(learning=float("nan"))), "field 'learning' is nan"),
     (json.dumps(record(metrics={"acc": "high"})), "metrics ['acc']"),
     (json.dumps(record(colour="red")), "unknown fields ['colour']"),
+    (json.dumps(record(seed="1")), "field 'seed' must be int"),
+    (json.dumps(record(seed=1.0)), "field 'seed' must be int"),
     ("[1, 2]", "expected a JSON object"),
 ])
 def test_bad_lines_are_named(tmp_path, line, needle):
@@ -97,8 +99,19 @@ def test_report_end_to_end(tmp_path, capsys):
   out = tmp_path / "out"
   rc = report.main([str(tmp_path / n) for n in runs] + ["--out", str(out)])
   assert rc == 0, capsys.readouterr().err
-  for name in ("pareto.png", "pareto.svg", "pareto.md"):
+  for name in ("pareto.png", "pareto.svg", "pareto.md", "summary.md",
+               "summary.json", "frontiers.png", "gaps.png"):
     assert (out / name).stat().st_size > 0
+  # One pretraining optimizer: no matrix unless asked for.
+  assert not (out / "matrix.md").exists()
+  # One seed: the gap is measured but never resolved.
+  summary = json.loads((out / "summary.json").read_text())
+  (muon,) = [s for s in summary if s["method"] == "muon"]
+  assert muon["gap_vs_matched"]["n"] == 1
+  # One seed bounds nothing: the ends are null (strict JSON).
+  assert muon["gap_vs_matched"]["lo"] is None
+  assert muon["verdict"] == "no difference resolved"
+  assert f"outputs in {out}" in capsys.readouterr().out
   table = (out / "pareto.md").read_text().splitlines()
   assert len(table) == 2 + 3 + 2 + 1  # header + points (re-eval deduped)
   frontier_rows = [l for l in table if l.endswith("| yes |")]
@@ -115,3 +128,61 @@ def test_report_errors_are_reported(tmp_path, capsys):
   from optconsist_jax import errors  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.UserError, match="no eval results"):
     report.main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+
+
+def test_seed_is_read_and_defaults_to_zero(tmp_path):
+  path = str(tmp_path / "eval" / "results.jsonl")
+  write(path, [record(), record(step=200, seed=3)])
+  assert [r.seed for r in report.read_results(path)] == [0, 3]
+  assert json.loads(report.EvalRecord(**record(seed=2)).to_json())["seed"] == 2
+
+
+def test_headline_records_negate_losses():
+  (r,) = report.headline_records(
+      [report.EvalRecord(**record(metrics={"lm_loss/loss": 3.5, "acc": 0.4}))],
+      x_metric="lm_loss/loss", y_metric="acc")
+  assert (r.retention, r.retention_metric) == (-3.5, "-lm_loss/loss")
+  assert (r.learning, r.learning_metric) == (0.4, "acc")
+
+
+def test_matrix_from_the_command_line(tmp_path, capsys):
+  # 3 pretraining optimizers x (3 full finetuning + LoRA) x 3 seeds, one LR
+  # and three epochs each; the diagonal keeps 0.1 more retention.
+  bases = ("adamw", "muon", "lion")
+  dirs = []
+  for b in bases:
+    for m in bases + ("lora",):
+      for seed in range(3):
+        name = f"{b}_{m}_s{seed}"
+        rows = [record(step=10 * e, epoch=float(e), base=b, method=m,
+                       seed=seed, learning=0.1 * e,
+                       retention=-1 - 0.2 * e + 0.01 * seed
+                       + (0.1 if m == b else 0.0))
+                for e in (1, 2, 3)]
+        write(str(tmp_path / name / "eval" / "results.jsonl"), rows)
+        dirs.append(str(tmp_path / name))
+  out = tmp_path / "out"
+  assert report.main(dirs + ["--out", str(out)]) == 0, capsys.readouterr().err
+  for name in ("matrix.md", "matrix.json", "matrix.png", "matrix.svg"):
+    assert (out / name).stat().st_size > 0, name
+  table = (out / "matrix.md").read_text()
+  # Columns: the pretraining optimizers in row order, LoRA last.
+  assert "| adamw | lion | muon | lora |" in table
+  assert table.count("| yes |") == 3
+  rows = json.loads((out / "matrix.json").read_text())
+  assert [r["base"] for r in rows] == ["adamw", "lion", "muon"]
+  assert [r["diagonal_best"] for r in rows] == ["yes"] * 3
+  for r in rows:
+    assert r["level"] == pytest.approx(0.3)
+    assert r["diagonal_margin"]["mean"] == pytest.approx(0.1, abs=1e-9)
+    assert r["cells"][r["base"]]["mean"] == pytest.approx(-1.6 + 0.1 + 0.01)
+  assert "matrix.png" in capsys.readouterr().out
+
+
+def test_eval_job_labels_rows_with_the_train_seed():
+  from optconsist_jax import evaluate  # pylint: disable=g-import-not-at-top
+  run = evaluate.run_info({"model": {}, "train": {"seed": 5,
+                                                  "num_epochs": 1}}, "cfg")
+  assert run.seed == 5
+  assert evaluate.run_info({"model": {}, "train": {"num_epochs": 1}},
+                           "cfg").seed == 0

@@ -57,6 +57,8 @@ class RunInfo:
     lr: label: that group's peak learning rate.
     final_step: the run's last step (None: unknown).
     steps_per_epoch: for num_epochs runs.
+    seed: the run's `train.seed` (results rows carry it; the report pairs
+      methods by it).
   """
 
   config: config_types.ExperimentConfig
@@ -67,6 +69,7 @@ class RunInfo:
   lr: float
   final_step: int | None
   steps_per_epoch: float | None
+  seed: int = 0
 
   @property
   def data(self) -> data_lib.DataConfig:
@@ -117,7 +120,8 @@ def run_info(d: Mapping[str, Any], path: str) -> RunInfo:
       identity=weights.identity(config.model, lora),
       method="lora" if lora else optim.label(),
       lr=float(optim.groups[optim.label_group()].schedule.peak),
-      final_step=total or None, steps_per_epoch=spe)
+      final_step=total or None, steps_per_epoch=spe,
+      seed=int(config.train.seed))
 
 
 class Evaluator:
@@ -262,7 +266,7 @@ class Evaluator:
         learning_metric=lname, retention_metric=rname,
         metrics={k: float(v) for k, v in metrics.items()},
         run=self.workdir.name, checkpoint=checkpoint, is_base=is_base,
-        settings=eval_settings(c, self.tokenizer))
+        settings=eval_settings(c, self.tokenizer), seed=run.seed)
     self._append(record, predictions, name)
     return record
 

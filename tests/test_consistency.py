@@ -1,0 +1,134 @@
+"""Retention at a common learning level, gaps vs matched, the matrix."""
+
+import math
+
+import numpy as np
+import pytest
+
+from optconsist_jax import report
+from optconsist_jax.experiments import consistency
+from optconsist_jax.experiments import statistics as stats
+
+
+def test_retention_at_on_a_hand_made_frontier():
+  pts = [(0.1, -1.0), (0.3, -1.5), (0.5, -2.5), (0.2, -1.8)]  # last dominated
+  front = np.array([pts[i] for i in report.pareto_frontier(pts)])
+  assert front.tolist() == [[0.1, -1.0], [0.3, -1.5], [0.5, -2.5]]
+  assert consistency.retention_at(front, 0.4) == pytest.approx(-2.0)
+  assert consistency.retention_at(front, 0.2) == pytest.approx(-1.25)
+  assert consistency.retention_at(front, 0.5) == pytest.approx(-2.5)
+  # Below the least-learning point: that point (it learned at least 0.05).
+  assert consistency.retention_at(front, 0.05) == -1.0
+  assert math.isnan(consistency.retention_at(front, 0.6))
+  other = np.array([[0.2, -1.1], [0.35, -1.4]])
+  assert consistency.common_level([front, other]) == pytest.approx(0.35)
+
+
+def rows(base, method, seed, offset, rng, noise, lrs=(1, 2, 3), epochs=3):
+  """Checkpoints on the line retention = -1 - 2 learning + offset (+noise).
+
+  Learning grows with LR and epoch; every point of one seed is on that
+  seed's frontier (retention falls as learning rises).
+  """
+  out = []
+  for i, lr in enumerate(lrs):
+    for e in range(1, epochs + 1):
+      learning = 0.1 * lr * e + 0.01 * i
+      out.append(report.EvalRecord(
+          step=e * 10, epoch=float(e), method=method, base=base,
+          lr=1e-4 * lr, learning=learning,
+          retention=-1.0 - 2.0 * learning + offset + rng.normal(0, noise),
+          run=f"{base}_{method}_{lr}_s{seed}", seed=seed))
+  return out
+
+
+def _code(name):
+  return sum(map(ord, name))
+
+
+def planted(offsets, seeds=range(4), noise=0.003, data_seed=0):
+  """Records with retention offsets[(base, method)] above the common line."""
+  rng = np.random.default_rng(data_seed)
+  out = []
+  for (base, method), off in offsets.items():
+    for s in seeds:
+      # A per-seed shift shared by all methods of the seed (paired design).
+      shift = 0.05 * ((s * 7919 + _code(base)) % 5) / 5
+      out += rows(base, method, s, off + shift, rng, noise)
+  for base in {b for b, _ in offsets}:
+    out.append(report.EvalRecord(step=0, epoch=0.0, method="base", base=base,
+                                 lr=0.0, learning=0.0, retention=-0.9,
+                                 is_base=True, run="base"))
+  return out
+
+
+def test_planted_effect_gives_the_right_verdicts():
+  records = planted({("adamw", "adamw"): 0.10, ("adamw", "muon"): 0.0,
+                     ("adamw", "lora"): 0.10,
+                     ("muon", "muon"): 0.0, ("muon", "adamw"): 0.08})
+  summary = {(s.base, s.method): s
+             for s in consistency.consistency_summary(records)}
+  s = summary[("adamw", "muon")]
+  assert s.role == "mismatched" and s.seeds == (0, 1, 2, 3)
+  assert s.points == 4 * 9
+  assert s.gap_vs_matched.mean == pytest.approx(0.10, abs=0.01)
+  assert 0.08 < s.gap_vs_matched.lo < s.gap_vs_matched.hi < 0.12
+  assert s.verdict == stats.MATCHED_LESS
+  assert summary[("adamw", "lora")].verdict == stats.UNRESOLVED
+  assert summary[("muon", "adamw")].verdict == stats.MATCHED_MORE
+  assert summary[("muon", "adamw")].gap_vs_matched.mean == pytest.approx(
+      -0.08, abs=0.01)
+  assert summary[("adamw", "adamw")].verdict == ""
+  assert summary[("adamw", "adamw")].gap_vs_matched.n == 0
+  # The common level: every run's largest learning is 0.1 * 3 * 3 + 0.02.
+  assert s.level == pytest.approx(0.92)
+  # Retention at L is on the planted line (offset + the mean seed shift).
+  shifts = [0.05 * ((k * 7919 + _code("adamw")) % 5) / 5 for k in range(4)]
+  want = -1.0 - 2.0 * 0.92 + np.mean(shifts)
+  assert s.retention_at_level.mean == pytest.approx(want, abs=0.005)
+  # The percentile bootstrap over the same 4 seeds: inside the t interval.
+  pct = {(s.base, s.method): s for s in consistency.consistency_summary(
+      records, method="percentile")}[("adamw", "muon")].gap_vs_matched
+  assert pct.mean == s.gap_vs_matched.mean
+  assert s.gap_vs_matched.lo < pct.lo < pct.hi < s.gap_vs_matched.hi
+  text = consistency.consistency_markdown(list(summary.values()), "l", "r")
+  assert "vs muon: matched forgets less" in text
+  assert "vs adamw: matched forgets more" in text
+
+
+def test_null_effect_is_not_resolved():
+  # Muon's runs are matched's runs with the seeds relabelled: the same
+  # distribution (the same numbers), so the mean gap is 0.
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  matched = [r for r in planted({("adamw", "adamw"): 0.0}, noise=0.05,
+                                data_seed=1) if not r.is_base]
+  muon = [dataclasses.replace(r, method="muon", seed=(r.seed + 1) % 4,
+                              run=r.run + "_muon") for r in matched]
+  (s,) = [s for s in consistency.consistency_summary(matched + muon)
+          if s.method == "muon"]
+  assert s.gap_vs_matched.n == 4
+  assert s.gap_vs_matched.mean == pytest.approx(0.0, abs=1e-12)
+  assert s.gap_vs_matched.lo < 0 < s.gap_vs_matched.hi
+  assert s.verdict == stats.UNRESOLVED
+
+
+def test_matrix_marks_the_best_diagonal():
+  offsets = {}
+  for b in ("adamw", "muon", "lion"):
+    for m in ("adamw", "muon", "lion", "lora"):
+      offsets[(b, m)] = 0.1 if m == b else 0.0
+  offsets[("lion", "adamw")] = 0.2  # row lion: adamw beats the diagonal
+  offsets[("muon", "adamw")] = 0.1  # row muon: a tie with the diagonal
+  rows_ = {r.base: r for r in consistency.consistency_matrix(planted(offsets))}
+  assert rows_["adamw"].diagonal_best == "yes"
+  assert rows_["adamw"].diagonal_margin.mean == pytest.approx(0.1, abs=0.01)
+  assert rows_["lion"].diagonal_best == "no"
+  assert rows_["muon"].diagonal_best == "not resolved"
+  assert set(rows_["adamw"].cells) == {"adamw", "muon", "lion", "lora"}
+  assert consistency.matrix_columns(["adamw", "muon", "lion"],
+                                    ["lora", "lion", "muon", "adamw",
+                                     "adagrad"]) == [
+                                         "adamw", "muon", "lion", "adagrad",
+                                         "lora"]
+  text = consistency.matrix_markdown(list(rows_.values()), "r")
+  assert text.count("| yes |") == 1 and text.count("| no |") == 1
