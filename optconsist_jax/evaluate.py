@@ -20,7 +20,7 @@ Runs beside training (another process, its own mesh) or after it:
    resharded onto the eval mesh), merges LoRA adapters into the base weights
    (model.lora.merge), runs the evals (evals.suite), writes the per-item predictions to
    W/eval/predictions/step_<N>.jsonl and then appends one line (the
-   `report.EvalRecord` schema) to W/eval/results.jsonl, plus clu scalars
+   `results.EvalRecord` schema) to W/eval/results.jsonl, plus clu scalars
    (W/eval/metrics, keyed by the training step). A crash loses at most the
    checkpoint being evaluated: rerunning skips those already in results.jsonl.
 5. Half-written checkpoints (Orbax temporary directories) are never read. A
@@ -66,7 +66,7 @@ from optconsist_jax import errors
 from optconsist_jax import metrics as metrics_lib
 from optconsist_jax import paths
 from optconsist_jax import platforms
-from optconsist_jax import report
+from optconsist_jax import results
 from optconsist_jax.evals import config as eval_config
 from optconsist_jax.evals.config import EvalConfig
 from optconsist_jax.evals.job import EVAL_DIR
@@ -211,11 +211,11 @@ def main(argv):
         keep=eval_config.BUILT_IN_SOURCES))
     try:
       ev = Evaluator(workdir, config)
-    except report.EvalFileError as e:
+    except results.EvalFileError as e:
       raise errors.UserError(str(e)) from e
   try:
     r = evaluate_workdir(workdir, config, watch=f.watch, evaluator=ev)
-  except (report.EvalFileError, FileNotFoundError) as e:
+  except (results.EvalFileError, FileNotFoundError) as e:
     # results.jsonl that is not ours, a base model that is not there.
     raise errors.UserError(str(e)) from e
   print(f"evaluated {len(r.evaluated)} checkpoints"

@@ -11,7 +11,8 @@ import os
 
 import numpy as np
 
-from optconsist_jax import report
+
+from optconsist_jax import results
 from optconsist_jax.experiments import consistency
 from optconsist_jax.experiments import statistics as stats
 
@@ -55,7 +56,7 @@ def _save(fig, paths: Sequence[str]) -> None:
   plt.close(fig)
 
 
-def pareto_plot(records: Sequence[report.EvalRecord], xs: Sequence[float],
+def pareto_plot(records: Sequence[results.EvalRecord], xs: Sequence[float],
                 ys: Sequence[float], fronts: Mapping[str, list[int]],
                 maximize: tuple[bool, bool], x_name: str, y_name: str,
                 title: str, paths: Sequence[str]) -> None:
@@ -107,9 +108,9 @@ def pareto_plot(records: Sequence[report.EvalRecord], xs: Sequence[float],
                  else (title or f"base pretrained with {b}"), fontsize=10)
     ax.grid(alpha=0.3)
     ax.margins(0.1)
-    ax.set_xlabel(report.axis_title("Retention", x_name, maximize[0]),
+    ax.set_xlabel(results.axis_title("Retention", x_name, maximize[0]),
                   fontsize=8)
-  axes[0][0].set_ylabel(report.axis_title("Learning", y_name, maximize[1]),
+  axes[0][0].set_ylabel(results.axis_title("Learning", y_name, maximize[1]),
                         fontsize=8)
   if not maximize[0]:
     axes[0][0].invert_xaxis()
@@ -155,7 +156,7 @@ def pareto_plot(records: Sequence[report.EvalRecord], xs: Sequence[float],
   _save(fig, paths)
 
 
-def frontier_plot(records: Sequence[report.EvalRecord],
+def frontier_plot(records: Sequence[results.EvalRecord],
                   summary: Sequence[consistency.MethodSummary],
                   x_name: str, y_name: str, path: str,
                   grid_points: int = 40) -> str:
@@ -201,8 +202,8 @@ def frontier_plot(records: Sequence[report.EvalRecord],
     ax.axhline(level, color="gray", ls=":", lw=1.2,
                label=f"common learning level L = {level:.3f}")
     ax.set_title(f"base pretrained with {b}", fontsize=10)
-    ax.set_xlabel(report.axis_title("Retention", x_name, True), fontsize=8)
-    ax.set_ylabel(report.axis_title("Learning", y_name, True), fontsize=8)
+    ax.set_xlabel(results.axis_title("Retention", x_name, True), fontsize=8)
+    ax.set_ylabel(results.axis_title("Learning", y_name, True), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.suptitle("Mean frontier over seeds (band: 95% percentile bootstrap"

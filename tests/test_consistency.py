@@ -5,14 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from optconsist_jax import report
+
+from optconsist_jax import results
 from optconsist_jax.experiments import consistency
 from optconsist_jax.experiments import statistics as stats
 
 
 def test_retention_at_on_a_hand_made_frontier():
   pts = [(0.1, -1.0), (0.3, -1.5), (0.5, -2.5), (0.2, -1.8)]  # last dominated
-  front = np.array([pts[i] for i in report.pareto_frontier(pts)])
+  front = np.array([pts[i] for i in results.pareto_frontier(pts)])
   assert front.tolist() == [[0.1, -1.0], [0.3, -1.5], [0.5, -2.5]]
   assert consistency.retention_at(front, 0.4) == pytest.approx(-2.0)
   assert consistency.retention_at(front, 0.2) == pytest.approx(-1.25)
@@ -34,7 +35,7 @@ def rows(base, method, seed, offset, rng, noise, lrs=(1, 2, 3), epochs=3):
   for i, lr in enumerate(lrs):
     for e in range(1, epochs + 1):
       learning = 0.1 * lr * e + 0.01 * i
-      out.append(report.EvalRecord(
+      out.append(results.EvalRecord(
           step=e * 10, epoch=float(e), method=method, base=base,
           lr=1e-4 * lr, learning=learning,
           retention=-1.0 - 2.0 * learning + offset + rng.normal(0, noise),
@@ -56,7 +57,7 @@ def planted(offsets, seeds=range(4), noise=0.003, data_seed=0):
       shift = 0.05 * ((s * 7919 + _code(base)) % 5) / 5
       out += rows(base, method, s, off + shift, rng, noise)
   for base in {b for b, _ in offsets}:
-    out.append(report.EvalRecord(step=0, epoch=0.0, method="base", base=base,
+    out.append(results.EvalRecord(step=0, epoch=0.0, method="base", base=base,
                                  lr=0.0, learning=0.0, retention=-0.9,
                                  is_base=True, run="base"))
   return out

@@ -15,7 +15,7 @@ import pytest
 from etils import epath
 
 from optconsist_jax import evaluate as ev_lib
-from optconsist_jax import report
+from optconsist_jax import results
 from optconsist_jax import sharding
 from optconsist_jax import train_setup
 from optconsist_jax.config_types import ExperimentConfig
@@ -115,7 +115,7 @@ def run_dir(tmp_path_factory, tokenizer):
 def test_evaluates_complete_checkpoints_and_records_schema(run_dir):
   w, config, _, res, log = run_dir
   assert res.evaluated == [2, 4] and res.failed == []
-  records = report.read_workdir(w)
+  records = results.read_workdir(w)
   assert [r.step for r in records] == [2, 4]
   r2, r4 = records
   assert r2.epoch == 1.0 and r4.epoch == pytest.approx(2.0)
@@ -153,12 +153,12 @@ def test_rerun_skips_evaluated_and_resumes(run_dir):
     f.write(lines[0] + lines[1][:20])
   res = ev_lib.evaluate_workdir(w, config, out=io.StringIO())
   assert res.evaluated == [4]
-  assert [r.step for r in report.read_workdir(w)] == [2, 4]
+  assert [r.step for r in results.read_workdir(w)] == [2, 4]
 
 
 def test_other_mesh_same_numbers(run_dir, tokenizer):
   w, config, models, _, _ = run_dir
-  want = {r.step: r for r in report.read_workdir(w)}
+  want = {r.step: r for r in results.read_workdir(w)}
   other = dataclasses.replace(
       config, mesh=sharding.MeshConfig.preset("fsdp_tp", fsdp=4, tensor=2))
   ev = job.Evaluator(w, other, tokenizer=tokenizer)
@@ -201,7 +201,7 @@ def test_corrupt_checkpoint_reported_and_skipped(tmp_path, capsys):
   # A rerun tries it again; the report only has the good one.
   res = ev_lib.evaluate_workdir(w, config, out=io.StringIO())
   assert res.evaluated == [] and res.failed == [2]
-  assert [r.step for r in report.read_workdir(w)] == [4]
+  assert [r.step for r in results.read_workdir(w)] == [4]
 
 
 def test_no_checkpoints_says_so_or_waits(tmp_path):
@@ -263,7 +263,7 @@ def test_lora_checkpoint_evaluated_merged_and_hf_base(tmp_path, tokenizer):
                    batch_size=2))
   res = ev_lib.evaluate_workdir(w, config, out=io.StringIO())
   assert res.base_evaluated and res.evaluated == [2]
-  base_rec, lora_rec = report.read_workdir(w)
+  base_rec, lora_rec = results.read_workdir(w)
   assert base_rec.is_base and base_rec.checkpoint == hf_dir
   assert (base_rec.method, base_rec.step) == ("base", 0)
   assert lora_rec.method == "lora" and not lora_rec.is_base
@@ -357,7 +357,7 @@ def test_labels_come_from_the_checkpoint_not_config_json(tmp_path):
                        multiple_choice=dict(winogrande="synthetic", limit=2))
   res = ev_lib.evaluate_workdir(w, config, out=io.StringIO())
   assert res.evaluated == [2]
-  (rec,) = report.read_workdir(w)
+  (rec,) = results.read_workdir(w)
   assert (rec.method, rec.lr) == ("adamw", 1e-3)
 
 

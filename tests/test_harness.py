@@ -362,7 +362,7 @@ def test_eval_job_end_to_end_harness_retention(setup, tmp_path):
   """A checkpoint's results row: harness metric as the headline retention."""
   import io  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import report  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import results  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(__file__))
   import test_evaluate as te  # pylint: disable=g-import-not-at-top
   w = str(tmp_path / "run")
@@ -376,7 +376,7 @@ def test_eval_job_end_to_end_harness_retention(setup, tmp_path):
                    include_defaults=False, batch_size=8, max_len=512),
       retention_metric="harness/local_arc/acc_norm")
   ev_lib.evaluate_workdir(w, config, out=io.StringIO())
-  (row,) = report.read_workdir(w)
+  (row,) = results.read_workdir(w)
   assert row.retention == row.metrics["harness/local_arc/acc_norm"]
   assert row.metrics["harness/local_arc/acc_norm"] == pytest.approx(
       row.metrics["mc/arc_challenge/acc_norm"])

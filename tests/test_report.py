@@ -7,6 +7,8 @@ import pytest
 
 from optconsist_jax import report
 
+from optconsist_jax import results
+
 
 def test_pareto_frontier_hand_made():
   points = [
@@ -19,18 +21,18 @@ def test_pareto_frontier_hand_made():
       (0.40, 0.60),  # 6 duplicate of 2: neither dominates, both kept
       (0.55, 0.25),  # 7 dominated by 1 (same x, less y)
   ]
-  assert report.pareto_frontier(points) == [2, 6, 3, 1, 5]
+  assert results.pareto_frontier(points) == [2, 6, 3, 1, 5]
   # Minimizing x (a loss): the smallest-x points win.
-  assert report.pareto_frontier(points, maximize=(False, True)) == [2, 6]
-  assert report.pareto_frontier([]) == []
-  assert report.pareto_frontier([(1.0, 1.0)]) == [0]
+  assert results.pareto_frontier(points, maximize=(False, True)) == [2, 6]
+  assert results.pareto_frontier([]) == []
+  assert results.pareto_frontier([(1.0, 1.0)]) == [0]
 
 
 def test_pareto_frontier_matches_brute_force_definition():
   import random  # pylint: disable=g-import-not-at-top
   rng = random.Random(0)
   pts = [(rng.randint(0, 9) / 10, rng.randint(0, 9) / 10) for _ in range(60)]
-  front = set(report.pareto_frontier(pts))
+  front = set(results.pareto_frontier(pts))
   for i, (x, y) in enumerate(pts):
     dominated = any(a >= x and b >= y and (a, b) != (x, y) for a, b in pts)
     assert (i in front) == (not dominated)
@@ -55,8 +57,8 @@ def test_missing_fields_are_named(tmp_path):
   bad = record()
   del bad["lr"], bad["retention"]
   write(str(w / "eval" / "results.jsonl"), [record(), "", bad])
-  with pytest.raises(report.EvalFileError) as e:
-    report.read_workdir(str(w))
+  with pytest.raises(results.EvalFileError) as e:
+    results.read_workdir(str(w))
   msg = str(e.value)
   assert "results.jsonl:3" in msg and "'lr'" in msg and "'retention'" in msg
 
@@ -76,8 +78,8 @@ def test_missing_fields_are_named(tmp_path):
 def test_bad_lines_are_named(tmp_path, line, needle):
   path = str(tmp_path / "eval" / "results.jsonl")
   write(path, [line])
-  with pytest.raises(report.EvalFileError) as e:
-    report.read_results(path)
+  with pytest.raises(results.EvalFileError) as e:
+    results.read_results(path)
   assert f"{path}:1" in str(e.value) and needle in str(e.value)
 
 
@@ -133,13 +135,13 @@ def test_report_errors_are_reported(tmp_path, capsys):
 def test_seed_is_read_and_defaults_to_zero(tmp_path):
   path = str(tmp_path / "eval" / "results.jsonl")
   write(path, [record(), record(step=200, seed=3)])
-  assert [r.seed for r in report.read_results(path)] == [0, 3]
-  assert json.loads(report.EvalRecord(**record(seed=2)).to_json())["seed"] == 2
+  assert [r.seed for r in results.read_results(path)] == [0, 3]
+  assert json.loads(results.EvalRecord(**record(seed=2)).to_json())["seed"] == 2
 
 
 def test_headline_records_negate_losses():
   (r,) = report.headline_records(
-      [report.EvalRecord(**record(metrics={"lm_loss/loss": 3.5, "acc": 0.4}))],
+      [results.EvalRecord(**record(metrics={"lm_loss/loss": 3.5, "acc": 0.4}))],
       x_metric="lm_loss/loss", y_metric="acc")
   assert (r.retention, r.retention_metric) == (-3.5, "-lm_loss/loss")
   assert (r.learning, r.learning_metric) == (0.4, "acc")
@@ -180,9 +182,10 @@ def test_matrix_from_the_command_line(tmp_path, capsys):
 
 
 def test_eval_job_labels_rows_with_the_train_seed():
-  from optconsist_jax import evaluate  # pylint: disable=g-import-not-at-top
-  run = evaluate.run_info({"model": {}, "train": {"seed": 5,
-                                                  "num_epochs": 1}}, "cfg")
+  from optconsist_jax.evals import job  # pylint: disable=g-import-not-at-top
+  data = {"format": "stdlib"}
+  run = job.run_info({"model": {}, "data": data,
+                      "train": {"seed": 5, "num_epochs": 1}}, "cfg")
   assert run.seed == 5
-  assert evaluate.run_info({"model": {}, "train": {"num_epochs": 1}},
-                           "cfg").seed == 0
+  assert job.run_info({"model": {}, "data": data,
+                       "train": {"num_epochs": 1}}, "cfg").seed == 0

@@ -9,7 +9,8 @@ import pathlib
 
 import pytest
 
-from optconsist_jax import report
+
+from optconsist_jax import results
 from optconsist_jax.experiments import reproduce
 from optconsist_jax.experiments import study
 
@@ -47,7 +48,7 @@ def _mtimes(root):
 def _records(runs):
   out = []
   for r in runs:
-    out += report.read_workdir(r.workdir)
+    out += results.read_workdir(r.workdir)
   return out
 
 

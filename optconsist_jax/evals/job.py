@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from optconsist_jax import config_types
-from optconsist_jax import report
+from optconsist_jax import results
 from optconsist_jax import sharding
 from optconsist_jax import typed_config
 from optconsist_jax.data import pipeline as data_lib
@@ -200,7 +200,7 @@ class Evaluator:
 
   # -- results files -------------------------------------------------------
 
-  def done(self) -> list[report.EvalRecord]:
+  def done(self) -> list[results.EvalRecord]:
     """Records already written (a torn last line from a crash is dropped)."""
     if not self.results_path.exists():
       return []
@@ -211,9 +211,9 @@ class Evaluator:
                       " a write)", self.results_path)
       if jax.process_index() == 0:
         self.results_path.write_text(keep)
-    return report.read_results(os.fspath(self.results_path))
+    return results.read_results(os.fspath(self.results_path))
 
-  def _append(self, record: report.EvalRecord, predictions: list[dict],
+  def _append(self, record: results.EvalRecord, predictions: list[dict],
               name: str):
     if jax.process_index() != 0:
       return
@@ -248,7 +248,7 @@ class Evaluator:
 
   def evaluate_model(self, model: nnx.Module, *, step: int, epoch: float,
                      checkpoint: str, is_base: bool, name: str,
-                     run: RunInfo | None = None) -> report.EvalRecord:
+                     run: RunInfo | None = None) -> results.EvalRecord:
     self.eval_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     metrics, predictions = run_evals(model, self.tokenizer, self.data,
@@ -257,7 +257,7 @@ class Evaluator:
     learning, lname, retention, rname = headline(metrics, self.config)
     c = self.config
     run = run or self.run
-    record = report.EvalRecord(
+    record = results.EvalRecord(
         step=int(step), epoch=float(epoch),
         method="base" if is_base else (c.method or run.method),
         base=c.base, lr=0.0 if is_base else float(

@@ -2,7 +2,7 @@
 
 Each (base, method, seed) run set - every LR and epoch checkpoint of that
 method on that base with that seed - traces a learning/retention Pareto
-frontier (`report.pareto_frontier`, both higher-is-better). Retention at a
+frontier (`results.pareto_frontier`, both higher-is-better). Retention at a
 learning level L is read off that frontier, piecewise linear in learning
 between frontier points (non-increasing in L, as the frontier is); below the
 frontier's least-learning point it is that point's retention (a checkpoint
@@ -25,14 +25,15 @@ import math
 
 import numpy as np
 
-from optconsist_jax import report
+
+from optconsist_jax import results
 from optconsist_jax.experiments import statistics as stats
 
 # front_P2: frontier points (learning, retention), increasing learning.
 Frontiers = dict[tuple[str, str], dict[int, np.ndarray]]
 
 
-def seed_frontiers(records: Sequence[report.EvalRecord]) -> Frontiers:
+def seed_frontiers(records: Sequence[results.EvalRecord]) -> Frontiers:
   """(base, method) -> seed -> the frontier of that seed's checkpoints."""
   points: dict[tuple[str, str], dict[int, list[tuple[float, float]]]] = {}
   for r in records:
@@ -43,7 +44,7 @@ def seed_frontiers(records: Sequence[report.EvalRecord]) -> Frontiers:
   for key, by_seed in sorted(points.items()):
     out[key] = {}
     for seed, pts in sorted(by_seed.items()):
-      front = report.pareto_frontier(pts)
+      front = results.pareto_frontier(pts)
       out[key][seed] = np.array([pts[i] for i in front], np.float64)
   return out
 
@@ -117,7 +118,7 @@ def retention_by_seed(fronts: Frontiers, base: str, method: str,
           for s, f in fronts.get((base, method), {}).items()}
 
 
-def consistency_summary(records: Sequence[report.EvalRecord],
+def consistency_summary(records: Sequence[results.EvalRecord],
                         **ci) -> list[MethodSummary]:
   """Matched vs mismatched vs LoRA at the common learning level, per base.
 
@@ -232,7 +233,7 @@ def matrix_columns(bases: Sequence[str], methods: Sequence[str]) -> list[str]:
   return [b for b in bases if b in methods] + rest
 
 
-def consistency_matrix(records: Sequence[report.EvalRecord],
+def consistency_matrix(records: Sequence[results.EvalRecord],
                        **ci) -> list[MatrixRow]:
   """Rows = pretraining optimizers, cells = retention at the row's level."""
   fronts = seed_frontiers(records)

@@ -259,6 +259,8 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
     timed(f"eval/{r.name}", t0, ran)
 
   from optconsist_jax import report  # pylint: disable=g-import-not-at-top
+
+  from optconsist_jax import results  # pylint: disable=g-import-not-at-top
   out_dir = os.path.join(workdir, "report")
   print("report", flush=True)
   outputs = report.consistency_report([r.workdir for r in runs], out_dir)
@@ -274,7 +276,7 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
     unigram = study.unigram_retention_loss(rc, bases[0].tokenizer_path)
   base_losses = {}
   for r in runs:
-    for rec in report.read_workdir(r.workdir):
+    for rec in results.read_workdir(r.workdir):
       if rec.is_base:
         base_losses[r.base.run_name] = rec.metrics.get("lm_loss/loss")
   for name, loss in base_losses.items():

@@ -1,0 +1,208 @@
+"""The eval job's results: one `EvalRecord` per line of W/eval/results.jsonl.
+
+optconsist_jax.evaluate writes these rows; the report and the consistency
+statistics read them. Also the Pareto frontier of (retention, learning)
+points, which both use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+RESULTS_FILE = os.path.join("eval", "results.jsonl")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRecord:
+  """One evaluated checkpoint: a line of W/eval/results.jsonl.
+
+  Attributes:
+    step: training step of the checkpoint (0 for a base model).
+    epoch: epochs completed at that step (fractional between epoch ends).
+    method: finetuning method: "adamw", "muon", "lora", ... ("base" for an
+      untouched base model).
+    base: the base model's pretraining optimizer ("adamw", "muon", ...).
+    lr: peak learning rate of the run (0 for a base model).
+    learning: headline learning score, higher is better (e.g. GSM8K acc).
+    retention: headline retention score, higher is better (e.g. the mean
+      multiple-choice accuracy, or minus the held-out LM loss).
+    learning_metric: the name of the headline learning metric.
+    retention_metric: the name of the headline retention metric.
+    metrics: every metric of this evaluation, name -> value.
+    run: run name (default: the workdir's name).
+    checkpoint: the checkpoint (or Hugging Face folder) evaluated.
+    is_base: this is the starting point of the runs, not a finetuned model.
+    settings: how the scores were made (e.g. whether contexts started with
+      BOS, the lm-evaluation-harness version and tasks).
+    seed: the run's seed (`train.seed`); runs that differ only in seed are
+      the replicates the report's intervals are over.
+  """
+
+  step: int
+  epoch: float
+  method: str
+  base: str
+  lr: float
+  learning: float
+  retention: float
+  learning_metric: str = "learning"
+  retention_metric: str = "retention"
+  metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+  run: str = ""
+  checkpoint: str = ""
+  is_base: bool = False
+  settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+  seed: int = 0
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+_FIELD_TYPES = {
+    "step": (int,), "epoch": (int, float), "method": (str,), "base": (str,),
+    "lr": (int, float), "learning": (int, float), "retention": (int, float),
+    "learning_metric": (str,), "retention_metric": (str,), "metrics": (dict,),
+    "run": (str,), "checkpoint": (str,), "is_base": (bool,),
+    "settings": (dict,), "seed": (int,),
+}
+REQUIRED_FIELDS = tuple(
+    f.name for f in dataclasses.fields(EvalRecord)
+    if f.default is dataclasses.MISSING
+    and f.default_factory is dataclasses.MISSING)
+
+
+class EvalFileError(ValueError):
+  """A results file (or one of its lines) does not follow the schema."""
+
+
+def parse_record(d: Any, where: str) -> EvalRecord:
+  """Validates one decoded JSON line; `where` is "file:line" for errors."""
+  if not isinstance(d, dict):
+    raise EvalFileError(f"{where}: expected a JSON object, got"
+                        f" {type(d).__name__}")
+  missing = [k for k in REQUIRED_FIELDS if k not in d]
+  if missing:
+    raise EvalFileError(f"{where}: missing fields {missing} (required:"
+                        f" {list(REQUIRED_FIELDS)})")
+  unknown = sorted(set(d) - set(_FIELD_TYPES))
+  if unknown:
+    raise EvalFileError(f"{where}: unknown fields {unknown}; known:"
+                        f" {sorted(_FIELD_TYPES)}")
+  for key, value in d.items():
+    types = _FIELD_TYPES[key]
+    # bool is an int in Python; only is_base may be one.
+    if not isinstance(value, types) or (isinstance(value, bool)
+                                        and bool not in types):
+      raise EvalFileError(
+          f"{where}: field {key!r} must be"
+          f" {' or '.join(t.__name__ for t in types)}, got {value!r}")
+  bad = sorted(k for k, v in d.get("metrics", {}).items()
+               if v is not None and (isinstance(v, bool)
+                                     or not isinstance(v, (int, float))))
+  if bad:
+    raise EvalFileError(f"{where}: metrics {bad} are not numbers")
+  for key in ("learning", "retention", "epoch", "lr"):
+    if not math.isfinite(d[key]):
+      raise EvalFileError(f"{where}: field {key!r} is {d[key]!r}")
+  return EvalRecord(**d)
+
+
+def read_results(path: str) -> list[EvalRecord]:
+  """Every record of one results.jsonl (blank lines skipped)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no eval results (run"
+                            " `python -m optconsist_jax.evaluate` first)")
+  out = []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        d = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise EvalFileError(f"{path}:{n}: not JSON: {e}") from None
+      out.append(parse_record(d, f"{path}:{n}"))
+  return out
+
+
+def read_workdir(workdir: str) -> list[EvalRecord]:
+  """Records of W/eval/results.jsonl, run name filled, last one per step."""
+  records = read_results(os.path.join(workdir, RESULTS_FILE))
+  name = os.path.basename(os.path.normpath(workdir))
+  latest: dict[tuple[str, int, bool, str], EvalRecord] = {}
+  for r in records:
+    if not r.run:
+      r = dataclasses.replace(r, run=name)
+    # A checkpoint evaluated twice (a rerun after a crash): keep the latest.
+    latest[(r.run, r.step, r.is_base, r.checkpoint)] = r
+  return sorted(latest.values(), key=lambda r: (r.run, not r.is_base, r.step))
+
+
+def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+  """a is at least as good as b in both coordinates and better in one."""
+  return a[0] >= b[0] and a[1] >= b[1] and (a[0] > b[0] or a[1] > b[1])
+
+
+def pareto_frontier(points: Sequence[tuple[float, float]],
+                    maximize: tuple[bool, bool] = (True, True)) -> list[int]:
+  """Indices of the non-dominated points, sorted by x.
+
+  Args:
+    points: (x, y) pairs.
+    maximize: per coordinate, whether larger is better.
+
+  Returns:
+    The indices of points no other point dominates (equal points are all
+    kept), ordered by increasing x (then y).
+  """
+  sign = tuple(1.0 if m else -1.0 for m in maximize)
+  pts = [(sign[0] * x, sign[1] * y) for x, y in points]
+  keep = [i for i, p in enumerate(pts)
+          if not any(dominates(q, p) for j, q in enumerate(pts) if j != i)]
+  return sorted(keep, key=lambda i: (points[i][0], points[i][1]))
+
+
+def lower_is_better(metric: str) -> bool:
+  """Loss-like metrics (loss, perplexity, nll) are better when smaller."""
+  name = metric.lower()
+  return any(k in name for k in ("loss", "perplexity", "ppl", "nll"))
+
+
+_METRIC_WORDS = {
+    "lm_loss/loss": ("held-out LM loss", "nats/token"),
+    "lm_loss/perplexity": ("held-out LM perplexity", ""),
+    "math/response_loss": ("held-out finetuning loss", "nats/token"),
+    "mc/mean": ("mean multiple-choice accuracy", "fraction correct"),
+}
+
+
+def metric_words(metric: str) -> tuple[str, str]:
+  """(words, unit) of a metric name such as "-lm_loss/loss" ("" = no unit)."""
+  neg = metric.startswith("-")
+  name = metric[1:] if neg else metric
+  parts = name.split("/")
+  if name in _METRIC_WORDS:
+    words, unit = _METRIC_WORDS[name]
+  elif len(parts) == 3 and parts[0] == "math" and parts[2] == "acc":
+    words, unit = f"math exact-match accuracy ({parts[1]})", "fraction correct"
+  elif len(parts) == 3 and parts[0] == "mc" and parts[2] in ("acc",
+                                                              "acc_norm"):
+    words = f"{parts[1]} accuracy" + (
+        " (length-normalized)" if parts[2] == "acc_norm" else "")
+    unit = "fraction correct"
+  else:
+    words, unit = name, ""
+  return ("minus " if neg else "") + words, unit
+
+
+def axis_title(role: str, metric: str, higher_is_better: bool) -> str:
+  """E.g. "Retention: minus held-out LM loss (nats/token; higher is better)"."""
+  words, unit = metric_words(metric)
+  direction = ("higher is better" if higher_is_better
+               else "lower is better; axis reversed")
+  return f"{role}: {words} ({unit + '; ' if unit else ''}{direction})"
