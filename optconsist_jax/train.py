@@ -50,7 +50,6 @@ stops in train_guards.py; this module is the loop and the command line.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from typing import Any
@@ -121,19 +120,9 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
   # 1. Everything read from the user is checked before anything is written.
   with errors.user_input():
     mesh = sharding.make_mesh(config.mesh)
-    train_setup.preflight(config, mesh)
-
-    from optconsist_jax.data import pipeline as data_lib  # pylint: disable=g-import-not-at-top
-    pipe = data_lib.build_pipeline(config.data)
-    if pipe.tokenizer.vocab_size > config.model.vocab_size:
-      raise ValueError(
-          f"the tokenizer has {pipe.tokenizer.vocab_size} tokens but"
-          f" config.model.vocab_size={config.model.vocab_size}")
+    config, pipe, resolved, total_steps = train_setup.prepare(
+        config, workdir, mesh)
     tc = config.train
-    total_steps = tc.num_steps or tc.num_epochs * pipe.steps_per_epoch
-    config = config.resolve_total_steps(total_steps)
-    resolved = json.loads(config.to_json())
-    train_setup.check_workdir(resolved, workdir)
     # 2. Mesh-bound model and optimizer.
     s = train_setup.setup(config, mesh)
   train_setup.write_config(config, workdir)

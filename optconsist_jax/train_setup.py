@@ -152,6 +152,34 @@ def preflight(config: ExperimentConfig, mesh) -> None:
                     config.data.seq_len, config.model.max_position_embeddings)
 
 
+def prepare(config: ExperimentConfig, workdir: epath.Path, mesh, *,
+            tokenizer: Any = None
+            ) -> tuple[ExperimentConfig, Any, dict[str, Any], int]:
+  """Everything checked before a run writes anything.
+
+  Preflight, the data pipeline (its tokenizer must fit the model's
+  vocabulary), the run length resolved into the optimizer schedules, and the
+  workdir's identity (`check_workdir`).
+
+  Returns:
+    (config with total steps resolved, the data pipeline, the config's JSON
+    form, total steps).
+  """
+  from optconsist_jax.data import pipeline as data_lib  # pylint: disable=g-import-not-at-top
+  preflight(config, mesh)
+  pipe = data_lib.build_pipeline(config.data, tokenizer=tokenizer)
+  if pipe.tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(
+        f"the tokenizer has {pipe.tokenizer.vocab_size} tokens but"
+        f" config.model.vocab_size={config.model.vocab_size}")
+  tc = config.train
+  total_steps = tc.num_steps or tc.num_epochs * pipe.steps_per_epoch
+  config = config.resolve_total_steps(total_steps)
+  resolved = json.loads(config.to_json())
+  check_workdir(resolved, workdir)
+  return config, pipe, resolved, total_steps
+
+
 def write_config(config: ExperimentConfig, workdir: epath.Path) -> None:
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)

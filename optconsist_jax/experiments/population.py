@@ -144,18 +144,9 @@ class _Member:
 
 def _prepare(index: int, config, workdir: epath.Path, mesh, tokenizer):
   """Checks and builds what train.train does before writing anything."""
-  from optconsist_jax.data import pipeline as data_lib  # pylint: disable=g-import-not-at-top
-  train_setup.preflight(config, mesh)
-  pipe = data_lib.build_pipeline(config.data, tokenizer=tokenizer)
-  if pipe.tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(
-        f"the tokenizer has {pipe.tokenizer.vocab_size} tokens but"
-        f" config.model.vocab_size={config.model.vocab_size}")
+  config, pipe, resolved, total = train_setup.prepare(
+      config, workdir, mesh, tokenizer=tokenizer)
   tc = config.train
-  total = tc.num_steps or tc.num_epochs * pipe.steps_per_epoch
-  config = config.resolve_total_steps(total)
-  resolved = json.loads(config.to_json())
-  train_setup.check_workdir(resolved, workdir)
   dropout_seed = tc.dropout_seed
   if dropout_seed is None and config.lora is not None and config.lora.dropout:
     dropout_seed = tc.seed  # As train.train: LoRA dropout needs randomness.
