@@ -23,8 +23,6 @@ import os
 import re
 from typing import Any
 
-import jax
-
 from optconsist_jax.io import hub
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -76,6 +74,9 @@ def resolve_keys(config: dict, keys: tuple[str, ...],
 
 def path_name(path: Sequence[Any]) -> str:
   """'layers/attn/q_proj/kernel' for a jax key path (NNX `.value` dropped)."""
+  # Imported here: the Cloud TPU launcher uses this module on machines
+  # without jax.
+  import jax  # pylint: disable=g-import-not-at-top
   parts = []
   for k in path:
     if isinstance(k, jax.tree_util.DictKey):

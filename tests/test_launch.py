@@ -5,6 +5,7 @@ import os
 import shlex
 import stat
 import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -435,3 +436,14 @@ def test_supervise_gives_up_after_max_restarts(tmp_path):
                    out=out)
   assert rc == 75 and len(runs.read_text().splitlines()) == 2
   assert "gave up after 1 restarts" in out.getvalue()
+
+
+def test_launcher_imports_without_jax():
+  """launch/tpu.sh runs the launcher with a laptop's Python, often without jax."""
+  code = ("import sys; sys.modules['jax'] = None; sys.modules['jaxlib'] = None;"
+          " import optconsist_jax.tools.launch")
+  p = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                     text=True, check=False,
+                     cwd=os.path.dirname(os.path.dirname(
+                         os.path.abspath(__file__))))
+  assert p.returncode == 0, p.stderr[-2000:]
