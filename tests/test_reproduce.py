@@ -186,16 +186,15 @@ def test_matrix_mini_run_fills_the_matrix(tmp_path):
 
 
 def test_external_bases_skip_pretraining(mini_run, tmp_path):
-  from optconsist_jax import config_types  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.io import checkpoints  # pylint: disable=g-import-not-at-top
   from optconsist_jax.io import hf  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import weights  # pylint: disable=g-import-not-at-top
   _, mini_dir, _ = mini_run
   # An Orbax run (the mini study's AdamW base) and a Hugging Face folder
   # (its Muon base, exported).
   orbax_base = mini_dir / "bases" / "adamw__s0"
   muon_dir = str(mini_dir / "bases" / "muon__s0")
-  model_config = config_types.model_config_of(muon_dir)
-  hf.save(model_config, checkpoints.restore_model(muon_dir, model_config),
+  model_config = weights.model_config_of(muon_dir)
+  hf.save(model_config, weights.restore_run_model(muon_dir, model_config),
           str(tmp_path / "hf_muon"))
   rc = _config("mini", reproduce={
       "bases": f"adamw:{orbax_base},muon:{tmp_path / 'hf_muon'}"},
