@@ -41,7 +41,7 @@ demo: $(if $(AS_IS),,$(VENV)/.installed)
 
 test: $(if $(AS_IS),,$(VENV)/.installed-test)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
-	  $(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	  $(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # Re-resolve the newest versions in a scratch venv, run the tests there, and write
 # constraints.txt only if they pass.
@@ -51,7 +51,7 @@ lock:
 	$(VENV)-lock/bin/python -m pip install -q --upgrade pip
 	$(VENV)-lock/bin/python -m pip install -q -e '.[test]'
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
-	  $(VENV)-lock/bin/python -m pytest -q -n 2 $(PYTEST_ARGS)
+	  $(VENV)-lock/bin/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 	{ echo "# Exact versions the test suite passed with ($$($(VENV)-lock/bin/python -V)); written by 'make lock'."; \
 	  $(VENV)-lock/bin/python -m pip freeze --exclude-editable --exclude optconsist_jax; } > constraints.txt
 	rm -rf $(VENV)-lock

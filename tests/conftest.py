@@ -1,6 +1,8 @@
 """Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -8,6 +10,29 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# One persistent XLA compilation cache for the whole test session: the suite
+# compiles the same small programs many times (the tiny configs' train and
+# eval steps, in process and in the commands the tests start). The process
+# that loads this file first (pytest, or xdist's controller) makes it; the
+# xdist workers and every subprocess inherit the environment. The size limit
+# turns on JAX's file lock, so concurrent writers and readers of one entry are
+# serialized (jax/_src/lru_cache.py). A user's own cache dir wins.
+_OWN_CACHE = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  _OWN_CACHE = (os.getpid(), tempfile.mkdtemp(prefix="optconsist_jax_xla_"))
+  os.environ.update({
+      "JAX_COMPILATION_CACHE_DIR": _OWN_CACHE[1],
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+      "JAX_COMPILATION_CACHE_MAX_SIZE": str(16 << 30),
+  })
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE and _OWN_CACHE[0] == os.getpid():
+    shutil.rmtree(_OWN_CACHE[1], ignore_errors=True)

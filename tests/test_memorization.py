@@ -11,6 +11,7 @@ import pytest
 from optconsist_jax import config_types
 from optconsist_jax.experiments import memorization
 from optconsist_jax.experiments import memorization_data
+from optconsist_jax.experiments import population
 from optconsist_jax import train as train_lib
 from optconsist_jax.data import formats
 from optconsist_jax.data import synthetic
@@ -193,15 +194,18 @@ def test_miniature_run_writes_results_and_resumes(tmp_path, monkeypatch):
   settings = memorization.Settings(n_rule=24, n_fact=16, n_heldout=8,
                                    num_epochs=2, global_batch_size=8,
                                    seq_len=128, max_new_tokens=12,
-                                   eval_batch_size=16)
+                                   eval_batch_size=16, seeds=2)
   w = tmp_path / "w"
   path = memorization.run(w, base, ("adamw", "muon"), settings=settings,
                           log=lambda s: None)
   assert path == os.path.join(w, "memorization", "results.jsonl")
   with open(path) as f:
     rows = [json.loads(line) for line in f]
-  assert sorted((r["optimizer"], r["epoch"]) for r in rows) == [
-      ("adamw", 1), ("adamw", 2), ("base", 0), ("muon", 1), ("muon", 2)]
+  assert sorted((r["optimizer"], r.get("seed"), r["epoch"]) for r in rows
+                if r["optimizer"] != "base") == [
+      (o, s, e) for o in ("adamw", "muon") for s in (0, 1) for e in (1, 2)]
+  assert [(r["optimizer"], r["epoch"]) for r in rows
+          if r["optimizer"] == "base"] == [("base", 0)]
   for r in rows:
     assert r["n_fact"] == 16 and r["n_rule"] == 8
     # Accuracies are fractions of the items (k of 16 facts, k of 8 rules).
@@ -211,10 +215,31 @@ def test_miniature_run_writes_results_and_resumes(tmp_path, monkeypatch):
     assert np.isfinite(r["memorization_logprob"])
   # Finetuning moved the model toward the training set: the facts' gold
   # responses got likelier than under the base.
-  by = {(r["optimizer"], r["epoch"]): r for r in rows}
+  by = {(r["optimizer"], r.get("seed"), r["epoch"]): r for r in rows}
   for opt in ("adamw", "muon"):
-    assert (by[(opt, 2)]["memorization_logprob"]
-            > by[("base", 0)]["memorization_logprob"])
+    for seed in (0, 1):
+      assert (by[(opt, seed, 2)]["memorization_logprob"]
+              > by[("base", None, 0)]["memorization_logprob"])
+  # The two seeds are two data orders: different runs.
+  assert (by[("adamw", 0, 2)]["memorization_logprob"]
+          != by[("adamw", 1, 2)]["memorization_logprob"])
+  # The summary's gap is muon - adamw at the last epoch, paired by seed:
+  # its mean is the mean of the per-seed differences (computed here from
+  # the rows), its 95% t interval that of 2 samples (t_0.975,1 = 12.706).
+  summary = json.loads((w / "memorization" / "summary.json").read_text())
+  row = next(s for s in summary if s["metric"] == "memorization_logprob")
+  assert (row["first"], row["other"], row["epoch"]) == ("adamw", "muon", 2)
+  diffs = np.array([by[("muon", s, 2)]["memorization_logprob"]
+                    - by[("adamw", s, 2)]["memorization_logprob"]
+                    for s in (0, 1)])
+  half = 12.706 * np.std(diffs, ddof=1) / np.sqrt(2)
+  assert row["gap"]["mean"] == pytest.approx(diffs.mean())
+  assert row["gap"]["lo"] == pytest.approx(diffs.mean() - half, rel=1e-3)
+  assert row["gap"]["n"] == 2
+  # Two seeds are fewer than a verdict needs (statistics.MIN_SEEDS).
+  assert row["verdict"] == "no difference resolved"
+  md = (w / "memorization" / "summary.md").read_text()
+  assert "| memorization_answer_logprob |" in md and "muon" in md
   curves = os.path.join(w, "memorization", "curves.png")
   assert os.path.getsize(curves) > 0
   mtimes = (os.path.getmtime(path), os.path.getmtime(curves))
@@ -222,7 +247,7 @@ def test_miniature_run_writes_results_and_resumes(tmp_path, monkeypatch):
   # Second call: nothing is trained or evaluated again.
   def refuse(*a, **k):
     raise AssertionError("step was not skipped")
-  monkeypatch.setattr(train_lib, "train", refuse)
+  monkeypatch.setattr(population, "train_population", refuse)
   monkeypatch.setattr(memorization, "evaluate", refuse)
   assert memorization.run(w, base, ("adamw", "muon"), settings=settings,
                           log=lambda s: None) == path

@@ -25,6 +25,10 @@ from optconsist_jax.experiments import population
 from optconsist_jax.io import checkpoints
 from optconsist_jax.io import weights
 
+# Its module fixtures are built once: every test here runs on one xdist
+# worker (make test runs --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("population_adamw_runs")
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny_metamath.py"
 

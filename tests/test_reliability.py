@@ -26,6 +26,10 @@ from optconsist_jax import train
 sys.path.insert(0, os.path.dirname(__file__))
 import test_train as tt  # noqa: E402  pylint: disable=g-import-not-at-top
 
+# Its module fixtures are built once: every test here runs on one xdist
+# worker (make test runs --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("reliability_reference")
+
 REPO = tt.REPO
 
 

@@ -16,6 +16,10 @@ from optconsist_jax import train_step
 from optconsist_jax.model import preset
 from optconsist_jax.model.llama import abstract_model
 
+# Its module fixtures are built once: every test here runs on one xdist
+# worker (make test runs --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("sharding_reference")
+
 CONFIG = preset("tiny_gqa")
 BATCH, SEQ = 8, 16
 

@@ -10,6 +10,7 @@ relative path (not by position), so adding files does not reshuffle splits.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import os
 import sysconfig
@@ -74,6 +75,18 @@ def python_stdlib_text(split: str = "train", *, kind: str = "docstrings",
     raise ValueError(
         f"python_stdlib_text: heldout_fraction={heldout_fraction} not in (0, 1)")
   root = root or sysconfig.get_paths()["stdlib"]
+  docs = _documents(root, split, kind, heldout_fraction)
+  if not docs:
+    raise ValueError(f"python_stdlib_text: no documents under {root}")
+  return list(docs[:max_docs])
+
+
+# Parsing every stdlib file takes seconds and a run asks several times (the
+# tokenizer, the pretraining and retention pipelines, the unigram baseline):
+# the installed stdlib does not change while a process runs.
+@functools.lru_cache(maxsize=8)
+def _documents(root: str, split: str, kind: str,
+               heldout_fraction: float) -> tuple[str, ...]:
   want_heldout = split == "heldout"
   docs = []
   for path in _stdlib_files(root):
@@ -88,8 +101,4 @@ def python_stdlib_text(split: str = "train", *, kind: str = "docstrings",
       continue  # A few stdlib files are deliberately not valid UTF-8/Python.
     if text.strip():
       docs.append(text)
-      if max_docs is not None and len(docs) >= max_docs:
-        break
-  if not docs:
-    raise ValueError(f"python_stdlib_text: no documents under {root}")
-  return docs
+  return tuple(docs)

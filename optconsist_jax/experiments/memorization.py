@@ -23,20 +23,26 @@ extraction `evals.math.extract_answer`) and, as a smoother signal for tiny
 models, the mean per-token log-probability of the gold response (+ EOS) under
 the training prompt, as the training loss sees it.
 
-`run(W, base)` finetunes the base once per optimizer (configs/memorization.py,
-in process through `train.train`, one checkpoint per epoch), evaluates the base
-and every epoch checkpoint, and writes
+`run(W, base)` finetunes the base with each optimizer (configs/memorization.py)
+and `Settings.seeds` seeds (data order), the seeds of one optimizer as one
+population (`experiments.population.train_population`, one checkpoint per
+epoch), evaluates the base and every epoch checkpoint, and writes
 
   W/memorization/settings.json     the settings (a rerun must match them)
   W/memorization/data/             train.json, facts.json, heldout_rule.json
-  W/memorization/runs/<optimizer>/ the finetuning runs (train.py layout)
-  W/memorization/results.jsonl     one line per (optimizer, epoch)
+  W/memorization/runs/<optimizer>__s<seed>/ the finetuning runs (train.py layout)
+  W/memorization/results.jsonl     one line per (optimizer, seed, epoch)
+  W/memorization/summary.md, .json each score at the last epoch per optimizer
+                                   (mean and 95% interval over seeds) and each
+                                   optimizer minus the first, paired by seed,
+                                   with its verdict (experiments/statistics.py)
   W/memorization/curves.png        memorization and rule curves per optimizer
+                                   (mean over seeds, the interval as a band)
 
 Each step is skipped when its output exists, so an interrupted run resumes.
 
   python -m optconsist_jax.experiments.memorization --workdir W --base BASE_RUN_DIR \
-      [--mode quick|full] [--optimizers adamw,muon]
+      [--mode quick|full] [--optimizers adamw,muon] [--seeds N]
 """
 
 from __future__ import annotations
@@ -62,12 +68,14 @@ from optconsist_jax.data.records import MathExample
 from optconsist_jax.evals import math as math_eval
 from optconsist_jax.evals import multiple_choice
 from optconsist_jax.experiments import memorization_data
+from optconsist_jax.experiments import memorization_report
 
 SUBDIR = "memorization"
 RESULTS = "results.jsonl"
 CURVES = "curves.png"
 SETTINGS = "settings.json"
-BASE = "base"  # The `optimizer` of the epoch-0 line (the base model).
+SUMMARY = memorization_report.SUMMARY
+BASE = memorization_report.BASE
 
 
 # ---------------------------------------------------------------------------
@@ -185,7 +193,9 @@ class Settings:
     peak_lr: peak learning rate of both optimizers (Muon with rms_match).
     global_batch_size, seq_len: the finetuning batch (packed rows).
     max_new_tokens, eval_batch_size: decoding of the probes.
-    seed: data and training seed.
+    seed: the data set's seed, and the first training seed.
+    seeds: training seeds per optimizer (`seed`, `seed + 1`, ...: data
+      order); the summary's intervals are over them.
   """
 
   n_rule: int = 200
@@ -198,6 +208,7 @@ class Settings:
   max_new_tokens: int = 48
   eval_batch_size: int = 64
   seed: int = 0
+  seeds: int = 3
 
 
 MODES = {
@@ -240,8 +251,13 @@ def _config_module():
 
 
 def experiment_config(optimizer: str, base: str, data_path: str,
-                      settings: Settings) -> config_types.ExperimentConfig:
-  """configs/memorization.py:<optimizer> with the base and the data filled in."""
+                      settings: Settings, seed: int | None = None
+                      ) -> config_types.ExperimentConfig:
+  """configs/memorization.py:<optimizer> with the base and the data filled in.
+
+  `seed` (default `settings.seed`) is the run's data-order and train seed.
+  """
+  seed = settings.seed if seed is None else seed
   mem_config = _config_module()
   base_cfg = _base_run_config(base)
   c = mem_config.get_config(optimizer).to_dict()
@@ -249,10 +265,10 @@ def experiment_config(optimizer: str, base: str, data_path: str,
   c["optim"] = mem_config.optim_dict(optimizer, settings.peak_lr)
   c["data"].update(path=os.path.abspath(data_path), seq_len=settings.seq_len,
                    global_batch_size=settings.global_batch_size,
-                   seed=settings.seed,
+                   seed=seed,
                    tokenizer_path=base_cfg.get("data", {}).get(
                        "tokenizer_path", ""))
-  c["train"].update(num_epochs=settings.num_epochs, seed=settings.seed)
+  c["train"].update(num_epochs=settings.num_epochs, seed=seed)
   c["init_from"].update(path=os.path.abspath(base), kind="orbax")
   return config_types.ExperimentConfig.from_dict(c)
 
@@ -274,44 +290,6 @@ def _epoch_checkpoints(run_dir: str) -> dict[int, ckpt_lib.CheckpointInfo]:
           if c.complete and c.epoch is not None}
 
 
-def plot(results: Sequence[dict[str, Any]], out_path: str) -> str:
-  """Accuracy and gold log-probability vs epoch, per optimizer."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  base = [r for r in results if r["optimizer"] == BASE]
-  names = sorted({r["optimizer"] for r in results} - {BASE})
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-  for i, name in enumerate(names):
-    rows = sorted(base + [r for r in results if r["optimizer"] == name],
-                  key=lambda r: r["epoch"])
-    epochs = [r["epoch"] for r in rows]
-    color = colors[i % len(colors)]
-    for ax, metric in zip(axes, ("acc", "logprob")):
-      ax.plot(epochs, [r[f"memorization_{metric}"] for r in rows], "-o",
-              color=color, label=f"{name}: memorization (train facts)")
-      ax.plot(epochs, [r[f"rule_{metric}"] for r in rows], "--s",
-              color=color, label=f"{name}: rule (held-out problems)")
-    axes[2].plot(epochs, [r["memorization_answer_logprob"] for r in rows],
-                 "-o", color=color, label=f"{name}: memorization")
-  axes[0].set_ylabel("greedy accuracy")
-  axes[1].set_ylabel("gold response log-prob / token")
-  axes[2].set_ylabel("fact answer log-prob (sum over the number)")
-  for ax in axes:
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("finetuning epoch (0 = base)")
-    ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=7)
-  axes[2].legend(fontsize=7)
-  fig.suptitle("Memorization (training facts) vs rule (held-out problems)")
-  fig.tight_layout()
-  fig.savefig(out_path, dpi=120)
-  plt.close(fig)
-  return out_path
-
-
 def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
         optimizers: Sequence[str] = ("adamw", "muon"), *,
         mode: str = "quick", settings: Settings | None = None,
@@ -322,7 +300,8 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
     workdir: W; outputs go to W/memorization/ (module docstring).
     base_init_path: the base model, an Orbax run dir written by train.py
       (its config.json gives the model shape and tokenizer).
-    optimizers: finetuning optimizers (configs/memorization.py args).
+    optimizers: finetuning optimizers (configs/memorization.py args); the
+      summary compares each with the first.
     mode: a key of MODES, used when `settings` is None.
     settings: explicit sizes (overrides `mode`).
     log: progress messages go here.
@@ -332,7 +311,10 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
       raise ValueError(f"memorization.run: mode={mode!r}; expected one of"
                        f" {sorted(MODES)}")
     settings = MODES[mode]
-  from optconsist_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  if settings.seeds < 1:
+    raise ValueError(f"memorization.run: seeds={settings.seeds}; expected"
+                     " at least 1")
+  from optconsist_jax.experiments import population  # pylint: disable=g-import-not-at-top
   from optconsist_jax.data import pipeline as data_lib  # pylint: disable=g-import-not-at-top
   root = os.path.join(os.fspath(workdir), SUBDIR)
   os.makedirs(root, exist_ok=True)
@@ -352,19 +334,22 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
       json.dump(wanted, f, indent=2)
 
   s = settings
+  seeds = range(s.seed, s.seed + s.seeds)
   data = memorization_data.make_dataset(
       os.path.join(root, "data"), seed=s.seed, n_rule=s.n_rule,
       n_fact=s.n_fact, n_heldout=s.n_heldout)
   facts = formats.read_metamathqa(data.facts)
   heldout = formats.read_metamathqa(data.heldout_rule)
   results_path = os.path.join(root, RESULTS)
-  done = {(r["optimizer"], r["epoch"]) for r in _read_results(results_path)}
-  configs = {o: experiment_config(o, os.fspath(base_init_path), data.train, s)
-             for o in optimizers}
+  done = {(r["optimizer"], r.get("seed"), r["epoch"])
+          for r in _read_results(results_path)}
+  configs = {(o, k): experiment_config(o, os.fspath(base_init_path),
+                                       data.train, s, seed=k)
+             for o in optimizers for k in seeds}
   tokenizer = data_lib.load_tokenizer(next(iter(configs.values())).data)
 
-  def score(model_config, checkpoint, optimizer, epoch, step):
-    if (optimizer, epoch) in done:
+  def score(model_config, checkpoint, optimizer, seed, epoch, step):
+    if (optimizer, seed, epoch) in done:
       return
     t = time.perf_counter()
     model = weights.restore_run_model(checkpoint, model_config)
@@ -374,36 +359,56 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
     record = {"optimizer": optimizer, "epoch": epoch, "step": step,
               "checkpoint": os.fspath(checkpoint), **m,
               "eval_seconds": round(time.perf_counter() - t, 2)}
+    if seed is not None:
+      record["seed"] = seed
     _append(results_path, record)
-    done.add((optimizer, epoch))
-    log(f"memorization: {optimizer} epoch {epoch}: memorization"
-        f" {m['memorization_acc']:.3f} rule {m['rule_acc']:.3f}"
+    done.add((optimizer, seed, epoch))
+    log(f"memorization: {optimizer}"
+        f"{'' if seed is None else f' seed {seed}'} epoch {epoch}:"
+        f" memorization {m['memorization_acc']:.3f} rule {m['rule_acc']:.3f}"
         f" (log-probs {m['memorization_logprob']:.3f} /"
         f" {m['rule_logprob']:.3f})")
 
   any_config = next(iter(configs.values()))
-  score(any_config.model, os.fspath(base_init_path), BASE, 0, 0)
-  for optimizer, config in configs.items():
-    run_dir = os.path.join(root, "runs", optimizer)
-    have = _epoch_checkpoints(run_dir)
-    if not all(e in have for e in range(1, s.num_epochs + 1)):
+  score(any_config.model, os.fspath(base_init_path), BASE, None, 0, 0)
+  for optimizer in optimizers:
+    run_dirs = {k: os.path.join(root, "runs", f"{optimizer}__s{k}")
+                for k in seeds}
+    todo = [k for k in seeds
+            if not all(e in _epoch_checkpoints(run_dirs[k])
+                       for e in range(1, s.num_epochs + 1))]
+    if todo:
       t = time.perf_counter()
-      result = train_lib.train(config, run_dir)
-      log(f"memorization: finetuned with {optimizer}: {result.step} steps in"
-          f" {time.perf_counter() - t:.1f} s")
-      have = _epoch_checkpoints(run_dir)
-    for epoch in range(1, s.num_epochs + 1):
-      if epoch not in have:
-        raise RuntimeError(f"{run_dir}: no checkpoint for epoch {epoch} after"
-                           " training (complete epoch checkpoints:"
-                           f" {sorted(have)})")
-      score(config.model, have[epoch].path, optimizer, epoch,
-            have[epoch].step)
+      population.train_population([configs[(optimizer, k)] for k in todo],
+                                  [run_dirs[k] for k in todo])
+      log(f"memorization: finetuned with {optimizer}, seeds {todo} (one"
+          f" population) in {time.perf_counter() - t:.1f} s")
+    for k in seeds:
+      have = _epoch_checkpoints(run_dirs[k])
+      for epoch in range(1, s.num_epochs + 1):
+        if epoch not in have:
+          raise RuntimeError(
+              f"{run_dirs[k]}: no checkpoint for epoch {epoch} after"
+              f" training (complete epoch checkpoints: {sorted(have)})")
+        score(configs[(optimizer, k)].model, have[epoch].path, optimizer, k,
+              epoch, have[epoch].step)
+
+  results = [r for r in _read_results(results_path)
+             if r["optimizer"] == BASE or r["optimizer"] in optimizers]
+
+  def stale(out):
+    return (not os.path.exists(out)
+            or os.path.getmtime(out) < os.path.getmtime(results_path))
 
   curves = os.path.join(root, CURVES)
-  if (not os.path.exists(curves)
-      or os.path.getmtime(curves) < os.path.getmtime(results_path)):
-    plot(_read_results(results_path), curves)
+  if stale(curves):
+    memorization_report.plot(results, curves)
+  if len(optimizers) > 1 and stale(os.path.join(root, SUMMARY + ".md")):
+    summary = memorization_report.summarize(results, optimizers)
+    memorization_report.write_summary(summary, root)
+    for row in summary:
+      log(f"memorization: {row['metric']}: {row['other']} - {row['first']} ="
+          f" {memorization_report.fmt(row['gap'])}: {row['verdict']}")
   return results_path
 
 
@@ -414,9 +419,14 @@ def main(argv):
   platforms.select_default()
   f = flags.FLAGS
   start = time.perf_counter()
+  settings = MODES[f.mode]
+  if f.seeds is not None:
+    settings = dataclasses.replace(settings, seeds=f.seeds)
   path = run(paths.resolve(f.workdir), paths.resolve(f.base),
-             tuple(f.optimizers), mode=f.mode)
-  print(f"results: {path}\ncurves: {os.path.join(os.path.dirname(path), CURVES)}"
+             tuple(f.optimizers), settings=settings)
+  root = os.path.dirname(path)
+  print(f"results: {path}\nsummary: {os.path.join(root, SUMMARY + '.md')}"
+        f"\ncurves: {os.path.join(root, CURVES)}"
         f"\n({time.perf_counter() - start:.1f} s)")
 
 
@@ -428,6 +438,10 @@ if __name__ == "__main__":
   flags.DEFINE_string("base", None, "Base model: an Orbax run dir of train.py.",
                       required=True)
   flags.DEFINE_enum("mode", "quick", sorted(MODES), "Experiment size.")
-  flags.DEFINE_list("optimizers", ["adamw", "muon"], "Finetuning optimizers.")
+  flags.DEFINE_list("optimizers", ["adamw", "muon"],
+                    "Finetuning optimizers; the summary compares each with"
+                    " the first.")
+  flags.DEFINE_integer("seeds", None, "Training seeds per optimizer (default:"
+                       " the mode's).")
   from optconsist_jax import errors  # pylint: disable=g-import-not-at-top
   errors.run(main)

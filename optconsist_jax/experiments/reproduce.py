@@ -296,8 +296,11 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
     before = os.path.getsize(results) if os.path.exists(results) else -1
     outputs["memorization"] = memorization.run(workdir, bases[0].workdir,
                                                mode=rc.mode)
-    outputs["memorization_curves"] = os.path.join(
-        os.path.dirname(outputs["memorization"]), memorization.CURVES)
+    mem_root = os.path.dirname(outputs["memorization"])
+    outputs["memorization_summary"] = os.path.join(
+        mem_root, memorization.SUMMARY + ".md")
+    outputs["memorization_curves"] = os.path.join(mem_root,
+                                                  memorization.CURVES)
     timed("memorization", t0, os.path.getsize(results) != before)
 
   if rc.fingerprints and not ours:
