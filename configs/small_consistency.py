@@ -100,8 +100,9 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
   c.optim_kwargs = dict(_OPTIM_KWARGS)
   c.memorization = dict(enabled=True)
   c.fingerprints = dict(enabled=True)
-  # NAME:PATH,... of external bases ("" = pretrain our own).
-  c.reproduce = dict(bases="")
+  # NAME:PATH,... of external bases ("" = pretrain our own); the report's
+  # consistency matrix: auto (from 3 pretraining optimizers on), always, never.
+  c.reproduce = dict(bases="", matrix="auto")
 
   if arg == "full":
     # ~5.4M params. The docstrings are ~0.58M tokens, so 1,000 steps of
@@ -138,6 +139,7 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
     # The memorization experiment is about the AdamW base; the matrix
     # answers the consistency question only.
     c.memorization.enabled = False
+    c.reproduce.matrix = "always"
   elif arg in ("mini", "matrix_mini"):
     c.model = dict(vocab_size=2048, hidden_size=32, intermediate_size=64,
                    num_layers=2, num_heads=2, num_kv_heads=1,
@@ -158,4 +160,5 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
                         lrs=dict(adamw=(1e-3,), adagrad=(1e-3,)),
                         seeds=1, epochs=1)
       c.fingerprints.enabled = False
+      c.reproduce.matrix = "always"
   return c

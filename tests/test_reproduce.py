@@ -186,6 +186,17 @@ def test_matrix_mini_run_fills_the_matrix(tmp_path):
   roles = {(s["base"], s["method"]): s["role"] for s in summary}
   assert {k for k, v in roles.items() if v == "matched"} == {
       (o, o) for o in optimizers}
+  # The matrix modes draw the matrix whatever the number of bases: one row
+  # per pretraining optimizer, its diagonal cell in bold, every cell filled.
+  md = (tmp_path / "report" / "matrix.md").read_text()
+  rows = {l.split("|")[1].strip(): l for l in md.splitlines()
+          if l.startswith("| ") and l.split("|")[1].strip() in optimizers}
+  assert set(rows) == set(optimizers)
+  for o, line in rows.items():
+    cells = [c.strip() for c in line.split("|")[3:3 + len(optimizers)]]
+    assert all(cells), line
+    assert sum(c.startswith("**") for c in cells) == 1, line
+  assert (tmp_path / "report" / "matrix.png").stat().st_size > 0
 
 
 @pytest.mark.xdist_group("mini_run")
@@ -321,3 +332,9 @@ def test_unknown_keys_and_methods_are_named():
   with pytest.raises(ValueError, match=r"config.reproduce: unknown keys"
                      r" \['base'\]"):
     study.ReproConfig.from_dict({"model": {}, "reproduce": {"base": ""}})
+  with pytest.raises(ValueError, match=r"reproduce.matrix='sometimes'"):
+    study.ReproConfig.from_dict({"model": {},
+                                 "reproduce": {"matrix": "sometimes"}})
+  # The matrix modes always draw the matrix; quick leaves it to the report.
+  assert _config("matrix").matrix == _config("matrix_mini").matrix == "always"
+  assert _config("quick").matrix == "auto"

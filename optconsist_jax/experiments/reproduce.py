@@ -263,7 +263,8 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
   from optconsist_jax import results  # pylint: disable=g-import-not-at-top
   out_dir = os.path.join(workdir, "report")
   print("report", flush=True)
-  outputs = report.consistency_report([r.workdir for r in runs], out_dir)
+  outputs = report.consistency_report([r.workdir for r in runs], out_dir,
+                                      matrix=rc.matrix)
   # Is each base a language model of its corpus? Its held-out loss against
   # a unigram model's (the retention metric is minus that loss).
   info_path = os.path.join(workdir, "run_info.json")

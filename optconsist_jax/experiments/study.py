@@ -97,6 +97,9 @@ class ReproConfig:
   optim_kwargs: optimizer name -> keyword arguments of that optimizer,
     for pretraining and finetuning alike (e.g. Adagrad's accumulator start).
   bases: external bases (`reproduce.bases`); empty = pretrain our own.
+  matrix: `reproduce.matrix`, the report's consistency matrix: "auto"
+    (drawn from 3 pretraining optimizers on), "always" (the matrix modes)
+    or "never".
   """
 
   mode: str
@@ -111,21 +114,26 @@ class ReproConfig:
   optim_kwargs: Mapping[str, Mapping[str, Any]] = dataclasses.field(
       default_factory=dict)
   bases: tuple[ExternalBase, ...] = ()
+  matrix: str = "auto"
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ReproConfig:
     d = dict(d)
-    known = ({f.name for f in dataclasses.fields(cls)} - {"bases"}) | {
-        "reproduce"}
+    known = ({f.name for f in dataclasses.fields(cls)} - {"bases", "matrix"}
+             ) | {"reproduce"}
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f"reproduce config: unknown keys {unknown}; valid"
                        f" keys: {sorted(known)}")
     reproduce = typed_config.as_dict(d.get("reproduce"))
-    unknown = sorted(set(reproduce) - {"bases"})
+    unknown = sorted(set(reproduce) - {"bases", "matrix"})
     if unknown:
       raise ValueError(f"reproduce config.reproduce: unknown keys {unknown};"
-                       " known: ['bases']")
+                       " known: ['bases', 'matrix']")
+    matrix = reproduce.get("matrix") or "auto"
+    if matrix not in ("auto", "always", "never"):
+      raise ValueError(f"reproduce config.reproduce.matrix={matrix!r}:"
+                       " expected auto, always or never")
 
     def section(typ, name):
       sd = {k: tuple(v) if isinstance(v, list) else v
@@ -165,6 +173,7 @@ class ReproConfig:
         fingerprints=bool(dict(d.get("fingerprints") or {}).get("enabled")),
         optim_kwargs=optim_kwargs,
         bases=parse_bases(reproduce.get("bases") or ""),
+        matrix=matrix,
     )
 
 
