@@ -25,8 +25,9 @@ from optconsist_jax.experiments import population
 from optconsist_jax.io import checkpoints
 from optconsist_jax.io import weights
 
-# Its module fixtures are built once: every test here runs on one xdist
-# worker (make test runs --dist loadgroup).
+# Its fixtures are built once per test session (session scope: a module
+# fixture is rebuilt whenever xdist interleaves another module's tests), and
+# every test here runs on the same xdist worker (make test: --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("population_adamw_runs")
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -146,7 +147,7 @@ ADAMW_MEMBERS = [dict(seed=0, data_seed=0),
                  dict(seed=0, data_seed=0, lr_scale={"adamw": 0.3})]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def adamw_runs(tmp_path_factory):
   """Single runs, and the population in segments with mixed starts.
 

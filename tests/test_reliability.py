@@ -26,8 +26,9 @@ from optconsist_jax import train
 sys.path.insert(0, os.path.dirname(__file__))
 import test_train as tt  # noqa: E402  pylint: disable=g-import-not-at-top
 
-# Its module fixtures are built once: every test here runs on one xdist
-# worker (make test runs --dist loadgroup).
+# Its fixtures are built once per test session (session scope: a module
+# fixture is rebuilt whenever xdist interleaves another module's tests), and
+# every test here runs on the same xdist worker (make test: --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("reliability_reference")
 
 REPO = tt.REPO
@@ -54,7 +55,7 @@ def _cfg(**extra):
                        **extra})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
   """An uninterrupted run of 8 steps, checkpoints 2, 4, 6, 8."""
   w = tmp_path_factory.mktemp("reference")
@@ -63,7 +64,7 @@ def reference(tmp_path_factory):
   return w, r
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def four_steps(reference, tmp_path_factory):
   """The reference run as if stopped after 4 steps (checkpoints 2 and 4)."""
   w = tmp_path_factory.mktemp("four")

@@ -52,7 +52,7 @@ def _records(runs):
   return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mini_run(tmp_path_factory):
   """The mini study (2 bases x 3 methods x 2 seeds), run once per module."""
   w = tmp_path_factory.mktemp("mini")
@@ -61,8 +61,9 @@ def mini_run(tmp_path_factory):
   return rc, w, outputs
 
 
-# The tests sharing the module's mini run go to one xdist worker (make test
-# runs --dist loadgroup), so the run is made once, not once per worker.
+# The tests sharing the mini run go to one xdist worker (make test runs
+# --dist loadgroup) and the fixture is session-scoped (a module fixture is
+# rebuilt whenever xdist interleaves another module's tests): one run.
 @pytest.mark.xdist_group("mini_run")
 def test_mini_run_has_every_seed_then_skips_everything(mini_run, monkeypatch):
   rc, tmp_path, outputs = mini_run

@@ -16,8 +16,9 @@ from optconsist_jax import train_step
 from optconsist_jax.model import preset
 from optconsist_jax.model.llama import abstract_model
 
-# Its module fixtures are built once: every test here runs on one xdist
-# worker (make test runs --dist loadgroup).
+# Its fixtures are built once per test session (session scope: a module
+# fixture is rebuilt whenever xdist interleaves another module's tests), and
+# every test here runs on the same xdist worker (make test: --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("sharding_reference")
 
 CONFIG = preset("tiny_gqa")
@@ -108,7 +109,7 @@ def _expected_layout(init_params, sizes):
   return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference():
   """Initial state and the one-device results, for grad_accum 1 and 2."""
   one = [jax.devices()[0]]

@@ -26,7 +26,8 @@ def run_workers(script: str, extra_args: Sequence[str], *,
   port = portpicker.pick_unused_port()
   env = dict(os.environ)
   env.update(
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
+      XLA_FLAGS=(f"--xla_force_host_platform_device_count={local_devices}"
+                 " --xla_backend_optimization_level=0"),  # as conftest.py
       JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   procs = [
       subprocess.Popen(
