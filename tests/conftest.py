@@ -41,3 +41,22 @@ def pytest_unconfigure(config):
   del config
   if _OWN_CACHE and _OWN_CACHE[0] == os.getpid():
     shutil.rmtree(_OWN_CACHE[1], ignore_errors=True)
+
+
+def pytest_collection_finish(session):
+  """Fails when `--dist loadgroup` is asked for but its groups are ignored.
+
+  Tests that share an expensive session fixture carry an xdist_group mark;
+  pytest-xdist tags their node ids with "@group". If a pytest/xdist pair
+  stops doing that (pytest 9.2 with xdist 3.8.0 did, silently), every
+  shared fixture is built once per worker: CI time, not correctness.
+  """
+  if not getattr(session.config.option, "loadgroup", False):
+    return
+  lost = [item.nodeid for item in session.items
+          if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+  if lost:
+    raise RuntimeError(
+        f"--dist loadgroup ignored the xdist_group of {len(lost)} tests (e.g."
+        f" {lost[0]}): this pytest/pytest-xdist pair does not tag node ids;"
+        " pin pytest as pyproject.toml's test extra says")
