@@ -130,10 +130,11 @@ class ReproConfig:
     if unknown:
       raise ValueError(f"reproduce config.reproduce: unknown keys {unknown};"
                        " known: ['bases', 'matrix']")
+    from optconsist_jax import report  # pylint: disable=g-import-not-at-top
     matrix = reproduce.get("matrix") or "auto"
-    if matrix not in ("auto", "always", "never"):
+    if matrix not in report.MATRIX_MODES:
       raise ValueError(f"reproduce config.reproduce.matrix={matrix!r}:"
-                       " expected auto, always or never")
+                       f" expected one of {report.MATRIX_MODES}")
 
     def section(typ, name):
       sd = {k: tuple(v) if isinstance(v, list) else v
