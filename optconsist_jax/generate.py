@@ -14,6 +14,12 @@ unfinished rows and marks those that contain a stop string as finished. The
 completion is cut at the first EOS and then at the earliest stop string, as
 lm-evaluation-harness and the MetaMath eval script do.
 
+Nothing is generated past the model's context (`context_length`: its
+`max_position_embeddings`, the positions it was built and trained for; a
+learned position table has no row beyond it): prompts keep at most their last
+`C - min(max_new_tokens, C // 2)` tokens, and a batch whose padded prompt
+length is P generates at most `C - P` tokens.
+
 `use_cache=False` recomputes the full sequence at every step (the same loop,
 no cache): the reference for tests and the baseline of bench/generation.py.
 """
@@ -53,11 +59,13 @@ class GenerationConfig:
   """How to decode.
 
   Attributes:
-    max_new_tokens: generated tokens per prompt at most (EOS included).
+    max_new_tokens: generated tokens per prompt at most (EOS included; fewer
+      where the model's context ends first, see the module docstring).
     stop_strings: a completion ends before the first of these it contains.
     batch_size: rows decoded together (the last batch is padded with dummy
       rows, so every batch has the same shape).
-    max_prompt_len: longer prompts keep their last `max_prompt_len` tokens.
+    max_prompt_len: longer prompts keep their last `max_prompt_len` tokens
+      (fewer in a short-context model).
     prompt_bucket: the padded prompt length is rounded up to a multiple of
       this, so batches of similar length share one compiled program.
     chunk_size: decode steps between host-side stop-string checks.
@@ -106,6 +114,18 @@ class GenerationResult:
   @property
   def tokens_per_second(self) -> float:
     return sum(self.num_tokens) / max(self.seconds, 1e-9)
+
+
+def context_length(model: nnx.Module) -> int | None:
+  """Positions the model is built for (None: a model that does not say)."""
+  return getattr(getattr(model, "config", None), "max_position_embeddings",
+                 None)
+
+
+def fit_to_context(max_len: int, model: nnx.Module) -> int:
+  """`max_len` capped at the model's context (scorers' input length)."""
+  ctx = context_length(model)
+  return min(max_len, ctx) if ctx else max_len
 
 
 class _DecodeState(NamedTuple):
@@ -286,7 +306,10 @@ def generate(model: nnx.Module, tokenizer: Tokenizer, prompts: Sequence[str],
     if not ids:
       raise ValueError(f"generate: prompt {i} encodes to no tokens (set"
                        " add_bos=True or give a non-empty prompt)")
-  encoded = [ids[-config.max_prompt_len:] for ids in encoded]
+  ctx = context_length(model) or config.max_prompt_len + config.max_new_tokens
+  max_prompt_len = min(config.max_prompt_len,
+                       ctx - min(config.max_new_tokens, ctx // 2))
+  encoded = [ids[-max_prompt_len:] for ids in encoded]
   # Longest first: rows of similar length share a batch (less padding).
   order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
   completions: list[str] = [""] * len(prompts)
@@ -310,8 +333,9 @@ def generate(model: nnx.Module, tokenizer: Tokenizer, prompts: Sequence[str],
   for lo in range(0, len(order), bs):
     rows = order[lo:lo + bs]
     p = min(_round_up(max(len(encoded[i]) for i in rows),
-                      config.prompt_bucket), config.max_prompt_len)
+                      config.prompt_bucket), max_prompt_len)
     p = max(p, max(len(encoded[i]) for i in rows))
+    max_new_tokens = min(config.max_new_tokens, ctx - p)
     tokens_BP = np.full((bs, p), tokenizer.pad_id, np.int32)
     lens_B = np.ones((bs,), np.int32)
     done_B = np.ones((bs,), bool)
@@ -322,7 +346,7 @@ def generate(model: nnx.Module, tokenizer: Tokenizer, prompts: Sequence[str],
       lens_B[r] = len(ids)
       done_B[r] = False
     out_BN, lengths_B = greedy_decode(
-        model, tokens_BP, lens_B, config.max_new_tokens, eos_id=eos_id,
+        model, tokens_BP, lens_B, max_new_tokens, eos_id=eos_id,
         pad_id=tokenizer.pad_id, done_B=done_B, use_cache=config.use_cache,
         chunk_size=config.chunk_size,
         should_stop=should_stop if stops else None)

@@ -1,7 +1,10 @@
 """Training metrics: clu writers, progress, throughput/MFU, activation stats.
 
 Written under W/metrics/ as TensorBoard event files (clu `SummaryWriter`) and
-to the log (clu `LoggingWriter`); only process 0 writes event files.
+to the log (clu `LoggingWriter`); only process 0 writes event files. clu's
+writers import TensorFlow (5-10 s on a CPU host), so they are imported when a
+writer is made; `preload_writers` starts that import in the background for a
+process whose first metrics come after slow work (the eval job).
 
 MFU (model flops utilization, Chowdhery et al. 2022 "PaLM", appendix B):
 analytic training flops per token (`LlamaConfig.flops_per_token`: 6 x matmul
@@ -13,14 +16,15 @@ devices it does not know (CPUs) get no MFU.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import importlib
 import logging as logging_std
+import sys
+import threading
 import time
 from typing import Any
 
 from absl import logging
-from clu import metric_writers
 from clu import parameter_overview
-from clu import periodic_actions
 from etils import epath
 import jax
 import numpy as np
@@ -170,16 +174,47 @@ class DeferredFetch:
     return step, jax.tree.map(lambda x: np.asarray(jax.device_get(x)), m), t
 
 
+_WRITERS_MODULE = "clu.metric_writers"
+
+
+def preload_writers() -> threading.Thread | None:
+  """Starts importing clu's writers (and TensorFlow) on another thread.
+
+  The import releases the GIL in its native parts, so it overlaps with
+  compilation and device work; a later `scalar_writer` finds the module
+  loaded or waits for the import to finish (Python's per-module import
+  lock). The thread is not a daemon: an early exit waits for the import
+  instead of finalizing under it.
+
+  Returns:
+    The importing thread, or None when the module is already loaded.
+  """
+  if _WRITERS_MODULE in sys.modules:
+    return None
+  thread = threading.Thread(target=importlib.import_module,
+                            args=(_WRITERS_MODULE,), name="import-clu-writers")
+  thread.start()
+  return thread
+
+
+def scalar_writer(logdir: str | epath.Path | None, *, just_logging: bool):
+  """clu's default writer: TensorBoard events under `logdir` + the log."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  return metric_writers.create_default_writer(logdir,
+                                              just_logging=just_logging)
+
+
 class Writer:
   """clu writers + ReportProgress for one run."""
 
   def __init__(self, workdir: str, *, num_train_steps: int | None,
                progress_every_steps: int | None = None,
                progress_every_secs: float | None = 60.0):
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
     self.logdir = epath.Path(workdir) / METRICS_DIR
     is_main = jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(
-        self.logdir if is_main else None, just_logging=not is_main)
+    self.writer = scalar_writer(self.logdir if is_main else None,
+                                just_logging=not is_main)
     self.progress = periodic_actions.ReportProgress(
         num_train_steps=num_train_steps, writer=self.writer,
         every_steps=progress_every_steps, every_secs=progress_every_secs)

@@ -137,6 +137,13 @@ def test_evaluates_complete_checkpoints_and_records_schema(run_dir):
                                         "mc/winogrande"}
   assert len(preds) == 2 + 3 + 3
   assert "evaluating step 2" in log
+  # A progress line per eval, with its item count and score (as recorded).
+  for line in (f"math/metamath: 2 problems, accuracy"
+               f" {r2.metrics['math/metamath/acc']:.3f}",
+               f"multiple choice: 6 items (arc_challenge, winogrande), mean"
+               f" {r2.metrics['mc/mean']:.3f}",
+               f"lm_loss: {int(r2.metrics['lm_loss/tokens'])} tokens of"):
+    assert log.count(line) >= 1, (line, log)
   assert os.listdir(os.path.join(w, "eval", "metrics"))
 
 

@@ -1,5 +1,6 @@
 """Greedy decoding with the KV cache against repeated full forwards."""
 
+import dataclasses
 import functools
 
 from flax import nnx
@@ -140,3 +141,37 @@ def test_bad_config_is_named():
     gen.GenerationConfig(max_new_tokens=0)
   with pytest.raises(ValueError, match="stop_strings"):
     gen.GenerationConfig(stop_strings="Question:")
+
+
+class _NoEos(ByteTokenizer):
+  eos_id = None
+
+
+def test_generation_stops_at_the_model_context(model):
+  """A 24-position model: prompts and completions fit in 24 positions.
+
+  RoPE has no parameters per position, so the same weights with a longer
+  context give the reference: the short model's completion is its prefix.
+  """
+  short = nnx.merge(*nnx.split(model))
+  short.config = model.config.replace(max_position_embeddings=24)
+  tok = _NoEos()
+  config = gen.GenerationConfig(max_new_tokens=100, batch_size=1,
+                                prompt_bucket=8)
+  # 5 prompt tokens -> padded to 8 -> 24 - 8 = 16 new tokens.
+  prompt = "abcd"
+  got = gen.generate(short, tok, [prompt], config)
+  assert got.num_tokens == [16]
+  want = reference_greedy(model, tok.encode(prompt, bos=True), 16)
+  assert got.completions == [tok.decode(want)]
+  # 31 prompt tokens: the last 24 - min(100, 24 // 2) = 12 are kept (the
+  # padded length is capped there too), then 12 new tokens.
+  long_prompt = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcd"
+  got = gen.generate(short, tok, [long_prompt], config)
+  assert got.num_tokens == [12]
+  kept = tok.encode(long_prompt, bos=True)[-12:]
+  assert got.completions == [tok.decode(reference_greedy(model, kept, 12))]
+  # Without a short context, the full 100 (the reference buffer holds 48).
+  got = gen.generate(model, tok, ["ab"], dataclasses.replace(
+      config, max_new_tokens=40))
+  assert got.num_tokens == [40]

@@ -213,3 +213,23 @@ def test_lm_loss_equals_brute_force(model):
   assert got.tokens == n
   np.testing.assert_allclose(got.loss, nll / n, rtol=1e-5)
   np.testing.assert_allclose(got.perplexity, np.exp(nll / n), rtol=1e-5)
+
+
+def test_scorers_never_exceed_the_model_context(model):
+  """max_len above the model's context is cut to it (RoPE: same weights)."""
+  from optconsist_jax.evals import lm_loss  # pylint: disable=g-import-not-at-top
+  short = nnx.merge(*nnx.split(model))
+  short.config = model.config.replace(max_position_embeddings=6)
+  tok = WordTokenizer()
+  docs = ["a b c d e f g h i j k l m n o p q", "the cat sat on the mat ."]
+  got = lm_loss.evaluate(short, tok, docs, max_len=1024, length_bucket=4)
+  want = lm_loss.evaluate(model, tok, docs, max_len=6, length_bucket=4)
+  assert got == want
+  ctx, cont = mc.encode_pair(tok, "a b c d e f g h i j", " k l")
+  got = mc.score_continuations(short, [(ctx, cont)], max_len=1024,
+                               length_bucket=4)
+  want = mc.score_continuations(model, [(ctx, cont)], max_len=6,
+                                length_bucket=4)
+  np.testing.assert_array_equal(got, want)
+  assert got != mc.score_continuations(model, [(ctx, cont)], max_len=1024,
+                                       length_bucket=4)

@@ -86,7 +86,7 @@ class HarnessLM(lm_model.LM):
       batch_size: rows per scoring forward (a multiple of the mesh's batch
         axes size when `mesh` is given).
       max_len: the model's context for scoring and generation (the harness's
-        `max_length`).
+        `max_length`; capped at the model's own, `generate.context_length`).
       max_gen_toks: generated tokens when a request does not say.
       length_bucket: the shortest padded length; longer ones double.
       gen_batch_size: prompts decoded together.
@@ -99,7 +99,7 @@ class HarnessLM(lm_model.LM):
     self.add_bos = (mc.harness_add_bos(tokenizer) if add_bos is None
                     else bool(add_bos))
     self.batch_size = batch_size
-    self.max_len = max_len
+    self.max_len = gen.fit_to_context(max_len, model)
     self.max_gen_toks = max_gen_toks
     self.length_bucket = length_bucket
     self.gen_batch_size = gen_batch_size

@@ -11,6 +11,7 @@ optconsist_jax.evaluate runs it over a workdir.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Mapping
 import dataclasses
 import json
@@ -25,6 +26,7 @@ import jax
 import numpy as np
 
 from optconsist_jax import config_types
+from optconsist_jax import metrics as metrics_lib
 from optconsist_jax import results
 from optconsist_jax import sharding
 from optconsist_jax import typed_config
@@ -229,8 +231,7 @@ class Evaluator:
       f.flush()
       os.fsync(f.fileno())
     if self._writer is None:
-      from clu import metric_writers  # pylint: disable=g-import-not-at-top
-      self._writer = metric_writers.create_default_writer(
+      self._writer = metrics_lib.scalar_writer(
           os.fspath(self.eval_dir / "metrics"), just_logging=False)
     prefix = "base/" if record.is_base else ""
     self._writer.write_scalars(record.step, {
@@ -248,11 +249,21 @@ class Evaluator:
 
   def evaluate_model(self, model: nnx.Module, *, step: int, epoch: float,
                      checkpoint: str, is_base: bool, name: str,
-                     run: RunInfo | None = None) -> results.EvalRecord:
+                     run: RunInfo | None = None,
+                     progress: Callable[[str], None] | None = None
+                     ) -> results.EvalRecord:
+    """Runs the evals on `model` and appends its results row.
+
+    `progress`: called with a line per finished eval (evals.suite.run_evals).
+    """
     self.eval_dir.mkdir(parents=True, exist_ok=True)
+    if self._writer is None and jax.process_index() == 0:
+      # Its TensorFlow import overlaps with this first evaluation.
+      metrics_lib.preload_writers()
     t0 = time.perf_counter()
     metrics, predictions = run_evals(model, self.tokenizer, self.data,
-                                     self.config, mesh=self.mesh)
+                                     self.config, mesh=self.mesh,
+                                     progress=progress)
     metrics["eval_seconds"] = time.perf_counter() - t0
     learning, lname, retention, rname = headline(metrics, self.config)
     c = self.config

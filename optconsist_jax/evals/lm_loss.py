@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optconsist_jax import loss
+from optconsist_jax import generate as gen
 from optconsist_jax.generate import Tokenizer
 
 
@@ -56,9 +57,11 @@ def evaluate(model: nnx.Module, tokenizer: Tokenizer,
              batch_size: int = 8, length_bucket: int = 64) -> LMLoss:
   """Token-weighted mean NLL of `documents` under `model`.
 
-  Batches are padded to a multiple of `length_bucket` (fewer compiles); pads
-  have weight 0 and segment id 0.
+  Windows are at most `max_len` tokens and never longer than the model's
+  context (`generate.context_length`). Batches are padded to a multiple of
+  `length_bucket` (fewer compiles); pads have weight 0 and segment id 0.
   """
+  max_len = gen.fit_to_context(max_len, model)
   rows = []
   for doc in documents:
     rows.extend(windows(tokenizer.encode(doc, bos=True, eos=True), max_len))

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optconsist_jax import generate as gen
 from optconsist_jax import loss
 from optconsist_jax.data.records import MultipleChoice
 from optconsist_jax.generate import Tokenizer
@@ -135,7 +136,8 @@ def score_requests(model: nnx.Module,
     model: the language model.
     requests: (context tokens, continuation tokens), context non-empty.
     batch_size: rows per forward pass (a multiple of the mesh's batch axes).
-    max_len: model input length at most (longer inputs lose their left end).
+    max_len: model input length at most (longer inputs lose their left end);
+      never more than the model's context (`generate.context_length`).
     length_bucket: padded lengths are `length_bucket * 2**k` (fewer compiles).
     mesh, rules: shard each batch's rows over the mesh's batch axes (and
       gather the scores back on every process); None: let jit place them.
@@ -144,6 +146,7 @@ def score_requests(model: nnx.Module,
     (float64 [n] summed log-probabilities, bool [n] whether greedy decoding
     produces the continuation: the harness's `is_greedy`).
   """
+  max_len = gen.fit_to_context(max_len, model)
   rows = []
   for i, (ctx, cont) in enumerate(requests):
     if not ctx:

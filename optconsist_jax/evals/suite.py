@@ -8,9 +8,11 @@ learning and retention numbers of a results row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Mapping
 import dataclasses
 import os
+import time
 from typing import Any
 
 from flax import nnx
@@ -108,15 +110,31 @@ def load_eval_data(config: EvalConfig, run_data: Any,
 
 
 def run_evals(model: nnx.Module, tokenizer, data: EvalData,
-              config: EvalConfig, *, mesh: jax.sharding.Mesh | None = None
+              config: EvalConfig, *, mesh: jax.sharding.Mesh | None = None,
+              progress: Callable[[str], None] | None = None
               ) -> tuple[dict[str, float], list[dict]]:
   """All configured evals of one model: (metrics, per-item predictions).
 
-  `mesh`: the eval mesh, over whose batch axes the harness tasks shard their
-  batches (None: jit places them).
+  Args:
+    model: the model.
+    tokenizer: its tokenizer.
+    data: the eval sets (`load_eval_data`).
+    config: the eval config.
+    mesh: the eval mesh, over whose batch axes the harness tasks shard their
+      batches (None: jit places them).
+    progress: called with one line per finished eval (what, how many items,
+      the score, seconds; the first model's include compilation).
   """
   metrics: dict[str, float] = {}
   predictions: list[dict[str, Any]] = []
+  clock = [time.perf_counter()]
+
+  def done(what: str) -> None:
+    now = time.perf_counter()
+    if progress is not None:
+      progress(f"  {what} ({now - clock[0]:.1f} s)")
+    clock[0] = now
+
   m = config.math
   for protocol in m.protocols if data.math_test else ():
     gen_config = math_lib.default_generation(protocol)
@@ -128,9 +146,12 @@ def run_evals(model: nnx.Module, tokenizer, data: EvalData,
     metrics[f"math/{protocol}/acc"] = r.accuracy
     metrics[f"math/{protocol}/tokens_per_second"] = r.tokens_per_second
     predictions += [{"eval": f"math/{protocol}", **p} for p in r.predictions]
+    done(f"math/{protocol}: {r.total} problems, accuracy {r.accuracy:.3f}")
   if m.response_loss and data.math_test:
     metrics["math/response_loss"] = math_lib.response_loss(
         model, tokenizer, data.math_test, batch_size=m.batch_size).loss
+    done(f"math/response_loss: {len(data.math_test)} responses,"
+         f" {metrics['math/response_loss']:.4f} nats/token")
   if data.mc_items:
     c = config.multiple_choice
     r = mc_lib.evaluate(model, tokenizer, data.mc_items, add_bos=c.add_bos,
@@ -143,12 +164,15 @@ def run_evals(model: nnx.Module, tokenizer, data: EvalData,
         [r.scores[b][MC_MEAN_SCORE[b]] for b in r.scores]))
     predictions += [{"eval": f"mc/{p['benchmark']}", **p}
                     for p in r.predictions]
+    done(f"multiple choice: {len(data.mc_items)} items"
+         f" ({', '.join(r.scores)}), mean {metrics['mc/mean']:.3f}")
   if config.harness.tasks:
     harness_lib = _harness_lib()
     r = harness_lib.evaluate_tasks(model, tokenizer, config.harness,
                                    mesh=mesh, rules=config.mesh.rules)
     metrics.update(r.metrics)
     predictions += r.predictions
+    done(f"lm-evaluation-harness: {', '.join(config.harness.tasks)}")
   if data.documents:
     c = config.lm_loss
     r = lm_loss_lib.evaluate(model, tokenizer, data.documents,
@@ -156,6 +180,8 @@ def run_evals(model: nnx.Module, tokenizer, data: EvalData,
     metrics["lm_loss/loss"] = r.loss
     metrics["lm_loss/perplexity"] = r.perplexity
     metrics["lm_loss/tokens"] = float(r.tokens)
+    done(f"lm_loss: {r.tokens} tokens of {len(data.documents)} documents,"
+         f" {r.loss:.4f} nats/token")
   return metrics, predictions
 
 
