@@ -125,6 +125,8 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
     tc = config.train
     # 2. Mesh-bound model and optimizer.
     s = train_setup.setup(config, mesh)
+  # clu's writers import TensorFlow: overlap that with restoring/initializing.
+  metrics_lib.preload_writers()
   train_setup.write_config(config, workdir)
   # 3. The initial state.
   ckpts = run_checkpoints.RunCheckpoints(

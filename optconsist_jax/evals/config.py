@@ -157,14 +157,15 @@ class LMLossEvalConfig:
       `text`; formats.read_text), "stdlib" (held-out Python standard-library
       docstrings, data.corpus) or "" (skip).
     limit: first documents (0 = all).
-    max_len: tokens per scored window.
-    batch_size: windows per forward.
+    max_len: tokens per scored window (at most the model's context).
+    batch_size: windows per forward (the multiple-choice scorer's default
+      too: both run the same compiled programs).
   """
 
   path: str = "stdlib"
   limit: int = 50
   max_len: int = 512
-  batch_size: int = 8
+  batch_size: int = 16
 
 
 @dataclasses.dataclass(frozen=True)

@@ -156,7 +156,7 @@ def eval_config(rc: study.ReproConfig, run: study.Run, test_file: str, with_base
                 max_new_tokens=rc.eval.max_new_tokens),
       multiple_choice=dict(hellaswag="", arc_challenge="", winogrande=""),
       lm_loss=dict(path="stdlib", limit=rc.eval.retention_docs,
-                   max_len=rc.eval.retention_max_len, batch_size=8),
+                   max_len=rc.eval.retention_max_len, batch_size=16),
       learning_metric=rc.eval.learning_metric,
       retention_metric="-lm_loss/loss",
       method=labels["method"], base=labels["base"], lr=labels["lr"],
