@@ -17,8 +17,8 @@ Args (`--config configs/small_consistency.py:ARG`):
                the 3 finetuning seeds.
   matrix       the consistency matrix: bases pretrained with AdamW, Muon,
                Lion, Adafactor and Adagrad, each finetuned with all five and
-               with LoRA, quick's model size (about 66 min on a 2-core CPU,
-               from the measured stage times of a partial run; README).
+               with LoRA, quick's model size (63 min 14 s on a 2-core CPU
+               from a fresh clone, venv made; README).
   mini         seconds per stage; the test suite's end-to-end run (2 seeds).
   matrix_mini  the matrix's shape in miniature (2 x 2 optimizers), for CI.
 
