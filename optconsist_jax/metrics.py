@@ -177,24 +177,18 @@ class DeferredFetch:
 _WRITERS_MODULE = "clu.metric_writers"
 
 
-def preload_writers() -> threading.Thread | None:
+def preload_writers() -> None:
   """Starts importing clu's writers (and TensorFlow) on another thread.
 
   The import releases the GIL in its native parts, so it overlaps with
   compilation and device work; a later `scalar_writer` finds the module
   loaded or waits for the import to finish (Python's per-module import
   lock). The thread is not a daemon: an early exit waits for the import
-  instead of finalizing under it.
-
-  Returns:
-    The importing thread, or None when the module is already loaded.
+  instead of finalizing under it. Nothing to do once the module is loaded.
   """
-  if _WRITERS_MODULE in sys.modules:
-    return None
-  thread = threading.Thread(target=importlib.import_module,
-                            args=(_WRITERS_MODULE,), name="import-clu-writers")
-  thread.start()
-  return thread
+  if _WRITERS_MODULE not in sys.modules:
+    threading.Thread(target=importlib.import_module, args=(_WRITERS_MODULE,),
+                     name="import-clu-writers").start()
 
 
 def scalar_writer(logdir: str | epath.Path | None, *, just_logging: bool):

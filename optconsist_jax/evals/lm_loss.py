@@ -34,12 +34,13 @@ class LMLoss:
 
 def windows(ids: Sequence[int], max_len: int
             ) -> list[tuple[list[int], list[int]]]:
-  """(inputs, targets) windows covering ids[1:] once, `max_len` at most."""
-  out = []
-  for start in range(0, len(ids) - 1, max_len):
-    chunk = ids[start:start + max_len + 1]
-    out.append((list(chunk[:-1]), list(chunk[1:])))
-  return out
+  """(context, continuation) windows scoring ids[1:] once, `max_len` each.
+
+  Each window's context is its first token (the previous window's last), so
+  the scorer's input is at most `max_len` tokens.
+  """
+  return [([ids[start]], list(ids[start + 1:start + max_len + 1]))
+          for start in range(0, len(ids) - 1, max_len)]
 
 
 def evaluate(model: nnx.Module, tokenizer: Tokenizer,
@@ -56,10 +57,7 @@ def evaluate(model: nnx.Module, tokenizer: Tokenizer,
   max_len = gen.fit_to_context(max_len, model)
   requests = []
   for doc in documents:
-    for inputs, targets in windows(
-        tokenizer.encode(doc, bos=True, eos=True), max_len):
-      # context [x0], continuation x1..xn: inputs x0..x(n-1), all scored.
-      requests.append((inputs[:1], targets))
+    requests += windows(tokenizer.encode(doc, bos=True, eos=True), max_len)
   if not requests:
     raise ValueError("lm_loss.evaluate: no tokens to score (empty documents)")
   sums = mc.score_continuations(model, requests, batch_size=batch_size,
