@@ -51,7 +51,7 @@ def final_params(workdir: str):
   from optconsist_jax import platforms  # pylint: disable=g-import-not-at-top
   platforms.select_default()
   from optconsist_jax.io import weights  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.config_types import ExperimentConfig  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.train.config import ExperimentConfig  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, "config.json")) as f:
     config = ExperimentConfig.from_dict(json.load(f))
   model = weights.restore_run_model(workdir, config.model)

@@ -35,7 +35,7 @@ import machine_load  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def run(model, tokens, lens, new_tokens: int, use_cache: bool) -> dict:
-  from optconsist_jax import generate as gen  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.model import generate as gen  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   gen.greedy_decode(model, tokens, lens, new_tokens, eos_id=None,
                     use_cache=use_cache, chunk_size=new_tokens)

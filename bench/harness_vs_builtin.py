@@ -89,8 +89,8 @@ def main() -> None:
   import lm_eval  # pylint: disable=g-import-not-at-top
   from optconsist_jax.data import formats  # pylint: disable=g-import-not-at-top
   from optconsist_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.evals import harness  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.evals import multiple_choice as mc  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.evaluate import harness  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.evaluate import multiple_choice as mc  # pylint: disable=g-import-not-at-top
   from optconsist_jax.model import Llama, preset  # pylint: disable=g-import-not-at-top
   from optconsist_jax.model.llama import parameter_count  # pylint: disable=g-import-not-at-top
 

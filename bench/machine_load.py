@@ -81,14 +81,14 @@ def jax_matmul_peak(reps: int = 5) -> dict:
 def reexec_with_tcmalloc(choice: str) -> None:
   """Re-executes the running script with tcmalloc preloaded, if installed.
 
-  choice: "tcmalloc" (preload when optconsist_jax.allocator finds it) or
+  choice: "tcmalloc" (preload when optconsist_jax.platforms finds it) or
   "default" (keep glibc malloc). Returns when nothing is to be done.
   """
-  from optconsist_jax import allocator  # pylint: disable=g-import-not-at-top
-  lib = allocator.tcmalloc_path()
+  from optconsist_jax import platforms  # pylint: disable=g-import-not-at-top
+  lib = platforms.tcmalloc_path()
   if choice != "tcmalloc" or not lib:
     return
   if lib in os.environ.get("LD_PRELOAD", "").split(":"):
     return
-  env = allocator.preload_env(os.environ, lib)
+  env = platforms.preload_env(os.environ, lib)
   os.execve(sys.executable, [sys.executable, *sys.argv], env)

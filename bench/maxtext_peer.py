@@ -84,7 +84,7 @@ def run_maxtext(python: str, topology: str, accum: int, per_chip: int,
 
 
 def run_ours(topology: str, accum: int, per_chip: int, seq_len: int) -> dict:
-  from optconsist_jax.tools import planner  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.tools.plan import aot as planner  # pylint: disable=g-import-not-at-top
   chips = planner.topology_devices(topology)[0]
   spec = planner.PlanSpec(
       model="llama2_7b", mesh="fsdp", topology=topology, seq_len=seq_len,

@@ -22,7 +22,7 @@ How (so that the two frameworks see the same machine):
   fraction of that floor.
 * Per step, each worker reports minor/major page faults and system CPU
   seconds (getrusage). The JAX worker runs with tcmalloc preloaded when it is
-  installed (optconsist_jax.allocator); --compare-allocator adds a third
+  installed (optconsist_jax.platforms); --compare-allocator adds a third
   worker, JAX with the default allocator, to the rotation.
 * One attention layer (fwd+bwd, the model's shapes) is timed the same way:
   our `attention_impl='xla'` path with segment masks, JAX's
@@ -81,7 +81,7 @@ class JaxWorker:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
     from optconsist_jax.io import hf_layout  # pylint: disable=g-import-not-at-top
-    from optconsist_jax.loss import masked_cross_entropy  # pylint: disable=g-import-not-at-top
+    from optconsist_jax.model.loss import masked_cross_entropy  # pylint: disable=g-import-not-at-top
     from optconsist_jax.model import attention  # pylint: disable=g-import-not-at-top
     from optconsist_jax.model import Llama, preset  # pylint: disable=g-import-not-at-top
     from optconsist_jax.model.llama import parameter_count  # pylint: disable=g-import-not-at-top
@@ -345,14 +345,14 @@ def main() -> None:
     parser.error("--rounds, --matmul-reps, --attention-reps must be >= 1")
 
   sys.path.insert(0, ROOT)
-  from optconsist_jax import allocator  # pylint: disable=g-import-not-at-top
-  tcmalloc = allocator.tcmalloc_path()
+  from optconsist_jax import platforms  # pylint: disable=g-import-not-at-top
+  tcmalloc = platforms.tcmalloc_path()
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              PYTHONPATH=os.pathsep.join(
                  [ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
   plain_env = {k: v for k, v in env.items() if k != "LD_PRELOAD"}
   specs = [("jax", "jax", sys.executable,
-            allocator.preload_env(plain_env, tcmalloc))]
+            platforms.preload_env(plain_env, tcmalloc))]
   if args.compare_allocator and tcmalloc:
     specs.append(("jax_default_malloc", "jax", sys.executable, plain_env))
   if not args.no_torch:

@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from optconsist_jax.optim import muon as muon_lib  # noqa: E402
-from optconsist_jax.optim.paths import leaf_shardings  # noqa: E402
+from optconsist_jax.sharding import leaf_shardings  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT = os.path.join(ROOT, "bench", "results", "optimizer_update.json")

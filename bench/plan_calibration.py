@@ -3,7 +3,7 @@ r"""Roofline step-time estimate vs published MaxText MFU (Llama-2).
   python bench/plan_calibration.py [--compile v5p-128,v5e-256]
 
 For each published configuration below, runs the estimator
-(optconsist_jax.tools.step_time) at its default assumptions and writes
+(optconsist_jax.tools.plan.step_time) at its default assumptions and writes
 estimated vs published MFU with the ratio to bench/results/plan_calibration.md
 (and .json). The compute side needs no compile; with `--compile TOPOLOGY` (or
 a cached result) our train step is compiled for the same model, slice,
@@ -39,11 +39,11 @@ import os
 import sys
 import time
 
-from optconsist_jax.tools import plan as plan_lib
-from optconsist_jax.tools import planner
-from optconsist_jax.tools import search
-from optconsist_jax.tools import step_time
-from optconsist_jax.tools import tpu
+from optconsist_jax.tools.plan import __main__ as plan_lib
+from optconsist_jax.tools.plan import aot as planner
+from optconsist_jax.tools.plan import search
+from optconsist_jax.tools.plan import step_time
+from optconsist_jax import platforms as tpu
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

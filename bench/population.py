@@ -6,7 +6,7 @@ layers, seq 128, batch 16; mesh preset `dp`, epoch-end checkpoints written
 synchronously, as optconsist_jax.experiments.reproduce trains them) are
 trained on generated MetaMathQA-format problems, either sequentially
 (`train.train` per member) or as one population
-(`optconsist_jax.experiments.population.train_population`, one compiled
+(`optconsist_jax.train.population.train_population`, one compiled
 program). Both are timed end to end (setup, compilation, data, steps,
 checkpoints), in a fresh temporary directory each time, interleaved A B A B
 so that a change in the machine's load hits both; each timed region records
@@ -50,7 +50,7 @@ def _module(path: pathlib.Path, name: str):
 
 def member_configs(p: int, method: str, examples: int, epochs: int):
   """P finetuning-like run configs of the quick model, differing in seeds/LR."""
-  from optconsist_jax.config_types import ExperimentConfig  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.train.config import ExperimentConfig  # pylint: disable=g-import-not-at-top
   from optconsist_jax.optim import presets  # pylint: disable=g-import-not-at-top
   quick = _module(REPO / "configs" / "small_consistency.py",
                   "small_consistency").get_config("quick")
@@ -92,7 +92,7 @@ def main():
   flags.FLAGS.mark_as_parsed()
   import jax  # pylint: disable=g-import-not-at-top
   from optconsist_jax import train  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.experiments import population  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.train import population  # pylint: disable=g-import-not-at-top
 
   load_before = os.getloadavg()
   rows = []

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 
-from optconsist_jax.tools import tpu
+from optconsist_jax import platforms as tpu
 from optconsist_jax.model import preset
 
 TOKENS_PER_EPOCH = 103e6  # MetaMathQA, 395K examples (Biderman et al. 2024)
@@ -67,7 +67,7 @@ def epoch_hours(topology: str, optimizer: str, mfu: float) -> float:
 
 
 def run_plans(topologies, optimizers, jsonl: str, lora_rank: int):
-  from optconsist_jax.tools import planner  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.tools.plan import aot as planner  # pylint: disable=g-import-not-at-top
   done = set()
   if os.path.exists(jsonl):
     with open(jsonl) as f:

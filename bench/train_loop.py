@@ -11,7 +11,7 @@ against its matmul floor (step flops / that peak), the machine's load around
 each run (os.getloadavg, and the share of all cores busy outside this process
 from /proc/stat), and page faults and system seconds per step (getrusage).
 The script re-executes itself with tcmalloc preloaded when it is installed
-(optconsist_jax.allocator; --allocator default keeps glibc malloc).
+(optconsist_jax.platforms; --allocator default keeps glibc malloc).
 
 Run: .venv/bin/python bench/train_loop.py [--steps-tiny 40 --steps-100m 4]
 Writes bench/results/train_loop.json and prints it. The machine may be shared:
@@ -38,7 +38,7 @@ import machine_load  # pylint: disable=g-import-not-at-top,wrong-import-position
 def _config(preset_overrides: dict, steps: int, batch: int, seq_len: int,
             device_dtype: str):
   import importlib.util  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.config_types import ExperimentConfig  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.train.config import ExperimentConfig  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location(
       "tiny_metamath", REPO / "configs" / "tiny_metamath.py")
   mod = importlib.util.module_from_spec(spec)

@@ -29,13 +29,13 @@ from etils import epath
 import jax
 import numpy as np
 
-from optconsist_jax.tools import tpu as tpu_facts
+from optconsist_jax import platforms as tpu_facts
 
 METRICS_DIR = "metrics"
 
 # device_kind substring -> dense bf16 peak flop/s per device (chip for TPUs,
 # except v4/v5p whose jax device is one chip with 2 megacores fused). TPUs
-# from the TPU facts table (optconsist_jax.tools.tpu, longest name first so
+# from the TPU facts table (optconsist_jax.platforms, longest name first so
 # "TPU v5 lite" wins over "TPU v5"); GPUs from NVIDIA's H100/H200/A100/L4/A10G
 # datasheets (SXM, without sparsity).
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (

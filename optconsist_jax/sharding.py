@@ -47,7 +47,6 @@ import jax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from optconsist_jax import paths
 from optconsist_jax import typed_config
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
@@ -338,12 +337,12 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
     try:
       spec = logical_to_spec(names, rules)
     except ValueError as e:
-      raise ValueError(f"param {paths.path_name(path)!r}: {e}") from None
+      raise ValueError(f"param {path_name(path)!r}: {e}") from None
     for dim, (size, axes) in enumerate(zip(shape, spec)):
       n = axes_size(mesh, axes)
       if size % n:
         raise ValueError(
-            f"param {paths.path_name(path)!r} shape {tuple(shape)}: dim {dim}"
+            f"param {path_name(path)!r} shape {tuple(shape)}: dim {dim}"
             f" ({names[dim]!r}, size {size}) is not divisible by mesh axes"
             f" {axes!r} of size {n}; change the mesh or the rule for"
             f" {names[dim]!r}")
@@ -383,3 +382,32 @@ class LogicalConstraint:
         x, NamedSharding(self.mesh, PartitionSpec(*fitted)))
 
 
+# ---------------------------------------------------------------------------
+# Parameter paths.
+
+
+def path_name(path: Sequence[Any]) -> str:
+  """'layers/attn/q_proj/kernel' for a jax key path (NNX `.value` dropped)."""
+  parts = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      if k.name not in ("value", "raw_value"):
+        parts.append(k.name)
+    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(k.key))
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def leaf_shardings(abstract_params: Any) -> dict[str, NamedSharding | None]:
+  """Maps each leaf's path name to its NamedSharding (None when it has none)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+    s = getattr(leaf, "sharding", None)
+    out[path_name(path)] = s if isinstance(s, NamedSharding) else None
+  return out

@@ -27,7 +27,7 @@ def run(mesh=None, rules=None):
   """The adapter's three request types on fixed inputs."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from optconsist_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.evals import harness  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.evaluate import harness  # pylint: disable=g-import-not-at-top
   from optconsist_jax.model import Llama, preset  # pylint: disable=g-import-not-at-top
   model = Llama(preset("tiny_gqa").replace(vocab_size=2048,
                                            initializer_range=0.2),

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optconsist_jax.tools import planner
+from optconsist_jax.tools.plan import aot as planner
 from optconsist_jax.model import attention
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from optconsist_jax.io import checkpoints
-from optconsist_jax.io import run_checkpoints
+from optconsist_jax.io import checkpoint_layout as checkpoints
+from optconsist_jax.io import checkpointer as run_checkpoints
 from optconsist_jax.model import Llama
 from optconsist_jax.model import preset
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 
-from optconsist_jax import results
-from optconsist_jax.experiments import consistency
-from optconsist_jax.experiments import statistics as stats
+from optconsist_jax.evaluate import results
+from optconsist_jax.report import consistency
+from optconsist_jax.report import statistics as stats
 
 
 def test_retention_at_on_a_hand_made_frontier():

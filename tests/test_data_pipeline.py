@@ -11,7 +11,7 @@ import pytest
 
 from optconsist_jax.data import pipeline, supervised, synthetic
 from optconsist_jax.data.tokenizer import Tokenizer
-from optconsist_jax.loss import token_log_likelihood
+from optconsist_jax.model.loss import token_log_likelihood
 from optconsist_jax.model import Llama, preset
 
 

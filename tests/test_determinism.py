@@ -36,7 +36,7 @@ def _train(workdir, steps=6):
 def _params(workdir):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from optconsist_jax.io import weights  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.config_types import ExperimentConfig  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.train.config import ExperimentConfig  # pylint: disable=g-import-not-at-top
   config = ExperimentConfig.from_dict(
       json.loads((workdir / "config.json").read_text()))
   model = weights.restore_run_model(workdir, config.model)

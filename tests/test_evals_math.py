@@ -4,9 +4,9 @@ from flax import nnx
 import numpy as np
 import pytest
 
-from optconsist_jax import generate as gen
+from optconsist_jax.model import generate as gen
 from optconsist_jax.data.records import MathExample
-from optconsist_jax.evals import math as mm
+from optconsist_jax.evaluate import math as mm
 from optconsist_jax.model import Llama, preset
 
 

@@ -14,16 +14,17 @@ import pytest
 
 from etils import epath
 
-from optconsist_jax import evaluate as ev_lib
-from optconsist_jax import results
+from optconsist_jax.evaluate import watch as ev_lib
+from optconsist_jax.evaluate.config import EvalConfig
+from optconsist_jax.evaluate import results
 from optconsist_jax import sharding
-from optconsist_jax import train_setup
-from optconsist_jax.config_types import ExperimentConfig
+from optconsist_jax.train import setup as train_setup
+from optconsist_jax.train.config import ExperimentConfig
 from optconsist_jax.data.tokenizer import Tokenizer
-from optconsist_jax.evals import job
-from optconsist_jax.evals import suite
-from optconsist_jax.io import checkpoints as ckpt_lib
-from optconsist_jax.io import run_checkpoints
+from optconsist_jax.evaluate import job
+from optconsist_jax.evaluate import suite
+from optconsist_jax.io import checkpoint_layout as ckpt_lib
+from optconsist_jax.io import checkpointer as run_checkpoints
 from optconsist_jax.io import weights
 from optconsist_jax.model import Llama, preset
 from optconsist_jax.typed_config import to_jsonable
@@ -48,7 +49,7 @@ def eval_config(mesh=None, **kw):
       base="adamw", watch=dict(poll_secs=1.0, idle_timeout_secs=0.0,
                                retries=2))
   d.update(kw)
-  return ev_lib.EvalConfig.from_dict(d)
+  return EvalConfig.from_dict(d)
 
 
 def write_run(w, lora=None, init_from="", model=MODEL, kind="auto"):

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from optconsist_jax import generate as gen
+from optconsist_jax.model import generate as gen
 from optconsist_jax.model import Llama, preset
 
 

@@ -23,17 +23,18 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from optconsist_jax import evaluate as ev_lib  # pylint: disable=g-import-not-at-top
-from optconsist_jax.evals import config as eval_config  # pylint: disable=g-import-not-at-top
-from optconsist_jax.evals import suite  # pylint: disable=g-import-not-at-top
-from optconsist_jax import generate as gen  # pylint: disable=g-import-not-at-top
+from optconsist_jax.evaluate import watch as ev_lib  # pylint: disable=g-import-not-at-top
+from optconsist_jax.evaluate.config import EvalConfig  # pylint: disable=g-import-not-at-top
+from optconsist_jax.evaluate import config as eval_config  # pylint: disable=g-import-not-at-top
+from optconsist_jax.evaluate import suite  # pylint: disable=g-import-not-at-top
+from optconsist_jax.model import generate as gen  # pylint: disable=g-import-not-at-top
 from optconsist_jax import sharding  # pylint: disable=g-import-not-at-top
 from optconsist_jax.data import formats  # pylint: disable=g-import-not-at-top
 from optconsist_jax.data import synthetic  # pylint: disable=g-import-not-at-top
 from optconsist_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-from optconsist_jax.evals import harness  # pylint: disable=g-import-not-at-top
-from optconsist_jax.evals import math as math_lib  # pylint: disable=g-import-not-at-top
-from optconsist_jax.evals import multiple_choice as mc  # pylint: disable=g-import-not-at-top
+from optconsist_jax.evaluate import harness  # pylint: disable=g-import-not-at-top
+from optconsist_jax.evaluate import math as math_lib  # pylint: disable=g-import-not-at-top
+from optconsist_jax.evaluate import multiple_choice as mc  # pylint: disable=g-import-not-at-top
 from optconsist_jax.model import Llama, preset  # pylint: disable=g-import-not-at-top
 
 N_ITEMS = 6
@@ -274,7 +275,7 @@ def test_sharded_batches_same_scores(setup):
 def test_eval_job_records_harness_metrics(setup):
   """run_evals puts harness metrics beside the built-in ones."""
   data, model, tok = setup["data"], setup["model"], setup["tok"]
-  config = ev_lib.EvalConfig.from_dict({
+  config = EvalConfig.from_dict({
       "mesh": {"preset": "fsdp"},
       "multiple_choice": {"arc_challenge": data["arc"]},
       "harness": {"tasks": ["local_arc"], "include_path": [setup["tasks_dir"]],
@@ -362,7 +363,7 @@ def test_eval_job_end_to_end_harness_retention(setup, tmp_path):
   """A checkpoint's results row: harness metric as the headline retention."""
   import io  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import results  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.evaluate import results  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(__file__))
   import test_evaluate as te  # pylint: disable=g-import-not-at-top
   w = str(tmp_path / "run")

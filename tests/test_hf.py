@@ -18,7 +18,6 @@ import pytest
 import safetensors
 from safetensors.numpy import save_file
 
-from optconsist_jax import paths
 from optconsist_jax.io import hf
 from optconsist_jax.io import hf_layout
 from optconsist_jax import sharding
@@ -36,7 +35,7 @@ def _fixture(name):
 
 
 def _params(model):
-  return {paths.path_name(kp): np.asarray(v) for kp, v in
+  return {sharding.path_name(kp): np.asarray(v) for kp, v in
           jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
 
 

@@ -199,9 +199,9 @@ def test_processes_sharing_a_cache_do_not_race(env, tmp_path):
 
 def test_train_init_from_hub_repo_with_from_init(env, tmp_path):
   """config.init_from.path = a Hub repo id: architecture and params from it."""
-  from optconsist_jax import config_types  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.train import config as config_types  # pylint: disable=g-import-not-at-top
   from optconsist_jax import sharding  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import train_setup  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.train import setup as train_setup  # pylint: disable=g-import-not-at-top
   import test_train  # pylint: disable=g-import-not-at-top
   with FakeHub({("model", REPO): _model_repo("gqa")}) as server:
     env.setenv("HF_ENDPOINT", server.endpoint)

@@ -10,8 +10,8 @@ import tarfile
 
 import pytest
 
-from optconsist_jax.tools import launch
-from optconsist_jax.tools import tpu
+from optconsist_jax.tools.launch import __main__ as launch
+from optconsist_jax import platforms as tpu
 
 
 def dry(*argv):
@@ -214,8 +214,10 @@ def test_install_defaults_to_this_checkout():
   """Without --source the checkout holding the package is archived."""
   archive = dry("tpu", "install", *TARGET)[0]
   argv = shlex.split(archive)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(launch.__file__)))
-  assert argv[:3] == ["git", "-C", os.path.dirname(root)]
+  import optconsist_jax  # pylint: disable=g-import-not-at-top
+  checkout = os.path.dirname(os.path.dirname(os.path.abspath(
+      optconsist_jax.__file__)))
+  assert argv[:3] == ["git", "-C", checkout]
   assert os.path.isfile(os.path.join(argv[2], "pyproject.toml"))
 
 

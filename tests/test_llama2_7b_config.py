@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from optconsist_jax import optim
-from optconsist_jax.config_types import ExperimentConfig
+from optconsist_jax.train.config import ExperimentConfig
 from optconsist_jax.model import Llama
 
 CONFIG = pathlib.Path(__file__).parent.parent / "configs" / "llama2_7b_metamath.py"
@@ -111,11 +111,11 @@ EVAL_CONFIG = CONFIG.with_name("llama2_7b_metamath_eval.py")
 
 @pytest.mark.parametrize("arg", ["", "data_dir=/data/eval/,limit=50"])
 def test_eval_config_converts(arg):
-  from optconsist_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.evaluate.config import EvalConfig  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location("eval_cfg", EVAL_CONFIG)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = evaluate.EvalConfig.from_dict(module.get_config(arg).to_dict())
+  c = EvalConfig.from_dict(module.get_config(arg).to_dict())
   assert set(c.math.protocols) == {"metamath", "gsm8k_fewshot"}
   assert c.math.num_shots == 5
   files = [c.math.test, c.multiple_choice.hellaswag,

@@ -8,10 +8,10 @@ from flax import nnx
 import numpy as np
 import pytest
 
-from optconsist_jax import config_types
+from optconsist_jax.train import config as config_types
 from optconsist_jax.experiments import memorization
 from optconsist_jax.experiments import memorization_data
-from optconsist_jax.experiments import population
+from optconsist_jax.train import population
 from optconsist_jax import train as train_lib
 from optconsist_jax.data import formats
 from optconsist_jax.data import synthetic

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optconsist_jax.loss import masked_cross_entropy
+from optconsist_jax.model.loss import masked_cross_entropy
 from optconsist_jax.model import Llama
 from optconsist_jax.model import preset
 from optconsist_jax.model.llama import abstract_model

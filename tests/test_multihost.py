@@ -1,6 +1,6 @@
 """Multi-host correctness without a pod: 2 processes x 4 CPU devices on localhost.
 
-The same train step (optconsist_jax.train_step) on the same global batches must
+The same train step (optconsist_jax.train.step) on the same global batches must
 give the same losses whether the 8 devices belong to one process or to two
 processes joined by `jax.distributed.initialize` (CPU collectives: gloo). In
 the two-process run each process builds only its own rows of every batch and
@@ -73,7 +73,7 @@ def train(process_id: int, num_processes: int):
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import train_step  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.train import step as train_step  # pylint: disable=g-import-not-at-top
 
   mesh, rules, state, step, abstract = build()
   rows = GLOBAL_ROWS // num_processes
@@ -113,8 +113,8 @@ def worker(port: int, num_processes: int, process_id: int, workdir: str,
   assert jax.process_count() == num_processes
   assert jax.local_device_count() == 4 and jax.device_count() == 8
 
-  from optconsist_jax.io import checkpoints  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.io import run_checkpoints  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import checkpoint_layout as checkpoints  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import checkpointer as run_checkpoints  # pylint: disable=g-import-not-at-top
   state, losses, abstract = train(process_id, num_processes)
   ckpts = run_checkpoints.RunCheckpoints(
       workdir, run_checkpoints.CheckpointConfig(every_steps=0), MODEL_ID)
@@ -133,7 +133,7 @@ def worker(port: int, num_processes: int, process_id: int, workdir: str,
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.io import checkpoints  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import checkpoint_layout as checkpoints  # pylint: disable=g-import-not-at-top
   from worker_processes import run_workers  # pylint: disable=g-import-not-at-top
 
   workdir = tmp_path / "run"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from optconsist_jax.data.records import MultipleChoice
-from optconsist_jax.evals import multiple_choice as mc
+from optconsist_jax.evaluate import multiple_choice as mc
 from optconsist_jax.model import Llama, preset
 
 
@@ -194,7 +194,7 @@ def test_empty_context_is_an_error(model):
 
 # Held-out LM loss (the other retention metric), same brute-force reference.
 def test_lm_loss_equals_brute_force(model):
-  from optconsist_jax.evals import lm_loss  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.evaluate import lm_loss  # pylint: disable=g-import-not-at-top
   tok = WordTokenizer()
   docs = ["the cat sat on the mat .", "a b c d e f g h i j k l m n o p q",
           "hello"]
@@ -217,7 +217,7 @@ def test_lm_loss_equals_brute_force(model):
 
 def test_scorers_never_exceed_the_model_context(model):
   """max_len above the model's context is cut to it (RoPE: same weights)."""
-  from optconsist_jax.evals import lm_loss  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.evaluate import lm_loss  # pylint: disable=g-import-not-at-top
   short = nnx.merge(*nnx.split(model))
   short.config = model.config.replace(max_position_embeddings=6)
   tok = WordTokenizer()

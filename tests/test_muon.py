@@ -13,7 +13,7 @@ import pytest
 from optconsist_jax.model import preset
 from optconsist_jax.model.llama import abstract_model
 from optconsist_jax.optim import muon as muon_lib
-from optconsist_jax.optim.paths import leaf_shardings
+from optconsist_jax.sharding import leaf_shardings
 
 COEFFS = (3.4445, -4.7750, 2.0315)
 

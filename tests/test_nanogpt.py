@@ -20,7 +20,7 @@ import pytest
 
 from optconsist_jax.io import nanogpt
 from optconsist_jax.io import torch_pickle
-from optconsist_jax.loss import masked_cross_entropy
+from optconsist_jax.model.loss import masked_cross_entropy
 from optconsist_jax.model import Llama
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "nanogpt")

@@ -14,7 +14,7 @@ import pytest
 from optconsist_jax import optim
 from optconsist_jax.model import Llama, preset
 from optconsist_jax.optim import muon as muon_lib
-from optconsist_jax.optim.paths import path_name
+from optconsist_jax.sharding import path_name
 
 
 def _params(name="tiny_gqa"):
@@ -110,7 +110,7 @@ def test_from_config_dict_roundtrip_and_ml_collections():
 def test_muon_preset_trains_llama_in_the_train_step_with_group_stats():
   """The library path: train_step with the preset and param_groups."""
   from optconsist_jax import sharding
-  from optconsist_jax import train_step
+  from optconsist_jax.train import step as train_step
   config = preset("tiny_gqa")
   mesh_config = sharding.MeshConfig(data=1, fsdp=1, tensor=1)
   mesh = sharding.make_mesh(mesh_config, jax.devices()[:1])

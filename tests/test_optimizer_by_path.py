@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optconsist_jax.evals import job
+from optconsist_jax.evaluate import job
 from optconsist_jax import optim
-from optconsist_jax.tools import planner
+from optconsist_jax.tools.plan import aot as planner
 from optconsist_jax import train
-from optconsist_jax.config_types import ExperimentConfig
+from optconsist_jax.train.config import ExperimentConfig
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NAME = f"{__name__}:make"  # e.g. "test_optimizer_by_path:make"

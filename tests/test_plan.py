@@ -7,9 +7,9 @@ import pytest
 
 from optconsist_jax import sharding
 from optconsist_jax.model import preset
-from optconsist_jax.tools import hlo_stats
-from optconsist_jax.tools import plan
-from optconsist_jax.tools import planner
+from optconsist_jax.tools.plan import hlo_stats
+from optconsist_jax.tools.plan import __main__ as plan
+from optconsist_jax.tools.plan import aot as planner
 
 HLO = """\
 HloModule jit_step, entry_computation_layout={()->f32[]}

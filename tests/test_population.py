@@ -17,12 +17,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from optconsist_jax import config_types
+from optconsist_jax.train import config as config_types
 from optconsist_jax import sharding
 from optconsist_jax import train
-from optconsist_jax.evals import job
-from optconsist_jax.experiments import population
-from optconsist_jax.io import checkpoints
+from optconsist_jax.evaluate import job
+from optconsist_jax.train import population
+from optconsist_jax.io import checkpoint_layout as checkpoints
 from optconsist_jax.io import weights
 
 # Its fixtures are built once per test session (session scope: a module

@@ -17,8 +17,8 @@ from flax import nnx
 import numpy as np
 import pytest
 
-from optconsist_jax.io import checkpoints
-from optconsist_jax.io import run_checkpoints
+from optconsist_jax.io import checkpoint_layout as checkpoints
+from optconsist_jax.io import checkpointer as run_checkpoints
 from optconsist_jax.io import weights
 from optconsist_jax import errors
 from optconsist_jax import train

@@ -5,9 +5,10 @@ import os
 
 import pytest
 
-from optconsist_jax import report
+from optconsist_jax.report import __main__ as report_cli
+from optconsist_jax.report import tables as report
 
-from optconsist_jax import results
+from optconsist_jax.evaluate import results
 
 
 def test_pareto_frontier_hand_made():
@@ -99,7 +100,7 @@ def test_report_end_to_end(tmp_path, capsys):
   for name, rows in runs.items():
     write(str(tmp_path / name / "eval" / "results.jsonl"), rows)
   out = tmp_path / "out"
-  rc = report.main([str(tmp_path / n) for n in runs] + ["--out", str(out)])
+  rc = report_cli.main([str(tmp_path / n) for n in runs] + ["--out", str(out)])
   assert rc == 0, capsys.readouterr().err
   for name in ("pareto.png", "pareto.svg", "pareto.md", "summary.md",
                "summary.json", "frontiers.png", "gaps.png"):
@@ -129,7 +130,7 @@ def test_report_end_to_end(tmp_path, capsys):
 def test_report_errors_are_reported(tmp_path, capsys):
   from optconsist_jax import errors  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.UserError, match="no eval results"):
-    report.main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    report_cli.main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
 
 
 def test_seed_is_read_and_defaults_to_zero(tmp_path):
@@ -164,7 +165,7 @@ def test_matrix_from_the_command_line(tmp_path, capsys):
         write(str(tmp_path / name / "eval" / "results.jsonl"), rows)
         dirs.append(str(tmp_path / name))
   out = tmp_path / "out"
-  assert report.main(dirs + ["--out", str(out)]) == 0, capsys.readouterr().err
+  assert report_cli.main(dirs + ["--out", str(out)]) == 0, capsys.readouterr().err
   for name in ("matrix.md", "matrix.json", "matrix.png", "matrix.svg"):
     assert (out / name).stat().st_size > 0, name
   table = (out / "matrix.md").read_text()
@@ -182,7 +183,7 @@ def test_matrix_from_the_command_line(tmp_path, capsys):
 
 
 def test_eval_job_labels_rows_with_the_train_seed():
-  from optconsist_jax.evals import job  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.evaluate import job  # pylint: disable=g-import-not-at-top
   data = {"format": "stdlib"}
   run = job.run_info({"model": {}, "data": data,
                       "train": {"seed": 5, "num_epochs": 1}}, "cfg")

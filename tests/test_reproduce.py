@@ -10,7 +10,7 @@ import pathlib
 import pytest
 
 
-from optconsist_jax import results
+from optconsist_jax.evaluate import results
 from optconsist_jax.experiments import reproduce
 from optconsist_jax.experiments import study
 
@@ -127,11 +127,11 @@ def test_mini_run_has_every_seed_then_skips_everything(mini_run, monkeypatch):
     raise AssertionError("a finished step ran again")
 
   from optconsist_jax import train  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.experiments import population  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.train import population  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(train, "train", fail)
   monkeypatch.setattr(population, "train_population", fail)
-  from optconsist_jax import evaluate  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(evaluate.Evaluator, "evaluate_model", fail)
+  from optconsist_jax.evaluate import job  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(job.Evaluator, "evaluate_model", fail)
   info = json.loads((tmp_path / "run_info.json").read_text())
   again = reproduce.run(rc, str(tmp_path))
   after = _mtimes(tmp_path)

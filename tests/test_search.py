@@ -1,15 +1,15 @@
-"""`plan --search` (optconsist_jax.tools.search)."""
+"""`plan --search` (optconsist_jax.tools.plan.search)."""
 
 import importlib.util
 import json
 
 import pytest
 
-from optconsist_jax.tools import hlo_stats
-from optconsist_jax.tools import plan
-from optconsist_jax.tools import planner
+from optconsist_jax.tools.plan import hlo_stats
+from optconsist_jax.tools.plan import __main__ as plan
+from optconsist_jax.tools.plan import aot as planner
 from optconsist_jax.model import preset
-from optconsist_jax.tools import search
+from optconsist_jax.tools.plan import search
 
 
 def test_candidates_cover_factorizations_that_divide():

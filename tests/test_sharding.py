@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from optconsist_jax import sharding
-from optconsist_jax import train_step
+from optconsist_jax.train import step as train_step
 from optconsist_jax.model import preset
 from optconsist_jax.model.llama import abstract_model
 

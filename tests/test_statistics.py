@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from optconsist_jax.experiments import statistics as stats
+from optconsist_jax.report import statistics as stats
 
 
 def test_interval_of_three_seeds_by_hand():

@@ -1,4 +1,4 @@
-"""Tests of the roofline step-time estimate (optconsist_jax.tools.step_time)."""
+"""Tests of the roofline step-time estimate (optconsist_jax.tools.plan.step_time)."""
 
 import math
 
@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optconsist_jax import loss as loss_lib
-from optconsist_jax.tools import hlo_stats
-from optconsist_jax.tools import planner
+from optconsist_jax.model import loss as loss_lib
+from optconsist_jax.tools.plan import hlo_stats
+from optconsist_jax.tools.plan import aot as planner
 from optconsist_jax.model import LlamaConfig, Llama
-from optconsist_jax.tools import step_time
-from optconsist_jax.tools import tpu
+from optconsist_jax.tools.plan import step_time
+from optconsist_jax import platforms as tpu
 
 
 def _xla_flops(config: LlamaConfig, batch: int, seq_len: int) -> float:

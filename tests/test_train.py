@@ -21,11 +21,11 @@ from flax import nnx
 
 from optconsist_jax import sharding
 from optconsist_jax import train
-from optconsist_jax import train_guards
-from optconsist_jax import train_setup
-from optconsist_jax.config_types import ExperimentConfig
-from optconsist_jax.io import checkpoints
-from optconsist_jax.io import run_checkpoints
+from optconsist_jax.train import guards as train_guards
+from optconsist_jax.train import setup as train_setup
+from optconsist_jax.train.config import ExperimentConfig
+from optconsist_jax.io import checkpoint_layout as checkpoints
+from optconsist_jax.io import checkpointer as run_checkpoints
 from optconsist_jax.io import weights
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -333,7 +333,6 @@ def test_init_from_nanogpt_checkpoint(tmp_path):
 def test_model_preset_from_init_reads_the_source_architecture(reference):
   """model.preset=from_init: shapes from the HF folder / ckpt.pt / Orbax run."""
   import json  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import config_types  # pylint: disable=g-import-not-at-top
   from optconsist_jax.io import hf_layout  # pylint: disable=g-import-not-at-top
   from optconsist_jax.io import nanogpt  # pylint: disable=g-import-not-at-top
   ref_dir, _ = reference

@@ -6,8 +6,9 @@ import optax
 import pytest
 from flax import nnx
 
+from optconsist_jax import platforms
 from optconsist_jax import sharding
-from optconsist_jax import train_step
+from optconsist_jax.train import step as train_step
 from optconsist_jax.model import Llama, preset
 
 CONFIG = preset("tiny_gqa")
@@ -71,10 +72,10 @@ def test_global_batch_single_process():
 
 
 def test_maybe_initialize_distributed_is_a_noop_locally():
-  assert not train_step.maybe_initialize_distributed({})
-  assert not train_step.maybe_initialize_distributed(
+  assert not platforms.maybe_initialize_distributed({})
+  assert not platforms.maybe_initialize_distributed(
       {"TPU_WORKER_HOSTNAMES": "localhost"})
-  assert not train_step.maybe_initialize_distributed(
+  assert not platforms.maybe_initialize_distributed(
       {"OPTCONSIST_DISTRIBUTED": "0", "JAX_COORDINATOR_ADDRESS": "x:1"})
 
 

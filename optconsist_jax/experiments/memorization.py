@@ -57,16 +57,16 @@ from typing import Any
 from flax import nnx
 import numpy as np
 
-from optconsist_jax.io import checkpoints as ckpt_lib
+from optconsist_jax.io import checkpoint_layout as ckpt_lib
 from optconsist_jax.io import weights
-from optconsist_jax import config_types
-from optconsist_jax import generate as gen
+from optconsist_jax.train import config as config_types
+from optconsist_jax.model import generate as gen
 from optconsist_jax import paths
 from optconsist_jax.data import formats
 from optconsist_jax.data import prompts
 from optconsist_jax.data.records import MathExample
-from optconsist_jax.evals import math as math_eval
-from optconsist_jax.evals import multiple_choice
+from optconsist_jax.evaluate import math as math_eval
+from optconsist_jax.evaluate import multiple_choice
 from optconsist_jax.experiments import memorization_data
 from optconsist_jax.experiments import memorization_report
 
@@ -314,7 +314,7 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
   if settings.seeds < 1:
     raise ValueError(f"memorization.run: seeds={settings.seeds}; expected"
                      " at least 1")
-  from optconsist_jax.experiments import population  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.train import population  # pylint: disable=g-import-not-at-top
   from optconsist_jax.data import pipeline as data_lib  # pylint: disable=g-import-not-at-top
   root = os.path.join(os.fspath(workdir), SUBDIR)
   os.makedirs(root, exist_ok=True)

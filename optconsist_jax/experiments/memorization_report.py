@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from optconsist_jax.experiments import statistics
+from optconsist_jax.report import statistics
 
 SUMMARY = "summary"  # summary.md and summary.json
 BASE = "base"  # The `optimizer` of the epoch-0 line (the base model).

@@ -108,8 +108,8 @@ def train_population(members: Sequence[tuple[str, dict[str, Any],
 
   Returns True when it trained any.
   """
-  from optconsist_jax import config_types  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.experiments import population  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.train import config as config_types  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.train import population  # pylint: disable=g-import-not-at-top
   todo = [m for m in members if not _done(m[0])]
   for workdir, _, _ in members:
     if _done(workdir):
@@ -145,9 +145,9 @@ def eval_config(rc: study.ReproConfig, run: study.Run, test_file: str, with_base
   with_base: also evaluate the run's base model (its init_from), once per
     base over all runs.
   """
-  from optconsist_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.evaluate.config import EvalConfig  # pylint: disable=g-import-not-at-top
   labels = run.labels
-  return evaluate.EvalConfig.from_dict(dict(
+  return EvalConfig.from_dict(dict(
       mesh=dict(preset="dp"),
       tokenizer_path=run.base.tokenizer_path,
       math=dict(protocols=("metamath",), test=test_file, train="",
@@ -166,8 +166,8 @@ def eval_config(rc: study.ReproConfig, run: study.Run, test_file: str, with_base
 def evaluate_run(rc: study.ReproConfig, run: study.Run, test_file: str,
                  with_base: bool) -> bool:
   """Evaluates what is not evaluated yet; returns True when it did any."""
-  from optconsist_jax import evaluate  # pylint: disable=g-import-not-at-top
-  r = evaluate.evaluate_workdir(
+  from optconsist_jax.evaluate import watch  # pylint: disable=g-import-not-at-top
+  r = watch.evaluate_workdir(
       run.workdir, eval_config(rc, run, test_file, with_base))
   return bool(r.evaluated or r.base_evaluated)
 
@@ -258,9 +258,9 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
     seen_bases.add(r.base.workdir)
     timed(f"eval/{r.name}", t0, ran)
 
-  from optconsist_jax import report  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.report import tables as report  # pylint: disable=g-import-not-at-top
 
-  from optconsist_jax import results  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.evaluate import results  # pylint: disable=g-import-not-at-top
   out_dir = os.path.join(workdir, "report")
   print("report", flush=True)
   outputs = report.consistency_report([r.workdir for r in runs], out_dir,

@@ -130,7 +130,7 @@ class ReproConfig:
     if unknown:
       raise ValueError(f"reproduce config.reproduce: unknown keys {unknown};"
                        " known: ['bases', 'matrix']")
-    from optconsist_jax import report  # pylint: disable=g-import-not-at-top
+    from optconsist_jax.report import tables as report  # pylint: disable=g-import-not-at-top
     matrix = reproduce.get("matrix") or "auto"
     if matrix not in report.MATRIX_MODES:
       raise ValueError(f"reproduce config.reproduce.matrix={matrix!r}:"

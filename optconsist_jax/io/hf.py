@@ -28,7 +28,6 @@ import ml_dtypes
 import numpy as np
 import safetensors
 
-from optconsist_jax import paths
 from optconsist_jax.io import hf_layout
 from optconsist_jax.io import hub
 from optconsist_jax import sharding
@@ -196,7 +195,7 @@ def load(hf_dir: str, dtype: Any = jnp.float32, *, mesh: Any = None,
       return handles[file_name].get_slice(name)
 
     def fill(key_path, leaf, target_sharding):
-      path = paths.path_name(key_path)
+      path = sharding.path_name(key_path)
       if path not in sources:
         raise ValueError(f"hf.load: no Hugging Face tensor for param {path!r}")
       source = sources[path]
@@ -237,7 +236,7 @@ def _hf_tensors(config: LlamaConfig, model: Llama, dtype: np.dtype
                 ) -> Iterator[tuple[str, tuple[int, ...],
                                     Callable[[], np.ndarray]]]:
   """(HF name, HF shape, reader) in Hugging Face order; readers gather lazily."""
-  params = {paths.path_name(kp): leaf for kp, leaf in
+  params = {sharding.path_name(kp): leaf for kp, leaf in
             jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
   sources = hf_layout.tensor_sources(config)
   missing = sorted(set(sources) - set(params))

@@ -30,77 +30,22 @@ message naming the repo, revision and file.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import re
 from collections.abc import Sequence
 
-HF_SCHEME = "hf://"
-DEFAULT_REVISION = "main"
+# Hub references are parsed where every user-given path is (paths.py).
+from optconsist_jax.paths import DEFAULT_REVISION  # noqa: F401
+from optconsist_jax.paths import HF_SCHEME  # noqa: F401
+from optconsist_jax.paths import HubError
+from optconsist_jax.paths import HubRef
+from optconsist_jax.paths import is_hub_ref  # noqa: F401
+from optconsist_jax.paths import parse_ref
+
 # What `hf.load` needs from a model repo: config, tokenizer, safetensors
 # (single file or shards + index). Never the *.bin / *.pth / *.gguf copies.
 MODEL_FILES = ("config.json", "tokenizer.model", "*.safetensors",
                "*.safetensors.index.json")
-
-# org/name as the Hub allows them (letters, digits, '-', '_', '.'), then an
-# optional @revision (branch, tag, commit; may contain '/': refs/pr/1).
-_REPO_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
-_REF = re.compile(rf"(?P<repo>{_REPO_ID})(?:@(?P<rev>[^\s@]+))?")
-
-
-# Bare paths ending like these are files, never repo ids.
-_FILE_SUFFIXES = (".model", ".json", ".jsonl", ".pt", ".pth", ".bin",
-                  ".safetensors", ".txt", ".parquet", ".gguf", ".npy")
-
-
-class HubError(RuntimeError):
-  """A Hub download that cannot succeed; the message is one line."""
-
-
-@dataclasses.dataclass(frozen=True)
-class HubRef:
-  """A repo on the Hub at a revision."""
-
-  repo_id: str
-  revision: str = DEFAULT_REVISION
-  repo_type: str = "model"
-  # Written hf://...; a bare org/name could also have been a missing local path.
-  explicit: bool = dataclasses.field(default=True, compare=False)
-
-  def __str__(self) -> str:
-    kind = "" if self.repo_type == "model" else f"{self.repo_type} "
-    return f"{kind}{self.repo_id}@{self.revision}"
-
-
-def parse_ref(path: str | os.PathLike | None,
-              repo_type: str = "model") -> HubRef | None:
-  """The Hub reference `path` names, or None for a local (or gs://) path.
-
-  `hf://org/name[@rev]` is always a Hub reference. A bare `org/name[@rev]` is
-  one unless it exists on local disk or its name ends like a file
-  (`_FILE_SUFFIXES`: `dir/tokenizer.model` is a missing file, not a repo).
-  """
-  if path is None:
-    return None
-  s = os.fspath(path)
-  explicit = s.startswith(HF_SCHEME)
-  if explicit:
-    s = s[len(HF_SCHEME):]
-  m = _REF.fullmatch(s)
-  if m is None:
-    if explicit:
-      raise HubError(f"{os.fspath(path)!r}: expected hf://org/name or"
-                     " hf://org/name@revision")
-    return None
-  if not explicit and (os.path.exists(s) or s.endswith(_FILE_SUFFIXES)):
-    return None
-  return HubRef(m["repo"], m["rev"] or DEFAULT_REVISION, repo_type, explicit)
-
-
-def is_hub_ref(path: str | os.PathLike | None) -> bool:
-  return parse_ref(path) is not None
-
 
 def _env_true(name: str) -> bool:
   return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")

@@ -30,7 +30,7 @@ from flax import nnx
 
 from optconsist_jax import sharding
 from optconsist_jax import typed_config
-from optconsist_jax.io import checkpoints as ckpt_lib
+from optconsist_jax.io import checkpoint_layout as ckpt_lib
 from optconsist_jax.io import hub
 from optconsist_jax.model import Llama
 from optconsist_jax.model import LlamaConfig

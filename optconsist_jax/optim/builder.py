@@ -17,7 +17,7 @@ import optax
 from optconsist_jax.optim import registry
 from optconsist_jax.optim import routing
 from optconsist_jax.optim.config import OptimConfig
-from optconsist_jax.optim.paths import leaf_shardings
+from optconsist_jax.sharding import leaf_shardings
 from optconsist_jax.optim.schedules import make_schedule
 
 

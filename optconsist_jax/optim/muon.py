@@ -70,7 +70,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 
-from optconsist_jax.optim.paths import path_name
+from optconsist_jax.sharding import path_name
 
 DEFAULT_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 SCALE_MODES = ("shape", "rms_match", "none")

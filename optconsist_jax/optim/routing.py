@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from optconsist_jax.optim.paths import path_name
+from optconsist_jax.sharding import path_name
 
 MODES = ("strict", "first")
 

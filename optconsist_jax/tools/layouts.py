@@ -17,7 +17,7 @@ a multi-host slice where every host runs the same command):
                  device memory (`memory_stats()`, where the backend reports
                  it), collective bytes per step from the compiled HLO, and the
                  planner's roofline estimate for the same step
-                 (optconsist_jax.tools.step_time; TPUs only)
+                 (optconsist_jax.tools.plan.step_time; TPUs only)
   layouts.md     the same as a table
   layouts.png    measured (and estimated) step time per layout
 
@@ -40,13 +40,13 @@ from absl import flags
 import jax
 import numpy as np
 
-from optconsist_jax import config_types
+from optconsist_jax.train import config as config_types
 from optconsist_jax import metrics as metrics_lib
 from optconsist_jax import sharding
-from optconsist_jax import train_step as step_lib
-from optconsist_jax.tools import hlo_stats
-from optconsist_jax.tools import step_time
-from optconsist_jax.tools import tpu as tpu_facts
+from optconsist_jax.train import step as step_lib
+from optconsist_jax.tools.plan import hlo_stats
+from optconsist_jax.tools.plan import step_time
+from optconsist_jax import platforms as tpu_facts
 
 FILES = ("layouts.json", "layouts.md", "layouts.png")
 
@@ -139,7 +139,7 @@ def _peak_memory() -> int | None:
 def measure(config: dict[str, Any], layout: Layout, steps: int,
             seed: int = 0) -> dict[str, Any]:
   """Compiles and times one layout; a record for the table."""
-  from optconsist_jax import train_setup  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.train import setup as train_setup  # pylint: disable=g-import-not-at-top
   exp = layout_config(config, layout)
   mesh = sharding.make_mesh(exp.mesh)
   train_setup.preflight(dataclasses.replace(
@@ -292,7 +292,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  step_lib.maybe_initialize_distributed()
+  tpu_facts.maybe_initialize_distributed()
   config = flags.FLAGS.config.to_dict()
   try:
     layouts = parse_layouts(_LAYOUTS.value or "")

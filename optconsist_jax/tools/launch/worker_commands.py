@@ -1,0 +1,250 @@
+"""What runs on the workers: install, stage data, fetch datasets, start jobs.
+
+Pure builders (settings in, `gcloud.Command`s out) for a `gcloud.Target`
+(every host of a TPU slice, or one ssh host). Paths on a worker are relative
+to the login user's $HOME (`Remote`). A job runs under nohup; its log, pid
+and exit code land in `Remote.log_dir` (`<job>.log`, `<job>.pid`,
+`<job>.rc`), which `job_status_command`, `logs_commands` and
+`stop_job_commands` read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+
+from optconsist_jax.tools.launch.gcloud import Command
+from optconsist_jax.tools.launch.gcloud import Target
+
+_SAFE_REMOTE = re.compile(r"[A-Za-z0-9._/-]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class Remote:
+  """Where things live on a worker, relative to the login user's $HOME."""
+
+  repo_dir: str = "optconsist_jax"
+  venv_dir: str = "optconsist_venv"
+  log_dir: str = "optconsist_logs"
+  python_version: str = "3.12"
+
+  def __post_init__(self):
+    for key in ("repo_dir", "venv_dir", "log_dir"):
+      value = getattr(self, key)
+      if not _SAFE_REMOTE.fullmatch(value) or value.startswith("/"):
+        raise ValueError(
+            f"--{key.replace('_', '-')}={value!r}: use a path relative to the"
+            " worker's $HOME made of letters, digits, '._/-'")
+
+  def home(self, path: str) -> str:
+    return f'"$HOME/{path}"'
+
+  @property
+  def python(self) -> str:
+    return self.home(f"{self.venv_dir}/bin/python")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+  """A training or eval program started on every worker under nohup.
+
+  Attributes:
+    module: python module to run (optconsist_jax.train / .evaluate).
+    job: short name for the log and pid files (train, eval).
+    config: `--config` value, a path relative to the repo plus `:arg`.
+    workdir: where checkpoints and metrics go; gs:// for TPU slices.
+    overrides: `key=value` pairs passed as `--config.key=value`.
+    env: `KEY=VALUE` environment variables for the program.
+    extra_args: further flags passed through verbatim.
+  """
+
+  module: str
+  job: str
+  config: str
+  workdir: str
+  overrides: tuple[str, ...] = ()
+  env: tuple[str, ...] = ()
+  extra_args: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if not self.config:
+      raise ValueError("--config is required (e.g."
+                       " configs/llama2_7b_metamath.py:adamw)")
+    if not self.workdir:
+      raise ValueError("--workdir is required")
+    for o in self.overrides:
+      if "=" not in o or o.startswith("="):
+        raise ValueError(f"--set {o!r}: expected key=value")
+    for e in self.env:
+      if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", e, flags=re.S):
+        raise ValueError(f"--env {e!r}: expected NAME=value")
+    if not _SAFE_REMOTE.fullmatch(self.job):
+      raise ValueError(f"job name {self.job!r}: letters, digits, '._-' only")
+
+  def argv(self) -> list[str]:
+    args = [f"--config={self.config}", f"--workdir={self.workdir}"]
+    args += [f"--config.{o}" for o in self.overrides]
+    return args + list(self.extra_args)
+
+
+def _check_dest(dest: str) -> None:
+  if not _SAFE_REMOTE.fullmatch(dest) or dest.startswith("/") or ".." in dest:
+    raise ValueError(f"--dest={dest!r}: a path relative to the repo dir made of"
+                     " letters, digits, '._/-'")
+
+
+def source_archive_commands(source: str, archive: str) -> list[Command]:
+  """Packs a local git checkout's HEAD into a tarball (committed files only)."""
+  return [Command(("git", "-C", source, "archive", "--format=tar.gz",
+                   f"--output={archive}", "HEAD"))]
+
+
+def install_commands(target: Target, remote: Remote, source: str,
+                     extras: str = "tpu",
+                     archive: str = "/tmp/optconsist_jax-src.tar.gz"
+                     ) -> list[Command]:
+  """Installs the package with `extras` on every worker in its own venv.
+
+  `source` is a local git checkout (its committed HEAD is copied as a
+  tarball) or a `git+https://...[@ref]` URL cloned on the workers. Python
+  `remote.python_version` comes from uv, so the image's system Python (3.10
+  on the Ubuntu 22.04 TPU images) does not matter.
+  """
+  if not re.fullmatch(r"[a-z0-9_]+(,[a-z0-9_]+)*", extras):
+    raise ValueError(f"--extras={extras!r}: comma-separated extra names")
+  repo, venv = remote.home(remote.repo_dir), remote.home(remote.venv_dir)
+  commands: list[Command] = []
+  if source.startswith("git+"):
+    url, _, ref = source[len("git+"):].partition("@")
+    # init + fetch works in a non-empty dir, keeping files staged there.
+    fetch = (f"git init -q {repo} && git -C {repo} fetch -q --depth=1"
+             f" {shlex.quote(url)} {shlex.quote(ref or 'HEAD')}"
+             f" && git -C {repo} checkout -q -f FETCH_HEAD")
+  else:
+    if not os.path.isdir(source):
+      raise ValueError(f"--source={source!r} is neither a directory (a git"
+                       " checkout) nor a git+https:// URL")
+    commands += source_archive_commands(source, archive)
+    commands.append(target.scp(archive, "optconsist_jax-src.tar.gz"))
+    # Extract over the old tree: files staged into it (data, weights) stay.
+    fetch = (f"mkdir -p {repo} && tar -xzf"
+             f' "$HOME/optconsist_jax-src.tar.gz" -C {repo}')
+  uv = '"$HOME/.local/bin/uv"'
+  script = " && ".join([
+      "set -e",
+      "python3 -m pip install -q --user --upgrade uv",
+      fetch,
+      f"{uv} venv -q --allow-existing --python {remote.python_version} {venv}",
+      # The exact versions the tests passed with (constraints.txt).
+      f"{uv} pip install -q --python {remote.python}"
+      f" -c {remote.home(f'{remote.repo_dir}/constraints.txt')}"
+      f" {remote.home(f'{remote.repo_dir}[{extras}]')}",
+      # On a slice this runs on every host at once, as JAX's pod check wants.
+      f"{remote.python} -c 'import jax; print(jax.device_count())'",
+  ])
+  commands.append(target.ssh(script))
+  return commands
+
+
+def stage_commands(target: Target, remote: Remote, src: str,
+                   dest: str) -> list[Command]:
+  """Copies gs:// files or folders to `dest` under the repo dir on every worker.
+
+  Hugging Face folders and the MetaMathQA / eval files are read from local
+  disk (the Orbax workdir may stay on gs://).
+  """
+  if not src.startswith("gs://"):
+    raise ValueError(f"--src={src!r}: expected a gs:// path")
+  _check_dest(dest)
+  repo = remote.home(remote.repo_dir)
+  script = (f"mkdir -p {repo} && cd {repo} && gcloud storage cp -r"
+            f" {shlex.quote(src)} {shlex.quote(dest)}")
+  return [target.ssh(script)]
+
+
+def fetch_commands(target: Target, remote: Remote, data: str, dest: str,
+                   token_file: str | None = None) -> list[Command]:
+  """Downloads datasets from the Hugging Face Hub on every worker.
+
+  Runs `python -m optconsist_jax.data.fetch DATA DEST` in the repo dir (it
+  keeps files already there, so staged data stays). With `token_file` (a
+  local Hugging Face token file, e.g. ~/.cache/huggingface/token), copies it
+  to each worker's ~/.cache/huggingface/token first, where huggingface_hub
+  finds it: the jobs can then download gated model repos
+  (meta-llama/Llama-2-7b-hf). The token travels by scp, never on a command
+  line.
+  """
+  if not re.fullmatch(r"[a-z0-9]+(,[a-z0-9]+)*", data):
+    raise ValueError(f"--data={data!r}: comma-separated dataset names (see"
+                     " python -m optconsist_jax.data.fetch --help)")
+  _check_dest(dest)
+  commands: list[Command] = []
+  if token_file:
+    if not os.path.isfile(os.path.expanduser(token_file)):
+      raise ValueError(f"--hf-token-file={token_file!r}: no such file (log in"
+                       " with `hf auth login`, or leave the flag out)")
+    commands.append(target.scp(os.path.expanduser(token_file),
+                               "optconsist-hf-token"))
+    commands.append(target.ssh(
+        'mkdir -p "$HOME/.cache/huggingface" && mv "$HOME/optconsist-hf-token"'
+        ' "$HOME/.cache/huggingface/token" && chmod 600'
+        ' "$HOME/.cache/huggingface/token"'))
+  repo = remote.home(remote.repo_dir)
+  script = (f"mkdir -p {repo} && cd {repo} && {remote.python} -m"
+            f" optconsist_jax.data.fetch {data} {shlex.quote(dest)}")
+  commands.append(target.ssh(script))
+  return commands
+
+
+def start_job_commands(target: Target, remote: Remote,
+                       job: JobSpec) -> list[Command]:
+  """Starts `job` on every worker under nohup; logs and pid in log_dir.
+
+  The program's exit code lands in `<job>.rc` when it ends (`job_status`
+  reads it): 0 finished, 75 preempted and saved (errors.PREEMPTED), ...
+  """
+  log = remote.home(f"{remote.log_dir}/{job.job}.log")
+  pid = remote.home(f"{remote.log_dir}/{job.job}.pid")
+  rc = remote.home(f"{remote.log_dir}/{job.job}.rc")
+  env = " ".join(shlex.quote(e) for e in job.env)
+  program = " ".join([remote.python, "-m", shlex.quote(job.module),
+                      *(shlex.quote(a) for a in job.argv())])
+  script = (
+      f"mkdir -p {remote.home(remote.log_dir)} && cd {remote.home(remote.repo_dir)}"
+      f" && rm -f {rc} {pid} && ( trap '' HUP; nohup env {env + ' ' if env else ''}"
+      f"{program} > {log} 2>&1 < /dev/null & echo $! > {pid}; wait $!;"
+      f" echo $? > {rc} ) > /dev/null 2>&1 < /dev/null &"
+      f" while [ ! -s {pid} ]; do sleep 0.1; done; echo started {shlex.quote(job.job)} pid $(cat {pid})"
+      " on $(hostname)")
+  return [target.ssh(script)]
+
+
+def job_status_command(target: Target, remote: Remote, job: str) -> Command:
+  """Prints `running`, `exit <code>` or `none` for the job on worker 0."""
+  pid = remote.home(f"{remote.log_dir}/{job}.pid")
+  rc = remote.home(f"{remote.log_dir}/{job}.rc")
+  # A job that just ended may not have its .rc yet: wait up to 5 s for it.
+  script = (f"if [ ! -f {rc} ] && [ -f {pid} ] && kill -0 $(cat {pid})"
+            " 2>/dev/null; then echo running; else for i in $(seq 50); do"
+            f" [ -f {rc} ] && break; sleep 0.1; done; if [ -f {rc} ]; then"
+            f" echo exit $(cat {rc}); else echo none; fi; fi")
+  return target.ssh(script, worker="0")
+
+
+def stop_job_commands(target: Target, remote: Remote, job: str) -> list[Command]:
+  """Stops the job started by `start_job_commands`, by its recorded pid."""
+  pid = remote.home(f"{remote.log_dir}/{job}.pid")
+  script = (f"if [ -f {pid} ]; then kill $(cat {pid}) 2>/dev/null;"
+            f" rm -f {pid}; fi; true")
+  return [target.ssh(script)]
+
+
+def logs_commands(target: Target, remote: Remote, job: str, follow: bool,
+                  lines: int) -> list[Command]:
+  """Prints the last `lines` of the job's log (and follows it)."""
+  log = remote.home(f"{remote.log_dir}/{job}.log")
+  flag = "-F" if follow else ""
+  script = f"tail -n {int(lines)} {flag} {log}".replace("  ", " ")
+  return [target.ssh(script)]
