@@ -81,6 +81,13 @@ def test_planted_effect_gives_the_right_verdicts():
       -0.08, abs=0.01)
   assert summary[("adamw", "adamw")].verdict == ""
   assert summary[("adamw", "adamw")].gap_vs_matched.n == 0
+  # Parallel frontiers: the gap by area is the planted offset too, and the
+  # verdicts are Holm-corrected over the table's 3 gaps.
+  assert s.gap_area.mean == pytest.approx(0.10, abs=0.01)
+  assert summary[("muon", "adamw")].gap_area.mean == pytest.approx(
+      -0.08, abs=0.01)
+  assert {x.family for x in summary.values() if x.role != "matched"} == {3}
+  assert s.p_value <= s.p_holm <= 3 * s.p_value
   # The common level: every run's largest learning is 0.1 * 3 * 3 + 0.02.
   assert s.level == pytest.approx(0.92)
   # Retention at L is on the planted line (offset + the mean seed shift).

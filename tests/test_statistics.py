@@ -146,45 +146,6 @@ def test_planted_gap_is_found_and_a_null_one_is_not():
   assert stats.verdict(null) == stats.UNRESOLVED
 
 
-def test_margin_over_best_other_by_enumeration():
-  # 3 seeds x 3 columns; the resample re-picks the best other column.
-  v = np.array([[1.0, 0.8, 0.5], [1.1, 1.2, 0.4], [0.9, 0.7, 0.6]])
-  margins = []
-  for t in itertools.product(range(3), repeat=3):
-    m = v[list(t)].mean(axis=0)
-    margins.append(m[0] - max(m[1], m[2]))
-  lo, hi = np.quantile(margins, [0.025, 0.975])
-  iv = stats.margin_over_best_other(v, 0, method="percentile")
-  assert iv.mean == pytest.approx(1.0 - 0.9)
-  assert (iv.lo, iv.hi) == pytest.approx((lo, hi))
-  with pytest.raises(ValueError, match="columns"):
-    stats.margin_over_best_other(v[:, :1], 0)
-  # Studentized: by the paired difference to the column chosen per resample.
-  v4 = np.vstack([v, [[1.05, 0.9, 0.5]]])
-  ts = []
-  d0 = v4[:, 0] - v4[:, 1]  # column 1 is the best other on the sample
-  m0, se0 = d0.mean(), d0.std(ddof=1) / 2
-  for t in itertools.product(range(4), repeat=4):
-    r = v4[list(t)]
-    j = 1 if r[:, 1].mean() >= r[:, 2].mean() else 2
-    d = r[:, 0] - r[:, j]
-    se = d.std(ddof=1) / 2
-    # (A resample of one repeated seed has se 0 up to rounding.)
-    ts.append((d.mean() - m0) / se if se > 1e-9 * se0 else
-              math.copysign(math.inf, d.mean() - m0))
-  q_lo, q_hi = np.quantile(np.clip(ts, -1e300, 1e300), [0.025, 0.975])
-  iv = stats.margin_over_best_other(v4, 0, method="studentized")
-  assert iv.mean == pytest.approx(m0)
-  # An end whose t* quantile touches an infinite t* is unbounded.
-  want_lo = -math.inf if q_hi > 1e290 else m0 - q_hi * se0
-  assert iv.lo == pytest.approx(want_lo)
-  assert iv.hi == pytest.approx(m0 - q_lo * se0)
-  # t: the interval of the per-seed difference to the best other column.
-  t = stats.margin_over_best_other(v4, 0)
-  want = stats.t_ci(d0)
-  assert (t.mean, t.lo, t.hi) == pytest.approx((want.mean, want.lo, want.hi))
-
-
 @pytest.mark.parametrize("df, q", [(1, 12.706205), (2, 4.302653),
                                    (3, 3.182446), (4, 2.776445),
                                    (9, 2.262157), (30, 2.042272)])

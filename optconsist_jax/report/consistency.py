@@ -12,15 +12,30 @@ The common learning level of a base is the highest level every method's
 frontier reaches on every seed: min over (method, seed) of the frontier's
 largest learning. All methods of a base, in the summary and in the matrix,
 are compared at that one level, so no number is extrapolated. The gap of a
-method is matched's retention minus its retention at that level, per seed
-(paired by seed), with its interval over seeds (`experiments.statistics`,
+method at L is matched's retention minus its retention at that level, per
+seed (paired by seed), with its interval over seeds (`report.statistics`,
 whose docstring states the method and the sign convention).
+
+The primary comparison reads the whole common range instead of one level:
+the area between two frontiers (`area_between`), the mean retention
+difference per unit of learning over the learning range both frontiers
+cover, per seed, then its interval over seeds. The level-L gap stays as a
+secondary reading. Per-base gaps mix consistency with "this method is
+better on every base"; the consistency interaction of two optimizers i, j
+with both bases (`interactions`),
+
+  I_ij = [R(i-base, i-ft) - R(i-base, j-ft)] + [R(j-base, j-ft) - R(j-base, i-ft)],
+
+cancels such a column effect (it is the interaction contrast of the 2 x 2
+base x method table). Each table's verdicts are Holm-corrected over its
+family of comparisons (`statistics.holm`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -55,6 +70,29 @@ def retention_at(front_P2: np.ndarray, level: float) -> float:
   if level > learning[-1]:
     return math.nan
   return float(np.interp(level, learning, retention))
+
+
+def area_between(front_a_P2: np.ndarray, front_b_P2: np.ndarray) -> float:
+  """Mean of R_a(l) - R_b(l) over the learning range both frontiers cover.
+
+  The integral of the difference of the two piecewise-linear frontiers
+  (`retention_at`) over [l_lo, l_hi], the intersection of their learning
+  ranges [least, most learning of the frontier's points], divided by
+  l_hi - l_lo: retention difference per unit of learning. Exact (trapezoids
+  between the union of both frontiers' points). NaN when the ranges overlap
+  in less than an interval: nothing is extrapolated.
+  """
+  lo = max(front_a_P2[0, 0], front_b_P2[0, 0])
+  hi = min(front_a_P2[-1, 0], front_b_P2[-1, 0])
+  if not hi > lo:
+    return math.nan
+  grid_G = np.unique(np.concatenate([[lo, hi], front_a_P2[:, 0],
+                                     front_b_P2[:, 0]]))
+  grid_G = grid_G[(grid_G >= lo) & (grid_G <= hi)]
+  diff_G = (np.interp(grid_G, front_a_P2[:, 0], front_a_P2[:, 1])
+            - np.interp(grid_G, front_b_P2[:, 0], front_b_P2[:, 1]))
+  area = np.sum((diff_G[1:] + diff_G[:-1]) / 2 * np.diff(grid_G))
+  return float(area / (hi - lo))
 
 
 def common_level(fronts: Sequence[np.ndarray]) -> float:
@@ -95,8 +133,14 @@ class MethodSummary:
     retention_at_level: retention on this method's frontier at `level`.
     gap_vs_matched: matched's retention at `level` minus this method's,
       paired by seed (> 0: matched forgot less); empty for matched itself
-      and when the base has no matched run.
-    verdict: `statistics.verdict(gap_vs_matched)`; "" for matched.
+      and when the base has no matched run. The secondary reading.
+    verdict: `statistics.verdict` of `gap_area` with its Holm-adjusted p;
+      "" for matched.
+    gap_area: matched minus this method by area (`area_between` of their
+      frontiers per seed, paired by seed): the primary comparison.
+    p_value: two-sided t test of `gap_area`'s per-seed values (NaN: none).
+    p_holm: `p_value` Holm-adjusted over the table's comparisons.
+    family: how many comparisons that Holm family has.
   """
 
   base: str
@@ -110,6 +154,10 @@ class MethodSummary:
   retention_at_level: stats.Interval
   gap_vs_matched: stats.Interval
   verdict: str
+  gap_area: stats.Interval = stats.EMPTY
+  p_value: float = math.nan
+  p_holm: float = math.nan
+  family: int = 0
 
 
 def retention_by_seed(fronts: Frontiers, base: str, method: str,
@@ -118,14 +166,45 @@ def retention_by_seed(fronts: Frontiers, base: str, method: str,
           for s, f in fronts.get((base, method), {}).items()}
 
 
+def area_gap_by_seed(fronts: Frontiers, base: str, a: str,
+                     b: str) -> dict[int, float]:
+  """Per seed both ran, `area_between` a's and b's frontiers on `base`
+  (seeds whose frontiers share no learning range left out)."""
+  fa, fb = fronts.get((base, a), {}), fronts.get((base, b), {})
+  areas = {s: area_between(fa[s], fb[s]) for s in sorted(set(fa) & set(fb))}
+  return {s: v for s, v in areas.items() if math.isfinite(v)}
+
+
+def tested(by_seed: Mapping[int, float], **ci) -> tuple[stats.Interval, float]:
+  """(interval over seeds, t-test p) of per-seed values; (EMPTY, NaN) if none."""
+  values = [by_seed[s] for s in sorted(by_seed)]
+  if not values:
+    return stats.EMPTY, math.nan
+  return stats.mean_ci(values, **ci), stats.t_test_p(values)
+
+
+def holm_by_key(p_by_key: Mapping) -> tuple[dict, int]:
+  """Holm-adjusted p per key (`statistics.holm`) and the family size."""
+  keys = list(p_by_key)
+  adjusted = stats.holm([p_by_key[k] for k in keys])
+  return dict(zip(keys, adjusted)), stats.family_size(list(p_by_key.values()))
+
+
 def consistency_summary(records: Sequence[results.EvalRecord],
                         **ci) -> list[MethodSummary]:
-  """Matched vs mismatched vs LoRA at the common learning level, per base.
+  """Matched vs mismatched vs LoRA, by area and at the common level, per base.
 
-  Keyword args go to `statistics.mean_ci` (the interval method, level).
+  Verdicts come from the area gaps, Holm-corrected over every gap of the
+  table. Keyword args go to `statistics.mean_ci` (the interval method, level).
   """
   fronts = seed_frontiers(records)
   levels = base_levels(fronts)
+  area, p = {}, {}
+  for base, method in fronts:
+    if method != base and (base, base) in fronts:
+      area[(base, method)], p[(base, method)] = tested(
+          area_gap_by_seed(fronts, base, base, method), **ci)
+  p_holm, family = holm_by_key(p)
   out = []
   for (base, method), by_seed in fronts.items():
     level = levels[base]
@@ -143,7 +222,11 @@ def consistency_summary(records: Sequence[results.EvalRecord],
     elif method != base:
       gap = stats.paired_gap_ci(
           retention_by_seed(fronts, base, base, level), mine, **ci)
-      words = stats.verdict(gap) if gap.n else "no seed in common with matched"
+      words = (stats.verdict(area[(base, method)],
+                             p_adjusted=p_holm[(base, method)])
+               if area[(base, method)].n else
+               "no seed in common with matched" if not gap.n else
+               "no learning range in common with matched")
     out.append(MethodSummary(
         base=base, method=method, role=role_of(method, base),
         seeds=tuple(seeds), points=len(pts),
@@ -153,48 +236,213 @@ def consistency_summary(records: Sequence[results.EvalRecord],
         level=level,
         retention_at_level=stats.mean_ci([mine[s] for s in seeds],
                                               **ci),
-        gap_vs_matched=gap, verdict=words))
+        gap_vs_matched=gap, verdict=words,
+        gap_area=area.get((base, method), stats.EMPTY),
+        p_value=p.get((base, method), math.nan),
+        p_holm=p_holm.get((base, method), math.nan),
+        family=family if (base, method) in p else 0))
   return out
+
+
+def holm_note(family: int, level: float = stats.LEVEL) -> str:
+  """The line under a table that says how its verdicts were corrected."""
+  return (f"Multiplicity: Holm's step-down correction (Holm 1979) over the"
+          f" {family} comparison{'s' if family != 1 else ''} of this table;"
+          " p = two-sided one-sample t test of the per-seed differences,"
+          " verdicts from the Holm-adjusted p (< "
+          f"{1 - level:.2g}); intervals are the unadjusted {level:.0%} ones.")
+
+
+def variance_note(records: Sequence[results.EvalRecord]) -> str:
+  """The line under a table that says what its intervals cover."""
+  seeds = sorted({r.seed for r in records if not r.is_base})
+  bases: dict[str, set[str]] = {}
+  for r in records:
+    if r.is_base:
+      bases.setdefault(r.base, set()).add(r.checkpoint or r.run)
+  counts = ", ".join(f"{b}: {len(c)}" for b, c in sorted(bases.items()))
+  pretraining = (
+      "pretraining variance is not covered (one base checkpoint per"
+      " pretraining optimizer in these results)"
+      if bases and all(len(c) == 1 for c in bases.values()) else
+      "the pretraining seed is covered only where finetuning seed s started"
+      " from its own pretraining seed s (base checkpoints in these results:"
+      f" {counts or 'none'}; the rows do not record which one a run started"
+      " from)")
+  return (f"Variance covered by the intervals: finetuning seeds"
+          f" ({len(seeds)}: {', '.join(map(str, seeds))}; paired by seed);"
+          f" {pretraining}. Evaluation items are not resampled: the sampling"
+          " error of the eval sets is not in the intervals.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Interaction:
+  """The consistency interaction of two optimizers that both have a base.
+
+  I_ij = [R(i-base, i-ft) - R(i-base, j-ft)] + [R(j-base, j-ft)
+  - R(j-base, i-ft)] (module docstring), per seed that has all four runs,
+  with its interval over those seeds; > 0: matched finetuning forgets less
+  beyond what either method does on every base.
+
+  Attributes:
+    i, j: the two optimizers (i < j).
+    seeds: the seeds of the by-area interval.
+    by_area: each bracket the area gap (`area_between`) of that seed: the
+      primary comparison.
+    at_level: each bracket the retention gap at its base's common level L.
+    levels: (L of the i base, L of the j base).
+    p_value: two-sided t test of `by_area`'s per-seed values.
+    p_holm: `p_value` Holm-adjusted over the table's pairs.
+    family: how many pairs that Holm family has.
+    verdict: `statistics.verdict` of `by_area` with `p_holm`, or why none.
+  """
+
+  i: str
+  j: str
+  seeds: tuple[int, ...]
+  by_area: stats.Interval
+  at_level: stats.Interval
+  levels: tuple[float, float]
+  p_value: float
+  p_holm: float
+  family: int
+  verdict: str
+
+
+def interactions(records: Sequence[results.EvalRecord],
+                 **ci) -> list[Interaction]:
+  """I_ij for every pair of optimizers with both bases, Holm over the pairs.
+
+  Keyword args go to `statistics.mean_ci`.
+  """
+  fronts = seed_frontiers(records)
+  levels = base_levels(fronts)
+  parts = {}
+  for i, j in itertools.combinations(sorted(levels), 2):
+    missing = [f"{m} on the {b} base" for b, m in ((i, i), (i, j), (j, j),
+                                                   (j, i))
+               if (b, m) not in fronts]
+    if missing:
+      parts[(i, j)] = ({}, {}, "no run of " + ", ".join(missing))
+      continue
+    area_i = area_gap_by_seed(fronts, i, i, j)
+    area_j = area_gap_by_seed(fronts, j, j, i)
+    by_area = {s: area_i[s] + area_j[s] for s in set(area_i) & set(area_j)}
+    at = [{s: r[s] - o[s] for s in set(r) & set(o)}
+          for r, o in ((retention_by_seed(fronts, i, i, levels[i]),
+                        retention_by_seed(fronts, i, j, levels[i])),
+                       (retention_by_seed(fronts, j, j, levels[j]),
+                        retention_by_seed(fronts, j, i, levels[j])))]
+    at_level = {s: at[0][s] + at[1][s] for s in set(at[0]) & set(at[1])}
+    parts[(i, j)] = (by_area, at_level,
+                     "" if by_area else "no seed with all four runs")
+  tests = {k: tested(v[0], **ci) for k, v in parts.items()}
+  p_holm, family = holm_by_key({k: t[1] for k, t in tests.items()})
+  out = []
+  for (i, j), (by_area, at_level, why) in parts.items():
+    area, p = tests[(i, j)]
+    out.append(Interaction(
+        i=i, j=j, seeds=tuple(sorted(by_area)), by_area=area,
+        at_level=tested(at_level, **ci)[0], levels=(levels[i], levels[j]),
+        p_value=p, p_holm=p_holm[(i, j)],
+        family=family if math.isfinite(p) else 0,
+        verdict=why or stats.verdict(area, p_adjusted=p_holm[(i, j)])))
+  return out
+
+
+def interaction_markdown(rows: Sequence[Interaction], retention_name: str,
+                         method: str = stats.DEFAULT_METHOD) -> str:
+  """The Interaction table: one row per optimizer pair with both bases."""
+  lines = [
+      "## Interaction", "",
+      "I_ij = [R(i-base, i-ft) - R(i-base, j-ft)] + [R(j-base, j-ft) -"
+      " R(j-base, i-ft)], R = retention"
+      f" ({retention_name}) at equal learning; > 0: matched finetuning"
+      " forgets less, net of any method that is better on every base. By"
+      " area: each bracket the mean retention gap over the learning range"
+      " both frontiers cover (per seed); at L: each bracket at its base's"
+      " common level L. Mean over the seeds with all four runs"
+      f" [{stats.LEVEL:.0%} interval, {method}].", "",
+      "| i, j | seeds | I by area | I at L | L (i, j) | p | p (Holm) |"
+      " verdict |",
+      "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(
+        f"| {r.i}, {r.j} | {len(r.seeds)} | {r.by_area.format(signed=True)}"
+        f" | {r.at_level.format(signed=True)} | {r.levels[0]:.3f},"
+        f" {r.levels[1]:.3f} | {_p(r.p_value)} | {_p(r.p_holm)} |"
+        f" {r.verdict} |")
+  if not rows:
+    lines.append("| (no two optimizers with both bases) | | | | | | | |")
+  lines += ["", holm_note(max((r.family for r in rows), default=0))]
+  return "\n".join(lines) + "\n"
+
+
+def _p(p: float) -> str:
+  return f"{p:.3g}" if math.isfinite(p) else "n/a"
 
 
 def consistency_markdown(summary: Sequence[MethodSummary],
                          learning_name: str, retention_name: str,
-                         method: str = stats.DEFAULT_METHOD) -> str:
-  """The summary as a markdown table plus one verdict line per base."""
+                         method: str = stats.DEFAULT_METHOD,
+                         interaction_rows: Sequence[Interaction] | None = None,
+                         variance: str = "") -> str:
+  """The summary as a markdown table plus one verdict line per base.
+
+  Then, given `interaction_rows`, the Interaction table; `variance`
+  (`variance_note`) goes under each table.
+  """
   level = stats.LEVEL
   lines = [
       f"Learning = {learning_name}; retention = {retention_name} (both"
       " higher is better). Every number is the mean over seeds with its"
       f" {level:.0%} interval ({method}; see"
-      " optconsist_jax/experiments/statistics.py). L = the base's common"
+      " optconsist_jax/report/statistics.py). L = the base's common"
       " learning level"
       " (the highest learning every method reaches on every seed); retention"
       " at L is read off each seed's learning/retention frontier. Gap ="
       " matched's retention at L minus this method's, paired by seed (> 0:"
-      f" matched forgot less); a verdict needs >= {stats.MIN_SEEDS} seeds and"
-      " an interval that excludes 0.", "",
+      " matched forgot less; a secondary reading). Gap by area (the primary"
+      " comparison) = matched minus this method, mean retention gap per unit"
+      " of learning over the learning range both frontiers cover on a seed"
+      " (no extrapolation), paired by seed. The verdict is the area gap's:"
+      f" it needs >= {stats.MIN_SEEDS} seeds and a Holm-adjusted p below"
+      f" {1 - level:.2g}.", "",
       "| base | method | role | seeds | points | best learning | retention"
-      " there | L | retention at L | gap vs matched at L | verdict |",
-      "|---|---|---|---|---|---|---|---|---|---|---|"]
+      " there | L | retention at L | gap vs matched at L | verdict |"
+      " gap vs matched by area | p | p (Holm) |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for s in summary:
     lines.append(
         f"| {s.base} | {s.method} | {s.role} | {len(s.seeds)} | {s.points} |"
         f" {s.best_learning.format()} | {s.retention_at_best.format()} |"
         f" {s.level:.3f} | {s.retention_at_level.format()} |"
         f" {s.gap_vs_matched.format(signed=True) if s.gap_vs_matched.n else ''}"
-        f" | {s.verdict} |")
+        f" | {s.verdict} |"
+        f" {s.gap_area.format(signed=True) if s.gap_area.n else ''} |"
+        f" {_p(s.p_value) if s.role != 'matched' else ''} |"
+        f" {_p(s.p_holm) if s.role != 'matched' else ''} |")
+  lines += ["", holm_note(max((s.family for s in summary), default=0))]
+  if variance:
+    lines.append(variance)
   lines.append("")
   for base in sorted({s.base for s in summary}):
     others = [s for s in summary if s.base == base and s.role != "matched"]
     if not any(s.base == base and s.role == "matched" for s in summary):
       lines.append(f"- {base} base: no matched run to compare.")
       continue
-    parts = [f"vs {s.method}: {s.verdict} (gap"
-             f" {s.gap_vs_matched.format(signed=True)}, {s.gap_vs_matched.n}"
-             " seeds)" for s in others]
+    parts = [f"vs {s.method}: {s.verdict} (gap by area"
+             f" {s.gap_area.format(signed=True)}, {s.gap_area.n} seeds;"
+             f" at L {s.gap_vs_matched.format(signed=True)},"
+             f" {s.gap_vs_matched.n} seeds)" for s in others]
     lines.append(f"- {base} base, matched = {base}, at learning L ="
                  f" {summary_level(summary, base):.3f}: "
                  + ("; ".join(parts) if parts else "no other method") + ".")
+  if interaction_rows is not None:
+    lines += ["", interaction_markdown(interaction_rows, retention_name,
+                                       method).rstrip("\n")]
+    if variance:
+      lines.append(variance)
   return "\n".join(lines) + "\n"
 
 
@@ -211,12 +459,19 @@ class MatrixRow:
     level: the row's common learning level.
     cells: finetuning method -> retention at `level` over seeds.
     seeds: the seeds every method of the row has (the margin's sample).
-    diagonal_margin: diagonal's mean retention minus the best other
-      method's, paired by seed (`statistics.margin_over_best_other`); > 0:
-      the diagonal is best. Empty without a diagonal, another method or a
-      common seed.
-    diagonal_best: "yes" / "no" when the margin's interval excludes 0,
-      "not resolved" otherwise, "n/a" when there is no margin.
+    diagonal_margin: the diagonal's retention at `level` minus that of the
+      other method best on the mean over seeds, paired by seed (descriptive:
+      the closest competitor at L). Empty without a diagonal, another
+      method or a common seed.
+    diagonal_best: "yes" when the diagonal's area gap to every other cell
+      of the row is resolved > 0 after Holm's correction over the table,
+      "no" when any is resolved < 0, "not resolved" otherwise, "n/a"
+      without a diagonal or another method.
+    gaps_area: other method -> diagonal minus it by area (`area_between`
+      per seed, paired by seed).
+    p_holm: other method -> the t-test p of that gap, Holm-adjusted over
+      every gap of the matrix.
+    family: how many gaps that Holm family has.
   """
 
   base: str
@@ -225,6 +480,10 @@ class MatrixRow:
   seeds: tuple[int, ...]
   diagonal_margin: stats.Interval
   diagonal_best: str
+  gaps_area: dict[str, stats.Interval] = dataclasses.field(
+      default_factory=dict)
+  p_holm: dict[str, float] = dataclasses.field(default_factory=dict)
+  family: int = 0
 
 
 def matrix_columns(bases: Sequence[str], methods: Sequence[str]) -> list[str]:
@@ -235,9 +494,19 @@ def matrix_columns(bases: Sequence[str], methods: Sequence[str]) -> list[str]:
 
 def consistency_matrix(records: Sequence[results.EvalRecord],
                        **ci) -> list[MatrixRow]:
-  """Rows = pretraining optimizers, cells = retention at the row's level."""
+  """Rows = pretraining optimizers, cells = retention at the row's level.
+
+  "Diagonal best?" from the area gaps of the diagonal to every other cell,
+  Holm-corrected over all the gaps of the matrix (`MatrixRow`).
+  """
   fronts = seed_frontiers(records)
   levels = base_levels(fronts)
+  gaps, p = {}, {}
+  for base, method in fronts:
+    if method != base and (base, base) in fronts:
+      gaps[(base, method)], p[(base, method)] = tested(
+          area_gap_by_seed(fronts, base, base, method), **ci)
+  p_holm, family = holm_by_key(p)
   rows = []
   for base, level in levels.items():
     methods = sorted(m for b, m in fronts if b == base)
@@ -245,20 +514,31 @@ def consistency_matrix(records: Sequence[results.EvalRecord],
     cells = {m: stats.mean_ci([v[s] for s in sorted(v)], **ci)
              for m, v in by_method.items()}
     common = sorted(set.intersection(*(set(v) for v in by_method.values())))
+    others = [m for m in methods if m != base]
     margin, best = stats.EMPTY, "n/a"
-    if base in methods and len(methods) > 1 and common:
-      table_SK = np.array([[by_method[m][s] for m in methods] for s in common])
-      margin = stats.margin_over_best_other(table_SK, methods.index(base),
-                                            **ci)
-      best = {1: "yes", -1: "no", 0: "not resolved"}[margin.sign()]
-    rows.append(MatrixRow(base=base, level=level, cells=cells,
-                          seeds=tuple(common), diagonal_margin=margin,
-                          diagonal_best=best))
+    if base in methods and others:
+      if common:
+        closest = max(others, key=lambda m: np.mean(
+            [by_method[m][s] for s in common]))
+        margin = stats.paired_gap_ci(
+            {s: by_method[base][s] for s in common}, by_method[closest], **ci)
+      signs = [stats.resolved_sign(gaps[(base, m)],
+                                   p_adjusted=p_holm[(base, m)])
+               for m in others]
+      best = ("no" if -1 in signs else
+              "yes" if all(x == 1 for x in signs) else "not resolved")
+    rows.append(MatrixRow(
+        base=base, level=level, cells=cells, seeds=tuple(common),
+        diagonal_margin=margin, diagonal_best=best,
+        gaps_area={m: gaps[(base, m)] for m in others},
+        p_holm={m: p_holm[(base, m)] for m in others},
+        family=family))
   return rows
 
 
 def matrix_markdown(rows: Sequence[MatrixRow], retention_name: str,
-                    method: str = stats.DEFAULT_METHOD) -> str:
+                    method: str = stats.DEFAULT_METHOD,
+                    variance: str = "") -> str:
   """Cells with intervals, the diagonal in bold, the diagonal's margin."""
   columns = matrix_columns([r.base for r in rows],
                            [m for r in rows for m in r.cells])
@@ -268,18 +548,27 @@ def matrix_markdown(rows: Sequence[MatrixRow], retention_name: str,
       f" learning level L, mean over seeds [{stats.LEVEL:.0%} interval,"
       f" {method}]; the diagonal (matched) in bold. Margin ="
       " diagonal minus the best other cell of the row (the strongest on the"
-      " mean over seeds), paired by seed.", "",
+      " mean over seeds) at L, paired by seed (descriptive). Diagonal best?"
+      " = yes only if the diagonal's gap by area (mean retention gap over"
+      " the learning range both frontiers cover, per seed) to every other"
+      " cell of the row is resolved > 0, no if any is resolved < 0.", "",
       "| pretrained with | L | " + " | ".join(columns)
-      + " | diagonal minus best other | diagonal best? |",
-      "|---" * (len(columns) + 4) + "|"]
+      + " | diagonal minus best other | diagonal best? |"
+      " diagonal minus each other by area (p Holm) |",
+      "|---" * (len(columns) + 5) + "|"]
   for r in rows:
     cells = []
     for m in columns:
       text = r.cells[m].format() if m in r.cells else ""
       cells.append(f"**{text}**" if m == r.base and text else text)
+    each = "; ".join(f"{m}: {g.format(signed=True)} ({_p(r.p_holm[m])})"
+                     for m, g in r.gaps_area.items())
     lines.append(f"| {r.base} | {r.level:.3f} | " + " | ".join(cells)
                  + f" | {r.diagonal_margin.format(signed=True)}"
-                 f" | {r.diagonal_best} |")
+                 f" | {r.diagonal_best} | {each} |")
+  lines += ["", holm_note(max((r.family for r in rows), default=0))]
+  if variance:
+    lines.append(variance)
   return "\n".join(lines) + "\n"
 
 
@@ -294,8 +583,17 @@ def _strict_json(x):
   return x
 
 
-def summary_json(summary: Sequence[MethodSummary]) -> list[dict]:
-  return [_strict_json(dataclasses.asdict(s)) for s in summary]
+def summary_json(summary: Sequence[MethodSummary],
+                 interaction_rows: Sequence[Interaction] = ()) -> list[dict]:
+  """One dict per row; a matched row also carries `interactions`, the
+  Interaction rows its optimizer is in (empty on the other rows)."""
+  out = []
+  for s in summary:
+    d = dataclasses.asdict(s)
+    d["interactions"] = [dataclasses.asdict(r) for r in interaction_rows
+                         if s.role == "matched" and s.base in (r.i, r.j)]
+    out.append(_strict_json(d))
+  return out
 
 
 def matrix_json(rows: Sequence[MatrixRow]) -> list[dict]:

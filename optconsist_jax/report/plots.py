@@ -1,7 +1,7 @@
 """The report's figures: Pareto points, seed frontiers, gaps, the matrix.
 
-Each function draws one figure from numbers computed elsewhere (report.py,
-experiments/consistency.py) and writes it; matplotlib is imported here only.
+Each function draws one figure from numbers computed elsewhere (tables.py,
+consistency.py) and writes it; matplotlib is imported here only.
 """
 
 from __future__ import annotations
@@ -217,12 +217,13 @@ def frontier_plot(records: Sequence[results.EvalRecord],
 def gap_plot(summary: Sequence[consistency.MethodSummary], y_name: str,
              x_name: str, path: str,
              method: str = stats.DEFAULT_METHOD) -> str:
-  """Does matched forget less at equal learning? One bar per (base, method)."""
+  """Does matched forget less at equal learning? One bar per (base, method):
+  the gap by area (the primary comparison) and its Holm-adjusted verdict."""
   plt = _pyplot()
-  rows = [s for s in summary if s.gap_vs_matched.n]
+  rows = [s for s in summary if s.gap_area.n]
   fig, ax = plt.subplots(figsize=(7, 0.5 * max(len(rows), 1) + 1.8))
   for i, s in enumerate(rows):
-    g = s.gap_vs_matched
+    g = s.gap_area
     bounded = np.isfinite([g.lo, g.hi]).all()
     err = ([[max(g.mean - g.lo, 0.0)], [max(g.hi - g.mean, 0.0)]] if bounded
            else None)
@@ -232,14 +233,14 @@ def gap_plot(summary: Sequence[consistency.MethodSummary], y_name: str,
                 (g.hi if bounded else g.mean, i), textcoords="offset points",
                 xytext=(6, -3), fontsize=7)
   ax.set_yticks(range(len(rows)))
-  ax.set_yticklabels([f"{s.base} base: {s.base} vs {s.method}\n(L ="
-                      f" {s.level:.3f}, {s.gap_vs_matched.n} seeds)"
-                      for s in rows], fontsize=8)
+  ax.set_yticklabels([f"{s.base} base: {s.base} vs {s.method}\n"
+                      f"({s.gap_area.n} seeds)" for s in rows], fontsize=8)
   ax.axvline(0, color="black", lw=0.8)
   ax.invert_yaxis()
-  ax.set_xlabel(f"matched minus other retention at equal learning\n({x_name};"
-                " > 0: matched forgets less; 95% interval over seeds,"
-                f" {method})", fontsize=8)
+  ax.set_xlabel(f"matched minus other retention at equal learning, mean"
+                f" over the common learning range\n({x_name}; > 0: matched"
+                f" forgets less; 95% interval over seeds, {method};"
+                " verdicts Holm-adjusted)", fontsize=8)
   ax.set_title(f"Does matched finetuning forget less at equal learning"
                f" ({y_name})?", fontsize=10)
   ax.grid(alpha=0.3, axis="x")

@@ -2,7 +2,7 @@
 
 The unit of replication is the seed: one number per seed (e.g. a method's
 retention at a learning level, or the gap between two methods on the same
-seed). Three intervals for a mean, pure numpy and deterministic:
+seed). Three intervals for a mean, all deterministic:
 
 - "t" (the default, `DEFAULT_METHOD`): Student's t interval, mean +- t_(n-1)
   * sd / sqrt(n).
@@ -28,13 +28,20 @@ Sign convention (the one place it is stated): a gap is
 higher-is-better, so a gap > 0 means matched finetuning forgot less. A
 verdict is resolved only when the whole interval is on one side of zero and
 at least `MIN_SEEDS` seeds entered it.
+
+A table that tests several comparisons resolves them by p-values instead:
+the two-sided one-sample t test of the per-seed differences (`t_test_p`,
+the t distribution of the "t" interval), adjusted by Holm's step-down
+procedure over the table's family of comparisons (`holm`; Holm 1979, "A
+Simple Sequentially Rejective Multiple Test Procedure", Scand. J. Statist.
+6:65-70), which controls the family-wise error rate at 1 - level. The
+intervals shown stay the unadjusted ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
-import functools
 import itertools
 import math
 
@@ -61,7 +68,10 @@ UNRESOLVED = "no difference resolved"
 
 @dataclasses.dataclass(frozen=True)
 class Interval:
-  """A statistic of a sample with its bootstrap percentile interval.
+  """A statistic of a sample with an interval around it.
+
+  The interval is the one `mean_ci` (or the bootstrap functions) computed:
+  Student's t by default (`DEFAULT_METHOD`), else a bootstrap.
 
   Attributes:
     mean: the statistic on the sample itself (the mean by default).
@@ -189,34 +199,13 @@ def _finite(samples: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
   return x
 
 
-@functools.lru_cache(maxsize=256)
 def t_quantile(p: float, df: int) -> float:
-  """Quantile p of Student's t with df degrees of freedom (numerical).
-
-  The CDF is integrated from the density (Simpson's rule) and inverted by
-  bisection; accurate to ~1e-8 for 0.5 <= p <= 0.9995, df >= 1.
-  """
+  """Quantile p of Student's t with df degrees of freedom (`scipy.stats.t`)."""
   if df < 1 or not 0 < p < 1:
     raise ValueError(f"t_quantile: p={p}, df={df}")
-  if p < 0.5:
-    return -t_quantile(1 - p, df)
-  log_c = (math.lgamma((df + 1) / 2) - math.lgamma(df / 2)
-           - 0.5 * math.log(df * math.pi))
-
-  def cdf(q):
-    x = np.linspace(0.0, q, 4001)
-    f = np.exp(log_c - (df + 1) / 2 * np.log1p(x * x / df))
-    h = q / 4000
-    return 0.5 + h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum()
-                          + 2 * f[2:-1:2].sum())
-
-  lo, hi = 0.0, 1.0
-  while cdf(hi) < p:
-    lo, hi = hi, 2 * hi
-  for _ in range(60):
-    mid = (lo + hi) / 2
-    lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-  return (lo + hi) / 2
+  # deferred: scipy.stats takes ~0.5 s to import; only t intervals need it.
+  from scipy import stats as scipy_stats  # pylint: disable=g-import-not-at-top
+  return float(scipy_stats.t.ppf(p, df))
 
 
 def t_ci(samples: Sequence[float] | np.ndarray, *,
@@ -230,6 +219,49 @@ def t_ci(samples: Sequence[float] | np.ndarray, *,
     return Interval(mean, -math.inf, math.inf, n, level)
   half = t_quantile((1 + level) / 2, n - 1) * se
   return Interval(mean, mean - half, mean + half, n, level)
+
+
+def t_test_p(samples: Sequence[float] | np.ndarray) -> float:
+  """Two-sided p of the one-sample t test of mean 0 (NaN below 2 samples).
+
+  t = mean / (sd / sqrt(n)) against Student's t with n - 1 degrees of
+  freedom (`scipy.stats.t`); a sample with no spread gives 1 at mean 0,
+  else 0.
+  """
+  x = _finite(samples, "sample")
+  n, mean = len(x), float(np.mean(x))
+  if n < 2:
+    return math.nan
+  se = float(_se(x))
+  if se <= _REL_EPS * abs(mean) or se == 0.0:
+    return 1.0 if mean == 0.0 else 0.0
+  # deferred: as in t_quantile.
+  from scipy import stats as scipy_stats  # pylint: disable=g-import-not-at-top
+  return float(2.0 * scipy_stats.t.sf(abs(mean) / se, n - 1))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+  """Holm's (1979) step-down adjusted p-values, in the input order.
+
+  With the m finite p-values sorted, p_(1) <= ... <= p_(m), the adjusted
+  p_(k) is max over i <= k of min(1, (m - i + 1) p_(i)); rejecting where it
+  is below alpha is Holm's procedure at family-wise level alpha. NaN entries
+  (no test) are not in the family and stay NaN.
+  """
+  p = np.asarray(p_values, np.float64)
+  out = np.full(p.shape, np.nan)
+  idx = np.flatnonzero(np.isfinite(p))
+  order = idx[np.argsort(p[idx], kind="stable")]
+  m, running = len(order), 0.0
+  for k, i in enumerate(order):
+    running = max(running, min(1.0, (m - k) * p[i]))
+    out[i] = running
+  return out.tolist()
+
+
+def family_size(p_values: Sequence[float]) -> int:
+  """How many comparisons `holm` adjusts over (the finite p-values)."""
+  return int(np.isfinite(np.asarray(p_values, np.float64)).sum())
 
 
 def mean_ci(samples: Sequence[float] | np.ndarray, *,
@@ -294,55 +326,33 @@ def paired_gap_ci(a_by_seed: Mapping[int, float],
   return mean_ci([a_by_seed[s] - b_by_seed[s] for s in seeds], **kw)
 
 
-def margin_over_best_other(values_SK: np.ndarray, k: int, *,
-                           method: str = DEFAULT_METHOD, level: float = LEVEL,
-                           n_boot: int = N_BOOT, rng_seed: int = 0,
-                           exact: bool | None = None) -> Interval:
-  """mean of column k minus the best mean of the other columns, with interval.
+def resolved_sign(gap: Interval, min_n: int = MIN_SEEDS,
+                  p_adjusted: float | None = None) -> int:
+  """+1 / -1 for a gap resolved above / below 0, else 0.
 
-  Rows are seeds (columns are paired by seed). "t": the t interval of the
-  per-seed difference to the best other column (chosen on the mean over
-  seeds: the strongest competitor, so "k is best" is not made easier).
-  The bootstraps choose the best other column again in every resample;
-  "studentized" divides by the standard error of the paired difference to
-  the column chosen. > 0: column k is the best.
+  Without `p_adjusted` by the interval (`Interval.sign`); with it (e.g.
+  from `holm`), by p_adjusted < 1 - gap.level, the sign being the mean's.
+  Either way at least `min_n` seeds.
   """
-  v = _finite(values_SK, "table")
-  if v.ndim != 2 or v.shape[1] < 2 or not 0 <= k < v.shape[1]:
-    raise ValueError(f"margin_over_best_other: need a seeds x columns table"
-                     f" with >= 2 columns and 0 <= k < columns; got shape"
-                     f" {v.shape}, k={k}")
-  if method not in METHODS:
-    raise ValueError(f"margin_over_best_other: method={method!r}; expected"
-                     f" one of {METHODS}")
-  others = np.array([j for j in range(v.shape[1]) if j != k])
-  best = others[np.argmax(v.mean(axis=0)[others])]
-  if method == "t":
-    return t_ci(v[:, k] - v[:, best], level=level)
-  idx = resample_indices(v.shape[0], n_boot=n_boot, rng_seed=rng_seed,
-                         exact=exact)
-  v_BSK = v[idx]
-  means_BK = v_BSK.mean(axis=1)
-  best_B = others[np.argmax(means_BK[:, others], axis=1)]
-  rows_B = np.arange(len(idx))
-  margins_B = means_BK[rows_B, k] - means_BK[rows_B, best_B]
-  point = float(v[:, k].mean() - v[:, best].mean())
-  if method == "percentile":
-    return percentile_interval(point, margins_B, v.shape[0], level)
-  diff_BS = v_BSK[:, :, k] - v_BSK[rows_B, :, best_B]
-  return studentized_interval(point, float(_se(v[:, k] - v[:, best])),
-                              margins_B, _se(diff_BS), v.shape[0], level)
+  if p_adjusted is None:
+    return gap.sign(min_n)
+  if gap.n < min_n or not p_adjusted < 1 - gap.level:  # False for NaN
+    return 0
+  return 1 if gap.mean > 0 else -1 if gap.mean < 0 else 0
 
 
 def describe(gap: Interval, above: str, below: str,
-             min_n: int = MIN_SEEDS) -> str:
-  """`above` / `below` when the interval is above / below 0, else UNRESOLVED."""
-  return {1: above, -1: below, 0: UNRESOLVED}[gap.sign(min_n)]
+             min_n: int = MIN_SEEDS, p_adjusted: float | None = None) -> str:
+  """`above` / `below` for a gap resolved above / below 0 (`resolved_sign`),
+  else UNRESOLVED."""
+  return {1: above, -1: below, 0: UNRESOLVED}[
+      resolved_sign(gap, min_n, p_adjusted)]
 
 
-def verdict(gap: Interval, min_n: int = MIN_SEEDS) -> str:
+def verdict(gap: Interval, min_n: int = MIN_SEEDS,
+            p_adjusted: float | None = None) -> str:
   """The words for a matched-minus-other retention gap (module docstring)."""
-  return describe(gap, MATCHED_LESS, MATCHED_MORE, min_n)
+  return describe(gap, MATCHED_LESS, MATCHED_MORE, min_n, p_adjusted)
 
 
 def intervals_by(rows: Sequence[Mapping[str, object]], keys: Sequence[str],

@@ -119,12 +119,13 @@ def write_consistency(records: Sequence[results.EvalRecord], out_dir: str, *,
                       interval: str | None = None) -> dict[str, str]:
   """Matched vs the rest at equal learning, with intervals over seeds.
 
-  Writes out_dir/summary.md (+ .json), frontiers.png (mean frontier per
+  Writes out_dir/summary.md (+ .json: the per-base gaps, by area and at
+  L, and the consistency interactions; `report.consistency`), frontiers.png (mean frontier per
   base with its band and every seed's points), gaps.png (the gap vs matched
   per base and method, with its verdict) and, with >= MATRIX_MIN_BASES
   pretraining optimizers (`matrix="auto"`) or `matrix="always"`,
   matrix.md (+ .json, .png, .svg). `interval`: a method of
-  `experiments.statistics.METHODS` (None: its DEFAULT_METHOD). Returns the
+  `report.statistics.METHODS` (None: its DEFAULT_METHOD). Returns the
   paths.
   """
   from optconsist_jax.report import plots as report_plots  # pylint: disable=g-import-not-at-top
@@ -143,14 +144,17 @@ def write_consistency(records: Sequence[results.EvalRecord], out_dir: str, *,
   learning_name = _common(r.learning_metric for r in records)
   retention_name = _common(r.retention_metric for r in records)
   summary = consistency.consistency_summary(records, method=interval)
+  interaction_rows = consistency.interactions(records, method=interval)
+  variance = consistency.variance_note(records)
   paths = {"summary": os.path.join(out_dir, "summary.md"),
            "summary_json": os.path.join(out_dir, "summary.json")}
   with open(paths["summary"], "w") as f:
-    f.write(consistency.consistency_markdown(summary, learning_name,
-                                             retention_name, interval))
+    f.write(consistency.consistency_markdown(
+        summary, learning_name, retention_name, interval,
+        interaction_rows=interaction_rows, variance=variance))
   with open(paths["summary_json"], "w") as f:
-    json.dump(consistency.summary_json(summary), f, indent=2,
-              allow_nan=False)
+    json.dump(consistency.summary_json(summary, interaction_rows), f,
+              indent=2, allow_nan=False)
   paths["frontiers"] = report_plots.frontier_plot(
       records, summary, retention_name, learning_name,
       os.path.join(out_dir, "frontiers.png"))
@@ -164,7 +168,8 @@ def write_consistency(records: Sequence[results.EvalRecord], out_dir: str, *,
     for kind in ("md", "json", "png", "svg"):
       paths[f"matrix_{kind}"] = os.path.join(out_dir, f"matrix.{kind}")
     with open(paths["matrix_md"], "w") as f:
-      f.write(consistency.matrix_markdown(rows, retention_name, interval))
+      f.write(consistency.matrix_markdown(rows, retention_name, interval,
+                                          variance))
     with open(paths["matrix_json"], "w") as f:
       json.dump(consistency.matrix_json(rows), f, indent=2, allow_nan=False)
     report_plots.matrix_plot(rows, retention_name,
