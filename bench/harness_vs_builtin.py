@@ -4,9 +4,9 @@ The same random-weight model and the same items (the project's synthetic
 HellaSwag, ARC and WinoGrande generators, `--items` of each, in the published
 formats) are scored twice:
 
-* built-in: `data.formats` readers + `evals.multiple_choice.evaluate`;
+* built-in: `data.formats` readers + `evaluate.multiple_choice.evaluate`;
 * harness: `lm_eval.simple_evaluate` (lm-eval 0.4.13, the `harness` extra)
-  with `evals.harness.HarnessLM` on local task YAMLs that include the
+  with `evaluate.harness.HarnessLM` on local task YAMLs that include the
   harness's own hellaswag / arc_challenge / winogrande tasks
   (`dataset_path: json`, no network).
 

@@ -15,7 +15,7 @@ Exit codes (the same for every `python -m optconsist_jax.<command>`):
                   rerun the same command to resume. `EX_TEMPFAIL` of BSD
                   sysexits.h ("a temporary failure ... the user is invited to
                   retry"), the code schedulers and the launcher's supervisor
-                  (tools/supervise.py) treat as "start me again".
+                  (tools/launch/supervise.py) treat as "start me again".
 
 Anything else (1, or a signal) is a bug or a crash and keeps its traceback.
 
@@ -134,6 +134,7 @@ def _verbose() -> bool:
   if os.environ.get("OPTCONSIST_VERBOSE"):
     return True
   try:
+    # deferred: absl where flags exist; errors stays stdlib-only (launcher).
     from absl import flags  # pylint: disable=g-import-not-at-top
     f = flags.FLAGS
     return f.is_parsed() and "verbosity" in f and f.verbosity >= 1
@@ -179,6 +180,7 @@ def parse_absl_flags(argv: Sequence[str]) -> list[str]:
   refused with the flag and the reason; ml_collections' "Did you mean" hint
   is kept.
   """
+  # deferred: absl where flags exist; errors stays stdlib-only (launcher).
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     return flags.FLAGS(list(argv))
@@ -217,6 +219,7 @@ def run(main: Callable[..., Any], *, absl: bool = True) -> NoReturn:
   """
   sys.argv = _strip_verbose(sys.argv)
   if absl:
+    # deferred: absl where flags exist; errors stays stdlib-only (launcher).
     from absl import app  # pylint: disable=g-import-not-at-top
     app.run(guard(main), flags_parser=parse_absl_flags)
     sys.exit(OK)

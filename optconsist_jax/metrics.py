@@ -193,6 +193,7 @@ def preload_writers() -> None:
 
 def scalar_writer(logdir: str | epath.Path | None, *, just_logging: bool):
   """clu's default writer: TensorBoard events under `logdir` + the log."""
+  # deferred: clu writers import TensorFlow (slow); preload_writers warms them.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   return metric_writers.create_default_writer(logdir,
                                               just_logging=just_logging)
@@ -204,6 +205,7 @@ class Writer:
   def __init__(self, workdir: str, *, num_train_steps: int | None,
                progress_every_steps: int | None = None,
                progress_every_secs: float | None = 60.0):
+    # deferred: clu.periodic_actions imports TensorFlow (seconds).
     from clu import periodic_actions  # pylint: disable=g-import-not-at-top
     self.logdir = epath.Path(workdir) / METRICS_DIR
     is_main = jax.process_index() == 0

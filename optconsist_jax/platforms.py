@@ -76,6 +76,7 @@ def select_default() -> str | None:
   Call before anything touches a device. Returns what was chosen (None: the
   user's choice or JAX's own).
   """
+  # deferred: platforms imports without jax (the launcher reads its TPU facts).
   import jax  # pylint: disable=g-import-not-at-top
   if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
     return None
@@ -114,6 +115,7 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
               or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
               or int(env.get("SLURM_NTASKS", "1") or 1) > 1
               or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1)
+  # deferred: platforms imports without jax (the launcher reads its TPU facts).
   import jax  # pylint: disable=g-import-not-at-top
   if not wanted or jax.distributed.is_initialized():
     return False

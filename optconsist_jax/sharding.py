@@ -57,8 +57,6 @@ MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 MeshAxes = Union[str, tuple[str, ...], None]
 Rules = tuple[tuple[str, MeshAxes], ...]
 
-PARAM_NAMES = ("vocab", "embed", "heads", "kv_heads", "mlp", "norm", "layers",
-               "positions", "lora_rank")
 ACTIVATION_NAMES = ("act_batch", "act_length", "act_embed", "act_heads",
                     "act_kv_heads", "act_mlp", "act_vocab")
 

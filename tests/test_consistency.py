@@ -8,6 +8,7 @@ import pytest
 
 from optconsist_jax.evaluate import results
 from optconsist_jax.report import consistency
+from optconsist_jax.report import matrix as matrix_lib
 from optconsist_jax.report import statistics as stats
 
 
@@ -127,16 +128,16 @@ def test_matrix_marks_the_best_diagonal():
       offsets[(b, m)] = 0.1 if m == b else 0.0
   offsets[("lion", "adamw")] = 0.2  # row lion: adamw beats the diagonal
   offsets[("muon", "adamw")] = 0.1  # row muon: a tie with the diagonal
-  rows_ = {r.base: r for r in consistency.consistency_matrix(planted(offsets))}
+  rows_ = {r.base: r for r in matrix_lib.consistency_matrix(planted(offsets))}
   assert rows_["adamw"].diagonal_best == "yes"
   assert rows_["adamw"].diagonal_margin.mean == pytest.approx(0.1, abs=0.01)
   assert rows_["lion"].diagonal_best == "no"
   assert rows_["muon"].diagonal_best == "not resolved"
   assert set(rows_["adamw"].cells) == {"adamw", "muon", "lion", "lora"}
-  assert consistency.matrix_columns(["adamw", "muon", "lion"],
+  assert matrix_lib.matrix_columns(["adamw", "muon", "lion"],
                                     ["lora", "lion", "muon", "adamw",
                                      "adagrad"]) == [
                                          "adamw", "muon", "lion", "adagrad",
                                          "lora"]
-  text = consistency.matrix_markdown(list(rows_.values()), "r")
+  text = matrix_lib.matrix_markdown(list(rows_.values()), "r")
   assert text.count("| yes |") == 1 and text.count("| no |") == 1

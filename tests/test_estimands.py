@@ -8,6 +8,7 @@ import pytest
 
 from optconsist_jax.evaluate import results
 from optconsist_jax.report import consistency
+from optconsist_jax.report import matrix as matrix_lib
 from optconsist_jax.report import statistics as stats
 from optconsist_jax.report import tables
 
@@ -225,7 +226,7 @@ def test_diagonal_loses_to_a_cell_that_is_not_the_best_on_the_mean():
              "lora": [0.0, 0.001, -0.001, 0.0005, -0.0005]}
   runs = {("adamw", m, s): [(l, -1 - l + off[s]) for l in (0.1, 0.3, 0.5)]
           for m, off in offsets.items() for s in range(5)}
-  (row,) = consistency.consistency_matrix(records_of(runs))
+  (row,) = matrix_lib.consistency_matrix(records_of(runs))
   # The old rule: the diagonal against lion only (best on the mean), not
   # resolved.
   assert row.diagonal_margin.mean == pytest.approx(-0.1)
@@ -243,11 +244,11 @@ def test_diagonal_loses_to_a_cell_that_is_not_the_best_on_the_mean():
   # Without the muon column: lion unresolved, lora resolved -> not resolved.
   del offsets["muon"]
   runs = {k: v for k, v in runs.items() if k[1] != "muon"}
-  (row,) = consistency.consistency_matrix(records_of(runs))
+  (row,) = matrix_lib.consistency_matrix(records_of(runs))
   assert row.diagonal_best == "not resolved"
   # And with lion gone too: the diagonal beats every other cell.
   runs = {k: v for k, v in runs.items() if k[1] != "lion"}
-  (row,) = consistency.consistency_matrix(records_of(runs))
+  (row,) = matrix_lib.consistency_matrix(records_of(runs))
   assert row.diagonal_best == "yes"
-  text = consistency.matrix_markdown([row], "r")
+  text = matrix_lib.matrix_markdown([row], "r")
   assert "over the 1 comparison of this table" in text

@@ -41,15 +41,30 @@ def vocab():
     return json.load(f)
 
 
-def test_bytes_to_unicode_is_gpt2_table():
-  table = gpt2_bpe.bytes_to_unicode()
-  assert sorted(table) == list(range(256))
-  assert len(set(table.values())) == 256
-  assert all(table[b] == chr(b) for b in range(ord("!"), ord("~") + 1))
+def _gpt2_byte_table():
+  """OpenAI gpt-2 encoder.py's bytes_to_unicode, written out here."""
+  bs = (list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\xa1"), ord("\xac") + 1))
+        + list(range(ord("\xae"), ord("\xff") + 1)))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def test_bytes_map_to_gpt2_byte_symbols(tok, vocab):
+  table = _gpt2_byte_table()
   # GPT-2's well-known symbols: space -> 'Ġ' (U+0120), newline -> 'Ċ'.
-  assert table[ord(" ")] == "\u0120"
-  assert table[ord("\n")] == "\u010a"
-  assert all(c.isprintable() and not c.isspace() for c in table.values())
+  assert table[ord(" ")] == "\u0120" and table[ord("\n")] == "\u010a"
+  # One-byte texts (nothing to merge) are the byte's symbol in the vocab.
+  for b in range(128):
+    assert tok.encode(chr(b)) == [vocab[table[b]]], b
+  # A two-byte character no merge joins: one symbol per UTF-8 byte.
+  assert tok.encode("\u00fc") == [vocab[table[0xc3]], vocab[table[0xbc]]]
 
 
 def test_pretokenize_matches_regex_module(cases):

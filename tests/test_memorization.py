@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 from flax import nnx
 import numpy as np
@@ -256,3 +258,31 @@ def test_miniature_run_writes_results_and_resumes(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="num_epochs"):
     memorization.run(w, base, ("adamw",),
                      settings=memorization.Settings(num_epochs=3))
+
+
+def test_default_config_loads_from_an_installed_wheel(tmp_path):
+  """The default config ships in the package: a wheel installed elsewhere
+  (no checkout on sys.path, cwd elsewhere) builds it."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  wheels, target, cwd = (tmp_path / d for d in ("wheels", "site", "elsewhere"))
+  cwd.mkdir()
+  pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+  subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation",
+                        "--no-index", "-w", str(wheels), repo],
+                 check=True, cwd=cwd, timeout=120)
+  (wheel,) = wheels.glob("optconsist_jax-*.whl")
+  subprocess.run(pip + ["install", "--no-deps", "--no-index", "--target",
+                        str(target), str(wheel)],
+                 check=True, cwd=cwd, timeout=120)
+  script = (
+      "import optconsist_jax.experiments.memorization as m, sys\n"
+      "assert m.__file__.startswith(sys.argv[1]), m.__file__\n"
+      "c = m.memorization_config.get_config('muon')\n"
+      "print(c.train.num_epochs, c.checkpoint.keep_epochs, c.data.format)\n")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env["PYTHONPATH"] = str(target)
+  out = subprocess.run([sys.executable, "-c", script,
+                        str(target)], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["4", "True", "metamathqa"]

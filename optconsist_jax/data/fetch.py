@@ -34,6 +34,7 @@ parse) print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import dataclasses
 import hashlib
 import json
@@ -41,8 +42,8 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
 
+from optconsist_jax.data import formats
 from optconsist_jax.io import hub
 
 MANIFEST = "fetch_manifest.json"
@@ -180,6 +181,7 @@ def _verify(source: Source, f: RemoteFile, cached: str) -> str:
 
 
 def _write_jsonl_from_parquet(src: str, dst: str) -> None:
+  # deferred: pyarrow is heavy; only the parquet sources need it.
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   table = pq.read_table(src)
   with open(dst, "w", encoding="utf-8") as out:
@@ -234,7 +236,6 @@ def fetch(name: str, out_dir: str, force: bool = False,
   if name not in SOURCES:
     raise FetchError(f"unknown dataset {name!r}; expected one of"
                      f" {', '.join(NAMES)} or all")
-  from optconsist_jax.data import formats  # pylint: disable=g-import-not-at-top
   source = SOURCES[name]
   ref = hub.HubRef(source.repo_id, source.revision, "dataset")
   os.makedirs(out_dir, exist_ok=True)

@@ -1,17 +1,11 @@
 """GPT-2 byte-level BPE tokenizer (the tokenizer of the authors' small bases).
 
-Reads the standard files: `vocab.json` + `merges.txt` (Hugging Face names) or
-`encoder.json` + `vocab.bpe` (OpenAI's names for the same content). The
-algorithm is OpenAI's gpt-2 `src/encoder.py` (Radford et al. 2019):
-
-1. Split the text with GPT-2's pre-tokenizer pattern
-   `'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`.
-   The stdlib `re` has no `\\p{..}`, so the letter/number/space classes are
-   built once from `unicodedata` (Python's Unicode version). `\\s` follows the
-   `regex` module GPT-2 uses: Python's whitespace minus U+001C..U+001F.
-2. Map each piece's UTF-8 bytes to printable characters (`bytes_to_unicode`)
-   and apply the merges greedily by rank.
-3. Look the resulting symbols up in the vocabulary.
+A thin adapter over Hugging Face's `tokenizers` (Rust): a BPE model with
+GPT-2's byte-level pre-tokenizer and decoder, built from the standard files,
+`vocab.json` + `merges.txt` (Hugging Face names) or `encoder.json` +
+`vocab.bpe` (OpenAI's names for the same content). The ids are those of
+OpenAI's gpt-2 `src/encoder.py` (Radford et al. 2019) and of transformers'
+GPT2Tokenizer (tests/test_gpt2_bpe.py pins them).
 
 Interface as `optconsist_jax.data.tokenizer.Tokenizer`: `encode(text, bos=,
 eos=)`, `decode(ids)`, `bos_id`, `eos_id`, `pad_id`, `vocab_size`. GPT-2 has one
@@ -25,80 +19,36 @@ Leading space. `Tokenizer` (SentencePiece, Llama-2) prepends a dummy-prefix
 space to every text, and the data code relies on it: `encode(prompt) +
 encode(response)` equals encoding `prompt + " " + response` jointly, and
 `decode` drops that one leading space. With `add_prefix_space=True` (the
-default, Hugging Face's GPT2Tokenizer option of the same name) this class does
-the same: `encode(x)` is GPT-2's encoding of `" " + x`, and `decode` removes one
-leading space, so `decode(encode(x)) == x`. `add_prefix_space=False` gives
-GPT-2's (and tiktoken's) exact encoding of `x`.
+default) this class does the same: `encode(x)` is GPT-2's encoding of
+`" " + x`, and `decode` removes one leading space, so `decode(encode(x)) == x`.
+(Unlike the option of the same name in `tokenizers`' ByteLevel, which adds no
+space to a text that starts with one.) `add_prefix_space=False` gives GPT-2's
+(and tiktoken's) exact encoding of `x`.
 """
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Sequence
 import json
 import os
-import re
-import sys
-import unicodedata
-from collections.abc import Sequence
+
+import tokenizers
+from tokenizers import decoders
+from tokenizers import models
+from tokenizers import pre_tokenizers
 
 EOT_TOKEN = "<|endoftext|>"
 _FILE_PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
-# The `regex` module's \s excludes these four (Python's str.isspace has them).
-_NOT_REGEX_SPACE = "\x1c\x1d\x1e\x1f"
-_CACHE_LIMIT = 200_000
 
 
-@functools.cache
-def bytes_to_unicode() -> dict[int, str]:
-  """GPT-2's table: each byte -> a printable character (encoder.py)."""
-  bs = (list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("\xa1"), ord("\xac") + 1))
-        + list(range(ord("\xae"), ord("\xff") + 1)))
-  cs = bs[:]
-  n = 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return dict(zip(bs, (chr(c) for c in cs)))
-
-
-def _ranges(code_points: list[int]) -> str:
-  """A `re` character-class body matching the sorted `code_points`."""
-  parts = []
-  start = prev = code_points[0]
-  for cp in code_points[1:] + [-1]:
-    if cp != prev + 1:
-      parts.append(f"\\U{start:08x}-\\U{prev:08x}" if prev > start
-                   else f"\\U{start:08x}")
-      start = cp
-    prev = cp
-  return "".join(parts)
-
-
-@functools.cache
-def pretokenize_pattern() -> re.Pattern[str]:
-  """GPT-2's pre-tokenizer as a stdlib regex (classes from unicodedata)."""
-  classes = {"L": [], "N": [], "S": []}
-  for cp in range(sys.maxunicode + 1):
-    c = chr(cp)
-    if c.isspace() and c not in _NOT_REGEX_SPACE:
-      classes["S"].append(cp)
-    else:
-      kind = unicodedata.category(c)[0]
-      if kind in "LN":
-        classes[kind].append(cp)
-  letters, numbers, spaces = (_ranges(classes[k]) for k in "LNS")
-  return re.compile(
-      rf"""'s|'t|'re|'ve|'m|'ll|'d| ?[{letters}]+| ?[{numbers}]+"""
-      rf"""| ?[^{spaces}{letters}{numbers}]+|[{spaces}]+(?![^{spaces}])"""
-      rf"""|[{spaces}]+""")
+def _byte_level() -> pre_tokenizers.ByteLevel:
+  """GPT-2's pre-tokenizer: its regex split, bytes mapped to symbols."""
+  return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
 def pretokenize(text: str) -> list[str]:
   """GPT-2's pre-tokenization of `text` (pieces that concatenate to it)."""
-  return pretokenize_pattern().findall(text)
+  return [text[a:b] for _, (a, b) in _byte_level().pre_tokenize_str(text)]
 
 
 def is_gpt2_bpe_dir(path: str | os.PathLike) -> bool:
@@ -140,22 +90,24 @@ class GPT2BPETokenizer:
     self._decoder = {i: s for s, i in self._encoder.items()}
     if len(self._decoder) != len(self._encoder):
       raise ValueError(f"{where}: ids are not unique")
-    missing = [b for b, s in bytes_to_unicode().items()
-               if s not in self._encoder]
+    missing = sorted(set(pre_tokenizers.ByteLevel.alphabet())
+                     - set(self._encoder))
     if missing:
       raise ValueError(f"{where}: byte symbols missing from the vocabulary"
-                       f" (bytes {missing[:8]}); not a byte-level BPE")
+                       f" ({missing[:8]}); not a byte-level BPE")
     if EOT_TOKEN not in self._encoder:
       raise ValueError(f"{where}: no {EOT_TOKEN!r} in the vocabulary")
+    merges = [tuple(m) for m in merges]
     for rank, (a, b) in enumerate(merges):
       if a + b not in self._encoder:
         raise ValueError(f"{where}: merge {rank} ({a!r}, {b!r}) produces"
                          f" {a + b!r}, which is not in the vocabulary")
-    self._ranks = {pair: rank for rank, pair in enumerate(merges)}
-    self._byte_encoder = bytes_to_unicode()
-    self._byte_decoder = {s: b for b, s in self._byte_encoder.items()}
+    # No special tokens are registered: "<|endoftext|>" in text stays text.
+    self._tok = tokenizers.Tokenizer(
+        models.BPE(vocab=self._encoder, merges=merges))
+    self._tok.pre_tokenizer = _byte_level()
+    self._tok.decoder = decoders.ByteLevel()
     self._eot = self._encoder[EOT_TOKEN]
-    self._cache: dict[str, tuple[int, ...]] = {}
     self.add_prefix_space = add_prefix_space
 
   @classmethod
@@ -222,49 +174,16 @@ class GPT2BPETokenizer:
     """Entries in the vocabulary (50257 for GPT-2), not the padded 50304."""
     return len(self._encoder)
 
-  def _bpe(self, piece: str) -> tuple[int, ...]:
-    """Ids of one pre-tokenized piece (encoder.py's `bpe`, then lookup)."""
-    cached = self._cache.get(piece)
-    if cached is not None:
-      return cached
-    word = [self._byte_encoder[b] for b in piece.encode("utf-8")]
-    while len(word) > 1:
-      ranked = [(self._ranks.get(pair, sys.maxsize), i)
-                for i, pair in enumerate(zip(word, word[1:]))]
-      best_rank, best_i = min(ranked)
-      if best_rank == sys.maxsize:
-        break
-      first, second = word[best_i], word[best_i + 1]
-      merged = []
-      i = 0
-      while i < len(word):
-        if i + 1 < len(word) and word[i] == first and word[i + 1] == second:
-          merged.append(first + second)
-          i += 2
-        else:
-          merged.append(word[i])
-          i += 1
-      word = merged
-    ids = tuple(self._encoder[s] for s in word)
-    if len(self._cache) >= _CACHE_LIMIT:
-      self._cache.clear()
-    self._cache[piece] = ids
-    return ids
-
   def encode(self, text: str, *, bos: bool = False,
              eos: bool = False) -> list[int]:
     """Token ids of `text`, optionally with `<|endoftext|>` around it."""
     if not isinstance(text, str):
       raise TypeError(
           f"GPT2BPETokenizer.encode expects str, got {type(text).__name__}")
-    ids = [self._eot] if bos else []
     if self.add_prefix_space:
       text = " " + text
-    for piece in pretokenize(text):
-      ids.extend(self._bpe(piece))
-    if eos:
-      ids.append(self._eot)
-    return ids
+    ids = self._tok.encode(text, add_special_tokens=False).ids
+    return [self._eot] * bos + ids + [self._eot] * eos
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [self.encode(t) for t in texts]
@@ -278,15 +197,14 @@ class GPT2BPETokenizer:
     Byte sequences that are not valid UTF-8 (a cut multi-byte character)
     decode to U+FFFD, as encoder.py's errors="replace".
     """
-    out = bytearray()
+    kept = []
     for i in ids:
       i = int(i)
       if i < 0:
         raise ValueError(f"negative token id {i}")
-      if i == self._eot or i not in self._decoder:
-        continue
-      out.extend(self._byte_decoder[c] for c in self._decoder[i])
-    text = out.decode("utf-8", errors="replace")
+      if i != self._eot and i in self._decoder:
+        kept.append(i)
+    text = self._tok.decode(kept, skip_special_tokens=False)
     if self.add_prefix_space and text.startswith(" "):
       text = text[1:]
     return text
@@ -297,4 +215,3 @@ class GPT2BPETokenizer:
   def __repr__(self) -> str:
     return (f"GPT2BPETokenizer({self.path!r}, vocab_size={self.vocab_size},"
             f" eos={self.eos_id}, add_prefix_space={self.add_prefix_space})")
-

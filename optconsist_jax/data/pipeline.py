@@ -27,11 +27,11 @@ calls `FLAGS.mark_as_parsed()`. Scripts using workers need an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
 from typing import Any
 
 from absl import flags
@@ -39,12 +39,16 @@ from absl import logging
 import grain
 import numpy as np
 
-from optconsist_jax import typed_config
+from optconsist_jax.data import corpus
 from optconsist_jax.data import formats
+from optconsist_jax.data import gpt2_bpe
 from optconsist_jax.data import prompts
-from optconsist_jax.data import supervised
 from optconsist_jax.data.records import MathExample
+from optconsist_jax.data import supervised
+from optconsist_jax.data import synthetic
 from optconsist_jax.data.tokenizer import Tokenizer
+from optconsist_jax.io import hub
+from optconsist_jax import typed_config
 
 FORMATS = ("metamathqa", "gsm8k", "text", "synthetic", "stdlib")
 SOURCES = ("file", "tfds")
@@ -138,8 +142,6 @@ def load_tokenizer(config: DataConfig) -> Tokenizer:
   """
   if not config.tokenizer_path:
     return Tokenizer.tiny()
-  from optconsist_jax.io import hub  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.data import gpt2_bpe  # pylint: disable=g-import-not-at-top
   if gpt2_bpe.is_gpt2_bpe_dir(config.tokenizer_path):
     return gpt2_bpe.GPT2BPETokenizer.load(config.tokenizer_path)
   return Tokenizer.load(hub.tokenizer_file(config.tokenizer_path))
@@ -148,14 +150,13 @@ def load_tokenizer(config: DataConfig) -> Tokenizer:
 def load_records(config: DataConfig) -> list[MathExample] | list[str]:
   """The records `config` names (MathExamples, or documents for LM formats)."""
   if config.format == "synthetic":
-    from optconsist_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     records = [formats.parse_metamath_record("synthetic", i, r)
                for i, r in enumerate(synthetic.metamathqa_records(
                    config.synthetic_examples, config.seed))]
   elif config.format == "stdlib":
-    from optconsist_jax.data import corpus  # pylint: disable=g-import-not-at-top
     records = corpus.python_stdlib_text(config.split)
   elif config.source == "tfds":
+    # deferred: tensorflow_datasets is slow to import; tfds formats only.
     from optconsist_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
     records = tfds_builders.read(config.format, config.split, config.path)
   else:
@@ -340,6 +341,7 @@ def build_pipeline(config: DataConfig, *, tokenizer: Tokenizer | None = None,
     store: pre-tokenized sequences (skips reading/tokenizing).
   """
   if process_index is None or process_count is None:
+    # deferred: jax for the default process index; data code runs without it.
     import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count

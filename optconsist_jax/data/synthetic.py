@@ -21,14 +21,16 @@ Run `python -m optconsist_jax.data.synthetic OUT_DIR` to write all files.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import json
 import os
 import re
-import sys
-from collections.abc import Sequence
 
 import numpy as np
+
+from optconsist_jax import errors
+from optconsist_jax import paths as paths_lib
 
 _NAMES = ("Ava", "Ben", "Chloe", "Dan", "Ella", "Finn", "Grace", "Hugo", "Iris",
           "Jack", "Kara", "Leo", "Maya", "Noah", "Olga", "Paul", "Rosa", "Sam",
@@ -370,8 +372,6 @@ def write_all(out_dir: str, *, n_train: int = 20000, n_test: int = 500,
 
 
 def main(argv: list[str]) -> int:
-  from optconsist_jax import errors  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import paths as paths_lib  # pylint: disable=g-import-not-at-top
   if len(argv) != 1:
     raise errors.UserError(
         "usage: python -m optconsist_jax.data.synthetic OUT_DIR")

@@ -11,11 +11,13 @@ Regenerate with `python -m optconsist_jax.data.tiny_tokenizer [OUT_PATH]`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import os
 import sys
-from collections.abc import Iterator
 
 import sentencepiece as spm
+
+from optconsist_jax.data import corpus, prompts, synthetic
 
 TINY_MODEL_PATH = os.path.join(os.path.dirname(__file__), "assets", "tiny.model")
 TINY_VOCAB_SIZE = 2048
@@ -23,7 +25,6 @@ TINY_VOCAB_SIZE = 2048
 
 def training_text(seed: int = 0) -> Iterator[str]:
   """Lines of the tokenizer's training text (deterministic)."""
-  from optconsist_jax.data import corpus, prompts, synthetic  # pylint: disable=g-import-not-at-top
   for r in synthetic.metamathqa_records(4000, seed):
     yield from (prompts.alpaca_prompt(r["query"]) + " " + r["response"]).split("\n")
   for r in synthetic.gsm8k_records(1000, seed + 1):

@@ -25,10 +25,12 @@ Encoding behaviour, stated once because scoring depends on it:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
+import os
 
 import sentencepiece as spm
+
+from optconsist_jax.data import tiny_tokenizer
 
 
 class Tokenizer:
@@ -62,7 +64,6 @@ class Tokenizer:
   @classmethod
   def tiny(cls) -> Tokenizer:
     """The tiny tokenizer shipped in the package (see tiny_tokenizer.py)."""
-    from optconsist_jax.data import tiny_tokenizer  # pylint: disable=g-import-not-at-top
     return cls.load(tiny_tokenizer.TINY_MODEL_PATH)
 
   @property

@@ -44,18 +44,18 @@ class MathEvalConfig:
   """Learning: GSM8K-format accuracy.
 
   Attributes:
-    protocols: subset of evals.math.PROTOCOLS; empty = no math eval.
+    protocols: subset of evaluate.math.PROTOCOLS; empty = no math eval.
     test: GSM8K-format test jsonl, "synthetic", or "" (no math eval).
     train: GSM8K-format train jsonl for the few shots, or "synthetic".
     num_shots: k of the few-shot protocol.
-    shot_seed: which shots (evals.math.sample_shots).
+    shot_seed: which shots (evaluate.math.sample_shots).
     limit: first items of the test set (0 = all; also the synthetic size).
     batch_size: generation batch.
     max_new_tokens: 0 = the protocol's published budget (512 / 256).
     format: of the `test` file: "gsm8k" (jsonl question/answer) or
       "metamathqa" (MetaMathQA's records, responses in the training format).
     response_loss: also report math/response_loss, the teacher-forced NLL
-      of the gold responses under the training prompt (evals.math
+      of the gold responses under the training prompt (evaluate.math
       .response_loss): a smooth learning measure for small models.
   """
 
@@ -108,7 +108,7 @@ class MultipleChoiceEvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class HarnessEvalConfig:
-  """Tasks scored by lm-evaluation-harness itself (evals/harness.py).
+  """Tasks scored by lm-evaluation-harness itself (evaluate/harness.py).
 
   Attributes:
     tasks: task or group names the harness knows ("hellaswag",

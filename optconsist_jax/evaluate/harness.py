@@ -8,7 +8,7 @@ harness's own prompts, request construction, filters and metrics:
 
 * `loglikelihood`: (context, continuation) pairs are tokenized as the
   harness's `TemplateLM._encode_pair` does (the same `encode_pair` as the
-  built-in scorer, evals/multiple_choice.py) and scored in batches padded to a
+  built-in scorer, evaluate/multiple_choice.py) and scored in batches padded to a
   short ladder of lengths (`length_bucket` x 2^k, few compiled shapes);
   `is_greedy` is whether greedy decoding reproduces the continuation.
 * `loglikelihood_rolling`: the document's tokens (BOS first when `add_bos`,
@@ -45,6 +45,7 @@ from collections.abc import Sequence
 import dataclasses
 import functools
 import json
+import os
 from typing import Any
 
 from flax import nnx
@@ -147,6 +148,7 @@ class HarnessLM(lm_model.LM):
 
   def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
     """The harness's disjoint (context, predicted) windows of one document."""
+    # deferred: lm_eval.utils takes ~0.4 s to import; only on first use.
     from lm_eval import utils  # pylint: disable=g-import-not-at-top
     tokens = self.tokenizer.encode(text, bos=self.add_bos)
     return [utils.make_disjoint_window(w)
@@ -175,6 +177,7 @@ class HarnessLM(lm_model.LM):
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
     """Greedy completions, cut at the request's stop strings and at EOS."""
     del disable_tqdm
+    # deferred: lm_eval.models imports model backends (torch, transformers).
     from lm_eval.models import utils as model_utils  # pylint: disable=g-import-not-at-top
     args = _request_args(requests)
     groups: dict[str, list[int]] = {}
@@ -221,8 +224,8 @@ class HarnessLM(lm_model.LM):
 @functools.cache
 def task_manager(include_path: tuple[str, ...], include_defaults: bool):
   """One harness TaskManager per job (indexing the task YAMLs is slow)."""
+  # deferred: lm_eval.tasks indexes the task registry; only when tasks run.
   from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   for path in include_path:
     if not os.path.isdir(path):
       raise FileNotFoundError(

@@ -40,9 +40,11 @@ from typing import Any
 from flax import nnx
 import numpy as np
 
-from optconsist_jax.model import generate as gen
 from optconsist_jax.data import prompts
 from optconsist_jax.data.records import MathExample
+from optconsist_jax.data import supervised
+from optconsist_jax.evaluate import multiple_choice
+from optconsist_jax.model import generate as gen
 
 ANSWER_PHRASE = "The answer is: "
 
@@ -236,8 +238,6 @@ def response_loss(model: nnx.Module, tokenizer: gen.Tokenizer,
   the finetuning objective on held-out items: a smooth learning measure that
   still moves when a small model's exact-match accuracy does not.
   """
-  from optconsist_jax.data import supervised  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.evaluate import multiple_choice  # pylint: disable=g-import-not-at-top
   requests = []
   for i, e in enumerate(examples):
     ex = supervised.tokenize_supervised(e, tokenizer, max_len,

@@ -36,13 +36,15 @@ from typing import Any
 
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from optconsist_jax.model import generate as gen
-from optconsist_jax.model import loss
 from optconsist_jax.data.records import MultipleChoice
+from optconsist_jax.model import generate as gen
 from optconsist_jax.model.generate import Tokenizer
+from optconsist_jax.model import loss
+from optconsist_jax import sharding
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str, *,
@@ -107,7 +109,6 @@ def _to_device(x: np.ndarray, mesh: jax.sharding.Mesh | None,
   """
   if mesh is None:
     return x
-  from optconsist_jax import sharding  # pylint: disable=g-import-not-at-top
   sh = sharding.batch_sharding(mesh, sharding.as_rules(rules))
   shards = sharding.axes_size(mesh, sh.spec[0]) if sh.spec else 1
   if x.shape[0] % shards:
@@ -120,7 +121,6 @@ def _to_host(x: jax.Array) -> np.ndarray:
   """A (possibly multi-process) global array, whole, on every process."""
   if getattr(x, "is_fully_addressable", True):
     return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 

@@ -19,17 +19,19 @@ from flax import nnx
 import jax
 import numpy as np
 
+from optconsist_jax.data import corpus
 from optconsist_jax.data import formats
 from optconsist_jax.data.records import MathExample
 from optconsist_jax.data.records import MultipleChoice
-from optconsist_jax.evaluate import lm_loss as lm_loss_lib
-from optconsist_jax.evaluate import math as math_lib
-from optconsist_jax.evaluate import multiple_choice as mc_lib
+from optconsist_jax.data import synthetic
 from optconsist_jax.evaluate.config import EvalConfig
 from optconsist_jax.evaluate.config import MATH_FORMATS
 from optconsist_jax.evaluate.config import MC_BENCHMARKS
 from optconsist_jax.evaluate.config import MC_MEAN_SCORE
 from optconsist_jax.evaluate.config import SYNTHETIC
+from optconsist_jax.evaluate import lm_loss as lm_loss_lib
+from optconsist_jax.evaluate import math as math_lib
+from optconsist_jax.evaluate import multiple_choice as mc_lib
 
 
 @dataclasses.dataclass
@@ -54,7 +56,6 @@ def load_eval_data(config: EvalConfig, run_data: Any,
       synthetic test sets are disjoint from the training set).
     data_dir: where generated sets are written.
   """
-  from optconsist_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   os.makedirs(data_dir, exist_ok=True)
   seed = int(run_data.seed or 0)
 
@@ -101,7 +102,6 @@ def load_eval_data(config: EvalConfig, run_data: Any,
       items.append(dataclasses.replace(item, benchmark=bench))
   docs = []
   if config.lm_loss.path == "stdlib":
-    from optconsist_jax.data import corpus  # pylint: disable=g-import-not-at-top
     docs = corpus.python_stdlib_text("heldout")
   elif config.lm_loss.path:
     docs = formats.read_text(config.lm_loss.path)
@@ -187,6 +187,7 @@ def run_evals(model: nnx.Module, tokenizer, data: EvalData,
 
 def _harness_lib():
   try:
+    # deferred: the optional lm-eval extra; missing it is a config error here.
     from optconsist_jax.evaluate import harness  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ValueError(f"eval config.harness.tasks is set but {e}") from None
@@ -202,6 +203,7 @@ def eval_settings(config: EvalConfig, tokenizer) -> dict[str, Any]:
                          if c.add_bos is None else c.add_bos)
   h = config.harness
   if h.tasks:
+    # deferred: the optional lm-eval extra, only when harness tasks are set.
     import lm_eval  # pylint: disable=g-import-not-at-top
     out["harness"] = {
         "version": lm_eval.__version__, "tasks": list(h.tasks),

@@ -169,8 +169,10 @@ def compare(named_models: Mapping[str, tuple[nnx.Module, Any]],
   """
   if not named_models:
     raise ValueError("fingerprints.compare: no models given")
+  # deferred: matplotlib is slow to import; only plots need it.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
+  # deferred: pyplot after the Agg backend is chosen.
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 

@@ -19,13 +19,13 @@ data pipeline read it). Two probes are scored after every epoch:
   answer needs the rule, not a recalled equation.
 
 Scores (`evaluate`): greedy accuracy (the training prompt, MetaMath answer
-extraction `evals.math.extract_answer`) and, as a smoother signal for tiny
+extraction `evaluate.math.extract_answer`) and, as a smoother signal for tiny
 models, the mean per-token log-probability of the gold response (+ EOS) under
 the training prompt, as the training loss sees it.
 
-`run(W, base)` finetunes the base with each optimizer (configs/memorization.py)
+`run(W, base)` finetunes the base with each optimizer (memorization_config)
 and `Settings.seeds` seeds (data order), the seeds of one optimizer as one
-population (`experiments.population.train_population`, one checkpoint per
+population (`train.population.train_population`, one checkpoint per
 epoch), evaluates the base and every epoch checkpoint, and writes
 
   W/memorization/settings.json     the settings (a rerun must match them)
@@ -35,7 +35,7 @@ epoch), evaluates the base and every epoch checkpoint, and writes
   W/memorization/summary.md, .json each score at the last epoch per optimizer
                                    (mean and 95% interval over seeds) and each
                                    optimizer minus the first, paired by seed,
-                                   with its verdict (experiments/statistics.py)
+                                   with its verdict (report/statistics.py)
   W/memorization/curves.png        memorization and rule curves per optimizer
                                    (mean over seeds, the interval as a band)
 
@@ -54,21 +54,27 @@ import os
 import time
 from typing import Any
 
+from absl import flags
 from flax import nnx
 import numpy as np
 
-from optconsist_jax.io import checkpoint_layout as ckpt_lib
-from optconsist_jax.io import weights
-from optconsist_jax.train import config as config_types
-from optconsist_jax.model import generate as gen
-from optconsist_jax import paths
 from optconsist_jax.data import formats
+from optconsist_jax.data import pipeline as data_lib
 from optconsist_jax.data import prompts
 from optconsist_jax.data.records import MathExample
 from optconsist_jax.evaluate import math as math_eval
 from optconsist_jax.evaluate import multiple_choice
+from optconsist_jax.experiments import memorization_config
 from optconsist_jax.experiments import memorization_data
 from optconsist_jax.experiments import memorization_report
+from optconsist_jax.io import checkpoint_layout as ckpt_lib
+from optconsist_jax.io import weights
+from optconsist_jax.model import generate as gen
+from optconsist_jax import errors
+from optconsist_jax import paths
+from optconsist_jax import platforms
+from optconsist_jax.train import config as config_types
+from optconsist_jax.train import population
 
 SUBDIR = "memorization"
 RESULTS = "results.jsonl"
@@ -107,7 +113,7 @@ def answer_logprobs(model: nnx.Module, tokenizer: gen.Tokenizer,
 
   The response is split at its last "The answer is:" the way
   lm-evaluation-harness splits context and continuation (tokenized jointly,
-  cut at the prefix's own token length; evals/multiple_choice.py). For a fact
+  cut at the prefix's own token length; evaluate/multiple_choice.py). For a fact
   item ("The answer is: N") this isolates the memorized number.
   """
   requests = []
@@ -146,7 +152,7 @@ def evaluate(model: nnx.Module, tokenizer: gen.Tokenizer,
   Generation uses the training prompt (Alpaca, ending "### Response:"): the
   finetuned models never saw MetaMath's "Let's think step by step." suffix.
   Greedy decoding, stopped at MetaMath's stop strings; the answer is read by
-  `evals.math.extract_answer` and compared numerically.
+  `evaluate.math.extract_answer` and compared numerically.
 
   Returns:
     memorization_acc / rule_acc: greedy accuracy on the training fact items /
@@ -233,36 +239,18 @@ def _base_run_config(base: str) -> dict[str, Any]:
       " be a run directory written by optconsist_jax.train (or inside one)")
 
 
-# configs/ beside the package (a checkout).
-CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs", "memorization.py")
-
-
-def _config_module():
-  """configs/memorization.py (configs/ is a folder of files, not a package)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(CONFIG_FILE):
-    raise FileNotFoundError(f"config file not found: {CONFIG_FILE}")
-  spec = importlib.util.spec_from_file_location("configs_memorization",
-                                                CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def experiment_config(optimizer: str, base: str, data_path: str,
                       settings: Settings, seed: int | None = None
                       ) -> config_types.ExperimentConfig:
-  """configs/memorization.py:<optimizer> with the base and the data filled in.
+  """`memorization_config.get_config(optimizer)`, base and data filled in.
 
   `seed` (default `settings.seed`) is the run's data-order and train seed.
   """
   seed = settings.seed if seed is None else seed
-  mem_config = _config_module()
   base_cfg = _base_run_config(base)
-  c = mem_config.get_config(optimizer).to_dict()
+  c = memorization_config.get_config(optimizer).to_dict()
   c["model"] = dict(base_cfg["model"])
-  c["optim"] = mem_config.optim_dict(optimizer, settings.peak_lr)
+  c["optim"] = memorization_config.optim_dict(optimizer, settings.peak_lr)
   c["data"].update(path=os.path.abspath(data_path), seq_len=settings.seq_len,
                    global_batch_size=settings.global_batch_size,
                    seed=seed,
@@ -300,7 +288,7 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
     workdir: W; outputs go to W/memorization/ (module docstring).
     base_init_path: the base model, an Orbax run dir written by train.py
       (its config.json gives the model shape and tokenizer).
-    optimizers: finetuning optimizers (configs/memorization.py args); the
+    optimizers: finetuning optimizers (memorization_config args); the
       summary compares each with the first.
     mode: a key of MODES, used when `settings` is None.
     settings: explicit sizes (overrides `mode`).
@@ -314,8 +302,6 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
   if settings.seeds < 1:
     raise ValueError(f"memorization.run: seeds={settings.seeds}; expected"
                      " at least 1")
-  from optconsist_jax.train import population  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.data import pipeline as data_lib  # pylint: disable=g-import-not-at-top
   root = os.path.join(os.fspath(workdir), SUBDIR)
   os.makedirs(root, exist_ok=True)
   settings_path = os.path.join(root, SETTINGS)
@@ -414,8 +400,6 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import platforms  # pylint: disable=g-import-not-at-top
   platforms.select_default()
   f = flags.FLAGS
   start = time.perf_counter()
@@ -431,11 +415,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("workdir", None, "Where the experiment's outputs go.",
                       required=True)
-  flags.DEFINE_string("base", None, "Base model: an Orbax run dir of train.py.",
+  flags.DEFINE_string("base", None, "Base model: an Orbax run dir of optconsist_jax.train.",
                       required=True)
   flags.DEFINE_enum("mode", "quick", sorted(MODES), "Experiment size.")
   flags.DEFINE_list("optimizers", ["adamw", "muon"],
@@ -443,5 +425,4 @@ if __name__ == "__main__":
                     " the first.")
   flags.DEFINE_integer("seeds", None, "Training seeds per optimizer (default:"
                        " the mode's).")
-  from optconsist_jax import errors  # pylint: disable=g-import-not-at-top
   errors.run(main)

@@ -3,7 +3,7 @@
 `summarize` reads the scores of `experiments.memorization` at its last epoch:
 per optimizer the mean and 95% interval over seeds, and each optimizer minus
 the first paired by seed with the verdict its interval supports
-(`experiments.statistics`); `plot` draws the curves per epoch (mean over
+(`report.statistics`); `plot` draws the curves per epoch (mean over
 seeds, the interval as a band).
 """
 
@@ -91,8 +91,10 @@ def write_summary(summary: Sequence[dict[str, Any]], root: str) -> str:
 
 def plot(results: Sequence[dict[str, Any]], out_path: str) -> str:
   """Accuracy and gold log-probability vs epoch per optimizer (mean, band)."""
+  # deferred: matplotlib is slow to import; only plots need it.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
+  # deferred: pyplot after the Agg backend is chosen.
   import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   base = [r for r in results if r["optimizer"] == BASE]

@@ -16,7 +16,7 @@ Stages (each skipped when its outputs exist, so a rerun resumes):
                 finetuned with every method over its learning-rate grid and
                 `finetune.seeds` seeds, a checkpoint per epoch. All seeds and
                 learning rates of one (base, method) train as one population
-                (experiments.population.train_population).
+                (train.population.train_population).
   evaluate      W/runs/*/eval/results.jsonl (optconsist_jax.evaluate; each
                 base model is evaluated once, in its first run)
   report        W/report/ (optconsist_jax.report.consistency_report)
@@ -59,9 +59,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from optconsist_jax.data import corpus
+from optconsist_jax.data import synthetic
 from optconsist_jax import errors
-from optconsist_jax import paths as paths_lib
+from optconsist_jax.evaluate import results
 from optconsist_jax.experiments import study
+from optconsist_jax import paths as paths_lib
+from optconsist_jax import platforms
+from optconsist_jax.report import tables as report
 
 DONE_FILE = "done.json"
 LABELS_FILE = "run_labels.json"
@@ -84,7 +89,6 @@ def _mark_done(path: str, info: dict[str, Any]) -> None:
 
 def write_math_data(rc: study.ReproConfig, data_dir: str) -> tuple[str, str]:
   """Generated train/test problems (MetaMathQA format); skipped if present."""
-  from optconsist_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   train_file = os.path.join(data_dir, "math_train.json")
   test_file = os.path.join(data_dir, "math_test.json")
   if os.path.exists(train_file) and os.path.exists(test_file):
@@ -108,6 +112,7 @@ def train_population(members: Sequence[tuple[str, dict[str, Any],
 
   Returns True when it trained any.
   """
+  # deferred: pulls in jax; the plan and --help load without it.
   from optconsist_jax.train import config as config_types  # pylint: disable=g-import-not-at-top
   from optconsist_jax.train import population  # pylint: disable=g-import-not-at-top
   todo = [m for m in members if not _done(m[0])]
@@ -145,6 +150,7 @@ def eval_config(rc: study.ReproConfig, run: study.Run, test_file: str, with_base
   with_base: also evaluate the run's base model (its init_from), once per
     base over all runs.
   """
+  # deferred: pulls in jax; the plan and --help load without it.
   from optconsist_jax.evaluate.config import EvalConfig  # pylint: disable=g-import-not-at-top
   labels = run.labels
   return EvalConfig.from_dict(dict(
@@ -166,6 +172,7 @@ def eval_config(rc: study.ReproConfig, run: study.Run, test_file: str, with_base
 def evaluate_run(rc: study.ReproConfig, run: study.Run, test_file: str,
                  with_base: bool) -> bool:
   """Evaluates what is not evaluated yet; returns True when it did any."""
+  # deferred: pulls in jax; the plan and --help load without it.
   from optconsist_jax.evaluate import watch  # pylint: disable=g-import-not-at-top
   r = watch.evaluate_workdir(
       run.workdir, eval_config(rc, run, test_file, with_base))
@@ -175,9 +182,9 @@ def evaluate_run(rc: study.ReproConfig, run: study.Run, test_file: str,
 def base_fingerprints(rc: study.ReproConfig, bases: Sequence[study.Base],
                       out_dir: str) -> dict[str, str]:
   """Weight spectra and residual-stream statistics of the bases (first seed)."""
+  # deferred: pulls in jax; the plan and --help load without it.
   from optconsist_jax.io import weights  # pylint: disable=g-import-not-at-top
   from optconsist_jax.experiments import fingerprints  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.data import corpus  # pylint: disable=g-import-not-at-top
   done = os.path.join(out_dir, "fingerprints.json")
   if os.path.exists(done):
     return {f"fingerprints_{k}": os.path.join(out_dir, f)
@@ -198,6 +205,7 @@ def base_fingerprints(rc: study.ReproConfig, bases: Sequence[study.Base],
 
 
 def machine_info() -> dict[str, Any]:
+  # deferred: pulls in jax; the plan and --help load without it.
   import jax  # pylint: disable=g-import-not-at-top
   return {"platform": platform.platform(), "python": sys.version.split()[0],
           "cpu_count": os.cpu_count(), "jax": jax.__version__,
@@ -258,9 +266,7 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
     seen_bases.add(r.base.workdir)
     timed(f"eval/{r.name}", t0, ran)
 
-  from optconsist_jax.report import tables as report  # pylint: disable=g-import-not-at-top
 
-  from optconsist_jax.evaluate import results  # pylint: disable=g-import-not-at-top
   out_dir = os.path.join(workdir, "report")
   print("report", flush=True)
   outputs = report.consistency_report([r.workdir for r in runs], out_dir,
@@ -288,6 +294,7 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
   if rc.memorization and not ours:
     print("memorization experiment: skipped (it needs an Orbax base)")
   if rc.memorization and ours:
+    # deferred: pulls in jax; the plan and --help load without it.
     from optconsist_jax.experiments import memorization  # pylint: disable=g-import-not-at-top
     print("memorization experiment", flush=True)
     t0 = (time.time(), time.process_time())
@@ -352,8 +359,8 @@ def _define_flags():
 
 
 def main(argv: Sequence[str]) -> None:
+  # deferred: pulls in jax; the plan and --help load without it.
   from optconsist_jax import metrics  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import platforms  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   metrics.quiet_library_logs()

@@ -14,8 +14,14 @@ import json
 import os
 from typing import Any
 
+import numpy as np
+
+from optconsist_jax.data import corpus
+from optconsist_jax.data import gpt2_bpe
 from optconsist_jax import errors
+from optconsist_jax.io import hub
 from optconsist_jax import paths as paths_lib
+from optconsist_jax.report import tables as report
 from optconsist_jax import typed_config
 
 
@@ -130,7 +136,6 @@ class ReproConfig:
     if unknown:
       raise ValueError(f"reproduce config.reproduce: unknown keys {unknown};"
                        " known: ['bases', 'matrix']")
-    from optconsist_jax.report import tables as report  # pylint: disable=g-import-not-at-top
     matrix = reproduce.get("matrix") or "auto"
     if matrix not in report.MATRIX_MODES:
       raise ValueError(f"reproduce config.reproduce.matrix={matrix!r}:"
@@ -152,6 +157,7 @@ class ReproConfig:
                    ("finetune.seeds", ft.seeds)):
       if n < 1:
         raise ValueError(f"reproduce config.{key}={n}: need at least 1")
+    # deferred: optim pulls in jax; config files import study without it.
     from optconsist_jax.optim import presets  # pylint: disable=g-import-not-at-top
     for key, names in (("finetune.methods", ft.methods),
                        ("pretrain.optimizers", pretrain.optimizers)):
@@ -184,7 +190,6 @@ def parse_bases(spec: str | Sequence[str]) -> tuple[ExternalBase, ...]:
   Paths are resolved against the current directory (Hub references and URLs
   stay as they are); a local path must exist.
   """
-  from optconsist_jax.io import hub  # pylint: disable=g-import-not-at-top
   key = "reproduce config.reproduce.bases"
   entries = ([e for e in spec.split(",") if e.strip()]
              if isinstance(spec, str) else list(spec))
@@ -248,6 +253,7 @@ class Run:
 
 def _optim_dict(rc: ReproConfig, method: str, lr: float) -> dict[str, Any]:
   """The optim section: the preset `method` (schedules over the whole run)."""
+  # deferred: optim pulls in jax; config files import study without it.
   from optconsist_jax.optim import presets  # pylint: disable=g-import-not-at-top
   kwargs = rc.optim_kwargs.get(method)
   return presets.preset(method, peak_lr=lr,
@@ -302,8 +308,6 @@ def run_name(base: str, method: str, lr: float, seed: int) -> str:
 
 def _external_tokenizer(rc: ReproConfig, path: str, kind: str) -> str:
   """The tokenizer that came with an external base (module docstring)."""
-  from optconsist_jax.data import gpt2_bpe  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.io import hub  # pylint: disable=g-import-not-at-top
   if kind == "hf":
     if hub.is_hub_ref(path) or os.path.exists(
         os.path.join(path, "tokenizer.model")):
@@ -326,6 +330,7 @@ def _external_tokenizer(rc: ReproConfig, path: str, kind: str) -> str:
 def plan_bases(rc: ReproConfig, workdir: str) -> list[Base]:
   """Our pretraining runs (optimizer-major, then seed), or the external ones."""
   if rc.bases:
+    # deferred: io.weights pulls in jax; the plan loads without it.
     from optconsist_jax.io import weights  # pylint: disable=g-import-not-at-top
     out = []
     for b in rc.bases:
@@ -384,6 +389,7 @@ def population_groups(rc: ReproConfig, bases: Sequence[Base],
 
 def check_bases(rc: ReproConfig, bases: Sequence[Base]) -> None:
   """External bases: readable architecture, vocabulary covers the tokenizer."""
+  # deferred: io.weights pulls in jax; the plan loads without it.
   from optconsist_jax.io import weights  # pylint: disable=g-import-not-at-top
   for b in bases:
     if b.config is not None:
@@ -404,6 +410,7 @@ def check_bases(rc: ReproConfig, bases: Sequence[Base]) -> None:
 
 def load_tokenizer(tokenizer_path: str):
   """The tokenizer at `tokenizer_path` ("" = the shipped tiny one)."""
+  # deferred: data.pipeline pulls in jax; the plan loads without it.
   from optconsist_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.load_tokenizer(pipeline.DataConfig(
       format="stdlib", tokenizer_path=tokenizer_path))
@@ -416,10 +423,8 @@ def unigram_retention_loss(rc: ReproConfig, tokenizer_path: str) -> float:
   frequencies of the docstrings' training split (add-one smoothed over the
   vocabulary), scored on exactly the tokens the eval job's retention loss
   scores (every token after BOS of the first `eval.retention_docs` held-out
-  documents, EOS included; evals/lm_loss.py), in nats per token.
+  documents, EOS included; evaluate/lm_loss.py), in nats per token.
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.data import corpus  # pylint: disable=g-import-not-at-top
   tokenizer = load_tokenizer(tokenizer_path)
   counts = np.ones(tokenizer.vocab_size, np.float64)
   for doc in corpus.python_stdlib_text("train"):

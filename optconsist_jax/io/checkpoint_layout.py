@@ -39,7 +39,7 @@ resumable); the newest checkpoint is always complete.
 Faults: a save that does not commit raises SaveFailedError (errors.
 SAVE_FAILED) at the trainer's next step; `restore_newest` sets an unreadable
 checkpoint aside and resumes from the newest readable full one. Saving and
-resuming (CheckpointConfig, RunCheckpoints) are in io/run_checkpoints.py; this
+resuming (CheckpointConfig, RunCheckpoints) are in io/checkpointer.py; this
 module is the layout and how other jobs read it. `list_checkpoints(W)`
 reports each step with its epoch (for epoch-end checkpoints; None otherwise),
 its path and whether it is complete.

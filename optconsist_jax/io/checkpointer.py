@@ -3,7 +3,7 @@
 `RunCheckpoints` saves a run's state every `CheckpointConfig.every_steps`, at
 epoch ends and at the end (asynchronously, Orbax), keeps what the retention
 settings say, and restores the newest readable checkpoint on resume (setting
-an unreadable one aside). io/checkpoints.py documents the layout on disk and
+an unreadable one aside). io/checkpoint_layout.py documents the layout on disk and
 reads it back for other jobs.
 """
 
@@ -19,9 +19,10 @@ from etils import epath
 import grain
 import grain.checkpoint
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
+from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 from optconsist_jax import errors
 from optconsist_jax.io import checkpoint_layout as ckpt
@@ -76,7 +77,7 @@ class Restored(NamedTuple):
 
 
 @dataclasses.dataclass
-class _KeepSteps(pp.PreservationPolicy):
+class _KeepSteps(ocp_managers.PreservationPolicy):
   """Keeps the steps in a set that grows as epoch-end checkpoints are saved."""
 
   steps: set[int]
@@ -171,14 +172,14 @@ class RunCheckpoints:
                        and not c.params_only}
                       if config.epoch_params_only else set())
     self._pending: int | None = None  # A save started, not yet verified.
-    policies = [pp.LatestN(config.keep)]
+    policies = [ocp_managers.LatestN(config.keep)]
     if config.keep_epochs:
       policies.append(_KeepSteps(self._epoch_steps))
     options = ocp.CheckpointManagerOptions(
         create=True,
         cleanup_tmp_directories=True,
         enable_async_checkpointing=config.async_save,
-        preservation_policy=pp.AnyPreservationPolicy(policies),
+        preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
         # The step directory is made in `save` itself, so an unwritable
         # directory fails there (Orbax's background creation would make the
         # trainer wait for its 300 s timeout instead).
@@ -390,7 +391,6 @@ class RunCheckpoints:
       logging.warning("checkpoint %s is unreadable (%s); moved to %s",
                       step_dir, cause, dest)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"set_aside_{step}")
     self._manager.reload()
     self._to_strip.discard(step)

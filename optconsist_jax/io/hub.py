@@ -73,6 +73,7 @@ def _one_line(e: BaseException) -> str:
 
 def _hub_error(e: BaseException, ref: HubRef, what: str) -> HubError:
   """A one-line HubError for a huggingface_hub exception."""
+  # deferred: optional Hub client (~0.3 s); only Hub references need it.
   from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
   where = f"{ref} ({_endpoint()})"
   if isinstance(e, errors.GatedRepoError):
@@ -103,6 +104,7 @@ def snapshot(ref: HubRef, patterns: Sequence[str]) -> str:
   The folder is the cache's snapshot of the resolved commit (files are
   symlinks into the cache's blobs).
   """
+  # deferred: optional Hub client (~0.3 s); only Hub references need it.
   from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
   kw = _settings()
   logging.info("Hub: %s %s from %s", ref, list(patterns), _endpoint())
@@ -118,6 +120,7 @@ def snapshot(ref: HubRef, patterns: Sequence[str]) -> str:
 
 def download(ref: HubRef, filename: str) -> str:
   """Downloads one file of `ref`; returns its path in the cache."""
+  # deferred: optional Hub client (~0.3 s); only Hub references need it.
   from huggingface_hub import hf_hub_download  # pylint: disable=g-import-not-at-top
   kw = _settings()
   logging.info("Hub: %s %s from %s", ref, filename, _endpoint())
@@ -131,6 +134,7 @@ def download(ref: HubRef, filename: str) -> str:
 
 
 def _is_hub_exception(e: BaseException) -> bool:
+  # deferred: optional Hub client (~0.3 s); only Hub references need it.
   from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
   # HfHubHTTPError and LocalEntryNotFoundError are OSErrors too; OSError also
   # covers a cache directory that cannot be written.

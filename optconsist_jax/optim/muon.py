@@ -60,7 +60,6 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -179,14 +178,6 @@ class MuonState(NamedTuple):
   """count: int32 steps taken; mu: momentum, one array per param."""
   count: jax.Array
   mu: optax.Updates
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-  """Where one matrix leaf lives: canonical (wide) shape and mesh axes."""
-  shape: tuple[int, ...]
-  transposed: bool
-  spec: tuple[Any, ...]  # full spec, padded with None to ndim
 
 
 def _axes(entry) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ import numpy as np
 
 from optconsist_jax.evaluate import results
 from optconsist_jax.report import consistency
+from optconsist_jax.report import matrix as matrix_lib
 from optconsist_jax.report import statistics as stats
 
 _METHOD_COLOURS = {"adamw": "tab:blue", "muon": "tab:red",
@@ -25,14 +26,15 @@ _VERDICT_COLOURS = {stats.MATCHED_LESS: "tab:green",
 
 
 def _pyplot():
+  # deferred: matplotlib takes ~1 s to import; only drawing needs it.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # deferred: after use("Agg"); pylint: disable=g-import-not-at-top
   return plt
 
 
 def colours(methods: Sequence[str]) -> dict[str, str]:
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # deferred: as in _pyplot; pylint: disable=g-import-not-at-top
   cycle = matplotlib.colormaps["tab10"].colors
   # tab10 without the blue, green and red that name the methods above.
   spare = [cycle[i] for i in (1, 4, 5, 6, 7, 8, 9)]
@@ -66,7 +68,7 @@ def pareto_plot(records: Sequence[results.EvalRecord], xs: Sequence[float],
   black outline = on that base's frontier, star = the base model itself.
   """
   plt = _pyplot()
-  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
+  from matplotlib.lines import Line2D  # deferred: as in _pyplot; pylint: disable=g-import-not-at-top
   bases = sorted(fronts)
   on_front = {i for f in fronts.values() for i in f}
   methods = sorted({r.method for r in records if not r.is_base})
@@ -250,7 +252,7 @@ def gap_plot(summary: Sequence[consistency.MethodSummary], y_name: str,
   return path
 
 
-def matrix_plot(rows: Sequence[consistency.MatrixRow], retention_name: str,
+def matrix_plot(rows: Sequence[matrix_lib.MatrixRow], retention_name: str,
                 paths: Sequence[str]) -> None:
   """Heatmap: rows = pretraining optimizer, columns = finetuning method.
 
@@ -260,8 +262,8 @@ def matrix_plot(rows: Sequence[consistency.MatrixRow], retention_name: str,
   boxed; the row label says whether the diagonal is best.
   """
   plt = _pyplot()
-  from matplotlib.patches import Rectangle  # pylint: disable=g-import-not-at-top
-  columns = consistency.matrix_columns([r.base for r in rows],
+  from matplotlib.patches import Rectangle  # deferred: as in _pyplot; pylint: disable=g-import-not-at-top
+  columns = matrix_lib.matrix_columns([r.base for r in rows],
                                        [m for r in rows for m in r.cells])
   diff_RC = np.full((len(rows), len(columns)), np.nan)
   for i, r in enumerate(rows):

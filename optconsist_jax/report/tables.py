@@ -22,6 +22,10 @@ import json
 import os
 
 from optconsist_jax.evaluate import results
+from optconsist_jax.report import consistency
+from optconsist_jax.report import matrix as matrix_lib
+from optconsist_jax.report import plots as report_plots
+from optconsist_jax.report import statistics
 
 def _value(r: results.EvalRecord, metric: str | None, headline: str) -> float:
   if metric is None:
@@ -41,7 +45,6 @@ def make_report(records: Sequence[results.EvalRecord], out_dir: str, *,
   One panel per base model (its own Pareto frontier), sharing both axes
   (`report_plots.pareto_plot` says what the marks mean).
   """
-  from optconsist_jax.report import plots as report_plots  # pylint: disable=g-import-not-at-top
   if not records:
     raise ValueError("report: no evaluated checkpoints to plot")
   xs = [_value(r, x_metric, "retention") for r in records]
@@ -120,17 +123,13 @@ def write_consistency(records: Sequence[results.EvalRecord], out_dir: str, *,
   """Matched vs the rest at equal learning, with intervals over seeds.
 
   Writes out_dir/summary.md (+ .json: the per-base gaps, by area and at
-  L, and the consistency interactions; `report.consistency`), frontiers.png (mean frontier per
-  base with its band and every seed's points), gaps.png (the gap vs matched
+  L, and the consistency interactions; `report.consistency`), frontiers.png (mean frontier per base with its band and every seed's points), gaps.png (the gap vs matched
   per base and method, with its verdict) and, with >= MATRIX_MIN_BASES
   pretraining optimizers (`matrix="auto"`) or `matrix="always"`,
   matrix.md (+ .json, .png, .svg). `interval`: a method of
   `report.statistics.METHODS` (None: its DEFAULT_METHOD). Returns the
   paths.
   """
-  from optconsist_jax.report import plots as report_plots  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.report import consistency  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.report import statistics  # pylint: disable=g-import-not-at-top
   interval = interval or statistics.DEFAULT_METHOD
   if interval not in statistics.METHODS:
     raise ValueError(f"report: interval={interval!r}; expected one of"
@@ -164,14 +163,14 @@ def write_consistency(records: Sequence[results.EvalRecord], out_dir: str, *,
   bases = {r.base for r in records if not r.is_base}
   if matrix == "always" or (matrix == "auto"
                             and len(bases) >= MATRIX_MIN_BASES):
-    rows = consistency.consistency_matrix(records, method=interval)
+    rows = matrix_lib.consistency_matrix(records, method=interval)
     for kind in ("md", "json", "png", "svg"):
       paths[f"matrix_{kind}"] = os.path.join(out_dir, f"matrix.{kind}")
     with open(paths["matrix_md"], "w") as f:
-      f.write(consistency.matrix_markdown(rows, retention_name, interval,
+      f.write(matrix_lib.matrix_markdown(rows, retention_name, interval,
                                           variance))
     with open(paths["matrix_json"], "w") as f:
-      json.dump(consistency.matrix_json(rows), f, indent=2, allow_nan=False)
+      json.dump(matrix_lib.matrix_json(rows), f, indent=2, allow_nan=False)
     report_plots.matrix_plot(rows, retention_name,
                              [paths["matrix_png"], paths["matrix_svg"]])
   return paths

@@ -26,10 +26,10 @@ process reads only its slice of the data and all of them write each Orbax
 checkpoint together, so the workdir must be storage every host sees: a gs://
 path (Orbax / tensorstore write it directly).
 
-The pieces: accelerator types and software versions in tools/tpu.py (the TPU
-facts table), gcloud slice commands in tools/gcloud.py, what runs on the
-workers in tools/worker_commands.py, `tpu supervise` in tools/supervise.py;
-this module is the command line.
+The pieces: accelerator types and software versions in platforms.py (the TPU
+facts table), gcloud slice commands in tools/launch/gcloud.py, what runs on
+the workers in tools/launch/worker_commands.py, `tpu supervise` in
+tools/launch/supervise.py; this module is the command line.
 """
 
 from __future__ import annotations
