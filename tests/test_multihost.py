@@ -49,7 +49,9 @@ def global_batch_np(step: int) -> dict:
 def build():
   """Mesh, rules, state, step for tiny_gqa with AdamW under the fsdp preset."""
   import optax  # pylint: disable=g-import-not-at-top
-  from optconsist_jax import sharding, train_step  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import sharding  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.train import step as train_step  # pylint: disable=g-import-not-at-top
   from optconsist_jax.model import preset  # pylint: disable=g-import-not-at-top
 
   mesh_config = sharding.MeshConfig.preset("fsdp")
@@ -58,13 +60,13 @@ def build():
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.adamw(1e-2, weight_decay=0.0))
   model_config = preset("tiny_gqa")
-  graphdef, state, shardings = train_step.create_train_state(
-      model_config, tx, mesh, rules, seed=0)
-  step = train_step.make_train_step(graphdef, tx, mesh=mesh, rules=rules,
+  builder = state_lib.StateBuilder(model_config, mesh, rules, seed=0)
+  state = builder.init(tx)
+  abstract, shardings = builder.abstract_state(tx)
+  step = train_step.make_train_step(builder.graphdef, tx, mesh=mesh,
+                                    rules=rules,
                                     state_shardings=shardings,
                                     grad_accum_steps=GRAD_ACCUM)
-  _, abstract, _ = train_step.create_train_state(
-      model_config, tx, mesh, rules, seed=0, abstract=True)
   return mesh, rules, state, step, abstract
 
 

@@ -110,6 +110,7 @@ def test_from_config_dict_roundtrip_and_ml_collections():
 def test_muon_preset_trains_llama_in_the_train_step_with_group_stats():
   """The library path: train_step with the preset and param_groups."""
   from optconsist_jax import sharding
+  from optconsist_jax.train import state as state_lib
   from optconsist_jax.train import step as train_step
   config = preset("tiny_gqa")
   mesh_config = sharding.MeshConfig(data=1, fsdp=1, tensor=1)
@@ -117,12 +118,13 @@ def test_muon_preset_trains_llama_in_the_train_step_with_group_stats():
   rules = mesh_config.rules
   cfg = optim.presets.preset("muon", peak_lr=1e-2, total_steps=10,
                              warmup_fraction=0.0)
-  abstract = train_step.abstract_params(config, mesh, rules)
+  builder = state_lib.StateBuilder(config, mesh, rules)
+  abstract = builder.abstract_params
   tx = optim.build(cfg, abstract, mesh=mesh)
   assignment = optim.assign_groups(cfg, abstract)
-  graphdef, state, shardings = train_step.create_train_state(
-      config, tx, mesh, rules)
-  step = train_step.make_train_step(graphdef, tx, mesh=mesh, rules=rules,
+  state = builder.init(tx)
+  _, shardings = builder.abstract_state(tx)
+  step = train_step.make_train_step(builder.graphdef, tx, mesh=mesh, rules=rules,
                                     state_shardings=shardings,
                                     param_groups=assignment)
   rng = np.random.default_rng(0)

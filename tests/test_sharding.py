@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from optconsist_jax import sharding
+from optconsist_jax.train import state as state_lib
 from optconsist_jax.train import step as train_step
 from optconsist_jax.model import preset
 from optconsist_jax.model.llama import abstract_model
@@ -47,8 +48,9 @@ def _run(mesh_config, devices, init_state, grad_accum_steps):
   """
   mesh = sharding.make_mesh(mesh_config, devices)
   tx = optax.sgd(1.0)
-  graphdef, _, shardings = train_step.create_train_state(
-      CONFIG, tx, mesh, mesh_config.rules, abstract=True)
+  builder = state_lib.StateBuilder(CONFIG, mesh, mesh_config.rules)
+  graphdef = builder.graphdef
+  _, shardings = builder.abstract_state(tx)
   state = jax.device_put(init_state, shardings)
   layout = {}
   for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]:
@@ -115,8 +117,7 @@ def reference():
   one = [jax.devices()[0]]
   cfg = sharding.MeshConfig(data=1, fsdp=1, tensor=1)
   mesh = sharding.make_mesh(cfg, one)
-  _, state, _ = train_step.create_train_state(CONFIG, optax.sgd(1.0), mesh,
-                                              cfg.rules)
+  state = state_lib.StateBuilder(CONFIG, mesh, cfg.rules).init(optax.sgd(1.0))
   init = jax.device_get(state)
   return init, {a: _run(cfg, one, init, a)[:2] for a in (1, 2)}
 
@@ -183,9 +184,9 @@ def test_fsdp_state_bytes_per_device_is_an_eighth():
   cfg = sharding.MeshConfig.preset("fsdp")
   mesh = sharding.make_mesh(cfg)
   tx = optax.adamw(1e-3)
-  graphdef, state, shardings = train_step.create_train_state(
-      CONFIG, tx, mesh, cfg.rules, abstract=True)
-  step = train_step.make_train_step(graphdef, tx, mesh=mesh, rules=cfg.rules,
+  builder = state_lib.StateBuilder(CONFIG, mesh, cfg.rules)
+  state, shardings = builder.abstract_state(tx)
+  step = train_step.make_train_step(builder.graphdef, tx, mesh=mesh, rules=cfg.rules,
                                     state_shardings=shardings)
   batch = train_step.abstract_batch(BATCH, SEQ, mesh, cfg.rules)
   mem = step.lower(state, batch).compile().memory_analysis()

@@ -23,6 +23,7 @@ from optconsist_jax import sharding
 from optconsist_jax import train
 from optconsist_jax.train import guards as train_guards
 from optconsist_jax.train import setup as train_setup
+from optconsist_jax.train import state as state_lib
 from optconsist_jax.train.config import ExperimentConfig
 from optconsist_jax.io import checkpoint_layout as checkpoints
 from optconsist_jax.io import checkpointer as run_checkpoints
@@ -265,7 +266,7 @@ def test_init_from_orbax_run_loads_its_params(reference, tmp_path):
   assert int(state.step) == 0
   want = _params(ref_dir, 8)
   got = {k: np.asarray(v) for k, v in _flat(
-      nnx.to_pure_dict(train_setup.full_params(state))).items()}
+      nnx.to_pure_dict(state_lib.full_params(state))).items()}
   assert want.keys() == got.keys()
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)

@@ -8,6 +8,7 @@ from flax import nnx
 
 from optconsist_jax import platforms
 from optconsist_jax import sharding
+from optconsist_jax.train import state as state_lib
 from optconsist_jax.train import step as train_step
 from optconsist_jax.model import Llama, preset
 
@@ -28,12 +29,14 @@ def _plain_model():
   return Llama(CONFIG, rngs=nnx.Rngs(0))
 
 
-def test_create_train_state_is_born_sharded():
+def test_train_state_is_born_sharded():
   cfg = sharding.MeshConfig.preset("fsdp_tp", fsdp=2, tensor=4)
   mesh = sharding.make_mesh(cfg)
   tx = optax.adamw(1e-3)
-  _, state, shardings = train_step.create_train_state(CONFIG, tx, mesh,
-                                                      cfg.rules)
+  builder = state_lib.StateBuilder(CONFIG, mesh, cfg.rules)
+  state = builder.init(tx)
+  abstract, shardings = builder.abstract_state(tx)
+  assert jax.tree.structure(abstract) == jax.tree.structure(state)
   q = state.params["layers"]["attn"]["q_proj"]["kernel"].get_value()
   assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
   # Column-parallel q: each device holds [L, D/2, N*H/4].
@@ -50,12 +53,6 @@ def test_create_train_state_is_born_sharded():
   ref = nnx.state(_plain_model(), nnx.Param)
   np.testing.assert_allclose(np.asarray(embed),
                              np.asarray(ref["embed"].get_value()), rtol=1e-6)
-
-
-def _plain_model():
-  from optconsist_jax.model import Llama  # pylint: disable=g-import-not-at-top
-  return Llama(CONFIG, rngs=nnx.Rngs(0))
-
 
 
 def test_global_batch_single_process():
@@ -89,8 +86,9 @@ def test_param_group_update_stats():
   mesh = sharding.make_mesh(cfg)
   lr = 0.5
   tx = optax.sgd(lr)
-  graphdef, state, shardings = train_step.create_train_state(
-      CONFIG, tx, mesh, cfg.rules)
+  builder = state_lib.StateBuilder(CONFIG, mesh, cfg.rules)
+  graphdef, state = builder.graphdef, builder.init(tx)
+  _, shardings = builder.abstract_state(tx)
   groups = jax.tree_util.tree_map_with_path(_group, state.params)
   step = train_step.make_train_step(
       graphdef, tx, mesh=mesh, rules=cfg.rules, state_shardings=shardings,
@@ -122,9 +120,9 @@ def test_batch_with_missing_key_is_an_error():
   cfg = sharding.MeshConfig.preset("dp")
   mesh = sharding.make_mesh(cfg)
   tx = optax.sgd(0.1)
-  graphdef, state, shardings = train_step.create_train_state(
-      CONFIG, tx, mesh, cfg.rules, abstract=True)
-  step = train_step.make_train_step(graphdef, tx, mesh=mesh, rules=cfg.rules,
+  builder = state_lib.StateBuilder(CONFIG, mesh, cfg.rules)
+  state, shardings = builder.abstract_state(tx)
+  step = train_step.make_train_step(builder.graphdef, tx, mesh=mesh, rules=cfg.rules,
                                     state_shardings=shardings)
   batch = train_step.abstract_batch(BATCH, SEQ, mesh, cfg.rules)
   del batch["segment_ids"]

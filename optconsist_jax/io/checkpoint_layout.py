@@ -242,7 +242,7 @@ def restore_params(workdir_or_ckpt_dir: str | os.PathLike, step: int | None,
     step: the step to read; None = the newest complete one (ignored when a
       step directory is given).
     abstract_params: the param tree of ShapeDtypeStructs: an nnx.State (e.g.
-      `nnx.state(nnx.eval_shape(lambda: Llama(...)))`, returned as an
+      `nnx.state(model.llama.abstract_model(...))`, returned as an
       nnx.State) or its plain-dict form; dtypes are cast to these. It must
       name the same variables as the checkpoint (a LoRA run's checkpoint holds
       the adapters too).

@@ -23,6 +23,7 @@ from typing import Any
 
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -32,6 +33,7 @@ from optconsist_jax.io import hf_layout
 from optconsist_jax.io import hub
 from optconsist_jax import sharding
 from optconsist_jax.model import Llama, LlamaConfig
+from optconsist_jax.model.llama import abstract_model
 from optconsist_jax.model.llama import no_constraint
 
 CONFIG_FILE = "config.json"
@@ -175,8 +177,7 @@ def load(hf_dir: str, dtype: Any = jnp.float32, *, mesh: Any = None,
       raise ValueError("hf.load: a mesh needs its logical-axis rules (e.g."
                        " optconsist_jax.sharding.MeshConfig(...).rules).")
     constrain = sharding.LogicalConstraint(mesh, rules)
-  abstract = nnx.eval_shape(
-      lambda: Llama(config, rngs=nnx.Rngs(0), constrain=constrain))
+  abstract = abstract_model(config, constrain=constrain)
   graphdef, abstract_state = nnx.split(abstract)
   if mesh is None:
     shardings = jax.tree.map(lambda _: _single_device_sharding(),
@@ -227,7 +228,6 @@ def load(hf_dir: str, dtype: Any = jnp.float32, *, mesh: Any = None,
 def _host_value(x: jax.Array) -> np.ndarray:
   """A (possibly sharded, possibly multi-host) array gathered to this host."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 

@@ -41,10 +41,9 @@ A plain GELU MLP (standard nanoGPT: c_fc [4D, D] with c_fc [F, D] and
 c_proj [D, F] of the same F) is detected and refused: the model is SwiGLU.
 
 Entry points: `load_nanogpt(path)` -> (config, model); `read_config(path)`
-(no weights read) for experiment configs; `load_params_into(path,
-abstract_params, shardings, model_config=...)` for the train loop (params
-placed shard by shard on a mesh); `torch_pickle.read_torch_checkpoint(path)`
-for the whole file (optimizer state, iter_num, config) as lazy tensors.
+(no weights read); `load_params_into(path, abstract_params, shardings,
+model_config=...)` for io.weights (placed shard by shard on a mesh);
+`torch_pickle.read_torch_checkpoint(path)` for the whole file as lazy tensors.
 
 Normalization: nanoGPT uses LayerNorm without bias (eps 1e-5); a
 `norm_type`/`norm`/`normalization` string (containing "rms" or "layer") or a
@@ -68,6 +67,7 @@ import numpy as np
 
 from optconsist_jax.io import torch_pickle
 from optconsist_jax.model.config import LlamaConfig
+from optconsist_jax.model.llama import abstract_model
 from optconsist_jax.model.llama import Llama
 
 COMPILE_PREFIX = "_orig_mod."
@@ -495,6 +495,6 @@ def load_nanogpt(ckpt_path: str | os.PathLike, dtype: Any = jnp.float32, *,
                                        mlp_layout=mlp_layout)
   name = jnp.dtype(dtype).name
   config = config.replace(param_dtype=name, dtype=name)
-  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  model = abstract_model(config)
   set_params(model, params)
   return config, model

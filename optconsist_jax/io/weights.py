@@ -7,7 +7,7 @@ The one place that turns "where the weights are" into a model:
   identity(model, lora)        the model-identity dict checkpoints record
                                (io.checkpoints.compare_models)
   load_params(source, ...)     a full model's params, created in a mesh's
-                               shardings (train.py's init_from)
+                               shardings (the trainer's init_from)
   load_model(source, ...)      the same as a Llama (the eval job's base model)
   restore_run_model(path, ...) one checkpoint of a training run, LoRA
                                adapters merged (the eval job, memorization,
@@ -31,13 +31,18 @@ from flax import nnx
 from optconsist_jax import sharding
 from optconsist_jax import typed_config
 from optconsist_jax.io import checkpoint_layout as ckpt_lib
+from optconsist_jax.io import hf
+from optconsist_jax.io import hf_layout
 from optconsist_jax.io import hub
+from optconsist_jax.io import nanogpt
+from optconsist_jax.model import lora as lora_lib
 from optconsist_jax.model import Llama
 from optconsist_jax.model import LlamaConfig
+from optconsist_jax.model.llama import abstract_model
 from optconsist_jax.model.llama import no_constraint
 
 KINDS = ("auto", "hf", "orbax", "nanogpt")
-# Written by train.py beside an Orbax run's checkpoints.
+# Written by the trainer (optconsist_jax.train) beside a run's checkpoints.
 RUN_CONFIG_FILE = "config.json"
 
 
@@ -84,17 +89,15 @@ def model_config_of(path: str, kind: str = "auto") -> LlamaConfig:
   """The architecture stored with a weight source.
 
   A Hugging Face folder's config.json, a nanoGPT ckpt.pt's model_args, or
-  the config.json train.py wrote beside an Orbax run (W, W/checkpoints or a
+  the config.json the trainer wrote beside an Orbax run (W, W/checkpoints or a
   step directory).
   """
   kind = kind_of(path, kind)
   if kind == "hf":
-    from optconsist_jax.io import hf_layout  # pylint: disable=g-import-not-at-top
     folder = hub.model_dir(path, patterns=("config.json",))  # a Hub repo's
     return hf_layout.config_from_hf(
         json.loads((epath.Path(folder) / "config.json").read_text()))
   if kind == "nanogpt":
-    from optconsist_jax.io import nanogpt  # pylint: disable=g-import-not-at-top
     return nanogpt.read_config(path)
   p = epath.Path(path)
   for run_dir in (p, p.parent, p.parent.parent):
@@ -102,7 +105,7 @@ def model_config_of(path: str, kind: str = "auto") -> LlamaConfig:
       run = json.loads((run_dir / RUN_CONFIG_FILE).read_text())
       return LlamaConfig.from_dict(run["model"])
   raise FileNotFoundError(f"config.init_from.path={path!r}: no config.json of"
-                          " a train.py run found in it or its parents")
+                          " a training run found in it or its parents")
 
 
 def identity(model_config: LlamaConfig | Mapping[str, Any],
@@ -154,7 +157,6 @@ def load_params(source: InitFromConfig, model_config: LlamaConfig, *,
     raise ValueError(f"config.init_from.kind={kind!r}; expected one of {KINDS}")
   m = model_config
   if kind == "hf":
-    from optconsist_jax.io import hf  # pylint: disable=g-import-not-at-top
     hf_config, model = hf.load(
         source.path, dtype=m.param_dtype, mesh=mesh, rules=rules,
         compute_dtype=m.dtype, scan_layers=m.scan_layers,
@@ -165,12 +167,11 @@ def load_params(source: InitFromConfig, model_config: LlamaConfig, *,
         f"config.init_from {source.path} (config.json)",
         hint="Set config.model to the folder's config.json values.")
     return nnx.state(model, nnx.Param)
-  abstract = nnx.state(nnx.eval_shape(lambda: Llama(
-      m, rngs=nnx.Rngs(0), constrain=_constraint(mesh, rules))), nnx.Param)
+  abstract = nnx.state(
+      abstract_model(m, constrain=_constraint(mesh, rules)), nnx.Param)
   shardings = (sharding.state_shardings(abstract, mesh, rules)
                if mesh is not None else None)
   if kind == "nanogpt":
-    from optconsist_jax.io import nanogpt  # pylint: disable=g-import-not-at-top
     return nanogpt.load_params_into(os.fspath(source.path), abstract,
                                     shardings, model_config=m)
   # A full model's params; the writer's identity must match ours without LoRA.
@@ -181,8 +182,8 @@ def load_params(source: InitFromConfig, model_config: LlamaConfig, *,
 def load_model(source: InitFromConfig, model_config: LlamaConfig, *,
                mesh: Any = None, rules: Any = None) -> Llama:
   """`load_params` as a Llama (e.g. the base model the eval job scores)."""
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(
-      model_config, rngs=nnx.Rngs(0), constrain=_constraint(mesh, rules))))
+  graphdef, _ = nnx.split(
+      abstract_model(model_config, constrain=_constraint(mesh, rules)))
   return nnx.merge(graphdef, load_params(source, model_config, mesh=mesh,
                                          rules=rules))
 
@@ -204,19 +205,15 @@ def restore_run_model(path: str | os.PathLike, model_config: LlamaConfig, *,
     mesh, rules: lay the params out on this mesh (sharding.state_shardings);
       None = one device.
     model_identity: the identity to insist on; default
-      `identity(model_config, lora)`, what train.py records.
+      `identity(model_config, lora)`, what the trainer records.
   """
-  from optconsist_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  constrain = _constraint(mesh, rules)
-
-  def build():
-    model = Llama(model_config, rngs=nnx.Rngs(0), constrain=constrain)
-    if lora:
-      lora_lib.apply_lora(model, lora_lib.LoRAConfig.from_dict(lora),
-                          rngs=nnx.Rngs(1))
-    return model
-
-  graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
+  transform = None
+  if lora:
+    def transform(model):
+      return lora_lib.apply_lora(model, lora_lib.LoRAConfig.from_dict(lora),
+                                 rngs=nnx.Rngs(1))
+  graphdef, abstract_state = nnx.split(abstract_model(
+      model_config, constrain=_constraint(mesh, rules), transform=transform))
   shardings = (sharding.state_shardings(abstract_state, mesh, rules)
                if mesh is not None else None)
   state = ckpt_lib.restore_params(

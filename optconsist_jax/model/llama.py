@@ -441,8 +441,33 @@ def parameter_count(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def make_model(config: LlamaConfig, *, constrain: Constrain = no_constraint,
+               seed: int = 0,
+               transform: Callable[[Llama], Any] | None = None) -> nnx.Module:
+  """A Llama initialized from `nnx.Rngs(seed)`, then `transform` applied.
+
+  Args:
+    config: model shapes.
+    constrain: places activations (sharding.LogicalConstraint on a mesh).
+    seed: init seed.
+    transform: applied to the new model, e.g. LoRA's apply_lora; may change
+      it in place (return None) or return a new model.
+  """
+  model = Llama(config, rngs=nnx.Rngs(seed), constrain=constrain)
+  if transform is not None:
+    out = transform(model)
+    model = model if out is None else out
+  return model
+
+
 def abstract_model(config: LlamaConfig, *, constrain: Constrain = no_constraint,
-                   seed: int = 0) -> Llama:
-  """The model with ShapeDtypeStructs instead of arrays (no memory used)."""
-  return nnx.eval_shape(
-      lambda: Llama(config, rngs=nnx.Rngs(seed), constrain=constrain))
+                   seed: int = 0,
+                   transform: Callable[[Llama], Any] | None = None
+                   ) -> nnx.Module:
+  """`make_model` with ShapeDtypeStructs instead of arrays (no memory used).
+
+  The one abstract trace of the model: the train state builder
+  (train/state.py) and every weight loader (io/) start from it.
+  """
+  return nnx.eval_shape(lambda: make_model(
+      config, constrain=constrain, seed=seed, transform=transform))

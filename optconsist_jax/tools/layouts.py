@@ -43,6 +43,7 @@ import numpy as np
 from optconsist_jax.train import config as config_types
 from optconsist_jax import metrics as metrics_lib
 from optconsist_jax import sharding
+from optconsist_jax.train import setup as train_setup
 from optconsist_jax.train import step as step_lib
 from optconsist_jax.tools.plan import hlo_stats
 from optconsist_jax.tools.plan import step_time
@@ -139,15 +140,12 @@ def _peak_memory() -> int | None:
 def measure(config: dict[str, Any], layout: Layout, steps: int,
             seed: int = 0) -> dict[str, Any]:
   """Compiles and times one layout; a record for the table."""
-  from optconsist_jax.train import setup as train_setup  # pylint: disable=g-import-not-at-top
   exp = layout_config(config, layout)
   mesh = sharding.make_mesh(exp.mesh)
   train_setup.preflight(dataclasses.replace(
       exp, init_from=dataclasses.replace(exp.init_from, path=None)), mesh)
   s = train_setup.setup(exp, mesh)
-  _, state, _ = step_lib.create_train_state(
-      exp.model, s.tx, mesh, s.rules, trainable=s.trainable,
-      model_transform=s.model_transform, seed=exp.train.seed)
+  state = s.builder.init(s.tx)
   fn = step_lib.make_train_step(
       s.graphdef, s.tx, mesh=mesh, rules=s.rules, state_shardings=s.shardings,
       grad_accum_steps=exp.train.grad_accum_steps)
@@ -228,8 +226,10 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
 
 
 def bar_chart(records: Sequence[dict[str, Any]], path: str) -> None:
+  # deferred: matplotlib loads only when a chart is drawn.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
+  # deferred: pyplot after the Agg backend is chosen.
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   labels = [r["layout"] for r in records]
   x = np.arange(len(records))
@@ -322,6 +322,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # deferred: the --config flag exists only when run as a program.
   from ml_collections import config_flags as _cf  # pylint: disable=g-import-not-at-top
   _cf.DEFINE_config_file("config", None,
                          "Experiment config file (configs/*.py[:arg]).",

@@ -9,3 +9,5 @@ NaN/Inf), config.py (the typed experiment config) and population.py.
 
 from optconsist_jax.train.loop import TrainResult
 from optconsist_jax.train.loop import train
+
+__all__ = ["TrainResult", "train"]

@@ -40,11 +40,12 @@ Reads top to bottom (big_vision style):
    unreadable checkpoint sets it aside (`<step>.corrupt`) and resumes from
    the newest readable one.
 
-Outputs in W: config.json, checkpoints/<step>/ (io/checkpoints.py documents the
-layout), metrics/ (TensorBoard event files).
+Outputs in W: config.json, checkpoints/<step>/ (io/checkpoint_layout.py
+documents the layout), metrics/ (TensorBoard event files).
 
-Steps 1-3 are in setup.py, the jitted step in step.py, the early stops in
-guards.py, the loop in loop.py; this module is the command line.
+Steps 1-3 are in setup.py (the state built by state.py), the jitted step in
+step.py, the early stops in guards.py, the loop in loop.py; this module is the
+command line.
 """
 
 from __future__ import annotations

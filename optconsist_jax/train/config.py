@@ -2,8 +2,8 @@
 
 Config files in configs/ are plain Python (`get_config(arg)` returning an
 `ml_collections.ConfigDict`, big_vision style) so that `--config.x.y=...`
-overrides work on the command line. train.py converts the result once, at the
-boundary, to `ExperimentConfig`; from there on each module receives the typed
+overrides work on the command line. The trainer converts the result once, at
+the boundary, to `ExperimentConfig`; from there on each module receives the typed
 slice it needs. An unknown key anywhere is an error naming it (`config.train.
 foo`), raised before anything is compiled.
 
@@ -33,11 +33,13 @@ from typing import Any
 
 from absl import logging
 
+from optconsist_jax import optim as optim_lib
 from optconsist_jax import typed_config
 from optconsist_jax.io import weights
 from optconsist_jax.io.checkpointer import CheckpointConfig
 from optconsist_jax.io.weights import InitFromConfig
 from optconsist_jax.model import LlamaConfig
+from optconsist_jax.model import lora as lora_lib
 from optconsist_jax.sharding import MeshConfig
 
 
@@ -121,6 +123,7 @@ class ExperimentConfig:
     Schedules with total_steps 0 (the run's length) stay 0; call
     `resolve_total_steps` before building the optimizer.
     """
+    # deferred: grain (the data pipeline's config) loads only when parsing.
     from optconsist_jax.data import pipeline as data_lib  # pylint: disable=g-import-not-at-top
     d = dict(d)
     unknown = sorted(set(d) - set(SECTIONS))
@@ -129,7 +132,6 @@ class ExperimentConfig:
                        f" {list(SECTIONS)}")
     lora = None
     if d.get("lora"):
-      from optconsist_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
       lora = _owned("lora", d["lora"], _lora_from_dict(lora_lib))
     init_from = typed_section(InitFromConfig, d.get("init_from"), "init_from")
     return cls(
@@ -157,7 +159,6 @@ class ExperimentConfig:
 
 
 def _optim_from_dict(d: Mapping[str, Any]):
-  from optconsist_jax import optim as optim_lib  # pylint: disable=g-import-not-at-top
   return optim_lib.OptimConfig.from_dict(d)
 
 

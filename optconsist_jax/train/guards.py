@@ -13,11 +13,12 @@ from typing import Any
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from optconsist_jax import errors
 from optconsist_jax.io import checkpoint_layout as ckpt_lib
-from optconsist_jax.io import checkpointer as run_checkpoints
+from optconsist_jax.io import checkpointer
 
 
 class NonFiniteError(errors.CommandError, FloatingPointError):
@@ -47,7 +48,6 @@ class Preemption:
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
       # All hosts must agree on the step to stop at.
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       try:
         if multihost_utils.reached_preemption_sync_point(step):
           return True
@@ -57,7 +57,7 @@ class Preemption:
 
 
 def check_finite(step: int, m: dict[str, Any],
-                 ckpts: run_checkpoints.RunCheckpoints,
+                 ckpts: checkpointer.RunCheckpoints,
                  workdir: epath.Path) -> None:
   """Raises NonFiniteError when a fetched step's loss/norms are NaN/Inf."""
   # The update norms catch a step whose own loss was finite but whose update

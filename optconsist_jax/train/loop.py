@@ -1,16 +1,22 @@
-"""The training loop: one run, or a population of runs as one vmapped state.
+"""The training loop: one run, or a population of runs, as one loop.
 
 `train(config, workdir)` runs (or resumes) one run; the command line
 (`python -m optconsist_jax.train`, train/__main__.py) says what it does step
-by step. setup.py builds what the loop needs, step.py the jitted step,
-guards.py the early stops, population.py the vmapped population.
+by step. The loop (`train_members`) steps a list of `Member`s through a step
+program: for one run, `RunStep` (the jitted step on the global batch,
+multi-host capable); for a population (population.py), one jit(vmap) over the
+members' stacked states. Everything else is shared: when a member saves, that
+no non-finite state is saved, the NaN/Inf and SIGTERM stops (guards.py), the
+metrics written and the throughput measured, and the `TrainResult`s.
+setup.py builds what the loop needs, state.py the state, step.py the step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Protocol
 
 from absl import logging
 from etils import epath
@@ -21,14 +27,14 @@ from optconsist_jax import errors
 from optconsist_jax import metrics as metrics_lib
 from optconsist_jax import platforms
 from optconsist_jax import sharding
+from optconsist_jax.io import checkpoint_layout as ckpt_lib
+from optconsist_jax.io import checkpointer
+from optconsist_jax.io import weights
 from optconsist_jax.train import guards as train_guards
 from optconsist_jax.train import setup as train_setup
+from optconsist_jax.train import state as state_lib
 from optconsist_jax.train import step as step_lib
 from optconsist_jax.train.config import ExperimentConfig
-from optconsist_jax.io import checkpoint_layout as ckpt_lib
-from optconsist_jax.io import checkpointer as run_checkpoints
-from optconsist_jax.io import weights
-
 
 
 @dataclasses.dataclass
@@ -44,7 +50,8 @@ class TrainResult:
     last_checkpoint: path of the newest complete checkpoint.
     perf: steady-state throughput over this run's steps after the first
       (which includes compilation): steps_timed, step_time_s, tokens_per_s
-      (all B x T slots), target_tokens_per_s, mfu (None off a known device).
+      (all B x T slots), target_tokens_per_s, mfu (None off a known device);
+      a population member's also population_size and population_tokens_per_s.
   """
 
   step: int
@@ -53,6 +60,115 @@ class TrainResult:
   workdir: str
   last_checkpoint: str | None
   perf: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Member:
+  """One run in the loop: what it trains on, where it writes, how far it is.
+
+  `prepare_member` fills the first block (nothing written yet); `_start` the
+  rest (its config.json, checkpoints, data iterator, initial state, writer).
+  """
+
+  name: str  # how messages name it ("" for a run alone)
+  config: ExperimentConfig  # resolved (total steps filled in)
+  resolved: dict[str, Any]
+  workdir: epath.Path
+  pipe: Any
+  setup: train_setup.Setup
+  total_steps: int
+  dropout_seed: int | None
+  ckpts: checkpointer.RunCheckpoints | None = None
+  data_iter: Any = None
+  writer: metrics_lib.Writer | None = None
+  state: state_lib.TrainState | None = None  # until the step program owns it
+  rng: Any = None
+  step: int = 0
+  losses: dict[int, float] = dataclasses.field(default_factory=dict)
+  stopped: str = "done"
+  failed: train_guards.NonFiniteError | None = None
+  last_batch: dict[str, np.ndarray] | None = None
+  # Rates since the last log, and over the run after its first step.
+  interval: metrics_lib.Throughput | None = None
+  whole_run: metrics_lib.Throughput | None = None
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.pipe.steps_per_epoch
+
+  @property
+  def live(self) -> bool:
+    return (self.failed is None and self.stopped == "done"
+            and self.step < self.total_steps)
+
+
+class StepProgram(Protocol):
+  """Advances the live members by one step (owns their state meanwhile)."""
+
+  def __call__(self, local_batches: list[dict[str, np.ndarray]],
+               stats_due: list[bool], active: list[bool]) -> tuple[Any, Any]:
+    """(device metrics, device layer stats or None) of one step.
+
+    local_batches[k] is member k's rows of this process (an inactive
+    member's last batch, its update masked); stats_due[k] asks for member
+    k's layer statistics before the step.
+    """
+
+  def member_states(self) -> Sequence[state_lib.TrainState]:
+    """Each member's current state (for saving)."""
+
+  def of_member(self, tree: Any, k: int) -> Any:
+    """Member k's part of fetched metrics or stats."""
+
+  def perf(self, perf: dict[str, Any]) -> dict[str, Any]:
+    """A member's TrainResult.perf, with what the program adds."""
+
+
+class RunStep:
+  """The step program of a run alone: the jitted step on the global batch."""
+
+  def __init__(self, member: Member, mesh: jax.sharding.Mesh):
+    s = member.setup
+    self._mesh, self._rules = mesh, s.rules
+    self._step = step_lib.make_train_step(
+        s.graphdef, s.tx, mesh=mesh, rules=s.rules,
+        state_shardings=s.shardings,
+        grad_accum_steps=member.config.train.grad_accum_steps,
+        param_groups=s.param_groups, dropout_seed=member.dropout_seed)
+    self._stats = jax.jit(step_lib.stats_fn(s.graphdef))
+    self._state, member.state = member.state, None
+
+  def __call__(self, local_batches, stats_due, active):
+    del active  # A run alone is live while the loop runs.
+    batch = step_lib.global_batch(local_batches[0], self._mesh, self._rules)
+    stats = (self._stats(self._state.params, self._state.frozen, batch)
+             if stats_due[0] else None)
+    self._state, metrics = self._step(self._state, batch)
+    return metrics, stats
+
+  def member_states(self):
+    return [self._state]
+
+  def of_member(self, tree, k):
+    del k
+    return tree
+
+  def perf(self, perf):
+    return perf
+
+
+def prepare_member(config: ExperimentConfig, workdir: epath.Path, mesh, *,
+                   name: str = "", tokenizer: Any = None) -> Member:
+  """Checks and builds what a run needs before anything is written."""
+  config, pipe, resolved, total_steps = train_setup.prepare(
+      config, workdir, mesh, tokenizer=tokenizer)
+  tc = config.train
+  dropout_seed = tc.dropout_seed
+  if dropout_seed is None and config.lora is not None and config.lora.dropout:
+    dropout_seed = tc.seed  # LoRA dropout needs randomness.
+  return Member(name=name, config=config, resolved=resolved, workdir=workdir,
+                pipe=pipe, setup=train_setup.setup(config, mesh),
+                total_steps=total_steps, dropout_seed=dropout_seed)
 
 
 def train(config: ExperimentConfig, workdir: str | os.PathLike,
@@ -67,120 +183,218 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
   """
   workdir = epath.Path(workdir)
   platforms.maybe_initialize_distributed()
-  # 1. Everything read from the user is checked before anything is written.
+  # Everything read from the user is checked before anything is written.
   with errors.user_input():
     mesh = sharding.make_mesh(config.mesh)
-    config, pipe, resolved, total_steps = train_setup.prepare(
-        config, workdir, mesh)
-    tc = config.train
-    # 2. Mesh-bound model and optimizer.
-    s = train_setup.setup(config, mesh)
+    member = prepare_member(config, workdir, mesh)
+  [result] = train_members([member], lambda ms: RunStep(ms[0], mesh),
+                           stop_after=stop_after)
+  return result
+
+
+def train_members(members: list[Member],
+                  make_program: Callable[[list[Member]], StepProgram], *,
+                  stop_after: int | None = None) -> list[TrainResult]:
+  """Starts every member, trains those not finished, returns their results.
+
+  Args:
+    members: from `prepare_member`.
+    make_program: the step program of the members still to train.
+    stop_after: stop each member (with a checkpoint, as on SIGTERM) once it
+      has done this many steps.
+
+  Raises:
+    NonFiniteError: a member's loss or update turned NaN/Inf (it stopped
+      without saving; the others went on to their end).
+  """
   # clu's writers import TensorFlow: overlap that with restoring/initializing.
   metrics_lib.preload_writers()
-  train_setup.write_config(config, workdir)
-  # 3. The initial state.
-  ckpts = run_checkpoints.RunCheckpoints(
-      workdir, config.checkpoint, weights.identity(config.model, config.lora),
-      run_config=resolved)
-  data_iter = pipe.iterator()
-  state, epoch, how = train_setup.initial_state(config, s, ckpts, data_iter)
-  start = int(jax.device_get(state.step))
-  logging.info("%s at step %d of %d (%d steps/epoch, %d devices, mesh %s)",
-               how, start, total_steps, pipe.steps_per_epoch,
-               jax.device_count(), dict(mesh.shape))
+  program = None
+  try:
+    for m in members:
+      _start(m)
+    training = [m for m in members if m.live]
+    if len(members) > 1:
+      logging.info("population: %d members, %d to train", len(members),
+                   len(training))
+    for m in training:
+      m.interval, m.whole_run = (_throughput(m, len(training))
+                                 for _ in range(2))
+    if training:
+      program = make_program(training)
+      _loop(training, program, stop_after)
+  finally:
+    _close(members)
+  failed = [m for m in members if m.failed is not None]
+  if len(members) == 1 and failed:
+    raise failed[0].failed
+  if failed:
+    raise train_guards.NonFiniteError("; ".join(
+        f"{m.name}: {m.failed}" for m in failed)
+        + ". The other members finished.")
+  return [_result(m, program) for m in members]
 
-  # 4. The loop.
-  writer = metrics_lib.Writer(os.fspath(workdir), num_train_steps=total_steps,
-                              progress_every_secs=tc.progress_every_secs)
-  if tc.parameter_overview and start == 0:
-    writer.parameter_overview(state.params, "trainable params")
-  dropout_seed = tc.dropout_seed
-  if dropout_seed is None and config.lora is not None and config.lora.dropout:
-    dropout_seed = tc.seed  # LoRA dropout needs randomness.
-  train_fn = step_lib.make_train_step(
-      s.graphdef, s.tx, mesh=mesh, rules=s.rules,
-      state_shardings=s.shardings, grad_accum_steps=tc.grad_accum_steps,
-      param_groups=s.param_groups, dropout_seed=dropout_seed)
-  stats_fn = jax.jit(step_lib.stats_fn(s.graphdef))
-  rng = jax.random.key(dropout_seed if dropout_seed is not None else tc.seed)
-  # Rates since the last log, and over the run after its first step.
-  interval, whole_run = (metrics_lib.Throughput(
-      config.data.global_batch_size * config.data.seq_len,
-      config.model.flops_per_token(config.data.seq_len), jax.device_count(),
-      metrics_lib.peak_flops()) for _ in range(2))
-  losses: dict[int, float] = {}
+
+def _start(m: Member) -> None:
+  """config.json, checkpoints, data iterator, initial state, metrics writer."""
+  tc = m.config.train
+  train_setup.write_config(m.config, m.workdir)
+  m.ckpts = checkpointer.RunCheckpoints(
+      m.workdir, m.config.checkpoint,
+      weights.identity(m.config.model, m.config.lora), run_config=m.resolved)
+  m.data_iter = m.pipe.iterator()
+  m.state, _, how = train_setup.initial_state(m.config, m.setup, m.ckpts,
+                                              m.data_iter)
+  m.step = int(jax.device_get(m.state.step))
+  logging.info("%s%s at step %d of %d (%d steps/epoch, %d devices, mesh %s)",
+               f"{m.name}: " if m.name else "", how, m.step, m.total_steps,
+               m.steps_per_epoch, jax.device_count(),
+               dict(m.setup.mesh.shape))
+  m.writer = metrics_lib.Writer(os.fspath(m.workdir),
+                                num_train_steps=m.total_steps,
+                                progress_every_secs=tc.progress_every_secs)
+  if tc.parameter_overview and m.step == 0:
+    m.writer.parameter_overview(m.state.params, "trainable params")
+  m.rng = jax.random.key(m.dropout_seed if m.dropout_seed is not None
+                         else tc.seed)
+
+
+def _throughput(m: Member, members_per_step: int) -> metrics_lib.Throughput:
+  # Members stepped together share the devices: MFU counts all their flops.
+  c = m.config
+  return metrics_lib.Throughput(
+      c.data.global_batch_size * c.data.seq_len,
+      c.model.flops_per_token(c.data.seq_len),
+      jax.device_count() / members_per_step, metrics_lib.peak_flops())
+
+
+def _record(m: Member, step: int, metrics: dict[str, Any]) -> None:
+  """Member m's fetched metrics of `step`: loss, NaN guard, scalars, rates."""
+  tc = m.config.train
+  m.losses[step] = float(metrics["loss"])
+  if tc.stop_on_nonfinite:
+    try:
+      train_guards.check_finite(step, metrics, m.ckpts, m.workdir)
+    except train_guards.NonFiniteError as e:
+      logging.error("%s%s", f"{m.name}: " if m.name else "", e)
+      m.failed = e  # Stopped without saving; the others go on.
+      return
+  if not m.interval.started:  # First step: includes compilation.
+    m.interval.start(step)
+    m.whole_run.start(step)
+    m.writer.scalars(step, {"loss": metrics["loss"],
+                            "grad_norm": metrics["grad_norm"]})
+    return
+  for window in (m.interval, m.whole_run):
+    window.count(step, float(metrics.get("num_tokens", 0.0)))
+  if step % tc.log_every and step != m.total_steps:
+    return
+  out = {k: v for k, v in metrics.items() if np.ndim(v) == 0}
+  out.update(m.interval.rates())
+  for g, fn in m.setup.lr_fns.items():
+    out[f"lr/{g}"] = float(fn(step - 1))
+  out["epoch"] = (step - 1) / m.steps_per_epoch
+  m.writer.scalars(step, out)
+  m.interval.start(step)
+
+
+def _loop(members: list[Member], program: StepProgram,
+          stop_after: int | None) -> None:
+  """Steps the members until each is done, stopped or failed."""
   pending = metrics_lib.DeferredFetch()
-  stopped = "done"
-
-  def save(step: int, *, epoch_end: bool):
-    ckpts.save(step, params=train_setup.full_params(state),
-               opt_state=state.opt_state, data_iter=data_iter, rng=rng,
-               epoch=step // pipe.steps_per_epoch, epoch_end=epoch_end)
+  # Per pushed step: each member's step and whether it took part.
+  pushed: list[tuple[list[int], list[bool]]] = []
 
   def report(fetched):
-    """Writes one fetched step's metrics; NaN guard."""
     if fetched is None:
       return
-    step, m, _ = fetched
-    losses[step] = float(m["loss"])
-    if tc.stop_on_nonfinite:
-      train_guards.check_finite(step, m, ckpts, workdir)
-    if not interval.started:  # First step: includes compilation.
-      interval.start(step)
-      whole_run.start(step)
-      writer.scalars(step, {"loss": m["loss"], "grad_norm": m["grad_norm"]})
-      return
-    for window in (interval, whole_run):
-      window.count(step, float(m.get("num_tokens", 0.0)))
-    if step % tc.log_every and step != total_steps:
-      return
-    out = {k: v for k, v in m.items() if np.ndim(v) == 0}
-    out.update(interval.rates())
-    for g, fn in s.lr_fns.items():
-      out[f"lr/{g}"] = float(fn(step - 1))
-    out["epoch"] = (step - 1) / pipe.steps_per_epoch
-    writer.scalars(step, out)
-    interval.start(step)
+    steps, took_part = pushed.pop(0)
+    for k, m in enumerate(members):
+      if took_part[k] and m.failed is None:
+        _record(m, steps[k], program.of_member(fetched[1], k))
 
-  try:
-    with train_guards.Preemption() as preemption:
-      step = start
-      while step < total_steps:
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          local = next(data_iter)
-          batch = step_lib.global_batch(local, mesh, s.rules)
-          if tc.stats_every and (step + 1) % tc.stats_every == 0:
-            stats = stats_fn(state.params, state.frozen, batch)
-          else:
-            stats = None
-          state, m = train_fn(state, batch)
-          step += 1
-        ckpts.check()  # A background save that failed stops the run here.
-        report(pending.push(step, m))
-        if stats is not None:
-          writer.scalars(step, metrics_lib.layer_stats_scalars(
-              jax.device_get(stats)))
-        writer.progress(step)
-        epoch_end = step % pipe.steps_per_epoch == 0
-        stop = preemption.reached(step) or (
-            stop_after is not None and step >= stop_after)
-        if (step == total_steps or stop
-            or (epoch_end and config.checkpoint.save_epoch_ends)
-            or ckpts.is_due(step)):
-          report(pending.pop())  # Never checkpoint a non-finite state.
-          save(step, epoch_end=epoch_end)
-        if stop and step < total_steps:
-          stopped = "preempted"
-          break
-      report(pending.pop())
-  finally:
+  with train_guards.Preemption() as preemption:
+    while any(m.live for m in members):
+      active = [m.live for m in members]
+      local, due = [], []
+      for m, a in zip(members, active):
+        if a:
+          m.last_batch = next(m.data_iter)
+        local.append(m.last_batch)
+        every = m.config.train.stats_every
+        due.append(bool(a and every and (m.step + 1) % every == 0))
+      with jax.profiler.StepTraceAnnotation(
+          "train", step_num=max(m.step for m in members)):
+        metrics, stats = program(local, due, active)
+      for m, a in zip(members, active):
+        if a:
+          m.step += 1
+      pushed.append(([m.step for m in members], active))
+      for m in members:
+        m.ckpts.check()  # A background save that failed stops the run here.
+      report(pending.push(max(m.step for m in members), metrics))
+      if stats is not None:
+        stats = jax.device_get(stats)
+        for k, m in enumerate(members):
+          if due[k]:
+            m.writer.scalars(m.step, metrics_lib.layer_stats_scalars(
+                program.of_member(stats, k)))
+      preempted = preemption.reached(max(m.step for m in members))
+      to_save = []
+      for k, (m, a) in enumerate(zip(members, active)):
+        if not a:
+          continue
+        m.writer.progress(m.step)
+        epoch_end = m.step % m.steps_per_epoch == 0
+        stop = preempted or (stop_after is not None and m.step >= stop_after)
+        if (m.step == m.total_steps or stop
+            or (epoch_end and m.config.checkpoint.save_epoch_ends)
+            or m.ckpts.is_due(m.step)):
+          to_save.append((k, m, epoch_end))
+        if stop and m.step < m.total_steps:
+          m.stopped = "preempted"
+      if to_save:
+        report(pending.pop())  # Never checkpoint a non-finite state.
+        states = program.member_states()
+        for k, m, epoch_end in to_save:
+          if m.failed is None:
+            _save(m, states[k], epoch_end)
+        del states
+    report(pending.pop())
+
+
+def _save(m: Member, state: state_lib.TrainState, epoch_end: bool) -> None:
+  m.ckpts.save(m.step, params=state_lib.full_params(state),
+               opt_state=state.opt_state, data_iter=m.data_iter, rng=m.rng,
+               epoch=m.step // m.steps_per_epoch, epoch_end=epoch_end)
+
+
+def _close(members: list[Member]) -> None:
+  """Closes every member's checkpoints (waiting for the last save) and writer.
+
+  Raises the first SaveFailedError (a last save that did not commit) once
+  all are closed.
+  """
+  failures = []
+  for m in members:
     try:
-      ckpts.close()  # Raises SaveFailedError if the last save did not commit.
+      if m.ckpts is not None:
+        m.ckpts.close()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      failures.append(e)
     finally:
-      writer.close()
-  done = [c for c in ckpt_lib.list_checkpoints(workdir) if c.complete]
-  rates = whole_run.rates()
+      if m.writer is not None:
+        m.writer.close()
+  if failures:
+    raise failures[0]
+
+
+def _result(m: Member, program: StepProgram | None) -> TrainResult:
+  done = [c for c in ckpt_lib.list_checkpoints(m.workdir) if c.complete]
+  rates = m.whole_run.rates() if m.whole_run is not None else {}
+  perf = {"steps_timed": m.whole_run.steps, **rates} if rates else {}
   return TrainResult(
-      step=step, losses=losses, stopped=stopped, workdir=os.fspath(workdir),
+      step=m.step, losses=m.losses, stopped=m.stopped,
+      workdir=os.fspath(m.workdir),
       last_checkpoint=os.fspath(done[-1].path) if done else None,
-      perf={"steps_timed": whole_run.steps, **rates} if rates else {})
+      perf=program.perf(perf) if perf else {})

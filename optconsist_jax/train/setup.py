@@ -1,9 +1,9 @@
-"""Everything train.py does before its first step: checks, setup, initial state.
+"""What a run does before its first step: checks, setup, initial state.
 
 * The config boundary: `preflight` (checks that need no compile),
   `check_workdir` (a workdir holds one run: `run_identity`), `write_config`.
 * `setup`: the mesh-bound model/optimizer pieces and the abstract sharded
-  state.
+  state (state.StateBuilder).
 * `initial_state`: resume from W/checkpoints, else the weights of
   `config.init_from` (io.weights), else random init; every array is created
   directly in its sharding.
@@ -20,20 +20,18 @@ from typing import Any
 
 from absl import logging
 from etils import epath
-from flax import nnx
 import jax
 import jax.numpy as jnp
 
 from optconsist_jax import errors
+from optconsist_jax import optim as optim_lib
 from optconsist_jax import sharding
-from optconsist_jax.train import step as step_lib
-from optconsist_jax.train.config import ExperimentConfig
 from optconsist_jax.io import checkpoint_layout as ckpt_lib
-from optconsist_jax.io import checkpointer as run_checkpoints
+from optconsist_jax.io import checkpointer
 from optconsist_jax.io import hub
 from optconsist_jax.io import weights
-from optconsist_jax.model import Llama
-from optconsist_jax.model import LlamaConfig
+from optconsist_jax.train import state as state_lib
+from optconsist_jax.train.config import ExperimentConfig
 
 CONFIG_FILE = "config.json"
 
@@ -165,6 +163,7 @@ def prepare(config: ExperimentConfig, workdir: epath.Path, mesh, *,
     (config with total steps resolved, the data pipeline, the config's JSON
     form, total steps).
   """
+  # deferred: grain (the data pipeline) loads only once a run is prepared.
   from optconsist_jax.data import pipeline as data_lib  # pylint: disable=g-import-not-at-top
   preflight(config, mesh)
   pipe = data_lib.build_pipeline(config.data, tokenizer=tokenizer)
@@ -196,83 +195,58 @@ class Setup:
 
   mesh: Any
   rules: Any
+  builder: state_lib.StateBuilder
   graphdef: Any
   tx: Any
-  trainable: Any
-  model_transform: Callable[[Llama], Any] | None
-  abstract_state: step_lib.TrainState
-  shardings: step_lib.TrainState
+  abstract_state: state_lib.TrainState
+  shardings: state_lib.TrainState
   param_groups: Any
   lr_fns: dict[str, Callable[[Any], Any]]
 
 
-def _build_model(config: LlamaConfig, constrain, seed: int, transform,
-                 base_params=None) -> nnx.Module:
-  model = Llama(config, rngs=nnx.Rngs(seed), constrain=constrain)
-  if base_params is not None:
-    nnx.update(model, base_params)
-  if transform is not None:
-    out = transform(model)
-    model = model if out is None else out
-  return model
-
-
 def setup(config: ExperimentConfig, mesh) -> Setup:
   """Mesh-bound model/optimizer pieces and the abstract sharded state."""
-  from optconsist_jax import optim as optim_lib  # pylint: disable=g-import-not-at-top
   rules = config.mesh.rules
   # Adapter init draws from its own stream, so the base init is unchanged.
-  trainable, transform = step_lib.lora_pieces(config.lora,
-                                              seed=config.train.seed + 1)
-  abstract_params = step_lib.abstract_params(
-      config.model, mesh, rules, trainable=trainable,
-      model_transform=transform, seed=config.train.seed)
-  tx = optim_lib.build(config.optim, abstract_params, mesh=mesh)
+  trainable, transform = state_lib.lora_pieces(config.lora,
+                                               seed=config.train.seed + 1)
+  builder = state_lib.StateBuilder(config.model, mesh, rules,
+                                   trainable=trainable, transform=transform,
+                                   seed=config.train.seed)
+  tx = optim_lib.build(config.optim, builder.abstract_params, mesh=mesh)
   # {param path: group}; make_train_step reports update norm/RMS per group.
-  param_groups = optim_lib.assign_groups(config.optim, abstract_params)
+  param_groups = optim_lib.assign_groups(config.optim,
+                                         builder.abstract_params)
   used = sorted(set(param_groups.values()))
   lr_fns = {g: optim_lib.make_schedule(config.optim.groups[g].schedule)
             for g in used}
-  graphdef, abstract_state, shardings = step_lib.create_train_state(
-      config.model, tx, mesh, rules, trainable=trainable,
-      model_transform=transform, seed=config.train.seed, abstract=True)
-  return Setup(mesh=mesh, rules=rules, graphdef=graphdef, tx=tx,
-               trainable=trainable, model_transform=transform,
+  abstract_state, shardings = builder.abstract_state(tx)
+  return Setup(mesh=mesh, rules=rules, builder=builder,
+               graphdef=builder.graphdef, tx=tx,
                abstract_state=abstract_state, shardings=shardings,
                param_groups=param_groups, lr_fns=lr_fns)
 
 
 def initial_state(config: ExperimentConfig, s: Setup,
-                  ckpts: run_checkpoints.RunCheckpoints, data_iter):
+                  ckpts: checkpointer.RunCheckpoints, data_iter):
   """Returns (state, epoch, how) following the init order of the docstring."""
-  full_abs = nnx.merge_state(s.abstract_state.params, s.abstract_state.frozen)
   r = ckpts.restore_newest(
-      abstract_params=full_abs, abstract_opt_state=s.abstract_state.opt_state,
-      data_iter=data_iter, say=say)
+      abstract_params=state_lib.full_params(s.abstract_state),
+      abstract_opt_state=s.abstract_state.opt_state, data_iter=data_iter,
+      say=say)
   if r is not None:
-    params, frozen = _split_full(s, r.params)
+    params, frozen = s.builder.split(r.params)
     step = jax.device_put(jnp.asarray(r.step, jnp.int32),
                           s.shardings.step)
-    state = step_lib.TrainState(step=step, params=params, frozen=frozen,
-                                opt_state=r.opt_state)
+    state = state_lib.TrainState(step=step, params=params, frozen=frozen,
+                                 opt_state=r.opt_state)
     return state, r.epoch, f"resumed from {ckpts.directory / str(r.step)}"
   if config.init_from.path:
     base = weights.load_params(config.init_from, config.model, mesh=s.mesh,
                                rules=s.rules)
-    how = weights.describe(config.init_from)
-    constrain = sharding.LogicalConstraint(s.mesh, s.rules)
-
-    def init(base):
-      model = _build_model(config.model, constrain, config.train.seed,
-                           s.model_transform, base_params=base)
-      _, params, frozen = nnx.split(model, s.trainable, ...)
-      return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                 frozen=frozen, opt_state=s.tx.init(params))
-    state = jax.jit(init, out_shardings=s.shardings)(base)
-    return state, 0, f"initialized from {how}"
-  _, state, _ = step_lib.create_train_state(
-      config.model, s.tx, s.mesh, s.rules, trainable=s.trainable,
-      model_transform=s.model_transform, seed=config.train.seed)
+    state = s.builder.init(s.tx, base)
+    return state, 0, f"initialized from {weights.describe(config.init_from)}"
+  state = s.builder.init(s.tx)
   return state, 0, f"random init (seed {config.train.seed})"
 
 
@@ -281,14 +255,3 @@ def say(msg: str):
   logging.warning("%s", msg)
   if jax.process_index() == 0:
     print(msg, flush=True)
-
-
-def _split_full(s: Setup, full):
-  model = nnx.merge(s.graphdef, full)
-  _, params, frozen = nnx.split(model, s.trainable, ...)
-  return params, frozen
-
-
-def full_params(state: step_lib.TrainState):
-  """Every model variable (trainable and frozen): what checkpoints hold."""
-  return nnx.merge_state(state.params, state.frozen)

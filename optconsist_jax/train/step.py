@@ -1,13 +1,10 @@
-"""The sharded train state and the jitted train step.
+"""The jitted train step (the state it advances: train/state.py).
 
-`create_train_state` builds the model and optimizer state inside one jit whose
-`out_shardings` come from the logical-axis rules, so every array is born in its
-shard and nothing is materialized whole on one device. `make_train_step`
-returns a jitted `(state, batch) -> (state, metrics)` with explicit in/out
-shardings, a donated state and gradient accumulation over micro-batches
-(`lax.scan`). The loss is the token-mean of
-`optconsist_jax.model.loss.masked_cross_entropy` over the whole global batch, the
-same number however the batch is split.
+`make_train_step` returns a jitted `(state, batch) -> (state, metrics)` with
+explicit in/out shardings, a donated state and gradient accumulation over
+micro-batches (`lax.scan`). The loss is the token-mean of
+`optconsist_jax.model.loss.masked_cross_entropy` over the whole global batch,
+the same number however the batch is split.
 
 Multi-host: `maybe_initialize_distributed()` first, then `global_batch()` turns
 each process's rows into one global array (each process feeds only its slice).
@@ -18,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -26,130 +22,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from optconsist_jax.model import loss as loss_lib
 from optconsist_jax import sharding
-from optconsist_jax.model import Llama, LlamaConfig
+from optconsist_jax.model import loss as loss_lib
+from optconsist_jax.train.state import TrainState
 
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a step reads and writes.
-
-  Attributes:
-    step: int32 scalar, number of optimizer updates applied.
-    params: trainable variables (nnx.State), what the optimizer updates.
-    frozen: every other model variable (nnx.State), e.g. base weights under
-      LoRA; empty for full finetuning.
-    opt_state: the optax state of `params`.
-  """
-
-  step: jax.Array
-  params: nnx.State
-  frozen: nnx.State
-  opt_state: Any
-
-
-def _build(model_config: LlamaConfig, constrain, seed: int,
-           model_transform: Callable[[Llama], Any] | None) -> nnx.Module:
-  model = Llama(model_config, rngs=nnx.Rngs(seed), constrain=constrain)
-  if model_transform is not None:
-    out = model_transform(model)
-    model = model if out is None else out
-  return model
-
-
-def lora_pieces(lora_config: Any | None, seed: int
-                ) -> tuple[Any, Callable[[Llama], Any] | None]:
-  """(trainable filter, model transform) of a run: LoRA or full finetuning.
-
-  With a LoRAConfig (or its dict), adapters are added to the built model
-  (drawing from `nnx.Rngs(seed)`, so the base init is unchanged) and only
-  they train; with None every nnx.Param trains.
-  """
-  if lora_config is None:
-    return nnx.Param, None
-  from optconsist_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  lora_config = lora_lib.LoRAConfig.from_dict(lora_config)
-
-  def transform(model):
-    return lora_lib.apply_lora(model, lora_config, rngs=nnx.Rngs(seed))
-  return lora_lib.LoRAParam, transform
-
-
-def abstract_params(model_config: LlamaConfig, mesh: Mesh,
-                    rules: sharding.Rules, *, trainable: Any = nnx.Param,
-                    model_transform: Callable[[Llama], Any] | None = None,
-                    seed: int = 0) -> nnx.State:
-  """The trainable params as ShapeDtypeStructs carrying their NamedShardings.
-
-  What `optconsist_jax.optim.build` needs (Muon reads the layout) before the
-  optimizer, and so the train state, can exist. Allocates nothing.
-  """
-  rules = sharding.as_rules(rules)
-  constrain = sharding.LogicalConstraint(mesh, rules)
-  model = nnx.eval_shape(
-      lambda: _build(model_config, constrain, seed, model_transform))
-  params = nnx.state(model, trainable)
-  shardings = sharding.state_shardings(params, mesh, rules)
-  return jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      params, shardings)
-
-
-def create_train_state(
-    model_config: LlamaConfig,
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
-    rules: sharding.Rules,
-    *,
-    trainable: Any = nnx.Param,
-    model_transform: Callable[[Llama], Any] | None = None,
-    seed: int = 0,
-    abstract: bool = False,
-) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-  """Creates the model and optimizer state directly in their shardings.
-
-  Args:
-    model_config: model shapes.
-    tx: the optimizer.
-    mesh: device mesh (optconsist_jax.sharding.make_mesh).
-    rules: logical-axis rules table.
-    trainable: nnx filter of the variables the optimizer updates (e.g. a LoRA
-      param type); the rest go to `TrainState.frozen`.
-    model_transform: applied to the freshly built model before splitting
-      (e.g. LoRA's apply_lora); may modify in place (return None) or return a
-      new model.
-    seed: init seed (nnx.Rngs(seed)).
-    abstract: return ShapeDtypeStructs with shardings instead of arrays
-      (for ahead-of-time compilation; allocates nothing).
-
-  Returns:
-    (graphdef, state, state_shardings): merge `graphdef` with
-    `state.params, state.frozen` to get the model back.
-  """
-  rules = sharding.as_rules(rules)
-  constrain = sharding.LogicalConstraint(mesh, rules)
-
-  def init():
-    model = _build(model_config, constrain, seed, model_transform)
-    _, params, frozen = nnx.split(model, trainable, ...)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      frozen=frozen, opt_state=tx.init(params))
-
-  abstract_model = nnx.eval_shape(
-      lambda: _build(model_config, constrain, seed, model_transform))
-  graphdef, _, _ = nnx.split(abstract_model, trainable, ...)
-  abstract_state = jax.eval_shape(init)
-  shardings = sharding.state_shardings(abstract_state, mesh, rules)
-  if abstract:
-    state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_state, shardings)
-    return graphdef, state, shardings
-  state = jax.jit(init, out_shardings=shardings)()
-  return graphdef, state, shardings
 
 
 def _group_stats(updates: Any, param_groups: Any) -> dict[str, jax.Array]:
@@ -159,8 +36,7 @@ def _group_stats(updates: Any, param_groups: Any) -> dict[str, jax.Array]:
   if isinstance(param_groups, Mapping) and all(
       isinstance(k, str) and isinstance(v, str)
       for k, v in param_groups.items()):
-    from optconsist_jax.sharding import path_name  # pylint: disable=g-import-not-at-top
-    names = [path_name(p) for p, _ in flat]
+    names = [sharding.path_name(p) for p, _ in flat]
     missing = sorted(set(names) - set(param_groups))
     if missing:
       raise ValueError(f"param_groups has no group for params {missing[:5]}")
@@ -293,11 +169,11 @@ def make_train_step(
   """The jitted train step.
 
   Args:
-    graphdef: from `create_train_state`.
+    graphdef: from `state.StateBuilder`.
     tx: the optimizer the state was created with.
     mesh: device mesh.
     rules: logical-axis rules table.
-    state_shardings: from `create_train_state`.
+    state_shardings: from `state.StateBuilder.abstract_state`.
     grad_accum_steps: micro-batches per step; the batch's rows must divide.
     param_groups: optional group name per param: a pytree with the
       structure of `state.params` and a str per leaf, or {path name: group}

@@ -35,6 +35,7 @@ GIB = 1024**3
 
 def topology_devices(name: str) -> tuple[list[Any], float | None]:
   """Devices of a TPU topology (or `cpu-N`: N local CPU devices) and HBM GiB."""
+  # deferred: jax, which the plan CLI configures first (XLA_FLAGS).
   import jax  # pylint: disable=g-import-not-at-top
   if name.startswith("cpu-"):
     n = int(name.split("-", 1)[1])
@@ -59,6 +60,7 @@ def topology_devices(name: str) -> tuple[list[Any], float | None]:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   # No TPU VM metadata here; name this host so libtpu does not complain.
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # deferred: jax, after the libtpu environment above.
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   desc = topologies.get_topology_desc(
       platform="tpu", topology_name=t.libtpu_name, chip_config_name=t.chip_config,
@@ -169,6 +171,7 @@ def _mesh_label(mesh: Any, shape: dict[str, int]) -> str:
 
 def llama_config(spec: PlanSpec):
   """The LlamaConfig a spec compiles (its dtype/remat overrides applied)."""
+  # deferred: imports jax, which the plan CLI configures first.
   from optconsist_jax.model import LlamaConfig, preset  # pylint: disable=g-import-not-at-top
   if isinstance(spec.model, LlamaConfig):
     cfg = spec.model
@@ -184,6 +187,7 @@ def llama_config(spec: PlanSpec):
 
 
 def _mesh_config(spec: PlanSpec):
+  # deferred: imports jax, which the plan CLI configures first.
   from optconsist_jax import sharding  # pylint: disable=g-import-not-at-top
   if isinstance(spec.mesh, sharding.MeshConfig):
     return spec.mesh
@@ -192,18 +196,21 @@ def _mesh_config(spec: PlanSpec):
   return sharding.MeshConfig.from_dict(dict(spec.mesh))
 
 
-def _optimizer(spec: PlanSpec, model_config, mesh, rules):
-  """(tx, trainable filter, model_transform) for the spec's optim config.
+def _state_builder(spec: PlanSpec, model_config, mesh, rules):
+  """(tx, state.StateBuilder) for the spec's optim config.
 
   The optim config is `spec.optim_config`, else the preset
   `optim.presets.preset(spec.optimizer)`; schedules of the run's length
   (total_steps 0) get a stand-in length, which compiles alike. LoRA adapters
   (`spec.lora_config`, or rank `spec.lora_rank` for the `lora` preset) are
-  added as train.py adds them.
+  added as the trainer adds them.
   """
+  # deferred: imports jax, which the plan CLI configures first.
   from optconsist_jax import optim  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.train import step as train_step  # pylint: disable=g-import-not-at-top
+  # deferred: imports jax, which the plan CLI configures first.
   from optconsist_jax.model import lora  # pylint: disable=g-import-not-at-top
+  # deferred: imports jax, which the plan CLI configures first.
+  from optconsist_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   optim_config = (optim.presets.preset(spec.optimizer)
                   if spec.optim_config is None
                   else optim.OptimConfig.from_dict(spec.optim_config))
@@ -212,11 +219,10 @@ def _optimizer(spec: PlanSpec, model_config, mesh, rules):
   if lora_config is None and spec.optimizer == "lora":
     lora_config = lora.LoRAConfig(rank=spec.lora_rank,
                                   alpha=2.0 * spec.lora_rank)
-  trainable, transform = train_step.lora_pieces(lora_config, seed=1)
-  params = train_step.abstract_params(model_config, mesh, rules,
-                                      trainable=trainable,
-                                      model_transform=transform)
-  return optim.build(optim_config, params, mesh=mesh), trainable, transform
+  trainable, transform = state_lib.lora_pieces(lora_config, seed=1)
+  builder = state_lib.StateBuilder(model_config, mesh, rules,
+                                   trainable=trainable, transform=transform)
+  return optim.build(optim_config, builder.abstract_params, mesh=mesh), builder
 
 
 def plan(spec: PlanSpec, hlo_path: str | None = None) -> PlanResult:
@@ -227,8 +233,11 @@ def plan(spec: PlanSpec, hlo_path: str | None = None) -> PlanResult:
     hlo_path: if set, the optimized HLO text is written there (gzip when the
       name ends in .gz), to re-count or inspect collectives later.
   """
+  # deferred: jax, which the plan CLI configures first (XLA_FLAGS).
   import jax  # pylint: disable=g-import-not-at-top
+  # deferred: imports jax, which the plan CLI configures first.
   from optconsist_jax import sharding  # pylint: disable=g-import-not-at-top
+  # deferred: imports jax, which the plan CLI configures first.
   from optconsist_jax.train import step as train_step  # pylint: disable=g-import-not-at-top
 
   devices, hbm_gib = topology_devices(spec.topology)
@@ -251,13 +260,11 @@ def plan(spec: PlanSpec, hlo_path: str | None = None) -> PlanResult:
         f"global_batch={spec.global_batch} / grad_accum_steps={accum} must be a"
         f" multiple of the {batch_shards} batch shards")
 
-  tx, trainable, transform = _optimizer(spec, model_config, mesh, rules)
-  graphdef, state, shardings = train_step.create_train_state(
-      model_config, tx, mesh, rules, trainable=trainable,
-      model_transform=transform, abstract=True)
-  step = train_step.make_train_step(graphdef, tx, mesh=mesh, rules=rules,
-                                    state_shardings=shardings,
-                                    grad_accum_steps=accum)
+  tx, builder = _state_builder(spec, model_config, mesh, rules)
+  state, shardings = builder.abstract_state(tx)
+  step = train_step.make_train_step(
+      builder.graphdef, tx, mesh=mesh, rules=rules, state_shardings=shardings,
+      grad_accum_steps=accum)
   batch = train_step.abstract_batch(spec.global_batch, spec.seq_len, mesh,
                                     rules)
   trainable_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -348,6 +355,7 @@ def spec_from_config(config: Any, topology: str | None = None,
   and remat policy are kept. `overrides` replace PlanSpec fields (e.g.
   grad_accum_steps).
   """
+  # deferred: imports jax, which the plan CLI configures first.
   from optconsist_jax.train import config as config_types  # pylint: disable=g-import-not-at-top
   if not isinstance(config, config_types.ExperimentConfig):
     config = config_types.ExperimentConfig.from_dict(
