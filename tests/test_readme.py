@@ -1,13 +1,14 @@
-"""README.md's commands, run as a newcomer runs them: in a fresh clone.
+"""The documentation's commands, run as a newcomer runs them: in a fresh clone.
 
-The test reads every ```bash block of README.md, clones this checkout's HEAD
-into a temporary directory and runs each command there with relative paths
-(`python` is the interpreter running the tests). Long jobs get small
-overrides appended (absl and argparse let a later flag win) or their mini
-mode; placeholders (W, DIR, ...) become relative paths. Each test asserts the
-exit status and the outputs README says the command writes. A command no test
-runs must say so in README (a "not run by tests/test_readme.py" note on its
-line); `test_every_command_is_run_or_marked` fails on any other.
+The test reads every ```bash block of README.md and docs/*.md, clones this
+checkout's HEAD into a temporary directory and runs each command there with
+relative paths (`python` is the interpreter running the tests). Long jobs get
+small overrides appended (absl and argparse let a later flag win) or their
+mini mode; placeholders (W, DIR, ...) become relative paths. Each test asserts
+the exit status and the outputs the documentation says the command writes. A
+command no test runs is listed in NOT_RUN below with the reason;
+`test_every_command_is_run_or_marked` fails on any other, and on a NOT_RUN
+entry that no longer matches a command.
 
 Commit before running: the clone is of HEAD, not of the working tree.
 """
@@ -33,36 +34,91 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-NOT_RUN = "not run by tests/test_readme.py"
+README_MAX_LINES = 250
+
+# Commands of README.md and docs/*.md that no test here runs, by their first
+# words (a command matches when it starts with the key's words), with why.
+NOT_RUN = {
+    "make test": "it is the suite this test belongs to; CI runs it",
+    "make demo MODE=matrix":
+        "63 min on a 2-core CPU; tests/test_reproduce.py runs matrix_mini",
+    "python -m optconsist_jax.experiments.reproduce":
+        "needs your checkpoints; tests/test_reproduce.py runs it on an Orbax"
+        " run and a Hugging Face folder",
+    "XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu"
+    " python -m optconsist_jax.tools.layouts":
+        "tests/test_layouts.py runs this sweep on 8 CPU devices",
+    "python -m optconsist_jax.data.fetch":
+        "needs the Hub; tests/test_fetch.py covers it offline",
+    "python3.11 -m venv .venv-fixtures":
+        "set-up for a timed benchmark (the torch side)",
+    ".venv-fixtures/bin/pip install torch==2.13.0 transformers":
+        "torch wheel for Python 3.11 on the measuring machine's disk",
+    ".venv/bin/python bench/model_throughput.py":
+        "a timed benchmark, minutes",
+}
 
 
 # ---------------------------------------------------------------------------
-# README parsing.
+# Parsing README.md and docs/*.md.
 
 
-def readme_commands() -> list[tuple[list[str], str]]:
-  """(argv, line comment) of every command in README's ```bash blocks."""
-  text = (REPO / "README.md").read_text()
+def doc_files() -> list[pathlib.Path]:
+  """README.md and every docs/*.md page."""
+  return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def doc_commands() -> list[tuple[str, list[str]]]:
+  """(file, argv) of every command in the docs' ```bash blocks."""
   out = []
-  for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-    for line in block.replace("\\\n", " ").splitlines():
-      if not line.strip():
-        continue
-      code, _, comment = line.partition(" #")
-      out.append((shlex.split(code), comment.strip()))
+  for path in doc_files():
+    text = path.read_text()
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+      for line in block.replace("\\\n", " ").splitlines():
+        if not line.strip():
+          continue
+        code, _, _ = line.partition(" #")
+        out.append((str(path.relative_to(REPO)), shlex.split(code)))
   return out
 
 
-def commands(*prefix: str) -> list[list[str]]:
-  """README commands starting with `prefix`; at least one must exist."""
-  found = [argv for argv, _ in readme_commands()
-           if argv[:len(prefix)] == list(prefix)]
-  assert found, f"README.md has no command starting with {' '.join(prefix)}"
+def _starts_with(argv: list[str], words: list[str]) -> bool:
+  return argv[:len(words)] == words
+
+
+TRAIN = ["python", "-m", "optconsist_jax.train"]
+PLAN = ["python", "-m", "optconsist_jax.tools.plan"]
+
+# Which commands the tests below run: each test picks its commands with one
+# of these, and the completeness check uses the same ones.
+RUN = {
+    "demo": lambda a: a == ["make", "demo"],
+    "train": lambda a: _starts_with(
+        a, TRAIN + ["--config", "configs/tiny_metamath.py:adamw"]),
+    "train_nanogpt": lambda a: _starts_with(a, TRAIN) and any(
+        x.startswith("--config.init_from.path=") for x in a),
+    "evaluate": lambda a: _starts_with(
+        a, ["python", "-m", "optconsist_jax.evaluate"]),
+    "report": lambda a: _starts_with(a, ["python", "-m", "optconsist_jax.report"]),
+    "synthetic": lambda a: _starts_with(
+        a, ["python", "-m", "optconsist_jax.data.synthetic"]),
+    "tfds": lambda a: _starts_with(
+        a, ["python", "-m", "optconsist_jax.data.tfds_builders"]),
+    "launch": lambda a: _starts_with(a, ["launch/tpu.sh"]),
+    "plan": lambda a: _starts_with(a, PLAN) and "--search" not in a,
+    "plan_search": lambda a: _starts_with(a, PLAN) and "--search" in a,
+}
+
+
+def commands(kind: str) -> list[list[str]]:
+  """The docs' commands that RUN[kind] picks; at least one must exist."""
+  found = [argv for _, argv in doc_commands() if RUN[kind](argv)]
+  assert found, f"README.md and docs/ have no {kind} command"
   return found
 
 
 def _without_optional(argv: list[str]) -> list[str]:
-  """Drops README's optional `[...]` groups (the options they show stay)."""
+  """Drops the docs' optional `[...]` groups (the options they show stay)."""
   out = []
   for a in argv:
     a = a.strip("[]")
@@ -109,7 +165,8 @@ def clone(tmp_path_factory):
   # choice (the commands pick their backend themselves).
   for k in ("XLA_FLAGS", "JAX_PLATFORMS"):
     env.pop(k, None)
-  # A home as after `hf auth login` (README's fetch passes the token file).
+  # A home as after `hf auth login` (docs/cloud-tpu.md's fetch passes the token
+  # file).
   home = root / "home"
   (home / ".cache" / "huggingface").mkdir(parents=True)
   (home / ".cache" / "huggingface" / "token").write_text("hf_test_token\n")
@@ -142,11 +199,11 @@ def _venv() -> str:
 
 
 # ---------------------------------------------------------------------------
-# Tests, in README order.
+# Tests, in the order of README.md and docs/.
 
 
 def test_demo_in_mini_mode_with_a_relative_workdir(clone):
-  (demo,) = [c for c in commands("make", "demo") if len(c) == 2]
+  (demo,) = commands("demo")
   out = run(clone, demo + ["MODE=mini", "WORKDIR=workdirs/mini",
                            f"VENV={_venv()}"], timeout=1800)
   w = clone[0] / "workdirs" / "mini"
@@ -161,9 +218,8 @@ def test_demo_in_mini_mode_with_a_relative_workdir(clone):
 
 
 def test_train_resumes_then_evaluate_and_report(clone):
-  """README's training, eval and report commands on one relative workdir."""
-  (train,) = commands("python", "-m", "optconsist_jax.train",
-                      "--config", "configs/tiny_metamath.py:adamw")
+  """The training, eval and report commands on one relative workdir."""
+  (train,) = commands("train")
   train = _replace(_without_optional(train), {"W": "runs/tiny"})
   small = ["--config.train.stats_every=0", "--config.checkpoint.every_steps=2",
            "--config.train.num_steps=40"]
@@ -188,7 +244,7 @@ def test_train_resumes_then_evaluate_and_report(clone):
   assert f"resumed from {w / 'checkpoints'}" in out
   assert not list(w.rglob("*orbax-checkpoint-tmp*"))
 
-  (evaluate,) = commands("python", "-m", "optconsist_jax.evaluate")
+  (evaluate,) = commands("evaluate")
   evaluate = [a for a in _replace(_without_optional(evaluate),
                                   {"W": "runs/tiny"})
               if a != "--watch"]
@@ -206,7 +262,7 @@ def test_train_resumes_then_evaluate_and_report(clone):
   assert steps and steps[-1] == 40, steps
   assert str(results) in out
 
-  (report,) = commands("python", "-m", "optconsist_jax.report")
+  (report,) = commands("report")
   report = [a for a in report if a not in ("W2", "...")]
   out = run(clone, _replace(report, {"W1": "runs/tiny", "DIR": "plots"}))
   for name in ("pareto.png", "pareto.svg", "pareto.md"):
@@ -214,17 +270,17 @@ def test_train_resumes_then_evaluate_and_report(clone):
 
 
 def test_data_commands(clone):
-  (synthetic,) = commands("python", "-m", "optconsist_jax.data.synthetic")
+  (synthetic,) = commands("synthetic")
   run(clone, synthetic)
   out_dir = clone[0] / synthetic[-1]
-  # README lists the file names; the tfds builders read the same ones.
-  text = (REPO / "README.md").read_text()
+  # The docs list the file names; the tfds builders read the same ones.
+  text = "".join(p.read_text() for p in doc_files())
   for name in ("MetaMathQA-synthetic.json", "gsm8k_test.jsonl",
                "hellaswag_val.jsonl", "arc_challenge_test.jsonl",
                "winogrande_val.jsonl"):
     assert (out_dir / name).stat().st_size > 0
     assert name in text, name
-  for build in commands("python", "-m", "optconsist_jax.data.tfds_builders"):
+  for build in commands("tfds"):
     out = run(clone, build)
     name, data_dir = build[3], clone[0] / build[5]
     assert f"optconsist_{name}" in out
@@ -279,7 +335,7 @@ def widen_nanogpt(src, dst, vocab_size: int, block_size: int) -> None:
 
   The fixture (tests/make_nanogpt_fixture.py, written by torch) has 96 tokens
   and 32 positions; a GPT-2 byte-level tokenizer has at least 257 tokens and
-  README's command uses 1,024 positions. Every other tensor, the tied
+  the docs' command uses 1,024 positions. Every other tensor, the tied
   wte/lm_head storage and the checkpoint's layout are kept.
   """
   from optconsist_jax.io import torch_pickle  # pylint: disable=g-import-not-at-top
@@ -329,12 +385,11 @@ def test_widened_nanogpt_fixture_keeps_the_model(tmp_path):
 
 
 def test_nanogpt_finetune_command(clone):
-  """README's command, literally, on the nanoGPT fixture (widened) with a
+  """The docs' command, literally, on the nanoGPT fixture (widened) with a
   GPT-2-format tokenizer folder and a MetaMathQA file under its names."""
   work = clone[0]
   fixtures = REPO / "tests" / "fixtures" / "nanogpt"
-  (cmd,) = [c for c in commands("python", "-m", "optconsist_jax.train")
-            if any(a.startswith("--config.init_from.path=") for a in c)]
+  (cmd,) = commands("train_nanogpt")
   paths = dict(a.split("=", 1) for a in cmd if a.startswith("--config.")
                and a.split("=", 1)[0] in ("--config.init_from.path",
                                           "--config.data.tokenizer_path",
@@ -360,17 +415,16 @@ def test_nanogpt_finetune_command(clone):
 
 def test_launch_commands_dry_run(clone):
   """The Cloud TPU commands need gcloud: each runs with --dry-run."""
-  for cmd in commands("launch/tpu.sh"):
+  for cmd in commands("launch"):
     out = run(clone, cmd + ["--dry-run"], timeout=120)
     assert "gcloud compute tpus" in out, out
 
 
 def test_plan_command_on_a_small_model(clone):
-  """README's planner command with a tiny model (the 7B compiles take
+  """The planner command with a tiny model (the 7B compiles take
   minutes each): same meshes and optimizers, two of its topologies."""
   pytest.importorskip("libtpu")
-  (plan,) = [c for c in commands("python", "-m", "optconsist_jax.tools.plan")
-             if "--search" not in c]
+  (plan,) = commands("plan")
   topologies = "v5p-8,v5e-16"
   out = run(clone, plan + ["--model", "tiny_gqa", "--seq_len", "64",
                            "--global_batch", "64", "--topology", topologies],
@@ -386,10 +440,9 @@ def test_plan_command_on_a_small_model(clone):
 
 
 def test_plan_search_command_on_a_small_model(clone):
-  """README's layout search with a tiny model: ranked rows, overrides."""
+  """The layout search with a tiny model: ranked rows, overrides."""
   pytest.importorskip("libtpu")
-  (search,) = [c for c in commands("python", "-m", "optconsist_jax.tools.plan")
-               if "--search" in c]
+  (search,) = commands("plan_search")
   out = run(clone, search + ["--model", "tiny_gqa", "--seq_len", "64",
                              "--global_batch", "64", "--micro_batches", "1"],
             timeout=1200, loads_libtpu=True)
@@ -399,16 +452,46 @@ def test_plan_search_command_on_a_small_model(clone):
 
 
 def test_every_command_is_run_or_marked():
-  """Each README command is run above, or README says why it is not."""
-  run_prefixes = [("make", "demo"), ("python", "-m", "optconsist_jax.train"),
-                  ("python", "-m", "optconsist_jax.evaluate"),
-                  ("python", "-m", "optconsist_jax.report"),
-                  ("python", "-m", "optconsist_jax.tools.plan"),
-                  ("python", "-m", "optconsist_jax.data.synthetic"),
-                  ("python", "-m", "optconsist_jax.data.tfds_builders"),
-                  ("launch/tpu.sh",)]
-  for argv, comment in readme_commands():
-    covered = any(argv[:len(p)] == list(p) for p in run_prefixes)
-    assert covered or NOT_RUN in comment, (
-        f"README command {shlex.join(argv)!r} is neither run by this test"
-        f" nor marked '# ... {NOT_RUN}: <why>'")
+  """Each command of README.md and docs/ is run above or listed in NOT_RUN
+  (with why), not both; and every NOT_RUN entry still matches a command."""
+  unmatched = set(NOT_RUN)
+  for path, argv in doc_commands():
+    ran = [kind for kind, picks in RUN.items() if picks(argv)]
+    listed = [key for key in NOT_RUN if _starts_with(argv, shlex.split(key))]
+    unmatched -= set(listed)
+    where = f"{path}: {shlex.join(argv)!r}"
+    assert ran or listed, (
+        f"{where} is neither run by this test nor listed in its NOT_RUN")
+    assert not (ran and listed), f"{where} is run ({ran}) and in NOT_RUN"
+  assert not unmatched, f"NOT_RUN entries matching no command: {unmatched}"
+
+
+def test_readme_is_short():
+  lines = (REPO / "README.md").read_text().splitlines()
+  assert len(lines) <= README_MAX_LINES, (
+      f"README.md has {len(lines)} lines; at most {README_MAX_LINES}: move"
+      " detail to docs/")
+
+
+def test_relative_links_point_to_files():
+  """Every relative link (and image) of README.md and docs/*.md resolves."""
+  broken = []
+  for path in doc_files():
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+      if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+        continue
+      file, _, anchor = target.partition("#")
+      dest = path.parent / file
+      if not dest.exists():
+        broken.append(f"{path.relative_to(REPO)}: {target}")
+      elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+        broken.append(f"{path.relative_to(REPO)}: {target} (no such heading)")
+  assert not broken, broken
+
+
+def _anchors(path: pathlib.Path) -> set[str]:
+  """GitHub's anchors for the headings of a markdown file."""
+  text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+  return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+          for h in re.findall(r"^#+ (.*)$", text, flags=re.M)}
