@@ -17,7 +17,7 @@ Stages (each skipped when its outputs exist, so a rerun resumes):
                 `finetune.seeds` seeds, a checkpoint per epoch. All seeds and
                 learning rates of one (base, method) train as one population
                 (train.population.train_population).
-  evaluate      W/runs/*/eval/results.jsonl (optconsist_jax.evaluate; each
+  evaluate      W/runs/*/eval/results/ (optconsist_jax.evaluate; each
                 base model is evaluated once, in its first run)
   report        W/report/ (optconsist_jax.report.consistency_report)
   memorization  W/memorization/ (optconsist_jax.experiments.memorization)
@@ -300,8 +300,10 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
     t0 = (time.time(), time.process_time())
     # Outputs go to W/memorization/ (memorization.SUBDIR); it ran when it
     # added results.
-    results = os.path.join(workdir, memorization.SUBDIR, memorization.RESULTS)
-    before = os.path.getsize(results) if os.path.exists(results) else -1
+    mem_results = os.path.join(workdir, memorization.SUBDIR,
+                               memorization.RESULTS)
+    before = (os.path.getsize(mem_results) if os.path.exists(mem_results)
+              else -1)
     outputs["memorization"] = memorization.run(workdir, bases[0].workdir,
                                                mode=rc.mode)
     mem_root = os.path.dirname(outputs["memorization"])
@@ -309,7 +311,7 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
         mem_root, memorization.SUMMARY + ".md")
     outputs["memorization_curves"] = os.path.join(mem_root,
                                                   memorization.CURVES)
-    timed("memorization", t0, os.path.getsize(results) != before)
+    timed("memorization", t0, os.path.getsize(mem_results) != before)
 
   if rc.fingerprints and not ours:
     print("activation fingerprints: skipped (they need Orbax bases)")
