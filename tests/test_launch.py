@@ -1,6 +1,7 @@
 """The TPU launcher's command lines (dry run) and its run path with a fake gcloud."""
 
 import io
+import itertools
 import os
 import shlex
 import stat
@@ -337,7 +338,9 @@ def test_7b_script_fetches_weights_and_data_itself(tmp_path):
   assert "optconsist_jax.data.fetch metamathqa ." in out
   assert "optconsist_jax.data.fetch gsm8k,hellaswag,arc,winogrande ." in out
   # Weights are no longer copied from the bucket; only the held-out text is.
-  stages = [l for l in out.splitlines() if "gcloud storage cp" in l]
+  # (Copies from the bucket are stage's `cp -r`; the hang watchdog's
+  # `gcloud storage cp` of stack dumps goes the other way, to the workdir.)
+  stages = [l for l in out.splitlines() if "gcloud storage cp -r" in l]
   assert len(stages) == 1 and "gs://bkt/data/heldout_text.jsonl" in stages[0]
   assert "llama-2-7b-hf" not in out
 
@@ -349,31 +352,53 @@ SUPERVISE = ("tpu", "supervise", *TARGET, "--accelerator-type=v5p-8",
              "--stage=gs://b/data=.", "--poll-secs=0.01")
 
 
-def _fake_cloud(tmp_path, exits):
+_HANG = (
+    # Logs a step as clu's LoggingWriter does, then hangs; SIGABRT prints a
+    # stack the way faulthandler does, SIGTERM ends it.
+    'echo "I1206 12:00:00.0 1 logging_writer.py:48] [5] loss=1.0"\n'
+    'sleep 1000 & s=$!\n'
+    "trap 'kill $s; echo \"Thread 0x0001 (most recent call first):\";"
+    " echo \"  File loop.py, line 330 in run\"; exit 134' ABRT\n"
+    "trap 'kill $s; exit 143' TERM\n"
+    'wait $s; exit 99')
+
+
+def _fake_cloud(tmp_path, exits, nodes=("ft7b",)):
   """A fake gcloud whose ssh runs the remote script locally in bash.
 
   The queued resource's state lives in a file (create: ACTIVE, delete: gone);
-  ssh fails while the slice is not ACTIVE; the install script (pip, uv) is
-  only recorded. The venv's python is the training job: its n-th run exits
-  with exits[n] ("gone": the slice is reclaimed under it, as a Spot
-  preemption does, and it dies).
+  ssh fails while the slice is not ACTIVE; the install script (pip, uv) and
+  the stage copy are only recorded. Each node is a HOME of its own whose
+  `hostname` is the node's name; `gcloud storage cp` copies gs://X to
+  tmp_path/gcs/X. The venv's python is the job: its n-th run (over all
+  nodes) exits with exits[n] ("gone": the slice is reclaimed under it, as a
+  Spot preemption does, and it dies; "hang": see _HANG) and records its
+  MEGASCALE_* variables in tmp_path/envs.
   """
-  home = tmp_path / "home"
-  (home / "optconsist_jax").mkdir(parents=True)
   state, calls, runs = tmp_path / "state", tmp_path / "calls", tmp_path / "runs"
   state.write_text("")
   runs.write_text("")
-  py = home / "optconsist_venv" / "bin" / "python"
-  py.parent.mkdir(parents=True)
   cases = "".join(
-      f"  {i}) {'echo SUSPENDED > ' + str(state) + '; exit 137' if e == 'gone' else f'exit {e}'};;\n"
+      f"  {i}) {'echo SUSPENDED > ' + str(state) + '; exit 137' if e == 'gone' else _HANG if e == 'hang' else f'exit {e}'};;\n"
       for i, e in enumerate(exits))
-  py.write_text(
-      "#!/bin/bash\n"
-      f'echo "$*" >> {runs}\n'
-      f"n=$(($(wc -l < {runs}) - 1))\n"
-      "sleep 0.05\n"
-      f'case $n in\n{cases}  *) exit 99;;\nesac\n')
+  for node in nodes:
+    home = tmp_path / "homes" / node
+    (home / "optconsist_jax").mkdir(parents=True)
+    py = home / "optconsist_venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text(
+        "#!/bin/bash\n"
+        f'echo "$*" >> {runs}\n'
+        f'echo "$(hostname) ${{MEGASCALE_SLICE_ID:-}} ${{MEGASCALE_NUM_SLICES:-}}'
+        f' ${{MEGASCALE_COORDINATOR_ADDRESS:-}} $PYTHONFAULTHANDLER" >> {tmp_path}/envs\n'
+        f"n=$(($(wc -l < {runs}) - 1))\n"
+        "sleep 0.05\n"
+        f'case $n in\n{cases}  *) exit 99;;\nesac\n')
+    py.chmod(py.stat().st_mode | stat.S_IEXEC)
+    host = tmp_path / "bin" / node / "hostname"
+    host.parent.mkdir(parents=True)
+    host.write_text(f"#!/bin/sh\necho {node}\n")
+    host.chmod(0o755)
   fake = tmp_path / "gcloud"
   fake.write_text(
       "#!/bin/bash\n"
@@ -384,15 +409,18 @@ def _fake_cloud(tmp_path, exits):
       '  *"queued-resources delete"*) echo -n > ' f'{state};;\n'
       '  *"queued-resources describe"*)\n'
       '    [ -n "$s" ] || exit 1; case "$*" in *--format*) echo "$s";; esac;;\n'
+      '  *"tpu-vm describe"*networkEndpoints*) echo 10.9.8.7;;\n'
+      '  "storage cp "*) d={tmp_path}/gcs/${{4#gs://}}; mkdir -p "$(dirname "$d")";'
+      ' cp "$3" "$d";;\n'
       '  *"tpu-vm ssh"*)\n'
       '    [ "$s" = ACTIVE ] || exit 255\n'
       '    for a in "$@"; do case "$a" in --command=*) cmd="${a#--command=}";;'
       ' esac; done\n'
-      '    case "$cmd" in *"pip install"*|*"gcloud storage"*) exit 0;; esac\n'
-      f'    HOME={home} bash -c "$cmd";;\n'
+      '    case "$cmd" in *"pip install"*|*"gcloud storage cp -r"*) exit 0;; esac\n'
+      f'    HOME={tmp_path}/homes/$5 PATH={tmp_path}/bin/$5:{tmp_path}:$PATH'
+      ' bash -c "$cmd";;\n'
       'esac\n')
   fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-  py.chmod(py.stat().st_mode | stat.S_IEXEC)
   return fake, calls, runs
 
 
@@ -449,3 +477,340 @@ def test_launcher_imports_without_jax():
                      cwd=os.path.dirname(os.path.dirname(
                          os.path.abspath(__file__))))
   assert p.returncode == 0, p.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------
+# Multislice, reserved capacity, every worker's status, the hang watchdog.
+
+# The flags of each gcloud command the launcher uses (gcloud reference:
+# `compute tpus tpu-vm create|describe|ssh|scp|delete`, `compute tpus
+# queued-resources create|describe|delete`), so that a typo fails.
+_LOCATION = {"--zone", "--project"}
+GCLOUD_FLAGS = {
+    ("tpu-vm", "create"): _LOCATION | {"--accelerator-type", "--version",
+                                       "--spot", "--reserved"},
+    ("tpu-vm", "describe"): _LOCATION | {"--format"},
+    ("tpu-vm", "ssh"): _LOCATION | {"--worker", "--command"},
+    ("tpu-vm", "scp"): _LOCATION | {"--worker"},
+    ("tpu-vm", "delete"): _LOCATION | {"--quiet"},
+    ("queued-resources", "create"): _LOCATION | {
+        "--node-id", "--node-count", "--node-prefix", "--accelerator-type",
+        "--runtime-version", "--reserved", "--spot", "--best-effort",
+        "--valid-until-duration"},
+    ("queued-resources", "describe"): _LOCATION | {"--format"},
+    ("queued-resources", "delete"): _LOCATION | {"--force", "--quiet"},
+}
+_TIERS = {"--reserved", "--spot", "--best-effort"}
+MULTI = ("--name=ms", "--zone=us-east5-a", "--project=my-proj",
+         "--num-slices=2")
+
+
+def _recording_gcloud(tmp_path):
+  """A `gcloud` on PATH that records each argv (fields \\x1f, records \\x1e);
+  queued resources are ACTIVE, nodes have an IP, nothing exists before."""
+  rec = tmp_path / "argvs"
+  bindir = tmp_path / "rec-bin"
+  bindir.mkdir()
+  (bindir / "gcloud").write_text(
+      "#!/bin/bash\n"
+      f"{{ for a in \"$@\"; do printf '%s\\x1f' \"$a\"; done; printf '\\x1e'; }}"
+      f" >> {rec}\n"
+      'case "$*" in *"value(state.state)"*) echo ACTIVE;;'
+      ' *networkEndpoints*) echo 10.0.0.2;; *describe*) exit 1;; esac\n')
+  (bindir / "gcloud").chmod(0o755)
+  return bindir, rec
+
+
+def _run_lines(lines, bindir, tmp_path):
+  """Runs printed dry-run lines in bash with the recording gcloud first."""
+  env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}",
+             HOME=str(tmp_path))
+  for line in lines:
+    if line.startswith("#") or line.startswith("git "):
+      continue
+    p = subprocess.run(["bash", "-c", line], env=env, capture_output=True,
+                       text=True, timeout=60, check=False)
+    assert p.returncode == 0, (line, p.stderr)
+
+
+def _argvs(rec):
+  return [r.split("\x1f")[:-1] for r in rec.read_text().split("\x1e")[:-1]]
+
+
+def test_every_gcloud_command_uses_documented_flags(tmp_path):
+  """Every gcloud argv the launcher runs (also inside its bash wrappers),
+  recorded by a fake gcloud, has only its subcommand's documented flags."""
+  bindir, rec = _recording_gcloud(tmp_path)
+  token = tmp_path / "token"
+  token.write_text("t")
+  job = ("--config=c.py", "--workdir=gs://b/w")
+  src = "--source=git+https://github.com/o/r.git"
+  runs = [
+      ("create", *TARGET, "--accelerator-type=v5p-16"),
+      ("create", *TARGET, "--accelerator-type=v5p-16", "--provisioning=reserved"),
+      ("create", *TARGET, "--accelerator-type=v5p-16", "--provisioning=spot"),
+      ("create", *TARGET, "--accelerator-type=v5p-16", "--queued",
+       "--provisioning=spot", "--valid-until=6h"),
+      ("create", *TARGET, "--accelerator-type=v6e-16", "--queued",
+       "--provisioning=best-effort"),
+      ("create", *MULTI, "--accelerator-type=v5p-16", "--queued",
+       "--provisioning=reserved"),
+  ]
+  for target in (TARGET, MULTI):
+    runs += [
+        ("install", *target, src),
+        ("fetch", *target, "--data=gsm8k", f"--hf-token-file={token}"),
+        ("stage", *target, "--src=gs://b/x", "--dest=."),
+        ("train", *target, *job), ("eval", *target, *job),
+        ("logs", *target, "--no-follow"), ("stop", *target),
+        ("delete", *target, "--queued"),
+        ("supervise", *target, "--accelerator-type=v5p-16", "--queued",
+         "--provisioning=reserved", src, *job, "--stage=gs://b/d=."),
+    ]
+  runs.append(("delete", *TARGET))
+  for argv in runs:
+    _run_lines(dry("tpu", *argv), bindir, tmp_path)
+  argvs = _argvs(rec)
+  seen = set()
+  for argv in argvs:  # gcloud's arguments
+    words = argv[1:] if argv[0] == "alpha" else argv
+    assert words[:2] == ["compute", "tpus"], argv
+    key = tuple(words[2:4])
+    assert key in GCLOUD_FLAGS, argv
+    seen.add(key)
+    flags = [w.split("=")[0] for w in words[4:] if w.startswith("--")]
+    assert set(flags) <= GCLOUD_FLAGS[key], (argv, set(flags) - GCLOUD_FLAGS[key])
+    assert len(flags) == len(set(flags)), argv
+    assert len(_TIERS & set(flags)) <= 1, argv
+    if key == ("queued-resources", "create"):
+      # One node by id, or a count of nodes named by a prefix.
+      assert ("--node-id" in flags) != ("--node-count" in flags), argv
+      assert ("--node-prefix" in flags) == ("--node-count" in flags), argv
+    positional = [w for w in words[4:] if not w.startswith("--")]
+    assert len(positional) == (2 if key[1] == "scp" else 1), argv
+  assert seen == set(GCLOUD_FLAGS)
+  # The multislice commands reached both nodes.
+  nodes = {a[4] for a in argvs if a[2:4] == ["tpu-vm", "ssh"]}
+  assert {"ms-0", "ms-1", "ft7b"} <= nodes
+
+
+def test_multislice_queued_resource_and_reserved_capacity(capsys):
+  check, wait = dry("tpu", "create", *MULTI, "--accelerator-type=v5p-16",
+                    "--queued", "--provisioning=reserved")
+  create = shlex.split(check.split(" || ")[1])
+  assert create == [
+      "gcloud", "compute", "tpus", "queued-resources", "create", "ms",
+      "--node-count=2", "--node-prefix=ms", "--zone=us-east5-a",
+      "--project=my-proj", "--accelerator-type=v5p-16",
+      "--runtime-version=v2-alpha-tpuv5", "--reserved"]
+  assert "--format=value(state.state)" in wait
+  (line,) = dry("tpu", "create", *TARGET, "--accelerator-type=v4-32",
+                "--provisioning=reserved", "--no-reuse")
+  assert shlex.split(line)[4:6] == ["create", "ft7b"]
+  assert shlex.split(line)[-1] == "--reserved"
+  (line,) = dry("tpu", "create", *TARGET, "--accelerator-type=v4-32",
+                "--queued", "--provisioning=reserved", "--no-wait")
+  assert shlex.split(line.split(" || ")[1])[-1] == "--reserved"
+  for argv in ((*MULTI, "--accelerator-type=v5p-16"),):
+    with pytest.raises(SystemExit):
+      launch.main(["tpu", "create", *argv, "--dry-run"])
+    assert "needs --queued" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    launch.main(["tpu", "delete", *MULTI, "--dry-run"])
+  assert "--queued" in capsys.readouterr().err
+
+
+def test_multislice_train_env_per_slice_and_dcn_mesh(tmp_path):
+  """Runs the printed start line in bash: each node's ssh (fake gcloud that
+  runs the remote script in that node's HOME) gets its slice's MEGASCALE_*
+  and the `data` axis over DCN."""
+  fake, calls, runs = _fake_cloud(tmp_path, [0, 0], nodes=("ms-0", "ms-1"))
+  (tmp_path / "state").write_text("ACTIVE\n")
+  (line,) = dry("tpu", "train", *MULTI, "--config=c.py",
+                "--workdir=gs://b/w", f"--gcloud={fake}")
+  subprocess.run(["bash", "-c", line], check=True, timeout=60)
+  for _ in range(100):
+    if len((tmp_path / "envs").read_text().splitlines()
+           if (tmp_path / "envs").exists() else []) == 2:
+      break
+    subprocess.run(["sleep", "0.1"], check=True)
+  envs = sorted((tmp_path / "envs").read_text().splitlines())
+  # host, slice id, slices, coordinator (slice 0 worker 0's IP), faulthandler
+  assert envs == ["ms-0 0 2 10.9.8.7:8080 1", "ms-1 1 2 10.9.8.7:8080 1"]
+  assert runs.read_text().splitlines() == [
+      "-m optconsist_jax.train --config=c.py --workdir=gs://b/w"
+      " --config.mesh.dcn_data=2"] * 2
+  describe = [c for c in calls.read_text().splitlines() if "describe" in c]
+  assert describe and describe[0].split()[3:5] == ["describe", "ms-0"]
+  # An explicit dcn_data wins; --no-megascale-env leaves them to Cloud TPU.
+  (line,) = dry("tpu", "train", *MULTI, "--config=c.py", "--workdir=gs://b/w",
+                "--set=mesh.dcn_data=1", "--no-megascale-env")
+  assert "mesh.dcn_data=2" not in line and "MEGASCALE" not in line
+  assert "ms-0" in line and "ms-1" in line
+  with pytest.raises(SystemExit):  # two hosts: the workdir must be shared
+    launch.main(["tpu", "train", *MULTI, "--config=c.py", "--workdir=/w",
+                 "--accelerator-type=v5p-8", "--dry-run"])
+
+
+@pytest.mark.parametrize("lines,workers,kind,code", [
+    (["running 5", "running 5"], 2, "running", None),
+    (["running 5", "exit:3 5"], 2, "failed", 3),
+    (["exit:75 5", "running 5"], 2, "partial", None),
+    (["exit:75 5", "exit:0 9"], 2, "preempted", 75),
+    (["exit:0 9", "exit:0 9"], 2, "done", 0),
+    (["none -", "exit:0 9"], 2, "none", None),
+    (["running 5"], 2, "unreachable", None),
+])
+def test_job_state_over_every_worker(lines, workers, kind, code):
+  from optconsist_jax.tools.launch import supervise  # pylint: disable=g-import-not-at-top
+  stdout = "noise\n" + "".join(
+      f"job-state host{i} {line}\n" for i, line in enumerate(lines))
+  state = supervise.parse_job_state(stdout, workers)
+  assert (state.kind, state.code) == (kind, code)
+
+
+def test_status_script_reports_state_and_step_on_every_worker(tmp_path):
+  """The status script, run in bash over a worker's log and pid files."""
+  home = tmp_path / "home"
+  logs = home / "optconsist_logs"
+  logs.mkdir(parents=True)
+  status = [l for l in dry("tpu", "supervise", *TARGET,
+                           "--accelerator-type=v5p-8", "--config=c.py",
+                           "--workdir=gs://b/w", "--job=eval",
+                           "--source=git+https://x/y")
+            if "job-state" in l]
+  (status,) = status
+  argv, script = ssh_script(status)
+  assert "--worker=all" in argv
+  env = {"HOME": str(home), "PATH": os.environ["PATH"]}
+  sleeper = subprocess.Popen(["sleep", "60"])
+  try:
+    (logs / "eval.pid").write_text(f"{sleeper.pid}\n")
+    (logs / "eval.log").write_text(
+        "I1206 12:00:00 1 logging_writer.py:48] [12] loss=1.0\n"
+        "I1206 12:00:09 1 logging_writer.py:48] [40] loss=0.9\nother\n")
+    host = subprocess.run(["hostname"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    out = lambda: subprocess.run(["bash", "-c", script], env=env,  # noqa: E731
+                                 capture_output=True, text=True, check=True,
+                                 timeout=30).stdout.strip()
+    assert out() == f"job-state {host} running 40"
+    with (logs / "eval.log").open("a") as f:
+      f.write("evaluating step 200 (gs://b/w/checkpoints/200)\nstep 200: ok\n"
+              "waiting for new checkpoints in gs://b/w/checkpoints\n")
+    assert out() == f"job-state {host} running 200 idle"
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+  (logs / "eval.rc").write_text("75\n")
+  assert out() == f"job-state {host} exit:75 200"
+  (logs / "eval.rc").unlink()
+  (logs / "eval.log").unlink()
+  assert out() == f"job-state {host} none -"
+
+
+@pytest.mark.parametrize("py_spy", [False, True])
+def test_watchdog_saves_stacks_and_restarts_a_hung_job(tmp_path, py_spy):
+  """A job that stops logging steps: after --hang-timeout every worker's
+  stacks land in WORKDIR/hangs/TIME/HOST.txt (py-spy when installed, else
+  faulthandler's dump on SIGABRT), the job is stopped and started again."""
+  fake, _, runs = _fake_cloud(tmp_path, ["hang", 0])
+  if py_spy:
+    spy = tmp_path / "bin" / "ft7b" / "py-spy"
+    spy.write_text('#!/bin/sh\necho "Thread $3 (idle): MainThread"\n'
+                   'echo "    run (optconsist_jax/train/loop.py:330)"\n')
+    spy.chmod(0o755)
+  workdir = tmp_path / "w"
+  out = io.StringIO()
+  rc = launch.main(["tpu", "supervise", *TARGET, "--accelerator-type=v5p-8",
+                    "--queued", "--source=git+https://github.com/o/r.git",
+                    "--config=c.py", f"--workdir={workdir}",
+                    "--poll-secs=0.05", "--hang-timeout=1",
+                    f"--gcloud={fake}"], out=out)
+  text = out.getvalue()
+  assert rc == 0, text
+  assert "no step progress for 1 s (newest step per worker: ft7b 5)" in text
+  assert "the job finished (exit 0)" in text
+  assert len(runs.read_text().splitlines()) == 2
+  (stacks,) = (workdir / "hangs").glob("*/ft7b.txt")
+  body = stacks.read_text()
+  if py_spy:
+    assert "run (optconsist_jax/train/loop.py:330)" in body
+  else:
+    assert "most recent call first" in body and "loop.py, line 330" in body
+  # The hung process is gone: the restart did not race it.
+  rc_file = tmp_path / "homes" / "ft7b" / "optconsist_logs" / "train.rc"
+  assert rc_file.read_text().strip() == "0"
+
+
+def test_watchdog_leaves_an_idle_eval_alone(tmp_path):
+  """evaluate --watch waiting for checkpoints is not a hang."""
+  from optconsist_jax.tools.launch import supervise  # pylint: disable=g-import-not-at-top
+  states = iter(["job-state h running 5 idle"] * 5 + ["job-state h exit:0 5"])
+  clock = itertools.count(0, 100)
+
+  class Sup(supervise.Supervisor):
+    def slice_state(self):
+      return "ACTIVE"
+
+    def job_state(self):
+      return supervise.parse_job_state(next(states), 1)
+
+    def _run(self, commands):
+      self.ran = getattr(self, "ran", 0) + len(commands)
+      return 0
+
+  from optconsist_jax.tools.launch import gcloud  # pylint: disable=g-import-not-at-top
+  target = gcloud.TpuTarget("ev", "us-east5-a")
+  sup = Sup(target=target, spec=gcloud.SliceSpec(tpu.accelerator("v5p-8")),
+            setup=[], start=[], status=target.ssh("true"), workers=1,
+            hang_timeout=150, sleep=lambda s: None, clock=lambda: next(clock),
+            out=io.StringIO(),
+            collect=lambda where: pytest.fail("collected stacks"))
+  assert sup.run() == 0
+  assert "no step progress" not in sup.out.getvalue()
+
+
+def test_multislice_supervise_reads_every_worker_and_restarts(tmp_path):
+  """Two slices: the job is preempted (exit 75) on both -> started again on
+  both (each with its MEGASCALE_*); done when every worker exited 0."""
+  fake, calls, runs = _fake_cloud(tmp_path, [75, 75, 0, 0],
+                                  nodes=("ms-0", "ms-1"))
+  out = io.StringIO()
+  rc = launch.main(["tpu", "supervise", *MULTI, "--accelerator-type=v5p-8",
+                    "--queued", "--provisioning=reserved",
+                    "--source=git+https://github.com/o/r.git",
+                    "--config=c.py", "--workdir=gs://b/w", "--poll-secs=0.05",
+                    f"--gcloud={fake}"], out=out)
+  assert rc == 0, out.getvalue()
+  assert "preempted and saved (exit 75)" in out.getvalue()
+  assert len(runs.read_text().splitlines()) == 4
+  creates = [c for c in calls.read_text().splitlines()
+             if "queued-resources create" in c]
+  assert len(creates) == 1 and "--node-count=2 --node-prefix=ms" in creates[0]
+  assert "--reserved" in creates[0]
+  hosts = sorted(l.split()[0] for l in (tmp_path / "envs").read_text()
+                 .splitlines())
+  assert hosts == ["ms-0", "ms-0", "ms-1", "ms-1"]
+
+
+def test_7b_script_supervises_the_eval_slice_and_multislice(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, BUCKET="gs://bkt", ZONE="us-east5-a",
+             ACCEL="v5p-16", DRY_RUN="1", PYTHON=sys.executable, SLICES="2",
+             PROVISIONING="reserved", HF_TOKEN_FILE=str(tmp_path / "none"))
+  p = subprocess.run(["bash", os.path.join(root, "launch",
+                                           "llama2_7b_metamath.sh")],
+                     capture_output=True, text=True, env=env, timeout=120)
+  assert p.returncode == 0, p.stderr
+  polls = [l for l in p.stdout.splitlines() if l.startswith("# then every")]
+  assert len(polls) == 2  # the eval slice and the training slices
+  assert "ft-7b-adamw-eval" in polls[0] and "ft-7b-adamw " in polls[1]
+  hangs = [l for l in p.stdout.splitlines() if l.startswith("# no new step")]
+  assert len(hangs) == 2 and "gs://bkt/runs/7b-adamw/hangs/TIME/" in hangs[1]
+  creates = [l for l in p.stdout.splitlines() if "queued-resources create" in l]
+  assert len(creates) == 2
+  assert "--node-count=2 --node-prefix=ft-7b-adamw " in creates[1]
+  assert all("--reserved" in c for c in creates)
+  assert "MEGASCALE_SLICE_ID=1" in p.stdout
+  assert "optconsist_jax.evaluate" in p.stdout and "--watch" in p.stdout

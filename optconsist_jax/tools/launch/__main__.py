@@ -18,6 +18,17 @@ shell runs exactly that argv. Tests check these lines.
     python -m optconsist_jax.tools.launch tpu eval --name=ft7b-eval ...
     python -m optconsist_jax.tools.launch tpu logs --name=ft7b --zone=us-east5-a
     python -m optconsist_jax.tools.launch tpu delete --name=ft7b --zone=us-east5-a
+    python -m optconsist_jax.tools.launch tpu supervise --name=ft7b \
+        --zone=us-east5-a --accelerator-type=v5p-16 --num-slices=2 --queued \
+        --provisioning=reserved --config=... --workdir=gs://BUCKET/runs/x
+
+Multislice (Cloud TPU "Multislice overview"): `--num-slices=N --queued` asks
+for one queued resource NAME with `--node-count=N --node-prefix=NAME` (nodes
+NAME-0 ..), every worker command runs on all of them at once, a training job
+gets `--config.mesh.dcn_data=N` (sharding.MeshConfig: the `data` axis spans
+the slices over DCN) and, per slice, MEGASCALE_COORDINATOR_ADDRESS (slice 0
+worker 0), MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID and MEGASCALE_PORT
+(worker_commands.megascale_env).
 
 Multi-host: `gcloud compute tpus tpu-vm ssh --worker=all` starts the same
 program on every host of the slice; `jax.distributed.initialize()` (called by
@@ -36,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -64,6 +76,9 @@ def _add_target_args(p: argparse.ArgumentParser, worker_default: str = "all"):
   p.add_argument("--worker", default=worker_default,
                  help="'all' or a worker index (ssh/scp)")
   p.add_argument("--gcloud", default="gcloud", help="gcloud executable")
+  p.add_argument("--num-slices", type=int, default=1,
+                 help="slices of a multislice queued resource NAME (nodes"
+                 " NAME-0, NAME-1, ...; the `data` mesh axis spans them)")
   p.add_argument("--dry-run", action="store_true",
                  help="print the commands instead of running them")
 
@@ -74,7 +89,9 @@ def _add_slice_args(p: argparse.ArgumentParser, required: bool):
   p.add_argument("--runtime-version", default=None,
                  help="TPU software version (default: per generation)")
   p.add_argument("--provisioning", default="on-demand",
-                 choices=gcloud.PROVISIONING)
+                 choices=gcloud.PROVISIONING,
+                 help="reserved: the project's TPU reservation (--reserved);"
+                 " spot: Spot VMs; best-effort: queued only")
   p.add_argument("--queued", action="store_true",
                  help="request through a queued resource")
   p.add_argument("--valid-until", default=None,
@@ -111,6 +128,10 @@ def _add_job_args(p: argparse.ArgumentParser, module: str, job: str):
   p.add_argument("--job", default=job, help="name of the log/pid files")
   p.add_argument("--arg", dest="extra_args", action="append", default=[],
                  help="extra flag passed through to the program (repeatable)")
+  p.add_argument("--no-megascale-env", dest="megascale_env",
+                 action="store_false",
+                 help="several slices: leave MEGASCALE_* to Cloud TPU's"
+                 " tpu-env metadata instead of setting them per slice")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -164,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
   _add_job_args(p, "optconsist_jax.train", "train")
   p = sub.add_parser(
       "supervise", help="up, then keep the job going: recreate a preempted"
-      " slice and restart a preempted job until it finishes")
+      " slice, restart a preempted or hung job (its stacks saved) until it"
+      " finishes")
   _add_target_args(p)
   _add_slice_args(p, required=True)
   _add_remote_args(p)
@@ -181,6 +203,10 @@ def _parser() -> argparse.ArgumentParser:
                  " every worker")
   p.add_argument("--max-restarts", type=int, default=10)
   p.add_argument("--poll-secs", type=float, default=300.0)
+  p.add_argument("--hang-timeout", type=float, default=3600.0,
+                 help="seconds without a new step on any worker before the"
+                 " job's Python stacks are saved to WORKDIR/hangs/ and it is"
+                 " restarted (0: off)")
   p = sub.add_parser("logs", help="print / stream a job's log")
   _add_target_args(p, worker_default="0")
   _add_remote_args(p)
@@ -217,10 +243,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _job(args) -> workers.JobSpec:
+  """The job; on several slices training's `data` axis spans them."""
+  overrides = tuple(args.overrides)
+  slices = getattr(args, "num_slices", 1)
+  if (slices > 1 and args.module == "optconsist_jax.train"
+      and not any(o.startswith("mesh.dcn_data=") for o in overrides)):
+    # sharding.MeshConfig.dcn_data: a hybrid (ICI x DCN) device mesh.
+    overrides += (f"mesh.dcn_data={slices}",)
   return workers.JobSpec(
       module=args.module, job=args.job, config=args.config,
-      workdir=args.workdir, overrides=tuple(args.overrides),
+      workdir=args.workdir, overrides=overrides,
       env=tuple(args.env), extra_args=tuple(args.extra_args))
+
+
+def _start(target, remote, job, args) -> list[gcloud.Command]:
+  return workers.start_job_commands(target, remote, job,
+                                    megascale=args.megascale_env)
 
 
 def _remote(args) -> workers.Remote:
@@ -230,7 +268,7 @@ def _remote(args) -> workers.Remote:
 
 def _tpu_target(args) -> gcloud.TpuTarget:
   return gcloud.TpuTarget(args.name, args.zone, args.project, args.worker,
-                          args.gcloud)
+                          args.gcloud, args.num_slices)
 
 
 def _slice_spec(args) -> gcloud.SliceSpec:
@@ -240,13 +278,15 @@ def _slice_spec(args) -> gcloud.SliceSpec:
 
 
 def _check_workdir(job: workers.JobSpec, acc: tpu_facts.Accelerator | None,
-                   verb: str):
+                   verb: str, slices: int = 1):
   """Slices vanish with their disks and hosts don't share them: want gs://."""
   if job.workdir.startswith("gs://"):
     return
-  if acc is not None and acc.num_hosts == 1:
+  if acc is not None and acc.num_hosts * slices == 1:
     return
-  where = (f"{acc.accelerator_type} has {acc.num_hosts} hosts"
+  where = (f"{slices} x {acc.accelerator_type} have"
+           f" {acc.num_hosts * slices} hosts" if acc and slices > 1 else
+           f"{acc.accelerator_type} has {acc.num_hosts} hosts"
            if acc else "the slice size is unknown (pass --accelerator-type for"
            " a single-host slice)")
   raise ValueError(
@@ -267,10 +307,10 @@ def build(args) -> list[gcloud.Command]:
     if args.verb == "create":
       return commands
     job = _job(args)
-    _check_workdir(job, spec.accelerator, args.verb)
+    _check_workdir(job, spec.accelerator, args.verb, args.num_slices)
     return (commands + workers.install_commands(target, remote, args.source,
                                                 args.extras)
-            + workers.start_job_commands(target, remote, job))
+            + _start(target, remote, job, args))
   if args.verb == "install":
     return workers.install_commands(target, remote, args.source, args.extras)
   if args.verb == "stage":
@@ -283,8 +323,8 @@ def build(args) -> list[gcloud.Command]:
     if args.group == "tpu":
       acc = (tpu_facts.accelerator(args.accelerator_type)
              if args.accelerator_type else None)
-      _check_workdir(job, acc, args.verb)
-    return workers.start_job_commands(target, remote, job)
+      _check_workdir(job, acc, args.verb, args.num_slices)
+    return _start(target, remote, job, args)
   if args.verb == "logs":
     return workers.logs_commands(target, remote, args.job, args.follow,
                                  args.lines)
@@ -298,7 +338,7 @@ def supervisor(args, out=sys.stdout,
   """The Supervisor of `tpu supervise` from parsed arguments."""
   remote, target, spec = _remote(args), _tpu_target(args), _slice_spec(args)
   job = _job(args)
-  _check_workdir(job, spec.accelerator, "supervise")
+  _check_workdir(job, spec.accelerator, "supervise", args.num_slices)
   stage = []
   for pair in args.stage:
     src, sep, dest = pair.rpartition("=")
@@ -308,16 +348,44 @@ def supervisor(args, out=sys.stdout,
   if args.fetch:
     stage += workers.fetch_commands(target, remote, args.fetch, ".",
                                     args.hf_token_file)
-  start = workers.start_job_commands(target, remote, job)
-  if args.max_restarts < 0 or args.poll_secs <= 0:
-    raise ValueError("--max-restarts must be >= 0 and --poll-secs > 0")
+  start = _start(target, remote, job, args)
+  if args.max_restarts < 0 or args.poll_secs <= 0 or args.hang_timeout < 0:
+    raise ValueError("--max-restarts must be >= 0, --poll-secs > 0 and"
+                     " --hang-timeout >= 0")
   return supervise.Supervisor(
       target=target, spec=spec,
-      setup=workers.install_commands(target, remote, args.source, args.extras)
+      # Its own source archive: an eval slice may be supervised alongside.
+      setup=workers.install_commands(
+          target, remote, args.source, args.extras,
+          archive=f"/tmp/optconsist_jax-src-{target.name}.tar.gz")
       + stage + start, start=start,
       status=workers.job_status_command(target, remote, job.job),
-      max_restarts=args.max_restarts, poll_secs=args.poll_secs, out=out,
-      sleep=sleep)
+      workers=spec.accelerator.num_hosts * target.slices,
+      max_restarts=args.max_restarts, poll_secs=args.poll_secs,
+      hang_timeout=args.hang_timeout,
+      stacks_dir=f"{job.workdir.rstrip('/')}/hangs",
+      collect=lambda where: workers.collect_stacks_commands(
+          target, remote, job.job, where),
+      stop=workers.stop_job_commands(target, remote, job.job, grace_secs=30),
+      out=out, sleep=sleep)
+
+
+def _print_supervision(sup: supervise.Supervisor, out):
+  """`tpu supervise --dry-run`: the commands, then what each poll does."""
+  gcloud.run_commands(
+      gcloud.create_commands(sup.target, sup.spec) + sup.setup, True, out=out)
+  print(f"# then every {sup.poll_secs:g} s: the slice state,"
+        f" {shlex.join(sup.target.state_argv(sup.spec.queued))} (recreate"
+        " a reclaimed slice), and the job on every worker:", file=out)
+  print(sup.status.shell(), file=out)
+  print(f"# restart a job that exited {errors.PREEMPTED}; stop at any other"
+        " exit code", file=out)
+  if sup.hang_timeout:
+    print(f"# no new step for {sup.hang_timeout:g} s: save every worker's"
+          f" Python stacks to {sup.stacks_dir}/TIME/, stop, start again:",
+          file=out)
+    gcloud.run_commands(sup.collect(f"{sup.stacks_dir}/TIME") + sup.stop,
+                        True, out=out)
 
 
 def main(argv: Sequence[str] | None = None, out=sys.stdout,
@@ -330,12 +398,7 @@ def main(argv: Sequence[str] | None = None, out=sys.stdout,
     if getattr(args, "verb", None) == "supervise":
       sup = supervisor(args, out=out, sleep=sleep)
       if args.dry_run:
-        gcloud.run_commands(
-            gcloud.create_commands(sup.target, sup.spec) + sup.setup, True,
-            out=out)
-        print(f"# then every {sup.poll_secs:g} s: {sup.status.shell()}"
-              " (recreate a preempted slice, restart a job that exited"
-              f" {errors.PREEMPTED})", file=out)
+        _print_supervision(sup, out)
         return 0
       return sup.run()
     commands = build(args)

@@ -6,7 +6,10 @@ A `Command` is one argv (optionally skipped when another argv succeeds);
 worker with `--worker=all`), `HostTarget` plain ssh / scp argvs, and
 `create_commands` / `delete_commands` the slice's own lifecycle, directly or
 as a queued resource (Cloud TPU docs: "Manage queued resources", "Manage TPU
-Spot VMs").
+Spot VMs", "Cloud TPU Multislice overview"). A multislice target
+(`TpuTarget.slices` > 1) is one queued resource NAME whose nodes are
+NAME-0 .. NAME-{slices-1} (`--node-count`, `--node-prefix`); its ssh runs on
+every node at once.
 """
 
 from __future__ import annotations
@@ -57,7 +60,13 @@ def run_commands(commands: Sequence[Command], dry_run: bool,
 
 
 _NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-PROVISIONING = ("on-demand", "spot", "best-effort")
+# on-demand: no flag; reserved: the project's reservation (`--reserved`);
+# spot: Spot VMs (`--spot`); best-effort: queued resources only.
+PROVISIONING = ("on-demand", "reserved", "spot", "best-effort")
+
+# In a script given to `TpuTarget.ssh_slices`, stands for the internal IP of
+# worker 0 of slice 0 (looked up with `tpu-vm describe` when the command runs).
+COORDINATOR = "@MEGASCALE_COORDINATOR@"
 
 # Slice states (gcloud `state` / queued resource `state.state`) that mean the
 # slice is gone and must be created again: a Spot VM or a queued resource
@@ -77,6 +86,8 @@ class TpuTarget:
     project: GCP project; None uses gcloud's configured project.
     worker: which hosts ssh/scp reach: "all" or a worker index.
     gcloud: the gcloud executable.
+    slices: number of slices; > 1 is a multislice queued resource NAME with
+      nodes NAME-0, NAME-1, ... (ssh / scp reach all of them).
   """
 
   name: str
@@ -84,6 +95,7 @@ class TpuTarget:
   project: str | None = None
   worker: str = "all"
   gcloud: str = "gcloud"
+  slices: int = 1
 
   def __post_init__(self):
     if not _NAME.fullmatch(self.name or ""):
@@ -94,6 +106,14 @@ class TpuTarget:
       raise ValueError(f"--zone={self.zone!r}: expected a zone like us-east5-a")
     if self.worker != "all" and not self.worker.isdigit():
       raise ValueError(f"--worker={self.worker!r}: 'all' or a worker index")
+    if self.slices < 1:
+      raise ValueError(f"--num-slices={self.slices}: expected >= 1")
+
+  def nodes(self) -> list[str]:
+    """The TPU node names: NAME, or NAME-0 .. NAME-{slices-1}."""
+    if self.slices == 1:
+      return [self.name]
+    return [f"{self.name}-{i}" for i in range(self.slices)]
 
   def location(self) -> list[str]:
     loc = [f"--zone={self.zone}"]
@@ -101,9 +121,10 @@ class TpuTarget:
       loc.append(f"--project={self.project}")
     return loc
 
-  def tpu_vm(self, verb: str, *extra: str) -> tuple[str, ...]:
-    """`gcloud compute tpus tpu-vm VERB NAME --zone=...` + extra."""
-    return (self.gcloud, "compute", "tpus", "tpu-vm", verb, self.name,
+  def tpu_vm(self, verb: str, *extra: str,
+             node: str | None = None) -> tuple[str, ...]:
+    """`gcloud compute tpus tpu-vm VERB NODE --zone=...` + extra."""
+    return (self.gcloud, "compute", "tpus", "tpu-vm", verb, node or self.name,
             *self.location(), *extra)
 
   def queued_resource(self, verb: str, *extra: str) -> tuple[str, ...]:
@@ -118,13 +139,48 @@ class TpuTarget:
     return self.tpu_vm("describe", "--format=value(state)")
 
   def ssh(self, script: str, worker: str | None = None) -> Command:
-    return Command(self.tpu_vm("ssh", f"--worker={worker or self.worker}",
-                               f"--command={script}"))
+    """Runs `script` on the workers of every node."""
+    return self.ssh_slices([script] * self.slices, worker)
+
+  def ssh_slices(self, scripts: Sequence[str],
+                 worker: str | None = None) -> Command:
+    """Runs scripts[i] on the workers of node i (all nodes at once).
+
+    Several nodes: one `bash -c` line starting an ssh per node in the
+    background and failing if any fails; a script holding `COORDINATOR` gets
+    slice 0 worker 0's internal IP in its place.
+    """
+    if len(scripts) != self.slices:
+      raise ValueError(f"{len(scripts)} scripts for {self.slices} slices")
+    worker = f"--worker={worker or self.worker}"
+    argvs = [self.tpu_vm("ssh", worker, f"--command={script}", node=node)
+             for node, script in zip(self.nodes(), scripts)]
+    if self.slices == 1 and COORDINATOR not in scripts[0]:
+      return Command(argvs[0])
+    lines = ["set -u"]
+    if any(COORDINATOR in s for s in scripts):
+      ip = shlex.join(self.tpu_vm(
+          "describe", "--format=value(networkEndpoints[0].ipAddress)",
+          node=self.nodes()[0]))
+      lines.append(f'addr="$({ip})" && [ -n "$addr" ] || {{ echo "no IP for'
+                   f' {self.nodes()[0]} worker 0" >&2; exit 1; }}')
+    lines.append("pids=()")
+    for argv in argvs:
+      words = [shlex.quote(a) if COORDINATOR not in a else '"$addr"'.join(
+          shlex.quote(part) for part in a.split(COORDINATOR)) for a in argv]
+      lines.append(" ".join(words) + " & pids+=($!)")
+    lines.append('rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done;'
+                 " exit $rc")
+    return Command(("bash", "-c", "; ".join(lines)))
 
   def scp(self, local: str, remote: str) -> Command:
-    return Command((self.gcloud, "compute", "tpus", "tpu-vm", "scp", local,
-                    f"{self.name}:{remote}", *self.location(),
-                    f"--worker={self.worker}"))
+    """Copies a local file to the workers of every node."""
+    argvs = [(self.gcloud, "compute", "tpus", "tpu-vm", "scp", local,
+              f"{node}:{remote}", *self.location(), f"--worker={self.worker}")
+             for node in self.nodes()]
+    if len(argvs) == 1:
+      return Command(argvs[0])
+    return Command(("bash", "-c", " && ".join(shlex.join(a) for a in argvs)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +213,10 @@ class SliceSpec:
   Attributes:
     accelerator: parsed accelerator type.
     runtime_version: TPU software version; None = the generation's default.
-    provisioning: on-demand, spot or best-effort (best-effort needs queued).
-    queued: request through a queued resource named like the node.
+    provisioning: on-demand, reserved (the project's TPU reservation), spot or
+      best-effort (best-effort needs queued).
+    queued: request through a queued resource named like the node (needed
+      for several slices).
     reuse: skip creation when a node of that name already exists.
     valid_until: queued only: give up after this duration (e.g. 6h).
     wait: queued only: block until the queued resource is ACTIVE.
@@ -187,19 +245,29 @@ class SliceSpec:
     return self.runtime_version or self.accelerator.generation.runtime_version
 
 
+def _provisioning_flags(provisioning: str) -> list[str]:
+  return [] if provisioning == "on-demand" else [f"--{provisioning}"]
+
+
 def create_commands(target: TpuTarget, spec: SliceSpec) -> list[Command]:
-  """Creates the slice (directly or as a queued resource), optionally reusing."""
+  """Creates the slice(s) (directly or as a queued resource), maybe reusing.
+
+  Several slices: one queued resource with `--node-count` and
+  `--node-prefix` (Cloud TPU "Multislice": nodes NAME-0, NAME-1, ...).
+  """
   acc = spec.accelerator
+  if target.slices > 1 and not spec.queued:
+    raise ValueError(f"--num-slices={target.slices} needs --queued (Cloud TPU"
+                     " creates several slices as one queued resource)")
   if spec.queued:
     alpha = ("alpha",) if spec.provisioning == "best-effort" else ()
+    nodes = ([f"--node-id={target.name}"] if target.slices == 1 else
+             [f"--node-count={target.slices}", f"--node-prefix={target.name}"])
     argv = [target.gcloud, *alpha, "compute", "tpus", "queued-resources",
-            "create", target.name, f"--node-id={target.name}",
+            "create", target.name, *nodes,
             *target.location(), f"--accelerator-type={acc.accelerator_type}",
             f"--runtime-version={spec.version}"]
-    if spec.provisioning == "spot":
-      argv.append("--spot")
-    elif spec.provisioning == "best-effort":
-      argv.append("--best-effort")
+    argv += _provisioning_flags(spec.provisioning)
     if spec.valid_until:
       argv.append(f"--valid-until-duration={spec.valid_until}")
     check = target.queued_resource("describe")
@@ -216,14 +284,16 @@ def create_commands(target: TpuTarget, spec: SliceSpec) -> list[Command]:
   argv = list(target.tpu_vm("create",
                             f"--accelerator-type={acc.accelerator_type}",
                             f"--version={spec.version}"))
-  if spec.provisioning == "spot":
-    argv.append("--spot")
+  argv += _provisioning_flags(spec.provisioning)
   check = target.tpu_vm("describe")
   return [Command(tuple(argv), unless=check if spec.reuse else None)]
 
 
 def delete_commands(target: TpuTarget, queued: bool) -> list[Command]:
-  """Deletes the slice (queued: the queued resource and its node)."""
+  """Deletes the slice (queued: the queued resource and its nodes)."""
+  if target.slices > 1 and not queued:
+    raise ValueError(f"--num-slices={target.slices}: delete with --queued (the"
+                     " queued resource holds the slices)")
   if queued:
     return [Command(target.queued_resource("delete", "--force", "--quiet"))]
   return [Command(target.tpu_vm("delete", "--quiet"))]

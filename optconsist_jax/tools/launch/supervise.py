@@ -1,10 +1,11 @@
-"""`launch tpu supervise`: keep one job going on a preemptible slice.
+"""`launch tpu supervise`: keep one job going on preemptible slice(s).
 
 Spot VMs and queued resources can be reclaimed at any time ("Manage TPU Spot
 VMs", "Manage queued resources" in the Cloud TPU docs); a job stopped by
 SIGTERM saves a checkpoint and exits with errors.PREEMPTED. The Supervisor
 polls the slice and the job and recreates / restarts them until the job
-finishes.
+finishes, reading the job's state from every worker, and restarts a job that
+stopped making progress (a hang) after saving its Python stacks.
 """
 
 from __future__ import annotations
@@ -17,20 +18,75 @@ import time
 
 from optconsist_jax import errors
 from optconsist_jax.tools.launch import gcloud
+from optconsist_jax.tools.launch import worker_commands as workers_lib
 from optconsist_jax.tools.launch.gcloud import Command
+
+
+@dataclasses.dataclass(frozen=True)
+class JobState:
+  """The job over all workers of all slices.
+
+  kind: `running` (every worker), `partial` (some running, some ended),
+  `done` (every worker exited 0), `failed` (a worker exited with another
+  code than 0 and 75; `code` says which), `preempted` (a worker exited 75
+  and none runs), `none` (no job on a worker and none runs: the VM
+  restarted) or `unreachable` (ssh failed or workers are missing).
+  steps: (host, newest step in its log or "-") of the running workers.
+  idle: a worker is waiting for input (evaluate --watch), not hung.
+  """
+
+  kind: str
+  code: int | None = None
+  steps: tuple[tuple[str, str], ...] = ()
+  idle: bool = False
+
+
+def parse_job_state(stdout: str, workers: int) -> JobState:
+  """Reads the `job_status_command` lines of `workers` workers."""
+  rows = {}
+  for line in stdout.splitlines():
+    words = line.split()
+    if len(words) >= 4 and words[0] == workers_lib.STATUS_PREFIX:
+      rows[words[1]] = (words[2], words[3], "idle" in words[4:])
+  if len(rows) < workers:
+    return JobState("unreachable")
+  states = [state for state, _, _ in rows.values()]
+  codes = [int(x.split(":")[1]) for x in states if x.startswith("exit:")]
+  steps = tuple(sorted((h, n) for h, (x, n, _) in rows.items()
+                       if x == "running"))
+  idle = any(i for x, _, i in rows.values() if x == "running")
+  failed = [c for c in codes if c not in (errors.OK, errors.PREEMPTED)]
+  if failed:
+    return JobState("failed", failed[0], steps, idle)
+  running = states.count("running")
+  if running == len(states):
+    return JobState("running", None, steps, idle)
+  if running:
+    return JobState("partial", None, steps, idle)
+  if errors.PREEMPTED in codes:
+    return JobState("preempted", errors.PREEMPTED)
+  if "none" in states:
+    return JobState("none")
+  return JobState("done", errors.OK)
 
 
 @dataclasses.dataclass
 class Supervisor:
-  """Keeps one training job going on a (spot / queued) slice until it ends.
+  """Keeps one job going on a (spot / queued, one or several) slice(s).
 
   Each poll: if the slice is gone (preempted / suspended / missing) it is
   deleted, created again, installed, staged and the job started (it resumes
-  from its gs:// workdir); if the job exited with errors.PREEMPTED (SIGTERM,
-  checkpoint saved) it is started again; exit 0 ends the supervision; any
-  other exit code (2 refused input, 3 non-finite loss, 74 failed save, a
-  crash) stops it with that code, since a restart would fail the same way.
-  At most `max_restarts` restarts.
+  from its gs:// workdir). The job's state is read from every worker
+  (`parse_job_state`): a worker that exited with errors.PREEMPTED (SIGTERM,
+  checkpoint saved) while none runs, or a job gone from the workers, is
+  started again; exit 0 everywhere ends the supervision; any other exit code
+  (2 refused input, 3 non-finite loss, 74 failed save, a crash) stops it with
+  that code, since a restart would fail the same way. The hang watchdog:
+  when the running workers' newest steps have not changed for
+  `hang_timeout` seconds (0: off; an idle evaluate --watch does not count),
+  every worker's Python stacks are saved under `stacks_dir`/TIME/ and the job
+  is stopped and started again (it resumes from its last checkpoint). At
+  most `max_restarts` restarts of any kind.
   """
 
   target: gcloud.TpuTarget
@@ -38,10 +94,16 @@ class Supervisor:
   setup: list[Command]  # install + stage + start, after a (re)create
   start: list[Command]  # start the job on a live slice
   status: Command
+  workers: int = 1  # hosts over all slices: the status lines expected
   max_restarts: int = 10
   poll_secs: float = 300.0
+  hang_timeout: float = 0.0
+  stacks_dir: str = ""  # the workdir's hangs/ folder
+  collect: Callable[[str], list[Command]] | None = None  # stacks -> folder
+  stop: list[Command] = dataclasses.field(default_factory=list)
   out: object = sys.stdout
   sleep: Callable[[float], None] = time.sleep
+  clock: Callable[[], float] = time.monotonic
 
   def _say(self, msg: str):
     print(f"[supervise] {msg}", file=self.out, flush=True)
@@ -51,12 +113,12 @@ class Supervisor:
                        capture_output=True, text=True, check=False)
     return r.stdout.strip() if r.returncode == 0 else ""
 
-  def job_state(self) -> str:
+  def job_state(self) -> JobState:
     r = subprocess.run(self.status.argv, capture_output=True, text=True,
                        check=False)
     if r.returncode:
-      return "unreachable"
-    return (r.stdout.strip().splitlines() or ["none"])[-1]
+      return JobState("unreachable")
+    return parse_job_state(r.stdout, self.workers)
 
   def _run(self, commands: list[Command]) -> int:
     return gcloud.run_commands(commands, False, out=self.out)
@@ -68,11 +130,24 @@ class Supervisor:
     self._run(commands[:1])  # Deleting what is already gone may fail.
     return self._run(commands[1:])
 
+  def restart_hung(self, steps) -> int:
+    """Saves every worker's stacks, stops the job and starts it again."""
+    where = (f"{self.stacks_dir.rstrip('/')}/"
+             + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    shown = ", ".join(f"{h} {n}" for h, n in steps) or "no step yet"
+    self._say(f"no step progress for {self.hang_timeout:g} s (newest step per"
+              f" worker: {shown}): saving every worker's Python stacks to"
+              f" {where}/ and restarting the job")
+    self._run(self.collect(where) if self.collect else [])
+    self._run(self.stop)
+    return self._run(self.start)
+
   def run(self) -> int:
     restarts = 0
     rc = self._run(gcloud.create_commands(self.target, self.spec) + self.setup)
     if rc:
       return rc
+    progress, since = None, self.clock()
     while True:
       self.sleep(self.poll_secs)
       state = self.slice_state()
@@ -91,29 +166,44 @@ class Supervisor:
         rc = self.recreate()
         if rc:
           return rc
+        progress, since = None, self.clock()
         continue
       job = self.job_state()
-      if job in ("running", "unreachable"):
+      if job.kind == "unreachable":
         continue
-      code = int(job.split()[1]) if job.startswith("exit ") else None
-      if code == errors.OK:
-        self._say("the job finished (exit 0)")
+      if job.kind in ("running", "partial"):
+        if job.idle or job.steps != progress:
+          progress, since = job.steps, self.clock()
+        if not self.hang_timeout or self.clock() - since < self.hang_timeout:
+          continue
+        if restarts >= self.max_restarts:
+          self._say(f"the job is hung; gave up after {restarts} restarts")
+          return errors.PREEMPTED
+        restarts += 1
+        rc = self.restart_hung(job.steps)
+        if rc:
+          return rc
+        progress, since = None, self.clock()
+        continue
+      if job.kind == "done":
+        self._say("the job finished (exit 0) on every worker")
         return errors.OK
-      if code == errors.PREEMPTED or code is None:
+      if job.kind in ("preempted", "none"):
         if restarts >= self.max_restarts:
           self._say(f"gave up after {restarts} restarts")
           return errors.PREEMPTED
         restarts += 1
-        why = ("was preempted and saved (exit 75)" if code is not None
+        why = ("was preempted and saved (exit 75)" if job.kind == "preempted"
                else "is not running (the VM restarted?)")
         self._say(f"the job {why}: starting it again to resume (restart"
                   f" {restarts} of {self.max_restarts})")
         rc = self._run(self.start)
         if rc:
           return rc
+        progress, since = None, self.clock()
         continue
       if self.slice_state() not in gcloud.UP_STATES:
         continue  # Killed by the slice going away: recreated next poll.
-      self._say(f"the job failed with exit code {code}; not restarting (see"
-                " its log: launch tpu logs)")
-      return code
+      self._say(f"the job failed with exit code {job.code}; not restarting"
+                " (see the worker's log: launch tpu logs --worker=N)")
+      return job.code

@@ -4,8 +4,9 @@ Pure builders (settings in, `gcloud.Command`s out) for a `gcloud.Target`
 (every host of a TPU slice, or one ssh host). Paths on a worker are relative
 to the login user's $HOME (`Remote`). A job runs under nohup; its log, pid
 and exit code land in `Remote.log_dir` (`<job>.log`, `<job>.pid`,
-`<job>.rc`), which `job_status_command`, `logs_commands` and
-`stop_job_commands` read.
+`<job>.rc`), which `job_status_command` (every worker's state and newest
+step), `logs_commands`, `stop_job_commands` and `collect_stacks_commands`
+(a hung job's Python stacks) read.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 import shlex
 
 from optconsist_jax.tools.launch.gcloud import Command
+from optconsist_jax.tools.launch.gcloud import COORDINATOR
 from optconsist_jax.tools.launch.gcloud import Target
 
 _SAFE_REMOTE = re.compile(r"[A-Za-z0-9._/-]+")
@@ -198,46 +200,145 @@ def fetch_commands(target: Target, remote: Remote, data: str, dest: str,
   return commands
 
 
-def start_job_commands(target: Target, remote: Remote,
-                       job: JobSpec) -> list[Command]:
+# The port of the multislice coordinator (libtpu's default, as XPK sets it).
+MEGASCALE_PORT = 8080
+
+
+def megascale_env(slice_id: int, num_slices: int) -> tuple[str, ...]:
+  """The multislice (DCN) variables of slice `slice_id` for jax and libtpu.
+
+  Cloud TPU writes the same four into each node's `tpu-env` metadata when it
+  creates a multislice queued resource; jax (clusters/cloud_tpu_cluster.py)
+  and libtpu read the environment first, so setting them makes the values
+  the job runs with the launcher's: slice ids in node order, the coordinator
+  on slice 0 worker 0 (`gcloud.COORDINATOR`, its IP looked up at start).
+  """
+  return (f"MEGASCALE_COORDINATOR_ADDRESS={COORDINATOR}:{MEGASCALE_PORT}",
+          f"MEGASCALE_NUM_SLICES={num_slices}",
+          f"MEGASCALE_SLICE_ID={slice_id}", f"MEGASCALE_PORT={MEGASCALE_PORT}")
+
+
+def _start_script(remote: Remote, job: JobSpec,
+                  extra_env: tuple[str, ...] = ()) -> str:
+  log = remote.home(f"{remote.log_dir}/{job.job}.log")
+  pid = remote.home(f"{remote.log_dir}/{job.job}.pid")
+  rc = remote.home(f"{remote.log_dir}/{job.job}.rc")
+  # PYTHONFAULTHANDLER: a SIGABRT (the hang watchdog without py-spy) prints
+  # every thread's Python stack to the log (Python docs: faulthandler).
+  env = " ".join(shlex.quote(e) if COORDINATOR not in e else e
+                 for e in ("PYTHONFAULTHANDLER=1", *extra_env, *job.env))
+  program = " ".join([remote.python, "-m", shlex.quote(job.module),
+                      *(shlex.quote(a) for a in job.argv())])
+  return (
+      f"mkdir -p {remote.home(remote.log_dir)} && cd {remote.home(remote.repo_dir)}"
+      f" && rm -f {rc} {pid} && ( trap '' HUP; nohup env {env}"
+      f" {program} > {log} 2>&1 < /dev/null & echo $! > {pid}; wait $!;"
+      f" echo $? > {rc} ) > /dev/null 2>&1 < /dev/null &"
+      f" while [ ! -s {pid} ]; do sleep 0.1; done; echo started {shlex.quote(job.job)} pid $(cat {pid})"
+      " on $(hostname)")
+
+
+def start_job_commands(target: Target, remote: Remote, job: JobSpec,
+                       megascale: bool = True) -> list[Command]:
   """Starts `job` on every worker under nohup; logs and pid in log_dir.
 
   The program's exit code lands in `<job>.rc` when it ends (`job_status`
   reads it): 0 finished, 75 preempted and saved (errors.PREEMPTED), ...
+  On several slices each gets its `megascale_env` unless `megascale` is
+  False (then Cloud TPU's `tpu-env` metadata provides them).
   """
-  log = remote.home(f"{remote.log_dir}/{job.job}.log")
-  pid = remote.home(f"{remote.log_dir}/{job.job}.pid")
-  rc = remote.home(f"{remote.log_dir}/{job.job}.rc")
-  env = " ".join(shlex.quote(e) for e in job.env)
-  program = " ".join([remote.python, "-m", shlex.quote(job.module),
-                      *(shlex.quote(a) for a in job.argv())])
-  script = (
-      f"mkdir -p {remote.home(remote.log_dir)} && cd {remote.home(remote.repo_dir)}"
-      f" && rm -f {rc} {pid} && ( trap '' HUP; nohup env {env + ' ' if env else ''}"
-      f"{program} > {log} 2>&1 < /dev/null & echo $! > {pid}; wait $!;"
-      f" echo $? > {rc} ) > /dev/null 2>&1 < /dev/null &"
-      f" while [ ! -s {pid} ]; do sleep 0.1; done; echo started {shlex.quote(job.job)} pid $(cat {pid})"
-      " on $(hostname)")
-  return [target.ssh(script)]
+  slices = getattr(target, "slices", 1)
+  if slices == 1 or not megascale:
+    return [target.ssh(_start_script(remote, job))]
+  return [target.ssh_slices([
+      _start_script(remote, job, megascale_env(i, slices))
+      for i in range(slices)])]
+
+
+# One line per worker: `job-state HOST STATE STEP [idle]`, STATE `running`,
+# `exit:CODE` or `none`; STEP the newest step in the log (`-` if none); idle:
+# running and waiting for input.
+STATUS_PREFIX = "job-state"
+
+# Step marks in a job's log: clu's LoggingWriter `] [STEP] loss=...` (train,
+# every host) and `step STEP` (evaluate's `evaluating step N`, `done: step N`).
+_STEP_MARKS = r"\] \[[0-9]+\]|step [0-9]+"
+# evaluate --watch's line while it waits for the trainer (not a hang).
+_IDLE_LINE = "waiting for new checkpoints"
 
 
 def job_status_command(target: Target, remote: Remote, job: str) -> Command:
-  """Prints `running`, `exit <code>` or `none` for the job on worker 0."""
+  """Prints a `STATUS_PREFIX` line for the job on every worker."""
   pid = remote.home(f"{remote.log_dir}/{job}.pid")
   rc = remote.home(f"{remote.log_dir}/{job}.rc")
+  log = remote.home(f"{remote.log_dir}/{job}.log")
   # A job that just ended may not have its .rc yet: wait up to 5 s for it.
   script = (f"if [ ! -f {rc} ] && [ -f {pid} ] && kill -0 $(cat {pid})"
-            " 2>/dev/null; then echo running; else for i in $(seq 50); do"
+            " 2>/dev/null; then s=running; else for i in $(seq 50); do"
             f" [ -f {rc} ] && break; sleep 0.1; done; if [ -f {rc} ]; then"
-            f" echo exit $(cat {rc}); else echo none; fi; fi")
-  return target.ssh(script, worker="0")
+            f" s=exit:$(cat {rc}); else s=none; fi; fi;"
+            f" n=$(tail -c 262144 {log} 2>/dev/null | grep -oE"
+            f" {shlex.quote(_STEP_MARKS)} | tail -n 1 | grep -oE '[0-9]+');"
+            f" i=; [ $s = running ] && tail -n 1 {log} 2>/dev/null | grep -q"
+            f" {shlex.quote('^' + _IDLE_LINE)} && i=' idle';"
+            f' echo "{STATUS_PREFIX} $(hostname) $s ${{n:--}}$i"')
+  return target.ssh(script)
 
 
-def stop_job_commands(target: Target, remote: Remote, job: str) -> list[Command]:
-  """Stops the job started by `start_job_commands`, by its recorded pid."""
+def stop_job_commands(target: Target, remote: Remote, job: str,
+                      grace_secs: float | None = None) -> list[Command]:
+  """Stops the job started by `start_job_commands`, by its recorded pid.
+
+  With `grace_secs`: SIGTERM, then SIGKILL after that many seconds, then
+  waits (up to 10 s) for the exit code, so that a new start cannot race the
+  old job's `.rc`.
+  """
   pid = remote.home(f"{remote.log_dir}/{job}.pid")
-  script = (f"if [ -f {pid} ]; then kill $(cat {pid}) 2>/dev/null;"
-            f" rm -f {pid}; fi; true")
+  if grace_secs is None:
+    script = (f"if [ -f {pid} ]; then kill $(cat {pid}) 2>/dev/null;"
+              f" rm -f {pid}; fi; true")
+    return [target.ssh(script)]
+  rc = remote.home(f"{remote.log_dir}/{job}.rc")
+  ticks = max(1, int(grace_secs * 10))
+  script = (f"if [ -f {pid} ]; then p=$(cat {pid}); kill $p 2>/dev/null;"
+            f" for i in $(seq {ticks}); do kill -0 $p 2>/dev/null || break;"
+            " sleep 0.1; done; kill -9 $p 2>/dev/null; for i in $(seq 100); do"
+            f" [ -f {rc} ] && break; sleep 0.1; done; rm -f {pid}; fi; true")
+  return [target.ssh(script)]
+
+
+def collect_stacks_commands(target: Target, remote: Remote, job: str,
+                            dest: str) -> list[Command]:
+  """Saves the job's Python stacks on every worker to `dest`/HOST.txt.
+
+  `py-spy dump` (on PATH or in the venv; with sudo when ptrace needs it)
+  leaves the job running; without py-spy, SIGABRT makes faulthandler
+  (PYTHONFAULTHANDLER, set at start) print every thread's stack to the log
+  and end the job, and the log's new bytes are saved. `dest` is a gs://
+  folder (gcloud storage cp) or a path on the workers (relative: to the
+  repo dir, as the job's workdir is).
+  """
+  if not (dest.startswith("gs://") or _SAFE_REMOTE.fullmatch(dest)):
+    raise ValueError(f"stack folder {dest!r}: a gs:// path or a plain path")
+  pid = remote.home(f"{remote.log_dir}/{job}.pid")
+  log = remote.home(f"{remote.log_dir}/{job}.log")
+  out = remote.home(f"{remote.log_dir}/{job}.stacks.txt")
+  spy = remote.home(f"{remote.venv_dir}/bin/py-spy")
+  to = shlex.quote(dest.rstrip("/"))
+  copy = (f'gcloud storage cp {out} {to}/"$h.txt"' if dest.startswith("gs://")
+          else f'mkdir -p {to} && cp {out} {to}/"$h.txt"')
+  script = (
+      f"cd {remote.home(remote.repo_dir)} 2>/dev/null; mkdir -p"
+      f" {remote.home(remote.log_dir)}; h=$(hostname); p=$(cat {pid} 2>/dev/null);"
+      f" spy=$(command -v py-spy || ls {spy} 2>/dev/null);"
+      f' if [ -z "$p" ] || ! kill -0 "$p" 2>/dev/null; then'
+      f' echo "no running {job} job on $h" > {out};'
+      f' elif [ -n "$spy" ] && {{ "$spy" dump --pid "$p" ||'
+      f' sudo -n "$spy" dump --pid "$p"; }} > {out} 2>&1; then :;'
+      f" else b=$(stat -c %s {log} 2>/dev/null || echo 0);"
+      f' kill -ABRT "$p"; for i in $(seq 100); do kill -0 "$p" 2>/dev/null ||'
+      f" break; sleep 0.1; done; sleep 1; tail -c +$((b + 1)) {log} > {out};"
+      f" fi; {copy} && echo \"stacks of $h -> {dest.rstrip('/')}/$h.txt\"")
   return [target.ssh(script)]
 
 
