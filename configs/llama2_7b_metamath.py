@@ -132,7 +132,11 @@ def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
                  # LoRA dropout needs randomness; full FT runs deterministically.
                  dropout_seed=(0 if variant.startswith("lora") else
                                ml_collections.config_dict.placeholder(int)),
-                 log_every=10, stats_every=100, progress_every_secs=60.0)
+                 log_every=10, stats_every=100, progress_every_secs=60.0,
+                 # W/compilation_cache on TPU: a restart skips the compile.
+                 compilation_cache_dir="auto")
+  # A jax.profiler trace, e.g. --config.profile.steps=20:22 ("": none).
+  c.profile = dict(steps="")
   # One checkpoint per epoch (kept: one learning/forgetting point each) plus
   # the newest periodic one for resuming after preemption. Epoch checkpoints
   # keep only the params once a newer one commits (27 GB of fp32 params instead

@@ -54,7 +54,10 @@ def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
                 seed=0)
   c.train = dict(num_epochs=3, num_steps=0, grad_accum_steps=1, seed=0,
                  dropout_seed=ml_collections.config_dict.placeholder(int),
-                 log_every=10, stats_every=50, progress_every_secs=10.0)
+                 log_every=10, stats_every=50, progress_every_secs=10.0,
+                 compilation_cache_dir="auto")  # Off on CPU unless a path.
+  # A jax.profiler trace of steps START:END into W/profile ("": none).
+  c.profile = dict(steps="")
   c.checkpoint = dict(every_steps=50, keep=2, keep_epochs=True,
                       async_save=True)
   c.init_from = dict(path="", kind="auto",

@@ -11,6 +11,9 @@
   libtpu on a CPU machine, on purpose.
 * Hosts: `maybe_initialize_distributed()` starts `jax.distributed` when this
   process is one of several.
+* Compilation cache: `enable_compilation_cache()` points JAX's persistent
+  cache (jax.readthedocs.io, "Persistent compilation cache") at a directory,
+  so a restarted job loads its compiled programs instead of compiling again.
 * Cloud TPU hardware facts (below, with their sources): every TPU number the
   package uses (peak flops for MFU, HBM for fit checks, ICI and DCN bandwidth
   for step-time estimates, slice shapes for the planner, accelerator types and
@@ -37,6 +40,8 @@ import importlib.util
 import math
 import os
 import re
+
+from optconsist_jax import paths
 
 # ---------------------------------------------------------------------------
 # Backends.
@@ -121,6 +126,63 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     return False
   jax.distributed.initialize()
   return True
+
+
+# ---------------------------------------------------------------------------
+# The persistent compilation cache.
+
+CACHE_SUBDIR = "compilation_cache"
+
+
+def compilation_cache_dir(setting: str, workdir: str | os.PathLike,
+                          backend: str) -> str | None:
+  """Where a job's compilation cache lives, or None (off).
+
+  Args:
+    setting: `config.train.compilation_cache_dir`: "auto" =
+      W/compilation_cache on TPU, off elsewhere; "" = off; else a directory
+      (local paths made absolute, gs:// and other URLs as they are).
+    workdir: W (local or gs://).
+    backend: `jax.default_backend()` ("tpu", "gpu", "cpu").
+
+  On TPU "auto" puts the cache in W, not on the VM's disk: JAX writes cache
+  entries from process 0 only (jax/_src/compiler.py `_cache_write`), so on a
+  multi-host slice only a directory every host reads (a gs:// workdir)
+  spares every host the compile; and a preempted VM that is recreated has a
+  fresh disk but the same W.
+  """
+  setting = os.fspath(setting).strip()
+  if setting == "auto":
+    if backend != "tpu":
+      return None
+    w = os.fspath(workdir).rstrip("/")
+    return f"{w}/{CACHE_SUBDIR}"
+  return paths.resolve(setting) or None
+
+
+def enable_compilation_cache(setting: str,
+                             workdir: str | os.PathLike) -> str | None:
+  """Turns on JAX's persistent compilation cache per `setting`.
+
+  Call after `maybe_initialize_distributed` and before the first compile
+  (JAX opens its cache once, at the first compile). A directory set with
+  JAX's own `--jax_compilation_cache_dir` (or JAX_COMPILATION_CACHE_DIR) is
+  kept under "auto". JAX's thresholds stay as JAX sets them (programs that
+  compile in under `jax_persistent_cache_min_compile_time_secs`, 1 s, are
+  not written); its flags change them.
+
+  Returns:
+    The cache directory in use, or None when the cache is off.
+  """
+  # deferred: platforms imports without jax (the launcher reads its TPU facts).
+  import jax  # pylint: disable=g-import-not-at-top
+  given = jax.config.jax_compilation_cache_dir
+  if os.fspath(setting).strip() == "auto" and given:
+    return given
+  path = compilation_cache_dir(setting, workdir, jax.default_backend())
+  if path is not None:
+    jax.config.update("jax_compilation_cache_dir", path)
+  return path
 
 
 # ---------------------------------------------------------------------------

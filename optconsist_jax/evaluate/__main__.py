@@ -15,14 +15,16 @@ Runs beside training (another process, its own mesh) or after it:
    Hugging Face folder or Hub id, a nanoGPT ckpt.pt, an Orbax checkpoint;
    `config.base_model`, default the run's `init_from` with its kind and
    step), so every plot has its starting point.
-4. For every complete checkpoint in W/checkpoints not yet in
-   W/eval/results.jsonl: restores params only (io.weights.restore_run_model,
-   resharded onto the eval mesh), merges LoRA adapters into the base weights
-   (model.lora.merge), runs the evals (evals.suite), writes the per-item predictions to
-   W/eval/predictions/step_<N>.jsonl and then appends one line (the
-   `results.EvalRecord` schema) to W/eval/results.jsonl, plus clu scalars
-   (W/eval/metrics, keyed by the training step). A crash loses at most the
-   checkpoint being evaluated: rerunning skips those already in results.jsonl.
+4. For every complete checkpoint in W/checkpoints without a results object
+   yet: restores params only (io.weights.restore_run_model, resharded onto
+   the eval mesh), merges LoRA adapters into the base weights
+   (model.lora.merge), runs the evals (evals.suite), writes the per-item
+   predictions to W/eval/predictions/step_<N>.jsonl and then its record (the
+   `results.EvalRecord` schema) to W/eval/results/step_<N>.json, each in one
+   write (a bucket has no append or rename; evaluate/results.py), plus clu
+   scalars (W/eval/metrics, keyed by the training step). A crash loses at
+   most the checkpoint being evaluated: rerunning skips those with a record
+   (an old W/eval/results.jsonl counts too).
 5. Half-written checkpoints (Orbax temporary directories) are never read. A
    finalized checkpoint that cannot be read (missing or truncated
    meta/metadata, a corrupt array, another model) is reported on one line
@@ -55,8 +57,6 @@ math.py, multiple_choice.py, lm_loss.py, harness.py.
 
 from __future__ import annotations
 
-import os
-
 from absl import app
 from absl import flags
 import jax
@@ -66,11 +66,11 @@ from optconsist_jax import errors
 from optconsist_jax import metrics as metrics_lib
 from optconsist_jax import paths
 from optconsist_jax import platforms
+from optconsist_jax import storage
 from optconsist_jax.evaluate import config as eval_config
 from optconsist_jax.evaluate import results
 from optconsist_jax.evaluate import watch
 from optconsist_jax.evaluate.config import EvalConfig
-from optconsist_jax.evaluate.job import EVAL_DIR
 from optconsist_jax.evaluate.job import Evaluator
 
 
@@ -94,6 +94,8 @@ def main(argv):
   platforms.maybe_initialize_distributed()
   f = flags.FLAGS
   workdir = paths.resolve(f.workdir)
+  # As config.train.compilation_cache_dir="auto": W/compilation_cache on TPU.
+  platforms.enable_compilation_cache("auto", workdir)
   with errors.user_input():
     config = EvalConfig.from_dict(paths.resolve_keys(
         f.config.to_dict(), eval_config.PATH_KEYS,
@@ -105,13 +107,14 @@ def main(argv):
   try:
     r = watch.evaluate_workdir(workdir, config, watch=f.watch, evaluator=ev)
   except (results.EvalFileError, FileNotFoundError) as e:
-    # results.jsonl that is not ours, a base model that is not there.
+    # A results file that is not ours, a base model that is not there.
     raise errors.UserError(str(e)) from e
   print(f"evaluated {len(r.evaluated)} checkpoints"
         + (" and the base model" if r.base_evaluated else "")
         + (f"; {len(r.failed)} failed to restore: {r.failed}" if r.failed
            else "")
-        + f". Results in {os.path.join(workdir, EVAL_DIR, 'results.jsonl')}",
+        + f". Results in {storage.join(workdir, results.RESULTS_DIR)}/"
+        " (one object per checkpoint)",
         flush=True)
 
 

@@ -41,7 +41,11 @@ Reads top to bottom (big_vision style):
    the newest readable one.
 
 Outputs in W: config.json, checkpoints/<step>/ (io/checkpoint_layout.py
-documents the layout), metrics/ (TensorBoard event files).
+documents the layout), metrics/ (TensorBoard event files), profile/ (with
+`--config.profile.steps=START:END`: a jax.profiler trace of those steps, for
+TensorBoard's profile plugin or xprof) and, on TPU, compilation_cache/ (JAX's
+persistent cache, `config.train.compilation_cache_dir`: a restart loads the
+compiled step instead of compiling it again).
 
 Steps 1-3 are in setup.py (the state built by state.py), the jitted step in
 step.py, the early stops in guards.py, the loop in loop.py; this module is the
@@ -99,7 +103,9 @@ def main(argv):
         + (f", loss {final:.4f}" if final is not None else "")
         + f". Outputs in {w}: {setup.CONFIG_FILE}, checkpoints/ (last:"
         f" {result.last_checkpoint}), metrics/ (tensorboard --logdir"
-        f" {os.path.join(w, metrics_lib.METRICS_DIR)})", flush=True)
+        f" {os.path.join(w, metrics_lib.METRICS_DIR)})"
+        + (f", {loop.PROFILE_DIR}/ (steps {config.profile.steps})"
+           if config.profile.steps else ""), flush=True)
   if result.stopped == "preempted":
     sys.exit(errors.PREEMPTED)
 

@@ -22,6 +22,7 @@ Sections (each converted by the module that owns its type):
   train       TrainConfig (below)
   checkpoint  CheckpointConfig (optconsist_jax.io.checkpoint_layout)
   init_from   InitFromConfig (optconsist_jax.io.weights)
+  profile     ProfileConfig (below); absent = no trace
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 import dataclasses
 import json
+import re
 from typing import Any
 
 from absl import logging
@@ -59,6 +61,13 @@ class TrainConfig:
     progress_every_secs: ReportProgress period.
     stop_on_nonfinite: stop when loss or grad norm is NaN/Inf.
     parameter_overview: log a table of the params at start.
+    compilation_cache_dir: JAX's persistent compilation cache, so a restart
+      loads the compiled step instead of compiling it again
+      (`platforms.enable_compilation_cache`): "auto" (default) =
+      W/compilation_cache on TPU (in a gs:// workdir every host reads it and
+      it outlives the VM), off on CPU and GPU unless JAX's own
+      `--jax_compilation_cache_dir` is given; "" = off; any other value =
+      that directory (local or gs://).
   """
 
   num_epochs: int = 1
@@ -71,6 +80,7 @@ class TrainConfig:
   progress_every_secs: float = 30.0
   stop_on_nonfinite: bool = True
   parameter_overview: bool = True
+  compilation_cache_dir: str = "auto"
 
   def __post_init__(self):
     if self.num_steps < 0 or self.num_epochs < 0:
@@ -82,6 +92,36 @@ class TrainConfig:
           f"config.train.grad_accum_steps={self.grad_accum_steps} must be >= 1")
     if self.log_every < 1:
       raise ValueError(f"config.train.log_every={self.log_every} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+  """A `jax.profiler` trace of some steps, written to W/profile.
+
+  Process 0 traces (its devices and host threads); TensorBoard's profile
+  plugin or xprof opens W/profile (plugins/profile/<run>/<host>.xplane.pb).
+
+  Attributes:
+    steps: "START:END" traces steps START through END (inclusive, numbered as
+      in the metrics: the first step is 1); "" (default) traces nothing.
+  """
+
+  steps: str = ""
+
+  def __post_init__(self):
+    self.window()  # Refuses a malformed window before anything runs.
+
+  def window(self) -> tuple[int, int] | None:
+    """(START, END), or None when no trace is asked for."""
+    if not self.steps:
+      return None
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(self.steps))
+    if m is None or not 1 <= int(m[1]) <= int(m[2]):
+      raise ValueError(
+          f"config.profile.steps={self.steps!r}: expected START:END with"
+          " 1 <= START <= END (the steps traced, inclusive; the first step"
+          " is 1), e.g. '2:4'; '' traces nothing")
+    return int(m[1]), int(m[2])
 
 
 def typed_section(cls, d: Mapping[str, Any] | None, section: str):
@@ -100,7 +140,7 @@ def _owned(section: str, d: Mapping[str, Any] | None, from_dict):
 
 
 SECTIONS = ("model", "mesh", "optim", "lora", "data", "train", "checkpoint",
-            "init_from")
+            "init_from", "profile")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +155,7 @@ class ExperimentConfig:
   train: TrainConfig
   checkpoint: CheckpointConfig
   init_from: InitFromConfig
+  profile: ProfileConfig = ProfileConfig()
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ExperimentConfig:
@@ -145,6 +186,7 @@ class ExperimentConfig:
         checkpoint=typed_section(CheckpointConfig, d.get("checkpoint"),
                                  "checkpoint"),
         init_from=init_from,
+        profile=typed_section(ProfileConfig, d.get("profile"), "profile"),
     )
 
   def resolve_total_steps(self, total_steps: int) -> ExperimentConfig:

@@ -7,8 +7,18 @@ program: for one run, `RunStep` (the jitted step on the global batch,
 multi-host capable); for a population (population.py), one jit(vmap) over the
 members' stacked states. Everything else is shared: when a member saves, that
 no non-finite state is saved, the NaN/Inf and SIGTERM stops (guards.py), the
-metrics written and the throughput measured, and the `TrainResult`s.
-setup.py builds what the loop needs, state.py the state, step.py the step.
+metrics written and the throughput measured, the profile of
+`config.profile.steps`, and the `TrainResult`s. setup.py builds what the loop
+needs, state.py the state, step.py the step.
+
+Scalars every `log_every` steps, besides the step's own (loss, grad norm,
+update norms): lr/<group>, epoch, step_time_s, tokens_per_s (all B x T
+slots), tokens_per_s_per_chip (per JAX device: a chip on v4, v5e, v5p, v6e;
+for a population, all members' tokens over all devices), target_tokens_per_s,
+mfu (on devices of known peak), and where the backend reports device memory
+(TPU, GPU; not CPU, whose `memory_stats()` is None) memory/bytes_in_use and
+memory/peak_bytes_in_use, the largest over this host's devices. Every host
+logs them; process 0 also writes W/metrics (metrics.Writer).
 """
 
 from __future__ import annotations
@@ -50,8 +60,9 @@ class TrainResult:
     last_checkpoint: path of the newest complete checkpoint.
     perf: steady-state throughput over this run's steps after the first
       (which includes compilation): steps_timed, step_time_s, tokens_per_s
-      (all B x T slots), target_tokens_per_s, mfu (None off a known device);
-      a population member's also population_size and population_tokens_per_s.
+      (all B x T slots), tokens_per_s_per_chip, target_tokens_per_s, mfu
+      (None off a known device); a population member's also population_size
+      and population_tokens_per_s.
   """
 
   step: int
@@ -183,6 +194,7 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
   """
   workdir = epath.Path(workdir)
   platforms.maybe_initialize_distributed()
+  enable_compilation_cache(config, workdir)
   # Everything read from the user is checked before anything is written.
   with errors.user_input():
     mesh = sharding.make_mesh(config.mesh)
@@ -190,6 +202,14 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike,
   [result] = train_members([member], lambda ms: RunStep(ms[0], mesh),
                            stop_after=stop_after)
   return result
+
+
+def enable_compilation_cache(config: ExperimentConfig,
+                             workdir: epath.Path) -> None:
+  """JAX's persistent compilation cache per config.train (before compiling)."""
+  where = platforms.enable_compilation_cache(
+      config.train.compilation_cache_dir, os.fspath(workdir))
+  logging.info("persistent compilation cache: %s", where or "off")
 
 
 def train_members(members: list[Member],
@@ -268,6 +288,26 @@ def _throughput(m: Member, members_per_step: int) -> metrics_lib.Throughput:
       jax.device_count() / members_per_step, metrics_lib.peak_flops())
 
 
+def _rates(window: metrics_lib.Throughput) -> dict[str, Any]:
+  """The window's rates, with tokens/s per device (chip) it steps on."""
+  out = window.rates()
+  if out:
+    out["tokens_per_s_per_chip"] = out["tokens_per_s"] / window.num_devices
+  return out
+
+
+def device_memory() -> dict[str, float]:
+  """memory/bytes_in_use and memory/peak_bytes_in_use: the largest over this
+  host's devices; {} where the backend keeps no statistics (CPU)."""
+  out: dict[str, float] = {}
+  for d in jax.local_devices():
+    stats = d.memory_stats() or {}
+    for k in ("bytes_in_use", "peak_bytes_in_use"):
+      if k in stats:
+        out[f"memory/{k}"] = max(out.get(f"memory/{k}", 0.0), float(stats[k]))
+  return out
+
+
 def _record(m: Member, step: int, metrics: dict[str, Any]) -> None:
   """Member m's fetched metrics of `step`: loss, NaN guard, scalars, rates."""
   tc = m.config.train
@@ -290,7 +330,8 @@ def _record(m: Member, step: int, metrics: dict[str, Any]) -> None:
   if step % tc.log_every and step != m.total_steps:
     return
   out = {k: v for k, v in metrics.items() if np.ndim(v) == 0}
-  out.update(m.interval.rates())
+  out.update(_rates(m.interval))
+  out.update(device_memory())
   for g, fn in m.setup.lr_fns.items():
     out[f"lr/{g}"] = float(fn(step - 1))
   out["epoch"] = (step - 1) / m.steps_per_epoch
@@ -298,10 +339,60 @@ def _record(m: Member, step: int, metrics: dict[str, Any]) -> None:
   m.interval.start(step)
 
 
+PROFILE_DIR = "profile"
+
+
+class StepTrace:
+  """A `jax.profiler` trace of steps START..END (config.profile), process 0.
+
+  Starts before step START's batch is read and stops once step END's
+  outputs are ready, so the trace holds whole steps; a run that stops inside the
+  window (or fails) closes it with what it traced. jax writes
+  <logdir>/plugins/profile/<run>/<host>.xplane.pb.
+  """
+
+  def __init__(self, window: tuple[int, int] | None, logdir: epath.Path):
+    self._window = window if jax.process_index() == 0 else None
+    self._logdir = logdir
+    self._on, self._first, self._last = False, 0, 0
+
+  def __enter__(self) -> StepTrace:
+    return self
+
+  def before(self, step: int) -> None:
+    """Step `step` (1-based) is next: its batch is about to be read."""
+    if (self._window and not self._on
+        and self._window[0] <= step <= self._window[1]):
+      self._logdir.mkdir(parents=True, exist_ok=True)
+      jax.profiler.start_trace(os.fspath(self._logdir))
+      self._on, self._first, self._last = True, step, step - 1
+
+  def after(self, step: int, outputs: Any) -> None:
+    """Step `step` was dispatched with `outputs`."""
+    if self._on:
+      self._last = step
+      if step >= self._window[1]:
+        jax.block_until_ready(outputs)
+        self._stop()
+
+  def _stop(self) -> None:
+    jax.profiler.stop_trace()
+    self._on, self._window = False, None
+    train_setup.say(f"profile of steps {self._first}-{self._last} in"
+                    f" {self._logdir} (tensorboard --logdir {self._logdir},"
+                    " Profile tab)")
+
+  def __exit__(self, *exc) -> None:
+    if self._on:
+      self._stop()
+
+
 def _loop(members: list[Member], program: StepProgram,
           stop_after: int | None) -> None:
   """Steps the members until each is done, stopped or failed."""
   pending = metrics_lib.DeferredFetch()
+  trace = StepTrace(members[0].config.profile.window(),
+                    members[0].workdir / PROFILE_DIR)
   # Per pushed step: each member's step and whether it took part.
   pushed: list[tuple[list[int], list[bool]]] = []
 
@@ -313,8 +404,9 @@ def _loop(members: list[Member], program: StepProgram,
       if took_part[k] and m.failed is None:
         _record(m, steps[k], program.of_member(fetched[1], k))
 
-  with train_guards.Preemption() as preemption:
+  with train_guards.Preemption() as preemption, trace:
     while any(m.live for m in members):
+      trace.before(max(m.step for m in members) + 1)  # Its batch included.
       active = [m.live for m in members]
       local, due = [], []
       for m, a in zip(members, active):
@@ -329,6 +421,7 @@ def _loop(members: list[Member], program: StepProgram,
       for m, a in zip(members, active):
         if a:
           m.step += 1
+      trace.after(max(m.step for m in members), metrics)
       pushed.append(([m.step for m in members], active))
       for m in members:
         m.ckpts.check()  # A background save that failed stops the run here.
@@ -391,7 +484,7 @@ def _close(members: list[Member]) -> None:
 
 def _result(m: Member, program: StepProgram | None) -> TrainResult:
   done = [c for c in ckpt_lib.list_checkpoints(m.workdir) if c.complete]
-  rates = m.whole_run.rates() if m.whole_run is not None else {}
+  rates = _rates(m.whole_run) if m.whole_run is not None else {}
   perf = {"steps_timed": m.whole_run.steps, **rates} if rates else {}
   return TrainResult(
       step=m.step, losses=m.losses, stopped=m.stopped,

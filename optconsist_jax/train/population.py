@@ -231,6 +231,7 @@ def train_population(configs: Sequence[config_types.ExperimentConfig],
     return [loop.train(c, w, stop_after=stop_after)
             for c, w in zip(configs, workdirs)]
 
+  loop.enable_compilation_cache(configs[0], workdirs[0])
   with errors.user_input():
     mesh = sharding.make_mesh(configs[0].mesh)
     members, tokenizer = [], None

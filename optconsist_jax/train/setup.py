@@ -43,10 +43,11 @@ CONFIG_FILE = "config.json"
 # Resolved-config keys that change how a run executes, not what it computes:
 # they may differ between the segments of one run (a resume on another mesh,
 # with other logging). Every other key is the run's identity.
-RUNTIME_SECTIONS = frozenset({"mesh", "checkpoint"})
+RUNTIME_SECTIONS = frozenset({"mesh", "checkpoint", "profile"})
 RUNTIME_KEYS = {
     "train": frozenset({"log_every", "stats_every", "progress_every_secs",
-                        "stop_on_nonfinite", "parameter_overview"}),
+                        "stop_on_nonfinite", "parameter_overview",
+                        "compilation_cache_dir"}),
     "data": frozenset({"num_workers", "worker_buffer_size", "read_threads",
                        "cache_dir", "num_epochs"}),
 }
