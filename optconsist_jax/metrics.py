@@ -18,7 +18,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 import importlib
 import logging as logging_std
+import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -30,6 +33,7 @@ import jax
 import numpy as np
 
 from optconsist_jax import platforms as tpu_facts
+from optconsist_jax import storage
 
 METRICS_DIR = "metrics"
 
@@ -192,11 +196,47 @@ def preload_writers() -> None:
 
 
 def scalar_writer(logdir: str | epath.Path | None, *, just_logging: bool):
-  """clu's default writer: TensorBoard events under `logdir` + the log."""
+  """clu's default writer: TensorBoard events under `logdir` + the log.
+
+  A bucket `logdir` (gs://) gets a `BucketWriter`.
+  """
+  if logdir is not None and storage.is_remote(logdir):
+    return BucketWriter(os.fspath(logdir), just_logging=just_logging)
   # deferred: clu writers import TensorFlow (slow); preload_writers warms them.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   return metric_writers.create_default_writer(logdir,
                                               just_logging=just_logging)
+
+
+class BucketWriter:
+  """clu's default writer into a local folder, copied to a bucket on flush.
+
+  clu's SummaryWriter writes through TensorFlow's gfile, which reaches gs://
+  by itself, not through optconsist_jax.storage (gcsfs): other credentials,
+  and no emulator. So the event files are written locally and each flush and
+  the close copy them whole to `dest` (TensorFlow's own GCS files also upload
+  the whole file on every flush). Every other call goes to clu's writer.
+  """
+
+  def __init__(self, dest: str, *, just_logging: bool):
+    # deferred: clu writers import TensorFlow (slow); see preload_writers.
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    self.dest = dest
+    self.local = tempfile.mkdtemp(prefix="optconsist_metrics_")
+    self._writer = metric_writers.create_default_writer(
+        self.local, just_logging=just_logging)
+
+  def __getattr__(self, name: str):
+    return getattr(self._writer, name)
+
+  def flush(self):
+    self._writer.flush()
+    storage.upload_dir(self.local, self.dest)
+
+  def close(self):
+    self._writer.close()
+    storage.upload_dir(self.local, self.dest)
+    shutil.rmtree(self.local, ignore_errors=True)
 
 
 class Writer:

@@ -1,4 +1,4 @@
-"""The eval job: checkpoints -> results.jsonl, resharding, LoRA, bad input."""
+"""The eval job: checkpoints -> results objects, resharding, LoRA, bad input."""
 
 import dataclasses
 import io
@@ -153,15 +153,25 @@ def test_rerun_skips_evaluated_and_resumes(run_dir):
   out = io.StringIO()
   res = ev_lib.evaluate_workdir(w, config, out=out)
   assert res.evaluated == [] and "nothing new" in out.getvalue()
-  # A crash while appending left a torn line: it is dropped, and a checkpoint
-  # whose line was lost is evaluated again.
-  path = os.path.join(w, "eval", "results.jsonl")
-  lines = open(path).read().splitlines(keepends=True)
-  with open(path, "w") as f:
-    f.write(lines[0] + lines[1][:20])
+  # A crash before a checkpoint's results object was written: that
+  # checkpoint (only) is evaluated again.
+  os.remove(os.path.join(w, "eval", "results", "step_00000004.json"))
   res = ev_lib.evaluate_workdir(w, config, out=io.StringIO())
   assert res.evaluated == [4]
   assert [r.step for r in results.read_workdir(w)] == [2, 4]
+  # A workdir of the old layout: its results.jsonl (with a line torn by a
+  # crash during an append) counts as evaluated; the torn record is
+  # evaluated again, and its new object merges with the old file's rows.
+  folder = os.path.join(w, "eval", "results")
+  rows = [open(os.path.join(folder, n)).read() for n in sorted(
+      os.listdir(folder))]
+  shutil.rmtree(folder)
+  with open(os.path.join(w, "eval", "results.jsonl"), "w") as f:
+    f.write(rows[0] + rows[1][:20])
+  res = ev_lib.evaluate_workdir(w, config, out=io.StringIO())
+  assert res.evaluated == [4]
+  assert [r.step for r in results.read_workdir(w)] == [2, 4]
+  assert os.listdir(folder) == ["step_00000004.json"]
 
 
 def test_other_mesh_same_numbers(run_dir, tokenizer):

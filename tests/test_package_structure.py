@@ -16,7 +16,7 @@ MAX_LINES = 500
 MAX_TOP_MODULES = 8
 # The first name under optconsist_jax -> its floor; imports go level or down.
 FLOORS = {
-    "errors": 0, "typed_config": 0, "paths": 0, "platforms": 0,
+    "errors": 0, "typed_config": 0, "paths": 0, "platforms": 0, "storage": 0,
     "sharding": 1, "metrics": 1,
     "model": 2, "optim": 2,
     "io": 3,

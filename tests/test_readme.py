@@ -94,7 +94,10 @@ PLAN = ["python", "-m", "optconsist_jax.tools.plan"]
 RUN = {
     "demo": lambda a: a == ["make", "demo"],
     "train": lambda a: _starts_with(
-        a, TRAIN + ["--config", "configs/tiny_metamath.py:adamw"]),
+        a, TRAIN + ["--config", "configs/tiny_metamath.py:adamw"]) and not any(
+            x.startswith("--config.profile.steps=") for x in a),
+    "train_profile": lambda a: _starts_with(a, TRAIN) and any(
+        x.startswith("--config.profile.steps=") for x in a),
     "train_nanogpt": lambda a: _starts_with(a, TRAIN) and any(
         x.startswith("--config.init_from.path=") for x in a),
     "evaluate": lambda a: _starts_with(
@@ -256,17 +259,30 @@ def test_train_resumes_then_evaluate_and_report(clone):
       "--config.math.limit=4", "--config.math.max_new_tokens=8",
       "--config.multiple_choice.limit=4", "--config.lm_loss.limit=2",
       "--config.lm_loss.max_len=64"])
-  results = w / "eval" / "results.jsonl"
-  lines = [json.loads(l) for l in results.read_text().splitlines()]
+  # One results object per evaluated checkpoint (evaluate/results.py).
+  results = w / "eval" / "results"
+  lines = [json.loads(p.read_text()) for p in results.glob("*.json")]
   steps = sorted(r["step"] for r in lines)
   assert steps and steps[-1] == 40, steps
-  assert str(results) in out
+  assert f"Results in {results}/" in out
 
   (report,) = commands("report")
   report = [a for a in report if a not in ("W2", "...")]
   out = run(clone, _replace(report, {"W1": "runs/tiny", "DIR": "plots"}))
   for name in ("pareto.png", "pareto.svg", "pareto.md"):
     assert (clone[0] / "plots" / name).stat().st_size > 0
+
+
+def test_profile_command_writes_a_trace(clone):
+  """The docs' profiling command, on a short run: a trace under W/profile."""
+  (cmd,) = commands("train_profile")
+  out = run(clone, _replace(cmd, {"W": "runs/profiled"}) + [
+      "--config.train.num_steps=5", "--config.train.stats_every=0",
+      "--config.checkpoint.every_steps=0"])
+  w = clone[0] / "runs" / "profiled"
+  assert "done: step 5" in out and str(w / "profile") in out
+  xplanes = list((w / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+  assert xplanes and all(p.stat().st_size > 0 for p in xplanes), xplanes
 
 
 def test_data_commands(clone):

@@ -30,6 +30,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from optconsist_jax import storage
 from optconsist_jax.data.records import MathExample, MultipleChoice
 
 _ANSWER_IS = "The answer is: "
@@ -49,7 +50,7 @@ def _where(path: str, index: int | None, field: str | None = None) -> str:
 
 
 def _iter_json_lines(path: str) -> Iterator[tuple[int, Any]]:
-  with open(path, encoding="utf-8") as f:
+  with storage.open_file(path) as f:
     index = 0
     for line_no, line in enumerate(f, 1):
       if not line.strip():
@@ -86,13 +87,12 @@ def _json_list_error(path: str, text: str, err: json.JSONDecodeError) -> str:
 def _iter_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
   """(index, object) of a JSON list file or a JSON lines file."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not storage.is_file(path):
     raise FileNotFoundError(f"data file not found: {path}")
-  with open(path, encoding="utf-8") as f:
+  with storage.open_file(path) as f:
     head = f.read(4096).lstrip()
   if head.startswith("["):
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
+    text = storage.read_text(path)
     try:
       data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -304,10 +304,10 @@ def read_text(path: str | os.PathLike) -> list[str]:
   if path.endswith((".jsonl", ".json")):
     docs = _read(path, lambda p, i, r: _field(p, i, r, "text"), "text")
   else:
-    if not os.path.isfile(path):
+    if not storage.is_file(path):
       raise FileNotFoundError(f"data file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-      docs = [d.strip("\n") for d in re.split(r"\n\s*\n", f.read())]
+    docs = [d.strip("\n")
+            for d in re.split(r"\n\s*\n", storage.read_text(path))]
   docs = [d for d in docs if d.strip()]
   if not docs:
     raise DataFormatError(f"{path}: empty text dataset (no documents)")

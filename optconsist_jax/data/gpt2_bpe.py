@@ -37,6 +37,8 @@ from tokenizers import decoders
 from tokenizers import models
 from tokenizers import pre_tokenizers
 
+from optconsist_jax import storage
+
 EOT_TOKEN = "<|endoftext|>"
 _FILE_PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
 
@@ -54,9 +56,10 @@ def pretokenize(text: str) -> list[str]:
 def is_gpt2_bpe_dir(path: str | os.PathLike) -> bool:
   """True when `path` is a folder holding GPT-2 BPE files (for dispatch)."""
   path = os.fspath(path)
-  return os.path.isdir(path) and any(
-      os.path.isfile(os.path.join(path, v)) and
-      os.path.isfile(os.path.join(path, m)) for v, m in _FILE_PAIRS)
+  if not storage.is_dir(path):
+    return False
+  names = set(storage.listdir(path))
+  return any(v in names and m in names for v, m in _FILE_PAIRS)
 
 
 class GPT2BPETokenizer:
@@ -118,32 +121,32 @@ class GPT2BPETokenizer:
     vocab.bpe) or from explicit vocabulary and merges files."""
     path = os.fspath(path)
     if merges_path is None:
-      if not os.path.isdir(path):
+      if not storage.is_dir(path):
         raise FileNotFoundError(f"GPT-2 tokenizer folder not found: {path}")
+      names = storage.listdir(path)
       for vocab_name, merges_name in _FILE_PAIRS:
-        vocab_file = os.path.join(path, vocab_name)
-        merges_file = os.path.join(path, merges_name)
-        if os.path.isfile(vocab_file) and os.path.isfile(merges_file):
+        vocab_file = storage.join(path, vocab_name)
+        merges_file = storage.join(path, merges_name)
+        if vocab_name in names and merges_name in names:
           break
       else:
         raise FileNotFoundError(
             f"{path}: expected vocab.json + merges.txt or encoder.json +"
-            f" vocab.bpe; found {sorted(os.listdir(path))}")
+            f" vocab.bpe; found {names}")
     else:
       vocab_file, merges_file = path, os.fspath(merges_path)
     for f in (vocab_file, merges_file):
-      if not os.path.isfile(f):
+      if not storage.is_file(f):
         raise FileNotFoundError(f"GPT-2 tokenizer file not found: {f}")
-    with open(vocab_file, encoding="utf-8") as f:
-      try:
-        encoder = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{vocab_file}: not JSON: {e}") from e
+    try:
+      encoder = json.loads(storage.read_text(vocab_file))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{vocab_file}: not JSON: {e}") from e
     if not isinstance(encoder, dict) or not all(
         isinstance(v, int) for v in encoder.values()):
       raise ValueError(f"{vocab_file}: expected a JSON object of token -> id")
     merges = []
-    with open(merges_file, encoding="utf-8") as f:
+    with storage.open_file(merges_file) as f:
       for lineno, line in enumerate(f, 1):
         line = line.rstrip("\r\n")
         if (lineno == 1 and line.startswith("#version")) or not line:

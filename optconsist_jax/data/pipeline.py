@@ -48,6 +48,7 @@ from optconsist_jax.data import supervised
 from optconsist_jax.data import synthetic
 from optconsist_jax.data.tokenizer import Tokenizer
 from optconsist_jax.io import hub
+from optconsist_jax import storage
 from optconsist_jax import typed_config
 
 FORMATS = ("metamathqa", "gsm8k", "text", "synthetic", "stdlib")
@@ -202,19 +203,18 @@ def _cache_key(config: DataConfig, tokenizer: Tokenizer) -> str:
   parts = [config.format, config.source, config.split, config.seq_len,
            config.truncation, config.max_examples, config.synthetic_examples,
            config.seed if config.format == "synthetic" else 0]
-  if config.path and os.path.isfile(config.path):
-    st = os.stat(config.path)
-    parts += [os.path.abspath(config.path), st.st_size, st.st_mtime_ns]
+  if config.path and storage.is_file(config.path):
+    st = storage.path(config.path).stat()
+    parts += [config.path, st.length, st.mtime]
   else:
     parts.append(config.path)
   h.update(json.dumps(parts).encode())
   tok_path = tokenizer.path or ""
-  tok_files = ([tok_path] if os.path.isfile(tok_path) else
-               sorted(os.path.join(tok_path, n) for n in os.listdir(tok_path))
-               if os.path.isdir(tok_path) else [])
+  tok_files = ([tok_path] if tok_path and storage.is_file(tok_path) else
+               [storage.join(tok_path, n) for n in storage.listdir(tok_path)]
+               if tok_path else [])
   for name in tok_files:
-    with open(name, "rb") as f:
-      h.update(f.read())
+    h.update(storage.read_bytes(name))
   return h.hexdigest()[:16]
 
 
@@ -223,6 +223,9 @@ def tokenized_data(config: DataConfig, tokenizer: Tokenizer
   """Reads and tokenizes (or loads from `config.cache_dir`)."""
   cache = ""
   if config.cache_dir:
+    if storage.is_remote(config.cache_dir):
+      raise ValueError(f"config.data.cache_dir={config.cache_dir!r}: the"
+                       " token cache must be a local folder")
     os.makedirs(config.cache_dir, exist_ok=True)
     cache = os.path.join(config.cache_dir,
                          f"tokens_{_cache_key(config, tokenizer)}")

@@ -30,6 +30,7 @@ import os
 
 import sentencepiece as spm
 
+from optconsist_jax import storage
 from optconsist_jax.data import tiny_tokenizer
 
 
@@ -52,11 +53,12 @@ class Tokenizer:
   def load(cls, path: str | os.PathLike) -> Tokenizer:
     """Loads a SentencePiece `tokenizer.model` file."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not storage.is_file(path):
       raise FileNotFoundError(f"tokenizer model not found: {path}")
     sp = spm.SentencePieceProcessor()
     try:
-      sp.Load(path)
+      # From its bytes: the file may be in a bucket (gs://).
+      sp.LoadFromSerializedProto(storage.read_bytes(path))
     except Exception as e:  # sentencepiece raises OSError/RuntimeError.
       raise ValueError(f"{path}: not a SentencePiece model: {e}") from e
     return cls(sp, path)

@@ -4,8 +4,11 @@
 training config parser (config_types.ExperimentConfig) into the `RunInfo` the
 job needs: model, LoRA, labels, length. An `Evaluator` restores models onto
 the eval mesh through io.weights (checkpoints with LoRA merged, the base
-model of any weight source kind), runs the evals (evals.suite) and appends the
-results (W/eval/results.jsonl, predictions, clu scalars).
+model of any weight source kind), runs the evals (evals.suite) and writes the
+results: one object per checkpoint (W/eval/results/<name>.json, see
+evaluate/results.py), its predictions (W/eval/predictions/<name>.jsonl) and
+clu scalars, each written whole through optconsist_jax.storage (a local
+folder or a bucket).
 optconsist_jax.evaluate runs it over a workdir.
 """
 
@@ -19,8 +22,6 @@ import os
 import time
 from typing import Any
 
-from absl import logging
-from etils import epath
 from flax import nnx
 import jax
 import numpy as np
@@ -29,6 +30,7 @@ from optconsist_jax.train import config as config_types
 from optconsist_jax import metrics as metrics_lib
 from optconsist_jax.evaluate import results
 from optconsist_jax import sharding
+from optconsist_jax import storage
 from optconsist_jax import typed_config
 from optconsist_jax.data import pipeline as data_lib
 from optconsist_jax.evaluate.config import EvalConfig
@@ -84,7 +86,7 @@ class RunInfo:
 
 def read_run(workdir: str | os.PathLike) -> RunInfo:
   """Parses W/config.json (train.py's resolved config)."""
-  path = epath.Path(workdir) / RUN_CONFIG_FILE
+  path = storage.path(workdir) / RUN_CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(
         f"{path} not found: is {workdir} a training workdir? (train.py writes"
@@ -132,11 +134,10 @@ class Evaluator:
   def __init__(self, workdir: str | os.PathLike, config: EvalConfig, *,
                run: RunInfo | None = None, tokenizer=None,
                data: EvalData | None = None):
-    self.workdir = epath.Path(workdir)
+    self.workdir = storage.path(workdir)
     self.config = config
     self.run = run or read_run(workdir)
     self.eval_dir = self.workdir / EVAL_DIR
-    self.results_path = self.eval_dir / "results.jsonl"
     self.mesh = sharding.make_mesh(config.mesh)
     self.rules = config.mesh.rules
     self.tokenizer = tokenizer or self._tokenizer()
@@ -189,8 +190,7 @@ class Evaluator:
               else self.run.init_from)
     if not source.path:
       return None
-    if not hub.is_hub_ref(source.path) and not epath.Path(
-        source.path).exists():
+    if not hub.is_hub_ref(source.path) and not storage.exists(source.path):
       raise FileNotFoundError(f"base model {source.path} does not exist")
     return dataclasses.replace(
         source, kind=weights.kind_of(source.path, source.kind))
@@ -203,33 +203,24 @@ class Evaluator:
   # -- results files -------------------------------------------------------
 
   def done(self) -> list[results.EvalRecord]:
-    """Records already written (a torn last line from a crash is dropped)."""
-    if not self.results_path.exists():
-      return []
-    text = self.results_path.read_text()
-    if text and not text.endswith("\n"):
-      keep = text[:text.rfind("\n") + 1]
-      logging.warning("%s: dropping a half-written last line (crash during"
-                      " a write)", self.results_path)
-      if jax.process_index() == 0:
-        self.results_path.write_text(keep)
-    return results.read_results(os.fspath(self.results_path))
+    """Records already written (objects, and an old results.jsonl)."""
+    return [r for r, _ in results.read_eval_dir(self.workdir)]
 
-  def _append(self, record: results.EvalRecord, predictions: list[dict],
-              name: str):
+  def _write(self, record: results.EvalRecord, predictions: list[dict]):
+    """Predictions, then the record (which marks the checkpoint done).
+
+    Each is one whole-object write, never appended to or renamed (object
+    stores have neither); two jobs that evaluate the same checkpoint write
+    the same names.
+    """
     if jax.process_index() != 0:
       return
-    pred_dir = self.eval_dir / "predictions"
-    pred_dir.mkdir(parents=True, exist_ok=True)
-    tmp = pred_dir / f"{name}.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(p, default=_json_default) + "\n"
-                           for p in predictions))
-    os.replace(os.fspath(tmp), os.fspath(pred_dir / f"{name}.jsonl"))
-    # One write of a whole line: results.jsonl marks the checkpoint as done.
-    with open(self.results_path, "a") as f:
-      f.write(record.to_json() + "\n")
-      f.flush()
-      os.fsync(f.fileno())
+    name = results.object_name(record.step, record.is_base, record.checkpoint)
+    storage.write_text(
+        self.eval_dir / "predictions" / f"{name}.jsonl",
+        "".join(json.dumps(p, default=_json_default) + "\n"
+                for p in predictions))
+    results.write_record(self.workdir, record)
     if self._writer is None:
       self._writer = metrics_lib.scalar_writer(
           os.fspath(self.eval_dir / "metrics"), just_logging=False)
@@ -248,11 +239,11 @@ class Evaluator:
   # -- one evaluation ------------------------------------------------------
 
   def evaluate_model(self, model: nnx.Module, *, step: int, epoch: float,
-                     checkpoint: str, is_base: bool, name: str,
+                     checkpoint: str, is_base: bool,
                      run: RunInfo | None = None,
                      progress: Callable[[str], None] | None = None
                      ) -> results.EvalRecord:
-    """Runs the evals on `model` and appends its results row.
+    """Runs the evals on `model` and writes its results object.
 
     `progress`: called with a line per finished eval (evals.suite.run_evals).
     """
@@ -278,7 +269,7 @@ class Evaluator:
         metrics={k: float(v) for k, v in metrics.items()},
         run=self.workdir.name, checkpoint=checkpoint, is_base=is_base,
         settings=eval_settings(c, self.tokenizer), seed=run.seed)
-    self._append(record, predictions, name)
+    self._write(record, predictions)
     return record
 
   def epoch_of(self, info: ckpt_lib.CheckpointInfo) -> float:

@@ -1,25 +1,42 @@
-"""The eval job's results: one `EvalRecord` per line of W/eval/results.jsonl.
+"""The eval job's results: one `EvalRecord` per evaluated checkpoint.
 
-optconsist_jax.evaluate writes these rows; the report and the consistency
-statistics read them. Also the Pareto frontier of (retention, learning)
-points, which both use.
+optconsist_jax.evaluate writes each record as its own object,
+W/eval/results/<name>.json (`step_<N>` for a checkpoint, `base_<hash>` for a
+base model), in one write; `read_workdir` merges them on read. Object stores
+(gs://) have neither an atomic append nor a rename, so one shared file
+appended by line could tear a row, or lose one when two eval jobs append at
+once; one object per checkpoint cannot tear (a write is all or nothing), and
+two jobs that evaluate the same checkpoint write the same name, so a row is
+never duplicated. Workdirs written before this layout keep their
+W/eval/results.jsonl (one record per line), which is still read.
+
+The report and the consistency statistics read these records. Also the
+Pareto frontier of (retention, learning) points, which both use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import hashlib
 import json
 import math
 import os
 from typing import Any
 
-RESULTS_FILE = os.path.join("eval", "results.jsonl")
+from absl import logging
+
+from optconsist_jax import storage
+
+# One object per evaluated checkpoint (`object_name`), under the workdir.
+RESULTS_DIR = os.path.join("eval", "results")
+# The layout before it: one record per line (still read, never written).
+LEGACY_RESULTS_FILE = os.path.join("eval", "results.jsonl")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalRecord:
-  """One evaluated checkpoint: a line of W/eval/results.jsonl.
+  """One evaluated checkpoint: W/eval/results/<name>.json.
 
   Attributes:
     step: training step of the checkpoint (0 for a base model).
@@ -112,35 +129,103 @@ def parse_record(d: Any, where: str) -> EvalRecord:
   return EvalRecord(**d)
 
 
+def object_name(step: int, is_base: bool, checkpoint: str) -> str:
+  """The name of a record's object (and of its predictions file).
+
+  `step_<N>` for a checkpoint; `base_<hash of its path>` for a base model,
+  so evaluating another base model adds a record instead of replacing one.
+  """
+  if is_base:
+    return "base_" + hashlib.sha256(checkpoint.encode()).hexdigest()[:12]
+  return f"step_{step:08d}"
+
+
+def write_record(workdir: str | os.PathLike, record: EvalRecord) -> str:
+  """Writes `record` as its own object in one write; returns its path."""
+  path = storage.join(workdir, RESULTS_DIR, object_name(
+      record.step, record.is_base, record.checkpoint) + ".json")
+  storage.write_text(path, record.to_json() + "\n")
+  return path
+
+
+def read_record(path: str) -> EvalRecord:
+  """One results object."""
+  try:
+    d = json.loads(storage.read_text(path))
+  except json.JSONDecodeError as e:
+    raise EvalFileError(f"{path}: not JSON: {e}") from None
+  return parse_record(d, path)
+
+
 def read_results(path: str) -> list[EvalRecord]:
-  """Every record of one results.jsonl (blank lines skipped)."""
-  if not os.path.isfile(path):
+  """Every record of one results.jsonl (the layout before one object each).
+
+  Blank lines are skipped; a last line that is cut short (no newline, not
+  JSON: a crash during the append that wrote it) is dropped with a warning.
+  """
+  if not storage.is_file(path):
     raise FileNotFoundError(f"{path}: no eval results (run"
                             " `python -m optconsist_jax.evaluate` first)")
+  lines = storage.read_text(path).split("\n")
   out = []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        d = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise EvalFileError(f"{path}:{n}: not JSON: {e}") from None
-      out.append(parse_record(d, f"{path}:{n}"))
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      d = json.loads(line)
+    except json.JSONDecodeError as e:
+      if n == len(lines):
+        logging.warning("%s:%d: dropping a half-written last line (a crash"
+                        " during a write)", path, n)
+        break
+      raise EvalFileError(f"{path}:{n}: not JSON: {e}") from None
+    out.append(parse_record(d, f"{path}:{n}"))
+  return out
+
+
+def read_eval_dir(workdir: str | os.PathLike) -> list[tuple[EvalRecord, str]]:
+  """(record, where it was read) of every record of W, in write order.
+
+  The old W/eval/results.jsonl first (its lines in order), then the objects
+  of W/eval/results/ by name. [] when there are none.
+  """
+  out = []
+  legacy = storage.join(workdir, LEGACY_RESULTS_FILE)
+  if storage.is_file(legacy):
+    out += [(r, legacy) for r in read_results(legacy)]
+  folder = storage.join(workdir, RESULTS_DIR)
+  for name in storage.listdir(folder):
+    if name.endswith(".json") and not name.startswith("."):
+      path = storage.join(folder, name)
+      out.append((read_record(path), path))
   return out
 
 
 def read_workdir(workdir: str) -> list[EvalRecord]:
-  """Records of W/eval/results.jsonl, run name filled, last one per step."""
-  records = read_results(os.path.join(workdir, RESULTS_FILE))
-  name = os.path.basename(os.path.normpath(workdir))
-  latest: dict[tuple[str, int, bool, str], EvalRecord] = {}
-  for r in records:
+  """The records of W (objects and an old results.jsonl), merged.
+
+  The run name is filled in from W's name when a record has none. A
+  checkpoint recorded twice (an old results.jsonl re-evaluated, or a rerun
+  after a crash): the one read last wins (objects after the old file), and a
+  warning names both places.
+  """
+  found = read_eval_dir(workdir)
+  if not found:
+    raise FileNotFoundError(
+        f"{storage.join(workdir, RESULTS_DIR)}: no eval results (run"
+        " `python -m optconsist_jax.evaluate` first)")
+  name = storage.path(workdir).name
+  latest: dict[tuple[str, int, bool, str], tuple[EvalRecord, str]] = {}
+  for r, where in found:
     if not r.run:
       r = dataclasses.replace(r, run=name)
-    # A checkpoint evaluated twice (a rerun after a crash): keep the latest.
-    latest[(r.run, r.step, r.is_base, r.checkpoint)] = r
-  return sorted(latest.values(), key=lambda r: (r.run, not r.is_base, r.step))
+    key = (r.run, r.step, r.is_base, r.checkpoint)
+    if key in latest and latest[key][1] != where:
+      logging.warning("step %d of %s is recorded in %s and in %s; using %s",
+                      r.step, r.run, latest[key][1], where, where)
+    latest[key] = (r, where)
+  return sorted((r for r, _ in latest.values()),
+                key=lambda r: (r.run, not r.is_base, r.step))
 
 
 def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:

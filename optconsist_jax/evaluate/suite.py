@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Mapping
 import dataclasses
-import os
+import json
 import time
 from typing import Any
 
@@ -19,6 +19,7 @@ from flax import nnx
 import jax
 import numpy as np
 
+from optconsist_jax import storage
 from optconsist_jax.data import corpus
 from optconsist_jax.data import formats
 from optconsist_jax.data.records import MathExample
@@ -56,12 +57,11 @@ def load_eval_data(config: EvalConfig, run_data: Any,
       synthetic test sets are disjoint from the training set).
     data_dir: where generated sets are written.
   """
-  os.makedirs(data_dir, exist_ok=True)
   seed = int(run_data.seed or 0)
 
   def synthetic_file(name: str, records: list[dict]) -> str:
-    path = os.path.join(data_dir, name)
-    synthetic._write_jsonl(path, records)  # pylint: disable=protected-access
+    path = storage.join(data_dir, name)
+    storage.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return path
 
   m = config.math

@@ -45,7 +45,7 @@ def evaluate_workdir(workdir: str | os.PathLike, config: EvalConfig, *,
     say(f"evaluating base model {base.path} ({base.kind})")
     model = ev.base_model(base)
     r = ev.evaluate_model(model, step=0, epoch=0.0, checkpoint=base.path,
-                          is_base=True, name="base", progress=say)
+                          is_base=True, progress=say)
     say(f"base: learning {r.learning:.4f} ({r.learning_metric}), retention"
         f" {r.retention:.4f} ({r.retention_metric})")
     result.base_evaluated = True
@@ -87,8 +87,7 @@ def evaluate_workdir(workdir: str | os.PathLike, config: EvalConfig, *,
         continue
       r = ev.evaluate_model(model, step=info.step, epoch=ev.epoch_of(info),
                             checkpoint=os.fspath(info.path), is_base=False,
-                            name=f"step_{info.step:08d}", run=run,
-                            progress=say)
+                            run=run, progress=say)
       done_steps.add(info.step)
       result.evaluated.append(info.step)
       last_new = clock()

@@ -64,6 +64,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from optconsist_jax import errors
+from optconsist_jax import storage
 
 PARAMS = "params"
 OPT_STATE = "opt_state"
@@ -135,12 +136,12 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
-  return epath.Path(workdir) / CHECKPOINTS_DIR
+  return storage.path(workdir) / CHECKPOINTS_DIR
 
 
 def _resolve(path: str | os.PathLike, step: int | None) -> epath.Path:
   """W, W/checkpoints or W/checkpoints/<step> -> the step directory."""
-  path = epath.Path(path)
+  path = storage.path(path)
   if (path / META).exists() or (path / PARAMS).exists():
     return path
   if (path / CHECKPOINTS_DIR).is_dir():
@@ -160,7 +161,7 @@ def _resolve(path: str | os.PathLike, step: int | None) -> epath.Path:
 
 def read_meta(step_dir: str | os.PathLike) -> dict[str, Any]:
   """The meta JSON of one step directory."""
-  f = epath.Path(step_dir) / META / "metadata"
+  f = storage.path(step_dir) / META / "metadata"
   try:
     return json.loads(f.read_text())
   except FileNotFoundError:
@@ -175,7 +176,7 @@ def list_checkpoints(workdir: str | os.PathLike) -> list[CheckpointInfo]:
   Incomplete ones (an async save in flight, or a killed one) are listed with
   complete=False so a watcher can skip them and look again later.
   """
-  root = epath.Path(workdir)
+  root = storage.path(workdir)
   if (root / CHECKPOINTS_DIR).is_dir():
     root = root / CHECKPOINTS_DIR
   if not root.is_dir():

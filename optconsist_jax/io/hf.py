@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import struct
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,6 +33,7 @@ import safetensors
 from optconsist_jax.io import hf_layout
 from optconsist_jax.io import hub
 from optconsist_jax import sharding
+from optconsist_jax import storage
 from optconsist_jax.model import Llama, LlamaConfig
 from optconsist_jax.model.llama import abstract_model
 from optconsist_jax.model.llama import no_constraint
@@ -49,6 +51,8 @@ _SAFETENSORS_DTYPES = {
     np.dtype(ml_dtypes.bfloat16): "BF16",
     np.dtype(np.float64): "F64",
 }
+# What of a bucket folder `load` downloads.
+_HF_FILES = ("*.json", "*.safetensors", "tokenizer.model")
 # --------------------------------------------------------------------------
 # load
 
@@ -128,7 +132,9 @@ def load(hf_dir: str, dtype: Any = jnp.float32, *, mesh: Any = None,
       checkpoint (model.safetensors.index.json + the shards it lists); or a
       Hub repo `org/name[@revision]` / `hf://org/name[@revision]` (see
       optconsist_jax.io.hub): its config, tokenizer and safetensors files are
-      downloaded into the Hugging Face cache first (every host into its own).
+      downloaded into the Hugging Face cache first (every host into its own);
+      or a bucket folder (gs://...), whose files are downloaded likewise
+      (storage.local_copy).
     dtype: parameter dtype (weights are cast on read).
     mesh: a `jax.sharding.Mesh`; params are created directly in the
       shardings `optconsist_jax.sharding.state_shardings` gives for `rules`.
@@ -149,7 +155,9 @@ def load(hf_dir: str, dtype: Any = jnp.float32, *, mesh: Any = None,
     ValueError: not a Llama config, or a tensor is missing or misshapen (the
       message names the file and the tensor).
   """
-  hf_dir = hub.model_dir(hf_dir)
+  # A bucket folder (gs://) is downloaded into a local cache once:
+  # safetensors reads through a memory map of a local file.
+  hf_dir = storage.local_copy(hub.model_dir(hf_dir), _HF_FILES)
   hf_config = _read_config(hf_dir)
   config = hf_layout.config_from_hf(hf_config,
                           source=os.path.join(hf_dir, CONFIG_FILE))
@@ -308,11 +316,20 @@ def save(config: LlamaConfig, model: Llama, out_dir: str, *,
   Args:
     config: the model's config.
     model: our Llama.
-    out_dir: destination folder (created if missing).
+    out_dir: destination folder (created if missing); a bucket folder
+      (gs://) is written locally first and then uploaded.
     dtype: dtype to store; default the config's param_dtype.
     max_shard_bytes: upper bound on one shard's tensor bytes.
   """
   out_dir = os.fspath(out_dir)
+  if storage.is_remote(out_dir):
+    # safetensors files are written by seeking and streaming: into a local
+    # folder first, then copied to the bucket file by file.
+    with tempfile.TemporaryDirectory(prefix="hf_save_") as local:
+      save(config, model, local, dtype=dtype, max_shard_bytes=max_shard_bytes)
+      if jax.process_index() == 0:
+        storage.upload_dir(local, out_dir)
+    return
   if config.position_embedding != "rope" or config.norm_type != "rms":
     raise ValueError(
         f"hf.save: position_embedding={config.position_embedding!r},"

@@ -25,10 +25,10 @@ import json
 import os
 from typing import Any
 
-from etils import epath
 from flax import nnx
 
 from optconsist_jax import sharding
+from optconsist_jax import storage
 from optconsist_jax import typed_config
 from optconsist_jax.io import checkpoint_layout as ckpt_lib
 from optconsist_jax.io import hf
@@ -77,7 +77,7 @@ def kind_of(path: str, kind: str = "auto") -> str:
     return kind
   if hub.is_hub_ref(path):
     return "hf"
-  p = epath.Path(path)
+  p = storage.path(path)
   if p.is_file() and p.suffix == ".pt":
     return "nanogpt"
   if (p / "config.json").exists() and list(p.glob("*.safetensors")):
@@ -96,10 +96,10 @@ def model_config_of(path: str, kind: str = "auto") -> LlamaConfig:
   if kind == "hf":
     folder = hub.model_dir(path, patterns=("config.json",))  # a Hub repo's
     return hf_layout.config_from_hf(
-        json.loads((epath.Path(folder) / "config.json").read_text()))
+        json.loads((storage.path(folder) / "config.json").read_text()))
   if kind == "nanogpt":
-    return nanogpt.read_config(path)
-  p = epath.Path(path)
+    return nanogpt.read_config(storage.local_copy(path))
+  p = storage.path(path)
   for run_dir in (p, p.parent, p.parent.parent):
     if (run_dir / RUN_CONFIG_FILE).exists():
       run = json.loads((run_dir / RUN_CONFIG_FILE).read_text())
@@ -172,7 +172,7 @@ def load_params(source: InitFromConfig, model_config: LlamaConfig, *,
   shardings = (sharding.state_shardings(abstract, mesh, rules)
                if mesh is not None else None)
   if kind == "nanogpt":
-    return nanogpt.load_params_into(os.fspath(source.path), abstract,
+    return nanogpt.load_params_into(storage.local_copy(source.path), abstract,
                                     shardings, model_config=m)
   # A full model's params; the writer's identity must match ours without LoRA.
   return ckpt_lib.restore_params(source.path, source.step, abstract,

@@ -3,9 +3,10 @@ r"""Learning/forgetting Pareto plot, tables and intervals across runs.
   python -m optconsist_jax.report W1 W2 ... --out DIR [--x METRIC] [--y METRIC]
       [--matrix auto|always|never] [--interval t|percentile|studentized]
 
-Reads `W/eval/results.jsonl` of every workdir (the eval job's output, one
-`results.EvalRecord` per line, schema below), draws one point per evaluated
-checkpoint at x = retention, y = learning (marker size by epoch, colour by
+Reads the eval results of every workdir (the eval job's output, one
+`results.EvalRecord` per evaluated checkpoint in W/eval/results/, or per
+line of an older W/eval/results.jsonl; schema below), draws one point per
+evaluated checkpoint at x = retention, y = learning (marker size by epoch, colour by
 finetuning method, marker shape by the base model's pretraining optimizer, the
 base models as stars), the non-dominated frontier over all points, and writes
 DIR/pareto.png, DIR/pareto.svg and DIR/pareto.md (a markdown table).
@@ -15,8 +16,8 @@ Fig. 1: one dot per (run, epoch), bigger dots for more epochs. Then
 with a 95% interval over seeds (`--interval`) and a verdict per base
 (DIR/summary.md, frontiers.png, gaps.png; report/consistency.py), and
 with >= 3 pretraining optimizers the consistency matrix (DIR/matrix.*).
-Figures are drawn by report/plots.py; the schema of W/eval/results.jsonl is
-optconsist_jax.evaluate.results.
+Figures are drawn by report/plots.py; the schema of the records is
+optconsist_jax.evaluate.results. Workdirs and DIR may be local or gs://.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 
 from optconsist_jax import errors
 from optconsist_jax import paths as paths_lib
+from optconsist_jax import storage
 from optconsist_jax.evaluate import results
 from optconsist_jax.report import statistics
 from optconsist_jax.report import tables
@@ -36,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
       prog="python -m optconsist_jax.report",
       description="Pareto plot (learning vs. retention) and table across"
-      " runs, from each W/eval/results.jsonl, and the matched-vs-others"
+      " runs, from each W's eval results, and the matched-vs-others"
       " summary with intervals over seeds.")
   p.add_argument("workdirs", nargs="+", help="run directories W")
   p.add_argument("--out", required=True, help="output directory")
@@ -59,15 +61,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
       for w in args.workdirs:
         records.extend(results.read_workdir(w))
-      paths = tables.make_report(records, args.out, x_metric=args.x,
-                          y_metric=args.y, title=args.title)
-      if any(not r.is_base for r in records):
-        paths.update(tables.write_consistency(
-            tables.headline_records(records, args.x, args.y), args.out,
-            matrix=args.matrix, interval=args.interval))
+      # A bucket --out (gs://) is written locally, then uploaded.
+      with storage.output_dir(args.out) as out:
+        paths = tables.make_report(records, out, x_metric=args.x,
+                                   y_metric=args.y, title=args.title)
+        if any(not r.is_base for r in records):
+          paths.update(tables.write_consistency(
+              tables.headline_records(records, args.x, args.y), out,
+              matrix=args.matrix, interval=args.interval))
+        names = ", ".join(os.path.relpath(p, out) for p in paths.values())
     except results.EvalFileError as e:
       raise errors.UserError(str(e)) from e
-  names = ", ".join(os.path.relpath(p, args.out) for p in paths.values())
   print(f"{len(records)} points from {len(args.workdirs)} workdirs; outputs"
         f" in {args.out}: {names}")
   return 0

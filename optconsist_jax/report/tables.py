@@ -10,7 +10,7 @@ Less"), Fig. 1: one dot per (run, epoch), bigger dots for more epochs. Then
 with a 95% interval over seeds and a verdict per base (DIR/summary.md,
 frontiers.png, gaps.png; report/consistency.py), and with >= 3 pretraining
 optimizers the consistency matrix (DIR/matrix.*). Figures are drawn by
-report/plots.py; the schema of W/eval/results.jsonl is
+report/plots.py; the schema of the eval records is
 optconsist_jax.evaluate.results.
 """
 
@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 
+from optconsist_jax import storage
 from optconsist_jax.evaluate import results
 from optconsist_jax.report import consistency
 from optconsist_jax.report import matrix as matrix_lib
@@ -183,6 +184,16 @@ def consistency_report(workdirs: Sequence[str], out_dir: str, *,
   records = []
   for w in workdirs:
     records.extend(results.read_workdir(w))
+  with storage.output_dir(out_dir) as out:
+    paths = _consistency_report(records, out, matrix=matrix,
+                                interval=interval)
+    # Where they end up (out is a local stand-in for a bucket out_dir).
+    return {k: storage.join(out_dir, *os.path.relpath(p, out).split(os.sep))
+            for k, p in paths.items()}
+
+
+def _consistency_report(records: list[results.EvalRecord], out_dir: str, *,
+                        matrix: str, interval: str | None) -> dict[str, str]:
   paths = {}
   for base in sorted({r.base for r in records}):
     sub = [r for r in records if r.base == base]
