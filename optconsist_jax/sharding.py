@@ -42,6 +42,7 @@ import dataclasses
 import math
 from typing import Any, Union
 
+import flax
 from flax import nnx
 import jax
 from jax.experimental import mesh_utils
@@ -300,13 +301,79 @@ def _is_variable(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
 
+@flax.struct.dataclass
+class SpecifiedState:
+  """An optimizer state with the PartitionSpecs its family's spec hook chose:
+  `specs` holds one PartitionSpec or None (`state_shardings`' default rule)
+  per leaf of `state` (`jax.tree.leaves` order) as static aux data."""
+  state: Any
+  specs: tuple[PartitionSpec | None, ...] = flax.struct.field(
+      pytree_node=False)
+
+
+def _largest_dim_spec(mesh: Mesh, shape: Sequence[int],
+                      fsdp: tuple[str, ...]) -> PartitionSpec:
+  n = axes_size(mesh, fsdp)
+  dims = [d for d, s in enumerate(shape) if n > 1 and s % n == 0]
+  best = max(dims, key=lambda d: (shape[d], -d)) if dims else None
+  axes = fsdp[0] if len(fsdp) == 1 else fsdp
+  return PartitionSpec(*(axes if d == best else None
+                         for d in range(len(shape))))
+
+
+def _factor_spec(param_shape: tuple[int, ...], spec: tuple[MeshAxes, ...],
+                 shape: tuple[int, ...]) -> tuple[MeshAxes, ...] | None:
+  """The param's spec on `shape`'s dims (one dropped or set to 1), or None."""
+  if shape == param_shape:
+    return spec
+  for k in range(len(param_shape)):
+    if param_shape[:k] + param_shape[k + 1:] == shape:
+      return spec[:k] + spec[k + 1:]
+    if shape == param_shape[:k] + (1,) + param_shape[k + 1:]:
+      return spec[:k] + (None,) + spec[k + 1:]
+  return None
+
+
+def _param_index(tree: Any) -> dict[str, list[Any]]:
+  """{last path key: [(path keys, shape, names)]} of param-shaped Variables."""
+  out: dict[str, list[Any]] = {}
+  for path, v in jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=_is_variable)[0]:
+    shape = getattr(v.get_value(), "shape", None) if _is_variable(v) else None
+    names = v.get_metadata().get("out_sharding") if shape else None
+    if names and len(names) == len(shape):
+      keys = path_name(path).split("/")
+      out.setdefault(keys[-1], []).append((keys, tuple(shape), tuple(names)))
+  return out
+
+
+def _match_param(index: dict[str, list[Any]], keys: list[str]) -> Any:
+  """(shape, names) of the param whose path shares the longest run of keys
+  with `keys` (optax maps over the params, so a state leaf's path holds its
+  param's); None when none does or params of different layout tie."""
+  best, found = 0, set()
+  for end, key in enumerate(keys):
+    for p_keys, shape, names in index.get(key, ()):
+      k = 1
+      while k < len(p_keys) and k <= end and p_keys[-1 - k] == keys[end - k]:
+        k += 1
+      if k >= best:
+        best, found = k, (found if k == best else set()) | {(shape, names)}
+  return found.pop() if len(found) == 1 else None
+
+
 def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
   """A NamedSharding for every leaf of a (possibly abstract) state.
 
-  nnx.Variables (params, and optimizer moments that optax builds by mapping
-  over params) are sharded by their 'out_sharding' logical names; a variable
-  whose rank differs from its names (e.g. a factored optimizer moment) and
-  leaves without names (step counters) are replicated.
+  Params, and nnx.Variables whose rank matches their 'out_sharding' logical
+  names (moments optax maps over the params), follow those names. Any other
+  optimizer-state leaf gets: in a `SpecifiedState`, its family hook's spec;
+  else, if its key path matches a param's (`_match_param`) and its shape is
+  the param's with at most one dim dropped or set to 1 (Adafactor's
+  factored moments, arXiv 1804.04235), the param's spec on the kept dims;
+  else (Shampoo / PSGD Kron [d, d] factors, arXiv 1802.09568, 1512.04202)
+  its largest dim divisible by the FSDP axes' size (those `embed` maps to)
+  over them. Scalars replicate; mesh axes not dividing a dim are dropped.
 
   Returns:
     A pytree of the same structure (Variables keep their metadata and hold a
@@ -314,24 +381,45 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
 
   Raises:
     ValueError: a rule names an unknown mesh axis, a mesh axis of size > 1
-      is used by no rule, a name has no rule, or a dim is not divisible by
-      the product of its mesh axes.
+      is used by no rule, a name has no rule, or a param's dim is not
+      divisible by the product of its mesh axes.
   """
   rules = as_rules(rules)
   check_rules(rules, mesh.axis_names)
   check_axes_used(rules, dict(mesh.shape))
-  replicated = NamedSharding(mesh, PartitionSpec())
+  fsdp = tuple(a for a in _axes_tuple(effective_rules(rules).get("embed"))
+               if mesh.shape[a] > 1)
+  index = _param_index(abstract_state)
+
+  def default(path, x, spec=None):
+    shape = tuple(getattr(x, "shape", ()))
+    if spec is None and shape:
+      hit = _match_param(index, path_name(path).split("/"))
+      spec = None if hit is None else _factor_spec(
+          hit[0], tuple(logical_to_spec(hit[1], rules)), shape)
+    if spec is None:
+      return NamedSharding(mesh, _largest_dim_spec(mesh, shape, fsdp))
+    return NamedSharding(mesh, PartitionSpec(*(
+        a if s % axes_size(mesh, a) == 0 else None
+        for s, a in zip(shape, spec))))
 
   def one(path, leaf):
+    if isinstance(leaf, SpecifiedState):
+      flat, treedef = jax.tree_util.tree_flatten_with_path(leaf.state)
+      if len(flat) != len(leaf.specs):
+        raise ValueError(f"{path_name(path)!r}: {len(leaf.specs)} specs for"
+                         f" {len(flat)} optimizer-state leaves")
+      return leaf.replace(state=jax.tree_util.tree_unflatten(treedef, [
+          default(path + p, x, s) for (p, x), s in zip(flat, leaf.specs)]))
     if not _is_variable(leaf):
-      return replicated
+      return default(path, leaf)
     value = leaf.get_value()
     shape = getattr(value, "shape", None)
-    if shape is None:  # e.g. optax's MaskedNode inside a partitioned state
-      return leaf.replace(jax.tree.map(lambda _: replicated, value))
     names = leaf.get_metadata().get("out_sharding")
-    if not names or len(names) != len(shape):
-      return leaf.replace(replicated)
+    if shape is None or not names or len(names) != len(shape):
+      # A family's per-param container (e.g. a list of factors), a MaskedNode
+      return leaf.replace(jax.tree_util.tree_map_with_path(
+          lambda p, x: default(path + p, x), value))
     try:
       spec = logical_to_spec(names, rules)
     except ValueError as e:
@@ -346,8 +434,9 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
             f" {names[dim]!r}")
     return leaf.replace(NamedSharding(mesh, spec))
 
-  return jax.tree_util.tree_map_with_path(one, abstract_state,
-                                          is_leaf=_is_variable)
+  return jax.tree_util.tree_map_with_path(
+      one, abstract_state,
+      is_leaf=lambda x: _is_variable(x) or isinstance(x, SpecifiedState))
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

@@ -13,6 +13,7 @@ import pytest
 from optconsist_jax.model import preset
 from optconsist_jax.model.llama import abstract_model
 from optconsist_jax.optim import muon as muon_lib
+from optconsist_jax.optim import ns_coefficients as ns
 from optconsist_jax.sharding import leaf_shardings
 
 COEFFS = (3.4445, -4.7750, 2.0315)
@@ -311,3 +312,117 @@ def test_stacked_per_device_flops_is_total_over_8():
   total = _flops(jax.jit(tx.update).lower(params, tx.init(params)).compile())
   per_device = _flops(_compiled_update("stacked", "fsdp_x_tensor", 8))
   assert 0.11 < per_device / total < 0.15, per_device / total
+
+
+# ---------------------------------------------------------------------------
+# Newton-Schulz coefficient schedules: quintic vs Polar Express.
+
+
+def _spread_matrices(rng, k=4, m=64, n=128):
+  """k random m x n matrices, singular values log-spaced in [1e-3, 1]."""
+  out = []
+  for _ in range(k):
+    u, _ = np.linalg.qr(rng.standard_normal((m, m)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, m)))
+    out.append((u * np.logspace(-3, 0, m)) @ v.T)
+  return np.stack(out)
+
+
+def _errors(g, schedule, dtype, steps=10):
+  """Per-iteration max over matrices of ||NS_k(g) - U V^T||_F / sqrt(m)."""
+  u, _, vt = np.linalg.svd(g, full_matrices=False)  # numpy's polar factor
+  table = muon_lib.coefficient_schedule(schedule, steps)
+  out = []
+  for k in range(1, steps + 1):
+    o = np.asarray(muon_lib.newton_schulz(
+        jnp.asarray(g, jnp.float32), steps=k, coefficients=table[:k],
+        dtype=dtype), np.float64)
+    out.append(float(np.max(np.linalg.norm(o - u @ vt, axis=(1, 2))
+                            / np.sqrt(g.shape[1]))))
+  return np.array(out)
+
+
+def _first_step_below(errors, tol):
+  hits = np.flatnonzero(errors < tol)
+  return int(hits[0]) + 1 if hits.size else None
+
+
+@pytest.mark.parametrize("dtype,tol,pe_steps", [("float32", 0.1, 6),
+                                                ("bfloat16", 0.15, 6)])
+def test_polar_express_orthogonalizes_in_fewer_steps(dtype, tol, pe_steps):
+  g = _spread_matrices(np.random.default_rng(0))
+  quintic = _errors(g, "quintic", dtype)
+  polar = _errors(g, "polar_express", dtype)
+  # Jordan's quintic keeps singular values in ~[0.7, 1.2]: it never gets
+  # within `tol` of the polar factor in 10 steps; Polar Express does.
+  assert _first_step_below(quintic, tol) is None, quintic
+  assert _first_step_below(polar, tol) <= pe_steps, polar
+  if dtype == "float32":
+    assert polar[7] < 1e-3, polar  # and converges (fp32)
+
+
+def test_polar_express_steps_are_minimax_on_their_interval():
+  lo, hi = 0.05, 1.0
+  a, b, c, err = ns.minimax_odd_quintic(lo, hi)
+  x = np.linspace(lo, hi, 200001)
+  dev = 1 - (a * x + b * x**3 + c * x**5)
+  assert np.max(np.abs(dev)) == pytest.approx(err, rel=1e-6)
+  # Equioscillation: +E at lo, -E at hi, and two interior extrema.
+  assert dev[0] == pytest.approx(err) and dev[-1] == pytest.approx(-err)
+  # A perturbed polynomial is worse (minimax optimality, locally).
+  for d in np.eye(3) * 1e-3:
+    pa, pb, pc = a + d[0], b + d[1], c + d[2]
+    assert np.max(np.abs(1 - (pa * x + pb * x**3 + pc * x**5))) > err
+
+
+def test_coefficient_schedule_accepts_names_and_tables():
+  q = muon_lib.coefficient_schedule("quintic", 3)
+  np.testing.assert_allclose(q, [[3.4445, -4.7750, 2.0315]] * 3, rtol=1e-6)
+  pe = muon_lib.coefficient_schedule("polar_express", 5)
+  assert pe.shape == (5, 3) and len({tuple(r) for r in pe}) == 5
+  table = [[3.0, -3.0, 1.0], [2.0, -1.5, 0.5]]
+  np.testing.assert_allclose(muon_lib.coefficient_schedule(table, 2), table)
+  with pytest.raises(ValueError, match="polar_express"):
+    muon_lib.coefficient_schedule("cubic", 2)
+
+
+# ---------------------------------------------------------------------------
+# Balanced NS work across shape groups (longest processing time first).
+
+
+@pytest.mark.parametrize("devices", [24, 48, 64])
+def test_lpt_balances_ns_flops_across_groups_on_a_llama_tree(devices):
+  # Llama-2-7B hidden matrices (32 layers): 128 of 4096 x 4096 (q, k, v, o)
+  # and 96 of 4096 x 11008 once tall ones are transposed (gate, up, down);
+  # 24, 48 and 64 devices divide one count or neither.
+  layers = 32
+  shapes = ([(4096, 4096)] * 4 * layers + [(4096, 11008)] * 2 * layers
+            + [(11008, 4096)] * layers)
+  costs = [muon_lib.ns_flops(m, n, steps=5) for m, n in shapes]
+  assignment = muon_lib.balanced_assignment(costs, devices)
+  assert sorted(i for d in assignment for i in d) == list(range(len(shapes)))
+  # Per-device flops, recomputed from the shapes (4 m m n + 2 m m m per
+  # iteration, m <= n).
+  def flops(i):
+    m, n = sorted(shapes[i])
+    return 5 * (4 * m * m * n + 2 * m**3)
+  loads = np.array([sum(flops(i) for i in d) for d in assignment], float)
+  assert loads.max() / loads.mean() <= 1.1, loads.max() / loads.mean()
+  # Padding each shape group to a multiple of the devices (what `stacked`
+  # does) is worse whenever a count does not divide.
+  padded = sum(-(-k // devices) * flops(i)
+               for k, i in ((4 * layers, 0), (3 * layers, 4 * layers)))
+  assert padded >= loads.max()
+
+
+@pytest.mark.parametrize("fan_in,fan_out", [(64, 256), (256, 64), (96, 96)])
+def test_rms_match_scale_gives_update_rms_0_2(fan_in, fan_out):
+  """Moonlight's 0.2 sqrt(max(m, n)) on an orthogonal update (numpy's polar
+  factor) has RMS 0.2; Jordan's shape scale is sqrt(max(1, out / in))."""
+  g = np.random.default_rng(1).standard_normal((fan_in, fan_out))
+  u, _, vt = np.linalg.svd(g, full_matrices=False)
+  rms = np.sqrt(np.mean((u @ vt)**2))
+  scale = muon_lib.update_scale(fan_in, fan_out, "rms_match")
+  assert scale * rms == pytest.approx(0.2, rel=1e-9)
+  assert muon_lib.update_scale(fan_in, fan_out, "shape") == pytest.approx(
+      np.sqrt(max(1.0, fan_out / fan_in)))

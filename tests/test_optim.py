@@ -13,6 +13,7 @@ import pytest
 
 from optconsist_jax import optim
 from optconsist_jax.model import Llama, preset
+from optconsist_jax.model import llama, lora
 from optconsist_jax.optim import muon as muon_lib
 from optconsist_jax.sharding import path_name
 
@@ -292,3 +293,67 @@ def test_bad_import_path_is_named():
                       ("optax:no_such_fn", "has no 'no_such_fn'")):
     with pytest.raises(ValueError, match=match):
       optim.presets.preset(name)
+
+
+# ---------------------------------------------------------------------------
+# Muon's routing defaults: one test per rule.
+
+
+def _lora_tree():
+  """Every variable of tiny_gqa with rank-4 LoRA adapters (base + adapters)."""
+  config = lora.LoRAConfig(rank=4, alpha=8.0)
+  model = llama.abstract_model(preset("tiny_gqa"), transform=lambda m: (
+      lora.apply_lora(m, config, rngs=nnx.Rngs(1))))
+  return nnx.state(model)
+
+
+def _muon_groups(tree):
+  return optim.assign_groups(optim.presets.preset("muon"), tree)
+
+
+def test_route_hidden_matrices_to_muon_on_the_lora_tree():
+  a = _muon_groups(_lora_tree())
+  base = [f"layers/{blk}/{p}_proj/kernel" for blk, ps in
+          (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for p in ps]
+  assert _names(a, "muon") == sorted(base)
+
+
+def test_route_embedding_and_head_to_adamw():
+  a = _muon_groups(_lora_tree())
+  assert a["embed"] == "adamw" and a["lm_head/kernel"] == "adamw"
+
+
+def test_route_norms_to_adamw():
+  a = _muon_groups(_lora_tree())
+  norms = [k for k in a if "norm" in k]
+  assert len(norms) == 3 and all(a[k] == "adamw" for k in norms)
+
+
+def test_route_lora_adapters_to_adamw_unless_routed_explicitly():
+  tree = _lora_tree()
+  a = _muon_groups(tree)
+  adapters = [k for k in a if k.endswith(("lora_a", "lora_b"))]
+  assert len(adapters) == 2 * 7 and all(a[k] == "adamw" for k in adapters)
+  explicit = optim.OptimConfig.from_dict({
+      **optim.presets.preset("muon").to_dict(),
+      "routes": [("lora", "muon"), ("hidden_matrix", "muon"),
+                 ("not_hidden_matrix", "adamw")], "route_mode": "first"})
+  b = optim.assign_groups(explicit, tree)
+  assert all(b[k] == "muon" for k in adapters)
+
+
+def test_route_biases_and_moe_routers_to_adamw():
+  sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  tree = {"layers": {"moe": {"router": {"kernel": sds(2, 64, 8)},
+                             "gate": {"kernel": sds(2, 64, 8)},
+                             "experts": {"gate_proj": {"kernel": sds(2, 64, 96)},
+                                         "bias": sds(2, 96)}},
+                     "attn": {"q_proj": {"kernel": sds(2, 64, 64),
+                                         "bias": sds(2, 64)}}},
+          "head_bias": {"bias": sds(64, 3)}}
+  a = _muon_groups(tree)
+  assert _names(a, "muon") == ["layers/attn/q_proj/kernel",
+                               "layers/moe/experts/gate_proj/kernel"]
+  assert a["layers/moe/router/kernel"] == a["layers/moe/gate/kernel"] == "adamw"
+  # A 2-D leaf named bias is still a bias.
+  assert a["head_bias/bias"] == "adamw"

@@ -3,6 +3,8 @@
 import importlib.util
 import json
 
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 import pytest
 
 from optconsist_jax import sharding
@@ -180,3 +182,50 @@ def test_spec_from_a_training_config():
   assert planner.spec_from_config(module.get_config("muon")).optimizer == "muon"
   assert planner.spec_from_config(module.get_config("adamw"),
                                   grad_accum_steps=4).grad_accum_steps == 4
+
+
+def test_opt_state_bytes_per_chip_and_replicated_leaf_warning(tmp_path):
+  """AdamW on FSDP x 8: mu + nu per chip is 2 x params / 8; Kron planned."""
+  out = tmp_path / "plan.jsonl"
+  md = tmp_path / "plan.md"
+  assert plan.main([
+      "--model", "tiny_gqa", "--mesh", "fsdp", "--topology", "cpu-8",
+      "--seq_len", "16", "--global_batch", "8", "--per_chip_batch", "1",
+      "--dtype", "float32", "--json", str(out), "--markdown", str(md)]) == 0
+  row = json.loads(out.read_text().splitlines()[0])
+  cfg = preset("tiny_gqa")
+  # Every param dim tiny_gqa splits over fsdp divides by 8 except the norms
+  # (replicated, 4 bytes x embed x (2 x layers + 1)) and AdamW's two counts.
+  norms = 4 * cfg.hidden_size * (2 * cfg.num_layers + 1)
+  param_bytes = cfg.num_params() * 4
+  expected = 2 * ((param_bytes - norms) / 8 + norms) + 2 * 4
+  assert row["opt_state_gib"] * planner.GIB == pytest.approx(expected)
+  assert row["replicated_opt_leaves"] == []
+  text = md.read_text()
+  assert "opt state GiB/chip |" in text and "WARNING" not in text
+
+
+def test_replicated_opt_state_leaf_over_threshold_is_flagged():
+  mesh = jax.make_mesh((8,), ("fsdp",), devices=jax.devices()[:8])
+  big = 32 * 2**20  # float32 elements: 128 MiB
+  state = {
+      "q": jax.ShapeDtypeStruct((big,), "float32",
+                                sharding=NamedSharding(mesh, P())),
+      "sharded": jax.ShapeDtypeStruct((big,), "float32",
+                                      sharding=NamedSharding(mesh, P("fsdp"))),
+      "small": jax.ShapeDtypeStruct((1024,), "float32",
+                                    sharding=NamedSharding(mesh, P())),
+  }
+  total, flagged = planner.opt_state_per_chip(state, mesh.size)
+  assert total == 4 * big + 4 * big // 8 + 4 * 1024
+  assert flagged == [("q", 4 * big)]
+  result = planner.PlanResult(
+      spec=planner.PlanSpec(topology="cpu-8", optimizer="kron"),
+      mesh_shape={"data": 1, "fsdp": 8, "tensor": 1}, grad_accum_steps=1,
+      hbm_gib=None, argument_bytes=0, output_bytes=0, alias_bytes=0,
+      temp_bytes=0, peak_bytes=0, fits=None, collectives=None,
+      compile_seconds=0.0, trainable_params=0, opt_state_bytes=total,
+      replicated_opt_leaves=flagged)
+  table = plan.markdown_table([result])
+  assert "WARNING: cpu-8 kron: optimizer-state leaf q is replicated," in table
+  assert "128.00 MiB per chip" in table

@@ -317,3 +317,51 @@ def test_activation_constraint_skips_non_divisible_dims():
   expected = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, None, None))
   assert y.sharding.is_equivalent_to(expected, 4), y.sharding
+
+
+# ---------------------------------------------------------------------------
+# Optimizer state of any family (state_shardings' default rule).
+
+
+def _gram_factors():
+  """A Shampoo-like state: per param a [d, d] factor of its last dim, a
+  global [48, 256] buffer (matches no param) and a step count."""
+  def init(params):
+    return {"factor": jax.tree.map(
+                lambda p: jnp.zeros((p.shape[-1],) * 2), params),
+            "buffer": jnp.zeros((48, 256)), "count": jnp.zeros([], jnp.int32)}
+  return optax.GradientTransformation(init, lambda u, s, p=None: (u, s))
+
+
+def test_opt_state_default_rule_factored_kronecker_and_scalars():
+  cfg = sharding.MeshConfig.preset("fsdp_tp")  # fsdp=4, tensor=2
+  mesh = sharding.make_mesh(cfg)
+  builder = state_lib.StateBuilder(CONFIG, mesh, cfg.rules)
+  tx = optax.chain(optax.adafactor(1e-3, min_dim_size_to_factor=8),
+                   _gram_factors())
+  state, _ = builder.abstract_state(tx)
+  specs = {sharding.path_name(p): (x.shape, tuple(x.sharding.spec))
+           for p, x in jax.tree_util.tree_flatten_with_path(
+               state.opt_state)[0]}
+
+  def get(suffix):
+    [hit] = [v for k, v in specs.items() if k.endswith(suffix)]
+    return hit
+  # gate_proj [3, 64, 160] (layers, embed->fsdp, mlp->tensor): Adafactor
+  # factors its two largest dims, keeping [3, 64] and [3, 160].
+  assert get("v_row/layers/mlp/gate_proj/kernel") == ((3, 64), (None, "fsdp"))
+  assert get("v_col/layers/mlp/gate_proj/kernel") == ((3, 160),
+                                                     (None, "tensor"))
+  # The [160, 160] factor is no param shape: its largest dim splits on fsdp.
+  assert get("factor/layers/mlp/gate_proj/kernel") == ((160, 160),
+                                                      ("fsdp", None))
+  # [64, 64] of o_proj [3, 64, 64] is the param's shape less its layers dim.
+  assert get("factor/layers/attn/o_proj/kernel") == ((64, 64),
+                                                    ("tensor", "fsdp"))
+  assert get("1/buffer") == ((48, 256), (None, "fsdp"))
+  assert get("1/count") == ((), ())
+  # Nothing of the factored state is held whole by every device.
+  leaves = jax.tree.leaves(state.opt_state)
+  total = sum(x.size for x in leaves)
+  per_device = sum(np.prod(x.sharding.shard_shape(x.shape)) for x in leaves)
+  assert per_device < 0.3 * total, (per_device, total)

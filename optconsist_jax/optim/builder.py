@@ -3,6 +3,9 @@
   clip_by_global_norm(clip_norm)            (over all trainable params)
   -> optax.partition({group: optimizer(schedule, weight_decay, **kwargs)},
                      labels from the routing rules)
+
+A group with `state_specs` has its optimizer wrapped so that its state
+carries the PartitionSpecs its spec hook names (optim/state_specs.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import optax
 
 from optconsist_jax.optim import registry
 from optconsist_jax.optim import routing
+from optconsist_jax.optim import state_specs
 from optconsist_jax.optim.config import OptimConfig
 from optconsist_jax.sharding import leaf_shardings
 from optconsist_jax.optim.schedules import make_schedule
@@ -53,13 +57,21 @@ def build(optim_config: OptimConfig | Any, abstract_params: Any, *,
                                   shardings=leaf_shardings(abstract_params))
   used = sorted(set(assignment.values()))
   schedules = dict(schedules or {})
-  transforms = {
-      name: registry.make(
-          c.groups[name].optimizer,
-          schedules.get(name) or make_schedule(c.groups[name].schedule),
-          c.groups[name].weight_decay, c.groups[name].kwargs, context,
-          where=f"optim.groups.{name}")
-      for name in used}
+  transforms = {}
+  for name in used:
+    g, where = c.groups[name], f"optim.groups.{name}"
+    transforms[name] = registry.make(
+        g.optimizer, schedules.get(name) or make_schedule(g.schedule),
+        g.weight_decay, g.kwargs, context, where=where)
+    if g.state_specs:
+      try:
+        hook = registry.import_callable(g.state_specs)
+      except ValueError as e:
+        raise ValueError(f"{where}.state_specs: {e}") from None
+      transforms[name] = state_specs.with_state_specs(
+          transforms[name], hook,
+          {**g.kwargs, "weight_decay": g.weight_decay}, context.shardings,
+          where=f"{where}.state_specs")
   if len(used) == 1:
     tx = transforms[used[0]]
   else:

@@ -38,11 +38,15 @@ class GroupConfig:
     kwargs: extra keyword arguments of that optimizer.
     schedule: its learning-rate schedule.
     weight_decay: decoupled weight decay (multiplied by the learning rate).
+    state_specs: import path `pkg.module:function` of the family's spec hook
+      naming its state's PartitionSpecs (optim/state_specs.py); None: the
+      default rule of sharding.state_shardings.
   """
   optimizer: str = "adamw"
   kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
   schedule: ScheduleConfig = ScheduleConfig()
   weight_decay: float = 0.0
+  state_specs: str | None = None
 
   @classmethod
   def from_dict(cls, d: Any, where: str) -> GroupConfig:
@@ -127,7 +131,8 @@ class OptimConfig:
     return {
         "groups": {n: {"optimizer": g.optimizer, "kwargs": dict(g.kwargs),
                        "schedule": dataclasses.asdict(g.schedule),
-                       "weight_decay": g.weight_decay}
+                       "weight_decay": g.weight_decay,
+                       "state_specs": g.state_specs}
                    for n, g in self.groups.items()},
         "routes": [list(r) for r in self.routes],
         "route_mode": self.route_mode,

@@ -15,7 +15,11 @@ X (m <= n; tall matrices are transposed first)
 
 with (a, b, c) = (3.4445, -4.7750, 2.0315) by default (Jordan 2024), which
 drives the singular values of X into roughly [0.7, 1.2] rather than exactly
-to 1. `bias_correction=True` divides M_t by (1 - beta^(t+1)) and G_t by
+to 1; `ns_coefficients="polar_express"` uses a different minimax polynomial
+per step (Amsel et al. 2025, arXiv 2505.16932; optim/ns_coefficients.py),
+which does converge to 1.
+
+`bias_correction=True` divides M_t by (1 - beta^(t+1)) and G_t by
 (1 - beta^t) in the Nesterov form (and M_t by 1 - beta^t without Nesterov),
 which is what `optax.contrib.muon` 0.2.8 does; without it the update direction
 is that of Jordan's PyTorch reference (the EMA and the plain-sum momentum
@@ -60,6 +64,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import heapq
 import math
 from typing import Any, NamedTuple
 
@@ -69,24 +74,35 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 
+from optconsist_jax.optim import ns_coefficients as ns_tables
 from optconsist_jax.sharding import path_name
 
-DEFAULT_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+DEFAULT_COEFFICIENTS = ns_tables.QUINTIC
 SCALE_MODES = ("shape", "rms_match", "none")
 STRATEGIES = ("stacked", "gspmd")
 
-Coefficients = Sequence[float] | Sequence[Sequence[float]]
+Coefficients = str | Sequence[float] | Sequence[Sequence[float]]
 
 
 def coefficient_schedule(coefficients: Coefficients | None,
                          steps: int) -> np.ndarray:
   """Returns the per-step (a, b, c) table, shape [steps, 3].
 
-  One triple is repeated `steps` times; a sequence of triples must have
-  exactly `steps` rows.
+  A schedule name (`quintic`, `polar_express`; optim/ns_coefficients.py);
+  one triple, repeated `steps` times; or a sequence of exactly `steps`
+  triples.
   """
   if steps < 1:
     raise ValueError(f"newton_schulz: steps={steps} must be >= 1")
+  if isinstance(coefficients, str):
+    if coefficients == "quintic":
+      coefficients = ns_tables.QUINTIC
+    elif coefficients == "polar_express":
+      return ns_tables.polar_express(steps).astype(np.float32)
+    else:
+      raise ValueError(
+          f"newton_schulz: coefficients={coefficients!r}; expected one of"
+          f" {ns_tables.SCHEDULES}, a triple or a list of triples")
   c = np.asarray(DEFAULT_COEFFICIENTS if coefficients is None else coefficients,
                  np.float32)
   if c.shape == (3,):
@@ -141,8 +157,9 @@ def newton_schulz(g: jax.Array, steps: int = 5,
   Args:
     g: [..., rows, cols]; leading axes are a stack of independent matrices.
     steps: Newton-Schulz iterations.
-    coefficients: one (a, b, c) triple for every step, or one triple per step;
-      None = Jordan's quintic (3.4445, -4.7750, 2.0315).
+    coefficients: `quintic` or None (Jordan's (3.4445, -4.7750, 2.0315) at
+      every step), `polar_express`, one (a, b, c) triple for every step, or
+      one triple per step.
     dtype: dtype of the iterate and matmul inputs (float32 or bfloat16).
     eps: added to the Frobenius norm before dividing.
     accumulate_fp32: accumulate matmuls in float32 (matters for bfloat16).
@@ -164,7 +181,22 @@ def newton_schulz(g: jax.Array, steps: int = 5,
 
 def update_scale(fan_in: int, fan_out: int, mode: str,
                  rms_scale: float = 0.2) -> float:
-  """The factor s(m, n) applied to the orthogonalized update."""
+  """The factor s(m, n) applied to the orthogonalized [fan_in, fan_out] update.
+
+  `shape`:     sqrt(max(1, fan_out / fan_in)), Jordan's original
+               sqrt(max(1, rows / cols)) of the PyTorch [out, in] weight
+               (github.com/KellerJordan/Muon): unit RMS-to-RMS operator
+               norm, but the update RMS shrinks as 1/sqrt(max(m, n)), so
+               AdamW learning rates do not transfer.
+  `rms_match`: rms_scale * sqrt(max(fan_in, fan_out)), rms_scale = 0.2
+               (Liu et al. 2025, "Muon is Scalable for LLM Training",
+               Moonlight, arXiv 2502.16982, Sec. 2.2): an orthogonal m x n
+               update has RMS 1/sqrt(max(m, n)), so this gives update RMS
+               0.2, about AdamW's, and AdamW's LR and weight decay carry
+               over (the presets' default: both groups share one peak LR).
+  `none`:      1 (Bernstein & Newhouse 2024, arXiv 2409.20325, leave the
+               scale to the learning rate).
+  """
   if mode == "shape":
     return math.sqrt(max(1.0, fan_out / fan_in))
   if mode == "rms_match":
@@ -172,6 +204,35 @@ def update_scale(fan_in: int, fan_out: int, mode: str,
   if mode == "none":
     return 1.0
   raise ValueError(f"muon: scale={mode!r}; expected one of {SCALE_MODES}")
+
+
+def ns_flops(m: int, n: int, steps: int = 1) -> int:
+  """Flops of `steps` NS iterations on an m x n matrix (wide: m <= n taken):
+  X X^T (2 m m n), A A (2 m m m), (bA + cAA) X (2 m m n)."""
+  m, n = sorted((m, n))
+  return steps * (2 * (2 * m * m * n) + 2 * m * m * m)
+
+
+def balanced_assignment(costs: Sequence[float], num_devices: int
+                        ) -> list[list[int]]:
+  """Whole matrices (by cost, e.g. `ns_flops`) of every group to devices.
+
+  Longest processing time first: most expensive first, each onto the least
+  loaded device (Graham 1969, "Bounds on multiprocessing timing anomalies":
+  max load within 4/3 of optimal). Returns each device's matrix indices.
+  With few matrices per device no whole-matrix assignment is even (e.g.
+  2 per device of two sizes). The `stacked` strategy pads each shape group
+  to a multiple of its devices instead; this is the assignment a cross-group
+  schedule would use when counts do not divide (not wired into `stacked`,
+  whose all-to-alls move equal chunks per shape group).
+  """
+  loads = [(0.0, d) for d in range(num_devices)]
+  out: list[list[int]] = [[] for _ in range(num_devices)]
+  for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+    load, d = heapq.heappop(loads)
+    out[d].append(i)
+    heapq.heappush(loads, (load + costs[i], d))
+  return out
 
 
 class MuonState(NamedTuple):
@@ -346,7 +407,8 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, beta: float = 0.95,
     bias_correction: Adam-style bias correction of the momentum (as
       `optax.contrib.muon`); off in Jordan's reference.
     ns_steps: Newton-Schulz iterations.
-    ns_coefficients: (a, b, c) or one triple per step; None = quintic default.
+    ns_coefficients: `quintic` (None), `polar_express`, (a, b, c), or one
+      triple per step (an (ns_steps, 3) table).
     ns_dtype: dtype of the NS iterate (float32 or bfloat16).
     accumulate_fp32: float32 accumulation of the NS matmuls.
     eps: added to the Frobenius norm before the iteration.

@@ -106,21 +106,22 @@ def names() -> list[str]:
   return sorted(set(_REGISTRY) | set(optax_names()))
 
 
-def _from_import_path(name: str) -> Callable[..., Any]:
+def import_callable(name: str) -> Callable[..., Any]:
+  """The callable an import path `pkg.module:function` names."""
   module_name, _, attr = name.partition(":")
   try:
     module = importlib.import_module(module_name)
   except ImportError as e:
-    raise ValueError(f"optimizer {name!r}: cannot import module "
+    raise ValueError(f"{name!r}: cannot import module "
                      f"{module_name!r}: {e}") from None
   fn = module
   for part in attr.split("."):
     fn = getattr(fn, part, None)
     if fn is None:
-      raise ValueError(f"optimizer {name!r}: module {module_name!r} has no "
+      raise ValueError(f"{name!r}: module {module_name!r} has no "
                        f"{attr!r}")
   if not callable(fn):
-    raise ValueError(f"optimizer {name!r}: {attr!r} is not callable")
+    raise ValueError(f"{name!r}: {attr!r} is not callable")
   return fn
 
 
@@ -143,7 +144,7 @@ def get(name: str) -> Factory:
   if name in _REGISTRY:
     return _REGISTRY[name]
   if ":" in name:
-    return _wrap_optax(_from_import_path(name))
+    return _wrap_optax(import_callable(name))
   fn = _from_optax(name)
   if fn is None:
     raise ValueError(

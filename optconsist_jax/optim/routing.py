@@ -5,6 +5,22 @@ PREDICATES or a regular expression matched against the whole '/'-joined
 parameter path (e.g. `layers/attn/(q|k)_proj/kernel`). Params under `layers/`
 carry one leading stack axis (the scanned layers), so "matrix" means two
 axes after that stack.
+
+`hidden_matrix` (what the muon presets orthogonalize) is every matrix but:
+  the embedding and the output head   (Jordan 2024, "Muon": "embedding and
+                                       classifier head ... should be
+                                       optimized by AdamW"; Liu et al. 2025,
+                                       arXiv 2502.16982, the same split),
+  norm scales and biases              (vectors; never matrices),
+  MoE routers / gates (`router`, `gate` as a whole path key, not
+  `gate_proj`)                         (a [d, experts] logit map, not a
+                                       hidden linear map; Moonlight's
+                                       DeepSeek-V3-style MoE keeps it on AdamW),
+  LoRA adapters `lora_a` / `lora_b`    (rank-r factors: orthogonalizing
+                                       them is not Muon on the weight they
+                                       update; the paper's LoRA arm is
+                                       AdamW). Route `lora` to a Muon group
+                                       explicitly to try it.
 """
 
 from __future__ import annotations
@@ -48,21 +64,35 @@ def _is_lora(path: str, shape) -> bool:
   return re.search(r"(^|/)lora_[ab]$", path) is not None
 
 
+def _is_bias(path: str, shape) -> bool:
+  del shape
+  return re.search(r"(^|/)bias$", path) is not None
+
+
+def _is_router(path: str, shape) -> bool:
+  del shape
+  return re.search(r"(^|/)(router|gate)(/|$)", path) is not None
+
+
 def _is_hidden_matrix(path: str, shape) -> bool:
-  return (_is_matrix(path, shape) and not _is_embedding(path, shape)
-          and not _is_lm_head(path, shape) and not _is_norm(path, shape))
+  return _is_matrix(path, shape) and not any(
+      rule(path, shape) for rule in (_is_embedding, _is_lm_head, _is_norm,
+                                     _is_bias, _is_router, _is_lora))
 
 
 PREDICATES: dict[str, Callable[[str, tuple[int, ...]], bool]] = {
     "all": lambda path, shape: True,
     # The q, k, v, o, gate, up, down kernels (and any other 2-D weight that is
-    # neither the embedding, the output head nor a norm).
+    # none of the embedding, the output head, a norm, a bias, an MoE router
+    # and a LoRA adapter; module docstring).
     "hidden_matrix": _is_hidden_matrix,
     "not_hidden_matrix": lambda p, s: not _is_hidden_matrix(p, s),
     "embedding": _is_embedding,
     "lm_head": _is_lm_head,
     "norm": _is_norm,
     "lora": _is_lora,
+    "bias": _is_bias,
+    "router": _is_router,
 }
 
 

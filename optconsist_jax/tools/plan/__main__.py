@@ -59,11 +59,16 @@ def _human(n: float) -> str:
 
 
 def markdown_table(results: Sequence[planner.PlanResult]) -> str:
-  """One row per plan: HBM per chip, fit, and collective GiB per step."""
+  """One row per plan: HBM per chip, fit, and collective GiB per step.
+
+  Then a warning line for each replicated optimizer-state leaf over
+  aot.REPLICATED_WARN_BYTES per chip.
+  """
   head = ("| topology | mesh (data x fsdp x tensor) | optimizer | grad accum |"
           " args GiB | temp GiB | peak GiB | HBM GiB | fits |"
           " all-gather GiB | reduce-scatter GiB | all-reduce GiB |"
-          " all-to-all GiB | coll.-permute GiB | collectives GiB/step |")
+          " all-to-all GiB | coll.-permute GiB | collectives GiB/step |"
+          " opt state GiB/chip |")
   lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
   for r in results:
     row = r.row()
@@ -73,8 +78,21 @@ def markdown_table(results: Sequence[planner.PlanResult]) -> str:
         f" {row['accum']} | {_gib(row['args_gib'])} | {_gib(row['temp_gib'])} |"
         f" {_gib(row['peak_gib'])} | {_gib(row['hbm_gib'])} | {fits} | "
         + " | ".join(_gib(row[f"{k}_gib"]) for k in hlo_stats.COLLECTIVE_KINDS)
-        + f" | {_gib(row['collective_gib'])} |")
+        + f" | {_gib(row['collective_gib'])} | {_gib(row['opt_state_gib'])} |")
+  lines.extend(_replicated_warnings(results))
   return "\n".join(lines)
+
+
+def _replicated_warnings(results: Sequence[planner.PlanResult]) -> list[str]:
+  out = []
+  for r in results:
+    for path, size in r.replicated_opt_leaves:
+      out.append(
+          f"\nWARNING: {r.spec.topology} {r.spec.optimizer}: optimizer-state"
+          f" leaf {path} is replicated, {_human(size)} per chip (over"
+          f" {_human(planner.REPLICATED_WARN_BYTES)}); give the family a spec"
+          " hook (docs/optimizers.md)")
+  return out
 
 
 def report(r: planner.PlanResult) -> str:
@@ -92,7 +110,9 @@ def report(r: planner.PlanResult) -> str:
                                 r.alias_bytes, r.temp_bytes, r.peak_bytes)),
           "-" if r.hbm_gib is None else _human(r.hbm_gib * GIB),
           {True: "yes", False: "NO", None: "n/a"}[r.fits]),
+      f"optimizer state: {_human(r.opt_state_bytes)} per chip",
   ]
+  lines += [w.strip() for w in _replicated_warnings([r])]
   if c is None:
     lines.append(f"the TPU compiler ran out of HBM (temporaries from its"
                  f" message; arguments computed): {r.error}")

@@ -31,6 +31,8 @@ from optconsist_jax.tools.plan import step_time
 from optconsist_jax import platforms as tpu_facts
 
 GIB = 1024**3
+# A replicated optimizer-state leaf larger than this per chip is flagged.
+REPLICATED_WARN_BYTES = 64 * 2**20
 
 
 def topology_devices(name: str) -> tuple[list[Any], float | None]:
@@ -141,6 +143,11 @@ class PlanResult:
   error: str | None = None
   # Torus coordinates (+ slice index) of each logical device (TPU only).
   device_coords: list[tuple[int, ...]] | None = None
+  # Optimizer-state bytes per chip, and (path, bytes per chip) of each
+  # replicated optimizer-state leaf over REPLICATED_WARN_BYTES.
+  opt_state_bytes: int = 0
+  replicated_opt_leaves: list[tuple[str, int]] = dataclasses.field(
+      default_factory=list)
 
   def row(self) -> dict[str, Any]:
     s = self.spec
@@ -150,6 +157,8 @@ class PlanResult:
         "args_gib": self.argument_bytes / GIB,
         "temp_gib": self.temp_bytes / GIB, "peak_gib": self.peak_bytes / GIB,
         "hbm_gib": self.hbm_gib, "fits": self.fits,
+        "opt_state_gib": self.opt_state_bytes / GIB,
+        "replicated_opt_leaves": [list(x) for x in self.replicated_opt_leaves],
         **{f"{k}_gib": (None if self.collectives is None
                         else self.collectives.bytes[k] / GIB)
            for k in hlo_stats.COLLECTIVE_KINDS},
@@ -157,6 +166,28 @@ class PlanResult:
                            else self.collectives.total_bytes / GIB),
         "compile_s": self.compile_seconds,
     }
+
+
+def opt_state_per_chip(opt_state: Any, mesh_size: int
+                       ) -> tuple[int, list[tuple[str, int]]]:
+  """(bytes per chip, replicated leaves over REPLICATED_WARN_BYTES).
+
+  `opt_state`: ShapeDtypeStructs carrying their shardings. A leaf counts as
+  replicated when its sharding keeps it whole on every chip of a mesh of
+  more than one chip.
+  """
+  # deferred: jax, which the plan CLI configures first (XLA_FLAGS).
+  import jax  # pylint: disable=g-import-not-at-top
+  # deferred: imports jax, which the plan CLI configures first.
+  from optconsist_jax.sharding import path_name  # pylint: disable=g-import-not-at-top
+  total, flagged = 0, []
+  for path, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+    b = int(_shard_bytes(x))
+    total += b
+    if (mesh_size > 1 and b > REPLICATED_WARN_BYTES
+        and x.sharding.is_fully_replicated):
+      flagged.append((path_name(path), b))
+  return total, flagged
 
 
 def _mesh_label(mesh: Any, shape: dict[str, int]) -> str:
@@ -268,6 +299,8 @@ def plan(spec: PlanSpec, hlo_path: str | None = None) -> PlanResult:
   batch = train_step.abstract_batch(spec.global_batch, spec.seq_len, mesh,
                                     rules)
   trainable_params = sum(x.size for x in jax.tree.leaves(state.params))
+  opt_bytes, replicated = opt_state_per_chip(state.opt_state, mesh.size)
+  opt = dict(opt_state_bytes=opt_bytes, replicated_opt_leaves=replicated)
   start = time.perf_counter()
   try:
     compiled = step.lower(state, batch).compile()
@@ -282,7 +315,8 @@ def plan(spec: PlanSpec, hlo_path: str | None = None) -> PlanResult:
         hbm_gib=hbm_gib, argument_bytes=args, output_bytes=0, alias_bytes=0,
         temp_bytes=int(oom), peak_bytes=int(args + oom), fits=False,
         collectives=None, compile_seconds=time.perf_counter() - start,
-        trainable_params=trainable_params, error=str(e).splitlines()[0][:300])
+        trainable_params=trainable_params, error=str(e).splitlines()[0][:300],
+        **opt)
   seconds = time.perf_counter() - start
   hlo_text = compiled.as_text()
   if hlo_path:
@@ -307,7 +341,7 @@ def plan(spec: PlanSpec, hlo_path: str | None = None) -> PlanResult:
       hbm_gib=hbm_gib, argument_bytes=args, output_bytes=out,
       alias_bytes=alias, temp_bytes=temp, peak_bytes=peak, fits=fits,
       collectives=hlo_stats.collectives(hlo_text), compile_seconds=seconds,
-      trainable_params=trainable_params, device_coords=coords)
+      trainable_params=trainable_params, device_coords=coords, **opt)
 
 
 def step_estimate(r: PlanResult,
