@@ -513,8 +513,10 @@ def _recording_gcloud(tmp_path):
   bindir.mkdir()
   (bindir / "gcloud").write_text(
       "#!/bin/bash\n"
-      f"{{ for a in \"$@\"; do printf '%s\\x1f' \"$a\"; done; printf '\\x1e'; }}"
-      f" >> {rec}\n"
+      # One write per call: the multislice wrappers run gcloud for every
+      # node at once, and separate writes of two calls would interleave.
+      "r=; for a in \"$@\"; do r+=\"$a\"$'\\x1f'; done\n"
+      f"printf '%s\\x1e' \"$r\" >> {rec}\n"
       'case "$*" in *"value(state.state)"*) echo ACTIVE;;'
       ' *networkEndpoints*) echo 10.0.0.2;; *describe*) exit 1;; esac\n')
   (bindir / "gcloud").chmod(0o755)
