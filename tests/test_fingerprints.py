@@ -6,11 +6,11 @@ from flax import nnx
 import jax
 import numpy as np
 import pytest
+import residual_spy
 
 from optconsist_jax.experiments import fingerprints
 from optconsist_jax.data.tokenizer import Tokenizer
 from optconsist_jax.model import Llama
-from optconsist_jax.model import llama as llama_lib
 from optconsist_jax.model import preset
 
 _TEXTS = [
@@ -29,16 +29,8 @@ def _model(seed=0, scan=True):
 
 def _capture_residuals(monkeypatch) -> list[np.ndarray]:
   """Every residual stream the model's statistics see, in call order."""
-  captured = []
-  original = llama_lib.residual_stats
-
-  def spy(x_BTD):
-    jax.debug.callback(lambda x: captured.append(np.asarray(x)), x_BTD,
-                       ordered=True)
-    return original(x_BTD)
-  monkeypatch.setattr(llama_lib, "residual_stats", spy)
-  fingerprints._stats.clear_cache()  # pylint: disable=protected-access
-  return captured
+  return residual_spy.capture_residuals(
+      monkeypatch, fingerprints._stats)  # pylint: disable=protected-access
 
 
 def test_spectra_match_numpy_svd_of_each_layer():

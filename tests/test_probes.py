@@ -16,12 +16,12 @@ from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import residual_spy
 import scipy.linalg
 
 from optconsist_jax import sharding
 from optconsist_jax.evaluate import probes
 from optconsist_jax.evaluate import probes_geometry as geometry
-from optconsist_jax.model import llama as llama_lib
 from optconsist_jax.model import lora as lora_lib
 from optconsist_jax.model import preset
 from optconsist_jax.model.llama import make_model
@@ -244,16 +244,8 @@ def test_second_order_error_shrinks_as_the_cube_of_the_step():
 
 
 def _capture_residuals(monkeypatch):
-  captured = []
-  original = llama_lib.residual_stats
-
-  def spy(x_BTD):
-    jax.debug.callback(lambda x: captured.append(np.asarray(x)), x_BTD,
-                       ordered=True)
-    return original(x_BTD)
-  monkeypatch.setattr(llama_lib, "residual_stats", spy)
-  probes.residual_statistics.clear_cache()
-  return captured
+  return residual_spy.capture_residuals(monkeypatch,
+                                        probes.residual_statistics)
 
 
 def test_activation_drift_is_zero_for_one_model_and_matches_numpy(

@@ -15,11 +15,11 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tiny_config
 
 from optconsist_jax import platforms
 from optconsist_jax import train
 from optconsist_jax.train import loop
-from optconsist_jax.train.config import ExperimentConfig
 from optconsist_jax.train.config import ProfileConfig
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -39,15 +39,7 @@ OVERRIDES = {
 
 
 def _config(**extra):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("tiny_metamath", CONFIG)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("adamw").to_dict()
-  for key, value in {**OVERRIDES, **extra}.items():
-    section, leaf = key.split(".")
-    c[section][leaf] = value
-  return ExperimentConfig.from_dict(c)
+  return tiny_config.load("adamw", {**OVERRIDES, **extra})
 
 
 def _scalars(logdir: pathlib.Path) -> dict[str, dict[int, float]]:

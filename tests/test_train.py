@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import tiny_config
 
 from flax import nnx
 
@@ -48,18 +49,7 @@ OVERRIDES = {
 
 
 def _config(arg="adamw", **extra):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("tiny_metamath", CONFIG)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(arg)
-  for key, value in {**OVERRIDES, **extra}.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return ExperimentConfig.from_dict(c.to_dict())
+  return tiny_config.load(arg, {**OVERRIDES, **extra})
 
 
 def _command(workdir, **extra):
