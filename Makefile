@@ -13,7 +13,7 @@ PYTHON ?= $(shell bash .ci/find_python 2>/dev/null)
 # as it is (nothing installed; tests/test_readme.py runs README's commands so).
 AS_IS := $(and $(filter command line,$(origin VENV)),$(wildcard $(VENV)/bin/python))
 
-# tcmalloc, preloaded for the demo when installed (optconsist_jax/platforms.py
+# tcmalloc, preloaded for the demo when installed (optconsist_jax/platforms/allocator.py
 # globs the same paths): XLA's CPU runtime re-maps its large temporaries every
 # step under glibc malloc; tcmalloc keeps them. Optional; TCMALLOC= turns it off.
 TCMALLOC ?= $(firstword $(wildcard /usr/lib/*/libtcmalloc_minimal.so.4 \

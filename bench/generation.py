@@ -12,8 +12,8 @@ and system seconds (getrusage), and the XLA fp32 matmul peak with the matmul
 floor of the work done: 2 x matmul params x (tokens processed), where the
 cached run processes each prompt once and then one token per step, the
 uncached run every prefix again (a decode step is memory-bound, so its
-fraction of the floor is low by nature). Re-executes itself with tcmalloc
-preloaded when installed (--allocator default: glibc malloc).
+fraction of the floor is low by nature). Runs on the allocator every command
+uses on CPU (--allocator tuned; tcmalloc or default: see machine_load.py).
 
 Run: .venv/bin/python bench/generation.py [--preset llama_100m] [--batch 4]
        [--prompt_len 64] [--new_tokens 32]
@@ -64,11 +64,13 @@ def main() -> None:
   p.add_argument("--new_tokens", type=int, default=32)
   p.add_argument("--out", default=os.path.join(
       os.path.dirname(__file__), "results", "generation.json"))
-  p.add_argument("--allocator", choices=("tcmalloc", "default"),
-                 default="tcmalloc",
-                 help="preload tcmalloc when installed (default) or not")
+  p.add_argument("--allocator", choices=machine_load.ALLOCATORS,
+                 default="tuned",
+                 help="tuned: glibc kept from unmapping, as every command"
+                 " runs on CPU (default); tcmalloc: preloaded (installed);"
+                 " default: glibc's defaults")
   args = p.parse_args()
-  machine_load.reexec_with_tcmalloc(args.allocator)
+  allocator_used = machine_load.use_allocator(args.allocator)
 
   from flax import nnx  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -116,6 +118,7 @@ def main() -> None:
       "load_average_before": load_before,
       "load_average_after": os.getloadavg(),
       "ld_preload": os.environ.get("LD_PRELOAD", ""),
+      "allocator": allocator_used,
       "jax_matmul_peak_gflops": peak["gflops"], "matmul_samples": peak,
       "note": ("tokens/s = generated tokens / wall time of the second"
                " (compiled) call; machine.other_load > 0.1 = other processes"

@@ -78,17 +78,27 @@ def jax_matmul_peak(reps: int = 5) -> dict:
           "other_load": [round(s["other_load"], 3) for s in samples]}
 
 
-def reexec_with_tcmalloc(choice: str) -> None:
-  """Re-executes the running script with tcmalloc preloaded, if installed.
+ALLOCATORS = ("tuned", "tcmalloc", "default")
 
-  choice: "tcmalloc" (preload when optconsist_jax.platforms finds it) or
-  "default" (keep glibc malloc). Returns when nothing is to be done.
+
+def use_allocator(choice: str) -> dict:
+  """Puts this benchmark process on the allocator `choice`; what serves it.
+
+  "tuned": glibc kept from unmapping (optconsist_jax.platforms.allocator.tune,
+  what every command does on CPU); "tcmalloc": re-executes the script with
+  libtcmalloc_minimal preloaded (SystemExit when it is not installed);
+  "default": glibc's defaults.
   """
-  from optconsist_jax import platforms  # pylint: disable=g-import-not-at-top
-  lib = platforms.tcmalloc_path()
-  if choice != "tcmalloc" or not lib:
-    return
-  if lib in os.environ.get("LD_PRELOAD", "").split(":"):
-    return
-  env = platforms.preload_env(os.environ, lib)
-  os.execve(sys.executable, [sys.executable, *sys.argv], env)
+  from optconsist_jax.platforms import allocator  # pylint: disable=g-import-not-at-top
+  if choice == "tcmalloc":
+    lib = allocator.tcmalloc_path()
+    if not lib:
+      raise SystemExit("--allocator tcmalloc: libtcmalloc_minimal.so.4 is not"
+                       " installed (apt-get install libtcmalloc-minimal4)")
+    if lib not in os.environ.get("LD_PRELOAD", "").split(":"):
+      env = allocator.preload_env(os.environ, lib)
+      os.execve(sys.executable, [sys.executable, *sys.argv], env)
+  env = dict(os.environ)
+  if choice == "default":
+    env[allocator.ENV] = "glibc-default"
+  return allocator.tune(env).to_json()

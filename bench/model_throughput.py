@@ -21,9 +21,16 @@ How (so that the two frameworks see the same machine):
   attention) over the JAX peak; figures are reported as ratios and as a
   fraction of that floor.
 * Per step, each worker reports minor/major page faults and system CPU
-  seconds (getrusage). The JAX worker runs with tcmalloc preloaded when it is
-  installed (optconsist_jax.platforms); --compare-allocator adds a third
-  worker, JAX with the default allocator, to the rotation.
+  seconds (getrusage). The `jax` row is what every command does on a fresh
+  machine: glibc malloc tuned at start-up
+  (optconsist_jax.platforms.allocator.tune); --compare-allocator adds
+  `jax_glibc_default` (OPTCONSIST_CPU_ALLOCATOR=glibc-default) and, when
+  libtcmalloc_minimal is installed, `jax_tcmalloc` (preloaded) to the
+  rotation. torch runs as its users run it (glibc defaults).
+* Printed beside the measured JAX/torch ratio: the ratio this machine allows,
+  JAX matmul peak / torch matmul peak (a step that is all matmul at each
+  framework's peak), and each row's median and spread (min-max) of the
+  accepted per-round times.
 * One attention layer (fwd+bwd, the model's shapes) is timed the same way:
   our `attention_impl='xla'` path with segment masks, JAX's
   `jax.nn.dot_product_attention`, and torch's scaled_dot_product_attention
@@ -86,6 +93,9 @@ class JaxWorker:
     from optconsist_jax.model import Llama, preset  # pylint: disable=g-import-not-at-top
     from optconsist_jax.model.llama import parameter_count  # pylint: disable=g-import-not-at-top
 
+    from optconsist_jax.platforms import allocator  # pylint: disable=g-import-not-at-top
+
+    self.allocator = allocator.tune().to_json()
     self.jax = jax
     config = preset(preset_name)
     self.config = config
@@ -120,6 +130,7 @@ class JaxWorker:
         "hf_config": {k: v for k, v in hf_layout.config_to_hf(config).items()
                       if k != "architectures"},
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "allocator": self.allocator,
     }
 
     a = jax.random.normal(jax.random.key(2), (MATMUL_N, MATMUL_N), jnp.float32)
@@ -306,6 +317,7 @@ def _stats(samples: list[dict], max_other: float) -> dict:
       "samples": len(samples), "accepted": len(ok),
       "all_noisy": not ok,
       "median_s": statistics.median(secs), "min_s": min(secs),
+      "max_s": max(secs),
       "seconds": [round(s["seconds"], 4) for s in samples],
       "other_load": [round(s["other_load"], 3) for s in samples],
       "loadavg_1m": [round(s["loadavg_1m"], 2) for s in samples],
@@ -335,7 +347,8 @@ def main() -> None:
   parser.add_argument("--no-torch", action="store_true",
                       help="JAX only (figures vs the JAX matmul floor)")
   parser.add_argument("--compare-allocator", action="store_true",
-                      help="also run JAX without tcmalloc in the rotation")
+                      help="also run JAX with glibc's default allocator and"
+                      " (when installed) tcmalloc in the rotation")
   parser.add_argument("--out", default=RESULT)
   args = parser.parse_args()
   if args.worker:
@@ -345,16 +358,20 @@ def main() -> None:
     parser.error("--rounds, --matmul-reps, --attention-reps must be >= 1")
 
   sys.path.insert(0, ROOT)
-  from optconsist_jax import platforms  # pylint: disable=g-import-not-at-top
-  tcmalloc = platforms.tcmalloc_path()
+  from optconsist_jax.platforms import allocator  # pylint: disable=g-import-not-at-top
+  tcmalloc = allocator.tcmalloc_path()
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              PYTHONPATH=os.pathsep.join(
                  [ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-  plain_env = {k: v for k, v in env.items() if k != "LD_PRELOAD"}
-  specs = [("jax", "jax", sys.executable,
-            platforms.preload_env(plain_env, tcmalloc))]
-  if args.compare_allocator and tcmalloc:
-    specs.append(("jax_default_malloc", "jax", sys.executable, plain_env))
+  plain_env = {k: v for k, v in env.items()
+               if k != "LD_PRELOAD" and k != allocator.ENV}
+  specs = [("jax", "jax", sys.executable, plain_env)]
+  if args.compare_allocator:
+    specs.append(("jax_glibc_default", "jax", sys.executable,
+                  {**plain_env, allocator.ENV: "glibc-default"}))
+    if tcmalloc:
+      specs.append(("jax_tcmalloc", "jax", sys.executable,
+                    allocator.preload_env(plain_env, tcmalloc)))
   if not args.no_torch:
     if not os.path.exists(args.torch_python):
       raise SystemExit(f"--torch-python {args.torch_python} not found (a venv"
@@ -448,6 +465,7 @@ def main() -> None:
         f" floor {floor_s:.3f} s/step")
   for name, r in per.items():
     print(f"  {name:20s} {r['step']['median_s']:.3f} s/step"
+          f" ({r['step']['min_s']:.2f}-{r['step']['max_s']:.2f})"
           f" {r['tokens_per_s']:8.1f} tok/s  matmul peak"
           f" {r['matmul_peak_gflops']:.0f} GFLOP/s  floor fraction"
           f" {r['fraction_of_jax_matmul_floor']:.2f}  faults/step"
@@ -457,7 +475,9 @@ def main() -> None:
   for name, st in attention.items():
     print(f"  attention {name:45s} {st['median_s'] * 1e3:7.1f} ms")
   if "jax_over_torch_tokens_per_s" in out:
-    print(f"  JAX / torch tokens/s: {out['jax_over_torch_tokens_per_s']:.2f}")
+    print(f"  JAX / torch tokens/s: {out['jax_over_torch_tokens_per_s']:.2f}"
+          f" (this machine allows {out['jax_over_torch_matmul_peak']:.2f}:"
+          " JAX matmul peak / torch matmul peak)")
   print(f"wrote {args.out}")
 
 

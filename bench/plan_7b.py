@@ -28,7 +28,7 @@ import time
 from optconsist_jax.tools.plan import hlo_stats
 from optconsist_jax.tools.plan import __main__ as plan_lib
 from optconsist_jax.tools.plan import aot as planner
-from optconsist_jax import platforms as tpu_facts
+from optconsist_jax.platforms import tpu as tpu_facts
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 JSONL = os.path.join(RESULTS, "plan_7b.jsonl")

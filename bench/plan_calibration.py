@@ -43,7 +43,7 @@ from optconsist_jax.tools.plan import __main__ as plan_lib
 from optconsist_jax.tools.plan import aot as planner
 from optconsist_jax.tools.plan import search
 from optconsist_jax.tools.plan import step_time
-from optconsist_jax import platforms as tpu
+from optconsist_jax.platforms import tpu
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 
-from optconsist_jax import platforms as tpu
+from optconsist_jax.platforms import tpu
 from optconsist_jax.model import preset
 
 TOKENS_PER_EPOCH = 103e6  # MetaMathQA, 395K examples (Biderman et al. 2024)

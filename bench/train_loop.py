@@ -10,8 +10,8 @@ also measures XLA's fp32 2048^3 matmul peak and reports each model's step time
 against its matmul floor (step flops / that peak), the machine's load around
 each run (os.getloadavg, and the share of all cores busy outside this process
 from /proc/stat), and page faults and system seconds per step (getrusage).
-The script re-executes itself with tcmalloc preloaded when it is installed
-(optconsist_jax.platforms; --allocator default keeps glibc malloc).
+The allocator is the one every command uses on CPU (--allocator tuned;
+tcmalloc or glibc's default: bench/machine_load.py use_allocator).
 
 Run: .venv/bin/python bench/train_loop.py [--steps-tiny 40 --steps-100m 4]
 Writes bench/results/train_loop.json and prints it. The machine may be shared:
@@ -58,13 +58,15 @@ def main():
   p.add_argument("--steps-100m", type=int, default=4)
   p.add_argument("--dtype", default="float32",
                  help="compute dtype (bfloat16 on accelerators)")
-  p.add_argument("--allocator", choices=("tcmalloc", "default"),
-                 default="tcmalloc",
-                 help="preload tcmalloc when installed (default) or not")
+  p.add_argument("--allocator", choices=machine_load.ALLOCATORS,
+                 default="tuned",
+                 help="tuned: glibc kept from unmapping, as every command"
+                 " runs on CPU (default); tcmalloc: preloaded (installed);"
+                 " default: glibc's defaults")
   p.add_argument("--out", default=str(REPO / "bench" / "results" /
                                       "train_loop.json"))
   args = p.parse_args()
-  machine_load.reexec_with_tcmalloc(args.allocator)
+  allocator_used = machine_load.use_allocator(args.allocator)
   flags.FLAGS.mark_as_parsed()
   import jax  # pylint: disable=g-import-not-at-top
   from optconsist_jax import train  # pylint: disable=g-import-not-at-top
@@ -109,6 +111,7 @@ def main():
          "load_average_before": load_before,
          "load_average_at_end": os.getloadavg(),
          "ld_preload": os.environ.get("LD_PRELOAD", ""),
+         "allocator": allocator_used,
          "jax_matmul_peak_gflops": peak["gflops"], "matmul_samples": peak,
          "note": ("other_load: share of all cores busy outside this process"
                   " during the run (shared machine: > 0.1 means noisy);"

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 import importlib
 import logging as logging_std
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -32,14 +33,14 @@ from etils import epath
 import jax
 import numpy as np
 
-from optconsist_jax import platforms as tpu_facts
 from optconsist_jax import storage
+from optconsist_jax.platforms import tpu as tpu_facts
 
 METRICS_DIR = "metrics"
 
 # device_kind substring -> dense bf16 peak flop/s per device (chip for TPUs,
 # except v4/v5p whose jax device is one chip with 2 megacores fused). TPUs
-# from the TPU facts table (optconsist_jax.platforms, longest name first so
+# from the TPU facts table (optconsist_jax.platforms.tpu, longest name first so
 # "TPU v5 lite" wins over "TPU v5"); GPUs from NVIDIA's H100/H200/A100/L4/A10G
 # datasheets (SXM, without sparsity).
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
@@ -85,8 +86,18 @@ def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int,
   return flops_per_token * tokens_per_sec / (num_devices * peak_per_device)
 
 
+def _host_usage() -> tuple[float, int]:
+  """This process's system CPU seconds and minor page faults so far."""
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_stime, r.ru_minflt
+
+
 class Throughput:
   """Step time, tokens/s and MFU between a start step and the latest counted.
+
+  Also the host's system CPU seconds and minor page faults per step
+  (getrusage, the whole process): on CPU they show whether the allocator
+  re-maps the step's temporaries (platforms/allocator.py).
 
   train.py keeps two: one reset at every log (the logged rates) and one over
   the whole run after its first step (which includes compilation).
@@ -108,6 +119,7 @@ class Throughput:
     self.t0 = self.t = 0.0
     self.step0 = self.step = 0
     self.target_tokens = 0.0
+    self.usage0 = self.usage = (0.0, 0)
 
   def start(self, step: int, now: float | None = None) -> None:
     """Starts the window at `step` (now: time.perf_counter())."""
@@ -115,6 +127,7 @@ class Throughput:
     self.started = True
     self.t0, self.step0, self.t, self.step = now, step, now, step
     self.target_tokens = 0.0
+    self.usage0 = self.usage = _host_usage()
 
   def count(self, step: int, target_tokens: float,
             now: float | None = None) -> None:
@@ -122,14 +135,16 @@ class Throughput:
     self.t = time.perf_counter() if now is None else now
     self.step = step
     self.target_tokens += float(target_tokens)
+    self.usage = _host_usage()
 
   @property
   def steps(self) -> int:
     return self.step - self.step0
 
   def rates(self) -> dict[str, float | None]:
-    """step_time_s, tokens_per_s (all slots), target_tokens_per_s, mfu;
-    empty before a step and a moment have passed."""
+    """step_time_s, tokens_per_s (all slots), target_tokens_per_s, mfu,
+    host_system_s_per_step, host_minor_faults_per_step; empty before a step
+    and a moment have passed."""
     n, dt = self.steps, self.t - self.t0
     if not self.started or n <= 0 or dt <= 0:
       return {}
@@ -137,7 +152,9 @@ class Throughput:
     return {"step_time_s": dt / n, "tokens_per_s": tokens_per_s,
             "target_tokens_per_s": self.target_tokens / dt,
             "mfu": mfu(self.flops_per_token, tokens_per_s, self.num_devices,
-                       self.peak_per_device)}
+                       self.peak_per_device),
+            "host_system_s_per_step": (self.usage[0] - self.usage0[0]) / n,
+            "host_minor_faults_per_step": (self.usage[1] - self.usage0[1]) / n}
 
 
 def layer_stats_scalars(stats: Mapping[str, Any],

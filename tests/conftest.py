@@ -32,6 +32,12 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
       "JAX_COMPILATION_CACHE_MAX_SIZE": str(16 << 30),
   })
 
+# The allocator every command uses when it computes on the CPU
+# (platforms.select_default() calls the same), before jax allocates.
+from optconsist_jax.platforms import allocator  # noqa: E402
+
+allocator.tune()
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

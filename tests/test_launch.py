@@ -12,7 +12,7 @@ import tarfile
 import pytest
 
 from optconsist_jax.tools.launch import __main__ as launch
-from optconsist_jax import platforms as tpu
+from optconsist_jax.platforms import tpu
 
 
 def dry(*argv):

@@ -13,7 +13,7 @@ from optconsist_jax.tools.plan import hlo_stats
 from optconsist_jax.tools.plan import aot as planner
 from optconsist_jax.model import LlamaConfig, Llama
 from optconsist_jax.tools.plan import step_time
-from optconsist_jax import platforms as tpu
+from optconsist_jax.platforms import tpu
 
 
 def _xla_flops(config: LlamaConfig, batch: int, seq_len: int) -> float:

@@ -66,6 +66,7 @@ from optconsist_jax.evaluate import results
 from optconsist_jax.experiments import study
 from optconsist_jax import paths as paths_lib
 from optconsist_jax import platforms
+from optconsist_jax.platforms import allocator
 from optconsist_jax.report import tables as report
 
 DONE_FILE = "done.json"
@@ -209,7 +210,8 @@ def machine_info() -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   return {"platform": platform.platform(), "python": sys.version.split()[0],
           "cpu_count": os.cpu_count(), "jax": jax.__version__,
-          "devices": [str(d) for d in jax.devices()]}
+          "devices": [str(d) for d in jax.devices()],
+          "cpu_allocator": allocator.current().to_json()}
 
 
 def _describe(members: Sequence[study.Base | study.Run]) -> str:

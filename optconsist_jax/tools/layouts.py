@@ -47,7 +47,7 @@ from optconsist_jax.train import setup as train_setup
 from optconsist_jax.train import step as step_lib
 from optconsist_jax.tools.plan import hlo_stats
 from optconsist_jax.tools.plan import step_time
-from optconsist_jax import platforms as tpu_facts
+from optconsist_jax.platforms import tpu as tpu_facts
 
 FILES = ("layouts.json", "layouts.md", "layouts.png")
 

@@ -36,6 +36,7 @@ import numpy as np
 from optconsist_jax import errors
 from optconsist_jax import metrics as metrics_lib
 from optconsist_jax import platforms
+from optconsist_jax.platforms import allocator
 from optconsist_jax import sharding
 from optconsist_jax.io import checkpoint_layout as ckpt_lib
 from optconsist_jax.io import checkpointer
@@ -210,6 +211,8 @@ def enable_compilation_cache(config: ExperimentConfig,
   where = platforms.enable_compilation_cache(
       config.train.compilation_cache_dir, os.fspath(workdir))
   logging.info("persistent compilation cache: %s", where or "off")
+  if jax.default_backend() == "cpu":
+    logging.info("CPU allocator: %s", allocator.current())
 
 
 def train_members(members: list[Member],

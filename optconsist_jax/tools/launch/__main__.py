@@ -37,7 +37,7 @@ process reads only its slice of the data and all of them write each Orbax
 checkpoint together, so the workdir must be storage every host sees: a gs://
 path (Orbax / tensorstore write it directly).
 
-The pieces: accelerator types and software versions in platforms.py (the TPU
+The pieces: accelerator types and software versions in platforms/tpu.py (the TPU
 facts table), gcloud slice commands in tools/launch/gcloud.py, what runs on
 the workers in tools/launch/worker_commands.py, `tpu supervise` in
 tools/launch/supervise.py; this module is the command line.
@@ -56,7 +56,7 @@ from optconsist_jax import errors
 from optconsist_jax import paths
 from optconsist_jax.tools.launch import gcloud
 from optconsist_jax.tools.launch import supervise
-from optconsist_jax import platforms as tpu_facts
+from optconsist_jax.platforms import tpu as tpu_facts
 from optconsist_jax.tools.launch import worker_commands as workers
 
 # The checkout this module runs from (the default --source): the folder

@@ -21,7 +21,7 @@ import shlex
 import subprocess
 import sys
 
-from optconsist_jax import platforms as tpu_facts
+from optconsist_jax.platforms import tpu as tpu_facts
 
 @dataclasses.dataclass(frozen=True)
 class Command:

@@ -28,7 +28,7 @@ from typing import Any
 
 from optconsist_jax.tools.plan import hlo_stats
 from optconsist_jax.tools.plan import step_time
-from optconsist_jax import platforms as tpu_facts
+from optconsist_jax.platforms import tpu as tpu_facts
 
 GIB = 1024**3
 # A replicated optimizer-state leaf larger than this per chip is flagged.

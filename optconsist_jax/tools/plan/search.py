@@ -35,7 +35,7 @@ from typing import Any
 from optconsist_jax.tools.plan import hlo_stats
 from optconsist_jax.tools.plan import aot as planner
 from optconsist_jax.tools.plan import step_time
-from optconsist_jax import platforms as tpu_facts
+from optconsist_jax.platforms import tpu as tpu_facts
 
 DEFAULT_CACHE = os.path.join(".cache", "plan_search")
 

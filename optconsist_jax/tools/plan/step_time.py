@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from optconsist_jax import platforms as tpu_facts
+from optconsist_jax.platforms import tpu as tpu_facts
 
 # Defaults of the assumptions; bench/results/plan_calibration.md compares the
 # estimate with published MaxText MFU at these values.
