@@ -12,6 +12,7 @@ import pytest
 
 from optconsist_jax.io import checkpoint_layout as checkpoints
 from optconsist_jax.io import checkpointer as run_checkpoints
+from optconsist_jax.io import weights
 from optconsist_jax.model import Llama
 from optconsist_jax.model import preset
 
@@ -176,3 +177,22 @@ def test_refuses_other_model(tmp_path):
       tmp_path, run_checkpoints.CheckpointConfig(),
       _identity(remat_policy="full", scan_layers=False))
   ckpts.close()
+
+
+def test_identity_written_before_a_model_field_existed_still_matches():
+  """A checkpoint without a newer LlamaConfig key resumes when the config
+  holds that field's default, and is refused when it does not."""
+  config = preset("tiny_gqa")
+  now = weights.identity(config)
+  new_fields = ("rope_type", "qkv_bias", "qk_norm", "norm_placement")
+  old = {"llama": {k: v for k, v in now["llama"].items()
+                   if k not in new_fields}, "lora": None}
+  assert set(now["llama"]) - set(old["llama"]) == set(new_fields)
+  checkpoints.compare_models(now, old, "old checkpoint")
+  changed = weights.identity(config.replace(qkv_bias=True))
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="qkv_bias"):
+    checkpoints.compare_models(changed, old, "old checkpoint")
+  # Both sides recording a key still compare it.
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="qk_norm"):
+    checkpoints.compare_models(
+        weights.identity(config.replace(qk_norm="head")), now, "checkpoint")

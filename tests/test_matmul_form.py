@@ -1,4 +1,4 @@
-"""The 2-D matmul form of the projections (model.llama.dense).
+"""The 2-D matmul form of the projections (model.layers.dense).
 
 References: numpy in float64 for one projection; for whole models (untied,
 tied head, LoRA) the same parameters run with every projection written as the
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from optconsist_jax.model import layers
 from optconsist_jax.model import Llama
 from optconsist_jax.model import llama
 from optconsist_jax.model import lora
@@ -82,7 +83,8 @@ TOKENS = jax.random.randint(jax.random.key(3), (2, 10), 0, 128, jnp.int32)
 def test_model_loss_and_gradients_equal_einsum_form(kind, monkeypatch):
   loss_fn, params = _loss_fn(_build(kind), TOKENS)
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
-  monkeypatch.setattr(llama, "dense", _einsum_dense)
+  monkeypatch.setattr(layers, "dense", _einsum_dense)  # Linear
+  monkeypatch.setattr(llama, "dense", _einsum_dense)  # the tied head
   monkeypatch.setattr(lora, "dense", _einsum_dense)
   ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss_fn))(params)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
@@ -107,6 +109,7 @@ def _multi_axis_contractions(kind):
 def test_gradient_dots_contract_a_single_axis(kind, monkeypatch):
   assert _multi_axis_contractions(kind) == []
   # The detector sees the two-axis weight-gradient dots of the 3-D form.
-  monkeypatch.setattr(llama, "dense", _einsum_dense)
+  monkeypatch.setattr(layers, "dense", _einsum_dense)  # Linear
+  monkeypatch.setattr(llama, "dense", _einsum_dense)  # the tied head
   monkeypatch.setattr(lora, "dense", _einsum_dense)
   assert _multi_axis_contractions(kind)

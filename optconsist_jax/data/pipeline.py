@@ -42,6 +42,7 @@ import numpy as np
 from optconsist_jax.data import corpus
 from optconsist_jax.data import formats
 from optconsist_jax.data import gpt2_bpe
+from optconsist_jax.data import hf_tokenizer
 from optconsist_jax.data import prompts
 from optconsist_jax.data.records import MathExample
 from optconsist_jax.data import supervised
@@ -70,8 +71,9 @@ class DataConfig:
     source: "file" (formats.py readers) or "tfds" (built array_record
       dataset, tfds_builders.py).
     split: tfds split ("train"); stdlib split ("train"/"heldout").
-    tokenizer_path: SentencePiece model, or a Hub model repo
-      `org/name[@revision]` (its tokenizer.model); "" = the shipped tiny
+    tokenizer_path: SentencePiece model, GPT-2 BPE folder, tokenizer.json
+      (or a folder with one), or a Hub model repo `org/name[@revision]`
+      (its tokenizer.model, else its tokenizer.json); "" = the shipped tiny
       tokenizer.
     seq_len: row length T of the batch arrays.
     global_batch_size: rows per step over all processes.
@@ -137,15 +139,20 @@ class DataConfig:
 
 
 def load_tokenizer(config: DataConfig) -> Tokenizer:
-  """SentencePiece file, GPT-2 BPE folder (vocab + merges), or the tiny one.
+  """SentencePiece file, GPT-2 BPE folder (vocab + merges), a tokenizer.json
+  (or its folder; data/hf_tokenizer.py), or the tiny one.
 
-  A Hub model repo (`org/name[@revision]`) means its `tokenizer.model`.
+  A Hub model repo (`org/name[@revision]`) means its `tokenizer.model`, or
+  its tokenizer.json when it has no tokenizer.model (hub.tokenizer_file).
   """
   if not config.tokenizer_path:
     return Tokenizer.tiny()
   if gpt2_bpe.is_gpt2_bpe_dir(config.tokenizer_path):
     return gpt2_bpe.GPT2BPETokenizer.load(config.tokenizer_path)
-  return Tokenizer.load(hub.tokenizer_file(config.tokenizer_path))
+  path = hub.tokenizer_file(config.tokenizer_path)
+  if hf_tokenizer.is_hf_tokenizer_path(path):
+    return hf_tokenizer.HFTokenizer.load(path)
+  return Tokenizer.load(path)
 
 
 def load_records(config: DataConfig) -> list[MathExample] | list[str]:

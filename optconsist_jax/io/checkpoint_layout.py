@@ -49,11 +49,15 @@ Model identity: each checkpoint stores a JSON dict describing the parameter tree
 trainer resuming in W, or a job restoring params, that expects a different
 identity is refused with a message naming the differing keys. Keys in
 `RUNTIME_ONLY_KEYS` (compute dtype, scan vs loop, remat, attention kernel)
-do not change the parameters and are ignored.
+do not change the parameters and are ignored. A LlamaConfig key the
+checkpoint does not record (written before that field existed) matches when
+the config holds the field's default: a new field's default keeps the old
+behaviour.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, NamedTuple
@@ -65,6 +69,8 @@ import orbax.checkpoint as ocp
 
 from optconsist_jax import errors
 from optconsist_jax import storage
+from optconsist_jax import typed_config
+from optconsist_jax.model.config import LlamaConfig
 
 PARAMS = "params"
 OPT_STATE = "opt_state"
@@ -75,6 +81,14 @@ CHECKPOINTS_DIR = "checkpoints"
 # Model-config keys that do not change the parameter tree.
 RUNTIME_ONLY_KEYS = frozenset(
     {"dtype", "scan_layers", "remat_policy", "attention_impl"})
+
+
+# LlamaConfig field -> its default in JSON form, under the two sections that
+# hold a model config: a model identity's "llama", a run identity's "model".
+_MODEL_DEFAULTS = {
+    f"{section}.{f.name}": typed_config.to_jsonable(f.default)
+    for f in dataclasses.fields(LlamaConfig)
+    if f.default is not dataclasses.MISSING for section in ("llama", "model")}
 
 
 class CheckpointMismatchError(errors.UserError):
@@ -116,6 +130,9 @@ def compare_models(expected: dict[str, Any], found: dict[str, Any],
   for k in sorted(set(flat_e) | set(flat_f)):
     if k.split(".")[-1] in RUNTIME_ONLY_KEYS:
       continue
+    if (k not in flat_f and k in _MODEL_DEFAULTS
+        and flat_e.get(k) == _MODEL_DEFAULTS[k]):
+      continue  # written before the field existed (module docstring)
     if flat_e.get(k, "<absent>") != flat_f.get(k, "<absent>"):
       diffs.append(f"{k}: checkpoint has {flat_f.get(k, '<absent>')!r},"
                    f" config has {flat_e.get(k, '<absent>')!r}")

@@ -1,6 +1,7 @@
-"""Hugging Face Llama checkpoints (config.json + safetensors) <-> our model.
+"""Hugging Face Llama-family checkpoints (config.json + safetensors) <-> our model.
 
-`load` reads a Hugging Face `LlamaForCausalLM` folder into `(LlamaConfig,
+`load` reads a Hugging Face folder of a supported model_type (llama with or
+without Llama-3 rope scaling, qwen2, qwen3, olmo2) into `(LlamaConfig,
 Llama)`; `save` writes one back that `transformers` loads. The name and
 config.json mapping is io/hf_layout.py.
 
@@ -253,7 +254,7 @@ def _hf_tensors(config: LlamaConfig, model: Llama, dtype: np.dtype
   extra = sorted(set(params) - set(sources))
   if extra:
     raise ValueError(
-        f"hf.save: params {extra[:8]} have no Hugging Face Llama tensor (merge"
+        f"hf.save: params {extra[:8]} have no Hugging Face tensor (merge"
         " LoRA adapters into the base weights before saving).")
 
   def entry(path: str, layer: int | None):
@@ -273,7 +274,7 @@ def _hf_tensors(config: LlamaConfig, model: Llama, dtype: np.dtype
 
   yield entry("embed", None)
   for i in range(config.num_layers):
-    for path in hf_layout.LAYER_TENSORS:
+    for path in hf_layout.layer_tensors(config):
       yield entry(path, i)
   yield entry("final_norm/scale", None)
   if not config.tie_embeddings:
@@ -304,7 +305,8 @@ def _write_safetensors(path: str, tensors, dtype: np.dtype) -> None:
 def save(config: LlamaConfig, model: Llama, out_dir: str, *,
          dtype: Any = None,
          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-  """Writes a Hugging Face Llama folder that transformers loads.
+  """Writes a Hugging Face folder (of the config's model_type) that
+  transformers loads.
 
   Writes config.json and model.safetensors, or, when the weights exceed
   `max_shard_bytes`, model-0000i-of-0000n.safetensors shards plus
@@ -330,11 +332,10 @@ def save(config: LlamaConfig, model: Llama, out_dir: str, *,
       if jax.process_index() == 0:
         storage.upload_dir(local, out_dir)
     return
-  if config.position_embedding != "rope" or config.norm_type != "rms":
-    raise ValueError(
-        f"hf.save: position_embedding={config.position_embedding!r},"
-        f" norm_type={config.norm_type!r} cannot be written as a Hugging Face"
-        " LlamaForCausalLM (needs 'rope' and 'rms').")
+  try:
+    hf_layout.model_type(config)
+  except ValueError as e:
+    raise ValueError(f"hf.save: {e}") from e
   dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
   if dtype not in hf_layout.TORCH_DTYPE_NAMES:
     raise ValueError(f"hf.save: unsupported dtype {dtype}; use float32,"

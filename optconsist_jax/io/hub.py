@@ -46,6 +46,9 @@ from optconsist_jax.paths import parse_ref
 # (single file or shards + index). Never the *.bin / *.pth / *.gguf copies.
 MODEL_FILES = ("config.json", "tokenizer.model", "*.safetensors",
                "*.safetensors.index.json")
+# A model repo's tokenizer: SentencePiece, or tokenizer.json with its config.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json",
+                   "tokenizer_config.json", "special_tokens_map.json")
 
 def _env_true(name: str) -> bool:
   return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
@@ -171,11 +174,22 @@ def model_dir(path: str | os.PathLike,
 
 
 def tokenizer_file(path: str) -> str:
-  """`path`, or for a Hub model reference its `tokenizer.model` in the cache.
+  """`path`, or for a Hub model reference its tokenizer in the cache.
 
   Lets a config name the model repo as its tokenizer (`tokenizer_path=
   "meta-llama/Llama-2-7b-hf"`): the tokenizer comes from the same repo and
-  revision as the weights.
+  revision as the weights. The repo's `tokenizer.model` (SentencePiece) when
+  it has one, else the cache folder holding its `tokenizer.json` and
+  `tokenizer_config.json` (Llama-3, Qwen, OLMo-2; data/hf_tokenizer.py).
   """
   ref = parse_ref(path)
-  return path if ref is None else download(ref, "tokenizer.model")
+  if ref is None:
+    return path
+  folder = snapshot(ref, TOKENIZER_FILES)
+  names = set(os.listdir(folder))
+  if "tokenizer.model" in names:
+    return os.path.join(folder, "tokenizer.model")
+  if "tokenizer.json" not in names:
+    raise HubError(f"{ref} ({_endpoint()}): no tokenizer.model or"
+                   " tokenizer.json")
+  return folder

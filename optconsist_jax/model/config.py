@@ -3,7 +3,9 @@
 `LlamaConfig` is the typed boundary for model shapes and numerics; ml_collections
 configs convert to it with `LlamaConfig.from_dict`. Presets follow the Llama-2
 paper (Touvron et al. 2023, arXiv 2307.09288) and the Hugging Face
-`config.json` of meta-llama/Llama-2-7b-hf.
+`config.json` of meta-llama/Llama-2-7b-hf; the Llama-3.1, OLMo-2, Qwen2.5 and
+Qwen3 presets the config.json of the Hub repo named beside each. Those families
+are switches of the one config (rope_type, qkv_bias, qk_norm, norm_placement).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 POSITION_EMBEDDINGS = ("rope", "learned")
 NORM_TYPES = ("rms", "layer")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "splash")
+ROPE_TYPES = ("default", "llama3")
+QK_NORMS = ("none", "head", "full")
+NORM_PLACEMENTS = ("pre", "post")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +61,25 @@ class LlamaConfig:
       nanoGPT with bias=False).
     bos_token_id: beginning-of-sequence token.
     eos_token_id: end-of-sequence token.
+    rope_type: default, or llama3 (Llama-3.1's frequency-dependent scaling of
+      the rotary inverse frequencies, transformers'
+      `_compute_llama3_parameters`; the four rope_* fields below).
+    rope_factor: llama3: long wavelengths are divided by this.
+    rope_low_freq_factor: llama3: wavelengths above
+      original_max_position / low_freq_factor are scaled in full.
+    rope_high_freq_factor: llama3: wavelengths below
+      original_max_position / high_freq_factor are left alone; between the
+      two the scaling is interpolated.
+    rope_original_max_position: llama3: the pretraining context length.
+    qkv_bias: q, k and v projections carry a bias, o does not (Qwen2 and
+      Qwen2.5, Yang et al. 2024, arXiv 2407.10671).
+    qk_norm: RMSNorm on queries and keys before the rotary embedding: none;
+      head, over each head's head_dim with one [head_dim] scale shared by
+      the heads (Qwen3, arXiv 2505.09388); full, over the whole projection,
+      [num_heads*head_dim] for q and [num_kv_heads*head_dim] for k (OLMo-2,
+      arXiv 2501.00656).
+    norm_placement: pre (x + f(norm(x)), Llama) or post (x + norm(f(x)),
+      OLMo-2's reordered norm; no norm at a sublayer's input).
   """
 
   vocab_size: int = 32000
@@ -79,6 +103,14 @@ class LlamaConfig:
   norm_type: str = "rms"
   bos_token_id: int = 1
   eos_token_id: int = 2
+  rope_type: str = "default"
+  rope_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
+  qkv_bias: bool = False
+  qk_norm: str = "none"
+  norm_placement: str = "pre"
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -111,6 +143,21 @@ class LlamaConfig:
       raise ValueError(
           f"LlamaConfig.norm_type={self.norm_type!r}; expected one of"
           f" {NORM_TYPES}.")
+    for key, valid in (("rope_type", ROPE_TYPES), ("qk_norm", QK_NORMS),
+                       ("norm_placement", NORM_PLACEMENTS)):
+      if getattr(self, key) not in valid:
+        raise ValueError(f"LlamaConfig.{key}={getattr(self, key)!r}; expected"
+                         f" one of {valid}.")
+    if self.rope_type == "llama3" and not (
+        self.rope_factor > 0
+        and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+        and self.rope_original_max_position > 0):
+      raise ValueError(
+          "LlamaConfig: rope_type='llama3' needs rope_factor > 0, 0 <"
+          " rope_low_freq_factor < rope_high_freq_factor and"
+          " rope_original_max_position > 0; got"
+          f" {self.rope_factor}, {self.rope_low_freq_factor},"
+          f" {self.rope_high_freq_factor}, {self.rope_original_max_position}.")
     for key in ("param_dtype", "dtype"):
       try:
         jnp.dtype(getattr(self, key))
@@ -134,6 +181,12 @@ class LlamaConfig:
     """Analytic parameter count (no LoRA adapters)."""
     d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
     attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+    if self.qkv_bias:
+      attn += h * (self.num_heads + 2 * self.num_kv_heads)
+    if self.qk_norm == "head":
+      attn += 2 * h
+    elif self.qk_norm == "full":
+      attn += h * (self.num_heads + self.num_kv_heads)
     block = attn + 3 * d * f + 2 * d
     head = 0 if self.tie_embeddings else d * self.vocab_size
     pos = (self.max_position_embeddings * d
@@ -163,6 +216,35 @@ _PRESETS: dict[str, LlamaConfig] = {
     "llama2_70b": LlamaConfig(
         hidden_size=8192, intermediate_size=28672, num_layers=80,
         num_heads=64, num_kv_heads=8),
+    # Bases whose pretraining optimizer is published (io/provenance.py),
+    # shapes from their Hub config.json (tests/test_families.py inlines them).
+    # meta-llama/Llama-3.1-8B.
+    "llama3_1_8b": LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_layers=32, num_heads=32, num_kv_heads=8, rms_norm_eps=1e-5,
+        rope_theta=500000.0, max_position_embeddings=131072,
+        rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0, rope_original_max_position=8192,
+        bos_token_id=128000, eos_token_id=128001),
+    # allenai/OLMo-2-1124-7B (no bos_token_id: EOS stands in).
+    "olmo2_7b": LlamaConfig(
+        vocab_size=100352, hidden_size=4096, intermediate_size=11008,
+        num_layers=32, num_heads=32, num_kv_heads=32, rms_norm_eps=1e-6,
+        rope_theta=500000.0, max_position_embeddings=4096, qk_norm="full",
+        norm_placement="post", bos_token_id=100257, eos_token_id=100257),
+    # Qwen/Qwen2.5-7B.
+    "qwen2_5_7b": LlamaConfig(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+        num_layers=28, num_heads=28, num_kv_heads=4, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, max_position_embeddings=131072, qkv_bias=True,
+        bos_token_id=151643, eos_token_id=151643),
+    # Qwen/Qwen3-8B-Base.
+    "qwen3_8b": LlamaConfig(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+        num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+        rms_norm_eps=1e-6, rope_theta=1000000.0,
+        max_position_embeddings=32768, qk_norm="head", bos_token_id=151643,
+        eos_token_id=151643),
     # About 100M parameters: the benchmark size on CPU.
     "llama_100m": LlamaConfig(
         vocab_size=32000, hidden_size=768, intermediate_size=2048,

@@ -1,9 +1,15 @@
 """Llama decoder in Flax NNX.
 
-RMSNorm, rotary embeddings in the Hugging Face (rotate-half) convention,
-grouped-query attention (model.attention: XLA, JAX's fused kernels or the TPU
-splash kernel, by `LlamaConfig.attention_impl`), SwiGLU MLP,
-tied or untied embeddings, and a KV cache for decoding.
+RMSNorm, rotary embeddings in the Hugging Face (rotate-half) convention
+(model.rope), grouped-query attention (model.attention: XLA, JAX's fused
+kernels or the TPU splash kernel, by `LlamaConfig.attention_impl`), SwiGLU
+MLP, tied or untied embeddings, and a KV cache for decoding.
+
+The Llama-like families are variants of this one model, chosen by config
+switches (model.config): Llama-3.1's rope scaling (`rope_type`), q/k/v biases
+(`qkv_bias`, Qwen2/2.5), RMSNorm on queries and keys (`qk_norm`: per head,
+Qwen3; over the whole projection, OLMo-2), and OLMo-2's norm after each
+sublayer instead of before it (`norm_placement`).
 
 Parameters of the decoder blocks are always stacked on a leading `layers` axis
 (one `Block` module whose arrays have shape [L, ...]); `LlamaConfig.scan_layers`
@@ -29,7 +35,13 @@ import jax.numpy as jnp
 
 from optconsist_jax import sharding
 from optconsist_jax.model import attention
+from optconsist_jax.model import rope as rope_lib
 from optconsist_jax.model.config import LlamaConfig
+from optconsist_jax.model.layers import Bias
+from optconsist_jax.model.layers import dense
+from optconsist_jax.model.layers import Linear
+from optconsist_jax.model.layers import param as _param
+from optconsist_jax.model.layers import RMSNorm
 
 Array = jax.Array
 # Maps an activation and its logical axis names to a (possibly constrained)
@@ -47,37 +59,6 @@ _REMAT = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def _param(value: Array, names: tuple[str, ...]) -> nnx.Param:
-  return nnx.Param(value, out_sharding=names, eager_sharding=False)
-
-
-def dense(x: Array, w_IO: Array) -> Array:
-  """x[..., I] @ w[I, O] computed as one 2-D matmul [rows, I] @ [I, O].
-
-  Folding the leading (batch, length) axes into one row axis before the dot
-  makes the transposed products of the backward pass (the weight gradient
-  x^T g) contract a single axis. With x kept [B, T, I], XLA's CPU backend
-  receives dot_general(g[B, T, O], x[B, T, I]) contracting two axes and
-  materialises a strided transpose of g before a generic dot; the 2-D form
-  maps every product onto the GEMM library (bench/model_throughput.py).
-  Same values: it is the same sum.
-
-  Only the CPU lowering folds: on TPU the SPMD partitioner re-gathers the
-  FSDP-sharded weights once more per micro-batch for the folded form (Llama-2-7B
-  on v5p-8: +32 GiB of all-gather per step), so other platforms keep the
-  batched product. `lax.platform_dependent` picks by the platform being
-  compiled for, so the planner's TPU compiles on a CPU host get the TPU form.
-  """
-  def rows(x, w_IO):
-    return jnp.dot(x.reshape(-1, x.shape[-1]), w_IO).reshape(
-        *x.shape[:-1], w_IO.shape[-1])
-
-  def batched(x, w_IO):
-    return jnp.einsum("...i,io->...o", x, w_IO)
-
-  return jax.lax.platform_dependent(x, w_IO, cpu=rows, default=batched)
 
 
 class KVCache(NamedTuple):
@@ -101,68 +82,6 @@ class ForwardOutput(NamedTuple):
   cache: KVCache | None
   # Per-layer statistics of the residual stream after each block, each [L].
   stats: dict[str, Array] | None
-
-
-class Linear(nnx.Module):
-  """y = x @ kernel, kernel stored [*stack, in, out] in `param_dtype`.
-
-  `rng` is accepted (and ignored) so adapters that need randomness (LoRA
-  dropout) can replace this module without changing the callers.
-  """
-
-  def __init__(self, in_features: int, out_features: int,
-               names: tuple[str, str], *, stack: tuple[int, ...] = (),
-               stack_names: tuple[str, ...] = (), config: LlamaConfig,
-               rngs: nnx.Rngs):
-    init = jax.nn.initializers.normal(config.initializer_range)
-    shape = (*stack, in_features, out_features)
-    self.kernel = _param(
-        init(rngs.params(), shape, jnp.dtype(config.param_dtype)),
-        (*stack_names, *names))
-    self.dtype = jnp.dtype(config.dtype)
-
-  def __call__(self, x: Array, rng: Array | None = None) -> Array:
-    del rng
-    return dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-
-
-class RMSNorm(nnx.Module):
-  """x / rms(x) * scale, normalised in fp32 as Hugging Face does.
-
-  With config.norm_type == "layer" the mean is subtracted first (LayerNorm
-  without bias, as nanoGPT's bias=False bases).
-  """
-
-  def __init__(self, dim: int, *, stack: tuple[int, ...] = (),
-               stack_names: tuple[str, ...] = (), config: LlamaConfig):
-    self.scale = _param(
-        jnp.ones((*stack, dim), jnp.dtype(config.param_dtype)),
-        (*stack_names, "norm"))
-    self.eps = config.rms_norm_eps
-    self.dtype = jnp.dtype(config.dtype)
-    self.center = config.norm_type == "layer"
-
-  def __call__(self, x: Array) -> Array:
-    x32 = x.astype(jnp.float32)
-    if self.center:
-      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
-                              + self.eps)
-    # HF casts back to the input dtype before multiplying by the weight.
-    return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
-
-
-def rope(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
-  """Rotary embedding, rotate-half convention (Hugging Face Llama)."""
-  h = x_BTNH.shape[-1]
-  inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-  freqs_BTH2 = positions_BT.astype(jnp.float32)[..., None] * inv_freq_H2
-  emb_BTH = jnp.concatenate([freqs_BTH2, freqs_BTH2], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(emb_BTH), jnp.sin(emb_BTH)
-  x32 = x_BTNH.astype(jnp.float32)
-  x1, x2 = jnp.split(x32, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x32 * cos + rotated * sin).astype(x_BTNH.dtype)
 
 
 def _head_sharding(constrain: Constrain, impl: str):
@@ -196,10 +115,40 @@ class Attention(nnx.Module):
     self.k_proj = lin(d, c.num_kv_heads * h, ("embed", "kv_heads"))
     self.v_proj = lin(d, c.num_kv_heads * h, ("embed", "kv_heads"))
     self.o_proj = lin(c.num_heads * h, d, ("heads", "embed"))
+    per_layer = dict(stack=stack, stack_names=stack_names, config=c)
+    # Each attribute is assigned once (None or a module): NNX fixes whether
+    # an attribute holds data on its first assignment.
+    bias = functools.partial(Bias, **per_layer) if c.qkv_bias else None
+    self.q_bias = bias and bias(c.num_heads * h, ("heads",))
+    self.k_bias = bias and bias(c.num_kv_heads * h, ("kv_heads",))
+    self.v_bias = bias and bias(c.num_kv_heads * h, ("kv_heads",))
+    # Qwen3 ("head"): one [H] scale, each head normalised on its own. OLMo-2
+    # ("full"): over all heads of the projection, [N*H] and [K*H] scales.
+    norm = (None if c.qk_norm == "none"
+            else functools.partial(RMSNorm, **per_layer))
+    full = c.qk_norm == "full"
+    self.q_norm = norm and norm(c.num_heads * h if full else h,
+                                names=("heads",) if full else ("norm",))
+    self.k_norm = norm and norm(c.num_kv_heads * h if full else h,
+                                names=("kv_heads",) if full else ("norm",))
+    self.qk_norm = c.qk_norm
     self.num_heads, self.num_kv_heads, self.head_dim = (
         c.num_heads, c.num_kv_heads, h)
-    self.rope_theta = c.rope_theta if c.position_embedding == "rope" else None
+    self.rope_config = c if c.position_embedding == "rope" else None
     self.impl = c.attention_impl
+
+  def _project(self, proj, bias, norm, x_BTD, heads, rng):
+    """[B, T, heads, H]: projection, bias, q/k norm (before the rotation)."""
+    b, t, _ = x_BTD.shape
+    y = proj(x_BTD, rng)
+    if bias is not None:
+      y = bias(y)
+    if norm is not None and self.qk_norm == "full":
+      y = norm(y)
+    y = y.reshape(b, t, heads, self.head_dim)
+    if norm is not None and self.qk_norm == "head":
+      y = norm(y)
+    return y
 
   def __call__(self, x_BTD, positions_BT, segment_BT, kv, *, constrain,
                rng=None):
@@ -212,12 +161,15 @@ class Attention(nnx.Module):
     b, t, _ = x_BTD.shape
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
     keys = jax.random.split(rng, 4) if rng is not None else [None] * 4
-    q_BTNH = self.q_proj(x_BTD, keys[0]).reshape(b, t, n, h)
-    k_BTKH = self.k_proj(x_BTD, keys[1]).reshape(b, t, k, h)
-    v_BTKH = self.v_proj(x_BTD, keys[2]).reshape(b, t, k, h)
-    if self.rope_theta is not None:
-      q_BTNH = rope(q_BTNH, positions_BT, self.rope_theta)
-      k_BTKH = rope(k_BTKH, positions_BT, self.rope_theta)
+    q_BTNH = self._project(self.q_proj, self.q_bias, self.q_norm, x_BTD, n,
+                           keys[0])
+    k_BTKH = self._project(self.k_proj, self.k_bias, self.k_norm, x_BTD, k,
+                           keys[1])
+    v_BTKH = self._project(self.v_proj, self.v_bias, None, x_BTD, k, keys[2])
+    if self.rope_config is not None:
+      inv_freq_H2 = rope_lib.inverse_frequencies(h, self.rope_config)
+      q_BTNH = rope_lib.rope(q_BTNH, positions_BT, inv_freq_H2)
+      k_BTKH = rope_lib.rope(k_BTKH, positions_BT, inv_freq_H2)
     q_BTNH = constrain(q_BTNH, ("act_batch", "act_length", "act_heads", None))
     k_BTKH = constrain(k_BTKH, ("act_batch", "act_length", "act_kv_heads",
                                 None))
@@ -268,7 +220,13 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm decoder block. Built stacked ([L, ...] params), called per layer."""
+  """Decoder block. Built stacked ([L, ...] params), called per layer.
+
+  Pre-norm (Llama): x + attn(attn_norm(x)), then x + mlp(mlp_norm(x)). With
+  `norm_placement="post"` (OLMo-2, arXiv 2501.00656 section 3.3) each norm is
+  applied to its sublayer's output instead: x + attn_norm(attn(x)), then
+  x + mlp_norm(mlp(x)).
+  """
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     stack, stack_names = (config.num_layers,), ("layers",)
@@ -279,17 +237,28 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config.hidden_size, stack=stack,
                             stack_names=stack_names, config=config)
     self.mlp = MLP(config, stack=stack, stack_names=stack_names, rngs=rngs)
+    self.post_norm = config.norm_placement == "post"
 
   def __call__(self, x_BTD, positions_BT, segment_BT, kv, *, constrain,
                rng=None):
     rng_attn, rng_mlp = (jax.random.split(rng) if rng is not None
                          else (None, None))
-    attn_BTD, new_kv = self.attn(self.attn_norm(x_BTD), positions_BT,
-                                 segment_BT, kv, constrain=constrain,
-                                 rng=rng_attn)
+    if self.post_norm:
+      attn_BTD, new_kv = self.attn(x_BTD, positions_BT, segment_BT, kv,
+                                   constrain=constrain, rng=rng_attn)
+      attn_BTD = self.attn_norm(attn_BTD)
+    else:
+      attn_BTD, new_kv = self.attn(self.attn_norm(x_BTD), positions_BT,
+                                   segment_BT, kv, constrain=constrain,
+                                   rng=rng_attn)
     x_BTD = constrain(x_BTD + attn_BTD.astype(x_BTD.dtype),
                       ("act_batch", "act_length", "act_embed"))
-    mlp_BTD = self.mlp(self.mlp_norm(x_BTD), constrain=constrain, rng=rng_mlp)
+    if self.post_norm:
+      mlp_BTD = self.mlp_norm(self.mlp(x_BTD, constrain=constrain,
+                                       rng=rng_mlp))
+    else:
+      mlp_BTD = self.mlp(self.mlp_norm(x_BTD), constrain=constrain,
+                         rng=rng_mlp)
     x_BTD = constrain(x_BTD + mlp_BTD.astype(x_BTD.dtype),
                       ("act_batch", "act_length", "act_embed"))
     return x_BTD, new_kv
