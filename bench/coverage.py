@@ -26,7 +26,9 @@ The model of a study (retention and learning in accuracy units):
   retention shift per method (`sd_pretrain_method`, the pretraining seed x
   method effect). Finetuning seed s starts from pretraining seed s
   (`pretrain="per_seed"`), from one pretraining seed (`"one"`), or two
-  finetuning seeds per pretraining seed (`"nested2"`).
+  finetuning seeds per pretraining seed (`"nested2"`); with `record_base`
+  the records say which (`EvalRecord.base_id`), so the report averages the
+  finetuning seeds of one pretraining seed into one unit.
 - Finetuning seed: a retention and a learning shift per run (`sd_run`,
   `sd_run_learning`).
 - Evaluation items: learning and retention are each the fraction of the
@@ -38,7 +40,11 @@ The model of a study (retention and learning in accuracy units):
   of the item, the cell and the checkpoint, as with greedy decoding, and
   the expected fraction over the item population is mu. Each seed is scored
   on its own item sample (`items="per_seed"`) or all on one set
-  (`"shared"`).
+  (`"shared"`, as a real study is: one eval set scores every run). With
+  `resample_items` the records keep each item's score
+  (`EvalRecord.items`), so the report resamples the items inside its
+  intervals (report/resample.py, `statistics.hierarchical_ci`); the
+  "seeds_only" interval is the same report with that turned off.
 
 The truth of an estimand is the report's own function on the noiseless
 frontiers (one noiseless seed): the population value, over pretraining
@@ -54,13 +60,11 @@ Writes bench/results/coverage.json and coverage.md (`--out`).
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import json
 import math
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -69,7 +73,12 @@ import numpy as np
 from optconsist_jax.evaluate import results
 from optconsist_jax.report import consistency
 from optconsist_jax.report import matrix as matrix_lib
+from optconsist_jax.report import resample
 from optconsist_jax.report import statistics as stats
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from coverage_tables import DEFAULT, SEEDS_ONLY, Tally, cpu_model, markdown  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BASES = ("adamw", "muon", "lion")
@@ -84,7 +93,12 @@ EPOCHS = 4
 FLOOR = 0.25
 TOL = 1e-9
 # The report's own interval (`statistics.DEFAULT_METHOD`), as it is called.
-DEFAULT = "default"
+# DEFAULT (the report's own interval, as it is called) and SEEDS_ONLY (the
+# same with its item resampling off, `items="off"`): coverage_tables.
+# Item resamples per study (the report's default is resample.N_REPLICATES;
+# fewer keep the benchmark's minutes down: the variance they estimate has
+# a relative SE of sqrt(2 / 100) = 14%).
+N_REPLICATES = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +122,8 @@ class Design:
   item_cell: float = 0.05
   item_check: float = 0.15
   overshoot: float = 0.015
+  resample_items: bool = False
+  record_base: bool = False
 
   def methods(self) -> tuple[str, ...]:
     return self.bases + (("lora",) if self.lora else ())
@@ -133,17 +149,32 @@ def true_points(design: Design, base: str, method: str) -> np.ndarray:
 
 
 def records_of(points: dict[tuple[str, str, int], np.ndarray],
-               checkpoints: dict[str, int]) -> list[results.EvalRecord]:
-  """EvalRecords of {(base, method, seed): (C, 2) points}, plus base rows."""
+               checkpoints: dict[str, int], item_scores=None,
+               pretraining_seed=None) -> list[results.EvalRecord]:
+  """EvalRecords of {(base, method, seed): (C, 2) points}, plus base rows.
+
+  item_scores: {(base, method, seed): (learning (C, K), retention (C, K'))
+  0 / 1 per item}, kept in the records' `items` (None: none kept).
+  pretraining_seed: finetuning seed -> the pretraining seed it started
+  from, recorded in `base_id` (None: not recorded, as in older results).
+  """
   out = []
   for (base, method, seed), pts in points.items():
     for i, (learning, retention) in enumerate(pts):
       j, e = divmod(i, EPOCHS)
+      items = {}
+      if item_scores is not None:
+        learn_CK, keep_CK = item_scores[(base, method, seed)]
+        items = {"learning": {"sum": learn_CK[i].astype(float).tolist()},
+                 "retention": {"sum": keep_CK[i].astype(float).tolist()}}
       out.append(results.EvalRecord(
           step=100 * (e + 1), epoch=float(e + 1), method=method, base=base,
           lr=1e-5 * 2 ** j, learning=float(learning),
           retention=float(retention), run=f"{base}_{method}_lr{j}_s{seed}",
-          seed=seed))
+          seed=seed, items=items,
+          base_id={} if pretraining_seed is None else {
+              "checkpoint": f"bases/{base}_p{pretraining_seed(seed)}",
+              "seed": pretraining_seed(seed)}))
   for base, n in checkpoints.items():
     for p in range(n):
       out.append(results.EvalRecord(
@@ -192,8 +223,14 @@ def item_set(design: Design, rng: np.random.Generator, n: int) -> dict:
 
 
 def scores(design: Design, mean_C: np.ndarray, items: dict, cell,
-            rng: np.random.Generator) -> np.ndarray:
+           rng: np.random.Generator) -> np.ndarray:
   """Fraction of the items each checkpoint gets right (module docstring)."""
+  return item_correct(design, mean_C, items, cell, rng).mean(axis=1)
+
+
+def item_correct(design: Design, mean_C: np.ndarray, items: dict, cell,
+                 rng: np.random.Generator) -> np.ndarray:
+  """Whether each checkpoint gets each item right, (C, K) bool."""
   h = design.item_check
   t_CK = (mean_C[:, None] + items["g"][cell][None, :]
           + rng.uniform(-h, h, (len(mean_C), len(items["z"]))))
@@ -201,7 +238,7 @@ def scores(design: Design, mean_C: np.ndarray, items: dict, cell,
     raise ValueError(f"coverage: an item threshold is out of [0, 1] in"
                      f" {cell} ({t_CK.min():.3f}..{t_CK.max():.3f}): the"
                      " expected score would not be the mean")
-  return (items["z"][None, :] < t_CK).mean(axis=1)
+  return items["z"][None, :] < t_CK
 
 
 def expected_on(design: Design, mean_C: np.ndarray, items: dict,
@@ -231,7 +268,7 @@ def simulate(design: Design, rng: np.random.Generator
   for s in range(1 if shared else design.seeds):
     item_sets[s] = (item_set(design, rng, design.learn_items),
                     item_set(design, rng, design.retain_items))
-  points = {}
+  points, per_item = {}, {}
   for b in design.bases:
     for m in methods:
       true_C2 = true_points(design, b, m)
@@ -241,11 +278,17 @@ def simulate(design: Design, rng: np.random.Generator
         dr = (pre[(b, p)][1] + pre[(b, p)][2][m]
               + rng.normal(0, design.sd_run))
         learn_items, retain_items = item_sets[0 if shared else s]
-        points[(b, m, s)] = np.stack(
-            [scores(design, true_C2[:, 0] + dl, learn_items, (b, m), rng),
-             scores(design, true_C2[:, 1] + dr, retain_items, (b, m), rng)],
-            axis=1)
-  records = records_of(points, {b: n_pre for b in design.bases})
+        per_item[(b, m, s)] = (
+            item_correct(design, true_C2[:, 0] + dl, learn_items, (b, m),
+                         rng),
+            item_correct(design, true_C2[:, 1] + dr, retain_items, (b, m),
+                         rng))
+        points[(b, m, s)] = np.stack([x.mean(axis=1)
+                                      for x in per_item[(b, m, s)]], axis=1)
+  records = records_of(points, {b: n_pre for b in design.bases},
+                       per_item if design.resample_items else None,
+                       design.pretraining_seed if design.record_base
+                       else None)
 
   def conditional(cell, pts_C2):
     """What every seed shares: the one pretraining seed, the one item set."""
@@ -260,31 +303,6 @@ def simulate(design: Design, rng: np.random.Generator
     return pts_C2
 
   return records, truth_of(design), truth_of(design, conditional)
-
-
-class Tally:
-  """Per metric, per study (hits, count): rates with cluster SEs."""
-
-  def __init__(self):
-    self.rows = collections.defaultdict(list)
-
-  def add(self, metric: str, hits: float, count: int) -> None:
-    if count:
-      self.rows[metric].append((float(hits), count))
-
-  def rate(self, metric: str) -> dict:
-    """Pooled rate; SE over studies (the binomial SE with one per study)."""
-    hc = np.array(self.rows[metric], np.float64).reshape(-1, 2)
-    n = len(hc)
-    if not n:
-      return {"rate": None, "se": None, "studies": 0, "comparisons": 0}
-    r = hc[:, 0].sum() / hc[:, 1].sum()
-    se = math.sqrt(np.sum((hc[:, 0] - r * hc[:, 1]) ** 2)) / hc[:, 1].sum()
-    return {"rate": float(r), "se": float(se), "studies": n,
-            "comparisons": int(hc[:, 1].sum())}
-
-  def table(self) -> dict[str, dict]:
-    return {m: self.rate(m) for m in sorted(self.rows)}
 
 
 def covers(iv: stats.Interval, truth: float) -> bool:
@@ -302,8 +320,15 @@ def resolved(verdict: str) -> bool:
 def tally_study(records, truth: Truth, cond: Truth, tally: Tally,
                 method: str = "default", matrix: bool = True) -> None:
   """Adds one study's hits to `tally`; `method` "default" is the report's
-  (no `method=` argument), else the `statistics.mean_ci` method."""
-  ci = {} if method == DEFAULT else {"method": method}
+  (no `method=` argument; items resampled when the records keep them),
+  SEEDS_ONLY the same without the items, else the `statistics.mean_ci`
+  method."""
+  ci = {} if method in (DEFAULT, SEEDS_ONLY) else {"method": method}
+  items = "off"
+  if method == DEFAULT and any(r.items for r in records):
+    # One set of resamples for the three tables, as report/tables.py does.
+    items = resample.item_resamples(records, n_replicates=N_REPLICATES)
+  ci["items"] = items
   summary = {(s.base, s.method): s
              for s in consistency.consistency_summary(records, **ci)}
   inter = {(r.i, r.j): r for r in consistency.interactions(records, **ci)}
@@ -372,11 +397,20 @@ SCENARIOS = {
     "items_shared_mild": (Design(items="shared"), (DEFAULT,),
                           "one item set for every seed, the default (mild)"
                           " affinity"),
+    "items_shared_resampled": (
+        Design(items="shared", item_cell=0.15, item_check=0.05,
+               resample_items=True), (DEFAULT, SEEDS_ONLY),
+        "items_shared with per-item scores in the records: the report"
+        " resamples the items (default) or not (seeds_only)"),
     "one_pretraining_seed": (Design(pretrain="one"), (DEFAULT,),
                              "every finetuning seed from one pretraining"
                              " seed"),
     "nested2": (Design(seeds=6, pretrain="nested2"), (DEFAULT,),
                 "6 finetuning seeds, 2 per pretraining seed, analysed as 6"),
+    "nested2_recorded": (
+        Design(seeds=6, pretrain="nested2", record_base=True), (DEFAULT,),
+        "nested2 with each row's base recorded (EvalRecord.base_id): the"
+        " report averages per pretraining seed (3 units)"),
 }
 
 
@@ -393,53 +427,6 @@ def run_scenario(design: Design, methods, studies: int, rng_seed: int,
     if progress:
       progress(i + 1)
   return {m: t.table() for m, t in tallies.items()}
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
-def fmt(r: dict) -> str:
-  if r["rate"] is None:
-    return ""
-  return f"{r['rate']:.3f} ± {r['se']:.3f}"
-
-
-def markdown(out: dict) -> str:
-  cols = [("gap_area_covered", "gap by area covered"),
-          ("gap_area_covered_conditional", "gap covered (conditional)"),
-          ("interaction_area_covered", "I by area covered"),
-          ("interaction_area_covered_conditional", "I covered (conditional)"),
-          ("interaction_level_covered", "I at L covered"),
-          ("gap_null_resolved_holm_any", "null gaps: any resolved (Holm)"),
-          ("interaction_null_resolved_holm_any",
-           "null I: any resolved (Holm)"),
-          ("interaction_null_interval_excludes_0",
-           "null I: interval excludes 0"),
-          ("interaction_nonzero_resolved_right_sign", "planted I resolved"),
-          ("matrix_diagonal_best_wrong_any", "matrix: a wrong verdict")]
-  lines = [f"Coverage of the report's nominal 95% intervals on"
-           f" {out['studies']} simulated studies per scenario (rate ± Monte"
-           " Carlo SE over studies). Command: `" + out["command"] + "`.", "",
-           "| scenario | seeds | interval | " + " | ".join(c[1] for c in cols)
-           + " |", "|---" * (len(cols) + 3) + "|"]
-  for name, sc in out["scenarios"].items():
-    for method, table in sc["metrics"].items():
-      cells = [fmt(table.get(k, {"rate": None})) for k, _ in cols]
-      label = (f"report ({stats.DEFAULT_METHOD})" if method == DEFAULT
-               else method)
-      lines.append(f"| {name} | {sc['design']['seeds']} | {label} | "
-                   + " | ".join(cells) + " |")
-  lines += [""] + [f"- {n}: {sc['about']}" for n, sc in
-                   out["scenarios"].items()]
-  return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:

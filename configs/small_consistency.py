@@ -19,6 +19,18 @@ Args (`--config configs/small_consistency.py:ARG`):
                Lion, Adafactor and Adagrad, each finetuned with all five and
                with LoRA, quick's model size (63 min 14 s on a 2-core CPU
                from a fresh clone, venv made; README).
+  standard     README's headline answer (<= 2 h on 2 cores, estimate in
+               docs/reproduction.md): AdamW and Muon bases x 3 pretraining
+               seeds (finetuning seed s starts from pretraining seed s),
+               AdamW / Muon / LoRA finetuning on grids of 6 learning rates
+               x2 apart, one run per epoch budget (1 and 2 epochs, each
+               its own whole schedule: every frontier point an
+               end-of-schedule model), retention on 400 held-out documents
+               (docstring paragraphs) and learning on 256 problems (both
+               resampled in the
+               report's intervals), the memorization experiment over an LR
+               grid; the model shaped like a large one (>= 70% of its
+               parameters in the blocks' matrices: a 512-piece tokenizer).
   mini         seconds per stage; the test suite's end-to-end run (2 seeds).
   matrix_mini  the matrix's shape in miniature (2 x 2 optimizers), for CI.
 
@@ -51,9 +63,11 @@ optimizer (`lion`, `adafactor`, `adagrad`, ...), with its learning rate in
 `optim_kwargs`.
 """
 
+import os
+
 import ml_collections
 
-_MODES = ("quick", "full", "matrix", "mini", "matrix_mini")
+_MODES = ("quick", "standard", "full", "matrix", "mini", "matrix_mini")
 
 # The five families of the matrix, and the keyword arguments they need.
 _MATRIX_OPTIMIZERS = ("adamw", "muon", "lion", "adafactor", "adagrad")
@@ -61,6 +75,17 @@ _MATRIX_OPTIMIZERS = ("adamw", "muon", "lion", "adafactor", "adagrad")
 # accumulator dwarfs a clipped gradient's squares and the first steps are
 # plain SGD at a hundredth of the intended size.
 _OPTIM_KWARGS = dict(adagrad=dict(initial_accumulator_value=0.0, eps=1e-10))
+
+# The model shaped like a large one (standard): a 512-piece tokenizer (the
+# shipped tiny one's training text and settings; data/tiny_tokenizer.py)
+# keeps embedding + head to 2 x 512 x 96 = 98K of 577K parameters, so 83%
+# sit in the blocks' matrices (Llama-2-7B: ~96%; quick's model: 44%).
+_TOKENIZER_512 = os.path.normpath(os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), os.pardir, "optconsist_jax",
+    "data", "assets", "tiny512.model"))
+_SHAPED_MODEL = dict(vocab_size=512, hidden_size=96, intermediate_size=320,
+                     num_layers=4, num_heads=4, num_kv_heads=2,
+                     max_position_embeddings=256)
 
 
 def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
@@ -96,8 +121,11 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
   # Exact-match accuracy of a model this small sits near zero, so the plot's
   # learning axis is the held-out finetuning loss; accuracy is recorded too
   # (--config.eval.learning_metric=math/metamath/acc plots it instead).
+  # probes: the update probes of every checkpoint (the report's mechanism
+  # table; evaluate/config.py ProbesEvalConfig).
   c.eval = dict(math_examples=64, max_new_tokens=40, retention_docs=26,
-                retention_max_len=128, learning_metric="-math/response_loss")
+                retention_max_len=128, learning_metric="-math/response_loss",
+                probes=True)
   c.optim_kwargs = dict(_OPTIM_KWARGS)
   c.memorization = dict(enabled=True)
   c.fingerprints = dict(enabled=True)
@@ -105,7 +133,24 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
   # consistency matrix: auto (from 3 pretraining optimizers on), always, never.
   c.reproduce = dict(bases="", matrix="auto")
 
-  if arg == "full":
+  if arg == "standard":
+    c.tokenizer_path = _TOKENIZER_512
+    c.model = dict(_SHAPED_MODEL)
+    c.pretrain.update(seeds=3)
+    # Quick's grids extended to 6 rates x2 apart, from its mild end (the
+    # lowest rate kept the base within ~0.02 nats) up past its strong end.
+    c.finetune.update(
+        lrs=dict(adamw=(2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4, 6.4e-4),
+                 muon=(6e-5, 1.2e-4, 2.4e-4, 4.8e-4, 9.6e-4, 1.92e-3),
+                 lora=(2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3, 6.4e-3)),
+        seeds=3, epochs=2, epoch_budgets=(1, 2), seq_len=128)
+    # Level-1 problems are at most 125 tokens with the 512-piece
+    # tokenizer (93 with quick's), responses ~1.2x longer; retention
+    # documents are paragraphs of the held-out docstrings (~500; files are
+    # only ~27), the first 400 of them.
+    c.eval.update(math_examples=256, max_new_tokens=56, retention_docs=400,
+                  retention_unit="paragraph")
+  elif arg == "full":
     # ~5.4M params. The docstrings are ~0.58M tokens, so 1,000 steps of
     # 16 x 256 tokens is ~7 passes: more would only overfit the base.
     c.model = dict(vocab_size=2048, hidden_size=256, intermediate_size=704,

@@ -8,6 +8,7 @@ import pytest
 
 from optconsist_jax.evaluate import results
 from optconsist_jax.report import consistency
+from optconsist_jax.report import consistency_markdown
 from optconsist_jax.report import matrix as matrix_lib
 from optconsist_jax.report import statistics as stats
 
@@ -100,7 +101,7 @@ def test_planted_effect_gives_the_right_verdicts():
       records, method="percentile")}[("adamw", "muon")].gap_vs_matched
   assert pct.mean == s.gap_vs_matched.mean
   assert s.gap_vs_matched.lo < pct.lo < pct.hi < s.gap_vs_matched.hi
-  text = consistency.consistency_markdown(list(summary.values()), "l", "r")
+  text = consistency_markdown.consistency_markdown(list(summary.values()), "l", "r")
   assert "vs muon: matched forgets less" in text
   assert "vs adamw: matched forgets more" in text
 

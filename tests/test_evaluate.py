@@ -134,9 +134,21 @@ def test_evaluates_complete_checkpoints_and_records_schema(run_dir):
        r2.metrics["mc/winogrande/acc"]]))
   preds = [json.loads(l) for l in open(os.path.join(
       w, "eval", "predictions", "step_00000002.jsonl"))]
+  n_docs = sum(p["eval"] == "lm_loss" for p in preds)
   assert {p["eval"] for p in preds} == {"math/metamath", "mc/arc_challenge",
-                                        "mc/winogrande"}
-  assert len(preds) == 2 + 3 + 3
+                                        "mc/winogrande", "lm_loss"}
+  assert len(preds) == 2 + 3 + 3 + n_docs and n_docs >= 1
+  # The row keeps each item's score, and they make up its metrics.
+  lm = r2.items["lm_loss/loss"]
+  assert len(lm["sum"]) == n_docs and sum(lm["count"]) == (
+      r2.metrics["lm_loss/tokens"])
+  assert sum(lm["sum"]) / sum(lm["count"]) == pytest.approx(
+      r2.metrics["lm_loss/loss"], rel=1e-4)
+  for metric in ("math/metamath/acc", "mc/arc_challenge/acc_norm",
+                 "mc/winogrande/acc"):
+    assert np.mean(r2.items[metric]["sum"]) == pytest.approx(
+        r2.metrics[metric])
+  assert r2.base_id["checkpoint"] == ""  # a run of its own, no init_from
   assert "evaluating step 2" in log
   # A progress line per eval, with its item count and score (as recorded).
   for line in (f"math/metamath: 2 problems, accuracy"

@@ -13,6 +13,7 @@ import pytest
 from optconsist_jax.train import config as config_types
 from optconsist_jax.experiments import memorization
 from optconsist_jax.experiments import memorization_data
+from optconsist_jax.experiments import memorization_report
 from optconsist_jax.train import population
 from optconsist_jax import train as train_lib
 from optconsist_jax.data import formats
@@ -110,6 +111,10 @@ def test_evaluate_on_a_random_model(tmp_path):
     assert -2 * np.log(2048) < m[k] < -0.5 * np.log(2048)
   # The answer score is the sum over the number's tokens and EOS.
   assert m["memorization_answer_logprob"] < m["memorization_logprob"]
+  # A random model has memorized nothing: its contrastive score is near 0
+  # while the number's own log-prob is far below (about -4 ln 2048).
+  assert abs(m["memorization_contrastive"]) < 0.5
+  assert m["memorization_answer_logprob"] < -10
   # gold_logprobs agrees with the model's own per-token log-softmax.
   e = facts[0]
   lp = memorization.gold_logprobs(model, tok, [e])[0]
@@ -286,3 +291,80 @@ def test_default_config_loads_from_an_installed_wheel(tmp_path):
                        text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split() == ["4", "True", "metamathqa"]
+
+
+def test_contrastive_score_separates_memorizing_from_knowing_the_format(
+    tmp_path):
+  data = memorization_data.make_dataset(tmp_path, n_rule=4, n_fact=20,
+                                        n_heldout=2)
+  facts = formats.read_metamathqa(data.facts)
+  tok = Tokenizer.tiny()
+  requests = memorization.contrastive_requests(tok, facts, 3)
+  assert len(requests) == 20 * 4
+  # Each fact's own number first, then three others under its question.
+  own = {(tuple(c), tuple(a)) for c, a in requests[::4]}
+  assert len(own) == 20
+
+  def context_term(ctx):  # anything that depends on the question only
+    return -0.01 * (sum(ctx) % 97)
+
+  def format_only(reqs):
+    # Every 3-digit number alike, digit by digit (log 1/10 each), whatever
+    # the question: the answer format learned, no fact memorized.
+    return np.array([context_term(c) - (len(a) - 1) * np.log(10)
+                     for c, a in reqs])
+
+  def memorized(reqs):
+    # Its own number nearly certain, any other at the format's odds.
+    return np.array([context_term(c) - (0.1 if (tuple(c), tuple(a)) in own
+                                        else (len(a) - 1) * np.log(10))
+                     for c, a in reqs])
+
+  fmt = memorization.contrastive_scores(None, tok, facts, n_others=5,
+                                        score=format_only)
+  mem = memorization.contrastive_scores(None, tok, facts, n_others=5,
+                                        score=memorized)
+  assert fmt == pytest.approx(np.zeros(20), abs=1e-9)
+  assert np.all(mem > 6)
+  # The number's own log-prob cannot tell them apart from chance: the
+  # format-only model's is the 3-digit chance level, below 0.
+  assert format_only(requests[::4]).mean() < -6
+  with pytest.raises(ValueError, match="n_others"):
+    memorization.contrastive_requests(tok, facts, 20)
+
+
+def _curve_rows(optimizer, seed, lrs, delta, speed):
+  """Rows over an LR grid x 4 epochs: training loss falls with lr x epoch
+  (faster for larger `speed`), the score is a function of the loss plus
+  `delta` (a planted optimizer effect at equal loss)."""
+  rows = []
+  for lr in lrs:
+    for epoch in range(1, 5):
+      loss = 3.0 * np.exp(-speed * lr * 1e3 * epoch) + 0.01 * seed
+      rows.append({"optimizer": optimizer, "seed": seed, "lr": lr,
+                   "epoch": epoch, "train_loss": loss,
+                   "memorization_contrastive": 4.0 - loss + delta
+                   + 0.002 * seed})
+  return rows
+
+
+@pytest.mark.parametrize("delta,verdict", [(0.0, "no difference resolved"),
+                                           (-0.5, "muon memorizes less")])
+def test_equal_loss_comparison_undoes_a_learning_rate_confound(delta,
+                                                               verdict):
+  lrs = (1e-3, 2e-3, 4e-3)
+  rows = []
+  for seed in range(3):
+    rows += _curve_rows("adamw", seed, lrs, 0.0, speed=0.3)
+    # Muon trains slower at the same lr: at one shared lr it is less far.
+    rows += _curve_rows("muon", seed, lrs, delta + 0.01 * (seed - 1),
+                        speed=0.2)
+  (row,) = memorization_report.at_equal_loss(rows, ("adamw", "muon"))
+  assert row["gap_mean"]["mean"] == pytest.approx(delta, abs=0.02)
+  assert row["verdict"] == verdict
+  assert row["loss_range"][0] < row["loss_range"][1]
+  # Read at one shared lr and epoch instead, muon "memorizes less" even
+  # without an effect: it only got less far.
+  shared = [r for r in memorization_report.summarize(rows, ("adamw", "muon"))
+            if r["metric"] == "memorization_contrastive" and r["lr"] == 2e-3]
+  assert shared[0]["gap"]["mean"] < delta - 0.1

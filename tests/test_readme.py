@@ -45,6 +45,9 @@ NOT_RUN = {
     "python -m optconsist_jax.experiments.reproduce":
         "needs your checkpoints; tests/test_reproduce.py runs it on an Orbax"
         " run and a Hugging Face folder",
+    "make demo MODE=standard":
+        "about 1.5 h on a 2-core CPU (docs/reproduction.md);"
+        " tests/test_reproduce.py checks the runs it plans",
     "XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu"
     " python -m optconsist_jax.tools.layouts":
         "tests/test_layouts.py runs this sweep on 8 CPU devices",

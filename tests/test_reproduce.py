@@ -12,6 +12,7 @@ import pytest
 
 from optconsist_jax.evaluate import results
 from optconsist_jax.experiments import reproduce
+from optconsist_jax.experiments import retention
 from optconsist_jax.experiments import study
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -316,6 +317,51 @@ def test_seeds_pair_with_pretraining_seeds_and_group_into_populations():
         g["schedule"].pop("peak")
       stripped.append(d)
     assert all(s == stripped[0] for s in stripped)
+
+
+def test_standard_mode_plans_per_budget_runs_from_paired_seeds():
+  rc = _config("standard")
+  # The config's sizes (the floors): 3 pretraining seeds per base,
+  # >= 6 learning rates x2 apart per method, 256 problems, 200 documents.
+  assert rc.pretrain.optimizers == ("adamw", "muon")
+  assert rc.pretrain.seeds == rc.finetune.seeds == 3
+  assert rc.finetune.methods == ("adamw", "muon", "lora")
+  for lrs in rc.finetune.lrs.values():
+    assert len(lrs) >= 6
+    assert all(b / a == pytest.approx(2.0) for a, b in zip(lrs, lrs[1:]))
+  assert rc.eval.math_examples >= 256 and rc.eval.retention_docs >= 200
+  assert rc.finetune.epoch_budgets == (1, 2)
+  assert os.path.exists(rc.tokenizer_path)
+  docs = retention.documents(rc)
+  assert len(docs) == rc.eval.retention_docs and len(set(docs)) > 300
+  bases, runs = study.plan_runs(rc, "/w", "/w/train.json")
+  assert len(bases) == 2 * 3
+  # 2 bases x 3 methods x 6 LRs x 3 seeds x 2 budgets, each once.
+  assert len(runs) == 2 * 3 * 6 * 3 * 2
+  assert len({r.name for r in runs}) == len(runs)
+  assert collections.Counter(r.labels["epochs"] for r in runs) == {
+      1: len(runs) // 2, 2: len(runs) // 2}
+  for r in runs:
+    # Finetuning seed s from pretraining seed s of its own optimizer.
+    assert r.base.seed == r.labels["seed"] == r.labels["base_seed"]
+    assert r.base.name == r.labels["base"]
+    assert r.workdir.endswith(f"__e{r.labels['epochs']}__s{r.labels['seed']}")
+    # A budget is its own whole schedule, and only its end is kept.
+    assert r.config["train"]["num_epochs"] == r.labels["epochs"]
+    assert r.config["checkpoint"]["keep_epochs"] is False
+    assert r.config["init_from"]["path"] == r.base.workdir
+    assert r.config["data"]["tokenizer_path"] == rc.tokenizer_path
+  # A population per (base, base seed, method, budget): same length runs.
+  groups = dict(study.population_groups(rc, bases, runs))
+  assert len(groups) == 2 + 2 * 3 * 3 * 2
+  for key, members in groups.items():
+    if not key.endswith("-base"):
+      assert len(members) == 6
+      assert len({m.config["train"]["num_epochs"] for m in members}) == 1
+  # Quick keeps one run per (LR, seed) with a checkpoint per epoch.
+  _, quick = study.plan_runs(_config("quick"), "/w", "/w/train.json")
+  assert all("epochs" not in r.labels and "__e" not in r.name
+             for r in quick)
 
 
 def test_unknown_keys_and_methods_are_named():

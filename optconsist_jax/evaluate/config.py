@@ -168,6 +168,71 @@ class LMLossEvalConfig:
   batch_size: int = 16
 
 
+# The probes of evaluate/probes.py, as `probes.which` names them.
+PROBE_KINDS = ("geometry", "second_order", "activations")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbesEvalConfig:
+  """Mechanism: probes of each checkpoint's update against its base.
+
+  Off by default (opt in with `probes.enabled=True`). The base is
+  `base_model` when it names one, else the run's init_from (also when
+  `base_model="none"` only skips scoring the base); a run from a random
+  init has no base and is probed by nothing. Held-out text is the LM-loss
+  eval's documents (`lm_loss.path`), packed into full rows.
+
+  Attributes:
+    enabled: compute the probes for every finetuned checkpoint.
+    which: subset of PROBE_KINDS: "geometry" (update vs the base's singular
+      subspaces, stable rank, spectral norm, overlap with the pretraining
+      displacement), "second_order" (first/second-order predicted vs
+      measured loss change, curvature ratio; one Hessian-vector product
+      per batch), "activations" (residual-stream statistic drift).
+    fractions: top-k subspace sizes as fractions of min(m, n).
+    pretrain_overlap: with a base that is one of this project's Orbax
+      pretraining runs (its checkpoint records its init seed), also the
+      overlap with W_base - W_init.
+    hvp_batches: held-out batches the second-order and activation probes
+      average over.
+    batch_size: rows per batch.
+    seq_len: tokens per row (at most the model's context).
+    layer_batch: layers decomposed at once (0: one per device of the mesh).
+  """
+
+  enabled: bool = False
+  which: tuple[str, ...] = PROBE_KINDS
+  fractions: tuple[float, ...] = (0.01, 0.05, 0.1)
+  pretrain_overlap: bool = True
+  hvp_batches: int = 1
+  batch_size: int = 8
+  seq_len: int = 128
+  layer_batch: int = 0
+
+  def __post_init__(self):
+    for key in ("which", "fractions"):
+      value = getattr(self, key)
+      if isinstance(value, (str, float, int)):
+        value = (value,)
+      object.__setattr__(self, key, tuple(value))
+    object.__setattr__(self, "fractions",
+                       tuple(float(f) for f in self.fractions))
+    bad = sorted(set(self.which) - set(PROBE_KINDS))
+    if bad:
+      raise ValueError(f"eval config.probes.which: unknown {bad}; valid:"
+                       f" {PROBE_KINDS}")
+    if not self.fractions or not all(0 < f <= 1 for f in self.fractions):
+      raise ValueError(f"eval config.probes.fractions={self.fractions}: each"
+                       " must be in (0, 1]")
+    for key in ("hvp_batches", "batch_size", "seq_len"):
+      if getattr(self, key) < 1:
+        raise ValueError(f"eval config.probes.{key}={getattr(self, key)};"
+                         " must be >= 1")
+    if self.layer_batch < 0:
+      raise ValueError(f"eval config.probes.layer_batch={self.layer_batch};"
+                       " must be >= 0")
+
+
 @dataclasses.dataclass(frozen=True)
 class WatchConfig:
   """Polling with --watch.
@@ -195,6 +260,7 @@ class EvalConfig:
       data.tokenizer_path
       (itself "" = the shipped tiny tokenizer).
     math, multiple_choice, lm_loss, harness: the evals (see their types).
+    probes: the mechanism probes (ProbesEvalConfig; off by default).
     learning_metric: the headline learning metric name ("" = auto).
     retention_metric: the headline retention metric ("" = auto; a name
       starting with "-" means minus that metric, e.g. "-lm_loss/loss").
@@ -214,6 +280,7 @@ class EvalConfig:
   multiple_choice: MultipleChoiceEvalConfig = MultipleChoiceEvalConfig()
   lm_loss: LMLossEvalConfig = LMLossEvalConfig()
   harness: HarnessEvalConfig = HarnessEvalConfig()
+  probes: ProbesEvalConfig = ProbesEvalConfig()
   learning_metric: str = ""
   retention_metric: str = ""
   method: str = ""

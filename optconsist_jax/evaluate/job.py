@@ -4,8 +4,10 @@
 training config parser (config_types.ExperimentConfig) into the `RunInfo` the
 job needs: model, LoRA, labels, length. An `Evaluator` restores models onto
 the eval mesh through io.weights (checkpoints with LoRA merged, the base
-model of any weight source kind), runs the evals (evals.suite) and writes the
-results: one object per checkpoint (W/eval/results/<name>.json, see
+model of any weight source kind), runs the evals (evals.suite), with
+`probes.enabled` the update probes of each checkpoint against the run's base
+(evaluate/probes.py; the base, its singular vectors and its init are loaded
+once per job), and writes the results: one object per checkpoint (W/eval/results/<name>.json, see
 evaluate/results.py), its predictions (W/eval/predictions/<name>.jsonl) and
 clu scalars, each written whole through optconsist_jax.storage (a local
 folder or a bucket).
@@ -22,6 +24,7 @@ import os
 import time
 from typing import Any
 
+from etils import epath
 from flax import nnx
 import jax
 import numpy as np
@@ -38,7 +41,11 @@ from optconsist_jax.evaluate.suite import EvalData
 from optconsist_jax.evaluate.suite import eval_settings
 from optconsist_jax.evaluate.suite import headline
 from optconsist_jax.evaluate.suite import load_eval_data
+from optconsist_jax.evaluate.suite import probe_base
+from optconsist_jax.evaluate.suite import ProbeBase
 from optconsist_jax.evaluate.suite import run_evals
+from optconsist_jax.evaluate.suite import run_probes
+from optconsist_jax.evaluate import probes as probes_lib
 from optconsist_jax.io import checkpoint_layout as ckpt_lib
 from optconsist_jax.io import hub
 from optconsist_jax.io import weights
@@ -46,6 +53,10 @@ from optconsist_jax.model import LlamaConfig
 
 EVAL_DIR = "eval"
 RUN_CONFIG_FILE = "config.json"
+# The last base the probes prepared (key, ProbeBase): a study evaluates
+# many runs of one base in one process, each with its own Evaluator; its
+# base, init SVDs and held-out batches are the same (one base held at once).
+_LAST_PROBE_BASE: list[tuple[str, ProbeBase]] = []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +159,8 @@ class Evaluator:
     self.data = data or load_eval_data(config, self.run.data,
                                        os.fspath(self.eval_dir / "data"))
     self._writer = None
+    self._probe_base: ProbeBase | None = None
+    self._probe_skip = ""  # why the probes are off for this job, once said
 
   def _tokenizer(self):
     """The config's tokenizer_path, else the run's (data.load_tokenizer)."""
@@ -199,6 +212,95 @@ class Evaluator:
     """The base model of `source` on the eval mesh."""
     return weights.load_model(source, self.run.model, mesh=self.mesh,
                               rules=self.rules)
+
+  # -- probes --------------------------------------------------------------
+
+  def probe_base_source(self) -> weights.InitFromConfig | None:
+    """The probes' base: `config.base_model` when it names one, else the
+    run's init_from (`base_model="none"` only skips scoring the base)."""
+    path = self.config.base_model
+    source = (weights.InitFromConfig(path=path)
+              if path and path.lower() != "none" else self.run.init_from)
+    if not source.path:
+      return None
+    if not hub.is_hub_ref(source.path) and not storage.exists(source.path):
+      raise FileNotFoundError(f"base model {source.path} does not exist")
+    return dataclasses.replace(
+        source, kind=weights.kind_of(source.path, source.kind))
+
+  def probe_init(self, source: weights.InitFromConfig) -> Any | None:
+    """The base's init params when its checkpoint says how it began, or None.
+
+    Only this project's own pretraining runs (an Orbax base whose recorded
+    config has no init_from and no LoRA) record that: their init is
+    `Llama(model, rngs=nnx.Rngs(train.seed))` (train/state.py), rebuilt
+    here on the eval mesh. A Hugging Face or nanoGPT base does not say.
+    """
+    if source.kind != "orbax":
+      return None
+    step_dir = _step_dir(source.path, source.step)
+    meta = ckpt_lib.read_meta(step_dir)
+    if not isinstance(meta.get("config"), dict):
+      return None
+    base_run = run_info(meta["config"], f"{step_dir}/meta/metadata")
+    if base_run.init_from.path or base_run.lora:
+      return None
+    return probes_lib.init_params(base_run.model, base_run.seed,
+                                  mesh=self.mesh, rules=self.rules)
+
+  def probes(self, model: nnx.Module,
+             progress: Callable[[str], None] | None = None
+             ) -> dict[str, float]:
+    """The probes of `model` against the run's base, with their seconds.
+
+    `probe_seconds` is this checkpoint's probe time; the first call also
+    records `probe_setup_seconds` (loading the base and its init, their
+    SVDs, the held-out batches). {} when the run has no base (a
+    random-init run), said once.
+    """
+    c = self.config.probes
+    first = self._probe_base is None
+    note = ""
+    if first and not self._probe_skip:
+      t0 = time.perf_counter()
+      source = self.probe_base_source()
+      if source is None:
+        self._probe_skip = ("probes: the run starts from a random init (no"
+                            " base model); skipped")
+        note = self._probe_skip
+      else:
+        key = repr((source, c, self.config.mesh, self.run.model,
+                    self.tokenizer.vocab_size,
+                    hash(tuple(self.data.documents))))
+        if _LAST_PROBE_BASE and _LAST_PROBE_BASE[0][0] == key:
+          self._probe_base = _LAST_PROBE_BASE[0][1]
+          note = f"probes: base {source.path} (prepared before)"
+        else:
+          _LAST_PROBE_BASE.clear()  # Free the previous base first.
+          init = self.probe_init(source) if c.pretrain_overlap else None
+          self._probe_base = probe_base(
+              self.base_model(source), source.path, self.tokenizer,
+              self.data.documents, c, init=init, mesh=self.mesh,
+              rules=self.rules)
+          self._probe_base.seconds = time.perf_counter() - t0
+          _LAST_PROBE_BASE.append((key, self._probe_base))
+          note = (f"probes: base {source.path} prepared"
+                  + ("" if self._probe_base.has_init else
+                     " (its init is unknown: no pretraining-overlap probe)")
+                  + f" ({self._probe_base.seconds:.1f} s)")
+      if progress is not None:
+        progress(f"  {note}")
+    if self._probe_base is None:
+      return {}
+    t0 = time.perf_counter()
+    out = run_probes(model, self._probe_base, c)
+    out["probe_seconds"] = time.perf_counter() - t0
+    if first and not note.endswith("(prepared before)"):
+      out["probe_setup_seconds"] = self._probe_base.seconds
+    if progress is not None:
+      progress(f"  probes: {len(out)} numbers vs {self._probe_base.source}"
+               f" ({out['probe_seconds']:.1f} s)")
+    return out
 
   # -- results files -------------------------------------------------------
 
@@ -256,6 +358,8 @@ class Evaluator:
                                      self.config, mesh=self.mesh,
                                      progress=progress)
     metrics["eval_seconds"] = time.perf_counter() - t0
+    if self.config.probes.enabled and not is_base:
+      metrics.update(self.probes(model, progress))
     learning, lname, retention, rname = headline(metrics, self.config)
     c = self.config
     run = run or self.run
@@ -268,7 +372,10 @@ class Evaluator:
         learning_metric=lname, retention_metric=rname,
         metrics={k: float(v) for k, v in metrics.items()},
         run=self.workdir.name, checkpoint=checkpoint, is_base=is_base,
-        settings=eval_settings(c, self.tokenizer), seed=run.seed)
+        settings=eval_settings(c, self.tokenizer), seed=run.seed,
+        items=results.item_scores(predictions),
+        base_id=results.base_identity(
+            checkpoint if is_base else run.init_from.path))
     self._write(record, predictions)
     return record
 
@@ -288,6 +395,21 @@ class Evaluator:
     if spe:
       return info.step / float(spe)
     return float(meta.get("epoch", 0))
+
+
+def _step_dir(path: str, step: int | None) -> epath.Path:
+  """W, W/checkpoints or a step directory -> the step directory (newest
+  complete one unless `step`)."""
+  p = storage.path(path)
+  if (p / ckpt_lib.META).exists():
+    return p
+  done = [c for c in ckpt_lib.list_checkpoints(p) if c.complete
+          and (step is None or c.step == step)]
+  if not done:
+    raise FileNotFoundError(f"no complete checkpoint"
+                            f"{'' if step is None else f' of step {step}'}"
+                            f" under {path}")
+  return done[-1].path
 
 
 def _json_default(x):

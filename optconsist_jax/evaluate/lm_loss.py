@@ -6,7 +6,9 @@ previous window's last token), so every token after BOS is predicted exactly
 once, with up to `max_len` tokens of context. The loss is the token-weighted
 mean negative log-likelihood over all documents (the training loss's
 per-token term, `loss.token_log_likelihood`) and perplexity is its
-exponential.
+exponential. Per document, the summed NLL and the token count are kept
+(`LMLoss.doc_nll`, `doc_tokens`): the report resamples documents to put the
+eval set's sampling error into its intervals (report/resample.py).
 """
 
 from __future__ import annotations
@@ -25,11 +27,17 @@ from optconsist_jax.model.generate import Tokenizer
 
 @dataclasses.dataclass(frozen=True)
 class LMLoss:
-  """Mean NLL per predicted token (nats), its exp, and the token count."""
+  """Mean NLL per predicted token (nats), its exp, and the token count.
+
+  doc_nll, doc_tokens: per document, its summed NLL (nats) and its predicted
+    tokens; loss = sum(doc_nll) / sum(doc_tokens).
+  """
 
   loss: float
   perplexity: float
   tokens: int
+  doc_nll: tuple[float, ...] = ()
+  doc_tokens: tuple[int, ...] = ()
 
 
 def windows(ids: Sequence[int], max_len: int
@@ -55,13 +63,22 @@ def evaluate(model: nnx.Module, tokenizer: Tokenizer,
   lengths `length_bucket * 2**k`).
   """
   max_len = gen.fit_to_context(max_len, model)
-  requests = []
-  for doc in documents:
-    requests += windows(tokenizer.encode(doc, bos=True, eos=True), max_len)
+  requests, doc_of = [], []
+  for k, doc in enumerate(documents):
+    w = windows(tokenizer.encode(doc, bos=True, eos=True), max_len)
+    requests += w
+    doc_of += [k] * len(w)
   if not requests:
     raise ValueError("lm_loss.evaluate: no tokens to score (empty documents)")
   sums = mc.score_continuations(model, requests, batch_size=batch_size,
                                 max_len=max_len, length_bucket=length_bucket)
-  count = sum(len(t) for _, t in requests)
-  mean = float(-np.sum(sums) / count)
-  return LMLoss(loss=mean, perplexity=math.exp(mean), tokens=count)
+  doc_of = np.asarray(doc_of, np.int64)
+  doc_nll = np.zeros(len(documents), np.float64)
+  np.add.at(doc_nll, doc_of, -np.asarray(sums, np.float64))
+  doc_tokens = np.zeros(len(documents), np.int64)
+  np.add.at(doc_tokens, doc_of, [len(t) for _, t in requests])
+  count = int(doc_tokens.sum())
+  mean = float(doc_nll.sum() / count)
+  return LMLoss(loss=mean, perplexity=math.exp(mean), tokens=count,
+                doc_nll=tuple(doc_nll.tolist()),
+                doc_tokens=tuple(int(t) for t in doc_tokens))

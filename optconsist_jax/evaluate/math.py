@@ -222,10 +222,16 @@ def accuracy(model: nnx.Module, tokenizer: gen.Tokenizer,
 
 @dataclasses.dataclass(frozen=True)
 class ResponseLoss:
-  """Teacher-forced NLL of the gold responses (nats per target token)."""
+  """Teacher-forced NLL of the gold responses (nats per target token).
+
+  item_nll, item_tokens: per example, its summed NLL (nats) and its target
+    tokens; loss = sum(item_nll) / sum(item_tokens).
+  """
 
   loss: float
   tokens: int
+  item_nll: tuple[float, ...] = ()
+  item_tokens: tuple[int, ...] = ()
 
 
 def response_loss(model: nnx.Module, tokenizer: gen.Tokenizer,
@@ -249,4 +255,6 @@ def response_loss(model: nnx.Module, tokenizer: gen.Tokenizer,
   sums = multiple_choice.score_continuations(
       model, requests, batch_size=batch_size, max_len=max_len)
   tokens = sum(len(c) for _, c in requests)
-  return ResponseLoss(loss=float(-np.sum(sums) / tokens), tokens=tokens)
+  return ResponseLoss(loss=float(-np.sum(sums) / tokens), tokens=tokens,
+                      item_nll=tuple(float(-x) for x in sums),
+                      item_tokens=tuple(len(c) for _, c in requests))

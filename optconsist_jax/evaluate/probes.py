@@ -60,6 +60,8 @@ from optconsist_jax.model.config import LlamaConfig
 
 Batch = Mapping[str, Any]
 STATS = ("mean", "rms", "max_abs", "kurtosis")
+# The three probes (module doc), as `evaluate(which=...)` names them.
+KINDS = ("geometry", "second_order", "activations")
 
 
 def lm_batch(rows_BT: Any) -> dict[str, np.ndarray]:
@@ -70,6 +72,28 @@ def lm_batch(rows_BT: Any) -> dict[str, np.ndarray]:
                      f" T >= 1, got shape {rows_BT.shape}")
   return {"inputs": rows_BT[:, :-1], "targets": rows_BT[:, 1:],
           "weights": np.ones(rows_BT[:, 1:].shape, np.float32)}
+
+
+def pack_rows(tokenizer: Any, texts: Sequence[str], seq_len: int,
+              max_rows: int | None = None) -> np.ndarray:
+  """BOS + text + EOS of every text, concatenated and cut into full rows.
+
+  Returns int32 [rows, seq_len] (rows of `seq_len + 1` tokens make
+  `lm_batch` inputs of seq_len). The remainder that does not fill a row is
+  dropped; raises when the texts do not fill one row.
+  """
+  stream: list[int] = []
+  for t in texts:
+    stream += [tokenizer.bos_id, *tokenizer.encode(t), tokenizer.eos_id]
+    if max_rows is not None and len(stream) >= max_rows * seq_len:
+      break
+  n = len(stream) // seq_len
+  if max_rows is not None:
+    n = min(n, max_rows)
+  if n == 0:
+    raise ValueError(f"pack_rows: the texts give {len(stream)} tokens,"
+                     f" fewer than one row of seq_len={seq_len}")
+  return np.asarray(stream[:n * seq_len], np.int32).reshape(n, seq_len)
 
 
 def split_model(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State]:
@@ -122,30 +146,52 @@ def hvp(f, params: Any, v: Any) -> tuple[jax.Array, jax.Array, Any, Any]:
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _second_order(graphdef, rest, base, finetuned, batch):
+  """One batch's sums: losses, g0 . dW, dW^T H0 dW, ||dW||^2, and g0."""
   base, finetuned = _f32(base), _f32(finetuned)
   update = jax.tree.map(jnp.subtract, finetuned, base)
   loss = functools.partial(batch_loss, graphdef, rest, batch=batch)
   loss_base, pred1, grad, h_update = hvp(loss, base, update)
-  quad = _vdot(update, h_update)
-  norm2 = _vdot(update, update)
-  loss_ft = loss(finetuned)
+  return {"loss_base": loss_base, "loss_ft": loss(finetuned), "pred1": pred1,
+          "quad": _vdot(update, h_update),
+          "norm2": _vdot(update, update)}, grad
+
+
+@jax.jit
+def _add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+@jax.jit
+def _second_order_summary(sums, grad_sum, n):
+  """The probe's numbers from sums over n equal batches (means of them)."""
+  m = jax.tree.map(lambda x: x / n, sums)
+  grad2 = _vdot(grad_sum, grad_sum) / (n * n)
   return {
-      "probe/loss_base": loss_base,
-      "probe/loss_finetuned": loss_ft,
-      "probe/loss_change": loss_ft - loss_base,
-      "probe/loss_change_pred1": pred1,
-      "probe/loss_change_pred2": pred1 + 0.5 * quad,
-      "probe/curvature": quad,
-      "probe/curvature_ratio": quad / jnp.maximum(norm2, 1e-30),
-      "probe/param_update_norm": jnp.sqrt(norm2),
-      "probe/grad_norm_base": jnp.sqrt(_vdot(grad, grad)),
-      "probe/grad_update_cos": pred1 / jnp.maximum(
-          jnp.sqrt(_vdot(grad, grad) * norm2), 1e-30),
+      "probe/loss_base": m["loss_base"],
+      "probe/loss_finetuned": m["loss_ft"],
+      "probe/loss_change": m["loss_ft"] - m["loss_base"],
+      "probe/loss_change_pred1": m["pred1"],
+      "probe/loss_change_pred2": m["pred1"] + 0.5 * m["quad"],
+      "probe/curvature": m["quad"],
+      "probe/curvature_ratio": m["quad"] / jnp.maximum(m["norm2"], 1e-30),
+      "probe/param_update_norm": jnp.sqrt(m["norm2"]),
+      "probe/grad_norm_base": jnp.sqrt(grad2),
+      "probe/grad_update_cos": m["pred1"] / jnp.maximum(
+          jnp.sqrt(grad2 * m["norm2"]), 1e-30),
   }
 
 
+def _batches(batch: Batch | Sequence[Batch]) -> list[dict[str, Any]]:
+  out = [dict(batch)] if isinstance(batch, Mapping) else [
+      dict(b) for b in batch]
+  if not out:
+    raise ValueError("probes: no batches given")
+  return out
+
+
 def second_order(graphdef: Any, rest: nnx.State, base: nnx.State,
-                 finetuned: nnx.State, batch: Batch) -> dict[str, float]:
+                 finetuned: nnx.State,
+                 batch: Batch | Sequence[Batch]) -> dict[str, float]:
   """Measured vs first/second-order predicted loss change (module doc, 2).
 
   Args:
@@ -153,17 +199,25 @@ def second_order(graphdef: Any, rest: nnx.State, base: nnx.State,
     base, finetuned: nnx.Param states of the same tree (the trainable
       params; frozen ones go in `rest`).
     batch: inputs, targets, weights [B, T] (positions, segment_ids
-      optional), e.g. `lm_batch(rows)`.
+      optional), e.g. `lm_batch(rows)`; or a sequence of such batches with
+      equal token weights (full rows of `pack_rows`), whose mean loss is L:
+      one HVP per batch, the gradients summed (one more float32 copy of the
+      params).
 
   Returns:
     probe/loss_base, loss_finetuned, loss_change (measured), loss_change_pred1
     (g0 . dW), loss_change_pred2 (+ 1/2 dW^T H0 dW), curvature (dW^T H0 dW),
     curvature_ratio (/ ||dW||^2), param_update_norm (every param),
-    grad_norm_base,
-    grad_update_cos.
+    grad_norm_base (||g0||), grad_update_cos (g0 . dW / ||g0|| ||dW||).
   """
   finetuned = _aligned(base, finetuned)
-  out = _second_order(graphdef, rest, base, finetuned, dict(batch))
+  sums, grad_sum = None, None
+  batches = _batches(batch)
+  for b in batches:
+    s, g = _second_order(graphdef, rest, base, finetuned, b)
+    sums = s if sums is None else _add(sums, s)
+    grad_sum = g if grad_sum is None else _add(grad_sum, g)
+  out = _second_order_summary(sums, grad_sum, float(len(batches)))
   return {k: float(v) for k, v in jax.device_get(out).items()}
 
 
@@ -175,9 +229,36 @@ def residual_statistics(graphdef, rest, params, batch) -> dict[str, jax.Array]:
                        batch.get("segment_ids"), return_stats=True).stats
 
 
+def residual_summary(graphdef: Any, rest: nnx.State, params: nnx.State,
+                     batch: Batch | Sequence[Batch]) -> dict[str, np.ndarray]:
+  """stat -> float64 [L] over one batch or several equal ones.
+
+  Across batches (as experiments/fingerprints.py combines them): mean is
+  averaged, RMS is the root of the averaged mean square, max |x| the
+  maximum, kurtosis the average of the per-batch kurtoses (exact with one
+  batch).
+  """
+  per = []
+  for b in _batches(batch):
+    s = residual_statistics(graphdef, rest, params, b)
+    per.append({k: np.asarray(jax.device_get(v), np.float64)
+                for k, v in s.items()})
+  stack = {k: np.stack([p[k] for p in per]) for k in STATS}
+  return {"mean": stack["mean"].mean(0),
+          "rms": np.sqrt(np.mean(np.square(stack["rms"]), 0)),
+          "max_abs": stack["max_abs"].max(0),
+          "kurtosis": stack["kurtosis"].mean(0)}
+
+
 def activation_drift(graphdef: Any, rest: nnx.State, base: nnx.State,
-                     finetuned: nnx.State, batch: Batch) -> dict[str, float]:
+                     finetuned: nnx.State, batch: Batch | Sequence[Batch], *,
+                     base_stats: Mapping[str, np.ndarray] | None = None
+                     ) -> dict[str, float]:
   """Finetuned minus base residual statistics (module doc, 3).
+
+  `batch`: one batch or several (`residual_summary`); `base_stats`: the
+  base's `residual_summary` on the same batches, to reuse across
+  checkpoints (computed when None).
 
   Returns, for stat in STATS: probe/act_{stat}_drift/layer{l} (signed),
   probe/act_{stat}_drift/mean (mean over layers of the signed drift),
@@ -185,12 +266,9 @@ def activation_drift(graphdef: Any, rest: nnx.State, base: nnx.State,
   probe/act_{stat}_base/mean (the base's own level, for scale).
   """
   finetuned = _aligned(base, finetuned)
-  batch = dict(batch)
-  stats = {}
-  for name, params in (("base", base), ("ft", finetuned)):
-    s = residual_statistics(graphdef, rest, params, batch)
-    stats[name] = {k: np.asarray(jax.device_get(v), np.float64)
-                   for k, v in s.items()}
+  stats = {"base": base_stats if base_stats is not None else
+           residual_summary(graphdef, rest, base, batch),
+           "ft": residual_summary(graphdef, rest, finetuned, batch)}
   out = {}
   for stat in STATS:
     drift_L = stats["ft"][stat] - stats["base"][stat]
@@ -241,18 +319,21 @@ def init_params(model_config: LlamaConfig, seed: int, *,
 
 
 def evaluate(base: nnx.Module, finetuned: nnx.Module | nnx.State,
-             batch: Batch, *, init: Any | None = None,
+             batch: Batch | Sequence[Batch], *, init: Any | None = None,
              fractions: Sequence[float] = geometry.DEFAULT_FRACTIONS,
              reference: geometry.Reference | None = None,
-             layer_batch: int | None = None) -> dict[str, float]:
-  """Every probe of `finetuned` against `base`, as one flat dict of floats.
+             layer_batch: int | None = None,
+             which: Sequence[str] = KINDS,
+             base_stats: Mapping[str, np.ndarray] | None = None
+             ) -> dict[str, float]:
+  """The probes of `finetuned` against `base`, as one flat dict of floats.
 
   Args:
     base: the base model (its graphdef runs the loss and the statistics).
     finetuned: the finetuned model (LoRA adapters are merged) or its
       nnx.Param state.
     batch: held-out inputs/targets/weights [B, T] (`lm_batch(rows)` of
-      packed text).
+      packed text), or several such batches of full rows.
     init: the base's init params (`init_params(config, seed)`), or None to
       skip the pretraining-overlap probe.
     fractions: top-k subspace sizes as fractions of min(m, n).
@@ -261,18 +342,29 @@ def evaluate(base: nnx.Module, finetuned: nnx.Module | nnx.State,
       checkpoint-independent half); computed here when None.
     layer_batch: layers decomposed at once along the stacked layer axis
       (None: one per device of the params' mesh).
+    which: a subset of KINDS: "geometry", "second_order", "activations".
+    base_stats: the base's `residual_summary` on `batch`, reused across
+      checkpoints (computed when None).
 
   Returns:
     The keys of `probes_geometry.update_geometry`, `second_order` and
-    `activation_drift`, each `probe/...`.
+    `activation_drift` (those `which` names), each `probe/...`.
   """
+  bad = sorted(set(which) - set(KINDS))
+  if bad:
+    raise ValueError(f"probes: unknown probes {bad}; valid: {KINDS}")
   graphdef, base_params, rest = split_model(base)
   ft_params = _aligned(base_params, _params(finetuned))
-  if reference is None:
-    reference = geometry.reference(base_params, init, fractions=fractions,
-                                   layer_batch=layer_batch)
-  out = geometry.update_geometry(reference, base_params, ft_params,
-                                 layer_batch=layer_batch)
-  out.update(second_order(graphdef, rest, base_params, ft_params, batch))
-  out.update(activation_drift(graphdef, rest, base_params, ft_params, batch))
+  out: dict[str, float] = {}
+  if "geometry" in which:
+    if reference is None:
+      reference = geometry.reference(base_params, init, fractions=fractions,
+                                     layer_batch=layer_batch)
+    out.update(geometry.update_geometry(reference, base_params, ft_params,
+                                        layer_batch=layer_batch))
+  if "second_order" in which:
+    out.update(second_order(graphdef, rest, base_params, ft_params, batch))
+  if "activations" in which:
+    out.update(activation_drift(graphdef, rest, base_params, ft_params,
+                                 batch, base_stats=base_stats))
   return out

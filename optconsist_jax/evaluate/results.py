@@ -25,6 +25,7 @@ import os
 from typing import Any
 
 from absl import logging
+import numpy as np
 
 from optconsist_jax import storage
 
@@ -58,6 +59,15 @@ class EvalRecord:
       BOS, the lm-evaluation-harness version and tasks).
     seed: the run's seed (`train.seed`); runs that differ only in seed are
       the replicates the report's intervals are over.
+    items: per-item scores of the evals, metric name -> {"sum": [...],
+      "count": [...]} in eval-set order, the metric being sum(sum) /
+      sum(count) ("count" absent: 1 per item), e.g. "lm_loss/loss": summed
+      NLL and tokens per held-out document, "math/metamath/acc": 1 / 0 per
+      problem (`item_scores`). The report resamples them (report/resample.py).
+      Empty in records written before they were kept.
+    base_id: which base the run started from (`base_identity`): its
+      checkpoint, pretraining seed and peak learning rates; empty in older
+      records.
   """
 
   step: int
@@ -75,6 +85,9 @@ class EvalRecord:
   is_base: bool = False
   settings: dict[str, Any] = dataclasses.field(default_factory=dict)
   seed: int = 0
+  items: dict[str, dict[str, list[float]]] = dataclasses.field(
+      default_factory=dict)
+  base_id: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -85,7 +98,7 @@ _FIELD_TYPES = {
     "lr": (int, float), "learning": (int, float), "retention": (int, float),
     "learning_metric": (str,), "retention_metric": (str,), "metrics": (dict,),
     "run": (str,), "checkpoint": (str,), "is_base": (bool,),
-    "settings": (dict,), "seed": (int,),
+    "settings": (dict,), "seed": (int,), "items": (dict,), "base_id": (dict,),
 }
 REQUIRED_FIELDS = tuple(
     f.name for f in dataclasses.fields(EvalRecord)
@@ -126,7 +139,94 @@ def parse_record(d: Any, where: str) -> EvalRecord:
   for key in ("learning", "retention", "epoch", "lr"):
     if not math.isfinite(d[key]):
       raise EvalFileError(f"{where}: field {key!r} is {d[key]!r}")
+  for metric, item in d.get("items", {}).items():
+    _check_items(item, f"{where}: items[{metric!r}]")
   return EvalRecord(**d)
+
+
+def _check_items(item: Any, where: str) -> None:
+  if not isinstance(item, dict) or "sum" not in item or set(item) - {
+      "sum", "count"}:
+    raise EvalFileError(f"{where}: expected {{'sum': [...], 'count': [...]}}"
+                        f" ('count' optional), got {str(item)[:80]}")
+  for key, values in item.items():
+    if not isinstance(values, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool)
+        and math.isfinite(v) for v in values):
+      raise EvalFileError(f"{where}[{key!r}]: not a list of finite numbers")
+  if "count" in item and (len(item["count"]) != len(item["sum"])
+                          or any(c <= 0 for c in item["count"])):
+    raise EvalFileError(f"{where}: 'count' must be {len(item['sum'])}"
+                        " positive numbers, one per item")
+
+
+# Per-item entries of the eval job's predictions (evaluate/suite.py) ->
+# results metric: per problem or per document, its summed NLL and tokens.
+_ITEM_LOSSES = {"math/response_loss": "math/response_loss",
+                "lm_loss": "lm_loss/loss"}
+
+
+def item_scores(predictions: Sequence[dict[str, Any]]
+                ) -> dict[str, dict[str, list[float]]]:
+  """`EvalRecord.items` from the eval job's per-item predictions.
+
+  Math generations give "math/<protocol>/acc" (1 / 0 per problem), multiple
+  choice "mc/<benchmark>/acc" and "acc_norm", the per-item NLL entries
+  (eval "math/response_loss", "lm_loss": "nll" summed over "tokens") the
+  loss metrics. Items keep their order in the eval set ("index").
+  """
+  out: dict[str, dict[str, list[float]]] = {}
+
+  def add(metric: str, value: float, count: float | None = None) -> None:
+    item = out.setdefault(metric, {"sum": []})
+    item["sum"].append(round(float(value), 4))
+    if count is not None:
+      item.setdefault("count", []).append(int(count))
+
+  ordered = sorted(enumerate(predictions),
+                   key=lambda ip: (str(ip[1].get("eval", "")),
+                                   ip[1].get("index", ip[0])))
+  for _, p in ordered:
+    name = str(p.get("eval", ""))
+    if name in _ITEM_LOSSES and "nll" in p:
+      add(_ITEM_LOSSES[name], p["nll"], p["tokens"])
+    elif name.startswith("math/") and "correct" in p:
+      add(f"{name}/acc", bool(p["correct"]))
+    elif name.startswith("mc/") and "pred" in p and "label" in p:
+      add(f"{name}/acc", p["pred"] == p["label"])
+      if "pred_norm" in p:
+        add(f"{name}/acc_norm", p["pred_norm"] == p["label"])
+  return out
+
+
+def base_identity(checkpoint: str) -> dict[str, Any]:
+  """The base a run started from: {"checkpoint", "seed", "lrs"}.
+
+  `checkpoint` is the run's init_from path (or the base model evaluated);
+  when it is a training run of ours (a folder with the config.json that
+  train.py writes), its pretraining seed (`train.seed`) and each optimizer
+  group's peak learning rate come from there; otherwise only the path.
+  """
+  out: dict[str, Any] = {"checkpoint": str(checkpoint)}
+  if not checkpoint:
+    return out
+  config_file = storage.join(checkpoint, "config.json")
+  try:
+    if not storage.is_file(config_file):
+      return out
+    config = json.loads(storage.read_text(config_file))
+  except (OSError, ValueError):
+    return out
+  seed = (config.get("train") or {}).get("seed")
+  if isinstance(seed, int):
+    out["seed"] = seed
+  groups = (config.get("optim") or {}).get("groups") or {}
+  lrs = {name: g["schedule"]["peak"] for name, g in groups.items()
+         if isinstance(g, dict) and isinstance(g.get("schedule"), dict)
+         and isinstance(g["schedule"].get("peak"), (int, float))}
+  if lrs:
+    out["lrs"] = lrs
+  return out
 
 
 def object_name(step: int, is_base: bool, checkpoint: str) -> str:
@@ -245,11 +345,19 @@ def pareto_frontier(points: Sequence[tuple[float, float]],
     The indices of points no other point dominates (equal points are all
     kept), ordered by increasing x (then y).
   """
-  sign = tuple(1.0 if m else -1.0 for m in maximize)
-  pts = [(sign[0] * x, sign[1] * y) for x, y in points]
-  keep = [i for i, p in enumerate(pts)
-          if not any(dominates(q, p) for j, q in enumerate(pts) if j != i)]
-  return sorted(keep, key=lambda i: (points[i][0], points[i][1]))
+  if not len(points):
+    return []
+  sign = np.array([1.0 if m else -1.0 for m in maximize])
+  pts_P2 = np.asarray(points, np.float64).reshape(-1, 2) * sign
+  # dominated[i, j]: point j dominates point i (`dominates`, vectorized;
+  # the report computes hundreds of frontiers per item resample).
+  ge = pts_P2[None, :, :] >= pts_P2[:, None, :]
+  gt = pts_P2[None, :, :] > pts_P2[:, None, :]
+  dominated = ge.all(axis=2) & gt.any(axis=2)
+  keep = np.flatnonzero(~dominated.any(axis=1))
+  raw_P2 = np.asarray(points, np.float64).reshape(-1, 2)[keep]
+  order = np.lexsort((raw_P2[:, 1], raw_P2[:, 0]))  # by x, then y
+  return keep[order].tolist()
 
 
 def lower_is_better(metric: str) -> bool:

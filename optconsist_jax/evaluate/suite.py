@@ -3,7 +3,10 @@
 `load_eval_data` reads (or generates) every eval set an `EvalConfig` names;
 `run_evals` scores one model on them (learning: math accuracy; retention:
 multiple choice, LM loss, lm-evaluation-harness tasks); `headline` picks the
-learning and retention numbers of a results row.
+learning and retention numbers of a results row. `probe_base` prepares the
+mechanism probes' checkpoint-independent half once per job (the base's
+singular vectors, the held-out batches, the base's activation statistics)
+and `run_probes` probes one finetuned model against it (evaluate/probes.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from optconsist_jax.data import formats
 from optconsist_jax.data.records import MathExample
 from optconsist_jax.data.records import MultipleChoice
 from optconsist_jax.data import synthetic
+from optconsist_jax import sharding
 from optconsist_jax.evaluate.config import EvalConfig
+from optconsist_jax.evaluate.config import ProbesEvalConfig
 from optconsist_jax.evaluate.config import MATH_FORMATS
 from optconsist_jax.evaluate.config import MC_BENCHMARKS
 from optconsist_jax.evaluate.config import MC_MEAN_SCORE
@@ -33,6 +38,8 @@ from optconsist_jax.evaluate.config import SYNTHETIC
 from optconsist_jax.evaluate import lm_loss as lm_loss_lib
 from optconsist_jax.evaluate import math as math_lib
 from optconsist_jax.evaluate import multiple_choice as mc_lib
+from optconsist_jax.evaluate import probes as probes_lib
+from optconsist_jax.evaluate import probes_geometry
 
 
 @dataclasses.dataclass
@@ -148,8 +155,14 @@ def run_evals(model: nnx.Module, tokenizer, data: EvalData,
     predictions += [{"eval": f"math/{protocol}", **p} for p in r.predictions]
     done(f"math/{protocol}: {r.total} problems, accuracy {r.accuracy:.3f}")
   if m.response_loss and data.math_test:
-    metrics["math/response_loss"] = math_lib.response_loss(
-        model, tokenizer, data.math_test, batch_size=m.batch_size).loss
+    r = math_lib.response_loss(model, tokenizer, data.math_test,
+                               batch_size=m.batch_size)
+    metrics["math/response_loss"] = r.loss
+    # Per problem, for the report's item resampling (results.item_scores).
+    predictions += [{"eval": "math/response_loss", "index": i, "nll": n,
+                     "tokens": t}
+                    for i, (n, t) in enumerate(zip(r.item_nll,
+                                                   r.item_tokens))]
     done(f"math/response_loss: {len(data.math_test)} responses,"
          f" {metrics['math/response_loss']:.4f} nats/token")
   if data.mc_items:
@@ -180,9 +193,116 @@ def run_evals(model: nnx.Module, tokenizer, data: EvalData,
     metrics["lm_loss/loss"] = r.loss
     metrics["lm_loss/perplexity"] = r.perplexity
     metrics["lm_loss/tokens"] = float(r.tokens)
+    predictions += [{"eval": "lm_loss", "index": i, "nll": n, "tokens": t}
+                    for i, (n, t) in enumerate(zip(r.doc_nll, r.doc_tokens))]
     done(f"lm_loss: {r.tokens} tokens of {len(data.documents)} documents,"
          f" {r.loss:.4f} nats/token")
   return metrics, predictions
+
+
+@dataclasses.dataclass
+class ProbeBase:
+  """The base side of the probes, computed once per eval job.
+
+  Attributes:
+    model: the base model (on the eval mesh).
+    source: where it came from (for messages and records).
+    reference: the base's (and displacement's) top singular vectors, or
+      None without the geometry probe.
+    batches: the held-out batches (full rows of packed text).
+    base_stats: the base's residual statistics on them, or None without
+      the activation probe.
+    has_init: the pretraining-overlap probe is on (the init was known).
+    seconds: how long this took.
+  """
+
+  model: nnx.Module
+  source: str
+  reference: probes_geometry.Reference | None
+  batches: list[dict[str, Any]]
+  base_stats: dict[str, np.ndarray] | None
+  has_init: bool
+  seconds: float
+
+
+def probe_batches(tokenizer, documents: list[str], config: ProbesEvalConfig,
+                  *, context: int, mesh: jax.sharding.Mesh | None = None,
+                  rules: Any = None) -> list[dict[str, Any]]:
+  """`hvp_batches` batches of `batch_size` full rows of held-out text.
+
+  Rows of min(seq_len, context) + 1 tokens (`probes.pack_rows`), placed
+  over the mesh's batch axes when the batch divides them.
+  """
+  if not documents:
+    raise ValueError("eval config.probes: the probes need held-out text;"
+                     " set lm_loss.path (it is empty)")
+  seq_len = min(config.seq_len, context)
+  need = config.batch_size * config.hvp_batches
+  try:
+    rows = probes_lib.pack_rows(tokenizer, documents, seq_len + 1, need)
+  except ValueError:  # Not one full row.
+    rows = np.zeros((0, seq_len + 1), np.int32)
+  if len(rows) < need:
+    raise ValueError(
+        f"eval config.probes: the held-out text (lm_loss, {len(documents)}"
+        f" documents) fills {len(rows)} rows of {seq_len + 1} tokens; the"
+        f" probes need batch_size x hvp_batches = {need}: lower them or"
+        " raise lm_loss.limit")
+  place = None
+  if mesh is not None:
+    s = sharding.batch_sharding(mesh, rules or sharding.RULES)
+    spec = s.spec[0] if len(s.spec) else None
+    shards = 1 if spec is None else sharding.axes_size(mesh, spec)
+    place = s if config.batch_size % shards == 0 else None
+  out = []
+  for b in range(config.hvp_batches):
+    batch = probes_lib.lm_batch(rows[b * config.batch_size:
+                                     (b + 1) * config.batch_size])
+    out.append(jax.device_put(batch, place) if place is not None else batch)
+  return out
+
+
+def probe_base(base: nnx.Module, source: str, tokenizer,
+               documents: list[str], config: ProbesEvalConfig, *,
+               init: Any | None = None,
+               mesh: jax.sharding.Mesh | None = None,
+               rules: Any = None) -> ProbeBase:
+  """The checkpoint-independent half of the probes of one base.
+
+  Args:
+    base: the base model on the eval mesh.
+    source: its path (messages).
+    tokenizer, documents: the held-out text (the LM-loss eval's).
+    config: the probes config.
+    init: the base's init params (`probes.init_params`), or None.
+    mesh, rules: the eval mesh (batches are placed over its batch axes).
+  """
+  t0 = time.perf_counter()
+  context = int(base.config.max_position_embeddings)
+  batches = (probe_batches(tokenizer, documents, config, context=context,
+                           mesh=mesh, rules=rules)
+             if {"second_order", "activations"} & set(config.which) else [])
+  graphdef, params, rest = probes_lib.split_model(base)
+  reference = base_stats = None
+  if "geometry" in config.which:
+    reference = probes_geometry.reference(
+        params, init, fractions=config.fractions,
+        layer_batch=config.layer_batch or None)
+  if "activations" in config.which:
+    base_stats = probes_lib.residual_summary(graphdef, rest, params, batches)
+  return ProbeBase(model=base, source=source, reference=reference,
+                   batches=batches, base_stats=base_stats,
+                   has_init=init is not None and reference is not None,
+                   seconds=time.perf_counter() - t0)
+
+
+def run_probes(model: nnx.Module, base: ProbeBase,
+               config: ProbesEvalConfig) -> dict[str, float]:
+  """The configured probes of `model` against `base` (`probes.evaluate`)."""
+  return probes_lib.evaluate(
+      base.model, model, base.batches, reference=base.reference,
+      fractions=config.fractions, layer_batch=config.layer_batch or None,
+      which=config.which, base_stats=base.base_stats)
 
 
 def _harness_lib():

@@ -31,6 +31,8 @@ from flax import nnx
 import jax
 import numpy as np
 
+from optconsist_jax.evaluate import probes
+
 # matrix kind -> path of its stacked [L, in, out] kernel in the param tree.
 MATRIX_KINDS = {
     "q": ("layers", "attn", "q_proj", "kernel"),
@@ -91,25 +93,8 @@ def stable_rank(spectra_LK: np.ndarray) -> np.ndarray:
   return np.sum(np.square(spectra_LK), axis=-1)
 
 
-def pack_rows(tokenizer: Any, texts: Sequence[str], seq_len: int,
-              max_rows: int | None = None) -> np.ndarray:
-  """BOS + text + EOS of every text, concatenated and cut into full rows.
-
-  The remainder that does not fill a row is dropped; raises when the texts
-  do not fill one row.
-  """
-  stream: list[int] = []
-  for t in texts:
-    stream += [tokenizer.bos_id, *tokenizer.encode(t), tokenizer.eos_id]
-    if max_rows is not None and len(stream) >= max_rows * seq_len:
-      break
-  n = len(stream) // seq_len
-  if max_rows is not None:
-    n = min(n, max_rows)
-  if n == 0:
-    raise ValueError(f"activation_stats: the texts give {len(stream)} tokens,"
-                     f" fewer than one row of seq_len={seq_len}")
-  return np.asarray(stream[:n * seq_len], np.int32).reshape(n, seq_len)
+# The eval job's probes pack held-out text the same way (one definition).
+pack_rows = probes.pack_rows
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

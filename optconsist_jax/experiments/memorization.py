@@ -21,7 +21,14 @@ data pipeline read it). Two probes are scored after every epoch:
 Scores (`evaluate`): greedy accuracy (the training prompt, MetaMath answer
 extraction `evaluate.math.extract_answer`) and, as a smoother signal for tiny
 models, the mean per-token log-probability of the gold response (+ EOS) under
-the training prompt, as the training loss sees it.
+the training prompt, as the training loss sees it. The log-probability of a
+fact's number also rises when a model merely learns the answer format (any
+3-digit number: log(1/900) = -6.80 nats), so memorization is read from the
+contrastive score (`contrastive_scores`): log p(own number) minus the mean
+log p(another fact's number) under the same question, 0 at chance whatever
+the format knowledge. With `Settings.peak_lrs` every optimizer runs over a
+learning-rate grid and the summary compares optimizers at equal training
+loss (memorization_report.at_equal_loss), not at one shared learning rate.
 
 `run(W, base)` finetunes the base with each optimizer (memorization_config)
 and `Settings.seeds` seeds (data order), the seeds of one optimizer as one
@@ -30,12 +37,16 @@ epoch), evaluates the base and every epoch checkpoint, and writes
 
   W/memorization/settings.json     the settings (a rerun must match them)
   W/memorization/data/             train.json, facts.json, heldout_rule.json
-  W/memorization/runs/<optimizer>__s<seed>/ the finetuning runs (train.py layout)
+  W/memorization/runs/<optimizer>[__lr<lr>]__s<seed>/ the finetuning runs
+                                   (train.py layout; __lr<lr> with a grid)
   W/memorization/results.jsonl     one line per (optimizer, seed, epoch)
   W/memorization/summary.md, .json each score at the last epoch per optimizer
                                    (mean and 95% interval over seeds) and each
                                    optimizer minus the first, paired by seed,
-                                   with its verdict (report/statistics.py)
+                                   with its verdict (report/statistics.py);
+                                   with a grid, first the comparison at
+                                   equal training loss (also in
+                                   at_equal_loss.json)
   W/memorization/curves.png        memorization and rule curves per optimizer
                                    (mean over seeds, the interval as a band)
 
@@ -55,21 +66,15 @@ import time
 from typing import Any
 
 from absl import flags
-from flax import nnx
-import numpy as np
 
 from optconsist_jax.data import formats
 from optconsist_jax.data import pipeline as data_lib
-from optconsist_jax.data import prompts
-from optconsist_jax.data.records import MathExample
-from optconsist_jax.evaluate import math as math_eval
-from optconsist_jax.evaluate import multiple_choice
 from optconsist_jax.experiments import memorization_config
 from optconsist_jax.experiments import memorization_data
 from optconsist_jax.experiments import memorization_report
+from optconsist_jax.experiments import memorization_scores
 from optconsist_jax.io import checkpoint_layout as ckpt_lib
 from optconsist_jax.io import weights
-from optconsist_jax.model import generate as gen
 from optconsist_jax import errors
 from optconsist_jax import paths
 from optconsist_jax import platforms
@@ -83,105 +88,12 @@ SETTINGS = "settings.json"
 SUMMARY = memorization_report.SUMMARY
 BASE = memorization_report.BASE
 
-
-# ---------------------------------------------------------------------------
-# Scoring.
-
-
-def gold_logprobs(model: nnx.Module, tokenizer: gen.Tokenizer,
-                  examples: Sequence[MathExample], *, batch_size: int = 32
-                  ) -> np.ndarray:
-  """Mean per-token log p(response + EOS | BOS + training prompt), per item.
-
-  The tokens are exactly the training sequence's (data/supervised.py).
-  """
-  requests, lengths = [], []
-  for e in examples:
-    ctx = [tokenizer.bos_id, *tokenizer.encode(prompts.alpaca_prompt(e.query))]
-    cont = [*tokenizer.encode(e.response), tokenizer.eos_id]
-    requests.append((ctx, cont))
-    lengths.append(len(cont))
-  sums = multiple_choice.score_continuations(model, requests,
-                                             batch_size=batch_size)
-  return sums / np.asarray(lengths, np.float64)
-
-
-def answer_logprobs(model: nnx.Module, tokenizer: gen.Tokenizer,
-                    examples: Sequence[MathExample], *, batch_size: int = 32
-                    ) -> np.ndarray:
-  """Summed log p(final answer tokens + EOS | prompt, response before them).
-
-  The response is split at its last "The answer is:" the way
-  lm-evaluation-harness splits context and continuation (tokenized jointly,
-  cut at the prefix's own token length; evaluate/multiple_choice.py). For a fact
-  item ("The answer is: N") this isolates the memorized number.
-  """
-  requests = []
-  for i, e in enumerate(examples):
-    cut = e.response.rfind(math_eval.ANSWER_PHRASE.rstrip())
-    if cut < 0:
-      raise ValueError(f"answer_logprobs: item {i} has no"
-                       f" {math_eval.ANSWER_PHRASE!r}: {e.response!r}")
-    prefix = e.response[:cut + len(math_eval.ANSWER_PHRASE.rstrip())]
-    whole = tokenizer.encode(e.response)
-    n = len(tokenizer.encode(prefix))
-    ctx = [tokenizer.bos_id, *tokenizer.encode(prompts.alpaca_prompt(e.query)),
-           *whole[:n]]
-    requests.append((ctx, [*whole[n:], tokenizer.eos_id]))
-  return multiple_choice.score_continuations(model, requests,
-                                             batch_size=batch_size)
-
-
-def _accuracy(model, tokenizer, examples, generation) -> tuple[float, list]:
-  texts = [prompts.alpaca_prompt(e.query) for e in examples]
-  result = gen.generate(model, tokenizer, texts, generation)
-  correct = []
-  for e, completion in zip(examples, result.completions):
-    correct.append(math_eval.is_correct(math_eval.extract_answer(completion),
-                                        math_eval.parse_number(e.answer)))
-  return float(np.mean(correct)), result.completions
-
-
-def evaluate(model: nnx.Module, tokenizer: gen.Tokenizer,
-             facts: Sequence[MathExample],
-             heldout_rule: Sequence[MathExample], *,
-             max_new_tokens: int = 48, batch_size: int = 32
-             ) -> dict[str, float]:
-  """Memorization and rule scores of `model`.
-
-  Generation uses the training prompt (Alpaca, ending "### Response:"): the
-  finetuned models never saw MetaMath's "Let's think step by step." suffix.
-  Greedy decoding, stopped at MetaMath's stop strings; the answer is read by
-  `evaluate.math.extract_answer` and compared numerically.
-
-  Returns:
-    memorization_acc / rule_acc: greedy accuracy on the training fact items /
-    the held-out rule items; memorization_logprob / rule_logprob: mean over
-    items of the per-token gold-response log-probability (`gold_logprobs`);
-    memorization_answer_logprob: mean over fact items of the summed
-    log-probability of the number (`answer_logprobs`), the sharpest
-    memorization signal; n_fact, n_rule: item counts.
-  """
-  if not facts or not heldout_rule:
-    raise ValueError("memorization.evaluate: empty fact or rule probe")
-  generation = gen.GenerationConfig(
-      max_new_tokens=max_new_tokens, batch_size=batch_size,
-      stop_strings=prompts.METAMATH_STOP_STRINGS, prompt_bucket=32,
-      chunk_size=max_new_tokens)
-  mem_acc, _ = _accuracy(model, tokenizer, facts, generation)
-  rule_acc, _ = _accuracy(model, tokenizer, heldout_rule, generation)
-  return {
-      "memorization_acc": mem_acc,
-      "rule_acc": rule_acc,
-      "memorization_logprob": float(np.mean(gold_logprobs(
-          model, tokenizer, facts, batch_size=batch_size))),
-      "rule_logprob": float(np.mean(gold_logprobs(
-          model, tokenizer, heldout_rule, batch_size=batch_size))),
-      "memorization_answer_logprob": float(np.mean(answer_logprobs(
-          model, tokenizer, facts, batch_size=batch_size))),
-      "n_fact": len(facts),
-      "n_rule": len(heldout_rule),
-  }
+# The scores (experiments/memorization_scores.py), by their old names.
+gold_logprobs = memorization_scores.gold_logprobs
+answer_logprobs = memorization_scores.answer_logprobs
+contrastive_requests = memorization_scores.contrastive_requests
+contrastive_scores = memorization_scores.contrastive_scores
+evaluate = memorization_scores.evaluate
 
 
 # ---------------------------------------------------------------------------
@@ -197,6 +109,9 @@ class Settings:
     n_heldout: held-out rule items (the rule probe).
     num_epochs: finetuning epochs (one checkpoint and one eval per epoch).
     peak_lr: peak learning rate of both optimizers (Muon with rms_match).
+    peak_lrs: () = `peak_lr` only; else a learning-rate grid every
+      optimizer runs over (runs <optimizer>__lr<lr>__s<seed>), so the
+      summary can compare optimizers at equal training loss.
     global_batch_size, seq_len: the finetuning batch (packed rows).
     max_new_tokens, eval_batch_size: decoding of the probes.
     seed: the data set's seed, and the first training seed.
@@ -215,6 +130,7 @@ class Settings:
   eval_batch_size: int = 64
   seed: int = 0
   seeds: int = 3
+  peak_lrs: tuple[float, ...] = ()
 
 
 MODES = {
@@ -222,6 +138,9 @@ MODES = {
     "quick": Settings(),
     # One GPU, or a patient CPU: enough epochs for facts to be memorized.
     "full": Settings(n_rule=1000, n_fact=500, n_heldout=256, num_epochs=16),
+    # configs/small_consistency.py:standard: quick's sizes over a grid of
+    # three learning rates x2 apart around quick's one.
+    "standard": Settings(peak_lrs=(1e-3, 2e-3, 4e-3)),
 }
 
 
@@ -240,17 +159,20 @@ def _base_run_config(base: str) -> dict[str, Any]:
 
 
 def experiment_config(optimizer: str, base: str, data_path: str,
-                      settings: Settings, seed: int | None = None
+                      settings: Settings, seed: int | None = None,
+                      lr: float | None = None
                       ) -> config_types.ExperimentConfig:
   """`memorization_config.get_config(optimizer)`, base and data filled in.
 
-  `seed` (default `settings.seed`) is the run's data-order and train seed.
+  `seed` (default `settings.seed`) is the run's data-order and train seed;
+  `lr` its peak learning rate (default `settings.peak_lr`).
   """
   seed = settings.seed if seed is None else seed
   base_cfg = _base_run_config(base)
   c = memorization_config.get_config(optimizer).to_dict()
   c["model"] = dict(base_cfg["model"])
-  c["optim"] = memorization_config.optim_dict(optimizer, settings.peak_lr)
+  c["optim"] = memorization_config.optim_dict(
+      optimizer, settings.peak_lr if lr is None else lr)
   c["data"].update(path=os.path.abspath(data_path), seq_len=settings.seq_len,
                    global_batch_size=settings.global_batch_size,
                    seed=seed,
@@ -307,6 +229,10 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
   settings_path = os.path.join(root, SETTINGS)
   wanted = {**dataclasses.asdict(settings),
             "base": os.path.abspath(base_init_path)}
+  if not settings.peak_lrs:  # as settings.json was before the grid existed
+    del wanted["peak_lrs"]
+  else:
+    wanted["peak_lrs"] = list(settings.peak_lrs)
   if os.path.exists(settings_path):
     with open(settings_path, encoding="utf-8") as f:
       found = json.load(f)
@@ -326,29 +252,33 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
       n_fact=s.n_fact, n_heldout=s.n_heldout)
   facts = formats.read_metamathqa(data.facts)
   heldout = formats.read_metamathqa(data.heldout_rule)
+  train_items = formats.read_metamathqa(data.train)
   results_path = os.path.join(root, RESULTS)
-  done = {(r["optimizer"], r.get("seed"), r["epoch"])
+  done = {(r["optimizer"], r.get("lr"), r.get("seed"), r["epoch"])
           for r in _read_results(results_path)}
-  configs = {(o, k): experiment_config(o, os.fspath(base_init_path),
-                                       data.train, s, seed=k)
-             for o in optimizers for k in seeds}
+  lrs = s.peak_lrs or (None,)
+  configs = {(o, lr, k): experiment_config(o, os.fspath(base_init_path),
+                                           data.train, s, seed=k, lr=lr)
+             for o in optimizers for lr in lrs for k in seeds}
   tokenizer = data_lib.load_tokenizer(next(iter(configs.values())).data)
 
-  def score(model_config, checkpoint, optimizer, seed, epoch, step):
-    if (optimizer, seed, epoch) in done:
+  def score(model_config, checkpoint, optimizer, lr, seed, epoch, step):
+    if (optimizer, lr, seed, epoch) in done:
       return
     t = time.perf_counter()
     model = weights.restore_run_model(checkpoint, model_config)
     m = evaluate(model, tokenizer, facts, heldout,
                  max_new_tokens=s.max_new_tokens,
-                 batch_size=s.eval_batch_size)
+                 batch_size=s.eval_batch_size, train=train_items)
     record = {"optimizer": optimizer, "epoch": epoch, "step": step,
               "checkpoint": os.fspath(checkpoint), **m,
               "eval_seconds": round(time.perf_counter() - t, 2)}
     if seed is not None:
       record["seed"] = seed
+    if lr is not None:
+      record["lr"] = lr
     _append(results_path, record)
-    done.add((optimizer, seed, epoch))
+    done.add((optimizer, lr, seed, epoch))
     log(f"memorization: {optimizer}"
         f"{'' if seed is None else f' seed {seed}'} epoch {epoch}:"
         f" memorization {m['memorization_acc']:.3f} rule {m['rule_acc']:.3f}"
@@ -356,18 +286,19 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
         f" {m['rule_logprob']:.3f})")
 
   any_config = next(iter(configs.values()))
-  score(any_config.model, os.fspath(base_init_path), BASE, None, 0, 0)
-  for optimizer in optimizers:
-    run_dirs = {k: os.path.join(root, "runs", f"{optimizer}__s{k}")
-                for k in seeds}
+  score(any_config.model, os.fspath(base_init_path), BASE, None, None, 0, 0)
+  for optimizer, lr in ((o, lr) for o in optimizers for lr in lrs):
+    tag = optimizer if lr is None else f"{optimizer}__lr{lr:g}"
+    run_dirs = {k: os.path.join(root, "runs", f"{tag}__s{k}") for k in seeds}
     todo = [k for k in seeds
             if not all(e in _epoch_checkpoints(run_dirs[k])
                        for e in range(1, s.num_epochs + 1))]
     if todo:
       t = time.perf_counter()
-      population.train_population([configs[(optimizer, k)] for k in todo],
-                                  [run_dirs[k] for k in todo])
-      log(f"memorization: finetuned with {optimizer}, seeds {todo} (one"
+      population.train_population(
+          [configs[(optimizer, lr, k)] for k in todo],
+          [run_dirs[k] for k in todo])
+      log(f"memorization: finetuned with {tag}, seeds {todo} (one"
           f" population) in {time.perf_counter() - t:.1f} s")
     for k in seeds:
       have = _epoch_checkpoints(run_dirs[k])
@@ -376,8 +307,8 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
           raise RuntimeError(
               f"{run_dirs[k]}: no checkpoint for epoch {epoch} after"
               f" training (complete epoch checkpoints: {sorted(have)})")
-        score(configs[(optimizer, k)].model, have[epoch].path, optimizer, k,
-              epoch, have[epoch].step)
+        score(configs[(optimizer, lr, k)].model, have[epoch].path,
+              optimizer, lr, k, epoch, have[epoch].step)
 
   results = [r for r in _read_results(results_path)
              if r["optimizer"] == BASE or r["optimizer"] in optimizers]
@@ -391,7 +322,12 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
     memorization_report.plot(results, curves)
   if len(optimizers) > 1 and stale(os.path.join(root, SUMMARY + ".md")):
     summary = memorization_report.summarize(results, optimizers)
-    memorization_report.write_summary(summary, root)
+    equal_loss = memorization_report.at_equal_loss(results, optimizers)
+    memorization_report.write_summary(summary, root, equal_loss)
+    for row in equal_loss:
+      log(f"memorization: at equal training loss, {row['metric']}:"
+          f" {row['other']} - {row['first']} ="
+          f" {memorization_report.fmt(row['gap_mean'])}: {row['verdict']}")
     for row in summary:
       log(f"memorization: {row['metric']}: {row['other']} - {row['first']} ="
           f" {memorization_report.fmt(row['gap'])}: {row['verdict']}")

@@ -59,10 +59,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from optconsist_jax.data import corpus
 from optconsist_jax.data import synthetic
 from optconsist_jax import errors
 from optconsist_jax.evaluate import results
+from optconsist_jax.experiments import retention as retention_lib
 from optconsist_jax.experiments import study
 from optconsist_jax import paths as paths_lib
 from optconsist_jax import platforms
@@ -107,6 +107,23 @@ def write_math_data(rc: study.ReproConfig, data_dir: str) -> tuple[str, str]:
   return train_file, test_file
 
 
+def write_retention_data(rc: study.ReproConfig, data_dir: str) -> str:
+  """The eval job's lm_loss.path: "stdlib" (its held-out files, as
+  `retention_lib.documents` reads them), or with paragraph documents
+  W/data/retention.jsonl (one {"text"} each; skipped if present)."""
+  if rc.eval.retention_unit == "file":
+    return "stdlib"
+  path = os.path.join(data_dir, "retention.jsonl")
+  if not os.path.exists(path):
+    os.makedirs(data_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+      for doc in retention_lib.documents(rc):
+        fh.write(json.dumps({"text": doc}) + "\n")
+    os.replace(tmp, path)
+  return path
+
+
 def train_population(members: Sequence[tuple[str, dict[str, Any],
                                              dict[str, Any]]]) -> bool:
   """Trains the (workdir, config, labels) not yet done as one population.
@@ -145,11 +162,13 @@ def train_population(members: Sequence[tuple[str, dict[str, Any],
   return True
 
 
-def eval_config(rc: study.ReproConfig, run: study.Run, test_file: str, with_base: bool):
+def eval_config(rc: study.ReproConfig, run: study.Run, test_file: str,
+                with_base: bool, retention: str = "stdlib"):
   """The eval job's config for one finetuning run (labels for the plot).
 
   with_base: also evaluate the run's base model (its init_from), once per
     base over all runs.
+  retention: lm_loss.path (`write_retention_data`).
   """
   # deferred: pulls in jax; the plan and --help load without it.
   from optconsist_jax.evaluate.config import EvalConfig  # pylint: disable=g-import-not-at-top
@@ -162,8 +181,11 @@ def eval_config(rc: study.ReproConfig, run: study.Run, test_file: str, with_base
                 limit=rc.eval.math_examples, batch_size=16,
                 max_new_tokens=rc.eval.max_new_tokens),
       multiple_choice=dict(hellaswag="", arc_challenge="", winogrande=""),
-      lm_loss=dict(path="stdlib", limit=rc.eval.retention_docs,
+      lm_loss=dict(path=retention, limit=rc.eval.retention_docs,
                    max_len=rc.eval.retention_max_len, batch_size=16),
+      # Cheap probes: 4 rows (the mini study's 2 documents fill 4).
+      probes=dict(enabled=rc.eval.probes, batch_size=4,
+                  seq_len=rc.eval.retention_max_len),
       learning_metric=rc.eval.learning_metric,
       retention_metric="-lm_loss/loss",
       method=labels["method"], base=labels["base"], lr=labels["lr"],
@@ -171,12 +193,12 @@ def eval_config(rc: study.ReproConfig, run: study.Run, test_file: str, with_base
 
 
 def evaluate_run(rc: study.ReproConfig, run: study.Run, test_file: str,
-                 with_base: bool) -> bool:
+                 with_base: bool, retention: str = "stdlib") -> bool:
   """Evaluates what is not evaluated yet; returns True when it did any."""
   # deferred: pulls in jax; the plan and --help load without it.
   from optconsist_jax.evaluate import watch  # pylint: disable=g-import-not-at-top
   r = watch.evaluate_workdir(
-      run.workdir, eval_config(rc, run, test_file, with_base))
+      run.workdir, eval_config(rc, run, test_file, with_base, retention))
   return bool(r.evaluated or r.base_evaluated)
 
 
@@ -200,7 +222,7 @@ def base_fingerprints(rc: study.ReproConfig, bases: Sequence[study.Base],
     model_config = weights.model_config_of(b.workdir, "orbax")
     models[name] = (weights.restore_run_model(b.workdir, model_config),
                     study.load_tokenizer(b.tokenizer_path))
-  texts = corpus.python_stdlib_text("heldout")[:rc.eval.retention_docs]
+  texts = retention_lib.documents(rc)
   paths = fingerprints.compare(models, texts, out_dir)
   return {f"fingerprints_{k}": v for k, v in paths.items()}
 
@@ -228,6 +250,7 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   train_file, test_file = write_math_data(rc, os.path.join(workdir, "data"))
+  retention = write_retention_data(rc, os.path.join(workdir, "data"))
   bases, runs = study.plan_runs(rc, workdir, train_file)
   with errors.user_input():
     study.check_bases(rc, bases)
@@ -264,7 +287,8 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
   for i, r in enumerate(runs, 1):
     print(f"[{i}/{len(runs)}] evaluate {r.name}", flush=True)
     t0 = (time.time(), time.process_time())
-    ran = evaluate_run(rc, r, test_file, r.base.workdir not in seen_bases)
+    ran = evaluate_run(rc, r, test_file, r.base.workdir not in seen_bases,
+                       retention)
     seen_bases.add(r.base.workdir)
     timed(f"eval/{r.name}", t0, ran)
 
@@ -273,6 +297,16 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
   print("report", flush=True)
   outputs = report.consistency_report([r.workdir for r in runs], out_dir,
                                       matrix=rc.matrix)
+  shares = {}
+  if not rc.bases:
+    # deferred: pulls in jax; the plan and --help load without it.
+    from optconsist_jax.experiments import parameter_shares  # pylint: disable=g-import-not-at-top
+    shares = parameter_shares.shares(rc.model, rc.pretrain.optimizers,
+                                     rc.optim_kwargs)
+    outputs["parameter_shares"] = os.path.join(out_dir,
+                                               "parameter_shares.md")
+    with open(outputs["parameter_shares"], "w") as fh:
+      fh.write(parameter_shares.markdown(shares))
   # Is each base a language model of its corpus? Its held-out loss against
   # a unigram model's (the retention metric is minus that loss).
   info_path = os.path.join(workdir, "run_info.json")
@@ -282,7 +316,7 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
       previous = json.load(fh)
   unigram = previous.get("retention_unigram_loss")
   if unigram is None:
-    unigram = study.unigram_retention_loss(rc, bases[0].tokenizer_path)
+    unigram = retention_lib.unigram_loss(rc, bases[0].tokenizer_path)
   base_losses = {}
   for r in runs:
     for rec in results.read_workdir(r.workdir):
@@ -342,6 +376,7 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
           "runs": len(runs),
           "retention_unigram_loss": unigram,
           "base_heldout_loss": base_losses,
+          "parameter_shares": shares,
           "machine": previous.get("machine", machine),
           "invocations": invocations,
           "stage_seconds": {**stage_times,

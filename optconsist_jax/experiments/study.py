@@ -14,15 +14,17 @@ import json
 import os
 from typing import Any
 
-import numpy as np
 
-from optconsist_jax.data import corpus
 from optconsist_jax.data import gpt2_bpe
 from optconsist_jax import errors
 from optconsist_jax.io import hub
 from optconsist_jax import paths as paths_lib
 from optconsist_jax.report import tables as report
 from optconsist_jax import typed_config
+
+
+# What one retention document is (EvalSettings.retention_unit).
+RETENTION_UNITS = ("file", "paragraph")
 
 
 # ---------------------------------------------------------------------------
@@ -55,7 +57,16 @@ class PretrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-  """How every base is finetuned (`lrs`: method -> its learning-rate grid)."""
+  """How every base is finetuned (`lrs`: method -> its learning-rate grid).
+
+  epoch_budgets: () = one run of `epochs` epochs per (LR, seed) with a
+    checkpoint per epoch (an epoch-1 point is then mid-schedule, not cooled
+    down); else one run per budget E in it, each its own whole schedule of
+    E epochs evaluated at its end, so every frontier point is an
+    end-of-schedule model (`plan_runs`).
+  lora_head: LoRA adapts the LM head too (default: the linear layers of
+    the blocks only).
+  """
 
   methods: tuple[str, ...] = ("adamw", "muon", "lora")
   lrs: Mapping[str, tuple[float, ...]] = dataclasses.field(
@@ -69,6 +80,8 @@ class FinetuneConfig:
   lora_rank: int = 8
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
+  epoch_budgets: tuple[int, ...] = ()
+  lora_head: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +92,12 @@ class EvalSettings:
     or "-math/response_loss" (minus the held-out finetuning loss), which
     separates runs where a tiny model's accuracy is near zero. Both are
     recorded for every checkpoint.
+  probes: the eval job's update probes of every checkpoint against its base
+    (evaluate/config.py ProbesEvalConfig; the report's mechanism table).
+  retention_unit: what one held-out retention document is
+    (`retention.documents`): "file" (one held-out stdlib file's docstrings;
+    the corpus has ~27) or "paragraph" (one blank-line-separated paragraph
+    of them, ~500: enough items for the report to resample).
   """
 
   math_examples: int = 48
@@ -86,6 +105,14 @@ class EvalSettings:
   retention_docs: int = 26
   retention_max_len: int = 256
   learning_metric: str = "math/metamath/acc"
+  probes: bool = True
+  retention_unit: str = "file"
+
+  def __post_init__(self):
+    if self.retention_unit not in RETENTION_UNITS:
+      raise ValueError(f"reproduce config.eval.retention_unit="
+                       f"{self.retention_unit!r}: expected one of"
+                       f" {RETENTION_UNITS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,27 +310,39 @@ def pretrain_run_config(rc: ReproConfig, optimizer: str,
 
 
 def finetune_run_config(rc: ReproConfig, base: Base, method: str, lr: float,
-                        seed: int, train_file: str) -> dict[str, Any]:
+                        seed: int, train_file: str,
+                        epochs: int | None = None) -> dict[str, Any]:
+  """One finetuning run; `epochs` a budget of `finetune.epoch_budgets` (its
+  own schedule, only its end checkpointed), None: `finetune.epochs`."""
   f = rc.finetune
   d = _common(rc, seed)
+  if epochs is not None:
+    d["checkpoint"].update(keep_epochs=False)
   if base.config is None:  # external: its own architecture
     d["model"] = dict(preset="from_init")
   d["optim"] = _optim_dict(rc, method, lr)
   d["data"] = dict(format="metamathqa", path=train_file, seq_len=f.seq_len,
                    global_batch_size=f.global_batch_size, seed=seed,
                    tokenizer_path=base.tokenizer_path)
-  d["train"].update(num_epochs=f.epochs, num_steps=0)
+  d["train"].update(num_epochs=f.epochs if epochs is None else epochs,
+                    num_steps=0)
   d["init_from"] = dict(path=base.workdir, kind=base.kind)
   if method == "lora":
     d["lora"] = dict(rank=f.lora_rank, alpha=f.lora_alpha,
                      dropout=f.lora_dropout)
+    if f.lora_head:
+      # deferred: model pulls in jax; config files import study without it.
+      from optconsist_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+      d["lora"]["targets"] = lora_lib.DEFAULT_TARGETS + ("head",)
     if f.lora_dropout:
       d["train"]["dropout_seed"] = seed
   return d
 
 
-def run_name(base: str, method: str, lr: float, seed: int) -> str:
-  return f"{base}-base__{method}__lr{lr:g}__s{seed}"
+def run_name(base: str, method: str, lr: float, seed: int,
+             epochs: int | None = None) -> str:
+  budget = "" if epochs is None else f"__e{epochs}"
+  return f"{base}-base__{method}__lr{lr:g}{budget}__s{seed}"
 
 
 def _external_tokenizer(rc: ReproConfig, path: str, kind: str) -> str:
@@ -348,7 +387,13 @@ def plan_bases(rc: ReproConfig, workdir: str) -> list[Base]:
 
 def plan_runs(rc: ReproConfig, workdir: str, train_file: str
               ) -> tuple[list[Base], list[Run]]:
-  """Every base, and every finetuning run (base, method, lr, seed)."""
+  """Every base, and every finetuning run (base, method, lr, seed[, budget]).
+
+  Finetuning seed seed + i starts from pretraining seed
+  seed + (i mod pretrain.seeds). With `finetune.epoch_budgets` each
+  (base, method, lr, seed) is one run per budget (labels["epochs"]).
+  """
+  budgets = rc.finetune.epoch_budgets or (None,)
   bases = plan_bases(rc, workdir)
   by_name: dict[str, list[Base]] = {}
   for b in bases:
@@ -360,20 +405,25 @@ def plan_runs(rc: ReproConfig, workdir: str, train_file: str
         seed = rc.seed + i
         base = seeds[i % len(seeds)]
         for lr in rc.finetune.lrs[method]:
-          rn = run_name(name, method, lr, seed)
-          runs.append(Run(
-              rn, os.path.join(workdir, "runs", rn),
-              dict(base=name, method=method, lr=lr, seed=seed,
-                   base_seed=base.seed),
-              finetune_run_config(rc, base, method, lr, seed, train_file),
-              base))
+          for epochs in budgets:
+            rn = run_name(name, method, lr, seed, epochs)
+            labels = dict(base=name, method=method, lr=lr, seed=seed,
+                          base_seed=base.seed)
+            if epochs is not None:
+              labels["epochs"] = epochs
+            runs.append(Run(
+                rn, os.path.join(workdir, "runs", rn), labels,
+                finetune_run_config(rc, base, method, lr, seed, train_file,
+                                    epochs),
+                base))
   return bases, runs
 
 
 def population_groups(rc: ReproConfig, bases: Sequence[Base],
                       runs: Sequence[Run]) -> list[tuple[str, list]]:
   """The populations, in order: each optimizer's pretraining seeds, then per
-  (base, base seed, method) every finetuning seed x learning rate."""
+  (base, base seed, method[, epoch budget]) every finetuning seed x
+  learning rate (a population's runs share their length)."""
   groups: dict[str, list] = {}
   for b in bases:
     if b.config is not None:
@@ -383,6 +433,8 @@ def population_groups(rc: ReproConfig, bases: Sequence[Base],
   for r in runs:
     key = (f"{r.base.name}-base__{r.labels['method']}" if one_base_seed else
            f"{r.base.name}-base__s{r.base.seed}__{r.labels['method']}")
+    if "epochs" in r.labels:
+      key += f"__e{r.labels['epochs']}"
     groups.setdefault(key, []).append(r)
   return list(groups.items())
 
@@ -414,24 +466,3 @@ def load_tokenizer(tokenizer_path: str):
   from optconsist_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.load_tokenizer(pipeline.DataConfig(
       format="stdlib", tokenizer_path=tokenizer_path))
-
-
-def unigram_retention_loss(rc: ReproConfig, tokenizer_path: str) -> float:
-  """The retention loss of a unigram model of the pretraining corpus.
-
-  The floor a base must beat to be a language model of its corpus: token
-  frequencies of the docstrings' training split (add-one smoothed over the
-  vocabulary), scored on exactly the tokens the eval job's retention loss
-  scores (every token after BOS of the first `eval.retention_docs` held-out
-  documents, EOS included; evaluate/lm_loss.py), in nats per token.
-  """
-  tokenizer = load_tokenizer(tokenizer_path)
-  counts = np.ones(tokenizer.vocab_size, np.float64)
-  for doc in corpus.python_stdlib_text("train"):
-    ids = tokenizer.encode(doc, eos=True)
-    np.add.at(counts, np.asarray(ids, np.int64), 1.0)
-  log_p = np.log(counts / counts.sum())
-  targets = []
-  for doc in corpus.python_stdlib_text("heldout")[:rc.eval.retention_docs]:
-    targets += tokenizer.encode(doc, bos=True, eos=True)[1:]
-  return float(-log_p[np.asarray(targets, np.int64)].mean())

@@ -28,12 +28,16 @@ from optconsist_jax.model.llama import dense
 from optconsist_jax.model.llama import Linear
 from optconsist_jax.model.llama import Llama
 
-# target -> (block attribute, projection attribute)
+# target -> (block attribute, projection attribute); "head" is the model's
+# own LM head (no block; an untied head only).
 TARGETS = {
     "q": ("attn", "q_proj"), "k": ("attn", "k_proj"), "v": ("attn", "v_proj"),
     "o": ("attn", "o_proj"), "gate": ("mlp", "gate_proj"),
     "up": ("mlp", "up_proj"), "down": ("mlp", "down_proj"),
+    "head": ("", "lm_head"),
 }
+# Every linear layer of the blocks (Biderman et al. 2024); the head is opt-in.
+DEFAULT_TARGETS = tuple(t for t in TARGETS if t != "head")
 
 
 class LoRAParam(nnx.Variable):
@@ -48,12 +52,13 @@ class LoRAConfig:
     rank: adapter rank r.
     alpha: scale numerator; the update is A B * alpha / rank.
     dropout: dropout rate on the adapter input (training only).
-    targets: which projections get adapters, a subset of TARGETS.
+    targets: which projections get adapters, a subset of TARGETS (default
+      DEFAULT_TARGETS; add "head" to adapt the LM head too).
   """
   rank: int = 16
   alpha: float = 32.0
   dropout: float = 0.05
-  targets: tuple[str, ...] = tuple(TARGETS)
+  targets: tuple[str, ...] = DEFAULT_TARGETS
 
   def __post_init__(self):
     object.__setattr__(self, "targets", tuple(self.targets))
@@ -119,13 +124,20 @@ def apply_lora(model: Llama, lora_config: LoRAConfig | Any,
   c = LoRAConfig.from_dict(lora_config)
   for target in c.targets:
     block, proj = TARGETS[target]
-    parent = getattr(model.layers, block)
+    parent = _parent(model, block)
     base = getattr(parent, proj)
+    if base is None:
+      raise ValueError(f"apply_lora: target {target!r}: the model has no"
+                       f" {proj} (tied embeddings)")
     if isinstance(base, LoRALinear):
-      raise ValueError(f"apply_lora: layers/{block}/{proj} already has an "
-                       "adapter")
+      raise ValueError(f"apply_lora: {block or 'model'}/{proj} already has"
+                       " an adapter")
     setattr(parent, proj, LoRALinear(base, c, rngs=rngs))
   return model
+
+
+def _parent(model: Llama, block: str) -> nnx.Module:
+  return getattr(model.layers, block) if block else model
 
 
 def merge(model: Llama) -> Llama:
@@ -137,7 +149,7 @@ def merge(model: Llama) -> Llama:
   merged = nnx.clone(model)
   c = merged.config
   for block, proj in TARGETS.values():
-    parent = getattr(merged.layers, block)
+    parent = _parent(merged, block)
     lora = getattr(parent, proj)
     if not isinstance(lora, LoRALinear):
       continue

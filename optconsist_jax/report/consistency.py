@@ -29,6 +29,15 @@ with both bases (`interactions`),
 cancels such a column effect (it is the interaction contrast of the 2 x 2
 base x method table). Each table's verdicts are Holm-corrected over its
 family of comparisons (`statistics.holm`).
+
+The unit of every interval is the seed: finetuning seed s starts from
+pretraining seed s when a study has as many of each (experiments/study.py),
+so a per-seed value varies with both. When the rows keep per-item eval
+scores, every frontier and estimand is recomputed on resamples of the eval
+items (report/resample.py) and the gaps, areas and interactions get the
+hierarchical interval (`tested`, `statistics.hierarchical_ci`); the tables
+say which sources their intervals cover (`resample.covers_note`). The
+markdown and JSON of the tables: report/consistency_markdown.py.
 """
 
 from __future__ import annotations
@@ -42,26 +51,64 @@ import numpy as np
 
 
 from optconsist_jax.evaluate import results
+from optconsist_jax.report import resample
 from optconsist_jax.report import statistics as stats
 
 # front_P2: frontier points (learning, retention), increasing learning.
 Frontiers = dict[tuple[str, str], dict[int, np.ndarray]]
 
 
+def _run_sets(records: Sequence[results.EvalRecord]
+              ) -> dict[tuple[str, str], dict[int, np.ndarray]]:
+  """(base, method) -> seed -> the indices of that run set's rows."""
+  idx: dict[tuple[str, str], dict[int, list[int]]] = {}
+  for n, r in enumerate(records):
+    if not r.is_base:
+      idx.setdefault((r.base, r.method), {}).setdefault(r.seed, []).append(n)
+  return {k: {s: np.asarray(v[s], np.int64) for s in sorted(v)}
+          for k, v in sorted(idx.items())}
+
+
+def _frontiers(sets, points_N2: np.ndarray) -> Frontiers:
+  out: Frontiers = {}
+  for key, by_seed in sets.items():
+    out[key] = {}
+    for seed, idx in by_seed.items():
+      pts_P2 = points_N2[idx]
+      out[key][seed] = pts_P2[results.pareto_frontier(pts_P2)]
+  return out
+
+
 def seed_frontiers(records: Sequence[results.EvalRecord]) -> Frontiers:
   """(base, method) -> seed -> the frontier of that seed's checkpoints."""
-  points: dict[tuple[str, str], dict[int, list[tuple[float, float]]]] = {}
-  for r in records:
-    if not r.is_base:
-      points.setdefault((r.base, r.method), {}).setdefault(r.seed, []).append(
-          (r.learning, r.retention))
-  out: Frontiers = {}
-  for key, by_seed in sorted(points.items()):
-    out[key] = {}
-    for seed, pts in sorted(by_seed.items()):
-      front = results.pareto_frontier(pts)
-      out[key][seed] = np.array([pts[i] for i in front], np.float64)
-  return out
+  return _frontiers(_run_sets(records), np.array(
+      [(r.learning, r.retention) for r in records], np.float64).reshape(-1, 2))
+
+
+def item_frontiers(records: Sequence[results.EvalRecord],
+                   items: str | resample.ItemResamples = "auto"
+                   ) -> tuple[list[Frontiers] | None,
+                              resample.ItemResamples | None]:
+  """`seed_frontiers` on each resample of the eval items, and the resamples.
+
+  items: "auto" (resample when the rows have per-item scores), "off"
+  (never), or the resamples (`resample.item_resamples` of these same
+  `records`; their frontiers are computed once and cached in them).
+  (None, ...) when nothing is resampled.
+  """
+  if isinstance(items, str):
+    if items not in ("auto", "off"):
+      raise ValueError(f"report: items={items!r}; expected 'auto', 'off' or"
+                       " resample.ItemResamples")
+    items = (resample.item_resamples(records)
+             if items == "auto" and records else None)
+  if items is None or not items.items:
+    return None, items
+  if "frontiers" not in items.cache:  # once for the summary, interactions
+    sets = _run_sets(records)         # and matrix of one report
+    items.cache["frontiers"] = [_frontiers(sets, p_N2)
+                                for p_N2 in items.points_BN2]
+  return items.cache["frontiers"], items
 
 
 def retention_at(front_P2: np.ndarray, level: float) -> float:
@@ -175,12 +222,77 @@ def area_gap_by_seed(fronts: Frontiers, base: str, a: str,
   return {s: v for s, v in areas.items() if math.isfinite(v)}
 
 
-def tested(by_seed: Mapping[int, float], **ci) -> tuple[stats.Interval, float]:
-  """(interval over seeds, t-test p) of per-seed values; (EMPTY, NaN) if none."""
-  values = [by_seed[s] for s in sorted(by_seed)]
-  if not values:
+def seed_units(records: Sequence[results.EvalRecord]) -> dict[int, tuple]:
+  """Finetuning seed -> its unit of replication.
+
+  With several base checkpoints per pretraining optimizer, the unit is the
+  set of base checkpoints the seed's runs started from (`EvalRecord.
+  base_id`): finetuning seeds that share one are averaged into one unit
+  before an interval (`tested`), so n counts pretraining seeds. With one
+  checkpoint per optimizer, or rows that do not say, each finetuning seed
+  is its own unit (the intervals then leave the pretraining seed out, and
+  `resample.covers_note` says so).
+  """
+  found: dict[int, set] = {}
+  per_base: dict[str, set] = {}
+  for r in records:
+    if not r.is_base:
+      ckpt = r.base_id.get("checkpoint") if r.base_id else None
+      found.setdefault(r.seed, set()).add((r.base, ckpt) if ckpt else None)
+      per_base.setdefault(r.base, set()).add(ckpt)
+  nested = (all(None not in u for u in found.values())
+            and all(len(c) >= 2 for c in per_base.values()))
+  return {s: tuple(sorted(u)) if nested else (("seed", s),)
+          for s, u in found.items()}
+
+
+def _by_unit(by_seed: Mapping[int, float], seeds: Sequence[int],
+             units: Mapping[int, tuple] | None) -> list[float]:
+  groups: dict[tuple, list[float]] = {}
+  for s in seeds:
+    key = units.get(s, (("seed", s),)) if units else (("seed", s),)
+    groups.setdefault(key, []).append(by_seed[s])
+  return [float(np.mean(v)) for _, v in sorted(groups.items())]
+
+
+def tested(by_seed: Mapping[int, float],
+           replicates: Sequence[Mapping[int, float]] | None = None,
+           units: Mapping[int, tuple] | None = None,
+           **ci) -> tuple[stats.Interval, float]:
+  """(interval, p) of per-seed values over their units; (EMPTY, NaN) if none.
+
+  `units` (`seed_units`): seeds of one unit are averaged first, so the
+  interval's n counts pretraining seeds. With `replicates` (the same
+  per-seed values on each resample of the eval items) and the t method,
+  `statistics.hierarchical_ci`: units and items; otherwise the units alone
+  (`mean_ci`, `t_test_p`).
+  """
+  seeds = sorted(by_seed)
+  if not seeds:
     return stats.EMPTY, math.nan
+  values = _by_unit(by_seed, seeds, units)
+  if replicates is not None and ci.get("method", "t") == "t":
+    means = [float(np.mean(_by_unit(r, seeds, units))) for r in replicates
+             if all(math.isfinite(r.get(s, math.nan)) for s in seeds)]
+    if len(means) >= resample.MIN_REPLICATES:
+      return stats.hierarchical_ci(values, means,
+                                   level=ci.get("level", stats.LEVEL))
   return stats.mean_ci(values, **ci), stats.t_test_p(values)
+
+
+def over(reps: Sequence[Frontiers] | None, fn) -> list | None:
+  """fn(frontiers, their base levels) on each item resample (None: none)."""
+  if reps is None:
+    return None
+  return [fn(f, base_levels(f)) for f in reps]
+
+
+def level_gap_by_seed(fronts: Frontiers, levels: Mapping[str, float],
+                      base: str, a: str, b: str) -> dict[int, float]:
+  """Per seed both ran, a's retention minus b's at the base's level L."""
+  ra = retention_by_seed(fronts, base, a, levels[base])
+  rb = retention_by_seed(fronts, base, b, levels[base])
+  return {s: ra[s] - rb[s] for s in sorted(set(ra) & set(rb))}
 
 
 def holm_by_key(p_by_key: Mapping) -> tuple[dict, int]:
@@ -190,20 +302,27 @@ def holm_by_key(p_by_key: Mapping) -> tuple[dict, int]:
   return dict(zip(keys, adjusted)), stats.family_size(list(p_by_key.values()))
 
 
-def consistency_summary(records: Sequence[results.EvalRecord],
+def consistency_summary(records: Sequence[results.EvalRecord], *,
+                        items: str | resample.ItemResamples = "auto",
                         **ci) -> list[MethodSummary]:
   """Matched vs mismatched vs LoRA, by area and at the common level, per base.
 
   Verdicts come from the area gaps, Holm-corrected over every gap of the
-  table. Keyword args go to `statistics.mean_ci` (the interval method, level).
+  table. The gaps' intervals cover the eval items too when the rows have
+  per-item scores (`items`, `item_frontiers`; `tested`). Keyword args go to
+  `statistics.mean_ci` (the interval method, level).
   """
   fronts = seed_frontiers(records)
+  reps, _ = item_frontiers(records, items)
+  units = seed_units(records)
   levels = base_levels(fronts)
   area, p = {}, {}
   for base, method in fronts:
     if method != base and (base, base) in fronts:
       area[(base, method)], p[(base, method)] = tested(
-          area_gap_by_seed(fronts, base, base, method), **ci)
+          area_gap_by_seed(fronts, base, base, method),
+          over(reps, lambda f, _, b=base, m=method:
+               area_gap_by_seed(f, b, b, m)), units, **ci)
   p_holm, family = holm_by_key(p)
   out = []
   for (base, method), by_seed in fronts.items():
@@ -220,8 +339,9 @@ def consistency_summary(records: Sequence[results.EvalRecord],
     if method != base and (base, base) not in fronts:
       words = "no matched run to compare"
     elif method != base:
-      gap = stats.paired_gap_ci(
-          retention_by_seed(fronts, base, base, level), mine, **ci)
+      gap = tested(level_gap_by_seed(fronts, levels, base, base, method),
+                   over(reps, lambda f, lv, b=base, m=method:
+                        level_gap_by_seed(f, lv, b, b, m)), units, **ci)[0]
       words = (stats.verdict(area[(base, method)],
                              p_adjusted=p_holm[(base, method)])
                if area[(base, method)].n else
@@ -242,37 +362,6 @@ def consistency_summary(records: Sequence[results.EvalRecord],
         p_holm=p_holm.get((base, method), math.nan),
         family=family if (base, method) in p else 0))
   return out
-
-
-def holm_note(family: int, level: float = stats.LEVEL) -> str:
-  """The line under a table that says how its verdicts were corrected."""
-  return (f"Multiplicity: Holm's step-down correction (Holm 1979) over the"
-          f" {family} comparison{'s' if family != 1 else ''} of this table;"
-          " p = two-sided one-sample t test of the per-seed differences,"
-          " verdicts from the Holm-adjusted p (< "
-          f"{1 - level:.2g}); intervals are the unadjusted {level:.0%} ones.")
-
-
-def variance_note(records: Sequence[results.EvalRecord]) -> str:
-  """The line under a table that says what its intervals cover."""
-  seeds = sorted({r.seed for r in records if not r.is_base})
-  bases: dict[str, set[str]] = {}
-  for r in records:
-    if r.is_base:
-      bases.setdefault(r.base, set()).add(r.checkpoint or r.run)
-  counts = ", ".join(f"{b}: {len(c)}" for b, c in sorted(bases.items()))
-  pretraining = (
-      "pretraining variance is not covered (one base checkpoint per"
-      " pretraining optimizer in these results)"
-      if bases and all(len(c) == 1 for c in bases.values()) else
-      "the pretraining seed is covered only where finetuning seed s started"
-      " from its own pretraining seed s (base checkpoints in these results:"
-      f" {counts or 'none'}; the rows do not record which one a run started"
-      " from)")
-  return (f"Variance covered by the intervals: finetuning seeds"
-          f" ({len(seeds)}: {', '.join(map(str, seeds))}; paired by seed);"
-          f" {pretraining}. Evaluation items are not resampled: the sampling"
-          " error of the eval sets is not in the intervals.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,13 +398,29 @@ class Interaction:
   verdict: str
 
 
-def interactions(records: Sequence[results.EvalRecord],
+def interaction_by_seed(fronts: Frontiers, levels: Mapping[str, float],
+                        i: str, j: str) -> tuple[dict[int, float],
+                                                 dict[int, float]]:
+  """I_ij per seed with all four runs: (by area, at each base's level L)."""
+  area_i = area_gap_by_seed(fronts, i, i, j)
+  area_j = area_gap_by_seed(fronts, j, j, i)
+  at_i = level_gap_by_seed(fronts, levels, i, i, j)
+  at_j = level_gap_by_seed(fronts, levels, j, j, i)
+  return ({s: area_i[s] + area_j[s] for s in sorted(set(area_i) & set(area_j))},
+          {s: at_i[s] + at_j[s] for s in sorted(set(at_i) & set(at_j))})
+
+
+def interactions(records: Sequence[results.EvalRecord], *,
+                 items: str | resample.ItemResamples = "auto",
                  **ci) -> list[Interaction]:
   """I_ij for every pair of optimizers with both bases, Holm over the pairs.
 
+  Intervals over seeds and, with per-item scores, eval items (`tested`).
   Keyword args go to `statistics.mean_ci`.
   """
   fronts = seed_frontiers(records)
+  reps, _ = item_frontiers(records, items)
+  units = seed_units(records)
   levels = base_levels(fronts)
   parts = {}
   for i, j in itertools.combinations(sorted(levels), 2):
@@ -323,155 +428,31 @@ def interactions(records: Sequence[results.EvalRecord],
                                                    (j, i))
                if (b, m) not in fronts]
     if missing:
-      parts[(i, j)] = ({}, {}, "no run of " + ", ".join(missing))
+      parts[(i, j)] = ({}, {}, None, "no run of " + ", ".join(missing))
       continue
-    area_i = area_gap_by_seed(fronts, i, i, j)
-    area_j = area_gap_by_seed(fronts, j, j, i)
-    by_area = {s: area_i[s] + area_j[s] for s in set(area_i) & set(area_j)}
-    at = [{s: r[s] - o[s] for s in set(r) & set(o)}
-          for r, o in ((retention_by_seed(fronts, i, i, levels[i]),
-                        retention_by_seed(fronts, i, j, levels[i])),
-                       (retention_by_seed(fronts, j, j, levels[j]),
-                        retention_by_seed(fronts, j, i, levels[j])))]
-    at_level = {s: at[0][s] + at[1][s] for s in set(at[0]) & set(at[1])}
-    parts[(i, j)] = (by_area, at_level,
+    by_area, at_level = interaction_by_seed(fronts, levels, i, j)
+    rep = over(reps, lambda f, lv, i=i, j=j: interaction_by_seed(f, lv, i, j))
+    parts[(i, j)] = (by_area, at_level, rep,
                      "" if by_area else "no seed with all four runs")
-  tests = {k: tested(v[0], **ci) for k, v in parts.items()}
+  tests = {k: tested(v[0], v[2] and [r[0] for r in v[2]], units, **ci)
+           for k, v in parts.items()}
   p_holm, family = holm_by_key({k: t[1] for k, t in tests.items()})
   out = []
-  for (i, j), (by_area, at_level, why) in parts.items():
+  for (i, j), (by_area, at_level, rep, why) in parts.items():
     area, p = tests[(i, j)]
     out.append(Interaction(
         i=i, j=j, seeds=tuple(sorted(by_area)), by_area=area,
-        at_level=tested(at_level, **ci)[0], levels=(levels[i], levels[j]),
+        at_level=tested(at_level, rep and [r[1] for r in rep], units,
+                        **ci)[0],
+        levels=(levels[i], levels[j]),
         p_value=p, p_holm=p_holm[(i, j)],
         family=family if math.isfinite(p) else 0,
         verdict=why or stats.verdict(area, p_adjusted=p_holm[(i, j)])))
   return out
 
 
-def interaction_markdown(rows: Sequence[Interaction], retention_name: str,
-                         method: str = stats.DEFAULT_METHOD) -> str:
-  """The Interaction table: one row per optimizer pair with both bases."""
-  lines = [
-      "## Interaction", "",
-      "I_ij = [R(i-base, i-ft) - R(i-base, j-ft)] + [R(j-base, j-ft) -"
-      " R(j-base, i-ft)], R = retention"
-      f" ({retention_name}) at equal learning; > 0: matched finetuning"
-      " forgets less, net of any method that is better on every base. By"
-      " area: each bracket the mean retention gap over the learning range"
-      " both frontiers cover (per seed); at L: each bracket at its base's"
-      " common level L. Mean over the seeds with all four runs"
-      f" [{stats.LEVEL:.0%} interval, {method}].", "",
-      "| i, j | seeds | I by area | I at L | L (i, j) | p | p (Holm) |"
-      " verdict |",
-      "|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(
-        f"| {r.i}, {r.j} | {len(r.seeds)} | {r.by_area.format(signed=True)}"
-        f" | {r.at_level.format(signed=True)} | {r.levels[0]:.3f},"
-        f" {r.levels[1]:.3f} | {format_p(r.p_value)} | {format_p(r.p_holm)} |"
-        f" {r.verdict} |")
-  if not rows:
-    lines.append("| (no two optimizers with both bases) | | | | | | | |")
-  lines += ["", holm_note(max((r.family for r in rows), default=0))]
-  return "\n".join(lines) + "\n"
-
-
-def format_p(p: float) -> str:
-  return f"{p:.3g}" if math.isfinite(p) else "n/a"
-
-
-def consistency_markdown(summary: Sequence[MethodSummary],
-                         learning_name: str, retention_name: str,
-                         method: str = stats.DEFAULT_METHOD,
-                         interaction_rows: Sequence[Interaction] | None = None,
-                         variance: str = "") -> str:
-  """The summary as a markdown table plus one verdict line per base.
-
-  Then, given `interaction_rows`, the Interaction table; `variance`
-  (`variance_note`) goes under each table.
-  """
-  level = stats.LEVEL
-  lines = [
-      f"Learning = {learning_name}; retention = {retention_name} (both"
-      " higher is better). Every number is the mean over seeds with its"
-      f" {level:.0%} interval ({method}; see"
-      " optconsist_jax/report/statistics.py). L = the base's common"
-      " learning level"
-      " (the highest learning every method reaches on every seed); retention"
-      " at L is read off each seed's learning/retention frontier. Gap ="
-      " matched's retention at L minus this method's, paired by seed (> 0:"
-      " matched forgot less; a secondary reading). Gap by area (the primary"
-      " comparison) = matched minus this method, mean retention gap per unit"
-      " of learning over the learning range both frontiers cover on a seed"
-      " (no extrapolation), paired by seed. The verdict is the area gap's:"
-      f" it needs >= {stats.MIN_SEEDS} seeds and a Holm-adjusted p below"
-      f" {1 - level:.2g}.", "",
-      "| base | method | role | seeds | points | best learning | retention"
-      " there | L | retention at L | gap vs matched at L | verdict |"
-      " gap vs matched by area | p | p (Holm) |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  for s in summary:
-    lines.append(
-        f"| {s.base} | {s.method} | {s.role} | {len(s.seeds)} | {s.points} |"
-        f" {s.best_learning.format()} | {s.retention_at_best.format()} |"
-        f" {s.level:.3f} | {s.retention_at_level.format()} |"
-        f" {s.gap_vs_matched.format(signed=True) if s.gap_vs_matched.n else ''}"
-        f" | {s.verdict} |"
-        f" {s.gap_area.format(signed=True) if s.gap_area.n else ''} |"
-        f" {format_p(s.p_value) if s.role != 'matched' else ''} |"
-        f" {format_p(s.p_holm) if s.role != 'matched' else ''} |")
-  lines += ["", holm_note(max((s.family for s in summary), default=0))]
-  if variance:
-    lines.append(variance)
-  lines.append("")
-  for base in sorted({s.base for s in summary}):
-    others = [s for s in summary if s.base == base and s.role != "matched"]
-    if not any(s.base == base and s.role == "matched" for s in summary):
-      lines.append(f"- {base} base: no matched run to compare.")
-      continue
-    parts = [f"vs {s.method}: {s.verdict} (gap by area"
-             f" {s.gap_area.format(signed=True)}, {s.gap_area.n} seeds;"
-             f" at L {s.gap_vs_matched.format(signed=True)},"
-             f" {s.gap_vs_matched.n} seeds)" for s in others]
-    lines.append(f"- {base} base, matched = {base}, at learning L ="
-                 f" {summary_level(summary, base):.3f}: "
-                 + ("; ".join(parts) if parts else "no other method") + ".")
-  if interaction_rows is not None:
-    lines += ["", interaction_markdown(interaction_rows, retention_name,
-                                       method).rstrip("\n")]
-    if variance:
-      lines.append(variance)
-  return "\n".join(lines) + "\n"
-
-
 def summary_level(summary: Sequence[MethodSummary], base: str) -> float:
   return next(s.level for s in summary if s.base == base)
-
-
-def strict_json(x):
-  """NaN / +-inf (no interval, an unbounded end) as null: strict JSON."""
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  if isinstance(x, dict):
-    return {k: strict_json(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [strict_json(v) for v in x]
-  return x
-
-
-def summary_json(summary: Sequence[MethodSummary],
-                 interaction_rows: Sequence[Interaction] = ()) -> list[dict]:
-  """One dict per row; a matched row also carries `interactions`, the
-  Interaction rows its optimizer is in (empty on the other rows)."""
-  out = []
-  for s in summary:
-    d = dataclasses.asdict(s)
-    d["interactions"] = [dataclasses.asdict(r) for r in interaction_rows
-                         if s.role == "matched" and s.base in (r.i, r.j)]
-    out.append(strict_json(d))
-  return out
 
 
 def mean_frontier(by_seed: Mapping[int, np.ndarray], levels_L: np.ndarray,

@@ -17,6 +17,8 @@ import numpy as np
 
 from optconsist_jax.evaluate import results
 from optconsist_jax.report import consistency
+from optconsist_jax.report import consistency_markdown as markdown
+from optconsist_jax.report import resample
 from optconsist_jax.report import statistics as stats
 
 
@@ -62,20 +64,28 @@ def matrix_columns(bases: Sequence[str], methods: Sequence[str]) -> list[str]:
   return [b for b in bases if b in methods] + rest
 
 
-def consistency_matrix(records: Sequence[results.EvalRecord],
+def consistency_matrix(records: Sequence[results.EvalRecord], *,
+                       items: str | resample.ItemResamples = "auto",
                        **ci) -> list[MatrixRow]:
   """Rows = pretraining optimizers, cells = retention at the row's level.
 
   "Diagonal best?" from the area gaps of the diagonal to every other cell,
-  Holm-corrected over all the gaps of the matrix (`MatrixRow`).
+  Holm-corrected over all the gaps of the matrix (`MatrixRow`); the gaps'
+  intervals cover the eval items too when the rows have per-item scores
+  (`consistency.tested`).
   """
   fronts = consistency.seed_frontiers(records)
+  reps, _ = consistency.item_frontiers(records, items)
+  units = consistency.seed_units(records)
   levels = consistency.base_levels(fronts)
   gaps, p = {}, {}
   for base, method in fronts:
     if method != base and (base, base) in fronts:
       gaps[(base, method)], p[(base, method)] = consistency.tested(
-          consistency.area_gap_by_seed(fronts, base, base, method), **ci)
+          consistency.area_gap_by_seed(fronts, base, base, method),
+          consistency.over(reps, lambda f, _, b=base, m=method:
+                           consistency.area_gap_by_seed(f, b, b, m)),
+          units, **ci)
   p_holm, family = consistency.holm_by_key(p)
   rows = []
   for base, level in levels.items():
@@ -131,16 +141,16 @@ def matrix_markdown(rows: Sequence[MatrixRow], retention_name: str,
     for m in columns:
       text = r.cells[m].format() if m in r.cells else ""
       cells.append(f"**{text}**" if m == r.base and text else text)
-    each = "; ".join(f"{m}: {g.format(signed=True)} ({consistency.format_p(r.p_holm[m])})"
+    each = "; ".join(f"{m}: {g.format(signed=True)} ({markdown.format_p(r.p_holm[m])})"
                      for m, g in r.gaps_area.items())
     lines.append(f"| {r.base} | {r.level:.3f} | " + " | ".join(cells)
                  + f" | {r.diagonal_margin.format(signed=True)}"
                  f" | {r.diagonal_best} | {each} |")
-  lines += ["", consistency.holm_note(max((r.family for r in rows), default=0))]
+  lines += ["", markdown.holm_note(max((r.family for r in rows), default=0))]
   if variance:
     lines.append(variance)
   return "\n".join(lines) + "\n"
 
 
 def matrix_json(rows: Sequence[MatrixRow]) -> list[dict]:
-  return [consistency.strict_json(dataclasses.asdict(r)) for r in rows]
+  return [markdown.strict_json(dataclasses.asdict(r)) for r in rows]

@@ -36,6 +36,19 @@ procedure over the table's family of comparisons (`holm`; Holm 1979, "A
 Simple Sequentially Rejective Multiple Test Procedure", Scand. J. Statist.
 6:65-70), which controls the family-wise error rate at 1 - level. The
 intervals shown stay the unadjusted ones.
+
+With per-item eval scores (documents for retention, problems for learning;
+report/resample.py) the eval sets' own sampling error enters too
+(`hierarchical_ci`): the same items score every run, so their error is
+shared by all seeds and the spread over seeds cannot show it. The item
+resamples (crossed with the seeds: one resample of the documents and of
+the problems rescoring every run) give its variance v_items; the seeds give
+s^2 / n as before; the interval is mean +- t_df sqrt(s^2 / n + v_items),
+df by Welch-Satterthwaite (Satterthwaite 1946, "An Approximate Distribution
+of Estimates of Variance Components", Biometrics Bulletin 2:110-114), so it
+is the seed-only t interval when items add nothing and close to a normal
+one when they dominate. (The seed spread already holds the seed x item
+noise, which v_items counts again divided by n: slightly conservative.)
 """
 
 from __future__ import annotations
@@ -199,9 +212,9 @@ def _finite(samples: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
   return x
 
 
-def t_quantile(p: float, df: int) -> float:
+def t_quantile(p: float, df: float) -> float:
   """Quantile p of Student's t with df degrees of freedom (`scipy.stats.t`)."""
-  if df < 1 or not 0 < p < 1:
+  if not df >= 1 or not 0 < p < 1:
     raise ValueError(f"t_quantile: p={p}, df={df}")
   # deferred: scipy.stats takes ~0.5 s to import; only t intervals need it.
   from scipy import stats as scipy_stats  # pylint: disable=g-import-not-at-top
@@ -401,3 +414,40 @@ def compare_groups(rows: Sequence[Mapping[str, object]], key: str, value: str,
       raise ValueError(f"compare_groups: no rows with {key}={g!r}")
   ivs = [mean_ci([by[g][s] for s in sorted(by[g])], **kw) for g in (a, b)]
   return ivs[0], ivs[1], paired_gap_ci(by[a], by[b], **kw)
+
+
+def hierarchical_ci(samples: Sequence[float] | np.ndarray,
+                    replicate_means: Sequence[float] | np.ndarray, *,
+                    level: float = LEVEL) -> tuple[Interval, float]:
+  """(interval, two-sided p) of the mean over seeds, item error included.
+
+  Args:
+    samples: one value per seed (each scored on the full eval sets).
+    replicate_means: the mean over the same seeds recomputed on each
+      resample of the eval items (report/resample.py), >= 2 of them.
+    level: coverage.
+
+  Returns:
+    The interval mean +- t_df sqrt(s^2 / n + v_items) and the p of
+    mean / that SE against t_df (module docstring); n = the seeds.
+  """
+  x = _finite(samples, "sample")
+  reps = _finite(replicate_means, "item replicates")
+  _check_level(level)
+  if len(reps) < 2:
+    raise ValueError("hierarchical_ci: need >= 2 item replicates")
+  n, mean = len(x), float(np.mean(x))
+  if n < 2:
+    return Interval(mean, -math.inf, math.inf, n, level), math.nan
+  a = float(np.var(x, ddof=1)) / n
+  b = float(np.var(reps, ddof=1))
+  if a + b == 0.0 or math.sqrt(a + b) <= _REL_EPS * abs(mean):
+    return (Interval(mean, mean, mean, n, level),
+            1.0 if mean == 0.0 else 0.0)
+  df = (a + b) ** 2 / (a * a / (n - 1) + b * b / (len(reps) - 1))
+  se = math.sqrt(a + b)
+  half = t_quantile((1 + level) / 2, df) * se
+  # deferred: as in t_quantile.
+  from scipy import stats as scipy_stats  # pylint: disable=g-import-not-at-top
+  p = float(2.0 * scipy_stats.t.sf(abs(mean) / se, df))
+  return Interval(mean, mean - half, mean + half, n, level), p

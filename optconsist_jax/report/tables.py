@@ -24,8 +24,11 @@ import os
 from optconsist_jax import storage
 from optconsist_jax.evaluate import results
 from optconsist_jax.report import consistency
+from optconsist_jax.report import consistency_markdown as markdown
 from optconsist_jax.report import matrix as matrix_lib
+from optconsist_jax.report import mechanism
 from optconsist_jax.report import plots as report_plots
+from optconsist_jax.report import resample
 from optconsist_jax.report import statistics
 
 def _value(r: results.EvalRecord, metric: str | None, headline: str) -> float:
@@ -143,17 +146,24 @@ def write_consistency(records: Sequence[results.EvalRecord], out_dir: str, *,
   os.makedirs(out_dir, exist_ok=True)
   learning_name = _common(r.learning_metric for r in records)
   retention_name = _common(r.retention_metric for r in records)
-  summary = consistency.consistency_summary(records, method=interval)
-  interaction_rows = consistency.interactions(records, method=interval)
-  variance = consistency.variance_note(records)
+  # One set of eval-item resamples for every table (hierarchical intervals
+  # with the t method; report/resample.py).
+  resampled = (resample.item_resamples(records) if interval == "t"
+               else None)
+  items = resampled if resampled is not None else "off"
+  summary = consistency.consistency_summary(records, items=items,
+                                            method=interval)
+  interaction_rows = consistency.interactions(records, items=items,
+                                              method=interval)
+  variance = resample.covers_note(records, resampled, interval)
   paths = {"summary": os.path.join(out_dir, "summary.md"),
            "summary_json": os.path.join(out_dir, "summary.json")}
   with open(paths["summary"], "w") as f:
-    f.write(consistency.consistency_markdown(
+    f.write(markdown.consistency_markdown(
         summary, learning_name, retention_name, interval,
         interaction_rows=interaction_rows, variance=variance))
   with open(paths["summary_json"], "w") as f:
-    json.dump(consistency.summary_json(summary, interaction_rows), f,
+    json.dump(markdown.summary_json(summary, interaction_rows), f,
               indent=2, allow_nan=False)
   paths["frontiers"] = report_plots.frontier_plot(
       records, summary, retention_name, learning_name,
@@ -161,10 +171,15 @@ def write_consistency(records: Sequence[results.EvalRecord], out_dir: str, *,
   paths["gaps"] = report_plots.gap_plot(
       summary, learning_name, retention_name,
       os.path.join(out_dir, "gaps.png"), interval)
+  # The update probes at equal learning, when the records carry them.
+  paths.update(mechanism.write(records, out_dir,
+                               summary_path=paths["summary"],
+                               interval=interval))
   bases = {r.base for r in records if not r.is_base}
   if matrix == "always" or (matrix == "auto"
                             and len(bases) >= MATRIX_MIN_BASES):
-    rows = matrix_lib.consistency_matrix(records, method=interval)
+    rows = matrix_lib.consistency_matrix(records, items=items,
+                                         method=interval)
     for kind in ("md", "json", "png", "svg"):
       paths[f"matrix_{kind}"] = os.path.join(out_dir, f"matrix.{kind}")
     with open(paths["matrix_md"], "w") as f:
