@@ -19,7 +19,7 @@ AS_IS := $(and $(filter command line,$(origin VENV)),$(wildcard $(VENV)/bin/pyth
 TCMALLOC ?= $(firstword $(wildcard /usr/lib/*/libtcmalloc_minimal.so.4 \
   /usr/lib64/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4))
 
-.PHONY: demo test venv lock clean-venv
+.PHONY: demo test rehearsal venv lock clean-venv
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -n "$(PYTHON)" || { bash .ci/find_python >/dev/null; exit 1; }
@@ -42,6 +42,13 @@ demo: $(if $(AS_IS),,$(VENV)/.installed)
 test: $(if $(AS_IS),,$(VENV)/.installed-test)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
 	  $(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+# The pod rehearsal (README, "Before your first pod run"): 4 processes x 2 CPU
+# devices on a local GCS emulator, which the test extra installs.
+# REHEARSAL_ARGS=... passes flags (python -m optconsist_jax.tools.rehearse --help).
+REHEARSAL_ARGS ?=
+rehearsal: $(if $(AS_IS),,$(VENV)/.installed-test)
+	$(PY) -m optconsist_jax.tools.rehearse $(REHEARSAL_ARGS)
 
 # Re-resolve the newest versions in a scratch venv, run the tests there, and write
 # constraints.txt only if they pass.

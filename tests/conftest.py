@@ -14,6 +14,10 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# LAPACK (jnp.linalg.svd/eigh on CPU goes through scipy's OpenBLAS) on one
+# thread: the probes' small SVDs took 2.4 s instead of 20 ms with OpenBLAS's
+# spinning threads on a loaded 2-core machine (two xdist workers).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # One persistent XLA compilation cache for the whole test session: the suite
 # compiles the same small programs many times (the tiny configs' train and

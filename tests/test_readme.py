@@ -40,14 +40,17 @@ README_MAX_LINES = 250
 # words (a command matches when it starts with the key's words), with why.
 NOT_RUN = {
     "make test": "it is the suite this test belongs to; CI runs it",
+    "make rehearsal":
+        "the 4 x 2 rehearsal, minutes; tests/test_rehearsal.py runs README's"
+        " smaller command of the same driver (RUN['rehearse'])",
     "make demo MODE=matrix":
         "63 min on a 2-core CPU; tests/test_reproduce.py runs matrix_mini",
-    "python -m optconsist_jax.experiments.reproduce":
-        "needs your checkpoints; tests/test_reproduce.py runs it on an Orbax"
-        " run and a Hugging Face folder",
     "make demo MODE=standard":
         "about 1.5 h on a 2-core CPU (docs/reproduction.md);"
         " tests/test_reproduce.py checks the runs it plans",
+    "python -m optconsist_jax.experiments.reproduce":
+        "needs your checkpoints; tests/test_reproduce.py runs it on an Orbax"
+        " run and a Hugging Face folder",
     "XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu"
     " python -m optconsist_jax.tools.layouts":
         "tests/test_layouts.py runs this sweep on 8 CPU devices",
@@ -113,6 +116,9 @@ RUN = {
     "launch": lambda a: _starts_with(a, ["launch/tpu.sh"]),
     "plan": lambda a: _starts_with(a, PLAN) and "--search" not in a,
     "plan_search": lambda a: _starts_with(a, PLAN) and "--search" in a,
+    # Run by tests/test_rehearsal.py (the pod rehearsal, end to end).
+    "rehearse": lambda a: _starts_with(
+        a, ["python", "-m", "optconsist_jax.tools.rehearse"]),
 }
 
 

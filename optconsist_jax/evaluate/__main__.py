@@ -32,9 +32,12 @@ Runs beside training (another process, its own mesh) or after it:
    and the rest are evaluated; with --watch it is tried again on the next
    `watch.retries` passes, then given up. Without --watch the job evaluates
    what is there and exits (saying so when there is nothing); with --watch it
+   first waits for W/config.json (a job started beside the trainer), then
    polls every `watch.poll_secs` until the run's final step is evaluated or
    given up, or nothing new arrived for `watch.idle_timeout_secs` (0: keep
-   waiting).
+   waiting). SIGTERM ends the job with exit 75 (errors.PREEMPTED), as it ends
+   training: at once while it waits, else once the checkpoint in hand has its
+   record; the same command resumes (watch.py).
 6. Labels (method, LR) and the model/LoRA shapes of each checkpoint come
    from the config recorded in its meta (train.py writes it), so a later
    train.py invocation rewriting W/config.json cannot mislabel it.
@@ -100,6 +103,8 @@ def main(argv):
     config = EvalConfig.from_dict(paths.resolve_keys(
         f.config.to_dict(), eval_config.PATH_KEYS,
         keep=eval_config.BUILT_IN_SOURCES))
+    if f.watch:  # Started beside the trainer, maybe before its first write.
+      watch.wait_for_run(workdir, config.watch.poll_secs)
     try:
       ev = Evaluator(workdir, config)
     except results.EvalFileError as e:

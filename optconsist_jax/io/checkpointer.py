@@ -122,6 +122,35 @@ def _set_iter_state(iterator, text: str):
     iterator.set_state(text.encode())
 
 
+def _iter_state_of_other_count(step_dir: epath.Path) -> str | None:
+  """The iterator state to resume with when another process count saved it.
+
+  grain's handler writes one `process_<i>-of-<n>.json` per process and
+  reads back this process's own name, so a job restarted on another number
+  of hosts (a slice recreated at another size) finds none. Our pipelines'
+  state is the index of the next global batch (data/pipeline.py: each process
+  maps it to its own rows), the same in every file: then that state serves
+  any process count. Returns None when this process's own file is there (the
+  usual restore), raises CheckpointMismatchError when the saved states
+  differ (grain worker processes hold per-process state: resume with the
+  process count that saved it).
+  """
+  folder = step_dir / ckpt.DATA_ITER
+  mine = "process_{}-of-{}.json".format(*(
+      (jax.process_index(), jax.process_count())))
+  if (folder / mine).exists():
+    return None
+  saved = sorted(folder.glob("process_*-of-*.json"))
+  states = {f.read_text() for f in saved}
+  if len(states) != 1:
+    raise ckpt.CheckpointMismatchError(
+        f"checkpoint {step_dir}: its data-iterator state was saved by"
+        f" {len(saved)} processes ({[f.name for f in saved]}) with different"
+        f" states, and this job has {jax.process_count()}; resume with the"
+        " process count that saved it")
+  return states.pop()
+
+
 def _rng_to_json(rng: jax.Array | None) -> dict[str, Any] | None:
   if rng is None:
     return None
@@ -349,8 +378,9 @@ class RunCheckpoints:
       if not (step_dir / ckpt.DATA_ITER).exists():
         raise FileNotFoundError(
             f"checkpoint {step_dir} holds no data-iterator state")
-      snapshot = _IterState()
-      items[ckpt.DATA_ITER] = grain.checkpoint.CheckpointRestore(snapshot)
+      snapshot = _IterState(_iter_state_of_other_count(step_dir))
+      if snapshot.text is None:
+        items[ckpt.DATA_ITER] = grain.checkpoint.CheckpointRestore(snapshot)
     try:
       out = self._manager.restore(step, args=ocp.args.Composite(**items))
     except ValueError as e:

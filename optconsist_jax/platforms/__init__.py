@@ -24,6 +24,7 @@ reads the TPU facts on machines without jax.
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Mapping
 import glob
 import importlib.util
@@ -126,6 +127,10 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
                                        ("process_id", "JAX_PROCESS_ID"))
            if env.get(e)}
   jax.distributed.initialize(**given)
+  # Leave the coordination service (and stop the preemption sync manager)
+  # before the interpreter tears its objects down; jax registers no such
+  # hook itself.
+  atexit.register(jax.distributed.shutdown)
   return True
 
 

@@ -207,6 +207,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="seconds without a new step on any worker before the"
                  " job's Python stacks are saved to WORKDIR/hangs/ and it is"
                  " restarted (0: off)")
+  p.add_argument("--startup-timeout", type=float, default=0.0,
+                 help="the same before a start's first step (downloading"
+                 " weights, compiling; 0: --hang-timeout)")
   p = sub.add_parser("logs", help="print / stream a job's log")
   _add_target_args(p, worker_default="0")
   _add_remote_args(p)
@@ -349,9 +352,10 @@ def supervisor(args, out=sys.stdout,
     stage += workers.fetch_commands(target, remote, args.fetch, ".",
                                     args.hf_token_file)
   start = _start(target, remote, job, args)
-  if args.max_restarts < 0 or args.poll_secs <= 0 or args.hang_timeout < 0:
+  if (args.max_restarts < 0 or args.poll_secs <= 0 or args.hang_timeout < 0
+      or args.startup_timeout < 0):
     raise ValueError("--max-restarts must be >= 0, --poll-secs > 0 and"
-                     " --hang-timeout >= 0")
+                     " --hang-timeout, --startup-timeout >= 0")
   return supervise.Supervisor(
       target=target, spec=spec,
       # Its own source archive: an eval slice may be supervised alongside.
@@ -362,7 +366,7 @@ def supervisor(args, out=sys.stdout,
       status=workers.job_status_command(target, remote, job.job),
       workers=spec.accelerator.num_hosts * target.slices,
       max_restarts=args.max_restarts, poll_secs=args.poll_secs,
-      hang_timeout=args.hang_timeout,
+      hang_timeout=args.hang_timeout, startup_timeout=args.startup_timeout,
       stacks_dir=f"{job.workdir.rstrip('/')}/hangs",
       collect=lambda where: workers.collect_stacks_commands(
           target, remote, job.job, where),

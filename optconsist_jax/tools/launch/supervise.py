@@ -6,6 +6,11 @@ SIGTERM saves a checkpoint and exits with errors.PREEMPTED. The Supervisor
 polls the slice and the job and recreates / restarts them until the job
 finishes, reading the job's state from every worker, and restarts a job that
 stopped making progress (a hang) after saving its Python stacks.
+
+The decisions (`Supervision.run`) are separate from how a slice and a job
+are reached: `Supervisor` drives Cloud TPU slices through gcloud and ssh;
+tools/launch/local.py drives N processes on this machine (the pod
+rehearsal, tools/rehearse) through the same loop.
 """
 
 from __future__ import annotations
@@ -70,97 +75,114 @@ def parse_job_state(stdout: str, workers: int) -> JobState:
   return JobState("done", errors.OK)
 
 
-@dataclasses.dataclass
-class Supervisor:
-  """Keeps one job going on a (spot / queued, one or several) slice(s).
+@dataclasses.dataclass(kw_only=True)
+class Supervision:
+  """The restart policy, over any way of reaching a slice and its job.
 
   Each poll: if the slice is gone (preempted / suspended / missing) it is
-  deleted, created again, installed, staged and the job started (it resumes
-  from its gs:// workdir). The job's state is read from every worker
-  (`parse_job_state`): a worker that exited with errors.PREEMPTED (SIGTERM,
-  checkpoint saved) while none runs, or a job gone from the workers, is
-  started again; exit 0 everywhere ends the supervision; any other exit code
-  (2 refused input, 3 non-finite loss, 74 failed save, a crash) stops it with
-  that code, since a restart would fail the same way. The hang watchdog:
-  when the running workers' newest steps have not changed for
-  `hang_timeout` seconds (0: off; an idle evaluate --watch does not count),
-  every worker's Python stacks are saved under `stacks_dir`/TIME/ and the job
-  is stopped and started again (it resumes from its last checkpoint). At
-  most `max_restarts` restarts of any kind.
+  created again and the job started (it resumes from its workdir). The
+  job's state is read from every worker (`JobState`): a worker that exited
+  with errors.PREEMPTED (SIGTERM, checkpoint saved) while none runs, or a
+  job gone from the workers, is started again; exit 0 everywhere ends the
+  supervision; any other exit code (2 refused input, 3 non-finite loss, 74
+  failed save, a crash) stops it with that code, since a restart would fail
+  the same way. The hang watchdog: when the running workers' newest steps
+  have not changed for `hang_timeout` seconds (0: off; an idle evaluate
+  --watch does not count), every worker's Python stacks are saved under
+  `stacks_dir`/TIME/ and the job is stopped and started again (it resumes
+  from its last checkpoint); before a start's first step (loading weights,
+  compiling) the limit is `startup_timeout` instead, when set. At most
+  `max_restarts` restarts of any kind.
+
+  A backend (a subclass) says how: `name`, `launch` (create the slice and
+  start the job), `slice_state` (one of `up_states`, `gone_states`, or a
+  state to wait out), `recreate`, `job_state`, `start_job`,
+  `collect_stacks(folder)` and `stop_job`; each action returns an exit code
+  (0: done).
   """
 
-  target: gcloud.TpuTarget
-  spec: gcloud.SliceSpec
-  setup: list[Command]  # install + stage + start, after a (re)create
-  start: list[Command]  # start the job on a live slice
-  status: Command
-  workers: int = 1  # hosts over all slices: the status lines expected
   max_restarts: int = 10
   poll_secs: float = 300.0
   hang_timeout: float = 0.0
+  startup_timeout: float = 0.0  # before a start's first step; 0: hang_timeout
   stacks_dir: str = ""  # the workdir's hangs/ folder
-  collect: Callable[[str], list[Command]] | None = None  # stacks -> folder
-  stop: list[Command] = dataclasses.field(default_factory=list)
   out: object = sys.stdout
   sleep: Callable[[float], None] = time.sleep
   clock: Callable[[], float] = time.monotonic
 
+  up_states = gcloud.UP_STATES
+  gone_states = gcloud.GONE_STATES
+
+  @property
+  def name(self) -> str:
+    raise NotImplementedError
+
+  def launch(self) -> int:
+    raise NotImplementedError
+
+  def slice_state(self) -> str:
+    raise NotImplementedError
+
+  def recreate(self) -> int:
+    raise NotImplementedError
+
+  def job_state(self) -> JobState:
+    raise NotImplementedError
+
+  def start_job(self) -> int:
+    raise NotImplementedError
+
+  def collect_stacks(self, where: str) -> int:
+    raise NotImplementedError
+
+  def stop_job(self) -> int:
+    raise NotImplementedError
+
   def _say(self, msg: str):
     print(f"[supervise] {msg}", file=self.out, flush=True)
 
-  def slice_state(self) -> str:
-    r = subprocess.run(self.target.state_argv(self.spec.queued),
-                       capture_output=True, text=True, check=False)
-    return r.stdout.strip() if r.returncode == 0 else ""
+  def _limit(self, steps) -> float:
+    """The watchdog's seconds: `startup_timeout` until a step is logged.
 
-  def job_state(self) -> JobState:
-    r = subprocess.run(self.status.argv, capture_output=True, text=True,
-                       check=False)
-    if r.returncode:
-      return JobState("unreachable")
-    return parse_job_state(r.stdout, self.workers)
-
-  def _run(self, commands: list[Command]) -> int:
-    return gcloud.run_commands(commands, False, out=self.out)
-
-  def recreate(self) -> int:
-    commands = (gcloud.delete_commands(self.target, self.spec.queued)
-                + gcloud.create_commands(self.target, dataclasses.replace(
-                    self.spec, reuse=False, wait=True)) + self.setup)
-    self._run(commands[:1])  # Deleting what is already gone may fail.
-    return self._run(commands[1:])
+    Step 0 does not count: the trainer logs its parameter overview as step 0
+    before compiling its first step.
+    """
+    if self.startup_timeout and not any(
+        n.isdigit() and int(n) > 0 for _, n in steps):
+      return self.startup_timeout
+    return self.hang_timeout
 
   def restart_hung(self, steps) -> int:
     """Saves every worker's stacks, stops the job and starts it again."""
     where = (f"{self.stacks_dir.rstrip('/')}/"
              + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     shown = ", ".join(f"{h} {n}" for h, n in steps) or "no step yet"
-    self._say(f"no step progress for {self.hang_timeout:g} s (newest step per"
+    self._say(f"no step progress for {self._limit(steps):g} s (newest step per"
               f" worker: {shown}): saving every worker's Python stacks to"
               f" {where}/ and restarting the job")
-    self._run(self.collect(where) if self.collect else [])
-    self._run(self.stop)
-    return self._run(self.start)
+    self.collect_stacks(where)
+    self.stop_job()
+    return self.start_job()
 
   def run(self) -> int:
     restarts = 0
-    rc = self._run(gcloud.create_commands(self.target, self.spec) + self.setup)
+    rc = self.launch()
     if rc:
       return rc
     progress, since = None, self.clock()
     while True:
       self.sleep(self.poll_secs)
       state = self.slice_state()
-      if state not in gcloud.UP_STATES:
-        if state not in gcloud.GONE_STATES:
-          self._say(f"slice {self.target.name} is {state}; waiting")
+      if state not in self.up_states:
+        if state not in self.gone_states:
+          self._say(f"slice {self.name} is {state}; waiting")
           continue
         if restarts >= self.max_restarts:
-          self._say(f"slice {self.target.name} is {state or 'gone'}; gave up"
+          self._say(f"slice {self.name} is {state or 'gone'}; gave up"
                     f" after {restarts} restarts")
           return errors.PREEMPTED
         restarts += 1
-        self._say(f"slice {self.target.name} is {state or 'gone'}"
+        self._say(f"slice {self.name} is {state or 'gone'}"
                   f" (preempted): creating it again and resuming (restart"
                   f" {restarts} of {self.max_restarts})")
         rc = self.recreate()
@@ -174,7 +196,8 @@ class Supervisor:
       if job.kind in ("running", "partial"):
         if job.idle or job.steps != progress:
           progress, since = job.steps, self.clock()
-        if not self.hang_timeout or self.clock() - since < self.hang_timeout:
+        if (not self.hang_timeout
+            or self.clock() - since < self._limit(job.steps)):
           continue
         if restarts >= self.max_restarts:
           self._say(f"the job is hung; gave up after {restarts} restarts")
@@ -197,13 +220,69 @@ class Supervisor:
                else "is not running (the VM restarted?)")
         self._say(f"the job {why}: starting it again to resume (restart"
                   f" {restarts} of {self.max_restarts})")
-        rc = self._run(self.start)
+        rc = self.start_job()
         if rc:
           return rc
         progress, since = None, self.clock()
         continue
-      if self.slice_state() not in gcloud.UP_STATES:
+      if self.slice_state() not in self.up_states:
         continue  # Killed by the slice going away: recreated next poll.
       self._say(f"the job failed with exit code {job.code}; not restarting"
                 " (see the worker's log: launch tpu logs --worker=N)")
       return job.code
+
+
+@dataclasses.dataclass(kw_only=True)
+class Supervisor(Supervision):
+  """Keeps one job going on a (spot / queued, one or several) Cloud TPU
+  slice(s), through gcloud: a gone slice is deleted, created again,
+  installed, staged and the job started (`setup`); the job's state comes from
+  `status` run on every worker (`worker_commands.job_status_command`)."""
+
+  target: gcloud.TpuTarget
+  spec: gcloud.SliceSpec
+  setup: list[Command]  # install + stage + start, after a (re)create
+  start: list[Command]  # start the job on a live slice
+  status: Command
+  workers: int = 1  # hosts over all slices: the status lines expected
+  collect: Callable[[str], list[Command]] | None = None  # stacks -> folder
+  stop: list[Command] = dataclasses.field(default_factory=list)
+
+  @property
+  def name(self) -> str:
+    return self.target.name
+
+  def _run(self, commands: list[Command]) -> int:
+    return gcloud.run_commands(commands, False, out=self.out)
+
+  def launch(self) -> int:
+    return self._run(gcloud.create_commands(self.target, self.spec)
+                     + self.setup)
+
+  def slice_state(self) -> str:
+    r = subprocess.run(self.target.state_argv(self.spec.queued),
+                       capture_output=True, text=True, check=False)
+    return r.stdout.strip() if r.returncode == 0 else ""
+
+  def job_state(self) -> JobState:
+    r = subprocess.run(self.status.argv, capture_output=True, text=True,
+                       check=False)
+    if r.returncode:
+      return JobState("unreachable")
+    return parse_job_state(r.stdout, self.workers)
+
+  def recreate(self) -> int:
+    commands = (gcloud.delete_commands(self.target, self.spec.queued)
+                + gcloud.create_commands(self.target, dataclasses.replace(
+                    self.spec, reuse=False, wait=True)) + self.setup)
+    self._run(commands[:1])  # Deleting what is already gone may fail.
+    return self._run(commands[1:])
+
+  def start_job(self) -> int:
+    return self._run(self.start)
+
+  def collect_stacks(self, where: str) -> int:
+    return self._run(self.collect(where) if self.collect else [])
+
+  def stop_job(self) -> int:
+    return self._run(self.stop)

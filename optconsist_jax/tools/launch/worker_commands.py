@@ -261,10 +261,12 @@ def start_job_commands(target: Target, remote: Remote, job: JobSpec,
 STATUS_PREFIX = "job-state"
 
 # Step marks in a job's log: clu's LoggingWriter `] [STEP] loss=...` (train,
-# every host) and `step STEP` (evaluate's `evaluating step N`, `done: step N`).
-_STEP_MARKS = r"\] \[[0-9]+\]|step [0-9]+"
+# every host) and lines starting `evaluating step N`, `step N` (evaluate) or
+# `done: step N`; not the trainer's `resumed from ... at step N`, written
+# before it compiles (the watchdog's startup_timeout applies until a step).
+STEP_MARKS = r"\] \[[0-9]+\]|^(evaluating |done: )?step [0-9]+"
 # evaluate --watch's line while it waits for the trainer (not a hang).
-_IDLE_LINE = "waiting for new checkpoints"
+IDLE_LINE = "waiting for new checkpoints"
 
 
 def job_status_command(target: Target, remote: Remote, job: str) -> Command:
@@ -278,9 +280,9 @@ def job_status_command(target: Target, remote: Remote, job: str) -> Command:
             f" [ -f {rc} ] && break; sleep 0.1; done; if [ -f {rc} ]; then"
             f" s=exit:$(cat {rc}); else s=none; fi; fi;"
             f" n=$(tail -c 262144 {log} 2>/dev/null | grep -oE"
-            f" {shlex.quote(_STEP_MARKS)} | tail -n 1 | grep -oE '[0-9]+');"
+            f" {shlex.quote(STEP_MARKS)} | tail -n 1 | grep -oE '[0-9]+');"
             f" i=; [ $s = running ] && tail -n 1 {log} 2>/dev/null | grep -q"
-            f" {shlex.quote('^' + _IDLE_LINE)} && i=' idle';"
+            f" {shlex.quote('^' + IDLE_LINE)} && i=' idle';"
             f' echo "{STATUS_PREFIX} $(hostname) $s ${{n:--}}$i"')
   return target.ssh(script)
 
