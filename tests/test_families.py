@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors
 
+import safetensors_folder
 from optconsist_jax import sharding
 from optconsist_jax.io import hf
 from optconsist_jax.io import hf_layout
@@ -39,16 +39,6 @@ def _fixture(name):
             for k in ("tokens", "logits", "greedy")}
   with open(os.path.join(d, hf.CONFIG_FILE)) as f:
     return d, json.load(f), arrays
-
-
-def _read_all(folder):
-  out = {}
-  for f in sorted(os.listdir(folder)):
-    if f.endswith(".safetensors"):
-      with safetensors.safe_open(os.path.join(folder, f), "numpy") as h:
-        for k in h.keys():
-          out[k] = h.get_tensor(k)
-  return out
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -136,7 +126,7 @@ def test_export_has_transformers_names_values_and_config(name, tmp_path):
   d, src_cfg, a = _fixture(name)
   config, model = hf.load(d)
   hf.save(config, model, tmp_path)
-  ours, theirs = _read_all(tmp_path), _read_all(d)
+  ours, theirs = safetensors_folder.read_all(tmp_path), safetensors_folder.read_all(d)
   assert sorted(ours) == sorted(theirs)
   for k in theirs:
     np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
@@ -279,7 +269,7 @@ def test_lora_on_a_family_keeps_biases_and_norms_and_exports(tmp_path):
     np.testing.assert_allclose(np.asarray(merged(tokens)), adapted,
                                atol=1e-4, rtol=0)
     hf.save(config, merged, tmp_path / name)
-    ours, theirs = _read_all(tmp_path / name), _read_all(d)
+    ours, theirs = safetensors_folder.read_all(tmp_path / name), safetensors_folder.read_all(d)
     assert sorted(ours) == sorted(theirs)
     for k in theirs:
       if "q_proj.weight" not in k:

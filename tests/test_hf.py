@@ -18,6 +18,7 @@ import pytest
 import safetensors
 from safetensors.numpy import save_file
 
+import safetensors_folder
 from optconsist_jax.io import hf
 from optconsist_jax.io import hf_layout
 from optconsist_jax import sharding
@@ -37,17 +38,6 @@ def _fixture(name):
 def _params(model):
   return {sharding.path_name(kp): np.asarray(v) for kp, v in
           jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
-
-
-def _read_all(folder):
-  """HF tensor name -> numpy array, over single-file or sharded folders."""
-  out = {}
-  for f in sorted(os.listdir(folder)):
-    if f.endswith(".safetensors"):
-      with safetensors.safe_open(os.path.join(folder, f), "numpy") as h:
-        for k in h.keys():
-          out[k] = h.get_tensor(k)
-  return out
 
 
 def _copy(name, tmp_path):
@@ -128,7 +118,7 @@ def test_saved_files_have_hf_names_and_shapes(name, max_shard_bytes, tmp_path):
   out = tmp_path / "out"
   hf.save(config, model, out, max_shard_bytes=max_shard_bytes)
   # Same tensor names, shapes and values as the transformers-written files.
-  ours, theirs = _read_all(out), _read_all(src)
+  ours, theirs = safetensors_folder.read_all(out), safetensors_folder.read_all(src)
   assert sorted(ours) == sorted(theirs)
   for k in theirs:
     assert ours[k].shape == theirs[k].shape, k
@@ -176,7 +166,7 @@ def test_bf16_load_and_save(tmp_path):
   params = _params(model)
   assert all(v.dtype == jnp.bfloat16 for v in params.values())
   # Exactly the fp32 weights rounded to bf16.
-  fp32 = _read_all(d)
+  fp32 = safetensors_folder.read_all(d)
   np.testing.assert_array_equal(
       params["embed"],
       fp32["model.embed_tokens.weight"].astype(ml_dtypes.bfloat16))
@@ -192,7 +182,7 @@ def test_bf16_load_and_save(tmp_path):
   hf.save(config, model, tmp_path / "bf16")
   cfg = json.loads((tmp_path / "bf16" / hf.CONFIG_FILE).read_text())
   assert cfg["torch_dtype"] == "bfloat16"
-  saved = _read_all(tmp_path / "bf16")
+  saved = safetensors_folder.read_all(tmp_path / "bf16")
   assert saved["model.embed_tokens.weight"].dtype == ml_dtypes.bfloat16
   _, again = hf.load(tmp_path / "bf16", dtype=jnp.float32)
   np.testing.assert_array_equal(_params(again)["embed"],
@@ -204,7 +194,7 @@ def test_mesh_load_shards_params_and_matches(monkeypatch):
   mesh_config = sharding.MeshConfig.preset("fsdp_tp")  # fsdp 4 x tensor 2
   mesh = sharding.make_mesh(mesh_config)
   d, tokens, expected = _fixture("gqa")
-  full = _read_all(d)
+  full = safetensors_folder.read_all(d)
 
   reads = []  # (tensor name, shape read) for every slice taken from disk
   real_open = safetensors.safe_open
@@ -262,7 +252,7 @@ def test_mesh_load_shards_params_and_matches(monkeypatch):
 
 def test_inv_freq_buffers_are_ignored(tmp_path):
   d = _copy("mha", tmp_path)
-  tensors = _read_all(d)
+  tensors = safetensors_folder.read_all(d)
   tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(
       (4,), np.float32)
   save_file(tensors, str(d / hf.SINGLE_FILE), metadata={"format": "pt"})
@@ -295,7 +285,7 @@ def test_non_llama_architecture(edit, tmp_path):
 
 def test_missing_tensor_names_file_and_tensor(tmp_path):
   d = _copy("mha", tmp_path)
-  tensors = _read_all(d)
+  tensors = safetensors_folder.read_all(d)
   del tensors["model.layers.1.mlp.up_proj.weight"]
   save_file(tensors, str(d / hf.SINGLE_FILE))
   with pytest.raises(ValueError) as e:
@@ -341,7 +331,7 @@ def test_misshapen_tensor_names_file_tensor_and_shapes(tmp_path):
 
 def test_unexpected_tensor_is_an_error(tmp_path):
   d = _copy("mha", tmp_path)
-  tensors = _read_all(d)
+  tensors = safetensors_folder.read_all(d)
   tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(32, np.float32)
   save_file(tensors, str(d / hf.SINGLE_FILE))
   with pytest.raises(ValueError, match="q_proj.bias"):

@@ -59,6 +59,17 @@ RUN_CONFIG_FILE = "config.json"
 _LAST_PROBE_BASE: list[tuple[str, ProbeBase]] = []
 
 
+def _existing_source(source: weights.InitFromConfig
+                     ) -> weights.InitFromConfig | None:
+  """`source` with its kind resolved; None when it names no path."""
+  if not source.path:
+    return None
+  if not hub.is_hub_ref(source.path) and not storage.exists(source.path):
+    raise FileNotFoundError(f"base model {source.path} does not exist")
+  return dataclasses.replace(
+      source, kind=weights.kind_of(source.path, source.kind))
+
+
 @dataclasses.dataclass(frozen=True)
 class RunInfo:
   """What the eval job needs from a run's resolved config.
@@ -199,14 +210,8 @@ class Evaluator:
     path = self.config.base_model
     if path.lower() == "none":
       return None
-    source = (weights.InitFromConfig(path=path) if path
-              else self.run.init_from)
-    if not source.path:
-      return None
-    if not hub.is_hub_ref(source.path) and not storage.exists(source.path):
-      raise FileNotFoundError(f"base model {source.path} does not exist")
-    return dataclasses.replace(
-        source, kind=weights.kind_of(source.path, source.kind))
+    return _existing_source(weights.InitFromConfig(path=path) if path
+                            else self.run.init_from)
 
   def base_model(self, source: weights.InitFromConfig) -> nnx.Module:
     """The base model of `source` on the eval mesh."""
@@ -219,14 +224,9 @@ class Evaluator:
     """The probes' base: `config.base_model` when it names one, else the
     run's init_from (`base_model="none"` only skips scoring the base)."""
     path = self.config.base_model
-    source = (weights.InitFromConfig(path=path)
-              if path and path.lower() != "none" else self.run.init_from)
-    if not source.path:
-      return None
-    if not hub.is_hub_ref(source.path) and not storage.exists(source.path):
-      raise FileNotFoundError(f"base model {source.path} does not exist")
-    return dataclasses.replace(
-        source, kind=weights.kind_of(source.path, source.kind))
+    return _existing_source(weights.InitFromConfig(path=path)
+                            if path and path.lower() != "none"
+                            else self.run.init_from)
 
   def probe_init(self, source: weights.InitFromConfig) -> Any | None:
     """The base's init params when its checkpoint says how it began, or None.
