@@ -49,20 +49,26 @@ def answer_logprobs(model: nnx.Module, tokenizer: gen.Tokenizer,
   cut at the prefix's own token length; evaluate/multiple_choice.py). For a fact
   item ("The answer is: N") this isolates the memorized number.
   """
-  requests = []
-  for i, e in enumerate(examples):
-    cut = e.response.rfind(math_eval.ANSWER_PHRASE.rstrip())
-    if cut < 0:
-      raise ValueError(f"answer_logprobs: item {i} has no"
-                       f" {math_eval.ANSWER_PHRASE!r}: {e.response!r}")
-    prefix = e.response[:cut + len(math_eval.ANSWER_PHRASE.rstrip())]
-    whole = tokenizer.encode(e.response)
-    n = len(tokenizer.encode(prefix))
-    ctx = [tokenizer.bos_id, *tokenizer.encode(prompts.alpaca_prompt(e.query)),
-           *whole[:n]]
-    requests.append((ctx, [*whole[n:], tokenizer.eos_id]))
+  requests = [_split_at_answer(tokenizer, e, f"answer_logprobs: item {i}")
+              for i, e in enumerate(examples)]
   return multiple_choice.score_continuations(model, requests,
                                              batch_size=batch_size)
+
+
+def _split_at_answer(tokenizer: gen.Tokenizer, e: MathExample, where: str
+                     ) -> tuple[list[int], list[int]]:
+  """(BOS + prompt + response up to its last answer phrase, the rest + EOS),
+  tokenized jointly and cut at the prefix's own token length."""
+  cut = e.response.rfind(math_eval.ANSWER_PHRASE.rstrip())
+  if cut < 0:
+    raise ValueError(f"{where} has no {math_eval.ANSWER_PHRASE!r}:"
+                     f" {e.response!r}")
+  prefix = e.response[:cut + len(math_eval.ANSWER_PHRASE.rstrip())]
+  whole = tokenizer.encode(e.response)
+  n = len(tokenizer.encode(prefix))
+  ctx = [tokenizer.bos_id, *tokenizer.encode(prompts.alpaca_prompt(e.query)),
+         *whole[:n]]
+  return ctx, [*whole[n:], tokenizer.eos_id]
 
 
 def contrastive_requests(tokenizer: gen.Tokenizer,
@@ -76,19 +82,9 @@ def contrastive_requests(tokenizer: gen.Tokenizer,
   if n < 2 or not 1 <= n_others < n:
     raise ValueError(f"contrastive_requests: {n} facts, n_others={n_others};"
                      " need 1 <= n_others < facts")
-  ctxs, answers = [], []
-  for i, e in enumerate(facts):
-    cut = e.response.rfind(math_eval.ANSWER_PHRASE.rstrip())
-    if cut < 0:
-      raise ValueError(f"contrastive_requests: fact {i} has no"
-                       f" {math_eval.ANSWER_PHRASE!r}: {e.response!r}")
-    prefix = e.response[:cut + len(math_eval.ANSWER_PHRASE.rstrip())]
-    whole = tokenizer.encode(e.response)
-    k = len(tokenizer.encode(prefix))
-    ctxs.append([tokenizer.bos_id,
-                 *tokenizer.encode(prompts.alpaca_prompt(e.query)),
-                 *whole[:k]])
-    answers.append([*whole[k:], tokenizer.eos_id])
+  ctxs, answers = zip(*(
+      _split_at_answer(tokenizer, e, f"contrastive_requests: fact {i}")
+      for i, e in enumerate(facts)))
   return [(ctxs[i], answers[(i + j) % n])
           for i in range(n) for j in range(n_others + 1)]
 
