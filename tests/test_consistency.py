@@ -7,6 +7,7 @@ import pytest
 
 
 from optconsist_jax.evaluate import results
+from optconsist_jax.report import brackets
 from optconsist_jax.report import consistency
 from optconsist_jax.report import consistency_markdown
 from optconsist_jax.report import matrix as matrix_lib
@@ -142,3 +143,104 @@ def test_matrix_marks_the_best_diagonal():
                                          "lora"]
   text = matrix_lib.matrix_markdown(list(rows_.values()), "r")
   assert text.count("| yes |") == 1 and text.count("| no |") == 1
+
+
+def _records(points_by_run):
+  """EvalRecords from {(base, method, seed): [(learning, retention), ...]}."""
+  return [results.EvalRecord(
+      step=10 * (k + 1), epoch=float(k + 1), method=m, base=b, lr=1e-4,
+      learning=float(l), retention=float(r), run=f"{b}_{m}_s{s}", seed=s)
+          for (b, m, s), pts in points_by_run.items()
+          for k, (l, r) in enumerate(pts)]
+
+
+# Hand-made frontiers (every point non-dominated). adamw base: L = 0.7
+# (muon seed 0 ends there); muon base: L = 0.3, below muon's frontiers.
+BRACKETED = {
+    ("adamw", "adamw", 0): [(0.1, 1.0), (0.4, 0.8), (0.9, 0.3)],
+    ("adamw", "adamw", 1): [(0.2, 0.9), (0.6, 0.7), (1.0, 0.2)],
+    ("adamw", "muon", 0): [(0.2, 0.9), (0.7, 0.5)],
+    ("adamw", "muon", 1): [(0.3, 0.8), (0.75, 0.45)],
+    ("adamw", "lora", 0): [(0.65, 0.2), (0.8, 0.1)],
+    ("adamw", "lora", 1): [(0.7, 0.15), (0.9, 0.05)],
+    ("muon", "muon", 0): [(0.5, 2.0), (0.6, 1.9)],
+    ("muon", "muon", 1): [(0.5, 2.1), (0.65, 1.95)],
+    ("muon", "adamw", 0): [(0.1, 1.5), (0.3, 1.2)],
+    ("muon", "adamw", 1): [(0.1, 1.5), (0.35, 1.1)],
+}
+
+
+def test_brackets_at_the_common_level_by_hand(tmp_path):
+  records = _records(BRACKETED)
+  summary = {(s.base, s.method): s
+             for s in consistency.consistency_summary(records)}
+  assert summary[("adamw", "adamw")].level == pytest.approx(0.7)
+  assert summary[("muon", "muon")].level == pytest.approx(0.3)
+  # Per seed (lower, upper) retention of the checkpoints around L = 0.7 and
+  # their learning distance, read off BRACKETED by hand.
+  want = {("adamw", "adamw"): [(0.3, 0.8, 0.5), (0.2, 0.7, 0.4)],
+          ("adamw", "muon"): [(0.5, 0.5, 0.0), (0.45, 0.8, 0.45)],
+          ("adamw", "lora"): [(0.1, 0.2, 0.15), (0.15, 0.15, 0.0)],
+          ("muon", "adamw"): [(1.2, 1.2, 0.0), (1.1, 1.5, 0.25)]}
+  for key, per_seed in want.items():
+    b = summary[key].retention_bracket
+    lo, hi, width = np.array(per_seed).T
+    assert (b.lo, b.hi, b.width) == pytest.approx(
+        (lo.mean(), hi.mean(), width.max())), key
+    assert b.widths == pytest.approx(tuple(width))
+    assert b.dense == (width.max() <= 0.3) and b.outside == ()
+    # The linear reading lies inside its bracket.
+    assert b.lo <= summary[key].retention_at_level.mean <= b.hi
+  assert summary[("muon", "adamw")].retention_bracket.dense
+  assert not summary[("adamw", "muon")].retention_bracket.dense
+  # Gaps: matched's (lo, hi) minus the other's (hi, lo), per seed.
+  g = summary[("adamw", "muon")].gap_bracket
+  assert (g.lo, g.hi) == pytest.approx((np.mean([0.3 - 0.5, 0.2 - 0.8]),
+                                        np.mean([0.8 - 0.5, 0.7 - 0.45])))
+  assert g.straddles_zero and g.width == pytest.approx(0.5)
+  g = summary[("adamw", "lora")].gap_bracket
+  assert (g.lo, g.hi) == pytest.approx((np.mean([0.3 - 0.2, 0.2 - 0.15]),
+                                        np.mean([0.8 - 0.1, 0.7 - 0.15])))
+  assert g.straddles_zero is False
+  # L = 0.3 is below both muon frontiers on the muon base: no bound.
+  for key in (("muon", "muon"), ("muon", "adamw")):
+    b = (summary[key].retention_bracket if key[1] == "muon"
+         else summary[key].gap_bracket)
+    assert b.outside == (0, 1) and math.isnan(b.lo)
+    assert b.straddles_zero is None and not b.dense
+  (inter,) = consistency.interactions(records)
+  assert inter.at_level_bracket.outside == (0, 1)
+  text = consistency_markdown.consistency_markdown(
+      list(summary.values()), "l", "r", interaction_rows=[inter])
+  (row,) = [x for x in text.splitlines() if x.startswith("| adamw | muon |")]
+  assert "| [-0.400, +0.275] | straddles 0 |" in row
+  assert "| 0.450 (<= 0.3: no) |" in row
+  (row,) = [x for x in text.splitlines() if x.startswith("| muon | adamw |")]
+  assert "0.250 (<= 0.3: yes)" in row
+  assert "L outside the frontier of seeds 0, 1" in row
+  (row,) = [x for x in text.splitlines() if x.startswith("| adamw, muon |")]
+  assert "L outside the frontier of seeds 0, 1" in row
+  (j,) = [d for d in consistency_markdown.summary_json(list(summary.values()))
+          if (d["base"], d["method"]) == ("adamw", "lora")]
+  assert j["gap_bracket"]["lo"] == pytest.approx(0.075)
+  assert j["retention_bracket"]["dense"] is True
+
+
+def test_bracket_matches_brute_force_on_random_frontiers():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    n = int(rng.integers(1, 7))
+    learning = np.sort(rng.choice(np.linspace(0, 1, 21), n, replace=False))
+    front = np.stack([learning, -np.cumsum(rng.uniform(0, 1, n))], 1)
+    level = float(rng.choice([rng.uniform(-0.1, 1.1),
+                              rng.choice(learning)]))
+    lo, hi, width = brackets.bound_at(front, level)
+    below, above = learning[learning <= level], learning[learning >= level]
+    if not len(below) or not len(above):
+      assert math.isnan(lo) and math.isnan(width)
+      continue
+    r_below = front[learning == below.max(), 1][0]
+    r_above = front[learning == above.min(), 1][0]
+    assert (lo, hi, width) == pytest.approx(
+        (r_above, r_below, above.min() - below.max()))
+    assert lo <= consistency.retention_at(front, level) <= hi

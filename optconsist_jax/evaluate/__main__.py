@@ -52,10 +52,18 @@ accuracy; the headline retention score to mc/mean, else minus the LM loss
 (any metric can be named instead). Each results row states its BOS settings
 and the harness version in `settings`.
 
+The probes eval (`eval.probes` of an experiment config; the eval config's
+`probes`, a ProbesEvalConfig, on with `--config.probes.enabled=True`, off by
+default) also measures every finetuned checkpoint's update against its base
+(geometry, second-order forgetting, activation drift; evaluate/probes.py) as
+probe/<name> metrics, with `probe_seconds` beside `eval_seconds`; the report
+relates them to retention (report/mechanism.py).
+
 The pieces beside this file: config.py (EvalConfig, the defaults), suite.py
 (the evals on one model), job.py (the run's config, the Evaluator), watch.py
 (the loop over checkpoints), results.py (the results schema), and the evals:
-math.py, multiple_choice.py, lm_loss.py, harness.py.
+math.py, multiple_choice.py, lm_loss.py, harness.py, probes.py (+
+probes_geometry.py).
 """
 
 from __future__ import annotations

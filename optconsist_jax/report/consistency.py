@@ -36,7 +36,9 @@ so a per-seed value varies with both. When the rows keep per-item eval
 scores, every frontier and estimand is recomputed on resamples of the eval
 items (report/resample.py) and the gaps, areas and interactions get the
 hierarchical interval (`tested`, `statistics.hierarchical_ci`); the tables
-say which sources their intervals cover (`resample.covers_note`). The
+say which sources their intervals cover (`resample.covers_note`). Every
+value read at L also carries the range the two frontier checkpoints that
+bracket L allow and their learning distance (report/brackets.py). The
 markdown and JSON of the tables: report/consistency_markdown.py.
 """
 
@@ -51,6 +53,7 @@ import numpy as np
 
 
 from optconsist_jax.evaluate import results
+from optconsist_jax.report import brackets
 from optconsist_jax.report import resample
 from optconsist_jax.report import statistics as stats
 
@@ -188,6 +191,9 @@ class MethodSummary:
     p_value: two-sided t test of `gap_area`'s per-seed values (NaN: none).
     p_holm: `p_value` Holm-adjusted over the table's comparisons.
     family: how many comparisons that Holm family has.
+    retention_bracket: the range of `retention_at_level` that the
+      checkpoints bracketing L allow (`brackets.Bracket`).
+    gap_bracket: the same for `gap_vs_matched` (empty for matched).
   """
 
   base: str
@@ -205,6 +211,8 @@ class MethodSummary:
   p_value: float = math.nan
   p_holm: float = math.nan
   family: int = 0
+  retention_bracket: brackets.Bracket = brackets.EMPTY
+  gap_bracket: brackets.Bracket = brackets.EMPTY
 
 
 def retention_by_seed(fronts: Frontiers, base: str, method: str,
@@ -335,13 +343,15 @@ def consistency_summary(records: Sequence[results.EvalRecord], *,
         best[r.seed] = (r.learning, r.retention)
     seeds = sorted(by_seed)
     mine = retention_by_seed(fronts, base, method, level)
-    gap, words = stats.EMPTY, ""
+    gap, words, gap_bracket = stats.EMPTY, "", brackets.EMPTY
     if method != base and (base, base) not in fronts:
       words = "no matched run to compare"
     elif method != base:
       gap = tested(level_gap_by_seed(fronts, levels, base, base, method),
                    over(reps, lambda f, lv, b=base, m=method:
                         level_gap_by_seed(f, lv, b, b, m)), units, **ci)[0]
+      gap_bracket = brackets.Bracket.of(
+          brackets.level_gap_bounds(fronts, levels, base, base, method))
       words = (stats.verdict(area[(base, method)],
                              p_adjusted=p_holm[(base, method)])
                if area[(base, method)].n else
@@ -360,7 +370,10 @@ def consistency_summary(records: Sequence[results.EvalRecord], *,
         gap_area=area.get((base, method), stats.EMPTY),
         p_value=p.get((base, method), math.nan),
         p_holm=p_holm.get((base, method), math.nan),
-        family=family if (base, method) in p else 0))
+        family=family if (base, method) in p else 0,
+        retention_bracket=brackets.Bracket.of(
+            brackets.bound_by_seed(fronts, base, method, level)),
+        gap_bracket=gap_bracket))
   return out
 
 
@@ -384,6 +397,8 @@ class Interaction:
     p_holm: `p_value` Holm-adjusted over the table's pairs.
     family: how many pairs that Holm family has.
     verdict: `statistics.verdict` of `by_area` with `p_holm`, or why none.
+    at_level_bracket: the range of `at_level` that the checkpoints
+      bracketing each L allow (`brackets.Bracket`).
   """
 
   i: str
@@ -396,6 +411,7 @@ class Interaction:
   p_holm: float
   family: int
   verdict: str
+  at_level_bracket: brackets.Bracket = brackets.EMPTY
 
 
 def interaction_by_seed(fronts: Frontiers, levels: Mapping[str, float],
@@ -447,8 +463,11 @@ def interactions(records: Sequence[results.EvalRecord], *,
         levels=(levels[i], levels[j]),
         p_value=p, p_holm=p_holm[(i, j)],
         family=family if math.isfinite(p) else 0,
-        verdict=why or stats.verdict(area, p_adjusted=p_holm[(i, j)])))
+        verdict=why or stats.verdict(area, p_adjusted=p_holm[(i, j)]),
+        at_level_bracket=(brackets.interaction_bounds(fronts, levels, i, j)
+                          if at_level else brackets.EMPTY)))
   return out
+
 
 
 def summary_level(summary: Sequence[MethodSummary], base: str) -> float:

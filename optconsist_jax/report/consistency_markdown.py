@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import dataclasses
 import math
 
+from optconsist_jax.report import brackets
 from optconsist_jax.report import consistency
 from optconsist_jax.report import statistics as stats
 
@@ -27,6 +28,22 @@ def format_p(p: float) -> str:
   return f"{p:.3g}" if math.isfinite(p) else "n/a"
 
 
+def bracket_note(learning_name: str) -> str:
+  """What the bracket columns of the tables mean (report/brackets.py)."""
+  return (
+      "Brackets (frontier hygiene): a value at L is read linearly between"
+      " the two frontier checkpoints that bracket L (the nearest with"
+      " learning <= L and >= L); with a frontier that is not linear between"
+      " them it could be anywhere in the bracket range (retention: between"
+      " the two checkpoints' retentions; a gap or I: its formula's min and"
+      " max over its terms' ranges; means over seeds). Width = the largest"
+      " learning distance between two bracketing checkpoints over the seeds"
+      f" ({learning_name}; nats when it is a loss), checked against"
+      f" <= {brackets.MAX_WIDTH:g}. A range that straddles 0 leaves the"
+      " sign at L to the grid's linearity; \"L outside\" = L is not within"
+      " a seed's frontier (no bound, nothing extrapolated).")
+
+
 def interaction_markdown(rows: Sequence[consistency.Interaction],
                          retention_name: str,
                          method: str = stats.DEFAULT_METHOD) -> str:
@@ -40,18 +57,23 @@ def interaction_markdown(rows: Sequence[consistency.Interaction],
       " area: each bracket the mean retention gap over the learning range"
       " both frontiers cover (per seed); at L: each bracket at its base's"
       " common level L. Mean over the seeds with all four runs"
-      f" [{stats.LEVEL:.0%} interval, {method}].", "",
-      "| i, j | seeds | I by area | I at L | L (i, j) | p | p (Holm) |"
-      " verdict |",
-      "|---|---|---|---|---|---|---|---|"]
+      f" [{stats.LEVEL:.0%} interval, {method}]. I at L's bracket range and"
+      " width: as in the table above.", "",
+      "| i, j | seeds | I by area | I at L | I at L: bracket range |"
+      " range vs 0 | bracket width | L (i, j) | p | p (Holm) | verdict |",
+      "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
+    b = r.at_level_bracket
     lines.append(
         f"| {r.i}, {r.j} | {len(r.seeds)} | {r.by_area.format(signed=True)}"
-        f" | {r.at_level.format(signed=True)} | {r.levels[0]:.3f},"
+        f" | {r.at_level.format(signed=True)}"
+        f" | {brackets.range_text(b, signed=True)} | {brackets.sign_text(b)}"
+        f" | {brackets.width_text(b)} | {r.levels[0]:.3f},"
         f" {r.levels[1]:.3f} | {format_p(r.p_value)} | {format_p(r.p_holm)} |"
         f" {r.verdict} |")
   if not rows:
-    lines.append("| (no two optimizers with both bases) | | | | | | | |")
+    lines.append("| (no two optimizers with both bases) | | | | | | | | | |"
+                 " |")
   lines += ["", holm_note(max((r.family for r in rows), default=0))]
   return "\n".join(lines) + "\n"
 
@@ -82,17 +104,23 @@ def consistency_markdown(summary: Sequence[consistency.MethodSummary],
       " of learning over the learning range both frontiers cover on a seed"
       " (no extrapolation), paired by seed. The verdict is the area gap's:"
       f" it needs >= {stats.MIN_SEEDS} seeds and a Holm-adjusted p below"
-      f" {1 - level:.2g}.", "",
+      f" {1 - level:.2g}. " + bracket_note(learning_name), "",
       "| base | method | role | seeds | points | best learning | retention"
-      " there | L | retention at L | gap vs matched at L | verdict |"
-      " gap vs matched by area | p | p (Holm) |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+      " there | L | retention at L | retention at L: bracket range |"
+      " bracket width | gap vs matched at L | gap at L: bracket range |"
+      " range vs 0 | verdict | gap vs matched by area | p | p (Holm) |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+      "---|"]
   for s in summary:
     lines.append(
         f"| {s.base} | {s.method} | {s.role} | {len(s.seeds)} | {s.points} |"
         f" {s.best_learning.format()} | {s.retention_at_best.format()} |"
         f" {s.level:.3f} | {s.retention_at_level.format()} |"
+        f" {brackets.range_text(s.retention_bracket)} |"
+        f" {brackets.width_text(s.retention_bracket)} |"
         f" {s.gap_vs_matched.format(signed=True) if s.gap_vs_matched.n else ''}"
+        f" | {brackets.range_text(s.gap_bracket, signed=True)} |"
+        f" {brackets.sign_text(s.gap_bracket)}"
         f" | {s.verdict} |"
         f" {s.gap_area.format(signed=True) if s.gap_area.n else ''} |"
         f" {format_p(s.p_value) if s.role != 'matched' else ''} |"
@@ -109,7 +137,11 @@ def consistency_markdown(summary: Sequence[consistency.MethodSummary],
     parts = [f"vs {s.method}: {s.verdict} (gap by area"
              f" {s.gap_area.format(signed=True)}, {s.gap_area.n} seeds;"
              f" at L {s.gap_vs_matched.format(signed=True)},"
-             f" {s.gap_vs_matched.n} seeds)" for s in others]
+             f" {s.gap_vs_matched.n} seeds, bracket range "
+             + ", ".join(filter(None, (
+                 brackets.range_text(s.gap_bracket, signed=True),
+                 brackets.sign_text(s.gap_bracket)))) + ")"
+             for s in others]
     lines.append(f"- {base} base, matched = {base}, at learning L ="
                  f" {consistency.summary_level(summary, base):.3f}: "
                  + ("; ".join(parts) if parts else "no other method") + ".")
