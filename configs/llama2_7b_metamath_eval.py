@@ -25,11 +25,17 @@ Arg (`:ARG`): optional comma-separated `key=value` settings:
              Hub: `launch tpu stage` it from a bucket)
   limit      first items of every set (default 0 = all), for a quick check.
   mesh       eval mesh preset (default fsdp).
+  base       the training config's `base=` preset (default llama2_7b): the
+             run is labelled with that base's pretraining optimizer from
+             io/provenance.py (AdamW for every base there today), so the
+             report knows which method is matched.
 """
 
 import ml_collections
 
-_KEYS = ("data_dir", "limit", "mesh")
+from optconsist_jax.io import provenance
+
+_KEYS = ("data_dir", "limit", "mesh", "base")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -64,7 +70,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.learning_metric = "math/metamath/acc"
   c.retention_metric = ""  # mc/mean
   c.method = ""  # from the run: lora, or the hidden matrices' optimizer
-  c.base = "adamw"  # Llama-2 was pretrained with AdamW
+  # The base's pretraining optimizer (Llama-2: AdamW, arXiv 2307.09288).
+  try:
+    c.base = provenance.by_preset(s.get("base", "llama2_7b")).optimizer
+  except KeyError as e:
+    raise ValueError(f"configs/llama2_7b_metamath_eval.py: base="
+                     f"{s['base']!r}: {e.args[0]}") from None
   c.lr = ml_collections.config_dict.placeholder(float)
   c.base_model = ""  # the run's init_from
   # Beside training: poll every 5 minutes; stop 6 h after the last checkpoint.

@@ -53,9 +53,10 @@ What it does (optconsist_jax/experiments/reproduce.py):
 Every stage is skipped when its outputs exist, so an interrupted run resumes.
 Override anything on the command line, e.g. `--config.finetune.seeds=5`;
 `--config.reproduce.bases=adamw:PATH,muon:PATH` finetunes and evaluates
-external bases (a Hugging Face Llama folder or Hub repo, a nanoGPT ckpt.pt, an
+external bases (a Hugging Face folder or Hub repo, a nanoGPT ckpt.pt, an
 Orbax run) instead of pretraining; NAME is the optimizer each was pretrained
-with.
+with, optional for a base of io/provenance.py (`reproduce.bases=
+Qwen/Qwen2.5-7B` is labelled adamw from it; experiments/external_bases.py).
 
 Every optimizer family is a name: a preset of optim/presets.py or any Optax
 optimizer (`lion`, `adafactor`, `adagrad`, ...), with its learning rate in

@@ -54,8 +54,21 @@ def test_variant_converts_and_builds_its_optimizer(arg):
   assert exp.checkpoint.epoch_params_only
   if "epochs" not in arg:
     assert exp.train.num_epochs == 11
-  # The optimizer builds on the abstract 7B tree (shapes only) and its state
-  # initializes: kwargs and routes are valid for the real model.
+  n_trainable = _build_optimizer(exp)
+  if exp.lora is None:
+    assert n_trainable == 6_738_415_616
+  else:
+    rank = exp.lora.rank
+    # A [in, r] + B [r, out] on q,k,v,o (4096 x 4096), gate/up (4096 x 11008),
+    # down (11008 x 4096) in each of 32 layers.
+    per_layer = rank * (4 * (4096 + 4096) + 3 * (4096 + 11008))
+    assert n_trainable == 32 * per_layer
+
+
+def _build_optimizer(exp) -> int:
+  """Builds the optimizer on the abstract model (shapes only) and inits its
+  state: kwargs and routes are valid for the real model. Returns the
+  number of trainable parameters."""
   lora = None
   if exp.lora is not None:
     from optconsist_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
@@ -71,15 +84,7 @@ def test_variant_converts_and_builds_its_optimizer(arg):
   params = nnx.state(abstract, trainable)
   tx = optim.build(exp.optim, params)
   jax.eval_shape(tx.init, params)
-  n_trainable = sum(x.size for x in jax.tree.leaves(params))
-  if lora is None:
-    assert n_trainable == 6_738_415_616
-  else:
-    rank = exp.lora.rank
-    # A [in, r] + B [r, out] on q,k,v,o (4096 x 4096), gate/up (4096 x 11008),
-    # down (11008 x 4096) in each of 32 layers.
-    per_layer = rank * (4 * (4096 + 4096) + 3 * (4096 + 11008))
-    assert n_trainable == 32 * per_layer
+  return sum(x.size for x in jax.tree.leaves(params))
 
 
 def test_defaults_follow_the_reference():
@@ -95,8 +100,60 @@ def test_defaults_follow_the_reference():
   assert m.get_config("lora64").lora.alpha == 128
 
 
+# Any optimizer name or preset, and any 7-8B base of the provenance table.
+OTHER_ARGS = ["lion", "muon_gspmd,adam_lr=3e-6", "muon_contrib", "lora",
+              "optax:adafactor,lr=3e-4", "adamw,base=llama3_1_8b",
+              "muon,base=olmo2_7b", "lora64,base=qwen2_5_7b",
+              "signum,base=qwen3_8b,init=/ckpt/qwen3"]
+
+
+@pytest.mark.parametrize("arg", OTHER_ARGS)
+def test_any_optimizer_and_base_convert(arg):
+  from optconsist_jax.io import hub  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.io import provenance  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
+  cfg = load().get_config(arg)
+  exp = ExperimentConfig.from_dict(cfg.to_dict()).resolve_total_steps(100)
+  variant, settings = arg.split(",")[0], dict(
+      p.split("=") for p in arg.split(",")[1:])
+  base = settings.get("base", "llama2_7b")
+  assert exp.model == model_config.preset(base).replace(
+      param_dtype="float32", dtype="bfloat16", scan_layers=True,
+      remat_policy="full")
+  # The optimizer: the named one on every parameter, Muon on the hidden
+  # matrices beside AdamW, or AdamW on the LoRA adapters.
+  groups = exp.optim.groups
+  if variant.startswith("muon"):
+    assert set(groups) == {"muon", "adamw"}
+    assert groups["muon"].optimizer == ("contrib.muon" if "contrib" in variant
+                                        else "muon")
+  elif variant.startswith("lora"):
+    assert exp.lora.rank == (16 if variant == "lora" else int(variant[4:]))
+    assert [g.optimizer for g in groups.values()] == ["adamw"]
+  else:
+    assert [g.optimizer for g in groups.values()] == [variant]
+  peak = float(settings.get("lr", 0)) or None
+  if peak:
+    assert [g.schedule.peak for g in groups.values()] == [peak]
+  if "adam_lr" in settings:
+    assert groups["adamw"].schedule.peak == float(settings["adam_lr"])
+  n_trainable = _build_optimizer(exp)
+  if exp.lora is None:
+    assert n_trainable == exp.model.num_params()
+  # The base's Hub repo (the provenance table's) and its tokenizer, or the
+  # local folder's tokenizer.json.
+  if "init" in settings:
+    assert exp.init_from.path == exp.data.tokenizer_path == settings["init"]
+  elif base != "llama2_7b":
+    assert hub.parse_ref(exp.init_from.path).repo_id == (
+        provenance.by_preset(base).hub_id)
+    assert exp.data.tokenizer_path == exp.init_from.path
+
+
 @pytest.mark.parametrize("arg,message", [
-    ("sgd", "unknown variant 'sgd'"),
+    ("no_such_opt", "unknown variant 'no_such_opt'.*unknown optimizer"),
+    ("adamw,base=llama2_13b", r"base='llama2_13b'; expected one of"),
+    ("lion,adam_lr=1e-5", "muon variant only"),
     ("adamw,lr", "bad setting 'lr'"),
     ("adamw,foo=1", "bad setting 'foo=1'"),
     ("adamw,adam_lr=1e-5", "muon variant only"),
@@ -127,3 +184,8 @@ def test_eval_config_converts(arg):
     assert c.math.limit == 50
   with pytest.raises(ValueError, match="bad setting"):
     module.get_config("dir=x")
+  # Every base of the 7B config is labelled with its pretraining optimizer.
+  for base in load().BASES:
+    assert module.get_config(f"base={base}").base == "adamw"
+  with pytest.raises(ValueError, match=r"base='tiny_mha': model preset"):
+    module.get_config("base=tiny_mha")

@@ -32,3 +32,13 @@ def test_unknown_base_lists_the_known_ones():
   with pytest.raises(KeyError, match="meta-llama/Llama-3.1-8B") as e:
     provenance.lookup("some-org/some-model")
   assert "NAME:PATH" in str(e.value)
+
+
+def test_by_preset_finds_the_record_of_a_model_preset():
+  for base in provenance.BASES.values():
+    if base.preset:
+      assert provenance.by_preset(base.preset) is base
+  with pytest.raises(KeyError, match=r"'tiny_mha' is no base.*'olmo2_7b'"):
+    provenance.by_preset("tiny_mha")
+  with pytest.raises(KeyError):
+    provenance.by_preset("")  # Moonlight has no preset; "" names none

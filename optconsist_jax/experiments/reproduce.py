@@ -32,12 +32,15 @@ pretraining seed every finetuning seed starts from the same base.
 
 External bases (`--config.reproduce.bases=adamw:PATH,muon:PATH`): each
 NAME:PATH is a base model labelled NAME (the pretraining optimizer, so the
-report knows which method is matched): a Hugging Face Llama folder or Hub
-repo, a nanoGPT `ckpt.pt` or an Orbax run written by train.py (see
-`config_types.InitFromConfig`). Pretraining is skipped; the finetuning runs
+report knows which method is matched): a Hugging Face folder or Hub repo
+(Llama-2/3, Qwen2.5/3, OLMo-2), a nanoGPT `ckpt.pt` or an Orbax run written
+by train.py (see `config_types.InitFromConfig`). A base of the provenance
+table (io/provenance.py) needs no NAME: `reproduce.bases=Qwen/Qwen2.5-7B`
+labels it with its published pretraining optimizer
+(experiments/external_bases.py). Pretraining is skipped; the finetuning runs
 take the base's architecture (`model.preset="from_init"`) and its tokenizer
-(the folder's tokenizer.model, the GPT-2 BPE files beside a ckpt.pt, the
-Orbax run's data.tokenizer_path; otherwise `tokenizer_path`).
+(the folder's tokenizer.model or tokenizer.json, the GPT-2 BPE files beside a
+ckpt.pt, the Orbax run's data.tokenizer_path; otherwise `tokenizer_path`).
 
 Each training run is an ordinary `optconsist_jax.train` workdir (its
 config.json can be rerun with `python -m optconsist_jax.train`), marked done by
@@ -273,6 +276,8 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
     print(f"external bases (no pretraining): "
           f"{', '.join(f'{b.name}={b.workdir} ({b.kind})' for b in bases)}",
           flush=True)
+    for b in rc.bases:
+      print(f"  {b.name}: pretraining optimizer {b.label_source}", flush=True)
   for i, (name, members) in enumerate(groups, 1):
     print(f"[{i}/{len(groups)}] train {name} ({_describe(members)})",
           flush=True)
@@ -373,6 +378,7 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
           "seeds": {"pretrain": 0 if rc.bases else rc.pretrain.seeds,
                     "finetune": rc.finetune.seeds},
           "bases": {b.run_name: b.workdir for b in bases},
+          "base_labels": {b.name: b.label_source for b in rc.bases},
           "runs": len(runs),
           "retention_unigram_loss": unigram,
           "base_heldout_loss": base_losses,

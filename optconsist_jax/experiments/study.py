@@ -10,15 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
-import json
 import os
 from typing import Any
 
 
-from optconsist_jax.data import gpt2_bpe
 from optconsist_jax import errors
-from optconsist_jax.io import hub
-from optconsist_jax import paths as paths_lib
+from optconsist_jax.experiments import external_bases
 from optconsist_jax.report import tables as report
 from optconsist_jax import typed_config
 
@@ -115,12 +112,8 @@ class EvalSettings:
                        f" {RETENTION_UNITS}")
 
 
-@dataclasses.dataclass(frozen=True)
-class ExternalBase:
-  """A base model given on the command line (NAME:PATH)."""
-
-  name: str
-  path: str
+# A base model given on the command line (experiments/external_bases.py).
+ExternalBase = external_bases.ExternalBase
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +122,9 @@ class ReproConfig:
 
   optim_kwargs: optimizer name -> keyword arguments of that optimizer,
     for pretraining and finetuning alike (e.g. Adagrad's accumulator start).
-  bases: external bases (`reproduce.bases`); empty = pretrain our own.
+  bases: external bases (`reproduce.bases`, experiments/external_bases.py:
+    NAME:PATH, or a base of the provenance table labelled from it); empty =
+    pretrain our own.
   matrix: `reproduce.matrix`, the report's consistency matrix: "auto"
     (drawn from 3 pretraining optimizers on), "always" (the matrix modes)
     or "never".
@@ -212,30 +207,8 @@ class ReproConfig:
 
 
 def parse_bases(spec: str | Sequence[str]) -> tuple[ExternalBase, ...]:
-  """`adamw:PATH,muon:PATH` (or a list of NAME:PATH) -> external bases.
-
-  Paths are resolved against the current directory (Hub references and URLs
-  stay as they are); a local path must exist.
-  """
-  key = "reproduce config.reproduce.bases"
-  entries = ([e for e in spec.split(",") if e.strip()]
-             if isinstance(spec, str) else list(spec))
-  out = []
-  for entry in entries:
-    name, sep, path = str(entry).strip().partition(":")
-    name, path = name.strip(), path.strip()
-    if not sep or not name or not path:
-      raise ValueError(f"{key}: entry {entry!r} is not NAME:PATH (e.g."
-                       " adamw:path/to/ckpt.pt)")
-    if any(b.name == name for b in out):
-      raise ValueError(f"{key}: base name {name!r} given twice")
-    local = paths_lib.resolve(path)
-    if os.path.exists(local):
-      path = local
-    elif not (hub.is_hub_ref(path) or paths_lib.is_url(path)):
-      raise ValueError(f"{key}: {name}:{path}: no such file or directory")
-    out.append(ExternalBase(name, path))
-  return tuple(out)
+  """`adamw:PATH,Qwen/Qwen2.5-7B` -> external bases (external_bases.parse)."""
+  return external_bases.parse(spec)
 
 
 # ---------------------------------------------------------------------------
@@ -345,27 +318,6 @@ def run_name(base: str, method: str, lr: float, seed: int,
   return f"{base}-base__{method}__lr{lr:g}{budget}__s{seed}"
 
 
-def _external_tokenizer(rc: ReproConfig, path: str, kind: str) -> str:
-  """The tokenizer that came with an external base (module docstring)."""
-  if kind == "hf":
-    if hub.is_hub_ref(path) or os.path.exists(
-        os.path.join(path, "tokenizer.model")):
-      return path  # a folder or repo means its tokenizer.model
-  elif kind == "nanogpt":
-    folder = os.path.dirname(path)
-    if gpt2_bpe.is_gpt2_bpe_dir(folder):
-      return folder
-  else:
-    for run_dir in (path, os.path.dirname(path),
-                    os.path.dirname(os.path.dirname(path))):
-      config_file = os.path.join(run_dir, "config.json")
-      if os.path.exists(config_file):
-        with open(config_file) as fh:
-          data = json.load(fh).get("data") or {}
-        return data.get("tokenizer_path", rc.tokenizer_path) or ""
-  return rc.tokenizer_path
-
-
 def plan_bases(rc: ReproConfig, workdir: str) -> list[Base]:
   """Our pretraining runs (optimizer-major, then seed), or the external ones."""
   if rc.bases:
@@ -374,8 +326,8 @@ def plan_bases(rc: ReproConfig, workdir: str) -> list[Base]:
     out = []
     for b in rc.bases:
       kind = weights.kind_of(b.path)
-      out.append(Base(b.name, 0, b.path, kind,
-                      _external_tokenizer(rc, b.path, kind)))
+      out.append(Base(b.name, 0, b.path, kind, external_bases.tokenizer_of(
+          b.path, kind, rc.tokenizer_path)))
     return out
   return [Base(opt, rc.seed + k,
                os.path.join(workdir, "bases", f"{opt}__s{rc.seed + k}"),

@@ -97,3 +97,17 @@ def lookup(ref: str) -> Base:
 def pretraining_optimizer(ref: str) -> str:
   """The optimizer `ref` was pretrained with (an optim/presets.py name)."""
   return lookup(ref).optimizer
+
+
+def by_preset(preset: str) -> Base:
+  """The record whose shapes are the model/config.py preset `preset`.
+
+  Raises:
+    KeyError: no known base has that preset; the message lists those that do.
+  """
+  for base in BASES.values():
+    if base.preset and base.preset == preset:
+      return base
+  known = sorted(b.preset for b in BASES.values() if b.preset)
+  raise KeyError(f"model preset {preset!r} is no base of the provenance"
+                 f" table; presets of known bases: {known}")
