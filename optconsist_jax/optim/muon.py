@@ -42,13 +42,16 @@ Orthogonalization strategies under a mesh (`strategy`):
              device repeats the m x m products (what `optax.contrib.muon` does
              under a mesh).
   `stacked`: (default) matrices with the same canonical (wide) shape and
-             layout are stacked, padded to a multiple of the devices they are
-             spread over, and moved with all-to-alls (inside `jax.shard_map`)
-             so that each device holds whole matrices; each device runs the
+             layout are stacked and moved with one all-to-all over all the
+             mesh axes that shard them (inside `jax.shard_map`) so that each
+             device holds whole matrices; each device runs the
              Newton-Schulz loop on its own matrices with no collective, and
-             the inverse all-to-alls bring the results back to the parameter
+             the inverse all-to-all brings the results back to the parameter
              sharding. Mesh axes that do not shard a matrix split the stack
              by slicing (no communication) and are all-gathered at the end.
+             When a group's count does not divide the devices, the
+             remainders of all groups are balanced by NS flops (longest
+             processing time first; optim/muon_stacked.py, `stacked_plan`).
 Without a mesh both strategies run one batched NS per group of equal shapes.
 
 References:
@@ -63,17 +66,18 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-import heapq
 import math
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from optconsist_jax.optim import muon_stacked as stacked
 from optconsist_jax.optim import ns_coefficients as ns_tables
 from optconsist_jax.sharding import path_name
 
@@ -206,49 +210,10 @@ def update_scale(fan_in: int, fan_out: int, mode: str,
   raise ValueError(f"muon: scale={mode!r}; expected one of {SCALE_MODES}")
 
 
-def ns_flops(m: int, n: int, steps: int = 1) -> int:
-  """Flops of `steps` NS iterations on an m x n matrix (wide: m <= n taken):
-  X X^T (2 m m n), A A (2 m m m), (bA + cAA) X (2 m m n)."""
-  m, n = sorted((m, n))
-  return steps * (2 * (2 * m * m * n) + 2 * m * m * m)
-
-
-def balanced_assignment(costs: Sequence[float], num_devices: int
-                        ) -> list[list[int]]:
-  """Whole matrices (by cost, e.g. `ns_flops`) of every group to devices.
-
-  Longest processing time first: most expensive first, each onto the least
-  loaded device (Graham 1969, "Bounds on multiprocessing timing anomalies":
-  max load within 4/3 of optimal). Returns each device's matrix indices.
-  With few matrices per device no whole-matrix assignment is even (e.g.
-  2 per device of two sizes). The `stacked` strategy pads each shape group
-  to a multiple of its devices instead; this is the assignment a cross-group
-  schedule would use when counts do not divide (not wired into `stacked`,
-  whose all-to-alls move equal chunks per shape group).
-  """
-  loads = [(0.0, d) for d in range(num_devices)]
-  out: list[list[int]] = [[] for _ in range(num_devices)]
-  for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
-    load, d = heapq.heappop(loads)
-    out[d].append(i)
-    heapq.heappush(loads, (load + costs[i], d))
-  return out
-
-
 class MuonState(NamedTuple):
   """count: int32 steps taken; mu: momentum, one array per param."""
   count: jax.Array
   mu: optax.Updates
-
-
-def _axes(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
-
-
-def _axes_size(mesh: Mesh, axes: Sequence[str]) -> int:
-  return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
 class _Orthogonalizer:
@@ -267,34 +232,65 @@ class _Orthogonalizer:
     return spec + (None,) * (ndim - len(spec))
 
   def _divisible(self, shape, spec) -> bool:
-    return all(d % _axes_size(self.mesh, _axes(e)) == 0
+    return all(d % stacked.axes_size(self.mesh, stacked.axes_of(e)) == 0
                for d, e in zip(shape, spec))
+
+  def _groups(self, names: Sequence[str], shapes: Sequence[tuple[int, ...]],
+              dtypes: Sequence[Any]) -> tuple[list[int], list[list[int]]]:
+    """(leaves for `_gspmd`, groups of leaves stacked together)."""
+    alone, groups = [], {}
+    for i, (name, shape, dtype) in enumerate(zip(names, shapes, dtypes)):
+      spec = (self._spec(name, len(shape)) if self.mesh is not None
+              else None)
+      if self.strategy == "gspmd" or (
+          self.mesh is not None and not self._divisible(shape, spec)):
+        alone.append(i)
+        continue
+      m, n = sorted(shape[-2:])
+      if spec is None:
+        key = (m, n, dtype)
+      else:
+        lay = stacked.layout(shape, spec, self.mesh, 0)
+        key = (m, n, dtype, lay.m_axes, lay.n_axes, lay.lead_axes)
+      groups.setdefault(key, []).append(i)
+    return alone, list(groups.values())
+
+  def _layout(self, idx, names, shapes) -> stacked.Layout:
+    count = 0
+    for i in idx:
+      spec = self._spec(names[i], len(shapes[i]))
+      lead = int(np.prod(shapes[i][:-2], dtype=np.int64))
+      count += lead // stacked.axes_size(
+          self.mesh, [a for e in spec[:-2] for a in stacked.axes_of(e)])
+    return stacked.layout(shapes[idx[0]], self._spec(
+        names[idx[0]], len(shapes[idx[0]])), self.mesh, count)
+
+  def plan(self, names: Sequence[str], shapes: Sequence[tuple[int, ...]],
+           dtypes: Sequence[Any]) -> tuple[list[list[int]],
+                                           stacked.StackedPlan]:
+    """The `stacked` groups (leaf indices) and their balanced plan."""
+    _, groups = self._groups(names, shapes, dtypes)
+    layouts = [self._layout(idx, names, shapes) for idx in groups]
+    return groups, stacked.plan(layouts, self.mesh, len(self.table))
 
   def __call__(self, names: list[str], xs: list[jax.Array]) -> list[jax.Array]:
     out: list[jax.Array | None] = [None] * len(xs)
-    groups: dict[Any, list[int]] = {}
-    for i, (name, x) in enumerate(zip(names, xs)):
-      spec = self._spec(name, x.ndim) if self.mesh is not None else None
-      if self.strategy == "gspmd" or (
-          self.mesh is not None and not self._divisible(x.shape, spec)):
-        out[i] = self._gspmd(x, spec)
-        continue
-      tall = x.shape[-2] > x.shape[-1]
-      m, n = sorted(x.shape[-2:])
-      if spec is None:
-        key = (m, n, x.dtype)
-      else:
-        mat = (spec[-1], spec[-2]) if tall else (spec[-2], spec[-1])
-        lead = frozenset(a for e in spec[:-2] for a in _axes(e))
-        key = (m, n, x.dtype, mat, lead)
-      groups.setdefault(key, []).append(i)
-    for idx in groups.values():
-      group_xs = [xs[i] for i in idx]
-      if self.mesh is None:
-        results = self._stack_local(group_xs)
-      else:
-        results = self._stack_sharded(
-            group_xs, [self._spec(names[i], xs[i].ndim) for i in idx])
+    shapes = [tuple(x.shape) for x in xs]
+    dtypes = [x.dtype for x in xs]
+    alone, groups = self._groups(names, shapes, dtypes)
+    for i in alone:
+      out[i] = self._gspmd(xs[i], None if self.mesh is None
+                           else self._spec(names[i], xs[i].ndim))
+    if self.mesh is None:
+      for idx in groups:
+        for i, r in zip(idx, self._stack_local([xs[i] for i in idx])):
+          out[i] = r
+      return out
+    _, plan = self.plan(names, shapes, dtypes)
+    for idx, group in zip(groups, plan.groups):
+      results = stacked.orthogonalize(
+          [xs[i] for i in idx], [self._spec(names[i], xs[i].ndim) for i in idx],
+          group, self.mesh, self._ns)
       for i, r in zip(idx, results):
         out[i] = r
     return out
@@ -314,75 +310,10 @@ class _Orthogonalizer:
     w = self._ns(w, constrain)
     return jnp.swapaxes(w, -1, -2) if tall else w
 
-  @staticmethod
-  def _to_stack(x, tall):
-    w = jnp.swapaxes(x, -1, -2) if tall else x
-    return w.reshape(-1, *w.shape[-2:])
-
-  @staticmethod
-  def _from_stack(w, like, tall):
-    shape = like.shape[:-2] + ((like.shape[-1], like.shape[-2]) if tall
-                               else like.shape[-2:])
-    w = w.reshape(shape)
-    return jnp.swapaxes(w, -1, -2) if tall else w
-
-  def _split(self, stack, like, talls):
-    sizes = [int(np.prod(x.shape[:-2], dtype=np.int64)) for x in like]
-    offsets = np.cumsum([0] + sizes)
-    return [self._from_stack(stack[offsets[j]:offsets[j + 1]], x, tall)
-            for j, (x, tall) in enumerate(zip(like, talls))]
-
   def _stack_local(self, xs):
     talls = [x.shape[-2] > x.shape[-1] for x in xs]
-    stack = jnp.concatenate(
-        [self._to_stack(x, t) for x, t in zip(xs, talls)], axis=0)
-    return self._split(self._ns(stack), xs, talls)
-
-  def _stack_sharded(self, xs, specs):
-    mesh = self.mesh
-    spec0 = specs[0]
-    tall0 = xs[0].shape[-2] > xs[0].shape[-1]
-    m_axes = _axes(spec0[-1] if tall0 else spec0[-2])
-    n_axes = _axes(spec0[-2] if tall0 else spec0[-1])
-    used = set(m_axes) | set(n_axes) | {
-        a for e in spec0[:-2] for a in _axes(e)}
-    rep_axes = tuple(a for a in mesh.axis_names
-                     if a not in used and mesh.shape[a] > 1)
-    split = (_axes_size(mesh, m_axes) * _axes_size(mesh, n_axes)
-             * _axes_size(mesh, rep_axes))
-    ns = self._ns
-    # Decided on global shapes: a local block of a square matrix may be tall.
-    talls = [x.shape[-2] > x.shape[-1] for x in xs]
-
-    def local(*blocks):
-      stack = jnp.concatenate(
-          [self._to_stack(b, t) for b, t in zip(blocks, talls)], axis=0)
-      k = stack.shape[0]
-      k_pad = -(-k // split) * split
-      stack = jnp.pad(stack, ((0, k_pad - k), (0, 0), (0, 0)))
-      if rep_axes:
-        # Devices that hold the same data each take a slice of the stack.
-        chunk = k_pad // _axes_size(mesh, rep_axes)
-        stack = jax.lax.dynamic_slice_in_dim(
-            stack, jax.lax.axis_index(rep_axes) * chunk, chunk, axis=0)
-      # Minor mesh axes first, so the gathered blocks come out in order.
-      for a in reversed(n_axes):
-        stack = jax.lax.all_to_all(stack, a, 0, 2, tiled=True)
-      for a in reversed(m_axes):
-        stack = jax.lax.all_to_all(stack, a, 0, 1, tiled=True)
-      stack = ns(stack).astype(stack.dtype)
-      for a in m_axes:
-        stack = jax.lax.all_to_all(stack, a, 1, 0, tiled=True)
-      for a in n_axes:
-        stack = jax.lax.all_to_all(stack, a, 2, 0, tiled=True)
-      if rep_axes:
-        stack = jax.lax.all_gather(stack, rep_axes, axis=0, tiled=True)
-      return tuple(self._split(stack[:k], blocks, talls))
-
-    pspecs = tuple(P(*s) for s in specs)
-    fn = jax.shard_map(local, mesh=mesh, in_specs=pspecs, out_specs=pspecs,
-                       check_vma=False)
-    return list(fn(*xs))
+    return stacked.from_stack(self._ns(stacked.to_stack(xs, talls)), xs,
+                              talls)
 
 
 def muon(learning_rate: optax.ScalarOrSchedule, *, beta: float = 0.95,
@@ -489,3 +420,26 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, beta: float = 0.95,
     return new, MuonState(count=count, mu=mu)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def stacked_plan(params: Any, shardings: dict[str, NamedSharding | None], *,
+                 ns_steps: int = 5) -> stacked.StackedPlan:
+  """The `stacked` strategy's balanced plan for a Muon parameter tree.
+
+  params: the Muon leaves (arrays or ShapeDtypeStructs); shardings: path
+  name -> NamedSharding (`leaf_shardings`), all on one mesh. Per-device NS
+  flops (`device_flops`, `max_over_mean`) and the all-to-all padding
+  (`moved_over_needed`) of the step `muon(..., shardings=shardings)` runs.
+  """
+  meshes = {s.mesh for s in shardings.values() if s is not None}
+  if len(meshes) != 1:
+    raise ValueError(f"stacked_plan: needs one mesh, got {len(meshes)}")
+  orth = _Orthogonalizer(
+      strategy="stacked", mesh=meshes.pop(), shardings=dict(shardings),
+      table=coefficient_schedule(None, ns_steps), dtype=jnp.float32, eps=0.0,
+      accumulate_fp32=True)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  _, plan = orth.plan([path_name(p) for p, _ in flat],
+                      [tuple(x.shape) for _, x in flat],
+                      [x.dtype for _, x in flat])
+  return plan
