@@ -9,7 +9,7 @@ to the axes of a device mesh with three axes, `data`, `fsdp` and `tensor`
   embed          over fsdp: ZeRO-3 style FSDP (Rajbhandari et al. 2020, arXiv
                  1910.02054); XLA gathers weights per layer and
                  reduce-scatters grads
-  heads, kv_heads, mlp, vocab
+  heads, kv_heads, mlp, expert_mlp, vocab
                  over tensor: Megatron-LM tensor parallelism (Shoeybi et al.
                  2019, arXiv 1909.08053), q/k/v/gate/up column-parallel,
                  o/down row-parallel, embedding and head vocab-parallel
@@ -64,11 +64,11 @@ ACTIVATION_NAMES = ("act_batch", "act_length", "act_embed", "act_heads",
 # The one table (see the module docstring); axes of size 1 shard nothing.
 RULES: Rules = (
     ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
-    ("kv_heads", "tensor"), ("mlp", "tensor"), ("norm", None),
-    ("layers", None), ("positions", None), ("lora_rank", None),
-    ("act_batch", ("data", "fsdp")), ("act_length", None), ("act_embed", None),
-    ("act_heads", "tensor"), ("act_kv_heads", "tensor"), ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
+    ("kv_heads", "tensor"), ("mlp", "tensor"), ("norm", None), ("layers", None),
+    ("positions", None), ("lora_rank", None), ("expert", None),
+    ("expert_mlp", "tensor"), ("latent", None), ("act_batch", ("data", "fsdp")),
+    ("act_length", None), ("act_embed", None), ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"), ("act_mlp", "tensor"), ("act_vocab", "tensor"),
 )
 
 # name -> (data, fsdp, tensor). -1 fills with the remaining devices.

@@ -278,8 +278,8 @@ def test_extra_rules_win_and_unused_axes_are_errors():
       None, "fsdp")
   # An axis of size > 1 that no rule uses would replicate over it.
   no_tensor = [[n, None] for n in ("vocab", "heads", "kv_heads", "mlp",
-                                   "act_heads", "act_kv_heads", "act_mlp",
-                                   "act_vocab")]
+                                   "expert_mlp", "act_heads", "act_kv_heads",
+                                   "act_mlp", "act_vocab")]
   with pytest.raises(ValueError, match="mesh axis 'tensor' has size 2 but no"
                      " sharding rule maps a logical name to it"):
     sharding.MeshConfig.preset("fsdp_tp", extra_rules=no_tensor)

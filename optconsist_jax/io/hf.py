@@ -1,9 +1,10 @@
-"""Hugging Face Llama-family checkpoints (config.json + safetensors) <-> our model.
+"""Hugging Face checkpoints (config.json + safetensors) <-> our models.
 
 `load` reads a Hugging Face folder of a supported model_type (llama with or
-without Llama-3 rope scaling, qwen2, qwen3, olmo2) into `(LlamaConfig,
-Llama)`; `save` writes one back that `transformers` loads. The name and
-config.json mapping is io/hf_layout.py.
+without Llama-3 rope scaling, qwen2, qwen3, olmo2: `(LlamaConfig, Llama)`;
+deepseek_v3: `(DeepseekV3Config, DeepseekV3)`); `save` writes one back that
+`transformers` loads. The name and config.json mappings are io/hf_layout.py
+(the Llama family) and io/hf_deepseek.py.
 
 Memory: neither direction holds two copies of the model on the host. `load`
 creates the model abstractly and fills each parameter with
@@ -31,12 +32,15 @@ import ml_dtypes
 import numpy as np
 import safetensors
 
+from optconsist_jax.io import hf_deepseek
 from optconsist_jax.io import hf_layout
 from optconsist_jax.io import hub
 from optconsist_jax import sharding
 from optconsist_jax import storage
-from optconsist_jax.model import Llama, LlamaConfig
-from optconsist_jax.model.llama import abstract_model
+from optconsist_jax.model import deepseek_v3
+from optconsist_jax.model import LlamaConfig
+from optconsist_jax.model import llama
+from optconsist_jax.model.deepseek_v3_config import DeepseekV3Config
 from optconsist_jax.model.llama import no_constraint
 
 CONFIG_FILE = "config.json"
@@ -54,6 +58,68 @@ _SAFETENSORS_DTYPES = {
 }
 # What of a bucket folder `load` downloads.
 _HF_FILES = ("*.json", "*.safetensors", "tokenizer.model")
+
+
+class _Family:
+  """The Llama family's mapping (hf_layout) in hf_deepseek's interface."""
+
+  config_from_hf = staticmethod(hf_layout.config_from_hf)
+  config_to_hf = staticmethod(hf_layout.config_to_hf)
+  tensor_sources = staticmethod(hf_layout.tensor_sources)
+  abstract_model = staticmethod(llama.abstract_model)
+  FLOAT32_PATHS = ()
+
+  @staticmethod
+  def save_order(config):
+    return [("embed", ()),
+            *((path, (i,)) for i in range(config.num_layers)
+              for path in hf_layout.layer_tensors(config)),
+            ("final_norm/scale", ()),
+            *([] if config.tie_embeddings else [("lm_head/kernel", ())])]
+
+  @staticmethod
+  def is_unused(config, name):
+    return name.endswith(hf_layout.IGNORED_SUFFIXES) or (
+        config.tie_embeddings
+        and name == hf_layout.GLOBAL_TENSORS["lm_head/kernel"][0])
+
+
+class _DeepseekV3:
+  """DeepSeek-V3's mapping (hf_deepseek)."""
+
+  config_from_hf = staticmethod(hf_deepseek.config_from_hf)
+  config_to_hf = staticmethod(hf_deepseek.config_to_hf)
+  tensor_sources = staticmethod(hf_deepseek.tensor_sources)
+  save_order = staticmethod(hf_deepseek.save_order)
+  is_unused = staticmethod(hf_deepseek.is_unused)
+  abstract_model = staticmethod(deepseek_v3.abstract_model)
+  FLOAT32_PATHS = hf_deepseek.FLOAT32_PATHS
+
+
+def _layout(model_type_or_config):
+  if (model_type_or_config == hf_deepseek.MODEL_TYPE
+      or isinstance(model_type_or_config, DeepseekV3Config)):
+    return _DeepseekV3
+  return _Family
+
+
+def _flat_names(names) -> list[str]:
+  """The names of a (nested, for stacked experts) hf_names tuple."""
+  if isinstance(names, str):
+    return [names]
+  return [n for sub in names for n in _flat_names(sub)]
+
+
+def _depth(source: hf_layout.TensorSource) -> int:
+  """Leading stacked axes of our param: 0, 1 (layers), 2 (layers, experts)."""
+  if not source.stacked:
+    return 0
+  depth, names = 0, source.hf_names
+  while not isinstance(names, str):
+    depth, names = depth + 1, names[0]
+  return depth
+
+
 # --------------------------------------------------------------------------
 # load
 
@@ -113,20 +179,24 @@ def _slice_fn(source: hf_layout.TensorSource, handle: Callable[[str], Any],
       return handle(name)[idx[1], idx[0]].T.astype(dtype)
     return handle(name)[idx].astype(dtype)
 
+  def build(names, index: tuple[slice, ...]) -> np.ndarray:
+    if isinstance(names, str):
+      return read(names, index)
+    return np.stack([build(names[i], index[1:])
+                     for i in range(len(names))[index[0]]])
+
   def cb(index: tuple[slice, ...]) -> np.ndarray:
     if not source.stacked:
       return np.ascontiguousarray(read(source.hf_names[0], tuple(index)))
-    layers = range(len(source.hf_names))[index[0]]
-    return np.stack([read(source.hf_names[i], tuple(index[1:]))
-                     for i in layers])
+    return build(source.hf_names, tuple(index))
 
   return cb
 
 
 def load(hf_dir: str, dtype: Any = jnp.float32, *, mesh: Any = None,
          rules: Any = None, compute_dtype: Any = None,
-         **config_overrides) -> tuple[LlamaConfig, Llama]:
-  """Loads a Hugging Face Llama folder or Hub repo into our model.
+         **config_overrides) -> tuple[Any, nnx.Module]:
+  """Loads a Hugging Face folder or Hub repo into our model.
 
   Args:
     hf_dir: folder with config.json and model.safetensors, or a sharded
@@ -143,41 +213,42 @@ def load(hf_dir: str, dtype: Any = jnp.float32, *, mesh: Any = None,
     rules: logical-axis rules for `mesh` (e.g. `sharding.RULES` or
       `sharding.MeshConfig.rules`); required with a mesh.
     compute_dtype: activation/matmul dtype; default `dtype`.
-    **config_overrides: further LlamaConfig fields (scan_layers,
-      remat_policy, attention_impl, ...).
+    **config_overrides: further LlamaConfig / DeepseekV3Config fields
+      (scan_layers, remat_policy, attention_impl, moe_impl, ...).
 
   Returns:
-    (config, model); the model called on int32 tokens [B, T] returns float32
-    logits [B, T, V].
+    (config, model): LlamaConfig and Llama, or DeepseekV3Config and
+    DeepseekV3 for model_type deepseek_v3; the model called on int32 tokens
+    [B, T] returns float32 logits [B, T, V].
 
   Raises:
     FileNotFoundError: config.json, the weights or a listed shard is missing.
     hub.HubError: the Hub download failed (one-line message).
-    ValueError: not a Llama config, or a tensor is missing or misshapen (the
+    ValueError: not a supported config, or a tensor is missing or misshapen (the
       message names the file and the tensor).
   """
   # A bucket folder (gs://) is downloaded into a local cache once:
   # safetensors reads through a memory map of a local file.
   hf_dir = storage.local_copy(hub.model_dir(hf_dir), _HF_FILES)
   hf_config = _read_config(hf_dir)
-  config = hf_layout.config_from_hf(hf_config,
-                          source=os.path.join(hf_dir, CONFIG_FILE))
+  layout = _layout(hf_config.get("model_type"))
+  config = layout.config_from_hf(hf_config,
+                                 source=os.path.join(hf_dir, CONFIG_FILE))
   dtype = np.dtype(jnp.dtype(dtype))
   config = config.replace(
       param_dtype=dtype.name,
       dtype=jnp.dtype(compute_dtype or dtype).name,
       **config_overrides)
   weight_map, map_file = _weight_map(hf_dir)
-  sources = hf_layout.tensor_sources(config)
+  sources = layout.tensor_sources(config)
 
-  known = {n for s in sources.values() for n in s.hf_names}
-  if config.tie_embeddings:
-    known.add(hf_layout.GLOBAL_TENSORS["lm_head/kernel"][0])  # present but unused
+  known = {n for s in sources.values() for n in _flat_names(s.hf_names)}
   unexpected = sorted(n for n in weight_map if n not in known
-                      and not n.endswith(hf_layout.IGNORED_SUFFIXES))
+                      and not layout.is_unused(config, n))
   if unexpected:
     raise ValueError(
-        f"{map_file}: tensors not part of a Llama model with this config:"
+        f"{map_file}: tensors not part of a {hf_config.get('model_type')}"
+        " model with this config:"
         f" {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
 
   constrain = no_constraint
@@ -186,7 +257,7 @@ def load(hf_dir: str, dtype: Any = jnp.float32, *, mesh: Any = None,
       raise ValueError("hf.load: a mesh needs its logical-axis rules (e.g."
                        " optconsist_jax.sharding.MeshConfig(...).rules).")
     constrain = sharding.LogicalConstraint(mesh, rules)
-  abstract = abstract_model(config, constrain=constrain)
+  abstract = layout.abstract_model(config, constrain=constrain)
   graphdef, abstract_state = nnx.split(abstract)
   if mesh is None:
     shardings = jax.tree.map(lambda _: _single_device_sharding(),
@@ -209,9 +280,9 @@ def load(hf_dir: str, dtype: Any = jnp.float32, *, mesh: Any = None,
       if path not in sources:
         raise ValueError(f"hf.load: no Hugging Face tensor for param {path!r}")
       source = sources[path]
-      per_layer = leaf.shape[1:] if source.stacked else leaf.shape
+      per_layer = leaf.shape[_depth(source):]
       expected = tuple(reversed(per_layer)) if source.transpose else per_layer
-      for name in source.hf_names:
+      for name in _flat_names(source.hf_names):
         if name not in weight_map:
           raise ValueError(
               f"{map_file}: missing tensor {name!r} (for param {path!r},"
@@ -241,13 +312,16 @@ def _host_value(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def _hf_tensors(config: LlamaConfig, model: Llama, dtype: np.dtype
-                ) -> Iterator[tuple[str, tuple[int, ...],
+def _hf_tensors(config: Any, model: nnx.Module, dtype: np.dtype
+                ) -> Iterator[tuple[str, tuple[int, ...], np.dtype,
                                     Callable[[], np.ndarray]]]:
-  """(HF name, HF shape, reader) in Hugging Face order; readers gather lazily."""
+  """(HF name, HF shape, dtype, reader) in Hugging Face order; readers
+  gather lazily."""
+  layout = _layout(config)
   params = {sharding.path_name(kp): leaf for kp, leaf in
-            jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
-  sources = hf_layout.tensor_sources(config)
+            jax.tree_util.tree_flatten_with_path(nnx.state(
+                model, (nnx.Param, deepseek_v3.RoutingBias)))[0]}
+  sources = layout.tensor_sources(config)
   missing = sorted(set(sources) - set(params))
   if missing:
     raise ValueError(f"hf.save: model lacks params {missing} for its config.")
@@ -257,35 +331,34 @@ def _hf_tensors(config: LlamaConfig, model: Llama, dtype: np.dtype
         f"hf.save: params {extra[:8]} have no Hugging Face tensor (merge"
         " LoRA adapters into the base weights before saving).")
 
-  def entry(path: str, layer: int | None):
+  def entry(path: str, index: tuple[int, ...]):
     source, value = sources[path], params[path]
-    shape = value.shape[1:] if layer is not None else value.shape
+    shape = value.shape[len(index):]
     if source.transpose:
       shape = tuple(reversed(shape))
-    name = source.hf_names[layer or 0]
+    names = source.hf_names
+    for i in index:
+      names = names[i]
+    name = names if index else names[0]
+    out_dtype = (np.dtype(np.float32) if path in layout.FLOAT32_PATHS
+                 else dtype)
 
     def read():
-      x = value[layer] if layer is not None else value
-      x = _host_value(x)
+      x = _host_value(value[index] if index else value)
       return np.ascontiguousarray((x.T if source.transpose else x)
-                                  .astype(dtype))
+                                  .astype(out_dtype))
 
-    return name, tuple(int(s) for s in shape), read
+    return name, tuple(int(s) for s in shape), out_dtype, read
 
-  yield entry("embed", None)
-  for i in range(config.num_layers):
-    for path in hf_layout.layer_tensors(config):
-      yield entry(path, i)
-  yield entry("final_norm/scale", None)
-  if not config.tie_embeddings:
-    yield entry("lm_head/kernel", None)
+  for path, index in layout.save_order(config):
+    yield entry(path, index)
 
 
-def _write_safetensors(path: str, tensors, dtype: np.dtype) -> None:
+def _write_safetensors(path: str, tensors) -> None:
   """Streams tensors into a safetensors file, one gathered tensor at a time."""
   header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
   offset = 0
-  for name, shape, _ in tensors:
+  for name, shape, dtype, _ in tensors:
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                     "data_offsets": [offset, offset + nbytes]}
@@ -295,14 +368,15 @@ def _write_safetensors(path: str, tensors, dtype: np.dtype) -> None:
   with open(path, "wb") as f:
     f.write(struct.pack("<Q", len(header_bytes)))
     f.write(header_bytes)
-    for name, shape, read in tensors:
+    for name, shape, _, read in tensors:
       x = read()
       if x.shape != shape:
         raise AssertionError(f"{name}: gathered {x.shape}, header {shape}")
       f.write(x.tobytes())
 
 
-def save(config: LlamaConfig, model: Llama, out_dir: str, *,
+def save(config: LlamaConfig | DeepseekV3Config, model: nnx.Module,
+         out_dir: str, *,
          dtype: Any = None,
          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
   """Writes a Hugging Face folder (of the config's model_type) that
@@ -317,7 +391,7 @@ def save(config: LlamaConfig, model: Llama, out_dir: str, *,
 
   Args:
     config: the model's config.
-    model: our Llama.
+    model: our Llama or DeepseekV3.
     out_dir: destination folder (created if missing); a bucket folder
       (gs://) is written locally first and then uploaded.
     dtype: dtype to store; default the config's param_dtype.
@@ -332,10 +406,12 @@ def save(config: LlamaConfig, model: Llama, out_dir: str, *,
       if jax.process_index() == 0:
         storage.upload_dir(local, out_dir)
     return
-  try:
-    hf_layout.model_type(config)
-  except ValueError as e:
-    raise ValueError(f"hf.save: {e}") from e
+  layout = _layout(config)
+  if layout is _Family:
+    try:
+      hf_layout.model_type(config)
+    except ValueError as e:
+      raise ValueError(f"hf.save: {e}") from e
   dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
   if dtype not in hf_layout.TORCH_DTYPE_NAMES:
     raise ValueError(f"hf.save: unsupported dtype {dtype}; use float32,"
@@ -344,7 +420,7 @@ def save(config: LlamaConfig, model: Llama, out_dir: str, *,
   shards: list[list] = [[]]
   shard_bytes = 0
   for t in tensors:
-    nbytes = int(np.prod(t[1], dtype=np.int64)) * dtype.itemsize
+    nbytes = int(np.prod(t[1], dtype=np.int64)) * t[2].itemsize
     if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
       shards.append([])
       shard_bytes = 0
@@ -355,7 +431,9 @@ def save(config: LlamaConfig, model: Llama, out_dir: str, *,
   if write:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-      json.dump(hf_layout.config_to_hf(config, hf_layout.TORCH_DTYPE_NAMES[dtype]), f, indent=2)
+      json.dump(layout.config_to_hf(config,
+                                    hf_layout.TORCH_DTYPE_NAMES[dtype]),
+                f, indent=2)
   if len(shards) == 1:
     names = [SINGLE_FILE]
   else:
@@ -363,12 +441,12 @@ def save(config: LlamaConfig, model: Llama, out_dir: str, *,
     names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
   for file_name, shard in zip(names, shards):
     if write:
-      _write_safetensors(os.path.join(out_dir, file_name), shard, dtype)
+      _write_safetensors(os.path.join(out_dir, file_name), shard)
     else:  # Still take part in the collective gathers.
-      for _, _, read in shard:
+      for _, _, _, read in shard:
         read()
   if write and len(shards) > 1:
-    total = sum(int(np.prod(t[1], dtype=np.int64)) * dtype.itemsize
+    total = sum(int(np.prod(t[1], dtype=np.int64)) * t[2].itemsize
                 for t in tensors)
     index = {"metadata": {"total_size": total},
              "weight_map": {t[0]: file_name

@@ -103,7 +103,8 @@ class TensorSource:
 
   Attributes:
     hf_names: one Hugging Face tensor name per layer for stacked params
-      (`stacked`), else a single name.
+      (`stacked`), else a single name. Params stacked on two axes (DeepSeek-V3's
+      [layer, expert] experts, io/hf_deepseek.py) nest: one tuple per layer.
     stacked: our param has a leading layer axis built from `hf_names`.
     transpose: the Hugging Face tensor is our (per-layer) tensor transposed.
   """

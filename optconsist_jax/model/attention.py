@@ -36,17 +36,21 @@ CAUSAL_BLOCKS = 4
 
 
 def xla_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array,
-                  mask_BTS: Array) -> Array:
-  """Masked softmax attention; mask True = may attend. Returns [B, T, N, H].
+                  mask_BTS: Array, scale: float | None = None) -> Array:
+  """Masked softmax attention; mask True = may attend. Returns [B, T, N, Hv].
 
   Scores and softmax are computed in float32. (A row with no allowed key would
   average all values; causal self-attention always allows the diagonal.)
+  `scale` multiplies q k^T (default 1/sqrt(H)); values may have their own
+  head dim Hv (multi-head latent attention).
   """
   b, t, n, h = q_BTNH.shape
   s, k = k_BSKH.shape[1], k_BSKH.shape[2]
+  hv = v_BSKH.shape[-1]
   g = n // k
   dtype = q_BTNH.dtype
-  q_BKQH = (q_BTNH * jnp.asarray(h**-0.5, dtype)).reshape(
+  scale = h**-0.5 if scale is None else scale
+  q_BKQH = (q_BTNH * jnp.asarray(scale, dtype)).reshape(
       b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
   k_BKSH = k_BSKH.astype(dtype).transpose(0, 2, 1, 3)
   v_BKSH = v_BSKH.astype(dtype).transpose(0, 2, 1, 3)
@@ -56,12 +60,13 @@ def xla_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array,
   scores_BKQS = jnp.where(mask_BQS[:, None], scores_BKQS, _NEG)
   probs_BKQS = jax.nn.softmax(scores_BKQS, axis=-1).astype(dtype)
   out_BKQH = jnp.einsum("bkqs,bksh->bkqh", probs_BKQS, v_BKSH)
-  return out_BKQH.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(
-      b, t, n, h)
+  return out_BKQH.reshape(b, k, g, t, hv).transpose(0, 3, 1, 2, 4).reshape(
+      b, t, n, hv)
 
 
 def causal_xla_attention(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array,
-                         segment_BT: Array | None) -> Array:
+                         segment_BT: Array | None,
+                         scale: float | None = None) -> Array:
   """Causal (segment-masked) self-attention that skips the masked key blocks.
 
   Queries are split into CAUSAL_BLOCKS row blocks (when T is a multiple of it
@@ -75,7 +80,7 @@ def causal_xla_attention(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array,
   c = t // blocks
   outs = [xla_attention(q_BTNH[:, i * c:(i + 1) * c],
                         k_BTKH[:, :(i + 1) * c], v_BTKH[:, :(i + 1) * c],
-                        mask_BTT[:, i * c:(i + 1) * c, :(i + 1) * c])
+                        mask_BTT[:, i * c:(i + 1) * c, :(i + 1) * c], scale)
           for i in range(blocks)]
   return outs[0] if blocks == 1 else jnp.concatenate(outs, axis=1)
 
@@ -159,7 +164,7 @@ def splash_attention(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array,
 
 def attend(impl: str, q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, *,
            segment_BT: Array | None = None, mask_BTS: Array | None = None,
-           shard=None) -> Array:
+           shard=None, scale: float | None = None) -> Array:
   """Self-attention by `impl` (see module docstring).
 
   Args:
@@ -169,16 +174,21 @@ def attend(impl: str, q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, *,
     mask_BTS: an explicit mask (KV-cache decoding); None means causal within
       segment_BT.
     shard: for splash under a mesh, (mesh, batch_axes, head_axes).
+    scale: multiplies q k^T; default 1/sqrt(H). Only the xla form takes
+      another (and values of another head dim).
   """
   t = q_BTNH.shape[1]
+  if scale is not None and impl != "xla":
+    raise ValueError(f"attention_impl={impl!r} takes the default 1/sqrt(H)"
+                     " softmax scale only; use 'xla'")
   if impl == "splash" and mask_BTS is None:
     mesh, batch_axes, head_axes = shard or (None, None, None)
     return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_BT, mesh=mesh,
                             batch_axes=batch_axes, head_axes=head_axes)
   if impl in ("xla", "splash"):
     if mask_BTS is None:
-      return causal_xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_BT)
-    return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+      return causal_xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_BT, scale)
+    return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)
   implementation = None if impl == "auto" else impl
   dtype = q_BTNH.dtype
   if mask_BTS is None and segment_BT is None:

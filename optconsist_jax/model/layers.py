@@ -80,11 +80,13 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, *, names: tuple[str, ...] = ("norm",),
                stack: tuple[int, ...] = (),
-               stack_names: tuple[str, ...] = (), config: LlamaConfig):
+               stack_names: tuple[str, ...] = (), config: LlamaConfig,
+               eps: float | None = None):
     self.scale = param(
         jnp.ones((*stack, dim), jnp.dtype(config.param_dtype)),
         (*stack_names, *names))
-    self.eps = config.rms_norm_eps
+    # `eps` overrides the config's (DeepSeek-V3's latent norms use 1e-6).
+    self.eps = config.rms_norm_eps if eps is None else eps
     self.dtype = jnp.dtype(config.dtype)
     self.center = config.norm_type == "layer"
 

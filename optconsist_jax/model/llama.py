@@ -203,13 +203,14 @@ class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
   def __init__(self, config: LlamaConfig, *, stack, stack_names,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, intermediate_size: int | None = None):
     c = config
+    f = intermediate_size or c.intermediate_size
     lin = functools.partial(Linear, stack=stack, stack_names=stack_names,
                             config=c, rngs=rngs)
-    self.gate_proj = lin(c.hidden_size, c.intermediate_size, ("embed", "mlp"))
-    self.up_proj = lin(c.hidden_size, c.intermediate_size, ("embed", "mlp"))
-    self.down_proj = lin(c.intermediate_size, c.hidden_size, ("mlp", "embed"))
+    self.gate_proj = lin(c.hidden_size, f, ("embed", "mlp"))
+    self.up_proj = lin(c.hidden_size, f, ("embed", "mlp"))
+    self.down_proj = lin(f, c.hidden_size, ("mlp", "embed"))
 
   def __call__(self, x_BTD, *, constrain, rng=None):
     keys = jax.random.split(rng, 3) if rng is not None else [None] * 3

@@ -13,6 +13,12 @@ kept, those longer than original_max_position / low_freq_factor are divided by
 `factor`, and those between are interpolated with
 s = (original_max_position / wavelength - low) / (high - low):
 f' = (1 - s) f / factor + s f. No attention scaling (cos/sin unscaled).
+
+`yarn_inverse_frequencies` and `yarn_mscale` are YaRN's (Peng et al. 2023,
+arXiv 2309.00071) as DeepSeek-V2/V3 use it: transformers'
+`_compute_yarn_parameters` and `yarn_get_mscale` (modeling_rope_utils.py),
+float32 operations mirrored. Frequencies below the correction range are
+divided by `factor`, those above it kept, and a linear ramp blends between.
 """
 
 from __future__ import annotations
@@ -45,6 +51,36 @@ def inverse_frequencies(head_dim: int, config: LlamaConfig) -> Array:
   medium_H2 = ((wavelen_H2 >= old_context / high)
                & (wavelen_H2 <= old_context / low))
   return jnp.where(medium_H2, smoothed_H2, scaled_H2)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+  """YaRN's attention temperature 0.1 * mscale * ln(scale) + 1 (eq. 21)."""
+  return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_inverse_frequencies(head_dim: int, theta: float, factor: float,
+                             original_max_position: int, *,
+                             beta_fast: float = 32.0, beta_slow: float = 1.0,
+                             truncate: bool = True) -> Array:
+  """[head_dim // 2] float32 YaRN inverse frequencies."""
+  h = head_dim
+
+  def correction_dim(rotations):
+    return (h * math.log(original_max_position / (rotations * 2 * math.pi))
+            / (2 * math.log(theta)))
+
+  low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+  if truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, h - 1)
+  if low == high:
+    high += 0.001  # as transformers: no zero-width ramp
+  pos_freqs_H2 = theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  ramp_H2 = jnp.clip((jnp.arange(h // 2, dtype=jnp.float32) - low)
+                     / (high - low), 0, 1)
+  extrapolation_H2 = 1 - ramp_H2
+  return ((1.0 / (factor * pos_freqs_H2)) * (1 - extrapolation_H2)
+          + (1.0 / pos_freqs_H2) * extrapolation_H2)
 
 
 def rope(x_BTNH: Array, positions_BT: Array, inv_freq_H2: Array) -> Array:
