@@ -31,8 +31,18 @@ Args (`--config configs/small_consistency.py:ARG`):
                report's intervals), the memorization experiment over an LR
                grid; the model shaped like a large one (>= 70% of its
                parameters in the blocks' matrices: a 512-piece tokenizer).
+  causal       a causal check of the paper's story: quick's model and bases
+               (reused when quick already pretrained them in the workdir),
+               finetuned with AdamW and Muon, and with the base's own
+               optimizer state: `adamw+carried` (Adam's moments and count
+               carried over from pretraining) and `adamw+frozen_nu` (AdamW
+               preconditioned by the base's frozen second moment) on the
+               AdamW base, `muon+carried` (Muon's momentum) on the Muon
+               base; quick's grids, 3 seeds; no memorization or
+               fingerprints (docs/reproduction.md).
   mini         seconds per stage; the test suite's end-to-end run (2 seeds).
   matrix_mini  the matrix's shape in miniature (2 x 2 optimizers), for CI.
+  causal_mini  causal's variants (and fresh AdamW) in miniature, for CI.
 
 What it does (optconsist_jax/experiments/reproduce.py):
   1. pretrains one tiny Llama per optimizer in `pretrain.optimizers` (and per
@@ -68,7 +78,8 @@ import os
 
 import ml_collections
 
-_MODES = ("quick", "standard", "full", "matrix", "mini", "matrix_mini")
+_MODES = ("quick", "standard", "full", "matrix", "mini", "matrix_mini",
+          "causal", "causal_mini")
 
 # The five families of the matrix, and the keyword arguments they need.
 _MATRIX_OPTIMIZERS = ("adamw", "muon", "lion", "adafactor", "adagrad")
@@ -87,6 +98,17 @@ _TOKENIZER_512 = os.path.normpath(os.path.join(
 _SHAPED_MODEL = dict(vocab_size=512, hidden_size=96, intermediate_size=320,
                      num_layers=4, num_heads=4, num_kv_heads=2,
                      max_position_embeddings=256)
+
+
+# The causal check's methods: fresh AdamW and Muon on both bases, and the
+# base-state variants (experiments/finetune_methods.py) on their own base.
+_CAUSAL_METHODS = ("adamw", "muon", "adamw+carried", "adamw+frozen_nu",
+                   "muon+carried")
+
+
+def _causal_lrs(lrs):
+  """Each variant on its family's grid."""
+  return {m: lrs[m.partition("+")[0]] for m in _CAUSAL_METHODS}
 
 
 def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
@@ -192,7 +214,14 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
     # answers the consistency question only.
     c.memorization.enabled = False
     c.reproduce.matrix = "always"
-  elif arg in ("mini", "matrix_mini"):
+  elif arg == "causal":
+    # A variant runs only on its family's base (finetune_methods.applies).
+    c.finetune.update(
+        methods=_CAUSAL_METHODS,
+        lrs={**c.finetune.lrs, **_causal_lrs(c.finetune.lrs)})
+    c.memorization.enabled = False
+    c.fingerprints.enabled = False
+  if arg in ("mini", "matrix_mini", "causal_mini"):
     c.model = dict(vocab_size=2048, hidden_size=32, intermediate_size=64,
                    num_layers=2, num_heads=2, num_kv_heads=1,
                    max_position_embeddings=128)
@@ -213,4 +242,10 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
                         seeds=1, epochs=1)
       c.fingerprints.enabled = False
       c.reproduce.matrix = "always"
+    if arg == "causal_mini":
+      # Every variant, beside fresh AdamW only (fewer populations to compile).
+      c.finetune.update(methods=("adamw",) + _CAUSAL_METHODS[2:],
+                        lrs=_causal_lrs(c.finetune.lrs), epochs=1)
+      c.eval.probes = False
+      c.fingerprints.enabled = False
   return c

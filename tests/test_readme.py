@@ -45,6 +45,10 @@ NOT_RUN = {
         " smaller command of the same driver (RUN['rehearse'])",
     "make demo MODE=matrix":
         "63 min on a 2-core CPU; tests/test_reproduce.py runs matrix_mini",
+    "make demo MODE=causal":
+        "a 47-minute study on a loaded 2-core CPU (docs/reproduction.md); its"
+        " pieces run in tests/test_causal_study.py (causal_mini) and"
+        " tests/test_base_optimizer_state.py",
     "make demo MODE=standard":
         "about 1.5 h on a 2-core CPU (docs/reproduction.md);"
         " tests/test_reproduce.py checks the runs it plans",

@@ -16,6 +16,7 @@ from typing import Any
 
 from optconsist_jax import errors
 from optconsist_jax.experiments import external_bases
+from optconsist_jax.experiments import finetune_methods
 from optconsist_jax.report import tables as report
 from optconsist_jax import typed_config
 
@@ -185,6 +186,8 @@ class ReproConfig:
                        ("pretrain.optimizers", pretrain.optimizers)):
       for name in names:
         try:
+          if key == "finetune.methods":
+            name = finetune_methods.parse(name)[0]
           presets.preset(name)
         except ValueError as e:
           raise ValueError(f"reproduce config.{key}: {e}") from None
@@ -252,12 +255,14 @@ class Run:
 
 
 def _optim_dict(rc: ReproConfig, method: str, lr: float) -> dict[str, Any]:
-  """The optim section: the preset `method` (schedules over the whole run)."""
+  """The optim section: the preset of `method`'s family (schedules over the
+  whole run), adjusted for its variant (experiments/finetune_methods.py)."""
   # deferred: optim pulls in jax; config files import study without it.
   from optconsist_jax.optim import presets  # pylint: disable=g-import-not-at-top
-  kwargs = rc.optim_kwargs.get(method)
-  return presets.preset(method, peak_lr=lr,
-                        kwargs=dict(kwargs) if kwargs else None).to_dict()
+  family, _ = finetune_methods.parse(method)
+  kwargs = rc.optim_kwargs.get(method) or rc.optim_kwargs.get(family)
+  return finetune_methods.optim_dict(method, presets.preset(
+      family, peak_lr=lr, kwargs=dict(kwargs) if kwargs else None).to_dict())
 
 
 def _common(rc: ReproConfig, seed: int) -> dict[str, Any]:
@@ -299,7 +304,9 @@ def finetune_run_config(rc: ReproConfig, base: Base, method: str, lr: float,
                    tokenizer_path=base.tokenizer_path)
   d["train"].update(num_epochs=f.epochs if epochs is None else epochs,
                     num_steps=0)
-  d["init_from"] = dict(path=base.workdir, kind=base.kind)
+  d["init_from"] = dict(path=base.workdir, kind=base.kind,
+                        optimizer_state=finetune_methods.optimizer_state(
+                            method))
   if method == "lora":
     d["lora"] = dict(rank=f.lora_rank, alpha=f.lora_alpha,
                      dropout=f.lora_dropout)
@@ -353,6 +360,8 @@ def plan_runs(rc: ReproConfig, workdir: str, train_file: str
   runs = []
   for name, seeds in by_name.items():
     for method in rc.finetune.methods:
+      if not finetune_methods.applies(method, name):
+        continue  # a base-state variant on another family's base
       for i in range(rc.finetune.seeds):
         seed = rc.seed + i
         base = seeds[i % len(seeds)]

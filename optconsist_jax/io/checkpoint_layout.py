@@ -89,6 +89,8 @@ _MODEL_DEFAULTS = {
     f"{section}.{f.name}": typed_config.to_jsonable(f.default)
     for f in dataclasses.fields(LlamaConfig)
     if f.default is not dataclasses.MISSING for section in ("llama", "model")}
+# Run-identity keys added later, with the default that keeps the old behaviour.
+_MODEL_DEFAULTS["init_from.optimizer_state"] = "fresh"
 
 
 class CheckpointMismatchError(errors.UserError):
@@ -285,3 +287,46 @@ def restore_params(workdir_or_ckpt_dir: str | os.PathLike, step: int | None,
   return like_abstract(abstract_params, restored)
 
 
+
+
+def step_of(workdir_or_ckpt_dir: str | os.PathLike, step: int | None) -> int:
+  """The step of the checkpoint that W (or a step directory) and `step` name."""
+  return int(read_meta(_resolve(workdir_or_ckpt_dir, step))["step"])
+
+
+def restore_opt_state(workdir_or_ckpt_dir: str | os.PathLike, step: int | None,
+                      abstract_opt_state: Any) -> tuple[Any, int]:
+  """A run's saved optimizer state, laid out by the abstract tree's shardings.
+
+  Args:
+    workdir_or_ckpt_dir: W, W/checkpoints, or a step directory.
+    step: the step to read; None = the newest complete one.
+    abstract_opt_state: the optimizer-state tree of ShapeDtypeStructs (with
+      shardings) the saved one must match (same optimizer, same routing).
+
+  Returns:
+    (the state, the step it was saved at).
+
+  Raises:
+    CheckpointMismatchError: the checkpoint holds no optimizer state (a
+      params-only epoch checkpoint), or one of another structure.
+  """
+  step_dir = _resolve(workdir_or_ckpt_dir, step)
+  meta = read_meta(step_dir)
+  if not (step_dir / OPT_STATE).exists():
+    raise CheckpointMismatchError(
+        f"checkpoint {step_dir} holds no optimizer state (a params-only"
+        " checkpoint); pick a complete one")
+  target = with_shardings(abstract_opt_state, None)
+  try:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+      restored = ckptr.restore(step_dir / OPT_STATE,
+                               args=ocp.args.PyTreeRestore(
+                                   item=target,
+                                   restore_args=ocp.checkpoint_utils
+                                   .construct_restore_args(target)))
+  except ValueError as e:
+    raise CheckpointMismatchError(
+        f"checkpoint {step_dir}: its optimizer state does not match the"
+        f" expected one ({errors.short_cause(e)})") from e
+  return restored, int(meta["step"])

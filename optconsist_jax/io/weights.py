@@ -4,11 +4,14 @@ The one place that turns "where the weights are" into a model:
 
   kind_of(path, kind)          hf, nanogpt or orbax ("auto" decides)
   model_config_of(path, kind)  the architecture stored with the source
+  run_config_of(path)          an Orbax run's training config (its optimizer)
   identity(model, lora)        the model-identity dict checkpoints record
                                (io.checkpoints.compare_models)
   load_params(source, ...)     a full model's params, created in a mesh's
                                shardings (the trainer's init_from)
-  load_model(source, ...)      the same as a Llama (the eval job's base model)
+  load_model(source, ...)      the same as a model (the eval job's base model)
+Each takes a LlamaConfig or a DeepseekV3Config (a `deepseek_v3` Hugging Face
+folder or a run trained from one); model/architecture.py picks the model.
   restore_run_model(path, ...) one checkpoint of a training run, LoRA
                                adapters merged (the eval job, memorization,
                                reproduce)
@@ -32,16 +35,21 @@ from optconsist_jax import storage
 from optconsist_jax import typed_config
 from optconsist_jax.io import checkpoint_layout as ckpt_lib
 from optconsist_jax.io import hf
+from optconsist_jax.io import hf_deepseek
 from optconsist_jax.io import hf_layout
 from optconsist_jax.io import hub
 from optconsist_jax.io import nanogpt
+from optconsist_jax.model import architecture
 from optconsist_jax.model import lora as lora_lib
 from optconsist_jax.model import Llama
 from optconsist_jax.model import LlamaConfig
-from optconsist_jax.model.llama import abstract_model
+from optconsist_jax.model.architecture import abstract_model
+from optconsist_jax.model.architecture import ModelConfig
 from optconsist_jax.model.llama import no_constraint
 
 KINDS = ("auto", "hf", "orbax", "nanogpt")
+# Where a finetuning run's optimizer state starts (InitFromConfig).
+OPTIMIZER_STATES = ("fresh", "carried", "frozen_second_moment")
 # Written by the trainer (optconsist_jax.train) beside a run's checkpoints.
 RUN_CONFIG_FILE = "config.json"
 
@@ -59,16 +67,29 @@ class InitFromConfig:
     kind: hf, orbax, nanogpt, or auto (hf if path holds config.json with
       safetensors or is a Hub repo id, nanogpt for a .pt file, else orbax).
     step: for an Orbax run, the step to read (None: the newest complete one).
+    optimizer_state: where the optimizer state starts. "fresh" (default):
+      the optimizer's init. "carried": the base run's saved optimizer state
+      (moments, momentum and counts; same optimizer family and routing),
+      with the learning-rate schedules starting at this run's step 0.
+      "frozen_second_moment": an AdamW whose second moment is the base's,
+      held fixed (optimizer `adamw_frozen_nu`, optim/frozen_second_moment.py).
+      Both need an Orbax run: a Hugging Face base carries no optimizer state,
+      and the nanoGPT ckpt.pt's (a torch optimizer's) is not read.
   """
 
   path: str = ""
   kind: str = "auto"
   step: int | None = None
+  optimizer_state: str = "fresh"
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"config.init_from.kind={self.kind!r}; expected one of"
                        f" {KINDS}")
+    if self.optimizer_state not in OPTIMIZER_STATES:
+      raise ValueError(
+          f"config.init_from.optimizer_state={self.optimizer_state!r};"
+          f" expected one of {OPTIMIZER_STATES}")
 
 
 def kind_of(path: str, kind: str = "auto") -> str:
@@ -85,7 +106,7 @@ def kind_of(path: str, kind: str = "auto") -> str:
   return "orbax"
 
 
-def model_config_of(path: str, kind: str = "auto") -> LlamaConfig:
+def model_config_of(path: str, kind: str = "auto") -> ModelConfig:
   """The architecture stored with a weight source.
 
   A Hugging Face folder's config.json, a nanoGPT ckpt.pt's model_args, or
@@ -95,15 +116,26 @@ def model_config_of(path: str, kind: str = "auto") -> LlamaConfig:
   kind = kind_of(path, kind)
   if kind == "hf":
     folder = hub.model_dir(path, patterns=("config.json",))  # a Hub repo's
-    return hf_layout.config_from_hf(
-        json.loads((storage.path(folder) / "config.json").read_text()))
+    config_file = storage.path(folder) / "config.json"
+    hf_config = json.loads(config_file.read_text())
+    family = (hf_deepseek if hf_config.get("model_type") ==
+              hf_deepseek.MODEL_TYPE else hf_layout)
+    return family.config_from_hf(hf_config, source=str(config_file))
   if kind == "nanogpt":
     return nanogpt.read_config(storage.local_copy(path))
+  return architecture.config_from_dict(run_config_of(path)["model"])
+
+
+def run_config_of(path: str) -> dict[str, Any]:
+  """The resolved config (JSON form) the trainer wrote beside an Orbax run.
+
+  Args:
+    path: the run's workdir W, W/checkpoints or a step directory.
+  """
   p = storage.path(path)
   for run_dir in (p, p.parent, p.parent.parent):
     if (run_dir / RUN_CONFIG_FILE).exists():
-      run = json.loads((run_dir / RUN_CONFIG_FILE).read_text())
-      return LlamaConfig.from_dict(run["model"])
+      return json.loads((run_dir / RUN_CONFIG_FILE).read_text())
   raise FileNotFoundError(f"config.init_from.path={path!r}: no config.json of"
                           " a training run found in it or its parents")
 
@@ -137,7 +169,7 @@ def describe(source: InitFromConfig) -> str:
       f" step {source.step}" if source.step is not None else "")
 
 
-def load_params(source: InitFromConfig, model_config: LlamaConfig, *,
+def load_params(source: InitFromConfig, model_config: ModelConfig, *,
                 mesh: Any = None, rules: Any = None) -> nnx.State:
   """A full model's params from a weight source, in the mesh's shardings.
 
@@ -150,7 +182,8 @@ def load_params(source: InitFromConfig, model_config: LlamaConfig, *,
       (sharding.state_shardings); None = one device.
 
   Returns:
-    The nnx.State of the Llama's Params.
+    The nnx.State of the model's weights (architecture.weights: its Params,
+    and a DeepSeek-V3's experts' selection bias).
   """
   kind = kind_of(source.path, source.kind)
   if kind not in KINDS[1:]:
@@ -166,9 +199,9 @@ def load_params(source: InitFromConfig, model_config: LlamaConfig, *,
         {"llama": typed_config.to_jsonable(hf_config)},
         f"config.init_from {source.path} (config.json)",
         hint="Set config.model to the folder's config.json values.")
-    return nnx.state(model, nnx.Param)
-  abstract = nnx.state(
-      abstract_model(m, constrain=_constraint(mesh, rules)), nnx.Param)
+    return nnx.state(model, architecture.weights(m))
+  abstract = nnx.state(abstract_model(m, constrain=_constraint(mesh, rules)),
+                       architecture.weights(m))
   shardings = (sharding.state_shardings(abstract, mesh, rules)
                if mesh is not None else None)
   if kind == "nanogpt":
@@ -179,16 +212,16 @@ def load_params(source: InitFromConfig, model_config: LlamaConfig, *,
                                  shardings, model=identity(m))
 
 
-def load_model(source: InitFromConfig, model_config: LlamaConfig, *,
+def load_model(source: InitFromConfig, model_config: ModelConfig, *,
                mesh: Any = None, rules: Any = None) -> Llama:
-  """`load_params` as a Llama (e.g. the base model the eval job scores)."""
+  """`load_params` as a model (e.g. the base model the eval job scores)."""
   graphdef, _ = nnx.split(
       abstract_model(model_config, constrain=_constraint(mesh, rules)))
   return nnx.merge(graphdef, load_params(source, model_config, mesh=mesh,
                                          rules=rules))
 
 
-def restore_run_model(path: str | os.PathLike, model_config: LlamaConfig, *,
+def restore_run_model(path: str | os.PathLike, model_config: ModelConfig, *,
                       step: int | None = None,
                       lora: Mapping[str, Any] | None = None, mesh: Any = None,
                       rules: Any = None,

@@ -34,8 +34,8 @@ def assign_groups(optim_config: OptimConfig | Any,
 
 def build(optim_config: OptimConfig | Any, abstract_params: Any, *,
           mesh: Mesh | None = None,
-          schedules: Mapping[str, optax.Schedule] | None = None
-          ) -> optax.GradientTransformation:
+          schedules: Mapping[str, optax.Schedule] | None = None,
+          schedule_offset: int = 0) -> optax.GradientTransformation:
   """The optimizer for `abstract_params` (the trainable params only).
 
   Args:
@@ -47,6 +47,10 @@ def build(optim_config: OptimConfig | Any, abstract_params: Any, *,
     schedules: {group: learning-rate schedule} used in place of those the
       config's groups describe (e.g. one that depends on a traced value, as
       when a vmapped population of runs selects each member's own).
+    schedule_offset: every schedule is read at (state count -
+      schedule_offset): an optimizer state carried over from a run of that
+      many steps keeps its counts (Adam's bias correction goes on from
+      there) while the new run's schedule starts at its step 0.
 
   Returns:
     An optax.GradientTransformation whose updates are added to the params.
@@ -60,9 +64,11 @@ def build(optim_config: OptimConfig | Any, abstract_params: Any, *,
   transforms = {}
   for name in used:
     g, where = c.groups[name], f"optim.groups.{name}"
+    schedule = schedules.get(name) or make_schedule(g.schedule)
+    if schedule_offset:
+      schedule = _shifted(schedule, schedule_offset)
     transforms[name] = registry.make(
-        g.optimizer, schedules.get(name) or make_schedule(g.schedule),
-        g.weight_decay, g.kwargs, context, where=where)
+        g.optimizer, schedule, g.weight_decay, g.kwargs, context, where=where)
     if g.state_specs:
       try:
         hook = registry.import_callable(g.state_specs)
@@ -80,6 +86,10 @@ def build(optim_config: OptimConfig | Any, abstract_params: Any, *,
   if c.clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(c.clip_norm), tx)
   return tx
+
+
+def _shifted(schedule: optax.Schedule, offset: int) -> optax.Schedule:
+  return lambda count: schedule(count - offset)
 
 
 def learning_rates(optim_config: OptimConfig | Any,

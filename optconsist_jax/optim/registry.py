@@ -3,7 +3,9 @@
 `groups.<g>.optimizer` in an optim config resolves, in this order, to
 
   a registered name     `muon` (ours), `contrib.muon` (optax.contrib.muon on
-                        stacked matrices), or one a user registered;
+                        stacked matrices), `adamw_frozen_nu` (AdamW with a
+                        base's frozen second moment), or one a user
+                        registered;
   an import path        `"my_pkg.my_opt:make"`: the callable `make` in module
                         `my_pkg.my_opt` (imported on first use);
   an Optax optimizer    `<name>` or `optax.<name>` for any `optax.<name>`, and
@@ -44,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 import optax
 from optax.contrib import MuonDimensionNumbers
 
+from optconsist_jax.optim import frozen_second_moment
 from optconsist_jax.optim import muon as muon_lib
 
 Factory = Callable[..., optax.GradientTransformation]
@@ -233,6 +236,14 @@ def _muon(learning_rate, weight_decay, *, context: BuildContext, **kwargs):
   kwargs.setdefault("mesh", context.mesh)
   kwargs.setdefault("shardings", context.shardings)
   return muon_lib.muon(learning_rate, weight_decay=weight_decay, **kwargs)
+
+
+@register("adamw_frozen_nu")
+def _adamw_frozen_nu(learning_rate, weight_decay, **kwargs):
+  """AdamW with the base's frozen second moment (optim/frozen_second_moment.py);
+  the trainer fills that moment (`init_from.optimizer_state`)."""
+  return frozen_second_moment.adamw(learning_rate, weight_decay=weight_decay,
+                                    **kwargs)
 
 
 def make(name: str, learning_rate: optax.ScalarOrSchedule, weight_decay: float,

@@ -3,8 +3,11 @@
 A rule is (pattern, group). `pattern` is either a predicate name from
 PREDICATES or a regular expression matched against the whole '/'-joined
 parameter path (e.g. `layers/attn/(q|k)_proj/kernel`). Params under `layers/`
-carry one leading stack axis (the scanned layers), so "matrix" means two
-axes after that stack.
+(DeepSeek-V3: `dense_layers/`, `moe_layers/`) carry one leading stack axis
+(the scanned layers), so "matrix" means two axes after that stack; routed
+experts' weights (`moe_layers/mlp/{gate,up,down}_proj`, [L, E, in, out]) are
+hidden matrices stacked over layers and experts, which Muon orthogonalizes one
+[in, out] matrix at a time (optim/muon.py: leading axes are a stack).
 
 `hidden_matrix` (what the muon presets orthogonalize) is every matrix but:
   the embedding and the output head   (Jordan 2024, "Muon": "embedding and
@@ -15,12 +18,23 @@ axes after that stack.
   MoE routers / gates (`router`, `gate` as a whole path key, not
   `gate_proj`)                         (a [d, experts] logit map, not a
                                        hidden linear map; Moonlight's
-                                       DeepSeek-V3-style MoE keeps it on AdamW),
+                                       DeepSeek-V3-style MoE keeps it on AdamW;
+                                       docs/optimizers.md "Muon on MoE"),
   LoRA adapters `lora_a` / `lora_b`    (rank-r factors: orthogonalizing
                                        them is not Muon on the weight they
                                        update; the paper's LoRA arm is
                                        AdamW). Route `lora` to a Muon group
                                        explicitly to try it.
+DeepSeek-V3 / Moonlight (model/deepseek_v3.py): MLA's low-rank projections
+(q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj), the shared experts and
+each routed expert's matrices are hidden matrices, as Moonlight's released
+Muon (github.com/MoonshotAI/Moonlight, examples/toy_train.py: every weight
+with ndim >= 2 but embed_tokens and lm_head, where transformers holds each
+expert as its own 2-D Linear) routes them. Keeping the router on AdamW is
+our choice: that rule would orthogonalize it. The experts' selection bias
+(`router_bias`, e_score_correction_bias) is a RoutingBias, not an nnx.Param:
+no optimizer sees it and finetuning keeps it fixed (DeepSeek-V3, arXiv
+2412.19437 section 2.1.2, moves it by a load-balance rule, not gradients).
 """
 
 from __future__ import annotations
@@ -37,7 +51,7 @@ MODES = ("strict", "first")
 
 
 def _stack_axes(path: str) -> int:
-  return 1 if path.startswith("layers/") else 0
+  return 1 if re.match(r"(dense_|moe_)?layers/", path) else 0
 
 
 def _is_matrix(path: str, shape: tuple[int, ...]) -> bool:

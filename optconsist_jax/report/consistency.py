@@ -159,10 +159,19 @@ def base_levels(fronts: Frontiers) -> dict[str, float]:
                            for f in by_seed.values()]) for b in bases}
 
 
+# A method's base-state variant (experiments/finetune_methods.py) -> its words.
+_VARIANT_WORDS = {"carried": "carried state", "frozen_nu": "frozen nu"}
+
+
 def role_of(method: str, base: str) -> str:
+  """lora, matched or mismatched; a base-state variant `FAMILY+VARIANT`
+  (e.g. adamw+carried) is "matched, carried state" (compared, like every
+  method, with the fresh matched method of its base)."""
   if method.lower() == "lora":
     return "lora"
-  return "matched" if method == base else "mismatched"
+  family, _, variant = method.partition("+")
+  role = "matched" if family == base else "mismatched"
+  return f"{role}, {_VARIANT_WORDS.get(variant, variant)}" if variant else role
 
 
 @dataclasses.dataclass(frozen=True)

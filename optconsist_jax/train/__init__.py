@@ -2,7 +2,8 @@
 
 `python -m optconsist_jax.train --config ... --workdir W` (__main__.py) over
 loop.py (the one loop, for a run and for a vmapped population of runs),
-setup.py (checks, model, optimizer and the initial state), state.py (the
+setup.py (checks, model, optimizer and the initial state;
+base_optimizer_state.py, a base run's optimizer state), state.py (the
 sharded train state), step.py (the jitted step), guards.py (preemption,
 NaN/Inf), config.py (the typed experiment config) and population.py.
 """

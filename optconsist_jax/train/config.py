@@ -9,7 +9,8 @@ foo`), raised before anything is compiled.
 
 Sections (each converted by the module that owns its type):
 
-  model       LlamaConfig (optconsist_jax.model), `preset` key allowed;
+  model       LlamaConfig (optconsist_jax.model), `preset` key allowed, or
+              a DeepseekV3Config (its keys; model/architecture.py);
               preset "from_init" takes the architecture of init_from
   mesh        MeshConfig (optconsist_jax.sharding), `preset` key allowed
   optim       OptimConfig (optconsist_jax.optim); a schedule with
@@ -40,6 +41,7 @@ from optconsist_jax import typed_config
 from optconsist_jax.io import weights
 from optconsist_jax.io.checkpointer import CheckpointConfig
 from optconsist_jax.io.weights import InitFromConfig
+from optconsist_jax.model import architecture
 from optconsist_jax.model import LlamaConfig
 from optconsist_jax.model import lora as lora_lib
 from optconsist_jax.sharding import MeshConfig
@@ -147,7 +149,7 @@ SECTIONS = ("model", "mesh", "optim", "lora", "data", "train", "checkpoint",
 class ExperimentConfig:
   """One training run, typed."""
 
-  model: LlamaConfig
+  model: architecture.ModelConfig
   mesh: MeshConfig
   optim: Any
   lora: Any | None
@@ -211,7 +213,7 @@ NUMERICS_KEYS = ("param_dtype", "dtype", "scan_layers", "remat_policy",
 
 
 def _model_config(d: Mapping[str, Any], init_from: InitFromConfig
-                  ) -> LlamaConfig:
+                  ) -> architecture.ModelConfig:
   """LlamaConfig from config.model; preset "from_init" reads init_from's.
 
   With `preset: "from_init"` the architecture comes from the init_from source
@@ -222,7 +224,7 @@ def _model_config(d: Mapping[str, Any], init_from: InitFromConfig
   """
   d = dict(d)
   if d.get("preset") != FROM_INIT:
-    return LlamaConfig.from_dict(d)
+    return architecture.config_from_dict(d)
   del d["preset"]
   if not init_from.path:
     raise ValueError("config.model.preset='from_init' needs"

@@ -143,7 +143,8 @@ class PopulationStep:
       tx = optim_lib.build(
           c0.optim, s0.builder.abstract_params, mesh=mesh,
           schedules={g: _own_schedule(fns, index)
-                     for g, fns in schedules.items()})
+                     for g, fns in schedules.items()},
+          schedule_offset=s0.schedule_offset)
       step = step_lib.train_step_fn(
           s0.graphdef, tx, constrain=constrain,
           grad_accum_steps=c0.train.grad_accum_steps,

@@ -5,8 +5,9 @@
 * `setup`: the mesh-bound model/optimizer pieces and the abstract sharded
   state (state.StateBuilder).
 * `initial_state`: resume from W/checkpoints, else the weights of
-  `config.init_from` (io.weights), else random init; every array is created
-  directly in its sharding.
+  `config.init_from` (io.weights; with `init_from.optimizer_state` not
+  "fresh", the base run's optimizer state too: base_optimizer_state.py),
+  else random init; every array is created directly in its sharding.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from optconsist_jax.io import checkpoint_layout as ckpt_lib
 from optconsist_jax.io import checkpointer
 from optconsist_jax.io import hub
 from optconsist_jax.io import weights
+from optconsist_jax.model import LlamaConfig
+from optconsist_jax.train import base_optimizer_state
 from optconsist_jax.train import state as state_lib
 from optconsist_jax.train.config import ExperimentConfig
 
@@ -115,6 +118,12 @@ def _batch_shards(mesh, rules) -> int:
 
 def preflight(config: ExperimentConfig, mesh) -> None:
   """Checks that need no compile: batch divisibility, init_from path, data."""
+  if config.lora and not isinstance(config.model, LlamaConfig):
+    raise ValueError(
+        f"config.lora: LoRA adapters (model/lora.py) target the Llama"
+        f" family's projections; config.model is a"
+        f" {type(config.model).__name__}: remove config.lora (full"
+        " finetuning with AdamW or Muon only)")
   b = config.data.global_batch_size
   shards = _batch_shards(mesh, config.mesh.rules)
   accum = config.train.grad_accum_steps
@@ -139,6 +148,7 @@ def preflight(config: ExperimentConfig, mesh) -> None:
   if (path and not hub.is_hub_ref(path)
       and not epath.Path(path).exists()):
     raise FileNotFoundError(f"config.init_from.path={path!r} does not exist")
+  base_optimizer_state.check(config)
   if config.data.seq_len > config.model.max_position_embeddings:
     if config.model.position_embedding == "learned":
       # A learned position table has no rows past its end (NaN lookups).
@@ -203,6 +213,7 @@ class Setup:
   shardings: state_lib.TrainState
   param_groups: Any
   lr_fns: dict[str, Callable[[Any], Any]]
+  schedule_offset: int = 0  # optim.build's (a carried optimizer state)
 
 
 def setup(config: ExperimentConfig, mesh) -> Setup:
@@ -214,7 +225,9 @@ def setup(config: ExperimentConfig, mesh) -> Setup:
   builder = state_lib.StateBuilder(config.model, mesh, rules,
                                    trainable=trainable, transform=transform,
                                    seed=config.train.seed)
-  tx = optim_lib.build(config.optim, builder.abstract_params, mesh=mesh)
+  offset = base_optimizer_state.schedule_offset(config)
+  tx = optim_lib.build(config.optim, builder.abstract_params, mesh=mesh,
+                       schedule_offset=offset)
   # {param path: group}; make_train_step reports update norm/RMS per group.
   param_groups = optim_lib.assign_groups(config.optim,
                                          builder.abstract_params)
@@ -225,7 +238,8 @@ def setup(config: ExperimentConfig, mesh) -> Setup:
   return Setup(mesh=mesh, rules=rules, builder=builder,
                graphdef=builder.graphdef, tx=tx,
                abstract_state=abstract_state, shardings=shardings,
-               param_groups=param_groups, lr_fns=lr_fns)
+               param_groups=param_groups, lr_fns=lr_fns,
+               schedule_offset=offset)
 
 
 def initial_state(config: ExperimentConfig, s: Setup,
@@ -245,8 +259,14 @@ def initial_state(config: ExperimentConfig, s: Setup,
   if config.init_from.path:
     base = weights.load_params(config.init_from, config.model, mesh=s.mesh,
                                rules=s.rules)
-    state = s.builder.init(s.tx, base)
-    return state, 0, f"initialized from {weights.describe(config.init_from)}"
+    how = f"initialized from {weights.describe(config.init_from)}"
+    base_opt, adopt = None, None
+    if config.init_from.optimizer_state != "fresh":
+      base_opt, adopt = base_optimizer_state.load(config, s.builder, s.tx,
+                                                  s.mesh)
+      how += f" (optimizer state: {config.init_from.optimizer_state})"
+    state = s.builder.init(s.tx, base, base_opt, adopt)
+    return state, 0, how
   state = s.builder.init(s.tx)
   return state, 0, f"random init (seed {config.train.seed})"
 

@@ -1,6 +1,7 @@
 """The sharded train state and its one builder.
 
-abstract model (model.llama.abstract_model) -> shardings
+abstract model (model.architecture.abstract_model: a Llama or a DeepSeek-V3
+by the config's type) -> shardings
 (sharding.state_shardings) -> jitted init whose `out_shardings` they are, so
 every array is born in its shard and nothing is materialized whole on one
 device. The abstract state (ShapeDtypeStructs carrying their shardings) is
@@ -19,10 +20,9 @@ import jax.numpy as jnp
 import optax
 
 from optconsist_jax import sharding
+from optconsist_jax.model import architecture
 from optconsist_jax.model import lora as lora_lib
 from optconsist_jax.model import Llama
-from optconsist_jax.model import LlamaConfig
-from optconsist_jax.model import llama
 
 
 @flax.struct.dataclass
@@ -77,14 +77,15 @@ class StateBuilder:
       before the optimizer, and so the state, can exist.
   """
 
-  def __init__(self, model_config: LlamaConfig, mesh: jax.sharding.Mesh,
+  def __init__(self, model_config: architecture.ModelConfig,
+               mesh: jax.sharding.Mesh,
                rules: sharding.Rules, *, trainable: Any = nnx.Param,
                transform: Callable[[Llama], Any] | None = None,
                seed: int = 0):
     """Traces the model abstractly; allocates nothing.
 
     Args:
-      model_config: model shapes.
+      model_config: model shapes (LlamaConfig or DeepseekV3Config).
       mesh: device mesh (sharding.make_mesh).
       rules: logical-axis rules table.
       trainable: nnx filter of the variables the optimizer updates (e.g. a
@@ -100,7 +101,7 @@ class StateBuilder:
         constrain=sharding.LogicalConstraint(mesh, self._rules), seed=seed,
         transform=transform)
     self._model_config = model_config
-    model = llama.abstract_model(model_config, **self._model_args)
+    model = architecture.abstract_model(model_config, **self._model_args)
     self.graphdef, params, self._frozen = nnx.split(model, trainable, ...)
     self.abstract_params = _placed(
         params, sharding.state_shardings(params, mesh, self._rules))
@@ -115,22 +116,28 @@ class StateBuilder:
     return _placed(state, shardings), shardings
 
   def init(self, tx: optax.GradientTransformation,
-           base_params: nnx.State | None = None) -> TrainState:
+           base_params: nnx.State | None = None, base_opt_state: Any = None,
+           adopt: Callable[[Any, Any], Any] | None = None) -> TrainState:
     """A new state, born in its shardings: random init, or `base_params`.
 
     `base_params` (e.g. io.weights.load_params) replace the variables they
-    name; LoRA adapters keep their random init.
+    name; LoRA adapters keep their random init. `base_opt_state` (a base
+    run's, train/base_optimizer_state.py) becomes the optimizer state
+    through `adopt(fresh_opt_state, base_opt_state)`.
     """
 
-    def init(base):
-      model = llama.make_model(self._model_config, **self._model_args)
+    def init(base, base_opt):
+      model = architecture.make_model(self._model_config, **self._model_args)
       if base is not None:
         nnx.update(model, base)
       _, params, frozen = nnx.split(model, self._trainable, ...)
+      opt_state = tx.init(params)
+      if base_opt is not None:
+        opt_state = adopt(opt_state, base_opt)
       return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        frozen=frozen, opt_state=tx.init(params))
+                        frozen=frozen, opt_state=opt_state)
     _, shardings = self.abstract_state(tx)
-    return jax.jit(init, out_shardings=shardings)(base_params)
+    return jax.jit(init, out_shardings=shardings)(base_params, base_opt_state)
 
   def split(self, full_params: nnx.State) -> tuple[nnx.State, nnx.State]:
     """Every model variable (as checkpoints hold them) -> (params, frozen)."""
