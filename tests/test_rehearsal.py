@@ -180,3 +180,13 @@ def test_watchdog_gives_a_start_its_startup_timeout():
   text = sup.out.getvalue()
   assert "no step progress for 100 s (newest step per worker: h 3)" in text
   assert text.count("no step progress") == 1, text
+
+
+def test_eval_records_absent_before_the_first_result(tmp_path):
+  """The scenario polls for the eval job's first record: before its results
+  folder exists that is "none yet", not an error (read_workdir raises)."""
+  from optconsist_jax.evaluate import results  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.tools.rehearse import scenario  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FileNotFoundError):
+    results.read_workdir(str(tmp_path))
+  assert scenario._has_eval_records(str(tmp_path)) is False

@@ -209,6 +209,34 @@ def _tmpfs(path, size):
     pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()})")
 
 
+def test_uncommitted_save_names_the_error_orbax_logged(tmp_path, monkeypatch):
+  """A write error Orbax's background thread only logged (not raised to
+  check_for_errors) still reaches the message, on one line."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  c = run_checkpoints.RunCheckpoints(
+      tmp_path / "w", run_checkpoints.CheckpointConfig(), model={})
+  logged = ('RESOURCE_EXHAUSTED: Error writing "final_norm.scale/1": Failed'
+            " to write 725530 bytes to file 15: No space left on device"
+            " [os_error_code='28']")
+
+  def save_that_only_logs(step, args, force):
+    del step, args, force
+    absl_logging.error(logged)
+    return True
+
+  monkeypatch.setattr(c._manager, "save", save_that_only_logs)
+  c.save(4, params={"w": np.zeros(2, np.float32)},
+         opt_state={"m": np.zeros(2, np.float32)})
+  with pytest.raises(run_checkpoints.SaveFailedError) as e:
+    c.wait()
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert "the save did not commit; Orbax logged RESOURCE_EXHAUSTED" in msg
+  assert "No space left on device" in msg and "os_error_code" not in msg
+  # The handler is gone once the save settled: later errors are not kept.
+  assert c._logged not in __import__("logging").getLogger("absl").handlers
+
+
 def test_full_disk_stops_training_and_leaves_no_tmp(four_steps, tmp_path):
   """W/checkpoints on a small tmpfs filled up after the first checkpoint."""
   w = tmp_path / "w"

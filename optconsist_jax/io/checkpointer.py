@@ -14,6 +14,8 @@ import json
 import os
 from typing import Any, NamedTuple
 
+import logging as std_logging
+
 from absl import logging
 from etils import epath
 import grain
@@ -59,6 +61,21 @@ class CheckpointConfig:
           f"checkpoint.every_steps={self.every_steps} must be >= 0")
     if self.keep is not None and self.keep < 1:
       raise ValueError(f"checkpoint.keep={self.keep} must be >= 1 or None")
+
+
+class _LoggedErrors(std_logging.Handler):
+  """The last ERROR logged through absl while a save is in flight.
+
+  Orbax's background threads log a failed write (e.g. ENOSPC) and do not
+  always hand it to `check_for_errors()`; the message then names it.
+  """
+
+  def __init__(self):
+    super().__init__(level=std_logging.ERROR)
+    self.last: str | None = None
+
+  def emit(self, record: std_logging.LogRecord):
+    self.last = record.getMessage()
 
 
 class SaveFailedError(errors.CommandError, OSError):
@@ -201,6 +218,7 @@ class RunCheckpoints:
                        and not c.params_only}
                       if config.epoch_params_only else set())
     self._pending: int | None = None  # A save started, not yet verified.
+    self._logged = _LoggedErrors()
     policies = [ocp_managers.LatestN(config.keep)]
     if config.keep_epochs:
       policies.append(_KeepSteps(self._epoch_steps))
@@ -279,6 +297,8 @@ class RunCheckpoints:
     if epoch_end:
       self._epoch_steps.add(int(step))
     self._pending = int(step)
+    self._logged.last = None
+    std_logging.getLogger("absl").addHandler(self._logged)
     try:
       return self._manager.save(step, args=ocp.args.Composite(**items),
                                 force=True)
@@ -292,9 +312,15 @@ class RunCheckpoints:
     return (f"{done[-1].path} (step {done[-1].step})" if done
             else "none")
 
+  def _settled(self):
+    """No save in flight any more."""
+    self._pending = None
+    std_logging.getLogger("absl").removeHandler(self._logged)
+
   def _failed(self, step: int, e: BaseException | None):
     """Removes what a failed save left and raises SaveFailedError."""
-    self._pending = None
+    logged = self._logged.last
+    self._settled()
     step_dir = self.directory / str(step)
     for p in (self.directory.glob(f"{step}.orbax-checkpoint-tmp*")
               if self.directory.exists() else []):
@@ -302,8 +328,13 @@ class RunCheckpoints:
         p.rmtree()
       except OSError:
         pass
-    cause = errors.short_cause(e) if e is not None else (
-        "the save did not commit (see the log for Orbax's error)")
+    if e is not None:
+      cause = errors.short_cause(e)
+    elif logged:
+      cause = ("the save did not commit; Orbax logged "
+               + errors.short_cause(RuntimeError(logged)).partition(": ")[2])
+    else:
+      cause = "the save did not commit (see the log for Orbax's error)"
     raise SaveFailedError(
         f"could not save checkpoint {step_dir}: {cause}. Training stopped;"
         f" last good checkpoint: {self.last_good()}. Fix the storage (free"
@@ -329,7 +360,7 @@ class RunCheckpoints:
     if not (step_dir.exists() and ocp.path.step.is_checkpoint_finalized(
         step_dir) and (step_dir / ckpt.META / "metadata").exists()):
       self._failed(step, None)
-    self._pending = None
+    self._settled()
     self._strip_epochs(step)
 
   def _strip_epochs(self, newest: int):

@@ -129,6 +129,15 @@ def _complete_steps(workdir: str) -> list[int]:
   return [c.step for c in ckpt_lib.list_checkpoints(workdir) if c.complete]
 
 
+def _has_eval_records(workdir: str) -> bool:
+  """Whether the eval job has written a record yet (its results folder
+  appears with the first one: read_workdir raises before that)."""
+  try:
+    return bool(results.read_workdir(workdir))
+  except FileNotFoundError:
+    return False
+
+
 def _params(workdir: str, step: int) -> dict[str, np.ndarray]:
   """A checkpoint's params as numpy arrays, by flattened name."""
   # deferred: jax and orbax are heavy; the driver's other parts need neither.
@@ -256,7 +265,7 @@ def rehearse(cfg: RehearsalConfig, out_dir: str, env: dict[str, str],
             f" at step {seen['hung_at_step']}: waiting for the watchdog"
             f" ({cfg.hang_timeout:g} s)")
       if (cfg.eval_sigterm and eval_first is None
-          and results.read_workdir(run_w)):
+          and _has_eval_records(run_w)):
         eval_first = list(evaluate.procs)
         evaluate.signal(0, signal.SIGTERM)
         say("5. SIGTERM to the eval job")
