@@ -1,5 +1,8 @@
 """Hugging Face `tokenizer.json` tokenizers (Llama-3, Qwen, OLMo-2, Mistral).
 
+Also Moonlight's `tiktoken.model` (no tokenizer.json in its repo), converted
+to the equivalent tokenizer.json on load by data/tiktoken_bpe.py.
+
 A thin adapter over Hugging Face's `tokenizers` (Rust), which reads the whole
 pipeline from `tokenizer.json` (normalizer, pre-tokenizer, BPE model with byte
 fallback or byte-level BPE, decoder, added/special tokens), plus the special
@@ -50,6 +53,7 @@ from typing import Any
 import tokenizers
 
 from optconsist_jax import storage
+from optconsist_jax.data import tiktoken_bpe
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -57,12 +61,14 @@ SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 
 
 def is_hf_tokenizer_path(path: str | os.PathLike) -> bool:
-  """True for a tokenizer.json file or a folder holding one (for dispatch)."""
+  """True for a tokenizer.json or tiktoken.model file or a folder holding
+  one (for dispatch)."""
   path = os.fspath(path)
-  if os.path.basename(path) == TOKENIZER_FILE:
+  if os.path.basename(path) in (TOKENIZER_FILE, tiktoken_bpe.TIKTOKEN_FILE):
     return storage.is_file(path)
-  return (storage.is_dir(path)
-          and TOKENIZER_FILE in set(storage.listdir(path)))
+  return (storage.is_dir(path) and bool(
+      {TOKENIZER_FILE, tiktoken_bpe.TIKTOKEN_FILE}
+      & set(storage.listdir(path))))
 
 
 def _read_json(path: str, required: bool) -> dict[str, Any]:
@@ -185,17 +191,24 @@ class HFTokenizer:
   def load(cls, path: str | os.PathLike, *,
            add_prefix_space: bool = True) -> HFTokenizer:
     """Loads a folder with tokenizer.json (+ tokenizer_config.json), or the
-    tokenizer.json file itself (its config read from the same folder)."""
+    tokenizer.json file itself (its config read from the same folder).
+
+    A folder with tiktoken.model and no tokenizer.json (Moonlight/Kimi) is
+    converted to its tokenizer.json first (data/tiktoken_bpe.py); its
+    tokenizer_config.json must name the special tokens.
+    """
     path = os.fspath(path)
-    folder = (os.path.dirname(path) if os.path.basename(path) == TOKENIZER_FILE
-              else path)
+    folder = (os.path.dirname(path) if os.path.basename(path) in (
+        TOKENIZER_FILE, tiktoken_bpe.TIKTOKEN_FILE) else path)
     tok_path = storage.join(folder, TOKENIZER_FILE)
-    if not storage.is_file(tok_path):
+    tiktoken = tiktoken_bpe.is_tiktoken_dir(folder)
+    if not tiktoken and not storage.is_file(tok_path):
       raise FileNotFoundError(f"tokenizer file not found: {tok_path}")
     config = {**_read_json(storage.join(folder, SPECIAL_TOKENS_FILE), False),
-              **_read_json(storage.join(folder, CONFIG_FILE), False)}
-    return cls(storage.read_text(tok_path), config, path=folder,
-               add_prefix_space=add_prefix_space)
+              **_read_json(storage.join(folder, CONFIG_FILE), tiktoken)}
+    text = (tiktoken_bpe.tokenizer_json(folder, config) if tiktoken
+            else storage.read_text(tok_path))
+    return cls(text, config, path=folder, add_prefix_space=add_prefix_space)
 
   @property
   def bos_id(self) -> int:

@@ -46,8 +46,9 @@ from optconsist_jax.paths import parse_ref
 # (single file or shards + index). Never the *.bin / *.pth / *.gguf copies.
 MODEL_FILES = ("config.json", "tokenizer.model", "*.safetensors",
                "*.safetensors.index.json")
-# A model repo's tokenizer: SentencePiece, or tokenizer.json with its config.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json",
+# A model repo's tokenizer: SentencePiece, or tokenizer.json (or, Moonlight's,
+# tiktoken.model) with its config.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tiktoken.model",
                    "tokenizer_config.json", "special_tokens_map.json")
 
 def _env_true(name: str) -> bool:
@@ -179,8 +180,9 @@ def tokenizer_file(path: str) -> str:
   Lets a config name the model repo as its tokenizer (`tokenizer_path=
   "meta-llama/Llama-2-7b-hf"`): the tokenizer comes from the same repo and
   revision as the weights. The repo's `tokenizer.model` (SentencePiece) when
-  it has one, else the cache folder holding its `tokenizer.json` and
-  `tokenizer_config.json` (Llama-3, Qwen, OLMo-2; data/hf_tokenizer.py).
+  it has one, else the cache folder holding its `tokenizer.json` (Llama-3,
+  Qwen, OLMo-2; data/hf_tokenizer.py) or `tiktoken.model` (Moonlight;
+  data/tiktoken_bpe.py) and `tokenizer_config.json`.
   """
   ref = parse_ref(path)
   if ref is None:
@@ -189,7 +191,7 @@ def tokenizer_file(path: str) -> str:
   names = set(os.listdir(folder))
   if "tokenizer.model" in names:
     return os.path.join(folder, "tokenizer.model")
-  if "tokenizer.json" not in names:
-    raise HubError(f"{ref} ({_endpoint()}): no tokenizer.model or"
-                   " tokenizer.json")
+  if not names & {"tokenizer.json", "tiktoken.model"}:
+    raise HubError(f"{ref} ({_endpoint()}): no tokenizer.model,"
+                   " tokenizer.json or tiktoken.model")
   return folder

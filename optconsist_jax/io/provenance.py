@@ -27,8 +27,9 @@ class Base:
 
   Attributes:
     hub_id: the Hugging Face repo (`org/name`).
-    model_type: its config.json model_type (io/hf_layout.py), or the
-      architecture it has when this project cannot load it.
+    model_type: its config.json model_type (io/hf_layout.py,
+      io/hf_deepseek.py), or the architecture it has when this project
+      cannot load it.
     preset: the model/config.py preset with its shapes ("" when none).
     optimizer: the pretraining optimizer, as an optim/presets.py name.
     evidence: "stated" or "series" (module docstring).
@@ -55,8 +56,9 @@ _QWEN = ("Bai et al. 2023, Qwen Technical Report, arXiv 2309.16609, sec. 2.3:"
          " AdamW, beta1 0.9, beta2 0.95, eps 1e-8; not restated in the"
          " Qwen2.5 (arXiv 2412.15115) or Qwen3 (arXiv 2505.09388) reports")
 _MOONLIGHT = ("Liu et al. 2025, Muon is Scalable for LLM Training, arXiv"
-              " 2502.16982: Moonlight pretrained with Muon (with weight decay"
-              " and per-shape update scaling)")
+              " 2502.16982 (abstract and model card): Moonlight-16B-A3B"
+              " pretrained with Muon (with weight decay and per-shape update"
+              " scaling) on 5.7T tokens")
 
 BASES: dict[str, Base] = {b.hub_id.lower(): b for b in (
     Base("meta-llama/Llama-2-7b-hf", "llama", "llama2_7b", "adamw", "stated",
@@ -71,7 +73,9 @@ BASES: dict[str, Base] = {b.hub_id.lower(): b for b in (
          _OLMO2),
     Base("Qwen/Qwen2.5-7B", "qwen2", "qwen2_5_7b", "adamw", "series", _QWEN),
     Base("Qwen/Qwen3-8B-Base", "qwen3", "qwen3_8b", "adamw", "series", _QWEN),
-    # A mixture of experts (DeepSeek-V3 layout): on record, not loadable here.
+    # A mixture of experts (DeepSeek-V3 layout: io/hf_deepseek.py; its shapes
+    # are a model/deepseek_v3_config.py preset, not a model/config.py one);
+    # its tokenizer is tiktoken.model (data/tiktoken_bpe.py).
     Base("moonshotai/Moonlight-16B-A3B", "deepseek_v3", "", "muon", "stated",
          _MOONLIGHT),
 )}
