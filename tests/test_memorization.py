@@ -1,5 +1,6 @@
 """Memorization experiment: data properties, scoring, a miniature resumable run."""
 
+import dataclasses
 import json
 import os
 import re
@@ -368,3 +369,32 @@ def test_equal_loss_comparison_undoes_a_learning_rate_confound(delta,
   shared = [r for r in memorization_report.summarize(rows, ("adamw", "muon"))
             if r["metric"] == "memorization_contrastive" and r["lr"] == 2e-3]
   assert shared[0]["gap"]["mean"] < delta - 0.1
+
+
+def test_a_copied_workdir_keeps_its_settings(tmp_path, monkeypatch):
+  """A base inside the workdir is recorded relative to it, so a copied or
+  moved workdir resumes; a settings file from before (an absolute path under
+  the old location) matches too, and another base is still refused."""
+  class Reached(Exception):
+    pass
+
+  def reached(*a, **k):
+    raise Reached
+  monkeypatch.setattr(memorization_data, "make_dataset", reached)
+  settings = memorization.Settings(n_rule=24, n_fact=16, n_heldout=8)
+  old = dataclasses.asdict(settings)
+  old["peak_lrs"] = list(settings.peak_lrs) if settings.peak_lrs else None
+  if old["peak_lrs"] is None:
+    del old["peak_lrs"]
+  for recorded in ("bases/b/checkpoints/9",
+                   "/elsewhere/wd/bases/b/checkpoints/9"):
+    w = tmp_path / ("rel" if recorded[0] != "/" else "abs")
+    (w / "memorization").mkdir(parents=True)
+    (w / "memorization" / memorization.SETTINGS).write_text(
+        json.dumps({**old, "base": recorded}))
+    with pytest.raises(Reached):
+      memorization.run(w, str(w / "bases/b/checkpoints/9"), ("adamw",),
+                       settings=settings, log=lambda s: None)
+    with pytest.raises(ValueError, match=r"\['base'\]"):
+      memorization.run(w, str(w / "bases/c/checkpoints/9"), ("adamw",),
+                       settings=settings, log=lambda s: None)

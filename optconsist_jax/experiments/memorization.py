@@ -200,6 +200,28 @@ def _epoch_checkpoints(run_dir: str) -> dict[int, ckpt_lib.CheckpointInfo]:
           if c.complete and c.epoch is not None}
 
 
+def _base_key(base_init_path: str, workdir: str) -> str:
+  """The base as settings.json records it: relative to the workdir if inside.
+
+  A workdir copied or moved elsewhere then still matches its settings.
+  """
+  base = os.path.abspath(base_init_path)
+  rel = os.path.relpath(base, os.path.abspath(os.fspath(workdir)))
+  return base if rel.startswith(os.pardir) else rel
+
+
+def _same_base(found: str | None, wanted: str) -> bool:
+  """Whether a recorded base names `wanted` (older files hold absolute paths).
+
+  An absolute path recorded before bases were stored relative to the workdir
+  matches when it ends with the relative one.
+  """
+  if found is None or found == wanted:
+    return found is not None
+  return (os.path.isabs(found) and not os.path.isabs(wanted)
+          and found.endswith(os.sep + wanted))
+
+
 def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
         optimizers: Sequence[str] = ("adamw", "muon"), *,
         mode: str = "quick", settings: Settings | None = None,
@@ -228,7 +250,7 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
   os.makedirs(root, exist_ok=True)
   settings_path = os.path.join(root, SETTINGS)
   wanted = {**dataclasses.asdict(settings),
-            "base": os.path.abspath(base_init_path)}
+            "base": _base_key(base_init_path, workdir)}
   if not settings.peak_lrs:  # as settings.json was before the grid existed
     del wanted["peak_lrs"]
   else:
@@ -236,6 +258,8 @@ def run(workdir: str | os.PathLike, base_init_path: str | os.PathLike,
   if os.path.exists(settings_path):
     with open(settings_path, encoding="utf-8") as f:
       found = json.load(f)
+    if _same_base(found.get("base"), wanted["base"]):
+      found["base"] = wanted["base"]
     if found != wanted:
       diff = sorted(k for k in set(found) | set(wanted)
                     if found.get(k) != wanted.get(k))
