@@ -39,8 +39,10 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
 # The allocator every command uses when it computes on the CPU
 # (platforms.select_default() calls the same), before jax allocates.
 from optconsist_jax.platforms import allocator  # noqa: E402
+from optconsist_jax.platforms import lapack_threads  # noqa: E402
 
 allocator.tune()
+lapack_threads.limit()
 
 import jax  # noqa: E402
 

@@ -15,7 +15,8 @@
   cache (jax.readthedocs.io, "Persistent compilation cache") at a directory,
   so a restarted job loads its compiled programs instead of compiling again.
 * The CPU allocator (platforms/allocator.py): `select_default()` keeps glibc
-  from unmapping XLA's per-step temporaries when the compute runs on CPU.
+  from unmapping XLA's per-step temporaries when the compute runs on CPU,
+  and LAPACK on one OpenBLAS thread (platforms/lapack_threads.py).
 * Cloud TPU hardware facts: platforms/tpu.py.
 
 jax is imported inside the functions that need it: the Cloud TPU launcher
@@ -32,6 +33,7 @@ import os
 
 from optconsist_jax import paths
 from optconsist_jax.platforms import allocator
+from optconsist_jax.platforms import lapack_threads
 
 # ---------------------------------------------------------------------------
 # Backends.
@@ -69,8 +71,9 @@ def select_default() -> str | None:
   """Sets jax_platforms (and JAX_PLATFORMS for subprocesses) unless given.
 
   Call before anything touches a device. When the platforms in use are CPU
-  only, also tunes the CPU allocator (`allocator.tune()`): the step's
-  temporaries stay mapped between steps.
+  only, also tunes the CPU allocator (`allocator.tune()`: the step's
+  temporaries stay mapped between steps) and runs LAPACK on one OpenBLAS
+  thread (`lapack_threads.limit()`: no spinning threads inside XLA's pool).
 
   Returns:
     What was chosen (None: the user's choice or JAX's own).
@@ -84,6 +87,7 @@ def select_default() -> str | None:
     jax.config.update("jax_platforms", platforms)
   if (given or platforms) == "cpu":
     allocator.tune()
+    lapack_threads.limit()
   return platforms
 
 
