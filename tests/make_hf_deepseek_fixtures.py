@@ -23,6 +23,14 @@ do not hinge on rounding; otherwise the script stops and asks for another seed.
 
 Then (unless --no-roundtrip) our hf.load + hf.save of each case must load in
 transformers with the same logits, as for the other families.
+
+It also writes a local "Hub" folder, tests/fixtures/hub/deepseek_v3/, as
+tests/make_hub_fixtures.py does for the other families (`--hub-only` builds
+just that): the `HUB_CASE` architecture (Moonlight's choices at toy size)
+widened to the llama3 tokenizer fixture's vocabulary (tokenizer.json +
+tokenizer_config.json copied beside it) and 512 positions, with `expected/`
+holding a prompt, its ids, transformers' fp32 logits and the versions
+(tests/test_deepseek_v3_study_e2e.py runs the small study on it).
 """
 
 from __future__ import annotations
@@ -78,6 +86,19 @@ CASES = {
         rope_parameters=dict(rope_type="default", rope_theta=50000.0)),
 }
 BATCH, LENGTH = 2, 12
+# The Hub folder's architecture (vocab, positions and special tokens come
+# from the tokenizer): direct q_proj, interleaved rope, one group, top-2 of 8
+# experts with one shared, one dense layer first.
+HUB_CASE = dict(
+    hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+    num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+    n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
+    n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=8,
+    q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
+    rms_norm_eps=1e-5, routed_scaling_factor=2.446, norm_topk_prob=True,
+    rope_interleave=True, num_nextn_predict_layers=0,
+    rope_parameters=dict(rope_type="default", rope_theta=50000.0))
+HUB_TOKENIZER = "llama3"
 
 
 def _routing_margin(gate, x: torch.Tensor) -> float:
@@ -150,6 +171,66 @@ def build(name: str, config_kw: dict, seed: int) -> None:
         f" {min(margins):.2e}")
 
 
+def build_hub(seed: int) -> None:
+  """tests/fixtures/hub/deepseek_v3: a random HUB_CASE model + tokenizer."""
+  import make_hub_fixtures  # pylint: disable=g-import-not-at-top
+  out_dir = os.path.join(make_hub_fixtures.OUT, "deepseek_v3")
+  shutil.rmtree(out_dir, ignore_errors=True)
+  os.makedirs(out_dir)
+  tok_dir = os.path.join(make_hub_fixtures.TOKENIZERS, HUB_TOKENIZER)
+  for fname in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(tok_dir, fname), out_dir)
+  tok = transformers.PreTrainedTokenizerFast.from_pretrained(out_dir)
+  eos = tok.eos_token_id
+  bos = tok.bos_token_id if tok.bos_token_id is not None else eos
+  torch.manual_seed(seed)
+  config = transformers.AutoConfig.for_model(
+      "deepseek_v3", **HUB_CASE, vocab_size=-(-len(tok) // 64) * 64,
+      max_position_embeddings=make_hub_fixtures.POSITIONS, bos_token_id=bos,
+      eos_token_id=eos, pad_token_id=tok.pad_token_id)
+  model = transformers.AutoModelForCausalLM.from_config(
+      config, attn_implementation="eager", dtype=torch.float32)
+  with torch.no_grad():
+    for pname, p in model.named_parameters():
+      if pname.endswith("norm.weight"):
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+      else:
+        p.copy_(0.15 * torch.randn_like(p))
+    for bname, b in model.named_buffers():
+      if bname.endswith("e_score_correction_bias"):
+        b.copy_(0.1 * torch.randn_like(b))
+  model.eval()
+  ids = tok(make_hub_fixtures.PROMPT)["input_ids"]
+  margins = []
+  hooks = [layer.mlp.gate.register_forward_hook(
+      lambda m, args, out: margins.append(_routing_margin(m, args[0])))
+           for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+  with torch.no_grad():
+    logits = model(torch.tensor([ids])).logits.float().numpy()
+  for h in hooks:
+    h.remove()
+  if min(margins) < MARGIN:
+    raise SystemExit(f"hub deepseek_v3: routing margin {min(margins):.2e} <"
+                     f" {MARGIN}; change the seed")
+  model.save_pretrained(out_dir)
+  gen = os.path.join(out_dir, "generation_config.json")
+  if os.path.exists(gen):
+    os.remove(gen)
+  expected = os.path.join(out_dir, "expected")
+  os.makedirs(expected)
+  with open(os.path.join(expected, "prompt.json"), "w") as f:
+    json.dump({"text": make_hub_fixtures.PROMPT, "ids": ids}, f, indent=1)
+  np.save(os.path.join(expected, "logits.npy"), logits.astype(np.float32))
+  with open(os.path.join(expected, "VERSIONS.json"), "w") as f:
+    json.dump({"transformers": transformers.__version__,
+               "torch": torch.__version__, "python": sys.version.split()[0],
+               "generator": "tests/make_hf_deepseek_fixtures.py",
+               "seed": seed}, f, indent=2)
+  print(f"hub deepseek_v3: vocab {config.vocab_size} (tokenizer {len(tok)}),"
+        f" bos {bos}, eos {eos}, prompt {len(ids)} ids, routing margin"
+        f" {min(margins):.2e}, files {sorted(os.listdir(out_dir))}")
+
+
 def roundtrip(name: str, project_python: str) -> None:
   """Our load -> our save -> transformers load gives the expected logits."""
   src = os.path.join(OUT, name)
@@ -177,9 +258,15 @@ def main() -> None:
                       default=os.path.join(ROOT, ".venv", "bin", "python"))
   parser.add_argument("--no-roundtrip", action="store_true")
   parser.add_argument("--roundtrip-only", action="store_true")
+  parser.add_argument("--hub-only", action="store_true",
+                      help="build only tests/fixtures/hub/deepseek_v3")
   args = parser.parse_args()
   torch.set_num_threads(1)
+  if args.hub_only:
+    build_hub(300)
+    return
   if not args.roundtrip_only:
+    build_hub(300)
     for seed, (name, config_kw) in enumerate(CASES.items()):
       build(name, config_kw, 100 + seed)
     versions_path = os.path.join(OUT, "VERSIONS.json")

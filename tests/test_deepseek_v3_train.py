@@ -1,4 +1,5 @@
-"""Finetuning a DeepSeek-V3 Hugging Face folder with the trainer (AdamW, Muon).
+"""Finetuning a DeepSeek-V3 Hugging Face folder with the trainer (AdamW, Muon,
+LoRA on every linear layer and the routed experts: model/lora.py).
 
 The base is a tiny random DeepSeek-V3 of the transformers fixture's shapes
 (tests/fixtures/hf/deepseek_v3/config.json) with the tiny tokenizer's 2,048
@@ -18,12 +19,12 @@ import pytest
 
 import tiny_config
 from optconsist_jax import train
+from optconsist_jax import typed_config
 from optconsist_jax.io import hf
 from optconsist_jax.io import hf_deepseek
 from optconsist_jax.io import weights
 from optconsist_jax.model import deepseek_v3
 from optconsist_jax.model.deepseek_v3_config import DeepseekV3Config
-from optconsist_jax.train import setup as train_setup
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf",
                        "deepseek_v3")
@@ -56,7 +57,7 @@ def _config(folder, optimizer, **extra):
       **extra})
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "lora"])
 def test_finetune_lowers_loss_and_resumes(base, optimizer, tmp_path):
   folder, bias = base
   cfg = _config(folder, optimizer)
@@ -75,23 +76,18 @@ def test_finetune_lowers_loss_and_resumes(base, optimizer, tmp_path):
   assert more.step == NUM_STEPS + 1 and list(more.losses) == [NUM_STEPS + 1]
   assert more.losses[NUM_STEPS + 1] < losses[-1]
   # The checkpoint holds the base's selection bias, untrained.
-  model = weights.restore_run_model(tmp_path, cfg.model)
+  lora = typed_config.to_jsonable(cfg.lora) if cfg.lora else None
+  model = weights.restore_run_model(tmp_path, cfg.model, lora=lora)
   assert isinstance(model, deepseek_v3.DeepseekV3)
   np.testing.assert_array_equal(
       np.asarray(model.moe_layers.mlp.router_bias[...]), bias)
-  # ... and its trained weights are not the base's.
+  # ... and its trained weights are not the base's (LoRA's merged in by
+  # restore_run_model, the routed experts' adapters included).
   _, start = hf.load(folder)
   assert not np.allclose(np.asarray(model.moe_layers.mlp.up_proj[...]),
                          np.asarray(start.moe_layers.mlp.up_proj[...]))
   # An Orbax run of a DeepSeek-V3 is a base too (its config.json's model).
   assert weights.model_config_of(str(tmp_path)) == cfg.model
-
-
-def test_lora_on_deepseek_is_refused_naming_the_key(base):
-  folder, _ = base
-  cfg = _config(folder, "lora")
-  with pytest.raises(ValueError, match=r"config\.lora: .*DeepseekV3Config"):
-    train_setup.preflight(cfg, None)
 
 
 def test_flops_per_token_counts_activated_experts():

@@ -10,8 +10,10 @@ import residual_spy
 
 from optconsist_jax.experiments import fingerprints
 from optconsist_jax.data.tokenizer import Tokenizer
+from optconsist_jax.model import deepseek_v3
 from optconsist_jax.model import Llama
 from optconsist_jax.model import preset
+from optconsist_jax.model.deepseek_v3_config import DeepseekV3Config
 
 _TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -36,11 +38,14 @@ def _capture_residuals(monkeypatch) -> list[np.ndarray]:
 def test_spectra_match_numpy_svd_of_each_layer():
   model = _model()
   spectra = fingerprints.weight_spectra(model)
-  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  state = {"/".join(map(str, p)): v[...] for p, v in
+           nnx.to_flat_state(nnx.state(model, nnx.Param))}
   assert set(spectra) == {"q", "k", "v", "o", "gate", "up", "down"}
   c = model.config
-  for kind, path in fingerprints.MATRIX_KINDS.items():
-    w = np.asarray(state[path[0]][path[1]][path[2]][path[3]], np.float64)
+  for path, kind in fingerprints.MATRIX_KINDS.items():
+    if path not in state:
+      continue
+    w = np.asarray(state[path], np.float64)
     assert spectra[kind].shape == (c.num_layers, min(w.shape[1:]))
     for layer in range(c.num_layers):
       s = np.linalg.svd(w[layer], compute_uv=False)  # unstacked matrix
@@ -60,6 +65,29 @@ def test_spectra_accept_state_and_reject_foreign_trees():
     np.testing.assert_array_equal(a[k], b[k])
   with pytest.raises(KeyError, match="layers"):
     fingerprints.weight_spectra({"embed": np.zeros((4, 4))})
+
+
+def test_deepseek_spectra_take_each_expert_as_a_matrix():
+  config = DeepseekV3Config(
+      vocab_size=32, hidden_size=16, intermediate_size=24,
+      moe_intermediate_size=8, num_layers=3, num_heads=2,
+      first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=8,
+      qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4,
+      n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+      n_group=1, topk_group=1, max_position_embeddings=16)
+  model = deepseek_v3.make_model(config, seed=0)
+  spectra = fingerprints.weight_spectra(model)
+  assert set(spectra) == {"q", "kv_a", "kv_b", "o", "gate", "up", "down",
+                          "shared_gate", "shared_up", "shared_down",
+                          "expert_gate", "expert_up", "expert_down"}
+  # MLA's projections: the dense layer's then the MoE layers'.
+  assert spectra["kv_b"].shape == (3, 8)
+  # Routed experts: 2 MoE layers x 4 experts, layer-major.
+  up = np.asarray(model.moe_layers.mlp.up_proj[...], np.float64)
+  assert spectra["expert_up"].shape == (8, 8)
+  s = np.linalg.svd(up[1, 2], compute_uv=False)
+  np.testing.assert_allclose(spectra["expert_up"][1 * 4 + 2], s / s[0],
+                             rtol=1e-10)
 
 
 def _numpy_stats(x):
@@ -144,9 +172,13 @@ def test_compare_writes_plots_and_numbers(tmp_path, monkeypatch):
   for i, (name, (model, _)) in enumerate(models.items()):
     m = d["models"][name]
     assert m["num_tokens"] == 2 * 32
-    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    for kind, path in fingerprints.MATRIX_KINDS.items():
-      w = np.asarray(state[path[0]][path[1]][path[2]][path[3]], np.float64)
+    state = {"/".join(map(str, p)): v[...] for p, v in
+             nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert set(m["spectra"]) == {"q", "k", "v", "o", "gate", "up", "down"}
+    for path, kind in fingerprints.MATRIX_KINDS.items():
+      if path not in state:
+        continue
+      w = np.asarray(state[path], np.float64)
       for l in range(layers):
         s = np.linalg.svd(w[l], compute_uv=False)
         np.testing.assert_allclose(m["spectra"][kind][l], s / s[0],

@@ -126,6 +126,35 @@ def test_shares_angles_and_spectra_match_numpy_and_planted_answers():
       out["probe/share_top10pct/q"])  # q is the only matrix
 
 
+def test_each_routed_expert_is_its_own_matrix():
+  """DeepSeek-V3's [L, E, m, n] expert stacks: one dW per (layer, expert)."""
+  rng = np.random.default_rng(3)
+  layers, experts, m, n = 2, 3, 12, 10
+  w_base = rng.normal(size=(layers, experts, m, n))
+  d = np.zeros_like(w_base)
+  d[0, 1] = np.outer(rng.normal(size=m), rng.normal(size=n))  # rank 1
+  d[1, 2] = rng.normal(size=(m, n))  # full rank
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  tree = lambda w: {"moe_layers": {"mlp": {"up_proj": f32(w)}}}
+  ref = geometry.reference(tree(w_base), fractions=(0.1,))
+  out = geometry.update_geometry(ref, tree(w_base), tree(w_base + d))
+  live = [d[0, 1], d[1, 2]]  # experts no update reached drop out
+  e = np.array([np.sum(x**2) for x in live])
+  s = np.array([np.linalg.norm(x, 2) for x in live])
+  assert out["probe/update_norm/expert_up"] == pytest.approx(
+      np.sqrt(e.sum()), rel=1e-4)
+  assert out["probe/stable_rank/expert_up"] == pytest.approx(
+      np.mean(e / s**2), rel=1e-3)
+  assert out["probe/spectral_norm/expert_up"] == pytest.approx(np.mean(s),
+                                                               rel=1e-4)
+  # Per matrix, layer-major: the same numbers as one [L * E] stack.
+  (mref,) = ref.matrices.values()
+  got = geometry.matrix_update(mref, f32(w_base), f32(w_base + d), (0.1,))
+  np.testing.assert_allclose(got["energy"],
+                             np.sum(d**2, axis=(2, 3)).reshape(-1),
+                             rtol=1e-4, atol=1e-6)
+
+
 def test_gaussian_update_share_matches_its_random_baseline():
   """sum_l ||U_k^T G_l V_k||^2 / sum_l ||G_l||^2 ~ Beta(L k^2/2, L(mn-k^2)/2)."""
   rng = np.random.default_rng(1)

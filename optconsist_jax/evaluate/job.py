@@ -49,7 +49,7 @@ from optconsist_jax.evaluate import probes as probes_lib
 from optconsist_jax.io import checkpoint_layout as ckpt_lib
 from optconsist_jax.io import hub
 from optconsist_jax.io import weights
-from optconsist_jax.model import LlamaConfig
+from optconsist_jax.model import architecture
 
 EVAL_DIR = "eval"
 RUN_CONFIG_FILE = "config.json"
@@ -76,7 +76,7 @@ class RunInfo:
 
   Attributes:
     config: the run's config, parsed as train.py parses it.
-    model: its LlamaConfig.
+    model: its model config (LlamaConfig or DeepseekV3Config).
     lora: its LoRA settings as a dict (None: a full finetune).
     identity: the model identity its checkpoints record (io.weights.identity).
     method: label: "lora", or the optimizer of the hidden matrices.
@@ -88,7 +88,7 @@ class RunInfo:
   """
 
   config: config_types.ExperimentConfig
-  model: LlamaConfig
+  model: architecture.ModelConfig
   lora: dict[str, Any] | None
   identity: dict[str, Any]
   method: str
@@ -233,7 +233,7 @@ class Evaluator:
 
     Only this project's own pretraining runs (an Orbax base whose recorded
     config has no init_from and no LoRA) record that: their init is
-    `Llama(model, rngs=nnx.Rngs(train.seed))` (train/state.py), rebuilt
+    `make_model(model, seed=train.seed)` (train/state.py), rebuilt
     here on the eval mesh. A Hugging Face or nanoGPT base does not say.
     """
     if source.kind != "orbax":

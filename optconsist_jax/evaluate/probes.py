@@ -23,11 +23,11 @@ probes measure that for one finetuned checkpoint W_ft of a base W_base
    by the Hessian", Neural Computation 6); no Hessian is formed. The loss,
    its gradient and g0 . dW come out of the same pass.
 3. Activation drift: the per-layer residual-stream statistics the model
-   reports (`Llama.forward(return_stats=True)`: mean, RMS, max |x|,
-   kurtosis; model/llama.py `residual_stats`) of W_ft minus those of W_base
-   on the batch, per layer and averaged over layers. The statistics cover
-   every position of the batch, so feed full rows of packed text (no
-   padding).
+   reports (`forward(return_stats=True)` of either family: mean, RMS,
+   max |x|, kurtosis; model/llama.py `residual_stats`) of W_ft minus those
+   of W_base on the batch, per layer and averaged over layers. The
+   statistics cover every position of the batch, so feed full rows of
+   packed text (no padding).
 
 Everything runs under `jax.jit` on the params' own shardings: on an eval mesh
 the probes compute on sharded params (SVDs gather one matrix at a time;
@@ -53,10 +53,9 @@ import numpy as np
 
 from optconsist_jax import sharding
 from optconsist_jax.evaluate import probes_geometry as geometry
-from optconsist_jax.model import llama
+from optconsist_jax.model import architecture
 from optconsist_jax.model import lora as lora_lib
 from optconsist_jax.model import loss as loss_lib
-from optconsist_jax.model.config import LlamaConfig
 
 Batch = Mapping[str, Any]
 STATS = ("mean", "rms", "max_abs", "kurtosis")
@@ -299,19 +298,21 @@ def _aligned(base: nnx.State, finetuned: Any) -> nnx.State:
   return aligned
 
 
-def init_params(model_config: LlamaConfig, seed: int, *,
+def init_params(model_config: architecture.ModelConfig, seed: int, *,
                 mesh: jax.sharding.Mesh | None = None,
                 rules: sharding.Rules | None = None) -> nnx.State:
-  """The nnx.Params a base was initialized with (`Llama(..., Rngs(seed))`).
+  """The nnx.Params a base was initialized with (`make_model(config, seed)`).
 
-  Born sharded on `mesh` by `rules` (sharding.state_shardings) when given,
-  so a 7B init never sits whole on one device.
+  Either family (model/architecture.py dispatches on the config). Born
+  sharded on `mesh` by `rules` (sharding.state_shardings) when given, so a
+  7B init never sits whole on one device.
   """
   def init():
-    return nnx.state(llama.make_model(model_config, seed=seed), nnx.Param)
+    return nnx.state(architecture.make_model(model_config, seed=seed),
+                     nnx.Param)
   if mesh is None:
     return jax.jit(init)()
-  abstract = nnx.state(llama.abstract_model(model_config, seed=seed),
+  abstract = nnx.state(architecture.abstract_model(model_config, seed=seed),
                        nnx.Param)
   shardings = sharding.state_shardings(abstract, mesh,
                                        rules or sharding.RULES)

@@ -34,6 +34,15 @@ dW, in float32:
   applies to AdamW vs Muon updates, whose orthogonalized steps spread energy
   over many directions (Jordan et al. 2024, Muon).
 
+Routed experts (DeepSeek-V3's [L, E, m, n], model/deepseek_v3.py) count
+each expert's matrix as its own W and dW: they are decomposed as L * E
+matrices and summarized per kind (expert_gate, expert_up, expert_down) like
+the layers of any other kind; MLA's projections are kinds of their own
+(q_a, q_b, kv_a, kv_b), as are the shared experts (shared_gate, ...) and the
+router. Update norms, stable ranks and spectral norms of the expert kinds
+are over every expert's matrix (an expert no token reached in finetuning
+has no update and drops out of all but update_norm).
+
 Layers stacked on a leading axis ([L, m, n], model/llama.py) are decomposed
 in chunks (`lax.map` over chunks, batched SVDs inside). On a mesh a chunk
 holds one layer per device and is spread over the devices, so each device
@@ -62,7 +71,8 @@ import numpy as np
 
 from optconsist_jax import sharding
 
-# param path -> matrix kind; layer kinds are stacked [L, in, out].
+# param path -> matrix kind; layer kinds are stacked [L, in, out] (routed
+# experts [L, E, in, out]). The Llama family's (model/llama.py):
 MATRIX_KINDS: dict[str, str] = {
     "layers/attn/q_proj/kernel": "q", "layers/attn/k_proj/kernel": "k",
     "layers/attn/v_proj/kernel": "v", "layers/attn/o_proj/kernel": "o",
@@ -70,6 +80,24 @@ MATRIX_KINDS: dict[str, str] = {
     "layers/mlp/down_proj/kernel": "down", "embed": "embed",
     "pos_embed": "pos_embed", "lm_head/kernel": "head",
 }
+# DeepSeek-V3's (model/deepseek_v3.py): MLA's projections in the dense and
+# the MoE layers alike, the dense layers' MLP, the shared experts' MLP, each
+# routed expert's matrices and the router. Hidden kinds are the ones the
+# weight spectra cover (experiments/fingerprints.py): all but the router,
+# the embedding and the head.
+_MLA_KINDS = {"q_proj": "q", "q_a_proj": "q_a", "q_b_proj": "q_b",
+              "kv_a_proj_with_mqa": "kv_a", "kv_b_proj": "kv_b",
+              "o_proj": "o"}
+for _stack in ("dense_layers", "moe_layers"):
+  for _proj, _kind in _MLA_KINDS.items():
+    MATRIX_KINDS[f"{_stack}/attn/{_proj}/kernel"] = _kind
+for _kind in ("gate", "up", "down"):
+  MATRIX_KINDS[f"dense_layers/mlp/{_kind}_proj/kernel"] = _kind
+  MATRIX_KINDS[f"moe_layers/mlp/shared/{_kind}_proj/kernel"] = (
+      f"shared_{_kind}")
+  MATRIX_KINDS[f"moe_layers/mlp/{_kind}_proj"] = f"expert_{_kind}"
+MATRIX_KINDS["moe_layers/mlp/router"] = "router"
+NON_HIDDEN_KINDS = frozenset({"embed", "pos_embed", "head", "router"})
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.1)
 _HI = jax.lax.Precision.HIGHEST
 
@@ -101,7 +129,7 @@ def matrices(params: Any) -> dict[str, Any]:
   if not found:
     raise KeyError("probes: none of the weight matrices"
                    f" {sorted(MATRIX_KINDS)} in the params (expected a Llama"
-                   f" param tree; got {sorted(flat)[:5]})")
+                   f" or DeepSeek-V3 param tree; got {sorted(flat)[:5]})")
   return found
 
 
@@ -127,11 +155,16 @@ class Reference(NamedTuple):
 
 
 def _stacked(w: jax.Array) -> jax.Array:
-  """[m, n] -> [1, m, n]; [L, m, n] stays."""
-  if w.ndim not in (2, 3):
+  """[m, n] -> [1, m, n]; [L, m, n] stays; [L, E, m, n] -> [L * E, m, n]."""
+  if w.ndim not in (2, 3, 4):
     raise ValueError(f"probes: expected a matrix or a stack of matrices, got"
                      f" shape {w.shape}")
-  return w[None] if w.ndim == 2 else w
+  return w.reshape(-1, *w.shape[-2:])
+
+
+def num_matrices(shape: Sequence[int]) -> int:
+  """How many matrices a (stacked) weight of `shape` holds."""
+  return int(np.prod(shape[:-2], dtype=np.int64))
 
 
 class _Layout(NamedTuple):
@@ -149,7 +182,7 @@ def _layout(w: Any, layer_batch: int | None) -> _Layout:
   layers over the devices gives each device its own matrices (XLA
   partitions the batched decomposition along its batch axis).
   """
-  layers = w.shape[0] if w.ndim == 3 else 1
+  layers = num_matrices(w.shape)
   s = getattr(w, "sharding", None)
   mesh = s.mesh if isinstance(s, jax.sharding.NamedSharding) else None
   devices = 1 if mesh is None else mesh.size
@@ -304,7 +337,9 @@ def update_geometry(ref: Reference, base: Any, finetuned: Any, *,
                     layer_batch: int | None = None) -> dict[str, float]:
   """The geometry probes of `finetuned` against `base`, as flat scalars.
 
-  Per kind (q, k, v, o, gate, up, down, embed, pos_embed, head) and "all":
+  Per kind (MATRIX_KINDS' values present: q, k, v, o, gate, up, down, embed,
+  pos_embed, head; DeepSeek-V3's q_a, q_b, kv_a, kv_b, shared_*, expert_*,
+  router) and "all":
     probe/update_norm/K                 sqrt(sum of ||dW||_F^2)
     probe/share_topXpct[_left|_right]/K energy inside the base's top-k
                                          subspaces / total energy

@@ -8,11 +8,13 @@ both for a set of models (e.g. the AdamW- and Muon-pretrained bases) and plots
 them side by side.
 
 * `weight_spectra`: singular values of every layer's q, k, v, o, gate, up and
-  down kernel (numpy SVD of the [in, out] matrix), each divided by its
+  down kernel (DeepSeek-V3: MLA's q / q_a / q_b, kv_a, kv_b, o, the dense
+  and shared-expert MLPs and each routed expert's gate, up, down) (numpy SVD
+  of the [in, out] matrix), each divided by its
   LARGEST singular value (so spectra of layers and models of any scale
   compare; the first value is always 1). `stable_rank` = sum(s^2)/max(s)^2.
 * `activation_stats`: per-layer mean, RMS, max |x| and kurtosis of the
-  residual stream after each block (`Llama.forward(return_stats=True)`,
+  residual stream after each block (`forward(return_stats=True)`,
   model/llama.py `residual_stats`) on held-out text, packed into full rows
   (no padding enters the statistics).
 * `compare`: both for several named models -> spectra.png, activations.png
@@ -32,59 +34,49 @@ import jax
 import numpy as np
 
 from optconsist_jax.evaluate import probes
+from optconsist_jax.evaluate import probes_geometry as geometry
 
-# matrix kind -> path of its stacked [L, in, out] kernel in the param tree.
-MATRIX_KINDS = {
-    "q": ("layers", "attn", "q_proj", "kernel"),
-    "k": ("layers", "attn", "k_proj", "kernel"),
-    "v": ("layers", "attn", "v_proj", "kernel"),
-    "o": ("layers", "attn", "o_proj", "kernel"),
-    "gate": ("layers", "mlp", "gate_proj", "kernel"),
-    "up": ("layers", "mlp", "up_proj", "kernel"),
-    "down": ("layers", "mlp", "down_proj", "kernel"),
-}
+# The hidden matrices' paths -> kinds: the update probes' table
+# (evaluate/probes_geometry.py MATRIX_KINDS: Llama's q ... down, DeepSeek-V3's
+# MLA projections, dense / shared / routed-expert MLPs) less the embedding,
+# the head and the router.
+MATRIX_KINDS = {path: kind for path, kind in geometry.MATRIX_KINDS.items()
+                if kind not in geometry.NON_HIDDEN_KINDS}
 STATS = ("mean", "rms", "max_abs", "kurtosis")
 # Axis titles of the activation panels (the residual stream is unitless).
 _STAT_TITLES = {"mean": "mean of x", "rms": "RMS of x", "max_abs": "max |x|",
                 "kurtosis": "kurtosis of x (Gaussian = 3)"}
 
 
-def _pure(params: Any) -> Mapping[str, Any]:
-  """A nested dict of arrays from a model, an nnx.State or a nested dict."""
-  if isinstance(params, nnx.Module):
-    params = nnx.state(params, nnx.Param)
-  if isinstance(params, nnx.State):
-    params = nnx.to_pure_dict(params)
-  return params
-
-
-def _kernel(params: Mapping[str, Any], path: tuple[str, ...]) -> np.ndarray:
-  node = params
-  for i, key in enumerate(path):
-    if not isinstance(node, Mapping) or key not in node:
-      raise KeyError(f"weight_spectra: no param {'/'.join(path[:i + 1])!r}"
-                     " (expected a Llama param tree)")
-    node = node[key]
-  return np.asarray(jax.device_get(node), np.float64)
-
-
 def weight_spectra(params: Any) -> dict[str, np.ndarray]:
-  """Normalized singular values of each hidden matrix, per layer.
+  """Normalized singular values of each hidden matrix, per layer (expert).
 
   Args:
-    params: a Llama model, its `nnx.state(model, nnx.Param)`, or that state's
-      pure dict (layer params stacked on a leading L axis).
+    params: a model (Llama or DeepSeek-V3), its `nnx.state(model,
+      nnx.Param)`, or that state's pure dict (layer params stacked on a
+      leading L axis; routed experts on [L, E]).
 
   Returns:
-    kind -> float64 [L, min(in, out)]: singular values of layer l's kernel,
-    descending, divided by the largest one.
+    kind -> float64 [N, min(in, out)] for each kind the params have: the
+    singular values of each of its N matrices (layer l's kernel; for the
+    routed experts each layer's each expert's, layer-major; for MLA's
+    projections the dense then the MoE layers'), descending, divided by the
+    largest one.
   """
-  params = _pure(params)
+  flat = geometry.pure_params(params)
+  stacks: dict[str, list[np.ndarray]] = {}
+  for path, kind in MATRIX_KINDS.items():
+    if path in flat:
+      w = np.asarray(jax.device_get(flat[path]), np.float64)
+      stacks.setdefault(kind, []).append(w.reshape(-1, *w.shape[-2:]))
+  if not stacks:
+    raise KeyError("weight_spectra: none of the hidden matrices"
+                   f" {sorted(MATRIX_KINDS)} in the params (expected a Llama"
+                   f" or DeepSeek-V3 param tree; got {sorted(flat)[:5]})")
   out = {}
-  for kind, path in MATRIX_KINDS.items():
-    w_LIO = _kernel(params, path)
-    s_LK = np.linalg.svd(w_LIO, compute_uv=False)
-    out[kind] = s_LK / np.maximum(s_LK[:, :1], 1e-30)
+  for kind, ws in stacks.items():
+    s_NK = np.linalg.svd(np.concatenate(ws), compute_uv=False)
+    out[kind] = s_NK / np.maximum(s_NK[:, :1], 1e-30)
   return out
 
 
@@ -180,10 +172,15 @@ def compare(named_models: Mapping[str, tuple[nnx.Module, Any]],
            "json": os.path.join(out_dir, "fingerprints.json")}
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
-  fig, axes = plt.subplots(1, len(MATRIX_KINDS),
-                           figsize=(3 * len(MATRIX_KINDS), 3.5))
-  for ax, kind in zip(axes, MATRIX_KINDS):
+  kinds = list(dict.fromkeys(k for d in numbers.values()
+                             for k in d["spectra"]))
+  fig, axes = plt.subplots(1, len(kinds), figsize=(3 * len(kinds), 3.5),
+                           squeeze=False)
+  axes = axes[0]
+  for ax, kind in zip(axes, kinds):
     for i, (name, d) in enumerate(numbers.items()):
+      if kind not in d["spectra"]:
+        continue
       s_LK = np.asarray(d["spectra"][kind])
       idx = np.arange(1, s_LK.shape[1] + 1)
       c = colors[i % len(colors)]

@@ -18,8 +18,7 @@ from typing import Any
 from flax import nnx
 import jax
 
-from optconsist_jax.model import Llama
-from optconsist_jax.model import LlamaConfig
+from optconsist_jax.model import architecture
 from optconsist_jax.optim import builder
 from optconsist_jax.optim import presets
 from optconsist_jax.optim import routing
@@ -27,9 +26,9 @@ from optconsist_jax import sharding
 
 
 def _abstract_params(model: Mapping[str, Any]) -> nnx.State:
-  config = LlamaConfig.from_dict(dict(model))
-  return nnx.state(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))),
-                   nnx.Param)
+  """The nnx.Params (shapes only) of a model config dict of either family."""
+  config = architecture.config_from_dict(dict(model))
+  return nnx.state(architecture.abstract_model(config), nnx.Param)
 
 
 def _counts(params: nnx.State, assignment: Mapping[str, str]

@@ -29,6 +29,10 @@ and `moe_layers` [L - k, ...], each scanned (or unrolled). Calling the model
 on int32 tokens [B, T] gives float32 logits [B, T, V]; `forward` and
 `init_cache` follow the Llama model's protocol, so model/generate.py decodes it.
 
+LoRA (model/lora.py) replaces the Linear projections like the Llama's and
+sets the MoE layer's `<proj>_lora` hooks: per-expert adapters that both
+expert paths add to each routed-expert projection.
+
 Logical axis names as llama.py's, plus `expert` (routed experts; replicated
 by sharding.RULES), `expert_mlp` (an expert's hidden width; tensor-parallel)
 and `latent` (MLA's q/kv latents). Expert parallelism is a rules change:
@@ -265,21 +269,44 @@ class MoE(nnx.Module):
     self.shared = llama.MLP(c, stack=stack, stack_names=stack_names,
                             rngs=rngs,
                             intermediate_size=f * c.n_shared_experts)
+    # LoRA hooks (model/lora.py ExpertLoRA, set by apply_lora): per-expert
+    # low-rank updates of the stacks above, added in both expert paths.
+    # nnx.data: module-valued later, so pytree data (not static) from now.
+    self.gate_proj_lora = nnx.data(None)
+    self.up_proj_lora = nnx.data(None)
+    self.down_proj_lora = nnx.data(None)
     self.config = c
 
-  def _dense(self, x_MD, ids_MK, weights_MK):
+  def _experts(self, proj: str, x, sizes_E, rng):
+    """x times each expert's `proj` weight, plus its LoRA update if any.
+
+    x: [M, in] (every expert, -> [E, M, out]), [E, M, in] (-> [E, M, out]),
+    or with sizes_E [A, in] sorted by expert (-> [A, out]).
+    """
+    dt = x.dtype
+    w_EIO = getattr(self, proj)[...].astype(dt)
+    if sizes_E is not None:
+      y = jax.lax.ragged_dot(x, w_EIO, sizes_E)
+    else:
+      y = jnp.einsum("mi,eio->emo" if x.ndim == 2 else "emi,eio->emo", x,
+                     w_EIO)
+    adapter = getattr(self, f"{proj}_lora")
+    if adapter is not None:
+      y = y + adapter(x, sizes_E, rng).astype(dt)
+    return y
+
+  def _dense(self, x_MD, ids_MK, weights_MK, keys):
     """Every expert on every token; unchosen experts weigh 0."""
     dt = x_MD.dtype
     m, e = x_MD.shape[0], self.config.n_routed_experts
     w_ME = jnp.zeros((m, e), jnp.float32).at[
         jnp.arange(m)[:, None], ids_MK].add(weights_MK)
-    h_EMF = (jax.nn.silu(jnp.einsum("md,edf->emf", x_MD,
-                                    self.gate_proj[...].astype(dt)))
-             * jnp.einsum("md,edf->emf", x_MD, self.up_proj[...].astype(dt)))
-    y_EMD = jnp.einsum("emf,efd->emd", h_EMF, self.down_proj[...].astype(dt))
+    h_EMF = (jax.nn.silu(self._experts("gate_proj", x_MD, None, keys[0]))
+             * self._experts("up_proj", x_MD, None, keys[1]))
+    y_EMD = self._experts("down_proj", h_EMF, None, keys[2])
     return jnp.einsum("emd,me->md", y_EMD, w_ME.astype(dt))
 
-  def _ragged(self, x_MD, ids_MK, weights_MK):
+  def _ragged(self, x_MD, ids_MK, weights_MK, keys):
     """Tokens sorted by expert; one ragged_dot per projection."""
     dt = x_MD.dtype
     k = ids_MK.shape[1]
@@ -289,10 +316,9 @@ class MoE(nnx.Module):
     token_A = order_A // k
     sizes_E = jnp.bincount(ids_A, length=e).astype(jnp.int32)
     x_AD = x_MD[token_A]
-    h_AF = (jax.nn.silu(jax.lax.ragged_dot(x_AD, self.gate_proj[...].astype(dt),
-                                           sizes_E))
-            * jax.lax.ragged_dot(x_AD, self.up_proj[...].astype(dt), sizes_E))
-    y_AD = jax.lax.ragged_dot(h_AF, self.down_proj[...].astype(dt), sizes_E)
+    h_AF = (jax.nn.silu(self._experts("gate_proj", x_AD, sizes_E, keys[0]))
+            * self._experts("up_proj", x_AD, sizes_E, keys[1]))
+    y_AD = self._experts("down_proj", h_AF, sizes_E, keys[2])
     y_AD = y_AD * weights_MK.reshape(-1)[order_A][:, None].astype(dt)
     return jnp.zeros_like(x_MD).at[token_A].add(y_AD)
 
@@ -302,8 +328,11 @@ class MoE(nnx.Module):
     x_MD = x_BTD.reshape(b * t, d)
     ids_MK, weights_MK = route(x_MD, self.router[...],
                                self.router_bias[...], self.config)
+    # Dropout keys of the experts' adapters (the shared MLP's: rng).
+    keys = ([None] * 3 if rng is None
+            else list(jax.random.split(jax.random.fold_in(rng, 1), 3)))
     routed = self._ragged if self.config.moe_impl == "ragged" else self._dense
-    y_BTD = routed(x_MD, ids_MK, weights_MK).reshape(b, t, d)
+    y_BTD = routed(x_MD, ids_MK, weights_MK, keys).reshape(b, t, d)
     y_BTD = y_BTD + self.shared(x_BTD, constrain=constrain, rng=rng)
     return y_BTD, jnp.sort(ids_MK, axis=-1).reshape(b, t, -1)
 

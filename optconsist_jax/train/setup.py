@@ -31,7 +31,6 @@ from optconsist_jax.io import checkpoint_layout as ckpt_lib
 from optconsist_jax.io import checkpointer
 from optconsist_jax.io import hub
 from optconsist_jax.io import weights
-from optconsist_jax.model import LlamaConfig
 from optconsist_jax.train import base_optimizer_state
 from optconsist_jax.train import state as state_lib
 from optconsist_jax.train.config import ExperimentConfig
@@ -118,12 +117,6 @@ def _batch_shards(mesh, rules) -> int:
 
 def preflight(config: ExperimentConfig, mesh) -> None:
   """Checks that need no compile: batch divisibility, init_from path, data."""
-  if config.lora and not isinstance(config.model, LlamaConfig):
-    raise ValueError(
-        f"config.lora: LoRA adapters (model/lora.py) target the Llama"
-        f" family's projections; config.model is a"
-        f" {type(config.model).__name__}: remove config.lora (full"
-        " finetuning with AdamW or Muon only)")
   b = config.data.global_batch_size
   shards = _batch_shards(mesh, config.mesh.rules)
   accum = config.train.grad_accum_steps
