@@ -226,7 +226,11 @@ _PRESETS: dict[str, LlamaConfig] = {
         rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
         rope_high_freq_factor=4.0, rope_original_max_position=8192,
         bos_token_id=128000, eos_token_id=128001),
-    # allenai/OLMo-2-1124-7B (no bos_token_id: EOS stands in).
+    # allenai/OLMo-2-1124-7B (no bos_token_id: EOS stands in; pad 100277).
+    # Every field checked against huggingface.co/allenai/OLMo-2-1124-7B
+    # config.json (model_type olmo2, transformers 4.47): 4096/11008/32
+    # layers/32 heads = kv heads, vocab 100352, rms_norm_eps 1e-6, rope_theta
+    # 500000, max_position_embeddings 4096, untied head.
     "olmo2_7b": LlamaConfig(
         vocab_size=100352, hidden_size=4096, intermediate_size=11008,
         num_layers=32, num_heads=32, num_kv_heads=32, rms_norm_eps=1e-6,
