@@ -22,12 +22,15 @@ comma-separated `key=value` settings:
              as muon; any other optimizer 1e-5 (pick its own with lr=).
   adam_lr    muon presets only: peak LR of the AdamW group (embeddings,
              norms, head); default 1e-5.
-  base       the base model's preset (model/config.py): llama2_7b (default),
-             llama3_1_8b, olmo2_7b, qwen2_5_7b or qwen3_8b. It sets the
-             architecture and the default `init`, the base's Hub repo in
-             io/provenance.py (Llama-2-7B at a pinned commit, the others at
-             main), whose pretraining optimizer the eval config's `base=`
-             labels.
+  base       the base model's preset (model/architecture.py): llama2_7b
+             (default), llama3_1_8b, olmo2_7b, qwen2_5_7b, qwen3_8b (AdamW
+             bases) or moonlight_16b_a3b (Moonlight-16B-A3B, DeepSeek-V3
+             MLA + MoE, pretrained with Muon; the study's Muon base at this
+             scale). It sets the architecture and the default `init`, the
+             base's Hub repo in io/provenance.py (Llama-2-7B at a pinned
+             commit, the others at main), whose pretraining optimizer the
+             eval config's `base=` labels, and for Moonlight the mesh's
+             expert rule (MESH_RULES).
   epochs     passes over MetaMathQA (default 11, one checkpoint per epoch).
   accum      gradient-accumulation micro-batches per step (default 24: 32
              rows per micro-batch, i.e. 4 rows per chip on 8 chips, 1 on 32).
@@ -44,7 +47,7 @@ comma-separated `key=value` settings:
              and the `<init>` folder's tokenizer.json for the other bases.
   data       MetaMathQA-395K.json; default `MetaMathQA-395K.json`, which
              `python -m optconsist_jax.data.fetch metamathqa .` writes.
-  mesh       mesh preset (default fsdp).
+  mesh       mesh preset (default fsdp; Moonlight: MOONLIGHT_MESH).
 
 Fixed settings (Biderman et al. 2024, "LoRA Learns Less and Forgets Less",
 arXiv 2405.09673): sequence length 1024,
@@ -90,6 +93,20 @@ HF_MODEL = "meta-llama/Llama-2-7b-hf@01c7f73d771dfac7d292323805ebc428287df4f9"
 BASES = {"llama2_7b": HF_MODEL}
 BASES.update({p: provenance.by_preset(p).hub_id for p in (
     "llama3_1_8b", "olmo2_7b", "qwen2_5_7b", "qwen3_8b")})
+# Moonlight's record is found by its Hub id: its preset is
+# model/deepseek_v3_config.py's, which provenance.by_preset does not list.
+MOONLIGHT = "moonshotai/Moonlight-16B-A3B"
+BASES["moonlight_16b_a3b"] = provenance.lookup(MOONLIGHT).hub_id
+
+# Extra sharding rules per base (sharding.py). Moonlight's routed experts
+# (90% of its 16B parameters) split over the `data` axis: with the default
+# fsdp mesh (data = 1) that rule shards nothing and the experts are FSDP
+# like every weight; on a mesh with data > 1 (`mesh=dp_fsdp`, or
+# --config.mesh.data=N) each data group holds 1/N of the experts instead of
+# a replica (expert parallelism, Lepikhin et al. 2020, GShard, arXiv
+# 2006.16668). docs/cloud-tpu.md has the compiled plan of both.
+MESH_RULES = {"moonlight_16b_a3b": (("expert", "data"),)}
+MOONLIGHT_MESH = "fsdp"
 
 SEQ_LEN = 1024
 GLOBAL_BATCH = 768
@@ -153,11 +170,14 @@ def get_config(arg: str = "adamw") -> ml_collections.ConfigDict:
                  scan_layers=True, remat_policy="full")
   # Axis sizes unset: the preset's; `--config.mesh.fsdp=4` etc. override them
   # (the rows of `python -m optconsist_jax.tools.plan --search` print such flags).
-  c.mesh = dict(preset=s.get("mesh", "fsdp"),
+  default_mesh = MOONLIGHT_MESH if base == "moonlight_16b_a3b" else "fsdp"
+  c.mesh = dict(preset=s.get("mesh", default_mesh),
                 data=ml_collections.config_dict.placeholder(int),
                 fsdp=ml_collections.config_dict.placeholder(int),
                 tensor=ml_collections.config_dict.placeholder(int),
                 dcn_data=ml_collections.config_dict.placeholder(int))
+  if base in MESH_RULES:
+    c.mesh["extra_rules"] = MESH_RULES[base]
 
   # The paper's schedule, clipping and AdamW betas are the presets' defaults;
   # total_steps 0 decays over the run's length (train.py fills it in).

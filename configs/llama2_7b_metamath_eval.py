@@ -27,8 +27,10 @@ Arg (`:ARG`): optional comma-separated `key=value` settings:
   mesh       eval mesh preset (default fsdp).
   base       the training config's `base=` preset (default llama2_7b): the
              run is labelled with that base's pretraining optimizer from
-             io/provenance.py (AdamW for every base there today), so the
-             report knows which method is matched.
+             io/provenance.py (AdamW for the Llama, OLMo and Qwen bases, Muon
+             for moonlight_16b_a3b), so the report knows which method is
+             matched. launch/llama2_7b_metamath.sh passes the training
+             run's BASE here.
 """
 
 import ml_collections
@@ -36,6 +38,17 @@ import ml_collections
 from optconsist_jax.io import provenance
 
 _KEYS = ("data_dir", "limit", "mesh", "base")
+
+
+def _record(base: str) -> provenance.Base:
+  """The provenance record of a training config `base=` preset.
+
+  Moonlight's by its Hub id: its preset is model/deepseek_v3_config.py's,
+  which provenance.by_preset does not list.
+  """
+  if base == "moonlight_16b_a3b":
+    return provenance.lookup("moonshotai/Moonlight-16B-A3B")
+  return provenance.by_preset(base)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -53,6 +66,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c = ml_collections.ConfigDict()
   c.mesh = dict(preset=s.get("mesh", "fsdp"))
+  if s.get("base") == "moonlight_16b_a3b":
+    # The training config's expert rule (configs/llama2_7b_metamath.py
+    # MESH_RULES): a no-op on the fsdp mesh, expert parallelism with data > 1.
+    c.mesh["extra_rules"] = (("expert", "data"),)
   c.tokenizer_path = ""  # the run's data.tokenizer_path
   c.math = dict(protocols=("metamath", "gsm8k_fewshot"),
                 test=f"{d}/gsm8k_test.jsonl", train=f"{d}/gsm8k_train.jsonl",
@@ -72,7 +89,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.method = ""  # from the run: lora, or the hidden matrices' optimizer
   # The base's pretraining optimizer (Llama-2: AdamW, arXiv 2307.09288).
   try:
-    c.base = provenance.by_preset(s.get("base", "llama2_7b")).optimizer
+    c.base = _record(s.get("base", "llama2_7b")).optimizer
   except KeyError as e:
     raise ValueError(f"configs/llama2_7b_metamath_eval.py: base="
                      f"{s['base']!r}: {e.args[0]}") from None

@@ -3,8 +3,12 @@
 # queued resource) and an eval slice, each kept going by `tpu supervise`
 # (prints the commands with DRY_RUN=1):
 #   BUCKET=gs://my-bucket ZONE=us-east5-a ACCEL=v5p-16 VARIANT=adamw LR=1e-5 \
+#     [BASE=llama3_1_8b|olmo2_7b|qwen2_5_7b|qwen3_8b|moonlight_16b_a3b] \
 #     [SLICES=2] [PROVISIONING=spot|reserved|on-demand|best-effort] \
 #     launch/llama2_7b_metamath.sh
+# BASE (default Llama-2-7B) is the config's base=, passed to the training and
+# the eval config alike (the eval labels the run with the base's pretraining
+# optimizer); runs of another base go to $BUCKET/runs/BASE-VARIANT[-lrLR].
 # Weights and tokenizer: the config's default, meta-llama/Llama-2-7b-hf at a
 # pinned commit, downloaded from the Hugging Face Hub by every worker (gated:
 # accept Meta's license on the Hub and log in here with `hf auth login`; the
@@ -15,12 +19,13 @@
 set -euo pipefail
 : "${BUCKET:?set BUCKET=gs://...}" "${ZONE:?set ZONE}"
 ACCEL=${ACCEL:-v5p-16}; VARIANT=${VARIANT:-adamw}; LR=${LR:-}; SLICES=${SLICES:-1}
+BASE=${BASE:-}
 EVAL_ACCEL=${EVAL_ACCEL:-v5p-8}; PROVISIONING=${PROVISIONING:-spot}
 # No new step for this long: save every worker's stacks, restart (0: off). An
 # eval job logs a step per checkpoint, and evaluating one takes a while.
 HANG_TIMEOUT=${HANG_TIMEOUT:-3600}; EVAL_HANG_TIMEOUT=${EVAL_HANG_TIMEOUT:-14400}
-RUN="7b-${VARIANT}${LR:+-lr$LR}"; NAME="ft-${RUN//[^a-z0-9-]/-}"; NAME=${NAME,,}
-ARG="${VARIANT}${LR:+,lr=$LR}"
+RUN="${BASE:-7b}-${VARIANT}${LR:+-lr$LR}"; NAME="ft-${RUN,,}"; NAME=${NAME//[^a-z0-9-]/-}
+ARG="${VARIANT}${LR:+,lr=$LR}${BASE:+,base=$BASE}"
 DRY=${DRY_RUN:+--dry-run}
 T="$(dirname "$0")/tpu.sh"
 COMMON=(--zone="$ZONE" ${PROJECT:+--project="$PROJECT"})
@@ -33,7 +38,8 @@ TOKEN=(); [ -f "$TOKEN_FILE" ] && TOKEN=(--hf-token-file="$TOKEN_FILE")
 EVAL=(supervise --name="$NAME-eval" "${COMMON[@]}" --accelerator-type="$EVAL_ACCEL"
   --queued --provisioning="$PROVISIONING" --fetch=gsm8k,hellaswag,arc,winogrande "${TOKEN[@]}"
   --stage="$BUCKET/data/heldout_text.jsonl=." --module=optconsist_jax.evaluate --job=eval
-  --config=configs/llama2_7b_metamath_eval.py --arg=--watch --workdir="$WORKDIR"
+  --config="configs/llama2_7b_metamath_eval.py${BASE:+:base=$BASE}" --arg=--watch
+  --workdir="$WORKDIR"
   --hang-timeout="$EVAL_HANG_TIMEOUT")
 # Training: a reclaimed slice is created again (install + fetch) and the run
 # resumes from its last checkpoint in $WORKDIR; a run stopped by SIGTERM

@@ -344,3 +344,35 @@ def test_sharded_load_with_expert_parallel_rules_matches():
                             jax.tree.leaves(want_grads), strict=True):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5,
                                  rtol=1e-4, err_msg=str(path))
+
+
+def test_moonlight_preset_counts_the_published_parameters():
+  # Liu et al. 2025 (arXiv 2502.16982), table of compared models: Moonlight
+  # has 15.29B total and 2.24B activated parameters without the embedding
+  # and head; "16B" total and "A3B" activated (its name, model card) with
+  # them. Counted here from the model's own variables (nnx.eval_shape),
+  # routed experts scaled by top-k / experts for the activated count.
+  from optconsist_jax.model import architecture  # pylint: disable=g-import-not-at-top
+  config = architecture.preset("moonlight_16b_a3b")
+  assert config == hf_deepseek.config_from_hf(MOONLIGHT)
+  sizes = {jax.tree_util.keystr(p): x.size for p, x in
+           jax.tree_util.tree_flatten_with_path(
+               nnx.state(deepseek_v3.abstract_model(config)))[0]}
+  total = sum(sizes.values())
+  embed_head = sizes["['embed'].value"] + sizes["['lm_head']['kernel'].value"]
+  routed = sum(v for k, v in sizes.items() if "['mlp']['" in k and
+               k.split("['mlp']['")[1].split("']")[0] in
+               ("gate_proj", "up_proj", "down_proj") and "moe_layers" in k)
+  inactive = routed * (1 - config.num_experts_per_tok
+                       / config.n_routed_experts)
+  assert abs((total - embed_head) - 15.29e9) < 0.005e9
+  assert abs((total - embed_head - inactive) - 2.24e9) < 0.005e9
+  assert round(total / 1e9) == 16
+  assert round((total - inactive) / 1e9) == 3
+  assert config.num_params() == total
+  # The MFU numerator's params (flops_per_token at T = 0 is 6 x the matmul
+  # params a token goes through): activated, less the embedding lookup,
+  # norms and the routing bias, which do no matmul.
+  no_matmul = sizes["['embed'].value"] + sum(
+      v for k, v in sizes.items() if "['scale']" in k or "router_bias" in k)
+  assert config.flops_per_token(0) == 6 * (total - inactive - no_matmul)

@@ -9,7 +9,7 @@ import pytest
 
 from optconsist_jax import optim
 from optconsist_jax.train.config import ExperimentConfig
-from optconsist_jax.model import Llama
+from optconsist_jax.model import architecture
 
 CONFIG = pathlib.Path(__file__).parent.parent / "configs" / "llama2_7b_metamath.py"
 
@@ -73,13 +73,9 @@ def _build_optimizer(exp) -> int:
   if exp.lora is not None:
     from optconsist_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
     lora = lora_lib
-  def make():
-    model = Llama(exp.model, rngs=nnx.Rngs(0))
-    if lora is not None:
-      out = lora.apply_lora(model, exp.lora, rngs=nnx.Rngs(1))
-      model = model if out is None else out
-    return model
-  abstract = nnx.eval_shape(make)
+  transform = (None if lora is None else
+               lambda m: lora.apply_lora(m, exp.lora, rngs=nnx.Rngs(1)))
+  abstract = architecture.abstract_model(exp.model, transform=transform)
   trainable = lora.LoRAParam if lora is not None else nnx.Param
   params = nnx.state(abstract, trainable)
   tx = optim.build(exp.optim, params)
@@ -104,22 +100,27 @@ def test_defaults_follow_the_reference():
 OTHER_ARGS = ["lion", "muon_gspmd,adam_lr=3e-6", "muon_contrib", "lora",
               "optax:adafactor,lr=3e-4", "adamw,base=llama3_1_8b",
               "muon,base=olmo2_7b", "lora64,base=qwen2_5_7b",
-              "signum,base=qwen3_8b,init=/ckpt/qwen3"]
+              "signum,base=qwen3_8b,init=/ckpt/qwen3",
+              "muon,base=moonlight_16b_a3b",
+              "adamw,base=moonlight_16b_a3b,mesh=dp_fsdp"]
 
 
 @pytest.mark.parametrize("arg", OTHER_ARGS)
 def test_any_optimizer_and_base_convert(arg):
   from optconsist_jax.io import hub  # pylint: disable=g-import-not-at-top
   from optconsist_jax.io import provenance  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
   cfg = load().get_config(arg)
   exp = ExperimentConfig.from_dict(cfg.to_dict()).resolve_total_steps(100)
   variant, settings = arg.split(",")[0], dict(
       p.split("=") for p in arg.split(",")[1:])
   base = settings.get("base", "llama2_7b")
-  assert exp.model == model_config.preset(base).replace(
+  assert exp.model == architecture.preset(base).replace(
       param_dtype="float32", dtype="bfloat16", scan_layers=True,
       remat_policy="full")
+  # Moonlight's routed experts split over `data` (a no-op on fsdp's data=1).
+  moe = base == "moonlight_16b_a3b"
+  assert exp.mesh.extra_rules == ((("expert", "data"),) if moe else ())
+  assert exp.mesh.data == (2 if "mesh=dp_fsdp" in arg else 1)
   # The optimizer: the named one on every parameter, Muon on the hidden
   # matrices beside AdamW, or AdamW on the LoRA adapters.
   groups = exp.optim.groups
@@ -139,14 +140,19 @@ def test_any_optimizer_and_base_convert(arg):
     assert groups["adamw"].schedule.peak == float(settings["adam_lr"])
   n_trainable = _build_optimizer(exp)
   if exp.lora is None:
-    assert n_trainable == exp.model.num_params()
+    # All but DeepSeek-V3's routing bias (a load-balancing buffer).
+    bias = exp.model.num_moe_layers * exp.model.n_routed_experts if moe else 0
+    assert n_trainable == exp.model.num_params() - bias
   # The base's Hub repo (the provenance table's) and its tokenizer, or the
   # local folder's tokenizer.json.
   if "init" in settings:
     assert exp.init_from.path == exp.data.tokenizer_path == settings["init"]
   elif base != "llama2_7b":
     assert hub.parse_ref(exp.init_from.path).repo_id == (
+        "moonshotai/Moonlight-16B-A3B" if moe else
         provenance.by_preset(base).hub_id)
+    assert provenance.lookup(exp.init_from.path).optimizer == (
+        "muon" if moe else "adamw")
     assert exp.data.tokenizer_path == exp.init_from.path
 
 
@@ -184,8 +190,36 @@ def test_eval_config_converts(arg):
     assert c.math.limit == 50
   with pytest.raises(ValueError, match="bad setting"):
     module.get_config("dir=x")
-  # Every base of the 7B config is labelled with its pretraining optimizer.
+  # Every base of the 7B config is labelled with its pretraining optimizer:
+  # Moonlight-16B-A3B's is Muon (arXiv 2502.16982), the others' AdamW.
   for base in load().BASES:
-    assert module.get_config(f"base={base}").base == "adamw"
+    assert module.get_config(f"base={base}").base == (
+        "muon" if base == "moonlight_16b_a3b" else "adamw")
+  moon = EvalConfig.from_dict(
+      module.get_config("base=moonlight_16b_a3b").to_dict())
+  assert moon.mesh.extra_rules == (("expert", "data"),)
   with pytest.raises(ValueError, match=r"base='tiny_mha': model preset"):
     module.get_config("base=tiny_mha")
+
+
+def test_launch_script_passes_base_to_training_and_eval(tmp_path):
+  """launch/llama2_7b_metamath.sh BASE=...: both jobs get base=."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = CONFIG.parent.parent
+  env = dict(os.environ, BUCKET="gs://bkt", ZONE="us-east5-a",
+             ACCEL="v5p-32", DRY_RUN="1", PYTHON=sys.executable,
+             HF_TOKEN_FILE=str(tmp_path / "none"), VARIANT="muon",
+             BASE="moonlight_16b_a3b")
+  p = subprocess.run(["bash", str(root / "launch" / "llama2_7b_metamath.sh")],
+                     capture_output=True, text=True, env=env, timeout=120,
+                     check=False)
+  assert p.returncode == 0, p.stderr
+  out = p.stdout
+  work = "--workdir=gs://bkt/runs/moonlight_16b_a3b-muon"
+  assert ("optconsist_jax.train --config=configs/llama2_7b_metamath.py:"
+          f"muon,base=moonlight_16b_a3b {work}") in out
+  assert ("optconsist_jax.evaluate --config=configs/llama2_7b_metamath_eval"
+          f".py:base=moonlight_16b_a3b {work} --watch") in out
+  assert "queued-resources create ft-moonlight-16b-a3b-muon " in out

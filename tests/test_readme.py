@@ -66,6 +66,15 @@ NOT_RUN = {
         "torch wheel for Python 3.11 on the measuring machine's disk",
     ".venv/bin/python bench/model_throughput.py":
         "a timed benchmark, minutes",
+    "JAX_PLATFORMS=cpu nice -n 19 .venv/bin/python -m"
+    " optconsist_jax.tools.plan --compare --model llama2_7b":
+        "minutes of AOT compiles per row; bench/results/families_plan_7b.md"
+        " holds the output (test_plan_command_on_a_small_model runs the"
+        " planner on a tiny model)",
+    "BUCKET=gs://BUCKET ZONE=us-east5-a":
+        "needs gcloud, a bucket and TPU quota; tests/test_llama2_7b_config.py"
+        " runs the script with DRY_RUN=1 and checks that base= reaches both"
+        " the training and the eval job",
 }
 
 

@@ -1,10 +1,14 @@
 """Tests of the roofline step-time estimate (optconsist_jax.tools.plan.step_time)."""
 
+import dataclasses
+import json
 import math
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
@@ -12,6 +16,12 @@ from optconsist_jax.model import loss as loss_lib
 from optconsist_jax.tools.plan import hlo_stats
 from optconsist_jax.tools.plan import aot as planner
 from optconsist_jax.model import LlamaConfig, Llama
+from optconsist_jax.model import deepseek_v3
+from optconsist_jax.model.deepseek_v3_config import DeepseekV3Config
+from optconsist_jax import optim
+from optconsist_jax.optim import config as optim_config
+from optconsist_jax.optim import muon
+from optconsist_jax.tools.plan import search
 from optconsist_jax.tools.plan import step_time
 from optconsist_jax.platforms import tpu
 
@@ -53,6 +63,55 @@ def test_analytic_flops_match_xla_cost_analysis(remat):
     no_remat = _xla_flops(config.replace(remat_policy="none"), batch, seq_len)
     # What remat recomputes, as XLA counts it.
     assert xla - no_remat == pytest.approx(ours.recompute, rel=0.1)
+
+
+def _xla_flops_deepseek(config, batch: int, seq_len: int) -> float:
+  """XLA's flop count of forward + backward of the LM loss (DeepSeek-V3)."""
+  model = deepseek_v3.make_model(config, seed=0)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tokens = jnp.zeros((batch, seq_len), jnp.int32)
+
+  def loss(params):
+    logits = nnx.merge(graphdef, params, rest)(tokens)
+    total, _ = loss_lib.masked_cross_entropy(logits, tokens,
+                                             jnp.ones_like(tokens))
+    return total
+
+  cost = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_moe_flops_count_activated_experts_as_xla_does(remat):
+  # Every expert chosen (top-k = all) and the dense reference, which runs
+  # every expert on every token: XLA's count is then the activated work,
+  # which the analytic count (router + top-k routed + shared experts + MLA +
+  # head) must match. Unrolled layers: XLA counts a loop body once.
+  config = DeepseekV3Config(
+      vocab_size=512, hidden_size=256, intermediate_size=512,
+      moe_intermediate_size=128, num_layers=3, num_heads=4,
+      first_k_dense_replace=1, kv_lora_rank=64, qk_nope_head_dim=32,
+      qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=4,
+      num_experts_per_tok=4, n_shared_experts=1, moe_impl="dense",
+      max_position_embeddings=256, scan_layers=False, remat_policy=remat,
+      bos_token_id=1, eos_token_id=2)
+  batch, seq_len = 2, 128
+  ours = step_time.step_flops(config, seq_len, batch)
+  xla = _xla_flops_deepseek(config, batch, seq_len)
+  # As for Llama: XLA adds elementwise work (norms, routing, softmax, SiLU,
+  # loss) to the matmuls.
+  assert 0.93 * ours.total <= xla <= 1.08 * ours.total, (remat, ours, xla)
+  if remat == "full":
+    no_remat = _xla_flops_deepseek(config.replace(remat_policy="none"),
+                                   batch, seq_len)
+    assert xla - no_remat == pytest.approx(ours.recompute, rel=0.1)
+  # Top-2 of the 4: the expert matmuls scale with k, nothing else does.
+  top2 = step_time.step_flops(config.replace(num_experts_per_tok=2),
+                              seq_len, batch)
+  experts = 2 * 3 * config.hidden_size * config.moe_intermediate_size
+  assert ours.model - top2.model == pytest.approx(
+      6 * experts * config.num_moe_layers * batch * seq_len)
 
 
 def test_recompute_is_a_forward_for_full_remat():
@@ -198,3 +257,129 @@ def test_cross_slice_transfers_cost_dcn_time():
           ici_efficiency=1.0))
   assert est.comm_s["DCN all-reduce"] == pytest.approx(
       2 * 0.5 * 4100 / v5p.chip.dcn_bytes_per_s)
+
+
+# ----------------------------------------------------------------------------
+# The optimizer update's term.
+
+
+def _muon_config(**kwargs):
+  return optim_config.OptimConfig(
+      groups={"muon": optim_config.GroupConfig(optimizer="muon",
+                                               kwargs=kwargs)},
+      routes=(("all", "muon"),), clip_norm=None)
+
+
+def test_ns_flops_hand_count_and_xla_cost_analysis():
+  # One 4 x 8 matrix, 5 steps of optim/muon.py's iteration: A = X X^T
+  # (2*4*4*8), A A (2*4*4*4), (bA + cAA) X (2*4*4*8) per step.
+  params = {"w": jax.ShapeDtypeStruct((4, 8), jnp.float32)}
+  for coefficients in (None, "polar_express"):  # same matmuls per step
+    work = step_time.optimizer_work(
+        _muon_config(ns_steps=5, ns_coefficients=coefficients), params,
+        {})
+    assert work.matmul_flops == 5 * (256 + 128 + 256)
+  tall = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32)}  # transposed first
+  assert step_time.optimizer_work(_muon_config(), tall, {}).matmul_flops == (
+      5 * 640)
+  # XLA's count of one NS step on a 64 x 128 matrix (a scan's body is
+  # counted once, so one step): the matmuls plus a few elementwise ops.
+  g = jnp.ones((64, 128), jnp.float32)
+  cost = jax.jit(lambda g: muon.newton_schulz(g, steps=1)).lower(
+      g).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  ours = step_time.optimizer_work(
+      _muon_config(ns_steps=1),
+      {"w": jax.ShapeDtypeStruct((64, 128), jnp.float32)}, {}).matmul_flops
+  assert ours == 4 * 64 * 64 * 128 + 2 * 64**3
+  assert ours <= float(cost["flops"]) <= 1.05 * ours
+
+
+def test_muon_work_is_the_busiest_devices_stacked_plan():
+  mesh = jax.make_mesh((8,), ("fsdp",))
+  spec = NamedSharding(mesh, P(None, "fsdp", None))
+  # 3 small and 5 large matrices over 8 devices: one each, so the busiest
+  # device runs one large matrix (not the mean over devices).
+  params = {"a": jax.ShapeDtypeStruct((3, 16, 32), jnp.float32,
+                                      sharding=spec),
+            "b": jax.ShapeDtypeStruct((5, 64, 32), jnp.float32,
+                                      sharding=spec)}
+  work = step_time.optimizer_work(_muon_config(ns_steps=5), params, {})
+  large = 4 * 32 * 32 * 64 + 2 * 32**3
+  assert work.matmul_flops == 5 * large
+  # Each group goes out and back: one slot of whole float32 matrices.
+  assert sorted(work.all_to_all) == sorted(
+      [(16 * 32 * 4.0, 8)] * 2 + [(32 * 64 * 4.0, 8)] * 2)
+
+
+def test_hbm_floor_of_adamw_fp32_is_32_bytes_per_param():
+  mesh = jax.make_mesh((8,), ("fsdp",))
+  params = {
+      "w": jax.ShapeDtypeStruct((64, 32), jnp.float32,
+                                sharding=NamedSharding(mesh, P("fsdp"))),
+      "b": jax.ShapeDtypeStruct((32,), jnp.float32,
+                                sharding=NamedSharding(mesh, P()))}
+  config = optim.presets.preset("adamw")  # clipped: grads read twice
+  tx = optim.build(config.resolve_total_steps(10), params)
+  by_shape = {p.shape: p.sharding for p in params.values()}
+  state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=by_shape.get(x.shape)),
+      jax.eval_shape(tx.init, params))
+  work = step_time.optimizer_work(config, params, state)
+  # Per fp32 element on a chip: p read + written (8), g read twice (8),
+  # mu and nu read + written (16); plus two int32 counts (Adam's, the
+  # schedule's) read + written.
+  per_chip = 64 * 32 // 8 + 32
+  assert work.hbm_bytes == 32 * per_chip + 2 * 2 * 4
+  assert work.matmul_flops == 0 and work.all_to_all == ()
+
+
+def test_optimizer_term_is_added_after_the_overlap():
+  config = LlamaConfig(remat_policy="full")
+  v5p = tpu.tpu_slice("v5p-8")
+  group = (0, 1, 2, 3)
+  stats = _stats({("all-gather", group): [1, 2.0**30],
+                  ("all-to-all", group): [2, 2.0**31]})
+  base = step_time.estimate(config, seq_len=1024, global_batch=64, tpu=v5p,
+                            collectives=stats)
+  assert base.bound == "compute" and base.optimizer_s == {}
+  work = step_time.OptimizerWork(matmul_flops=1e14, hbm_bytes=5e10,
+                                 all_to_all=((2.0**30, 4),) * 2)
+  est = step_time.estimate(config, seq_len=1024, global_batch=64, tpu=v5p,
+                           collectives=stats, optimizer=work)
+  a2a = 2 * 0.75 * 2.0**30 / (2 * 4800e9 / 8 / 6 * step_time.ICI_EFFICIENCY)
+  expected = {"matmul": 1e14 / (459e12 * step_time.MXU_EFFICIENCY),
+              "hbm": 5e10 / 2765e9, "all-to-all": a2a}
+  assert est.optimizer_s == pytest.approx(expected)
+  # The all-to-alls leave the overlapped communication for the serial term.
+  assert est.comm_s["all-to-all"] == pytest.approx(
+      base.comm_s["all-to-all"] - a2a)
+  assert est.step_s == pytest.approx(base.step_s + sum(expected.values()))
+  assert est.row()["optimizer_s"] == pytest.approx(sum(expected.values()))
+  assert "optimizer update" in est.describe()
+  passes = step_time.estimate(
+      config, seq_len=1024, global_batch=64, tpu=v5p, collectives=stats,
+      optimizer=work, assumptions=step_time.Assumptions(ns_matmul_passes=6))
+  assert passes.optimizer_s["matmul"] == pytest.approx(
+      6 * expected["matmul"])
+  bf16 = step_time.estimate(
+      config, seq_len=1024, global_batch=64, tpu=v5p, collectives=stats,
+      optimizer=dataclasses.replace(work, ns_matmul_dtype="bfloat16"),
+      assumptions=step_time.Assumptions(ns_matmul_passes=6))
+  assert bf16.optimizer_s["matmul"] == pytest.approx(expected["matmul"])
+
+
+def test_optimizer_work_survives_the_search_cache():
+  work = step_time.OptimizerWork(matmul_flops=1e12, ns_matmul_dtype="float32",
+                                 hbm_bytes=3e9, all_to_all=((1e6, 4),) * 2,
+                                 note="muon")
+  r = planner.PlanResult(
+      spec=planner.PlanSpec(), mesh_shape={"data": 1, "fsdp": 4, "tensor": 1},
+      grad_accum_steps=1, hbm_gib=95.0, argument_bytes=0, output_bytes=0,
+      alias_bytes=0, temp_bytes=0, peak_bytes=0, fits=True,
+      collectives=_stats({}), compile_seconds=0.0, trainable_params=0,
+      optimizer_work=work)
+  back = search.result_from_json(json.loads(json.dumps(
+      search.result_to_json(r))))
+  assert back.optimizer_work == work

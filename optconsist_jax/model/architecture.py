@@ -18,7 +18,9 @@ from typing import Any
 
 from flax import nnx
 
+from optconsist_jax.model import config as model_config
 from optconsist_jax.model import deepseek_v3
+from optconsist_jax.model import deepseek_v3_config
 from optconsist_jax.model import llama
 from optconsist_jax.model.config import LlamaConfig
 from optconsist_jax.model.deepseek_v3_config import DeepseekV3Config
@@ -61,9 +63,27 @@ def weights(config: ModelConfig) -> Any:
   return nnx.Param
 
 
+def preset(name: str) -> ModelConfig:
+  """The named preset of either family (model/config.py's _PRESETS or
+  deepseek_v3_config.PRESETS); unknown names list both."""
+  if name in deepseek_v3_config.PRESETS:
+    return deepseek_v3_config.PRESETS[name]
+  if name in model_config.preset_names():
+    return model_config.preset(name)
+  raise ValueError(f"unknown model preset {name!r}; valid presets:"
+                   f" {preset_names()}")
+
+
+def preset_names() -> list[str]:
+  return sorted(model_config.preset_names()
+                + list(deepseek_v3_config.PRESETS))
+
+
 def config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
   """A LlamaConfig, or a DeepseekV3Config when `d` has its own keys
-  (kv_lora_rank, n_routed_experts, ...): what W/config.json's `model` holds."""
-  if _DEEPSEEK_ONLY & set(d):
+  (kv_lora_rank, n_routed_experts, ...) or names one of its presets: what
+  W/config.json's `model` holds."""
+  if (_DEEPSEEK_ONLY & set(d)
+      or d.get("preset") in deepseek_v3_config.PRESETS):
     return DeepseekV3Config.from_dict(dict(d))
   return LlamaConfig.from_dict(d)

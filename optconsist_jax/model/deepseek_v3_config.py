@@ -159,7 +159,13 @@ class DeepseekV3Config:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> DeepseekV3Config:
-    typed_config.check_keys(cls, d, "DeepSeek-V3 model config")
+    """From a plain dict; a `preset` key starts from a preset (PRESETS)."""
+    d = dict(d)
+    base = d.pop("preset", None)
+    typed_config.check_keys(cls, d, "DeepSeek-V3 model config",
+                            extra=("preset",))
+    if base:
+      return dataclasses.replace(preset(base), **d)
     return cls(**d)
 
   def replace(self, **kw) -> DeepseekV3Config:
@@ -204,3 +210,44 @@ class DeepseekV3Config:
     head = 0 if self.tie_embeddings else d * self.vocab_size
     return (self.vocab_size * d + head + d + self.num_layers * block
             + self.first_k_dense_replace * dense + self.num_moe_layers * moe)
+
+
+# The published config.json of moonshotai/Moonlight-16B-A3B, field by field
+# (the values also appear in NVIDIA Megatron-Bridge's Moonlight recipe,
+# num_layers 27 / hidden 2048 / 16 heads / ffn 11264 / rms eps 1e-5 / rotary
+# base 50000 / top-6 / scaling 2.446, and in Miles' Moonlight page: 1 dense +
+# 26 MoE layers, 64 routed experts top-6 + 2 shared, kv-LoRA rank 512).
+# Liu et al. 2025 (arXiv 2502.16982), table of compared models: 15.29B total
+# and 2.24B activated parameters without the embedding and head ("16B" and
+# "A3B" with them); tests/test_deepseek_v3.py checks both counts.
+PRESETS: dict[str, DeepseekV3Config] = {
+    "moonlight_16b_a3b": DeepseekV3Config(
+        vocab_size=163840, hidden_size=2048, intermediate_size=11264,
+        moe_intermediate_size=1408, num_layers=27, num_heads=16,
+        first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2,
+        n_group=1, topk_group=1, norm_topk_prob=True,
+        routed_scaling_factor=2.446, rms_norm_eps=1e-5, rope_theta=50000.0,
+        rope_interleave=True, rope_type="default",
+        max_position_embeddings=8192, tie_embeddings=False,
+        bos_token_id=163584, eos_token_id=163585),
+    # A small MoE for tests and CPU plans: every feature of the above
+    # (dense first layer, MLA without query LoRA, shared experts).
+    "tiny_deepseek_v3": DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128,
+        moe_intermediate_size=32, num_layers=3, num_heads=4,
+        first_k_dense_replace=1, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1,
+        max_position_embeddings=128, bos_token_id=1, eos_token_id=2),
+}
+
+
+def preset(name: str) -> DeepseekV3Config:
+  """The named preset; unknown names list the valid ones."""
+  try:
+    return PRESETS[name]
+  except KeyError:
+    raise ValueError(f"unknown DeepSeek-V3 preset {name!r}; valid presets:"
+                     f" {sorted(PRESETS)}") from None

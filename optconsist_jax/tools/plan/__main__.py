@@ -59,7 +59,9 @@ def _human(n: float) -> str:
 
 
 def markdown_table(results: Sequence[planner.PlanResult]) -> str:
-  """One row per plan: HBM per chip, fit, and collective GiB per step.
+  """One row per plan: HBM per chip, fit, collective GiB per step, the
+  roofline step time (step_time.estimate), the optimizer update's share of
+  it and the step's overhead over AdamW's on the same topology and mesh.
 
   Then a warning line for each replicated optimizer-state leaf over
   aot.REPLICATED_WARN_BYTES per chip.
@@ -68,17 +70,28 @@ def markdown_table(results: Sequence[planner.PlanResult]) -> str:
           " args GiB | temp GiB | peak GiB | HBM GiB | fits |"
           " all-gather GiB | reduce-scatter GiB | all-reduce GiB |"
           " all-to-all GiB | coll.-permute GiB | collectives GiB/step |"
-          " opt state GiB/chip |")
+          " opt state GiB/chip | step s | optimizer s (share) |"
+          " over AdamW |")
   lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
-  for r in results:
+  est = [planner.step_estimate(r) for r in results]
+  adamw = {(r.spec.topology, r.row()["mesh"]): e.step_s
+           for r, e in zip(results, est)
+           if e is not None and r.spec.optimizer == "adamw"}
+  for r, e in zip(results, est):
     row = r.row()
+    base = adamw.get((r.spec.topology, row["mesh"]))
+    timing = ("- | - | -" if e is None else
+              f"{e.step_s:.2f} | {e.optimizer_total_s:.3f}"
+              f" ({e.optimizer_total_s / e.step_s:.1%}) | "
+              + ("-" if base is None else f"{e.step_s / base - 1:+.1%}"))
     fits = {True: "yes", False: "**no**", None: "n/a"}[row["fits"]]
     lines.append(
         f"| {row['topology']} | {row['mesh']} | {row['optimizer']} |"
         f" {row['accum']} | {_gib(row['args_gib'])} | {_gib(row['temp_gib'])} |"
         f" {_gib(row['peak_gib'])} | {_gib(row['hbm_gib'])} | {fits} | "
         + " | ".join(_gib(row[f"{k}_gib"]) for k in hlo_stats.COLLECTIVE_KINDS)
-        + f" | {_gib(row['collective_gib'])} | {_gib(row['opt_state_gib'])} |")
+        + f" | {_gib(row['collective_gib'])} | {_gib(row['opt_state_gib'])} |"
+        f" {timing} |")
   lines.extend(_replicated_warnings(results))
   return "\n".join(lines)
 
@@ -150,18 +163,41 @@ def _csv(s: str) -> list[str]:
   return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def parse_rules(text: str) -> tuple[tuple[str, object], ...]:
+  """'expert=data,expert_mlp=none' -> (('expert', 'data'),
+  ('expert_mlp', None)); 'a=x+y' maps onto both mesh axes."""
+  rules = []
+  for item in _csv(text):
+    name, sep, axes = item.partition("=")
+    if not sep or not name.strip():
+      raise errors.UserError(f"--extra_rules {text!r}: {item!r} is not"
+                             " NAME=AXIS[+AXIS] (AXIS none: replicated)")
+    parts = tuple(a.strip() for a in axes.split("+") if a.strip())
+    value = (None if parts in ((), ("none",)) else
+             parts[0] if len(parts) == 1 else parts)
+    rules.append((name.strip(), value))
+  return tuple(rules)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
       prog="python -m optconsist_jax.tools.plan", description=__doc__.split("\n")[0])
   p.add_argument("--config", help="configs/*.py with get_config(arg):"
                  " FILE or FILE:ARG; plans that run (with --topology,"
                  " optionally --grad_accum_steps)")
-  p.add_argument("--model", default="llama2_7b", help="model preset")
+  p.add_argument("--model", default="llama2_7b",
+                 help="model preset of either family (model/architecture.py:"
+                 " llama2_7b, qwen3_8b, moonlight_16b_a3b, ...)")
   p.add_argument("--mesh", default="fsdp",
                  help="mesh preset(s), comma-separated")
   p.add_argument("--mesh_shape", default=None,
                  help="data,fsdp,tensor sizes (one may be -1), overriding the"
                  " preset's")
+  p.add_argument("--extra_rules", default=None,
+                 help="sharding rules put before the table, for every --mesh:"
+                 " NAME=AXIS[+AXIS],... (AXIS none: replicated), e.g."
+                 " expert=data for experts split over the data axis (expert"
+                 " parallelism; sharding.py)")
   p.add_argument("--topology", default="v5p-8",
                  help="TPU topology(ies) (comma-separated) or cpu-N")
   p.add_argument("--seq_len", type=int, default=1024)
@@ -236,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise errors.UserError(f"--mesh_shape={args.mesh_shape!r}: expected"
                          " data,fsdp,tensor")
       mesh_override = dict(zip(("data", "fsdp", "tensor"), sizes))
+    if args.extra_rules:
+      mesh_override["extra_rules"] = parse_rules(args.extra_rules)
     combos = list(itertools.product(_csv(args.topology), _csv(args.mesh),
                                     _csv(args.optimizer)))
     if not args.compare:
@@ -278,7 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(args.json, "w") as f:
       for r in results:
         counts = None if r.collectives is None else r.collectives.count
-        f.write(json.dumps({**r.row(), "collective_counts": counts}) + "\n")
+        est = planner.step_estimate(r)
+        f.write(json.dumps({**r.row(), **(est.row() if est else {}),
+                            "collective_counts": counts}) + "\n")
   return 0
 
 

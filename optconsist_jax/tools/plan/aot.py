@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import importlib.util
-import math
 import os
 import re
 import time
@@ -79,8 +78,9 @@ class PlanSpec:
   """One layout/optimizer/topology to compile.
 
   Attributes:
-    model: model preset name (optconsist_jax.model.preset), a dict for
-      LlamaConfig.from_dict or a LlamaConfig.
+    model: model preset name of either family (model/architecture.py:
+      llama2_7b, moonlight_16b_a3b, ...), a dict for
+      architecture.config_from_dict, or a LlamaConfig / DeepseekV3Config.
     mesh: mesh preset name, a dict for MeshConfig.from_dict or a MeshConfig.
     topology: a TPU slice (tools/tpu.py SLICES, optionally Nx for N slices)
       or cpu-N.
@@ -98,8 +98,8 @@ class PlanSpec:
     param_dtype: parameter (and optimizer state) dtype; None keeps the
       model config's.
     dtype: compute dtype; None keeps the model config's.
-    remat_policy: LlamaConfig.remat_policy; None keeps the model config's.
-    scan_layers: LlamaConfig.scan_layers; None keeps the model config's.
+    remat_policy: the model config's remat_policy; None keeps it.
+    scan_layers: the model config's scan_layers; None keeps it.
     attention_impl: LlamaConfig.attention_impl (e.g. splash, the TPU Pallas
       kernel a TPU run would use); None keeps the model config's.
     optim_config: an OptimConfig (or dict) used instead of the preset
@@ -148,6 +148,8 @@ class PlanResult:
   opt_state_bytes: int = 0
   replicated_opt_leaves: list[tuple[str, int]] = dataclasses.field(
       default_factory=list)
+  # The optimizer update's per-chip work (step_time.optimizer_work).
+  optimizer_work: step_time.OptimizerWork | None = None
 
   def row(self) -> dict[str, Any]:
     s = self.spec
@@ -191,30 +193,46 @@ def opt_state_per_chip(opt_state: Any, mesh_size: int
 
 
 def _mesh_label(mesh: Any, shape: dict[str, int]) -> str:
+  """'fsdp 1x8x1', with extra rules: 'dp_fsdp 2x4x1 expert=data'."""
+  rules = ()
   if isinstance(mesh, str):
     name = mesh
   elif isinstance(mesh, dict):
     name = mesh.get("preset", "custom")
+    rules = mesh.get("extra_rules") or ()
   else:
     name = "config"
-  return f"{name} {shape['data']}x{shape['fsdp']}x{shape['tensor']}"
+    rules = getattr(mesh, "extra_rules", ())
+  extra = "".join(
+      f" {n}={'+'.join(a) if isinstance(a, (tuple, list)) else a}"
+      for n, a in rules)
+  return f"{name} {shape['data']}x{shape['fsdp']}x{shape['tensor']}{extra}"
 
 
-def llama_config(spec: PlanSpec):
-  """The LlamaConfig a spec compiles (its dtype/remat overrides applied)."""
+def model_config(spec: PlanSpec):
+  """The model config a spec compiles (its dtype/remat overrides applied).
+
+  A preset name of either family (model/architecture.py: `llama2_7b`,
+  `moonlight_16b_a3b`, ...), a dict (`architecture.config_from_dict`: a
+  LlamaConfig's or a DeepseekV3Config's keys) or a config object.
+  """
   # deferred: imports jax, which the plan CLI configures first.
-  from optconsist_jax.model import LlamaConfig, preset  # pylint: disable=g-import-not-at-top
-  if isinstance(spec.model, LlamaConfig):
-    cfg = spec.model
-  elif isinstance(spec.model, str):
-    cfg = preset(spec.model)
+  from optconsist_jax.model import architecture  # pylint: disable=g-import-not-at-top
+  if isinstance(spec.model, str):
+    cfg = architecture.preset(spec.model)
+  elif isinstance(spec.model, dict):
+    cfg = architecture.config_from_dict(spec.model)
   else:
-    cfg = LlamaConfig.from_dict(dict(spec.model))
+    cfg = spec.model
   overrides = {k: getattr(spec, k) for k in ("param_dtype", "dtype",
                                              "remat_policy", "scan_layers",
                                              "attention_impl")
                if getattr(spec, k) is not None}
   return cfg.replace(**overrides)
+
+
+# The name before DeepSeek-V3 configs were planned (bench/plan_calibration.py).
+llama_config = model_config
 
 
 def _mesh_config(spec: PlanSpec):
@@ -227,7 +245,17 @@ def _mesh_config(spec: PlanSpec):
   return sharding.MeshConfig.from_dict(dict(spec.mesh))
 
 
-def _state_builder(spec: PlanSpec, model_config, mesh, rules):
+def _optim_config(spec: PlanSpec):
+  """The spec's OptimConfig (its preset unless `optim_config` is given)."""
+  # deferred: imports jax, which the plan CLI configures first.
+  from optconsist_jax import optim  # pylint: disable=g-import-not-at-top
+  optim_config = (optim.presets.preset(spec.optimizer)
+                  if spec.optim_config is None
+                  else optim.OptimConfig.from_dict(spec.optim_config))
+  return optim_config.resolve_total_steps(1000)
+
+
+def _state_builder(spec: PlanSpec, config, mesh, rules):
   """(tx, state.StateBuilder) for the spec's optim config.
 
   The optim config is `spec.optim_config`, else the preset
@@ -242,16 +270,13 @@ def _state_builder(spec: PlanSpec, model_config, mesh, rules):
   from optconsist_jax.model import lora  # pylint: disable=g-import-not-at-top
   # deferred: imports jax, which the plan CLI configures first.
   from optconsist_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  optim_config = (optim.presets.preset(spec.optimizer)
-                  if spec.optim_config is None
-                  else optim.OptimConfig.from_dict(spec.optim_config))
-  optim_config = optim_config.resolve_total_steps(1000)
+  optim_config = _optim_config(spec)
   lora_config = spec.lora_config
   if lora_config is None and spec.optimizer == "lora":
     lora_config = lora.LoRAConfig(rank=spec.lora_rank,
                                   alpha=2.0 * spec.lora_rank)
   trainable, transform = state_lib.lora_pieces(lora_config, seed=1)
-  builder = state_lib.StateBuilder(model_config, mesh, rules,
+  builder = state_lib.StateBuilder(config, mesh, rules,
                                    trainable=trainable, transform=transform)
   return optim.build(optim_config, builder.abstract_params, mesh=mesh), builder
 
@@ -275,7 +300,7 @@ def plan(spec: PlanSpec, hlo_path: str | None = None) -> PlanResult:
   mesh_config = _mesh_config(spec)
   mesh = sharding.make_mesh(mesh_config, devices)
   rules = mesh_config.rules
-  model_config = llama_config(spec)
+  config = model_config(spec)
   batch_shards = sharding.axes_size(
       mesh, sharding.logical_to_spec(("act_batch",), rules)[0])
   accum = spec.grad_accum_steps
@@ -291,7 +316,7 @@ def plan(spec: PlanSpec, hlo_path: str | None = None) -> PlanResult:
         f"global_batch={spec.global_batch} / grad_accum_steps={accum} must be a"
         f" multiple of the {batch_shards} batch shards")
 
-  tx, builder = _state_builder(spec, model_config, mesh, rules)
+  tx, builder = _state_builder(spec, config, mesh, rules)
   state, shardings = builder.abstract_state(tx)
   step = train_step.make_train_step(
       builder.graphdef, tx, mesh=mesh, rules=rules, state_shardings=shardings,
@@ -300,7 +325,9 @@ def plan(spec: PlanSpec, hlo_path: str | None = None) -> PlanResult:
                                     rules)
   trainable_params = sum(x.size for x in jax.tree.leaves(state.params))
   opt_bytes, replicated = opt_state_per_chip(state.opt_state, mesh.size)
-  opt = dict(opt_state_bytes=opt_bytes, replicated_opt_leaves=replicated)
+  opt = dict(opt_state_bytes=opt_bytes, replicated_opt_leaves=replicated,
+             optimizer_work=step_time.optimizer_work(
+                 _optim_config(spec), state.params, state.opt_state))
   start = time.perf_counter()
   try:
     compiled = step.lower(state, batch).compile()
@@ -353,10 +380,10 @@ def step_estimate(r: PlanResult,
     return None
   lora = r.spec.optimizer == "lora" or r.spec.lora_config is not None
   return step_time.estimate(
-      llama_config(r.spec), seq_len=r.spec.seq_len,
+      model_config(r.spec), seq_len=r.spec.seq_len,
       global_batch=r.spec.global_batch, collectives=r.collectives,
       tpu=parsed[1], device_coords=r.device_coords,
-      trainable_fraction=0.0 if lora else 1.0,
+      trainable_fraction=0.0 if lora else 1.0, optimizer=r.optimizer_work,
       assumptions=assumptions or step_time.Assumptions())
 
 
@@ -373,10 +400,7 @@ def _parse_oom(message: str) -> float | None:
   return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
 
 
-def _shard_bytes(x) -> float:
-  """Bytes of one device's shard of a ShapeDtypeStruct with a sharding."""
-  shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-  return math.prod(shape) * x.dtype.itemsize
+_shard_bytes = step_time.shard_bytes
 
 
 def spec_from_config(config: Any, topology: str | None = None,

@@ -132,6 +132,10 @@ def result_from_json(d: dict[str, Any]):
         c.get("dcn", {}))
   if d.get("device_coords") is not None:
     d["device_coords"] = [tuple(x) for x in d["device_coords"]]
+  w = d.get("optimizer_work")
+  if w is not None:
+    d["optimizer_work"] = step_time.OptimizerWork(**{
+        **w, "all_to_all": tuple(tuple(x) for x in w["all_to_all"])})
   return planner.PlanResult(**d)
 
 
@@ -323,7 +327,7 @@ def main(args: argparse.Namespace) -> int:
       global_batch=args.global_batch, optimizer=args.optimizer,
       lora_rank=args.lora_rank, param_dtype=args.param_dtype,
       dtype=args.dtype)
-  model_config = planner.llama_config(base)
+  model_config = planner.model_config(base)
   ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # pylint: disable=unnecessary-lambda-assignment
   cands = candidates(
       parsed[1].chips, args.global_batch, model_config,

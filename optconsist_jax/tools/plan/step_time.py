@@ -6,8 +6,15 @@ MFU accounting, Chowdhery et al. 2022, appendix B; `LlamaConfig.
 flops_per_token`), plus what rematerialization recomputes in the backward
 pass (the block forward but its down projection for `full`, the attention
 products for
-`dots_no_batch`, nothing for `dots`/`none`). A test checks the total against
-XLA's own count (`compiled.cost_analysis()`) on an unrolled small model.
+`dots_no_batch`, nothing for `dots`/`none`). For a mixture of experts
+(`DeepseekV3Config.flops_per_token`) the matmul params are the activated
+ones, as DeepSeek-V3 (arXiv 2412.19437, sec. 1 and 3.4) counts its 37B of
+671B: the router, the top-k routed and the shared experts, attention, the
+head; MLA's score/value products use the query/key width (nope + rope) and
+the value width. A test checks the total against XLA's own count
+(`compiled.cost_analysis()`) on unrolled small models (a Llama, and a
+DeepSeek-V3 whose every expert is active, so the dense expert reference
+computes exactly the activated work).
 
 Communication: every collective of the compiled step (counted by
 `optconsist_jax.tools.plan.hlo_stats.collectives` with loop trip counts, and split
@@ -32,13 +39,39 @@ Assumptions (printed with every estimate): matmuls reach `mxu_efficiency` of
 the peak, links `ici_efficiency` of their bandwidth; `overlap` of the shorter
 of compute and communication hides under the longer (XLA's async
 collectives overlap FSDP gathers with the layer compute; 1 = step time is
-the maximum of the two, 0 = their sum). Memory-bound work (optimizer update,
-elementwise ops) and per-op latency are not modelled.
+the maximum of the two, 0 = their sum). Elementwise work of the model and
+per-op latency are not modelled.
+
+Optimizer update (`OptimizerWork`, from the plan's state): it runs once per
+step, after gradient accumulation, when no layer compute is left to hide it
+under, so its time is added to the overlapped compute/communication time:
+
+  matmuls      the busiest chip's optimizer matmul flops at `mxu_efficiency`
+               of the bf16 peak. Muon (`stacked`): ns_steps x (4 m m n +
+               2 m m m) per m x n (m <= n) matrix the chip orthogonalizes in
+               `optim.muon.stacked_plan` (the same for every coefficient
+               schedule: each step is X X^T, A A, (bA + cAA) X; `gspmd`:
+               the total over the chips, a lower bound). float32
+               NS iterates run at JAX's DEFAULT matmul precision, which on
+               TPU "performs float32 computations in bfloat16" (one pass;
+               HIGH takes 3 bf16 passes, HIGHEST 6: `jax.lax.Precision`),
+               so `ns_matmul_passes` = 1. Other families: none
+               counted (AdamW, Lion, Adafactor have no matmuls; PSGD Kron's
+               preconditioner matmuls are not counted, its time is a floor).
+  HBM          a floor: every parameter and state leaf read and written
+               once, every gradient read once (twice with global-norm
+               clipping, whose norm must be complete before any update),
+               per chip, over the chip's HBM bandwidth.
+  all-to-all   Muon's stacked all-to-alls (the update's only large
+               collectives): slots x m x n float32 per chip and group, each
+               way, costed as above and moved out of the overlapped
+               communication into the serial optimizer time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from optconsist_jax.platforms import tpu as tpu_facts
@@ -74,18 +107,39 @@ class StepFlops:
 
 
 def recompute_flops_per_token(model_config, seq_len: int) -> float:
-  """Flops per token that the remat policy recomputes in the backward pass."""
+  """Flops per token that the remat policy recomputes in the backward pass.
+
+  From the config's own training count (`flops_per_token`, 6 x matmul params
+  a token goes through + 3 x the attention products' forward), so a mixture
+  of experts recomputes only its activated experts: the attention products'
+  forward is (flops_per_token(T) - flops_per_token(0)) / 3, the block
+  matmuls flops_per_token(0) / 6 less the head.
+  """
   c = model_config
-  d, h = c.hidden_size, c.head_dim
-  attention_fwd = 4 * c.num_layers * seq_len * c.num_heads * h
-  block_matmul = c.num_layers * (
-      d * h * (2 * c.num_heads + 2 * c.num_kv_heads)
-      + 3 * d * c.intermediate_size)
+  attention_fwd = (c.flops_per_token(seq_len) - c.flops_per_token(0)) / 3
+  block_matmul = c.flops_per_token(0) / 6 - c.hidden_size * c.vocab_size
   # Full remat re-runs the block forward except its last matmul (down
   # projection): the backward needs that matmul's input, not its output.
-  down = c.num_layers * d * c.intermediate_size
+  down = c.hidden_size * _unweighted_down_width(c)
   return {"none": 0.0, "dots": 0.0, "dots_no_batch": float(attention_fwd),
           "full": 2.0 * (block_matmul - down) + attention_fwd}[c.remat_policy]
+
+
+def _unweighted_down_width(c) -> int:
+  """Sum over layers of the down projections' input width whose output the
+  backward pass does not need.
+
+  A dense layer's intermediate_size; in a DeepSeek-V3 MoE layer the shared
+  experts' n_shared_experts x moe_intermediate_size only: a routed expert's
+  output is multiplied by its routing weight, whose gradient needs that
+  output, so full remat recomputes the routed down projections too (a Llama
+  config has no MoE layers).
+  """
+  moe_layers = getattr(c, "num_moe_layers", 0)
+  width = (c.num_layers - moe_layers) * c.intermediate_size
+  if moe_layers:
+    width += moe_layers * c.n_shared_experts * c.moe_intermediate_size
+  return width
 
 
 def step_flops(model_config, seq_len: int, global_batch: int,
@@ -173,6 +227,111 @@ def collective_seconds(kind: str, nbytes: float, group: Group,
 
 
 # ----------------------------------------------------------------------------
+# The optimizer update.
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerWork:
+  """Per-chip work of one optimizer update (module docstring).
+
+  Attributes:
+    matmul_flops: the busiest chip's optimizer matmul flops (Muon's NS).
+    ns_matmul_dtype: the dtype of those matmuls' inputs (None: no matmuls).
+    hbm_bytes: bytes the update reads and writes per chip, at least.
+    all_to_all: (per-chip operand bytes, devices) of each all-to-all the
+      update runs, both directions (Muon's stacked groups).
+    note: what was counted, for the report.
+  """
+
+  matmul_flops: float = 0.0
+  ns_matmul_dtype: str | None = None
+  hbm_bytes: float = 0.0
+  all_to_all: tuple[tuple[float, int], ...] = ()
+  note: str = ""
+
+
+def shard_bytes(x) -> int:
+  """Bytes of one device's shard of an array or ShapeDtypeStruct (the whole
+  array when it has no sharding)."""
+  s = getattr(x, "sharding", None)
+  shape = s.shard_shape(x.shape) if s is not None else x.shape
+  return math.prod(shape) * x.dtype.itemsize
+
+
+def optimizer_work(optim_config: Any, params: Any, opt_state: Any
+                   ) -> OptimizerWork:
+  """The update's per-chip work for `params` and their `opt_state`.
+
+  Args:
+    optim_config: the OptimConfig (or dict) that built the optimizer.
+    params: the trainable params, arrays or ShapeDtypeStructs with their
+      NamedShardings (the plan's abstract state).
+    opt_state: the optimizer state, likewise.
+  """
+  # deferred: jax and the optimizers, which the plan CLI configures first.
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from optconsist_jax import optim  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.optim import muon as muon_lib  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.optim import muon_stacked  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.sharding import leaf_shardings, path_name  # pylint: disable=g-import-not-at-top
+  c = optim.OptimConfig.from_dict(optim_config)
+  param_bytes = sum(shard_bytes(x) for x in jax.tree.leaves(params))
+  state_bytes = sum(shard_bytes(x) for x in jax.tree.leaves(opt_state))
+  grad_reads = 2 if c.clip_norm else 1
+  hbm = 2 * param_bytes + grad_reads * param_bytes + 2 * state_bytes
+  notes = [(f"HBM floor: params read+written, grads read x{grad_reads},"
+            " state read+written")]
+  flops, dtype, a2a = 0.0, None, []
+  assignment = optim.assign_groups(c, params)
+  flat = {path_name(p): x
+          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  shardings = leaf_shardings(params)
+  for name, g in c.groups.items():
+    leaves = {k: x for k, x in flat.items() if assignment.get(k) == name}
+    if not leaves:
+      continue
+    if g.optimizer != "muon":
+      if "muon" in g.optimizer or "kron" in g.optimizer.lower():
+        notes.append(f"{name} ({g.optimizer}): matmuls not counted")
+      continue
+    kw = g.kwargs
+    steps = int(kw.get("ns_steps", 5))
+    dtype = str(kw.get("ns_dtype", "float32"))
+    sched = kw.get("ns_coefficients") or "quintic"
+    sched = sched if isinstance(sched, str) else "custom table"
+    meshes = {s.mesh for k, s in shardings.items()
+              if k in leaves and s is not None and s.mesh.size > 1}
+    if kw.get("strategy", "stacked") != "stacked" or not meshes:
+      # gspmd (or one device): the whole work over the chips, a lower bound.
+      total = sum(muon_stacked.ns_flops(*x.shape[-2:], steps)
+                  * math.prod(x.shape[:-2]) for x in leaves.values())
+      chips = max([m.size for m in meshes] or [1])
+      flops += total / chips
+      notes.append(f"{name}: Muon NS {steps} x {sched} in {dtype},"
+                   f" {kw.get('strategy', 'stacked')}: total / {chips} chips")
+      continue
+    mesh = meshes.pop()
+    plan = muon_lib.stacked_plan(
+        leaves, {k: shardings[k] for k in leaves}, ns_steps=steps)
+    flops += max(plan.device_flops.values())
+    itemsize = 4  # the NS input: Muon's float32 momentum direction
+    for gp in plan.groups:
+      # Whole matrices after the exchange over the axes sharding their dims.
+      a2a.append((float(gp.slots * gp.layout.m * gp.layout.n * itemsize),
+                  muon_stacked.axes_size(
+                      mesh, gp.layout.m_axes + gp.layout.n_axes)))
+    notes.append(
+        f"{name}: Muon NS {steps} x {sched} in {dtype}, stacked: busiest"
+        f" chip {max(plan.device_flops.values()):.3e} flops (max/mean"
+        f" {plan.max_over_mean:.3f})")
+  return OptimizerWork(matmul_flops=flops, ns_matmul_dtype=dtype,
+                       hbm_bytes=float(hbm),
+                       all_to_all=tuple(x for x in a2a for _ in range(2)),
+                       note="; ".join(notes))
+
+
+# ----------------------------------------------------------------------------
 # The estimate.
 
 
@@ -182,14 +341,20 @@ class Assumptions:
   ici_efficiency: float = ICI_EFFICIENCY
   overlap: float = OVERLAP
   epoch_tokens: float = EPOCH_TOKENS
+  # bf16 passes per float32 NS matmul: 1 at JAX's DEFAULT precision on TPU,
+  # 3 at HIGH, 6 at HIGHEST (jax.lax.Precision).
+  ns_matmul_passes: int = 1
 
   def describe(self) -> str:
     return (f"assumptions: matmuls at {self.mxu_efficiency:.0%} of peak bf16,"
             f" ICI/DCN links at {self.ici_efficiency:.0%} of their bandwidth,"
             f" {self.overlap:.0%} of the shorter of compute and"
-            " communication hidden under the longer; memory-bound work and"
-            " per-op latency not modelled; epoch ="
-            f" {self.epoch_tokens / 1e6:.0f}M tokens")
+            " communication hidden under the longer; the optimizer update"
+            " after them, not hidden: its matmuls (Muon NS, the busiest"
+            f" chip's, {self.ns_matmul_passes} bf16 pass(es) per float32"
+            " matmul), its HBM floor at the full HBM bandwidth, its"
+            " all-to-alls; the model's elementwise work and per-op latency"
+            f" not modelled; epoch = {self.epoch_tokens / 1e6:.0f}M tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,17 +363,25 @@ class StepEstimate:
 
   flops: StepFlops
   compute_s: float
-  comm_s: dict[str, float]  # per collective kind
+  comm_s: dict[str, float]  # per collective kind (overlapped with compute)
   step_s: float
   bound: str  # "compute" or "communication"
   mfu: float  # model flops / (step time x chips x peak): an upper bound
   tokens_per_step: int
   hours_per_epoch: float
   assumptions: Assumptions
+  # The optimizer update, serial after the overlapped part: "matmul",
+  # "hbm", "all-to-all" seconds.
+  optimizer_s: dict[str, float] = dataclasses.field(default_factory=dict)
+  optimizer_note: str = ""
 
   @property
   def comm_total_s(self) -> float:
     return sum(self.comm_s.values())
+
+  @property
+  def optimizer_total_s(self) -> float:
+    return sum(self.optimizer_s.values())
 
   def row(self) -> dict[str, Any]:
     return {"compute_s": self.compute_s, "comm_s": self.comm_total_s,
@@ -217,7 +390,9 @@ class StepEstimate:
             "tokens_per_step": self.tokens_per_step,
             "hours_per_epoch": self.hours_per_epoch,
             "model_flops": self.flops.model,
-            "recompute_flops": self.flops.recompute}
+            "recompute_flops": self.flops.recompute,
+            "optimizer_s": self.optimizer_total_s,
+            **{f"optimizer_{k}_s": v for k, v in self.optimizer_s.items()}}
 
   def describe(self) -> str:
     comm = ", ".join(f"{k} {v:.3f}" for k, v in self.comm_s.items() if v)
@@ -225,7 +400,12 @@ class StepEstimate:
         f"estimated step {self.step_s:.3f} s ({self.bound}-bound): compute"
         f" {self.compute_s:.3f} s ({self.flops.total:.3e} flops, of which"
         f" remat recompute {self.flops.recompute:.3e}), communication"
-        f" {self.comm_total_s:.3f} s ({comm or 'none'})",
+        f" {self.comm_total_s:.3f} s ({comm or 'none'}), then the optimizer"
+        f" update {self.optimizer_total_s:.3f} s ("
+        + (", ".join(f"{k} {v:.3f}" for k, v in self.optimizer_s.items())
+           or "not modelled") + ")"
+        + (f"\n  optimizer: {self.optimizer_note}" if self.optimizer_note
+           else ""),
         f"MFU bound {self.mfu:.1%}; {self.tokens_per_step / self.step_s:,.0f}"
         f" tokens/s; {self.hours_per_epoch:.2f} h per epoch",
         self.assumptions.describe()])
@@ -235,6 +415,7 @@ def estimate(model_config, *, seq_len: int, global_batch: int,
              collectives: Any, tpu: tpu_facts.TpuSlice,
              device_coords: list[tuple[int, ...]] | None = None,
              trainable_fraction: float = 1.0,
+             optimizer: OptimizerWork | None = None,
              assumptions: Assumptions = Assumptions()) -> StepEstimate:
   """Roofline step time from the model and the compiled step's collectives.
 
@@ -246,6 +427,8 @@ def estimate(model_config, *, seq_len: int, global_batch: int,
     tpu: the slice (one slice; `device_coords` carry slice indices).
     device_coords: torus coordinates (+ slice index) per logical device.
     trainable_fraction: < 1 for LoRA (see step_flops).
+    optimizer: the update's per-chip work (`optimizer_work`); None: not
+      modelled.
     assumptions: efficiency factors, overlap, tokens per epoch.
   """
   a = assumptions
@@ -269,13 +452,34 @@ def estimate(model_config, *, seq_len: int, global_batch: int,
       comm[f"DCN {kind}"] = comm.get(f"DCN {kind}", 0.0) + (
           factor * (slices - 1) / slices * nbytes
           / (dcn_bw * a.ici_efficiency))
+  opt: dict[str, float] = {}
+  if optimizer is not None:
+    chip = tpu.chip
+    # Passes apply to float32 inputs only; bf16 iterates take one.
+    passes = (1 if optimizer.ns_matmul_dtype == "bfloat16"
+              else a.ns_matmul_passes)
+    opt["matmul"] = optimizer.matmul_flops * passes / (
+        chip.peak_bf16_flops * a.mxu_efficiency)
+    if chip.hbm_bytes_per_s is None:
+      raise ValueError(f"no HBM bandwidth for {chip.name} in the TPU table")
+    opt["hbm"] = optimizer.hbm_bytes / chip.hbm_bytes_per_s
+    if optimizer.all_to_all:
+      # Moved out of the overlapped collectives (the HLO counts them too).
+      t = sum(collective_seconds(
+          "all-to-all", b, locate_group(tuple(range(n)), device_coords, tpu,
+                                        chips), tpu, a.ici_efficiency)
+              for b, n in optimizer.all_to_all)
+      comm["all-to-all"] = max(0.0, comm.get("all-to-all", 0.0) - t)
+      opt["all-to-all"] = t
   comm_total = sum(comm.values())
   step = (max(compute, comm_total)
-          + (1.0 - a.overlap) * min(compute, comm_total))
+          + (1.0 - a.overlap) * min(compute, comm_total)
+          + sum(opt.values()))
   tokens = global_batch * seq_len
   return StepEstimate(
       flops=flops, compute_s=compute, comm_s=comm, step_s=step,
       bound="compute" if compute >= comm_total else "communication",
       mfu=flops.model / (step * peak), tokens_per_step=tokens,
       hours_per_epoch=a.epoch_tokens / tokens * step / 3600,
-      assumptions=a)
+      assumptions=a, optimizer_s=opt,
+      optimizer_note="" if optimizer is None else optimizer.note)
