@@ -127,7 +127,9 @@ RUN = {
     "tfds": lambda a: _starts_with(
         a, ["python", "-m", "optconsist_jax.data.tfds_builders"]),
     "launch": lambda a: _starts_with(a, ["launch/tpu.sh"]),
-    "plan": lambda a: _starts_with(a, PLAN) and "--search" not in a,
+    "plan": lambda a: (_starts_with(a, PLAN) and "--search" not in a
+                       and "--eval" not in a),
+    "plan_eval": lambda a: _starts_with(a, PLAN) and "--eval" in a,
     "plan_search": lambda a: _starts_with(a, PLAN) and "--search" in a,
     # Run by tests/test_rehearsal.py (the pod rehearsal, end to end).
     "rehearse": lambda a: _starts_with(
@@ -475,6 +477,20 @@ def test_plan_command_on_a_small_model(clone):
   assert len(rows) == np.prod([len(v.split(",")) for v in arg.values()])
   for topology in arg["--topology"].split(","):
     assert any(l.startswith(f"| {topology} |") for l in rows), topology
+
+
+def test_plan_eval_command_on_a_small_model(clone):
+  """The eval plan with a tiny model (the 7B compiles take long): two of its
+  programs, its table and verdict."""
+  pytest.importorskip("libtpu")
+  (cmd,) = commands("plan_eval")
+  out = run(clone, cmd + ["--model", "tiny_gqa", "--only",
+                          "lm_loss,probe_second_order"],
+            timeout=1200, loads_libtpu=True)
+  assert "| probe_second_order | probes |" in out, out
+  assert "largest combined residency: " in out, out
+  md = cmd[cmd.index("--markdown") + 1]
+  assert (pathlib.Path(clone[0]) / md).exists()
 
 
 def test_plan_search_command_on_a_small_model(clone):

@@ -143,13 +143,32 @@ def hvp(f, params: Any, v: Any) -> tuple[jax.Array, jax.Array, Any, Any]:
   return value, dvalue, grad, hv
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _second_order(graphdef, rest, base, finetuned, batch):
-  """One batch's sums: losses, g0 . dW, dW^T H0 dW, ||dW||^2, and g0."""
+def grad_layout(params: Any) -> tuple[Any, tuple[Any, ...]] | None:
+  """(treedef, shardings) of params on a mesh, for `_second_order`; or None.
+
+  Hashable, so it goes into the jitted function as a static argument.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  shardings = tuple(getattr(x, "sharding", None) for x in leaves)
+  if not all(isinstance(s, jax.sharding.NamedSharding) for s in shardings):
+    return None
+  return treedef, shardings
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout"))
+def _second_order(graphdef, rest, base, finetuned, batch, layout=None):
+  """One batch's sums: losses, g0 . dW, dW^T H0 dW, ||dW||^2, and g0.
+
+  `layout` (`grad_layout(base)`) keeps g0 in the params' shardings; left to
+  the compiler, a float32 gradient may come out whole on every device
+  (tools/plan/eval_plan.py measured that).
+  """
   base, finetuned = _f32(base), _f32(finetuned)
   update = jax.tree.map(jnp.subtract, finetuned, base)
   loss = functools.partial(batch_loss, graphdef, rest, batch=batch)
   loss_base, pred1, grad, h_update = hvp(loss, base, update)
+  if layout is not None:
+    grad = jax.lax.with_sharding_constraint(grad, jax.tree.unflatten(*layout))
   return {"loss_base": loss_base, "loss_ft": loss(finetuned), "pred1": pred1,
           "quad": _vdot(update, h_update),
           "norm2": _vdot(update, update)}, grad
@@ -212,8 +231,9 @@ def second_order(graphdef: Any, rest: nnx.State, base: nnx.State,
   finetuned = _aligned(base, finetuned)
   sums, grad_sum = None, None
   batches = _batches(batch)
+  layout = grad_layout(base)
   for b in batches:
-    s, g = _second_order(graphdef, rest, base, finetuned, b)
+    s, g = _second_order(graphdef, rest, base, finetuned, b, layout=layout)
     sums = s if sums is None else _add(sums, s)
     grad_sum = g if grad_sum is None else _add(grad_sum, g)
   out = _second_order_summary(sums, grad_sum, float(len(batches)))

@@ -38,6 +38,7 @@ from optconsist_jax import errors
 from optconsist_jax import paths
 from optconsist_jax.tools.plan import hlo_stats
 from optconsist_jax.tools.plan import aot as planner
+from optconsist_jax.tools.plan import eval_report
 from optconsist_jax.tools.plan import search
 
 GIB = planner.GIB
@@ -224,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="write each compiled step's optimized HLO here"
                  " (TOPOLOGY_MESH_OPTIMIZER.hlo.gz)")
   search.add_arguments(p)
+  eval_report.add_arguments(p)
   args = p.parse_args(argv)
   args.markdown, args.json, args.hlo_dir = (
       paths.resolve(x) for x in (args.markdown, args.json, args.hlo_dir))
@@ -238,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   _configure_platform(_csv(args.topology))
 
   specs = []
+  if args.eval and not args.config:
+    return eval_report.main(args, None)
   if args.config:
     path, _, arg = args.config.partition(":")
     spec = importlib.util.spec_from_file_location("plan_config", path)
@@ -249,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       if not hasattr(module, "get_config"):
         raise errors.UserError(f"--config {path}: has no get_config()")
       config = module.get_config(arg) if arg else module.get_config()
+    if args.eval:
+      return eval_report.main(args, config)
     overrides = ({} if args.grad_accum_steps is None else
                  {"grad_accum_steps": args.grad_accum_steps})
     if args.attention:
