@@ -9,7 +9,6 @@ matched method.
 """
 
 import collections
-import importlib.util
 import json
 import pathlib
 
@@ -24,15 +23,9 @@ from optconsist_jax.experiments import reproduce
 from optconsist_jax.experiments import study
 from optconsist_jax.io import checkpoint_layout as checkpoints
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+import study_config
 
-
-def _config(mode):
-  spec = importlib.util.spec_from_file_location(
-      "small_consistency", REPO / "configs" / "small_consistency.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return study.ReproConfig.from_dict(mod.get_config(mode).to_dict())
+_config = study_config.config
 
 
 def _key(k):

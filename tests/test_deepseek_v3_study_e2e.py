@@ -11,7 +11,6 @@ routed expert), evaluates every checkpoint and the base with the update
 probes, and writes the report.
 """
 
-import importlib.util
 import json
 import pathlib
 
@@ -19,39 +18,22 @@ import numpy as np
 import pytest
 
 from optconsist_jax.evaluate import results
-from optconsist_jax.experiments import reproduce
 from optconsist_jax.experiments import study
 from optconsist_jax.io import hf
 from optconsist_jax.model import deepseek_v3
+
+import study_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FOLDER = REPO / "tests" / "fixtures" / "hub" / "deepseek_v3"
 METHODS = ("adamw", "muon", "lora")
 
 
-def _config_dict(mode):
-  spec = importlib.util.spec_from_file_location(
-      "small_consistency", REPO / "configs" / "small_consistency.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(mode).to_dict()
-
-
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory):
-  d = _config_dict("mini")
-  d["reproduce"].update(bases=f"muon:{FOLDER}", matrix="never")
-  d["finetune"].update(methods=METHODS, seeds=1, epochs=1, train_examples=16,
-                       seq_len=192)
-  d["eval"].update(math_examples=4, max_new_tokens=4, retention_docs=2,
-                   probes=True)
-  d["fingerprints"] = {"enabled": False}
-  rc = study.ReproConfig.from_dict(d)
-  w = tmp_path_factory.mktemp("deepseek_study")
-  outputs = reproduce.run(rc, str(w))
-  bases, runs = study.plan_runs(rc, str(w),
-                                str(w / "data" / "math_train.json"))
-  return w, outputs, bases, runs
+  return study_config.run_mini_study(
+      tmp_path_factory.mktemp("deepseek_study"), f"muon:{FOLDER}", METHODS,
+      probes=True)
 
 
 @pytest.mark.slow

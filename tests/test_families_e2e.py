@@ -7,7 +7,6 @@ external bases (`reproduce.bases=NAME:PATH,...`, folders no Hub id names),
 finetunes each, evaluates every checkpoint and base, and writes the report.
 """
 
-import importlib.util
 import json
 import pathlib
 
@@ -15,8 +14,9 @@ import numpy as np
 import pytest
 
 from optconsist_jax.evaluate import results
-from optconsist_jax.experiments import reproduce
 from optconsist_jax.experiments import study
+
+import study_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 HUB = REPO / "tests" / "fixtures" / "hub"
@@ -40,30 +40,12 @@ LABELS = {"llama3": "adamw", "qwen2": "muon", "qwen3": "lion",
           "olmo2": "adafactor"}
 
 
-def _config_dict(mode):
-  spec = importlib.util.spec_from_file_location(
-      "small_consistency", REPO / "configs" / "small_consistency.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(mode).to_dict()
-
-
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory):
-  d = _config_dict("mini")
-  d["reproduce"].update(bases=",".join(
-      f"{LABELS[f]}:{HUB / f}" for f in FAMILIES), matrix="never")
-  d["finetune"].update(methods=("adamw",), seeds=1, epochs=1,
-                       train_examples=16, seq_len=192)
-  d["eval"].update(math_examples=4, max_new_tokens=4, retention_docs=2,
-                   probes=False)
-  d["fingerprints"] = {"enabled": False}
-  rc = study.ReproConfig.from_dict(d)
-  w = tmp_path_factory.mktemp("families")
-  outputs = reproduce.run(rc, str(w))
-  bases, runs = study.plan_runs(rc, str(w),
-                                str(w / "data" / "math_train.json"))
-  return w, outputs, bases, runs
+  return study_config.run_mini_study(
+      tmp_path_factory.mktemp("families"),
+      ",".join(f"{LABELS[f]}:{HUB / f}" for f in FAMILIES), ("adamw",),
+      probes=False)
 
 
 @pytest.mark.slow

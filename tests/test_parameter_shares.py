@@ -1,22 +1,13 @@
 """Parameter shares per optimizer of the study's bases, against hand counts."""
 
-import importlib.util
-import pathlib
-
 import pytest
 
 from optconsist_jax.experiments import parameter_shares
 from optconsist_jax.model import LlamaConfig
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+import study_config
 
-
-def _config(mode):
-  spec = importlib.util.spec_from_file_location(
-      "small_consistency", REPO / "configs" / "small_consistency.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(mode).to_dict()
+_config = study_config.config_dict
 
 
 def hand_count(m):

@@ -2,7 +2,6 @@
 
 import collections
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -15,26 +14,12 @@ from optconsist_jax.experiments import reproduce
 from optconsist_jax.experiments import retention
 from optconsist_jax.experiments import study
 
+import study_config
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _config_dict(mode):
-  spec = importlib.util.spec_from_file_location(
-      "small_consistency", REPO / "configs" / "small_consistency.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(mode).to_dict()
-
-
-def _config(mode, **overrides):
-  d = _config_dict(mode)
-  for key, value in overrides.items():
-    section, _, name = key.partition("__")
-    if name:
-      d[section][name] = value
-    else:
-      d[section] = value
-  return study.ReproConfig.from_dict(d)
+_config = study_config.config
 
 
 def _mtimes(root):
