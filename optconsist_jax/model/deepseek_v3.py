@@ -22,24 +22,20 @@ RMSNorm, model/rope.py, model/attention.py's XLA attention, llama.MLP):
   group-limited choice (n_group, topk_group); weights are the unbiased
   affinities of the chosen experts, normalised if norm_topk_prob, times
   routed_scaling_factor; plus shared experts every token passes through. The
-  first `first_k_dense_replace` layers have a dense MLP instead.
+  first `first_k_dense_replace` layers have a dense MLP instead. LoRA
+  (model/lora.py) sets the MoE layer's `<proj>_lora` hooks: per-expert
+  adapters both expert paths add to each routed-expert projection.
 
-Layers are stacked as in model/llama.py, in two stacks: `dense_layers` [k, ...]
-and `moe_layers` [L - k, ...], each scanned (or unrolled). Calling the model
-on int32 tokens [B, T] gives float32 logits [B, T, V]; `forward` and
-`init_cache` follow the Llama model's protocol, so model/generate.py decodes it.
-
-LoRA (model/lora.py) replaces the Linear projections like the Llama's and
-sets the MoE layer's `<proj>_lora` hooks: per-expert adapters that both
-expert paths add to each routed-expert projection.
-
-Logical axis names as llama.py's, plus `expert` (routed experts; replicated
-by sharding.RULES), `expert_mlp` (an expert's hidden width; tensor-parallel)
-and `latent` (MLA's q/kv latents). Expert parallelism is a rules change:
-extra rules ("expert", "tensor"), ("expert_mlp", None).
-
-Shape suffixes as in llama.py, plus C kv_lora_rank, R qk_rope_head_dim,
-E routed experts, K top-k (here not kv heads), M tokens (B*T), A assignments.
+Layers are stacked as in model/llama.py in two scanned (or unrolled) stacks,
+`dense_layers` [k, ...] and `moe_layers` [L - k, ...]; int32 tokens [B, T]
+give float32 logits [B, T, V]; `forward` and `init_cache` follow the Llama
+model's protocol, so model/generate.py decodes it. Logical axes as
+llama.py's plus `expert` (routed experts; replicated by sharding.RULES),
+`expert_mlp` (an expert's hidden width; tensor-parallel) and `latent` (MLA's
+latents); expert parallelism is a rules change: ("expert", "tensor"),
+("expert_mlp", None). Shape suffixes as llama.py's plus C kv_lora_rank,
+R qk_rope_head_dim, E routed experts, K top-k (not kv heads), M tokens
+(B*T), A assignments.
 """
 
 from __future__ import annotations
@@ -68,10 +64,8 @@ LATENT_NORM_EPS = 1e-6
 
 
 class RoutingBias(nnx.Variable):
-  """The experts' selection bias: set by load balancing, not by gradients.
-
-  A Variable of its own type so optimizers over nnx.Param leave it alone.
-  """
+  """The experts' selection bias, set by load balancing, not by gradients
+  (its own Variable type: optimizers over nnx.Param leave it alone)."""
 
 
 class MLACache(NamedTuple):
@@ -254,35 +248,28 @@ class MoE(nnx.Module):
       return _param(init(rngs.params(), (*stack, e, *shape), dtype),
                     (*stack_names, "expert", *names))
 
-    # The router stays float32 whatever param_dtype (as transformers'
-    # _keep_in_fp32_modules_strict): it decides discrete choices.
+    # float32 whatever param_dtype (transformers' _keep_in_fp32_modules_strict).
     self.router = _param(init(rngs.params(), (*stack, d, e), jnp.float32),
                          (*stack_names, "embed", "expert"))
     self.router_bias = RoutingBias(
         jnp.zeros((*stack, e), jnp.float32),
         out_sharding=(*stack_names, "expert"), eager_sharding=False)
-    # "expert_mlp", not "mlp": expert parallelism maps "expert" onto the axis
-    # that tensor parallelism gives the experts' hidden width by default.
+    # "expert_mlp": expert parallelism may map "expert" onto tensor's axis.
     self.gate_proj = experts((d, f), ("embed", "expert_mlp"))
     self.up_proj = experts((d, f), ("embed", "expert_mlp"))
     self.down_proj = experts((f, d), ("expert_mlp", "embed"))
-    self.shared = llama.MLP(c, stack=stack, stack_names=stack_names,
-                            rngs=rngs,
+    self.shared = llama.MLP(c, stack=stack, stack_names=stack_names, rngs=rngs,
                             intermediate_size=f * c.n_shared_experts)
-    # LoRA hooks (model/lora.py ExpertLoRA, set by apply_lora): per-expert
-    # low-rank updates of the stacks above, added in both expert paths.
-    # nnx.data: module-valued later, so pytree data (not static) from now.
+    # LoRA hooks (lora.ExpertLoRA, set by apply_lora), added in both expert
+    # paths; nnx.data: module-valued later, so pytree data from now on.
     self.gate_proj_lora = nnx.data(None)
     self.up_proj_lora = nnx.data(None)
     self.down_proj_lora = nnx.data(None)
     self.config = c
 
   def _experts(self, proj: str, x, sizes_E, rng):
-    """x times each expert's `proj` weight, plus its LoRA update if any.
-
-    x: [M, in] (every expert, -> [E, M, out]), [E, M, in] (-> [E, M, out]),
-    or with sizes_E [A, in] sorted by expert (-> [A, out]).
-    """
+    """x [M|E,M, in] -> [E, M, out], or [A, in] sorted -> [A, out] (sizes_E),
+    times each expert's `proj` weight plus its LoRA update if any."""
     dt = x.dtype
     w_EIO = getattr(self, proj)[...].astype(dt)
     if sizes_E is not None:
@@ -499,10 +486,8 @@ def make_model(config: DeepseekV3Config, *,
                ) -> nnx.Module:
   """A DeepseekV3 initialized from `nnx.Rngs(seed)`, then `transform`."""
   model = DeepseekV3(config, rngs=nnx.Rngs(seed), constrain=constrain)
-  if transform is not None:
-    out = transform(model)
-    model = model if out is None else out
-  return model
+  out = None if transform is None else transform(model)
+  return model if out is None else out
 
 
 def abstract_model(config: DeepseekV3Config, *,

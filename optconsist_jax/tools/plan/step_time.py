@@ -270,7 +270,6 @@ def optimizer_work(optim_config: Any, params: Any, opt_state: Any
   """
   # deferred: jax and the optimizers, which the plan CLI configures first.
   import jax  # pylint: disable=g-import-not-at-top
-
   from optconsist_jax import optim  # pylint: disable=g-import-not-at-top
   from optconsist_jax.optim import muon as muon_lib  # pylint: disable=g-import-not-at-top
   from optconsist_jax.optim import muon_stacked  # pylint: disable=g-import-not-at-top
