@@ -101,6 +101,20 @@ HUB_CASE = dict(
 HUB_TOKENIZER = "llama3"
 
 
+def _randomize(model):
+  """Weights far from init (norms around 1, the selection bias nonzero), in
+  the torch RNG's order: the fixtures stay the same bytes."""
+  with torch.no_grad():
+    for pname, p in model.named_parameters():
+      if pname.endswith("norm.weight"):  # also q_a_ / kv_a_layernorm
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+      else:
+        p.copy_(0.15 * torch.randn_like(p))
+    for bname, b in model.named_buffers():
+      if bname.endswith("e_score_correction_bias"):
+        b.copy_(0.1 * torch.randn_like(b))
+
+
 def _routing_margin(gate, x: torch.Tensor) -> float:
   """Smallest gap between chosen and unchosen group / expert scores."""
   logits = torch.nn.functional.linear(x.reshape(-1, gate.hidden_dim).float(),
@@ -127,15 +141,7 @@ def build(name: str, config_kw: dict, seed: int) -> None:
   config = transformers.AutoConfig.for_model("deepseek_v3", **config_kw)
   model = transformers.AutoModelForCausalLM.from_config(
       config, attn_implementation="eager", dtype=torch.float32)
-  with torch.no_grad():
-    for pname, p in model.named_parameters():
-      if pname.endswith("norm.weight"):  # also q_a_ / kv_a_layernorm
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      else:
-        p.copy_(0.15 * torch.randn_like(p))
-    for bname, b in model.named_buffers():
-      if bname.endswith("e_score_correction_bias"):
-        b.copy_(0.1 * torch.randn_like(b))
+  _randomize(model)
   model.eval()
   gates = [layer.mlp.gate for layer in model.model.layers
            if hasattr(layer.mlp, "gate")]
@@ -190,15 +196,7 @@ def build_hub(seed: int) -> None:
       eos_token_id=eos, pad_token_id=tok.pad_token_id)
   model = transformers.AutoModelForCausalLM.from_config(
       config, attn_implementation="eager", dtype=torch.float32)
-  with torch.no_grad():
-    for pname, p in model.named_parameters():
-      if pname.endswith("norm.weight"):
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      else:
-        p.copy_(0.15 * torch.randn_like(p))
-    for bname, b in model.named_buffers():
-      if bname.endswith("e_score_correction_bias"):
-        b.copy_(0.1 * torch.randn_like(b))
+  _randomize(model)
   model.eval()
   ids = tok(make_hub_fixtures.PROMPT)["input_ids"]
   margins = []

@@ -30,6 +30,8 @@ from optconsist_jax.model import generate as gen
 from optconsist_jax.model import rope as rope_lib
 from optconsist_jax.model.deepseek_v3_config import DeepseekV3Config
 
+import tiny_deepseek
+
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 CASES = ("deepseek_v3", "deepseek_v3_qdirect")
 
@@ -117,15 +119,7 @@ def test_yarn_frequencies_follow_the_paper():
       0.1 * np.log(40.0) + 1)
 
 
-def _tiny(**kw):
-  base = dict(vocab_size=32, hidden_size=32, intermediate_size=48,
-              moe_intermediate_size=16, num_layers=3, num_heads=2,
-              first_k_dense_replace=1, q_lora_rank=8, kv_lora_rank=8,
-              qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-              n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
-              n_group=4, topk_group=2, max_position_embeddings=32,
-              initializer_range=0.3)
-  return DeepseekV3Config(**{**base, **kw})
+_tiny = tiny_deepseek.config
 
 
 def test_dense_and_ragged_experts_agree_in_value_and_gradient():

@@ -20,22 +20,15 @@ from optconsist_jax import optim
 from optconsist_jax import sharding
 from optconsist_jax.model import deepseek_v3
 from optconsist_jax.model import lora as lora_lib
-from optconsist_jax.model.deepseek_v3_config import DeepseekV3Config
+
+import tiny_deepseek
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 10)),
                      jnp.int32)
 RANK, ALPHA = 4, 8.0
 
 
-def _config(**kw):
-  base = dict(vocab_size=32, hidden_size=32, intermediate_size=48,
-              moe_intermediate_size=16, num_layers=3, num_heads=2,
-              first_k_dense_replace=1, q_lora_rank=8, kv_lora_rank=8,
-              qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-              n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
-              n_group=4, topk_group=2, max_position_embeddings=32,
-              initializer_range=0.3)
-  return DeepseekV3Config(**{**base, **kw})
+_config = tiny_deepseek.config
 
 
 def _lora(targets=lora_lib.DEFAULT_TARGETS, dropout=0.0):
