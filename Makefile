@@ -28,6 +28,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e .
 	touch $@
 
+# The matrix mode's PSGD Kron row and column need the kron extra (psgdax).
+$(VENV)/.installed-kron: $(VENV)/.installed
+	$(PY) -m pip install -q -c constraints.txt -e '.[kron]'
+	touch $@
+
 # The test extra adds pytest and libtpu (the planner's TPU-topology test).
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
@@ -35,7 +40,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 venv: $(VENV)/.installed
 
-demo: $(if $(AS_IS),,$(VENV)/.installed)
+demo: $(if $(AS_IS),,$(VENV)/.installed $(if $(filter matrix,$(MODE)),$(VENV)/.installed-kron))
 	$(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC) )$(PY) -m optconsist_jax.experiments.reproduce \
 	  --config configs/small_consistency.py:$(MODE) --workdir $(WORKDIR)
 

@@ -16,9 +16,12 @@ Args (`--config configs/small_consistency.py:ARG`):
                problems, 3 pretraining seeds per base paired one to one with
                the 3 finetuning seeds.
   matrix       the consistency matrix: bases pretrained with AdamW, Muon,
-               Lion, Adafactor and Adagrad, each finetuned with all five and
-               with LoRA, quick's model size (63 min 14 s on a 2-core CPU
-               from a fresh clone, venv made; README).
+               Lion, Adafactor, Adagrad and PSGD Kron (`kron`, the kron
+               extra; `make demo MODE=matrix` installs it), 3 pretraining
+               seeds each, each finetuned with all six and with LoRA (4
+               learning rates, one end-of-schedule run of 2 epochs per
+               point), standard's model and held-out items
+               (docs/reproduction.md).
   standard     README's headline answer (<= 2 h on 2 cores, estimate in
                docs/reproduction.md): AdamW and Muon bases x 3 pretraining
                seeds (finetuning seed s starts from pretraining seed s),
@@ -82,7 +85,8 @@ _MODES = ("quick", "standard", "full", "matrix", "mini", "matrix_mini",
           "causal", "causal_mini")
 
 # The five families of the matrix, and the keyword arguments they need.
-_MATRIX_OPTIMIZERS = ("adamw", "muon", "lion", "adafactor", "adagrad")
+_MATRIX_OPTIMIZERS = ("adamw", "muon", "lion", "adafactor", "adagrad",
+                      "kron")
 # Adagrad with Duchi et al.'s zero start: with Optax's default 0.1 the
 # accumulator dwarfs a clipped gradient's squares and the first steps are
 # plain SGD at a hundredth of the intended size.
@@ -188,20 +192,31 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
         global_batch_size=32, lora_rank=16, lora_alpha=32.0)
     c.eval.update(math_examples=256, max_new_tokens=96, retention_max_len=256)
   elif arg == "matrix":
+    # Standard's model shaped like a large one (the Muon base is then 83%
+    # Muon-trained, not 44%), pretraining seeds as the unit (finetuning seed
+    # s from pretraining seed s), every frontier point an end-of-schedule
+    # model (one 2-epoch schedule per run, only its end kept and evaluated).
+    c.tokenizer_path = _TOKENIZER_512
+    c.model = dict(_SHAPED_MODEL)
     c.pretrain.update(
-        optimizers=_MATRIX_OPTIMIZERS,
-        # The best held-out loss of a small sweep (250 steps, seed 0; nats
-        # per token, lower is better): Lion 3e-4 / 1e-3 / 3e-3: 5.98 / 5.31
-        # / 5.34; Adafactor (steps relative to each parameter's RMS) 1e-2 /
-        # 3e-2 / 1e-1: 5.52 / 4.49 / 4.17; Adagrad 1e-2 / 3e-2 / 1e-1:
-        # 5.04 / 5.32 / 5.64. AdamW 3e-3: 4.72, Muon 3e-3: 4.29, a unigram
-        # model 6.22.
+        optimizers=_MATRIX_OPTIMIZERS, seeds=3,
+        # Lion, Adafactor, Adagrad: the best held-out loss of a sweep on
+        # quick's model (250 steps, seed 0; nats per token): Lion 3e-4 /
+        # 1e-3 / 3e-3: 5.98 / 5.31 / 5.34; Adafactor (steps relative to
+        # each parameter's RMS) 1e-2 / 3e-2 / 1e-1: 5.52 / 4.49 / 4.17;
+        # Adagrad 1e-2 / 3e-2 / 1e-1: 5.04 / 5.32 / 5.64 (AdamW 3e-3: 4.72,
+        # Muon 3e-3: 4.29, a unigram model 6.22). PSGD Kron on this model
+        # (250 steps, seed 0, mean training loss of the last 25 steps):
+        # 3e-4 / 1e-3 / 3e-3 / 1e-2 / 3e-2: 4.68 / 3.57 / 3.09 / 4.06 /
+        # 4.52.
         lrs=dict(adamw=3e-3, muon=3e-3, lion=1e-3, adafactor=1e-1,
-                 adagrad=1e-2))
-    # Grids from a first matrix run (previous pretraining LRs): Lion 3e-6 ..
-    # 1e-4 lost 0.000-0.39 nats and Adafactor 3e-4 .. 1e-2 0.001-0.48 (no
-    # strong end), so both move up half a decade; Adagrad 3e-4 .. 1e-2 lost
-    # 0.09-4.1 (no mild end), so it moves down half a decade.
+                 adagrad=1e-2, kron=3e-3))
+    # Grids from the first matrix runs (quick's model): Lion 3e-6 .. 1e-4
+    # lost 0.000-0.39 nats and Adafactor 3e-4 .. 1e-2 0.001-0.48 (no strong
+    # end), so both moved up half a decade; Adagrad 3e-4 .. 1e-2 lost
+    # 0.09-4.1 (no mild end), so it moved down half a decade. Kron's is
+    # AdamW's (both pretrain best at 3e-3; its whitened update has about
+    # Adam's RMS).
     c.finetune.update(
         methods=_MATRIX_OPTIMIZERS + ("lora",),
         lrs=dict(adamw=(3e-5, 1e-4, 3e-4, 1e-3),
@@ -209,7 +224,13 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
                  lion=(1e-5, 3e-5, 1e-4, 3e-4),
                  adafactor=(1e-3, 3e-3, 1e-2, 3e-2),
                  adagrad=(1e-4, 3e-4, 1e-3, 3e-3),
-                 lora=(3e-4, 1e-3, 3e-3, 1e-2)))
+                 kron=(3e-5, 1e-4, 3e-4, 1e-3),
+                 lora=(3e-4, 1e-3, 3e-3, 1e-2)),
+        seeds=3, epochs=2, epoch_budgets=(2,), seq_len=128)
+    # Standard's held-out items (resampled in the report's intervals), the
+    # issue's floors: 256 problems, 200 documents.
+    c.eval.update(math_examples=256, max_new_tokens=56, retention_docs=200,
+                  retention_unit="paragraph", probes=False)
     # The memorization experiment is about the AdamW base; the matrix
     # answers the consistency question only.
     c.memorization.enabled = False

@@ -251,12 +251,13 @@ def test_muon_members_equal_single_runs(tmp_path):
 
 
 def test_lora_members_equal_single_runs(tmp_path, adamw_runs):
-  """LoRA from a trained base; adapter init and dropout per member seed."""
+  """LoRA from trained bases, a different one per member (pretraining seeds
+  of one base); adapter init and dropout per member seed."""
   refs = adamw_runs[1]
-  base = {"init_from.path": refs[0].workdir}
-  configs = [_config("lora", **base),
+  configs = [_config("lora", **{"init_from.path": refs[0].workdir}),
              _config("lora", seed=1, data_seed=1, lr_scale={"adamw": 0.3},
-                     **{**base, "train.dropout_seed": 7})]
+                     **{"init_from.path": refs[1].workdir,
+                        "train.dropout_seed": 7})]
   assert configs[0].lora.dropout > 0
   _train_both(tmp_path, "lora", configs)
 

@@ -274,23 +274,29 @@ def test_seeds_pair_with_pretraining_seeds_and_group_into_populations():
                     (s, lr) for s in range(rc.finetune.seeds)
                     for lr in rc.finetune.lrs["muon"])
   # full: 3 pretraining seeds paired one to one with 3 finetuning seeds; a
-  # population per (base, base seed, method).
+  # population per (base, method) holding every seed, each member from its
+  # own pretraining seed's base.
   rc = _config("full")
   bases, runs = study.plan_runs(rc, "/w", "/w/train.json")
   assert len(bases) == 2 * 3 and rc.finetune.seeds == rc.pretrain.seeds == 3
   assert all(r.labels["seed"] == r.base.seed for r in runs)
   groups = dict(study.population_groups(rc, bases, runs))
   assert [len(v) for k, v in groups.items() if k.endswith("-base")] == [3, 3]
-  member_seeds = {frozenset(r.labels["seed"] for r in v)
-                  for k, v in groups.items() if not k.endswith("-base")}
-  assert member_seeds == {frozenset([s]) for s in range(3)}
+  assert len(groups) == 2 + 2 * 3
+  for k, v in groups.items():
+    if not k.endswith("-base"):
+      assert sorted({(r.labels["seed"], r.base.seed) for r in v}) == [
+          (s, s) for s in range(3)]
+      assert {r.config["init_from"]["path"] for r in v} == {
+          b.workdir for b in bases if b.name == v[0].base.name}
   # More finetuning than pretraining seeds: they cycle over the bases.
   rc = dataclasses.replace(rc, finetune=dataclasses.replace(rc.finetune,
                                                             seeds=5))
   _, runs = study.plan_runs(rc, "/w", "/w/train.json")
   assert {(r.labels["seed"], r.base.seed) for r in runs} == {
       (0, 0), (1, 1), (2, 2), (3, 0), (4, 1)}
-  # Every member of a population differs only in seed and learning rate.
+  # Every member of a population differs only in seed, learning rate and
+  # (finetuning) its pretraining seed's base.
   for members in groups.values():
     stripped = []
     for m in members:
@@ -298,6 +304,7 @@ def test_seeds_pair_with_pretraining_seeds_and_group_into_populations():
       for key in ("seed", "dropout_seed"):
         d["train"].pop(key, None)
       d["data"].pop("seed")
+      d.get("init_from", {}).pop("path", None)
       for g in d["optim"]["groups"].values():
         g["schedule"].pop("peak")
       stripped.append(d)
@@ -336,12 +343,13 @@ def test_standard_mode_plans_per_budget_runs_from_paired_seeds():
     assert r.config["checkpoint"]["keep_epochs"] is False
     assert r.config["init_from"]["path"] == r.base.workdir
     assert r.config["data"]["tokenizer_path"] == rc.tokenizer_path
-  # A population per (base, base seed, method, budget): same length runs.
+  # A population per (base, method, budget): same length runs, every
+  # pretraining seed's.
   groups = dict(study.population_groups(rc, bases, runs))
-  assert len(groups) == 2 + 2 * 3 * 3 * 2
+  assert len(groups) == 2 + 2 * 3 * 2
   for key, members in groups.items():
     if not key.endswith("-base"):
-      assert len(members) == 6
+      assert len(members) == 6 * 3
       assert len({m.config["train"]["num_epochs"] for m in members}) == 1
   # Quick keeps one run per (LR, seed) with a checkpoint per epoch.
   _, quick = study.plan_runs(_config("quick"), "/w", "/w/train.json")

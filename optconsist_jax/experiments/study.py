@@ -383,17 +383,15 @@ def plan_runs(rc: ReproConfig, workdir: str, train_file: str
 def population_groups(rc: ReproConfig, bases: Sequence[Base],
                       runs: Sequence[Run]) -> list[tuple[str, list]]:
   """The populations, in order: each optimizer's pretraining seeds, then per
-  (base, base seed, method[, epoch budget]) every finetuning seed x
-  learning rate (a population's runs share their length)."""
+  (base, method[, epoch budget]) every finetuning seed x learning rate, each
+  member from its own pretraining seed's base (a population's runs share
+  their length and architecture; train/population.py)."""
   groups: dict[str, list] = {}
   for b in bases:
     if b.config is not None:
       groups.setdefault(f"{b.name}-base", []).append(b)
-  one_base_seed = len({(r.base.name, r.base.seed) for r in runs}) == len(
-      {r.base.name for r in runs})
   for r in runs:
-    key = (f"{r.base.name}-base__{r.labels['method']}" if one_base_seed else
-           f"{r.base.name}-base__s{r.base.seed}__{r.labels['method']}")
+    key = f"{r.base.name}-base__{r.labels['method']}"
     if "epochs" in r.labels:
       key += f"__e{r.labels['epochs']}"
     groups.setdefault(key, []).append(r)

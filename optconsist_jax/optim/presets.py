@@ -6,6 +6,9 @@
   preset("muon_gspmd")    the same, Newton-Schulz sharded by GSPMD
   preset("muon_contrib")  optax.contrib.muon on the hidden matrices
   preset("lora")          AdamW on the LoRA adapters (lora_a / lora_b)
+  preset("kron")          PSGD Kron (Li 2018, arXiv 1512.04202; `psgdax`,
+                          the `kron` extra) on every trainable parameter,
+                          its preconditioners updated every step
   preset(<any optimizer>) that optimizer on every trainable parameter: an
                           Optax name (`lion`, `signum`, `contrib.prodigy`) or
                           an import path (`my_pkg.my_opt:make`), see
@@ -55,6 +58,12 @@ _FAMILIES = {
     "muon_gspmd": _Family("muon", "hidden_matrix",
                           {**MUON_KWARGS, "strategy": "gspmd"}, 1e-5),
     "muon_contrib": _Family("contrib.muon", "hidden_matrix", {}, 1e-5),
+    # psgdax's default update probability anneals from 1 after 500 steps
+    # and draws a coin per step; a vmapped population computes both branches
+    # of that coin anyway, so every step updates (deterministic, and what a
+    # short run does by default).
+    "kron": _Family("psgdax:kron", "all",
+                    {"preconditioner_update_probability": 1.0}, 1e-5),
 }
 
 

@@ -2,9 +2,10 @@
 
 Contract (the reproduction driver relies on it): `train_population(configs,
 workdirs)` takes ordinary `optconsist_jax.train` experiment configs that agree
-on everything except `train.seed`, `data.seed`, `train.dropout_seed` and the
-optimizer's learning rate (any setting of the groups' `schedule`, the peak
-included), and leaves each workdir as `train.train(config, workdir)` would:
+on everything except `train.seed`, `data.seed`, `train.dropout_seed`, the
+base they start from (`init_from.path`: pretraining seeds of one base
+architecture) and the optimizer's learning rate (any setting of the groups'
+`schedule`, the peak included), and leaves each workdir as `train.train(config, workdir)` would:
 W/config.json (that member's resolved config), W/checkpoints/<step>/ in the
 same Orbax layout (io/checkpoint_layout.py; the eval job reads them
 unchanged), W/metrics/. It returns one `train.TrainResult` per member, in order. Members
@@ -72,7 +73,8 @@ from optconsist_jax.train import loop
 from optconsist_jax.train import step as step_lib
 
 # The keys members may differ in (besides each optimizer group's schedule).
-MEMBER_KEYS = ("train.seed", "train.dropout_seed", "data.seed")
+MEMBER_KEYS = ("train.seed", "train.dropout_seed", "data.seed",
+               "init_from.path")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
