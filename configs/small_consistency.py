@@ -64,6 +64,15 @@ What it does (optconsist_jax/experiments/reproduce.py):
      matched / mismatched / LoRA comparison over seeds; then the
      memorization experiment and the activation fingerprints of the bases.
 Every stage is skipped when its outputs exist, so an interrupted run resumes.
+
+Learning-rate refinement (`--config.finetune.refine_rounds=N`, off in every
+mode): after the grid is trained and evaluated, each (base, method) whose
+frontier brackets its base's common learning level L (on some seed) with
+two checkpoints more than `finetune.refine_max_width` apart in learning
+(default 0.3, issue #27's bar), from two adjacent learning rates, gets their
+geometric midpoint for every seed; those runs train and evaluate, L is
+recomputed, up to N rounds (experiments/refine.py). Only midpoints between
+the grid's rates: L beyond a grid's end needs a wider grid, not a guess.
 Override anything on the command line, e.g. `--config.finetune.seeds=5`;
 `--config.reproduce.bases=adamw:PATH,muon:PATH` finetunes and evaluates
 external bases (a Hugging Face folder or Hub repo, a nanoGPT ckpt.pt, an
@@ -80,6 +89,8 @@ optimizer (`lion`, `adafactor`, `adagrad`, ...), with its learning rate in
 import os
 
 import ml_collections
+
+from optconsist_jax.report import brackets
 
 _MODES = ("quick", "standard", "full", "matrix", "mini", "matrix_mini",
           "causal", "causal_mini")
@@ -144,7 +155,8 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
       lrs=dict(adamw=(3e-5, 1e-4, 3e-4, 1e-3), muon=(1e-4, 3e-4, 1e-3, 3e-3),
                lora=(3e-4, 1e-3, 3e-3, 1e-2)),
       seeds=3, epochs=2, train_examples=400, levels=(1,), seq_len=96,
-      global_batch_size=16, lora_rank=8, lora_alpha=16.0, lora_dropout=0.0)
+      global_batch_size=16, lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
+      refine_rounds=0, refine_max_width=brackets.MAX_WIDTH)
   # Exact-match accuracy of a model this small sits near zero, so the plot's
   # learning axis is the held-out finetuning loss; accuracy is recorded too
   # (--config.eval.learning_metric=math/metamath/acc plots it instead).

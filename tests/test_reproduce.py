@@ -13,6 +13,7 @@ from optconsist_jax.evaluate import results
 from optconsist_jax.experiments import reproduce
 from optconsist_jax.experiments import retention
 from optconsist_jax.experiments import study
+from optconsist_jax import optim
 
 import study_config
 
@@ -309,6 +310,38 @@ def test_seeds_pair_with_pretraining_seeds_and_group_into_populations():
         g["schedule"].pop("peak")
       stripped.append(d)
     assert all(s == stripped[0] for s in stripped)
+
+
+def test_matrix_mode_plans_six_families_from_paired_seeds():
+  rc = _config("matrix")
+  families = ("adamw", "muon", "lion", "adafactor", "adagrad", "kron")
+  assert rc.pretrain.optimizers == families
+  assert rc.pretrain.seeds == rc.finetune.seeds == 3
+  assert rc.finetune.methods == families + ("lora",)
+  # Every family's grid is recorded in the config, and so is its pretraining
+  # learning rate.
+  assert all(len(rc.finetune.lrs[m]) >= 4 for m in rc.finetune.methods)
+  assert all(rc.pretrain.peak_lr(f) > 0 for f in families)
+  # Standard's model shaped like a large one, and its held-out items.
+  assert rc.model == _config("standard").model
+  assert rc.tokenizer_path == _config("standard").tokenizer_path
+  assert rc.eval.math_examples >= 256 and rc.eval.retention_docs >= 200
+  # Kron is the kron extra's PSGD Kron on every parameter.
+  kron = optim.presets.preset("kron")
+  assert [g.optimizer for g in kron.groups.values()] == ["psgdax:kron"]
+  assert kron.routes == (("all", "main"),)
+  bases, runs = study.plan_runs(rc, "/w", "/w/train.json")
+  assert len(bases) == 6 * 3
+  # One end-of-schedule run per (base, method, LR, seed): 4 LRs each.
+  assert len(runs) == 6 * 7 * 4 * 3 == len({r.name for r in runs})
+  for r in runs:
+    assert r.base.seed == r.labels["seed"] == r.labels["base_seed"]
+    assert r.config["checkpoint"]["keep_epochs"] is False
+    assert r.config["train"]["num_epochs"] == 2
+  groups = dict(study.population_groups(rc, bases, runs))
+  assert len(groups) == 6 + 6 * 7
+  assert all(len(v) == 3 if k.endswith("-base") else len(v) == 4 * 3
+             for k, v in groups.items())
 
 
 def test_standard_mode_plans_per_budget_runs_from_paired_seeds():

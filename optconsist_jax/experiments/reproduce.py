@@ -19,6 +19,11 @@ Stages (each skipped when its outputs exist, so a rerun resumes):
                 (train.population.train_population).
   evaluate      W/runs/*/eval/results/ (optconsist_jax.evaluate; each
                 base model is evaluated once, in its first run)
+  refine        with `finetune.refine_rounds` > 0: learning rates added
+                where a frontier's bracket at L is too wide
+                (experiments/refine.py), trained and evaluated by the two
+                stages above, round by round; W/run_info.json "refinement"
+                says what each round added
   report        W/report/ (optconsist_jax.report.consistency_report)
   memorization  W/memorization/ (optconsist_jax.experiments.memorization)
   fingerprints  W/fingerprints/ (optconsist_jax.experiments.fingerprints)
@@ -65,6 +70,7 @@ from ml_collections import config_flags
 from optconsist_jax.data import synthetic
 from optconsist_jax import errors
 from optconsist_jax.evaluate import results
+from optconsist_jax.experiments import refine as refine_lib
 from optconsist_jax.experiments import retention as retention_lib
 from optconsist_jax.experiments import study
 from optconsist_jax import paths as paths_lib
@@ -278,30 +284,40 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
           flush=True)
     for b in rc.bases:
       print(f"  {b.name}: pretraining optimizer {b.label_source}", flush=True)
-  for i, (name, members) in enumerate(groups, 1):
-    print(f"[{i}/{len(groups)}] train {name} ({_describe(members)})",
-          flush=True)
-    t0 = (time.time(), time.process_time())
-    ran = train_population([
-        (m.workdir, m.config,
-         dict(base=m.name, method="base", lr=0.0, seed=m.seed)
-         if isinstance(m, study.Base) else m.labels) for m in members])
-    timed(f"train/{name}", t0, ran)
-
   seen_bases = set()
-  for i, r in enumerate(runs, 1):
-    print(f"[{i}/{len(runs)}] evaluate {r.name}", flush=True)
-    t0 = (time.time(), time.process_time())
-    ran = evaluate_run(rc, r, test_file, r.base.workdir not in seen_bases,
-                       retention)
-    seen_bases.add(r.base.workdir)
-    timed(f"eval/{r.name}", t0, ran)
+
+  def train_and_evaluate(groups, runs, stage_prefix=""):
+    """The train stage of every population, then the evaluate stage of
+    every run: the grid's, then each refinement round's added runs."""
+    for i, (name, members) in enumerate(groups, 1):
+      print(f"[{i}/{len(groups)}] {stage_prefix}train {name}"
+            f" ({_describe(members)})", flush=True)
+      t0 = (time.time(), time.process_time())
+      ran = train_population([
+          (m.workdir, m.config,
+           dict(base=m.name, method="base", lr=0.0, seed=m.seed)
+           if isinstance(m, study.Base) else m.labels) for m in members])
+      timed(f"{stage_prefix}train/{name}", t0, ran)
+    for i, r in enumerate(runs, 1):
+      print(f"[{i}/{len(runs)}] {stage_prefix}evaluate {r.name}", flush=True)
+      t0 = (time.time(), time.process_time())
+      ran = evaluate_run(rc, r, test_file, r.base.workdir not in seen_bases,
+                         retention)
+      seen_bases.add(r.base.workdir)
+      timed(f"{stage_prefix}eval/{r.name}", t0, ran)
+
+  train_and_evaluate(groups, runs)
+  refinement = None
+  if rc.finetune.refine_rounds:
+    runs, refinement = refine_lib.refine_grid(rc, workdir, train_file, runs,
+                                              train_and_evaluate)
 
 
   out_dir = os.path.join(workdir, "report")
   print("report", flush=True)
-  outputs = report.consistency_report([r.workdir for r in runs], out_dir,
-                                      matrix=rc.matrix)
+  outputs = report.consistency_report(
+      [r.workdir for r in runs], out_dir, matrix=rc.matrix,
+      grid_note=refinement["note"] if refinement else "")
   shares = {}
   if not rc.bases:
     # deferred: pulls in jax; the plan and --help load without it.
@@ -380,6 +396,7 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
           "bases": {b.run_name: b.workdir for b in bases},
           "base_labels": {b.name: b.label_source for b in rc.bases},
           "runs": len(runs),
+          **({"refinement": refinement} if refinement else {}),
           "retention_unigram_loss": unigram,
           "base_heldout_loss": base_losses,
           "parameter_shares": shares,

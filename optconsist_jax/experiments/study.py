@@ -17,6 +17,7 @@ from typing import Any
 from optconsist_jax import errors
 from optconsist_jax.experiments import external_bases
 from optconsist_jax.experiments import finetune_methods
+from optconsist_jax.report import brackets
 from optconsist_jax.report import tables as report
 from optconsist_jax import typed_config
 
@@ -64,6 +65,21 @@ class FinetuneConfig:
     end-of-schedule model (`plan_runs`).
   lora_head: LoRA adapts the LM head too (default: the linear layers of
     the blocks only).
+  refine_rounds: rounds of learning-rate refinement near each base's
+    common learning level L (experiments/refine.py; 0 = off). After the
+    grid is trained and evaluated, each (base, method) whose frontier on
+    some seed brackets L with two checkpoints more than `refine_max_width`
+    apart in learning, from two learning rates adjacent on that method's
+    grid on that base, gets their geometric midpoint for every seed; those
+    runs train (one population per (base, method[, budget]), as the grid's
+    do) and evaluate, L and the brackets are recomputed, and so on for up
+    to this many rounds (fewer when no bracket needs a midpoint). Only
+    midpoints between learning rates already on the grid: a bracket wider
+    than the bar at the grid's ends (L beyond a frontier) needs a wider
+    grid, which the report already flags ("L outside"), not a guess.
+  refine_max_width: the bracket width (learning distance, in the units of
+    `EvalSettings.learning_metric`: nats for a loss) that refinement aims
+    at; default report/brackets.py MAX_WIDTH, issue #27's bar.
   """
 
   methods: tuple[str, ...] = ("adamw", "muon", "lora")
@@ -80,6 +96,16 @@ class FinetuneConfig:
   lora_dropout: float = 0.0
   epoch_budgets: tuple[int, ...] = ()
   lora_head: bool = False
+  refine_rounds: int = 0
+  refine_max_width: float = brackets.MAX_WIDTH
+
+  def __post_init__(self):
+    if self.refine_rounds < 0:
+      raise ValueError(f"reproduce config.finetune.refine_rounds="
+                       f"{self.refine_rounds}: need 0 (off) or more")
+    if not self.refine_max_width >= 0:  # NaN too
+      raise ValueError(f"reproduce config.finetune.refine_max_width="
+                       f"{self.refine_max_width}: need a width >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,13 +370,25 @@ def plan_bases(rc: ReproConfig, workdir: str) -> list[Base]:
           for k in range(rc.pretrain.seeds)]
 
 
-def plan_runs(rc: ReproConfig, workdir: str, train_file: str
-              ) -> tuple[list[Base], list[Run]]:
+def lr_grid(rc: ReproConfig, base: str, method: str,
+            extra_lrs: Mapping[tuple[str, str], Sequence[float]] | None = None
+            ) -> list[float]:
+  """`method`'s learning rates on `base`: its `finetune.lrs` and the
+  `extra_lrs` of (base, method) (grid refinement), increasing."""
+  extra = (extra_lrs or {}).get((base, method), ())
+  return sorted(set(rc.finetune.lrs[method]) | {float(x) for x in extra})
+
+
+def plan_runs(rc: ReproConfig, workdir: str, train_file: str,
+              extra_lrs: Mapping[tuple[str, str], Sequence[float]]
+              | None = None) -> tuple[list[Base], list[Run]]:
   """Every base, and every finetuning run (base, method, lr, seed[, budget]).
 
   Finetuning seed seed + i starts from pretraining seed
   seed + (i mod pretrain.seeds). With `finetune.epoch_budgets` each
   (base, method, lr, seed) is one run per budget (labels["epochs"]).
+  extra_lrs: (base name, method) -> learning rates added to that method's
+    grid on that base (`lr_grid`; experiments/refine.py).
   """
   budgets = rc.finetune.epoch_budgets or (None,)
   bases = plan_bases(rc, workdir)
@@ -365,7 +403,7 @@ def plan_runs(rc: ReproConfig, workdir: str, train_file: str
       for i in range(rc.finetune.seeds):
         seed = rc.seed + i
         base = seeds[i % len(seeds)]
-        for lr in rc.finetune.lrs[method]:
+        for lr in lr_grid(rc, name, method, extra_lrs):
           for epochs in budgets:
             rn = run_name(name, method, lr, seed, epochs)
             labels = dict(base=name, method=method, lr=lr, seed=seed,

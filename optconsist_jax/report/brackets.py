@@ -38,17 +38,27 @@ SeedBound = tuple[float, float, float]
 _OUTSIDE: SeedBound = (math.nan, math.nan, math.nan)
 
 
-def points_around(front_P2: np.ndarray, level: float
-                  ) -> tuple[np.ndarray, np.ndarray] | None:
-  """The frontier points (learning, retention) with the nearest learning
-  <= `level` and >= `level` (the same point when one is at L); None when L
-  is outside the frontier's learning range."""
+def indices_around(front_P2: np.ndarray, level: float
+                   ) -> tuple[int, int] | None:
+  """The indices of the frontier points with the nearest learning <=
+  `level` and >= `level` (the same index when one is at L); None when L is
+  outside the frontier's learning range."""
   learning = front_P2[:, 0]
   if not learning[0] <= level <= learning[-1]:  # False for NaN
     return None
   below = int(np.searchsorted(learning, level, side="right")) - 1
   above = int(np.searchsorted(learning, level, side="left"))
-  return front_P2[below], front_P2[above]
+  return below, above
+
+
+def points_around(front_P2: np.ndarray, level: float
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+  """The frontier points (learning, retention) at `indices_around`; None
+  when L is outside the frontier's learning range."""
+  around = indices_around(front_P2, level)
+  if around is None:
+    return None
+  return front_P2[around[0]], front_P2[around[1]]
 
 
 def bound_at(front_P2: np.ndarray, level: float) -> SeedBound:

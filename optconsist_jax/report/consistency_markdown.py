@@ -83,11 +83,12 @@ def consistency_markdown(summary: Sequence[consistency.MethodSummary],
                          method: str = stats.DEFAULT_METHOD,
                          interaction_rows: Sequence[
                              consistency.Interaction] | None = None,
-                         variance: str = "") -> str:
+                         variance: str = "", grid_note: str = "") -> str:
   """The summary as a markdown table plus one verdict line per base.
 
   Then, given `interaction_rows`, the Interaction table; `variance`
-  (`resample.covers_note`) goes under each table.
+  (`resample.covers_note`) goes under each table; `grid_note` (how the
+  learning-rate grid was refined) after the opening paragraph.
   """
   level = stats.LEVEL
   lines = [
@@ -105,6 +106,7 @@ def consistency_markdown(summary: Sequence[consistency.MethodSummary],
       " (no extrapolation), paired by seed. The verdict is the area gap's:"
       f" it needs >= {stats.MIN_SEEDS} seeds and a Holm-adjusted p below"
       f" {1 - level:.2g}. " + bracket_note(learning_name), "",
+      *((grid_note, "") if grid_note else ()),
       "| base | method | role | seeds | points | best learning | retention"
       " there | L | retention at L | retention at L: bracket range |"
       " bracket width | gap vs matched at L | gap at L: bracket range |"

@@ -123,7 +123,8 @@ MATRIX_MIN_BASES = 3
 
 def write_consistency(records: Sequence[results.EvalRecord], out_dir: str, *,
                       matrix: str = "auto",
-                      interval: str | None = None) -> dict[str, str]:
+                      interval: str | None = None,
+                      grid_note: str = "") -> dict[str, str]:
   """Matched vs the rest at equal learning, with intervals over seeds.
 
   Writes out_dir/summary.md (+ .json: the per-base gaps, by area and at
@@ -131,8 +132,9 @@ def write_consistency(records: Sequence[results.EvalRecord], out_dir: str, *,
   per base and method, with its verdict) and, with >= MATRIX_MIN_BASES
   pretraining optimizers (`matrix="auto"`) or `matrix="always"`,
   matrix.md (+ .json, .png, .svg). `interval`: a method of
-  `report.statistics.METHODS` (None: its DEFAULT_METHOD). Returns the
-  paths.
+  `report.statistics.METHODS` (None: its DEFAULT_METHOD). `grid_note`:
+  a sentence for summary.md on how the learning-rate grid was made (the
+  reproduction's refinement; experiments/refine.py). Returns the paths.
   """
   interval = interval or statistics.DEFAULT_METHOD
   if interval not in statistics.METHODS:
@@ -161,7 +163,8 @@ def write_consistency(records: Sequence[results.EvalRecord], out_dir: str, *,
   with open(paths["summary"], "w") as f:
     f.write(markdown.consistency_markdown(
         summary, learning_name, retention_name, interval,
-        interaction_rows=interaction_rows, variance=variance))
+        interaction_rows=interaction_rows, variance=variance,
+        grid_note=grid_note))
   with open(paths["summary_json"], "w") as f:
     json.dump(markdown.summary_json(summary, interaction_rows), f,
               indent=2, allow_nan=False)
@@ -194,21 +197,23 @@ def write_consistency(records: Sequence[results.EvalRecord], out_dir: str, *,
 
 def consistency_report(workdirs: Sequence[str], out_dir: str, *,
                        matrix: str = "auto",
-                       interval: str | None = None) -> dict[str, str]:
+                       interval: str | None = None,
+                       grid_note: str = "") -> dict[str, str]:
   """Per-base Pareto plots, an all-runs plot and `write_consistency`."""
   records = []
   for w in workdirs:
     records.extend(results.read_workdir(w))
   with storage.output_dir(out_dir) as out:
     paths = _consistency_report(records, out, matrix=matrix,
-                                interval=interval)
+                                interval=interval, grid_note=grid_note)
     # Where they end up (out is a local stand-in for a bucket out_dir).
     return {k: storage.join(out_dir, *os.path.relpath(p, out).split(os.sep))
             for k, p in paths.items()}
 
 
 def _consistency_report(records: list[results.EvalRecord], out_dir: str, *,
-                        matrix: str, interval: str | None) -> dict[str, str]:
+                        matrix: str, interval: str | None,
+                        grid_note: str = "") -> dict[str, str]:
   paths = {}
   for base in sorted({r.base for r in records}):
     sub = [r for r in records if r.base == base]
@@ -219,5 +224,5 @@ def _consistency_report(records: list[results.EvalRecord], out_dir: str, *,
   for kind, path in make_report(records, os.path.join(out_dir, "all")).items():
     paths[f"all_{kind}"] = path
   paths.update(write_consistency(records, out_dir, matrix=matrix,
-                                 interval=interval))
+                                 interval=interval, grid_note=grid_note))
   return paths
