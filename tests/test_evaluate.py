@@ -148,6 +148,8 @@ def test_evaluates_complete_checkpoints_and_records_schema(run_dir):
                  "mc/winogrande/acc"):
     assert np.mean(r2.items[metric]["sum"]) == pytest.approx(
         r2.metrics[metric])
+  mean = r2.items["mc/mean"]
+  assert sum(mean["sum"]) / sum(mean["count"]) == r2.retention
   assert r2.base_id["checkpoint"] == ""  # a run of its own, no init_from
   assert "evaluating step 2" in log
   # A progress line per eval, with its item count and score (as recorded).

@@ -387,3 +387,46 @@ def test_eval_job_end_to_end_harness_retention(setup, tmp_path):
       w, "eval", "predictions", "step_00000002.jsonl"))]
   assert sum(p["eval"] == "harness/local_arc" for p in preds) == (
       setup["n"]["local_arc"])
+  # The row keeps the harness task's items: the report can resample them.
+  acc_norm = row.items["harness/local_arc/acc_norm"]["sum"]
+  assert len(acc_norm) == setup["n"]["local_arc"]
+  assert sum(acc_norm) / len(acc_norm) == row.retention
+
+
+def test_harness_items_make_up_its_means(setup):
+  """Each mean metric's per-sample values are the row's items, in doc order.
+
+  They average to the harness's own aggregate exactly; the report
+  resamples them when a harness accuracy is the retention metric.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.evaluate import results  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.report import resample  # pylint: disable=g-import-not-at-top
+  result = setup["result"]
+  items = results.item_scores(result.predictions)
+  # Every metric of these tasks is a mean (acc, acc_norm, exact_match);
+  # their standard errors are no items.
+  assert set(items) == {n for n in result.metrics
+                        if not n.split("/")[2].endswith("_stderr")}
+  for name, item in items.items():
+    _, task, metric, *filt = name.split("/")
+    samples = _samples(setup, task, *filt)
+    assert item == {"sum": [float(s[metric]) for s in samples]}
+    assert sum(item["sum"]) / len(item["sum"]) == result.metrics[name]
+  name = "harness/local_arc/acc_norm"
+  rows = [results.EvalRecord(
+      step=1, epoch=1.0, method=m, base="adamw", lr=1e-4, learning=0.0,
+      retention=result.metrics[name], retention_metric=name, run=m,
+      items=items) for m in ("adamw", "muon")]
+  sums_KN, counts_KN, _, _, k = resample.role_items(rows, "retention")
+  assert k == setup["n"]["local_arc"]
+  assert resample.rescore(np.ones((1, k)), sums_KN, counts_KN)[0].tolist(
+      ) == [r.retention for r in rows]
+  out = resample.item_resamples(rows)
+  assert out.items["retention"] == (name, k)
+  assert f"retention items ({k} of {name}, resampled)" in (
+      resample.covers_note(rows, out, "t"))
+  # Rows of an older eval job (no items): the note says why not.
+  old = [dataclasses.replace(r, items={}) for r in rows]
+  assert "no per-item harness/local_arc/acc_norm scores" in (
+      resample.covers_note(old, resample.item_resamples(old), "t"))

@@ -1,5 +1,10 @@
-"""Multiple-choice log-likelihood scoring against a brute-force numpy version."""
+"""Multiple-choice log-likelihood scoring against a brute-force numpy version.
 
+And the eval job's per-question scores (the report's items) against the
+accuracies they make up.
+"""
+
+import dataclasses
 import re
 
 from flax import nnx
@@ -9,7 +14,12 @@ import pytest
 
 from optconsist_jax.data.records import MultipleChoice
 from optconsist_jax.evaluate import multiple_choice as mc
+from optconsist_jax.evaluate import results
+from optconsist_jax.evaluate import suite
+from optconsist_jax.evaluate.config import EvalConfig
+from optconsist_jax.evaluate.config import MC_MEAN_SCORE
 from optconsist_jax.model import Llama, preset
+from optconsist_jax.report import resample
 
 
 class WordTokenizer:
@@ -233,3 +243,59 @@ def test_scorers_never_exceed_the_model_context(model):
   np.testing.assert_array_equal(got, want)
   assert got != mc.score_continuations(model, [(ctx, cont)], max_len=1024,
                                        length_bucket=4)
+
+
+def test_item_scores_make_up_the_accuracies(model, tmp_path):
+  """The eval job's per-item scores average to its accuracies exactly.
+
+  Two items whose choices tie (the same continuation twice) check the tie
+  rule: numpy's argmax, the first of equal maxima, as `predict` and the
+  harness pick. The row keeps the items through the results reader, and
+  all weights 1 (`resample.rescore`) give back the recorded scores.
+  """
+  tie = MultipleChoice(("Question: Pick one.\nAnswer:",) * 2, (" yes",) * 2,
+                       1, "arc_challenge", "tie1", choices=("yes", "yes"))
+  items = ITEMS + [tie, dataclasses.replace(tie, label=0, id="tie0")]
+  config = EvalConfig.from_dict({"multiple_choice": {"add_bos": False,
+                                                     "batch_size": 3}})
+  metrics, predictions = suite.run_evals(
+      model, WordTokenizer(), suite.EvalData([], [], items, []), config)
+  tied = predictions[-1]["logprobs"]
+  assert tied[0] == tied[1]
+  got = results.item_scores(predictions)
+  divisors = {"acc": lambda c: 1.0, "acc_norm": len,
+              "acc_bytes": lambda c: len(c.encode("utf-8"))}
+  per_bench = {}
+  for bench in ("hellaswag", "arc_challenge", "winogrande"):
+    mine = [(i, p) for i, p in zip(items, predictions)
+            if i.benchmark == bench]
+    for score, divisor in divisors.items():
+      want = [float(np.argmax(np.array(p["logprobs"]) / [
+          divisor(c) for c in i.choices]) == i.label) for i, p in mine]
+      assert got[f"mc/{bench}/{score}"] == {"sum": want}
+      assert sum(want) / len(want) == metrics[f"mc/{bench}/{score}"]
+    per_bench[bench] = metrics[f"mc/{bench}/{MC_MEAN_SCORE[bench]}"]
+  # The tie: choice 0 is picked, so the item labelled 1 is wrong.
+  assert got["mc/arc_challenge/acc"]["sum"][-2:] == [0.0, 1.0]
+  # mc/mean: its items weigh each benchmark as the mean over them does.
+  mean = got["mc/mean"]
+  assert len(mean["sum"]) == len(items)
+  assert sum(mean["sum"]) / sum(mean["count"]) == metrics["mc/mean"]
+  assert metrics["mc/mean"] == pytest.approx(
+      np.mean(list(per_bench.values())), rel=1e-15)
+  # Through the results writer and reader (its validation included).
+  row = results.EvalRecord(
+      step=1, epoch=1.0, method="adamw", base="adamw", lr=1e-4,
+      learning=0.0, retention=metrics["mc/mean"], retention_metric="mc/mean",
+      metrics=metrics, items=got)
+  results.write_record(tmp_path, row)
+  (back,) = results.read_workdir(str(tmp_path))
+  assert back.items == got
+  for metric in ("mc/mean", "mc/arc_challenge/acc_norm"):
+    back = dataclasses.replace(back, retention_metric=metric,
+                               retention=metrics[metric])
+    sums_KN, counts_KN, sign, name, k = resample.role_items([back],
+                                                            "retention")
+    assert (sign, name) == (1.0, metric)
+    (point,) = resample.rescore(np.ones((1, k)), sums_KN, counts_KN)[0]
+    assert point == metrics[metric]

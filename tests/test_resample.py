@@ -236,3 +236,79 @@ def test_finetuning_seeds_of_one_pretraining_checkpoint_are_one_unit():
   assert len(set(consistency.seed_units(one).values())) == 4
   assert "not the pretraining seed (base checkpoints per pretraining" in (
       resample.covers_note(one, None, "t"))
+
+
+def mc_rows(correct, frac, methods=("adamw", "muon"), seeds=3):
+  """Rows scored on the first `frac` of each benchmark's questions.
+
+  `correct[b]` says which questions of benchmark b every row gets right
+  (the seeds agree, so an interval is the items' alone). Retention is
+  mc/mean (items from suite.mc_mean_items, as the eval job writes them),
+  learning ARC's acc_norm; the headlines are computed here with numpy.
+  """
+  from optconsist_jax.evaluate import suite  # pylint: disable=g-import-not-at-top
+  preds = []
+  for b, right in correct.items():
+    for i in range(int(len(right) * frac)):
+      pick = 0 if right[i] else 1
+      preds.append({"eval": f"mc/{b}", "benchmark": b, "id": f"{b}{i}",
+                    "label": 0, "pred": pick, "pred_norm": pick})
+  preds = [dict(p, items={"mc/mean": i})
+           for p, i in zip(preds, suite.mc_mean_items(preds))]
+  items = results.item_scores(preds)
+  n = {b: int(len(right) * frac) for b, right in correct.items()}
+  retention = float(np.mean([np.mean(correct[b][:n[b]]) for b in correct]))
+  learning = float(np.mean(correct["arc_challenge"][:n["arc_challenge"]]))
+  return [results.EvalRecord(
+      step=1, epoch=1.0, method=m, base="adamw", lr=1e-4, learning=learning,
+      retention=retention, learning_metric="mc/arc_challenge/acc_norm",
+      retention_metric="mc/mean", run=f"adamw_{m}_s{s}", seed=s,
+      items=items, base_id={"checkpoint": f"bases/adamw_s{s}"})
+          for m in methods for s in range(seeds)]
+
+
+def test_multiple_choice_items_resampled():
+  rng = np.random.default_rng(5)
+  p = {"hellaswag": 0.3, "arc_challenge": 0.6, "winogrande": 0.5}
+  sizes = {"hellaswag": 400, "arc_challenge": 160, "winogrande": 240}
+  correct = {b: rng.uniform(size=sizes[b]) < p[b] for b in p}
+  widths = []
+  for frac in (1.0, 0.5, 0.25):
+    rows = mc_rows(correct, frac)
+    # All weights 1: the recorded scores (ARC's acc_norm bit for bit).
+    for role in ("learning", "retention"):
+      sums_KN, counts_KN, sign, _, k = resample.role_items(rows, role)
+      got_N = sign * resample.rescore(np.ones((1, k)), sums_KN, counts_KN)[0]
+      want_N = [getattr(r, role) for r in rows]
+      if role == "learning":
+        assert got_N.tolist() == want_N
+      np.testing.assert_allclose(got_N, want_N, rtol=1e-14)
+    out = resample.item_resamples(rows, n_replicates=4000)
+    n = {b: int(sizes[b] * frac) for b in p}
+    assert out.items == {"retention": ("mc/mean", sum(n.values())),
+                         "learning": ("mc/arc_challenge/acc_norm",
+                                      n["arc_challenge"])}
+    # The bootstrap variance of a mean of benchmark means, the questions
+    # drawn from all benchmarks together: sum_b [v_b + (p_b - R)^2] /
+    # (B^2 n_b) (report/resample.py's docstring); of one accuracy
+    # p (1 - p) / n.
+    hat = {b: np.mean(correct[b][:n[b]]) for b in p}
+    r = rows[0].retention
+    want = sum((hat[b] * (1 - hat[b]) + (hat[b] - r) ** 2) / (9 * n[b])
+               for b in p)
+    assert np.var(out.points_BN2[:, 0, 1]) == pytest.approx(want, rel=0.15)
+    a = hat["arc_challenge"]
+    assert np.var(out.points_BN2[:, 0, 0]) == pytest.approx(
+        a * (1 - a) / n["arc_challenge"], rel=0.15)
+    # The report's interval of a row's retention over seeds: wider with
+    # fewer questions.
+    iv, _ = stats.hierarchical_ci([r.retention for r in rows[:3]],
+                                  out.points_BN2[:, :3, 1].mean(axis=1))
+    widths.append(iv.hi - iv.lo)
+    note = resample.covers_note(rows, out, "t")
+    assert (f"retention items ({sum(n.values())} of mc/mean, resampled)"
+            in note)
+    assert (f"learning items ({n['arc_challenge']} of"
+            " mc/arc_challenge/acc_norm, resampled)" in note)
+  assert widths[0] < widths[1] < widths[2]
+  assert widths[2] / widths[0] == pytest.approx(2.0, rel=0.15)

@@ -267,6 +267,40 @@ def metric_name(task: str, key: str) -> str | None:
   return f"harness/{task}/{metric}" + ("" if filt == "none" else f"/{filt}")
 
 
+def _item_value(x: Any) -> float | None:
+  """A per-sample metric value as a finite number, or None (tuples, ...)."""
+  if isinstance(x, (bool, np.bool_)):
+    return float(x)
+  if isinstance(x, (int, float, np.integer, np.floating)) and np.isfinite(x):
+    return float(x)
+  return None
+
+
+def mean_metrics(task: str, samples: Sequence[dict[str, Any]],
+                 metrics: dict[str, float]) -> dict[tuple[str, str], str]:
+  """(metric, filter) -> metric name, for the task's per-item means.
+
+  A metric's per-sample values are the report's items
+  (`EvalRecord.items`, report/resample.py) when each is a number and
+  their mean is the harness's own aggregate (acc, acc_norm, exact_match,
+  ...: the "mean" aggregation); metrics aggregated otherwise (perplexity,
+  f1 or mcc over the corpus, group scores) are not.
+  """
+  values: dict[tuple[str, str], list[float | None]] = {}
+  for s in samples:
+    for m in s["metrics"]:
+      values.setdefault((m, s["filter"]), []).append(
+          _item_value(s.get(m)))
+  out = {}
+  for (m, filt), xs in values.items():
+    name = metric_name(task, f"{m},{filt}")
+    if (name in metrics and xs and None not in xs
+        and np.isclose(sum(xs) / len(xs), metrics[name], rtol=1e-9,
+                       atol=1e-12)):
+      out[(m, filt)] = name
+  return out
+
+
 def evaluate_tasks(model: nnx.Module, tokenizer: gen.Tokenizer,
                    config: Any, *,
                    mesh: jax.sharding.Mesh | None = None, rules: Any = None
@@ -312,10 +346,14 @@ def evaluate_tasks(model: nnx.Module, tokenizer: gen.Tokenizer,
         metrics[name] = float(value)
   predictions = []
   for task, samples in raw.get("samples", {}).items():
+    means = mean_metrics(task, samples, metrics)
     for s in samples:
       predictions.append(_plain({
           "eval": f"harness/{task}", "doc_id": s["doc_id"],
           "filter": s["filter"], "target": s["target"],
           "arguments": s["arguments"], "resps": s["filtered_resps"],
-          **{m: s[m] for m in s["metrics"] if m in s}}))
+          **{m: s[m] for m in s["metrics"] if m in s},
+          "items": {means[(m, s["filter"])]: s[m] for m in s["metrics"]
+                    if (m, s["filter"]) in means}}))
   return HarnessResult(metrics, predictions, lm.add_bos, raw)
+

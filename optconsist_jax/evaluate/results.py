@@ -164,6 +164,10 @@ def _check_items(item: Any, where: str) -> None:
 # results metric: per problem or per document, its summed NLL and tokens.
 _ITEM_LOSSES = {"math/response_loss": "math/response_loss",
                 "lm_loss": "lm_loss/loss"}
+# Multiple choice: the prediction each score checks against the label
+# (evaluate/multiple_choice.py `predict`).
+MC_PREDICTIONS = {"acc": "pred", "acc_norm": "pred_norm",
+                  "acc_bytes": "pred_bytes"}
 
 
 def item_scores(predictions: Sequence[dict[str, Any]]
@@ -171,9 +175,13 @@ def item_scores(predictions: Sequence[dict[str, Any]]
   """`EvalRecord.items` from the eval job's per-item predictions.
 
   Math generations give "math/<protocol>/acc" (1 / 0 per problem), multiple
-  choice "mc/<benchmark>/acc" and "acc_norm", the per-item NLL entries
-  (eval "math/response_loss", "lm_loss": "nll" summed over "tokens") the
-  loss metrics. Items keep their order in the eval set ("index").
+  choice "mc/<benchmark>/acc", "acc_norm" and "acc_bytes", the per-item NLL
+  entries (eval "math/response_loss", "lm_loss": "nll" summed over
+  "tokens") the loss metrics. A prediction may also state its own scores,
+  "items": {metric: score or {"sum": s, "count": c}} (mc/mean's weighted
+  items, evaluate/suite.py; harness tasks' mean metrics,
+  evaluate/harness.py). Items keep their order in the eval set ("index",
+  or the harness's "doc_id").
   """
   out: dict[str, dict[str, list[float]]] = {}
 
@@ -185,7 +193,8 @@ def item_scores(predictions: Sequence[dict[str, Any]]
 
   ordered = sorted(enumerate(predictions),
                    key=lambda ip: (str(ip[1].get("eval", "")),
-                                   ip[1].get("index", ip[0])))
+                                   ip[1].get("index",
+                                             ip[1].get("doc_id", ip[0]))))
   for _, p in ordered:
     name = str(p.get("eval", ""))
     if name in _ITEM_LOSSES and "nll" in p:
@@ -193,9 +202,14 @@ def item_scores(predictions: Sequence[dict[str, Any]]
     elif name.startswith("math/") and "correct" in p:
       add(f"{name}/acc", bool(p["correct"]))
     elif name.startswith("mc/") and "pred" in p and "label" in p:
-      add(f"{name}/acc", p["pred"] == p["label"])
-      if "pred_norm" in p:
-        add(f"{name}/acc_norm", p["pred_norm"] == p["label"])
+      for score, pred in MC_PREDICTIONS.items():
+        if pred in p:
+          add(f"{name}/{score}", p[pred] == p["label"])
+    for metric, score in (p.get("items") or {}).items():
+      if isinstance(score, dict):
+        add(metric, score["sum"], score.get("count"))
+      else:
+        add(metric, score)
   return out
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from collections.abc import Mapping
 import dataclasses
 import json
+import math
 import time
 from typing import Any
 
@@ -40,6 +41,7 @@ from optconsist_jax.evaluate import math as math_lib
 from optconsist_jax.evaluate import multiple_choice as mc_lib
 from optconsist_jax.evaluate import probes as probes_lib
 from optconsist_jax.evaluate import probes_geometry
+from optconsist_jax.evaluate import results
 
 
 @dataclasses.dataclass
@@ -116,6 +118,30 @@ def load_eval_data(config: EvalConfig, run_data: Any,
   return EvalData(math_test, shots, items, docs)
 
 
+def mc_mean_items(predictions: list[dict[str, Any]]
+                  ) -> list[dict[str, int]]:
+  """mc/mean's per-item scores: {"sum", "count"} of each prediction.
+
+  mc/mean is the mean over benchmarks of their `MC_MEAN_SCORE` accuracy.
+  Item k of benchmark b (n_b items) counts L / n_b, L the least common
+  multiple of the n_b, and scores that much when right, so sum(sum) /
+  sum(count) is mc/mean, in integers (exact in float64 below 2^53), and a
+  resample of the items (report/resample.py) reweighs every benchmark as
+  the mean does.
+  """
+  sizes: dict[str, int] = {}
+  for p in predictions:
+    sizes[p["benchmark"]] = sizes.get(p["benchmark"], 0) + 1
+  lcm = math.lcm(*sizes.values())
+  out = []
+  for p in predictions:
+    weight = lcm // sizes[p["benchmark"]]
+    score = MC_MEAN_SCORE[p["benchmark"]]
+    right = p[results.MC_PREDICTIONS[score]] == p["label"]
+    out.append({"sum": weight * int(right), "count": weight})
+  return out
+
+
 def run_evals(model: nnx.Module, tokenizer, data: EvalData,
               config: EvalConfig, *, mesh: jax.sharding.Mesh | None = None,
               progress: Callable[[str], None] | None = None
@@ -173,10 +199,12 @@ def run_evals(model: nnx.Module, tokenizer, data: EvalData,
       metrics[f"mc/{bench}/acc"] = s["acc"]
       metrics[f"mc/{bench}/acc_norm"] = s["acc_norm"]
       metrics[f"mc/{bench}/acc_bytes"] = s["acc_bytes"]
-    metrics["mc/mean"] = float(np.mean(
-        [r.scores[b][MC_MEAN_SCORE[b]] for b in r.scores]))
-    predictions += [{"eval": f"mc/{p['benchmark']}", **p}
-                    for p in r.predictions]
+    mean_items = mc_mean_items(r.predictions)
+    metrics["mc/mean"] = (sum(i["sum"] for i in mean_items)
+                          / sum(i["count"] for i in mean_items))
+    predictions += [{"eval": f"mc/{p['benchmark']}", **p,
+                     "items": {"mc/mean": i}}
+                    for p, i in zip(r.predictions, mean_items)]
     done(f"multiple choice: {len(data.mc_items)} items"
          f" ({', '.join(r.scores)}), mean {metrics['mc/mean']:.3f}")
   if config.harness.tasks:

@@ -1,7 +1,8 @@
 """The eval items resampled, and what a table's intervals cover.
 
 A results row's learning and retention are means over eval items (problems,
-held-out documents); `EvalRecord.items` keeps each item's score
+held-out documents, multiple-choice questions of our scorer or of an
+lm-evaluation-harness task); `EvalRecord.items` keeps each item's score
 (evaluate/results.py). One resample draws the items with replacement
 (Efron & Tibshirani 1993, "An Introduction to the Bootstrap", ch. 6) and
 rescores every row with the same draw: every run of a study is scored on
@@ -12,7 +13,13 @@ draws is the item part of its variance (`statistics.hierarchical_ci`).
 
 A row's score is sum(w_k s_k) / sum(w_k c_k) over items k drawn w_k times
 (s = the item's sum, c its count: tokens for a loss, 1 for an accuracy),
-so a resampled LM loss stays token-weighted as the full one is.
+so a resampled LM loss stays token-weighted as the full one is, and mc/mean
+(the mean of benchmark accuracies; item k of benchmark b counts L / n_b,
+evaluate/suite.py `mc_mean_items`) keeps each benchmark's weight. Its
+questions are drawn from all benchmarks together, not within each, which
+adds the spread between the benchmarks' accuracies to its variance
+(sum_b [v_b + (p_b - mean)^2] / (B^2 n_b) instead of sum_b v_b / (B^2 n_b)):
+wider, never narrower.
 """
 
 from __future__ import annotations
@@ -54,9 +61,14 @@ class ItemResamples:
                                   repr=False)
 
 
-def _role_items(records: Sequence[results.EvalRecord], role: str
-                ) -> tuple[np.ndarray, np.ndarray, float, str, int] | str:
-  """(sums_KN, counts_KN, sign, metric, K) of a role, or why not."""
+def role_items(records: Sequence[results.EvalRecord], role: str
+               ) -> tuple[np.ndarray, np.ndarray, float, str, int] | str:
+  """(sums_KN, counts_KN, sign, metric, K) of a role, or why not.
+
+  Item k's sum and count in row n (`EvalRecord.items` of the role's
+  metric, "count" 1 when absent), the metric's sign in the role ("-" in
+  front: -1) and its name without it, and the number of items.
+  """
   names = {getattr(r, f"{role}_metric") for r in records}
   if len(names) != 1:
     return f"rows disagree on the {role} metric ({sorted(names)})"
@@ -81,6 +93,12 @@ def _role_items(records: Sequence[results.EvalRecord], role: str
           sign, metric, k)
 
 
+def rescore(draws_BK: np.ndarray, sums_KN: np.ndarray,
+            counts_KN: np.ndarray) -> np.ndarray:
+  """[B, N] every row's sum(w s) / sum(w c) with item k drawn w_bk times."""
+  return (draws_BK @ sums_KN) / (draws_BK @ counts_KN)
+
+
 def item_resamples(records: Sequence[results.EvalRecord], *,
                    n_replicates: int = N_REPLICATES,
                    rng_seed: int = 0) -> ItemResamples:
@@ -98,15 +116,14 @@ def item_resamples(records: Sequence[results.EvalRecord], *,
   tuned = [n for n, r in enumerate(records) if not r.is_base]
   items, missing = {}, {}
   for col, role in enumerate(("learning", "retention")):
-    found = (_role_items([records[n] for n in tuned], role) if tuned
+    found = (role_items([records[n] for n in tuned], role) if tuned
              else "no finetuned rows")
     if isinstance(found, str):
       missing[role] = found
       continue
     sums_KN, counts_KN, sign, metric, k = found
     draws_BK = rng.multinomial(k, np.full(k, 1.0 / k), size=n_replicates)
-    points_BN2[:, tuned, col] = sign * (draws_BK @ sums_KN) / (
-        draws_BK @ counts_KN)
+    points_BN2[:, tuned, col] = sign * rescore(draws_BK, sums_KN, counts_KN)
     items[role] = (metric, k)
   return ItemResamples(points_BN2, items, missing)
 
