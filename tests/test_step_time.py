@@ -22,6 +22,7 @@ from optconsist_jax import optim
 from optconsist_jax.optim import config as optim_config
 from optconsist_jax.optim import muon
 from optconsist_jax.tools.plan import search
+from optconsist_jax.tools.plan import kron_flops
 from optconsist_jax.tools.plan import step_time
 from optconsist_jax.platforms import tpu
 
@@ -368,6 +369,13 @@ def test_optimizer_term_is_added_after_the_overlap():
       optimizer=dataclasses.replace(work, ns_matmul_dtype="bfloat16"),
       assumptions=step_time.Assumptions(ns_matmul_passes=6))
   assert bf16.optimizer_s["matmul"] == pytest.approx(expected["matmul"])
+  # Kron's flops carry their own passes: none added.
+  kron = step_time.estimate(
+      config, seq_len=1024, global_batch=64, tpu=v5p, collectives=stats,
+      optimizer=dataclasses.replace(work, matmul_flops=0.0, pass_flops=3e14),
+      assumptions=step_time.Assumptions(ns_matmul_passes=6))
+  assert kron.optimizer_s["matmul"] == pytest.approx(
+      3e14 / (459e12 * step_time.MXU_EFFICIENCY))
 
 
 def test_optimizer_work_survives_the_search_cache():
@@ -383,3 +391,93 @@ def test_optimizer_work_survives_the_search_cache():
   back = search.result_from_json(json.loads(json.dumps(
       search.result_to_json(r))))
   assert back.optimizer_work == work
+
+
+# ----------------------------------------------------------------------------
+# PSGD Kron's matmuls (psgdax).
+
+
+def _kron_xla_flops(shape, prob, **kwargs):
+  """XLA's flop count of one psgdax Kron update of a `shape` parameter."""
+  psgd = pytest.importorskip("psgdax.psgd")
+  tx = psgd.scale_by_kron(preconditioner_update_probability=prob, **kwargs)
+  params = {"w": jnp.ones(shape, jnp.float32)}
+  cost = jax.jit(tx.update).lower(params, tx.init(params)).compile(
+      ).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
+@pytest.mark.parametrize("shape,mode", [
+    ((64, 64), "Q0.5EQ1.5"), ((64, 256), "Q0.5EQ1.5"),
+    ((8, 512), "Q0.5EQ1.5"), ((256,), "Q0.5EQ1.5"),
+    ((4, 64, 128), "Q0.5EQ1.5"), ((512, 512), "Q0.5EQ1.5"),
+    ((64, 256), "QUAD")])
+def test_kron_flops_match_xla_cost_analysis(shape, mode):
+  # Probability 0 folds the update's cond away: XLA counts the momentum's
+  # preconditioning, matmuls (ours exactly: the einsum path jnp.einsum
+  # takes) plus elementwise work, measured at 10-13 flops per element.
+  n = math.prod(shape)
+  ours = kron_flops.kron_flops(shape, mode=mode)
+  no_update = _kron_xla_flops(shape, 0.0, preconditioner_mode=mode)
+  assert ours.precondition <= no_update <= ours.precondition + 16 * n
+  # Probability 1: the update's branch on top. XLA counts each norm bound's
+  # 2-iteration scan body once (2 of its 4 [32, d] x [d, d] products), and
+  # adds elementwise work: the damping noise's RNG (~120-180 flops per
+  # element) and O(d^2) per dense factor (Procrustes, normalizations),
+  # bounded by 200 n + 5000 d + 300 d^2.
+  update = _kron_xla_flops(shape, 1.0, preconditioner_mode=mode) - no_update
+  bounds = 1 if mode == "QUAD" else 2
+  seen = ours.update - sum(bounds * 2 * 2 * 32 * d * d
+                           for d in ours.triangular)
+  elementwise = 200 * n + sum(5000 * d + 300 * d * d
+                              for d in ours.triangular)
+  assert seen <= update <= seen + elementwise, (update, seen, elementwise)
+  if shape == (512, 512):  # matmul-dominated: within 2%
+    assert update <= 1.02 * seen
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (64, 256), (8, 512), (256,),
+                                   (4, 64, 128), (32, 4096, 11008),
+                                   (32000, 4096), (3, 3)])
+@pytest.mark.parametrize("kwargs", [
+    {}, {"memory_save_mode": "one_diag"}, {"memory_save_mode": "all_diag"},
+    {"max_size_triangular": 100}, {"max_skew_triangular": 0.25},
+    {"min_ndim_triangular": 3}])
+def test_kron_triangular_dims_are_psgdax_dense_factors(shape, kwargs):
+  psgd = pytest.importorskip("psgdax.psgd")
+  full = {"max_size_triangular": 8192, "max_skew_triangular": 1.0,
+          "min_ndim_triangular": 2, "memory_save_mode": None, **kwargs}
+  factors, _ = psgd._init_Q_exprs(  # pylint: disable=protected-access
+      jax.ShapeDtypeStruct(shape, jnp.float32), 1.0,
+      full["max_size_triangular"], full["max_skew_triangular"],
+      full["min_ndim_triangular"], full["memory_save_mode"], None)
+  assert kron_flops.kron_triangular(shape, **kwargs) == [
+      q.ndim == 2 for q in factors]
+
+
+def test_kron_work_counts_passes_probability_and_chips():
+  pytest.importorskip("psgdax")  # the `kron` extra
+  mesh = jax.make_mesh((8,), ("fsdp",))
+  shape = (4, 64, 128)
+  params = {"w": jax.ShapeDtypeStruct(
+      shape, jnp.float32, sharding=NamedSharding(mesh, P(None, "fsdp")))}
+  f = kron_flops.kron_flops(shape)
+
+  def work(**kwargs):
+    config = optim.presets.preset("psgdax:kron", kwargs=kwargs)
+    return step_time.optimizer_work(config, params, {})
+
+  # psgdax's defaults: the update at "tensorfloat32" (3 bf16 passes on TPU),
+  # the preconditioning at DEFAULT (1), the annealed probability counted as
+  # its start (1); the total split over the 8 chips.
+  assert work().pass_flops == pytest.approx(
+      (f.precondition + 3 * f.update) / 8)
+  assert work(preconditioner_update_probability=0.25,
+              precond_update_precision="float32").pass_flops == (
+                  pytest.approx((f.precondition + 0.25 * 6 * f.update) / 8))
+  assert work().matmul_flops == 0
+  # The `kron` preset: every step updates.
+  kron = step_time.optimizer_work(optim.presets.preset("kron"), params, {})
+  assert kron.pass_flops == pytest.approx(work().pass_flops)
+  assert "PSGD Kron" in kron.note

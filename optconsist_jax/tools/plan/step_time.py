@@ -55,9 +55,9 @@ under, so its time is added to the overlapped compute/communication time:
                NS iterates run at JAX's DEFAULT matmul precision, which on
                TPU "performs float32 computations in bfloat16" (one pass;
                HIGH takes 3 bf16 passes, HIGHEST 6: `jax.lax.Precision`),
-               so `ns_matmul_passes` = 1. Other families: none
-               counted (AdamW, Lion, Adafactor have no matmuls; PSGD Kron's
-               preconditioner matmuls are not counted, its time is a floor).
+               so `ns_matmul_passes` = 1. PSGD Kron: preconditioning and
+               preconditioner-update matmuls at psgdax's precisions
+               (tools/plan/kron_flops.py). AdamW, Lion, Adafactor: none.
   HBM          a floor: every parameter and state leaf read and written
                once, every gradient read once (twice with global-norm
                clipping, whose norm must be complete before any update),
@@ -75,6 +75,7 @@ import math
 from typing import Any
 
 from optconsist_jax.platforms import tpu as tpu_facts
+from optconsist_jax.tools.plan import kron_flops
 
 # Defaults of the assumptions; bench/results/plan_calibration.md compares the
 # estimate with published MaxText MFU at these values.
@@ -237,6 +238,9 @@ class OptimizerWork:
   Attributes:
     matmul_flops: the busiest chip's optimizer matmul flops (Muon's NS).
     ns_matmul_dtype: the dtype of those matmuls' inputs (None: no matmuls).
+    pass_flops: other matmul flops on the busiest chip, each times the bf16
+      passes of the precision its optimizer sets (PSGD Kron, kron_flops.py):
+      costed at the bf16 peak as they are, whatever `ns_matmul_passes`.
     hbm_bytes: bytes the update reads and writes per chip, at least.
     all_to_all: (per-chip operand bytes, devices) of each all-to-all the
       update runs, both directions (Muon's stacked groups).
@@ -245,6 +249,7 @@ class OptimizerWork:
 
   matmul_flops: float = 0.0
   ns_matmul_dtype: str | None = None
+  pass_flops: float = 0.0
   hbm_bytes: float = 0.0
   all_to_all: tuple[tuple[float, int], ...] = ()
   note: str = ""
@@ -281,7 +286,7 @@ def optimizer_work(optim_config: Any, params: Any, opt_state: Any
   hbm = 2 * param_bytes + grad_reads * param_bytes + 2 * state_bytes
   notes = [(f"HBM floor: params read+written, grads read x{grad_reads},"
             " state read+written")]
-  flops, dtype, a2a = 0.0, None, []
+  flops, dtype, a2a, pass_flops = 0.0, None, [], 0.0
   assignment = optim.assign_groups(c, params)
   flat = {path_name(p): x
           for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -289,6 +294,13 @@ def optimizer_work(optim_config: Any, params: Any, opt_state: Any
   for name, g in c.groups.items():
     leaves = {k: x for k, x in flat.items() if assignment.get(k) == name}
     if not leaves:
+      continue
+    if g.optimizer in kron_flops.KRON_OPTIMIZERS:
+      chips = max([s.mesh.size for k, s in shardings.items()
+                   if k in leaves and s is not None] or [1])
+      f, note = kron_flops.pass_flops(g.kwargs, leaves, chips)
+      pass_flops += f
+      notes.append(f"{name}: {note}")
       continue
     if g.optimizer != "muon":
       if "muon" in g.optimizer or "kron" in g.optimizer.lower():
@@ -325,7 +337,7 @@ def optimizer_work(optim_config: Any, params: Any, opt_state: Any
         f" chip {max(plan.device_flops.values()):.3e} flops (max/mean"
         f" {plan.max_over_mean:.3f})")
   return OptimizerWork(matmul_flops=flops, ns_matmul_dtype=dtype,
-                       hbm_bytes=float(hbm),
+                       pass_flops=pass_flops, hbm_bytes=float(hbm),
                        all_to_all=tuple(x for x in a2a for _ in range(2)),
                        note="; ".join(notes))
 
@@ -351,7 +363,8 @@ class Assumptions:
             " communication hidden under the longer; the optimizer update"
             " after them, not hidden: its matmuls (Muon NS, the busiest"
             f" chip's, {self.ns_matmul_passes} bf16 pass(es) per float32"
-            " matmul), its HBM floor at the full HBM bandwidth, its"
+            " matmul; PSGD Kron's at psgdax's precisions, total / chips),"
+            " its HBM floor at the full HBM bandwidth, its"
             " all-to-alls; the model's elementwise work and per-op latency"
             f" not modelled; epoch = {self.epoch_tokens / 1e6:.0f}M tokens")
 
@@ -457,7 +470,8 @@ def estimate(model_config, *, seq_len: int, global_batch: int,
     # Passes apply to float32 inputs only; bf16 iterates take one.
     passes = (1 if optimizer.ns_matmul_dtype == "bfloat16"
               else a.ns_matmul_passes)
-    opt["matmul"] = optimizer.matmul_flops * passes / (
+    opt["matmul"] = (optimizer.matmul_flops * passes
+                     + optimizer.pass_flops) / (
         chip.peak_bf16_flops * a.mxu_efficiency)
     if chip.hbm_bytes_per_s is None:
       raise ValueError(f"no HBM bandwidth for {chip.name} in the TPU table")
