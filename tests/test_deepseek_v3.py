@@ -27,6 +27,7 @@ from optconsist_jax.io import hf
 from optconsist_jax.io import hf_deepseek
 from optconsist_jax.model import deepseek_v3
 from optconsist_jax.model import generate as gen
+from optconsist_jax.model import moe
 from optconsist_jax.model import rope as rope_lib
 from optconsist_jax.model.deepseek_v3_config import DeepseekV3Config
 
@@ -172,8 +173,8 @@ def test_routing_against_a_numpy_reference():
   x = rng.normal(size=(40, 32)).astype(np.float32)
   w = rng.normal(size=(32, 8)).astype(np.float32) * 0.3
   bias = rng.normal(size=(8,)).astype(np.float32) * 0.1
-  ids, weights = deepseek_v3.route(jnp.asarray(x), jnp.asarray(w),
-                                   jnp.asarray(bias), c)
+  ids, weights = moe.route(jnp.asarray(x), jnp.asarray(w), jnp.asarray(bias),
+                           c)
   scores = 1 / (1 + np.exp(-(x @ w)))
   for m in range(40):
     choice = scores[m] + bias

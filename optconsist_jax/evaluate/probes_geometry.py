@@ -34,7 +34,7 @@ dW, in float32:
   applies to AdamW vs Muon updates, whose orthogonalized steps spread energy
   over many directions (Jordan et al. 2024, Muon).
 
-Routed experts (DeepSeek-V3's [L, E, m, n], model/deepseek_v3.py) count
+Routed experts (DeepSeek-V3's [L, E, m, n], model/moe.py) count
 each expert's matrix as its own W and dW: they are decomposed as L * E
 matrices and summarized per kind (expert_gate, expert_up, expert_down) like
 the layers of any other kind; MLA's projections are kinds of their own

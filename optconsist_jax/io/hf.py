@@ -40,6 +40,7 @@ from optconsist_jax import storage
 from optconsist_jax.model import deepseek_v3
 from optconsist_jax.model import LlamaConfig
 from optconsist_jax.model import llama
+from optconsist_jax.model import moe
 from optconsist_jax.model.deepseek_v3_config import DeepseekV3Config
 from optconsist_jax.model.llama import no_constraint
 
@@ -320,7 +321,7 @@ def _hf_tensors(config: Any, model: nnx.Module, dtype: np.dtype
   layout = _layout(config)
   params = {sharding.path_name(kp): leaf for kp, leaf in
             jax.tree_util.tree_flatten_with_path(nnx.state(
-                model, (nnx.Param, deepseek_v3.RoutingBias)))[0]}
+                model, (nnx.Param, moe.RoutingBias)))[0]}
   sources = layout.tensor_sources(config)
   missing = sorted(set(sources) - set(params))
   if missing:

@@ -21,6 +21,7 @@ from flax import nnx
 from optconsist_jax.model import config as model_config
 from optconsist_jax.model import deepseek_v3
 from optconsist_jax.model import deepseek_v3_config
+from optconsist_jax.model import moe
 from optconsist_jax.model import llama
 from optconsist_jax.model.config import LlamaConfig
 from optconsist_jax.model.deepseek_v3_config import DeepseekV3Config
@@ -59,7 +60,7 @@ def weights(config: ModelConfig) -> Any:
   loaded with the weights, never trained).
   """
   if isinstance(config, DeepseekV3Config):
-    return (nnx.Param, deepseek_v3.RoutingBias)
+    return (nnx.Param, moe.RoutingBias)
   return nnx.Param
 
 

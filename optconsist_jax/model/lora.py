@@ -157,7 +157,7 @@ class LoRALinear(nnx.Module):
 class ExpertLoRA(nnx.Module):
   """Per-expert low-rank updates of a stacked expert weight.
 
-  For routed experts stored [*stack, E, in, out] (model/deepseek_v3.py
+  For routed experts stored [*stack, E, in, out] (model/moe.py
   `MoE`): lora_a [*stack, E, in, r] and lora_b [*stack, E, r, out], expert
   e's update scale * A_e B_e. The MoE layer adds `__call__`'s output to each
   expert projection, in either of its layouts.
