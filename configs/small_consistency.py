@@ -95,7 +95,7 @@ from optconsist_jax.report import brackets
 _MODES = ("quick", "standard", "full", "matrix", "mini", "matrix_mini",
           "causal", "causal_mini")
 
-# The five families of the matrix, and the keyword arguments they need.
+# The six families of the matrix, and the keyword arguments they need.
 _MATRIX_OPTIMIZERS = ("adamw", "muon", "lion", "adafactor", "adagrad",
                       "kron")
 # Adagrad with Duchi et al.'s zero start: with Optax's default 0.1 the

@@ -44,7 +44,9 @@ NOT_RUN = {
         "the 4 x 2 rehearsal, minutes; tests/test_rehearsal.py runs README's"
         " smaller command of the same driver (RUN['rehearse'])",
     "make demo MODE=matrix":
-        "63 min on a 2-core CPU; tests/test_reproduce.py runs matrix_mini",
+        "about 2 h on a 2-core CPU (docs/reproduction.md);"
+        " tests/test_reproduce.py runs matrix_mini and checks the runs it"
+        " plans",
     "make demo MODE=causal":
         "a 47-minute study on a loaded 2-core CPU (docs/reproduction.md); its"
         " pieces run in tests/test_causal_study.py (causal_mini) and"
