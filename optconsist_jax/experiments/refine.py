@@ -99,18 +99,16 @@ def _grid_index(grid: Sequence[float], lr: float) -> int | None:
 def _frontiers_with_lrs(records: Sequence[results.EvalRecord]
                         ) -> dict[tuple[str, str, int],
                                   tuple[np.ndarray, list[float]]]:
-  """(base, method, seed) -> (frontier points, each point's learning rate),
-  as consistency.seed_frontiers computes them from the same records."""
-  rows: dict[tuple[str, str, int], list[results.EvalRecord]] = {}
-  for r in records:
-    if not r.is_base:
-      rows.setdefault((r.base, r.method, r.seed), []).append(r)
+  """(base, method, seed) -> (frontier points, each point's learning rate):
+  consistency.seed_frontiers's frontiers, from its run sets."""
+  points_N2 = np.array([(r.learning, r.retention) for r in records],
+                       np.float64).reshape(-1, 2)
   out = {}
-  for key, rs in rows.items():
-    pts_N2 = np.array([(r.learning, r.retention) for r in rs],
-                      np.float64).reshape(-1, 2)
-    idx = results.pareto_frontier(pts_N2)
-    out[key] = (pts_N2[idx], [rs[i].lr for i in idx])
+  for (base, method), by_seed in consistency.run_sets(records).items():
+    for seed, idx in by_seed.items():
+      front = idx[results.pareto_frontier(points_N2[idx])]
+      out[(base, method, seed)] = (points_N2[front],
+                                   [records[i].lr for i in front])
   return out
 
 

@@ -61,7 +61,7 @@ from optconsist_jax.report import statistics as stats
 Frontiers = dict[tuple[str, str], dict[int, np.ndarray]]
 
 
-def _run_sets(records: Sequence[results.EvalRecord]
+def run_sets(records: Sequence[results.EvalRecord]
               ) -> dict[tuple[str, str], dict[int, np.ndarray]]:
   """(base, method) -> seed -> the indices of that run set's rows."""
   idx: dict[tuple[str, str], dict[int, list[int]]] = {}
@@ -84,7 +84,7 @@ def _frontiers(sets, points_N2: np.ndarray) -> Frontiers:
 
 def seed_frontiers(records: Sequence[results.EvalRecord]) -> Frontiers:
   """(base, method) -> seed -> the frontier of that seed's checkpoints."""
-  return _frontiers(_run_sets(records), np.array(
+  return _frontiers(run_sets(records), np.array(
       [(r.learning, r.retention) for r in records], np.float64).reshape(-1, 2))
 
 
@@ -108,7 +108,7 @@ def item_frontiers(records: Sequence[results.EvalRecord],
   if items is None or not items.items:
     return None, items
   if "frontiers" not in items.cache:  # once for the summary, interactions
-    sets = _run_sets(records)         # and matrix of one report
+    sets = run_sets(records)         # and matrix of one report
     items.cache["frontiers"] = [_frontiers(sets, p_N2)
                                 for p_N2 in items.points_BN2]
   return items.cache["frontiers"], items
