@@ -172,8 +172,9 @@ def test_refine_settings_are_checked():
     study_config.config("mini", finetune__refine_rounds=-1)
   with pytest.raises(ValueError, match="refine_max_width=-0.1"):
     study_config.config("mini", finetune__refine_max_width=-0.1)
-  for mode in ("quick", "standard", "matrix", "mini", "causal"):
+  for mode in ("quick", "matrix", "mini", "causal"):
     assert study_config.config(mode).finetune.refine_rounds == 0, mode
+  assert study_config.config("standard").finetune.refine_rounds == 2
 
 
 def test_c_mini_study_refines_trains_evaluates_and_reports(tmp_path,
