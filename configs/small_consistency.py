@@ -169,8 +169,11 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
   c.memorization = dict(enabled=True)
   c.fingerprints = dict(enabled=True)
   # NAME:PATH,... of external bases ("" = pretrain our own); the report's
-  # consistency matrix: auto (from 3 pretraining optimizers on), always, never.
-  c.reproduce = dict(bases="", matrix="auto")
+  # consistency matrix: auto (from 3 pretraining optimizers on), always,
+  # never; processes evaluating runs side by side (CPU devices only: one
+  # small model's evaluation is mostly single-threaded, so 2 cores evaluate
+  # ~2x as fast with 2; experiments/eval_pool.py).
+  c.reproduce = dict(bases="", matrix="auto", eval_workers=2)
 
   if arg == "standard":
     c.tokenizer_path = _TOKENIZER_512
@@ -194,6 +197,7 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
     c.eval.update(math_examples=256, max_new_tokens=56, retention_docs=400,
                   retention_unit="paragraph")
   elif arg == "full":
+    c.reproduce.eval_workers = 1  # sized for one GPU: one process holds it
     # ~5.4M params. The docstrings are ~0.58M tokens, so 1,000 steps of
     # 16 x 256 tokens is ~7 passes: more would only overfit the base.
     c.model = dict(vocab_size=2048, hidden_size=256, intermediate_size=704,
@@ -270,6 +274,7 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
                   retention_max_len=64)
     c.memorization.enabled = False
     c.fingerprints.enabled = True
+    c.reproduce.eval_workers = 1
     if arg == "matrix_mini":
       optimizers = ("adamw", "adagrad")
       c.pretrain.update(optimizers=optimizers,

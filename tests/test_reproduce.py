@@ -5,11 +5,13 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 
 import pytest
 
 
 from optconsist_jax.evaluate import results
+from optconsist_jax.experiments import eval_pool
 from optconsist_jax.experiments import reproduce
 from optconsist_jax.experiments import retention
 from optconsist_jax.experiments import study
@@ -145,6 +147,43 @@ def test_mini_run_has_every_seed_then_skips_everything(mini_run, monkeypatch):
   assert pngs >= {"adamw_base_png", "muon_base_png", "all_png",
                   "fingerprints_spectra", "fingerprints_activations"}
   assert {k for k, v in again.items() if v.endswith(".png")} == pngs
+
+
+@pytest.mark.xdist_group("mini_run")
+def test_two_eval_processes_write_what_one_wrote(mini_run, tmp_path):
+  # Two runs of the mini study (the first also evaluates its base), copied
+  # without their results and evaluated again by two worker processes: the
+  # same records as the driver's own evaluation (all but the timings),
+  # written by other processes.
+  rc, w, _ = mini_run
+  test_file = str(w / "data" / "math_test.json")
+  _, runs = study.plan_runs(rc, str(w), str(w / "data" / "math_train.json"))
+  runs = [r for r in runs if r.labels["base"] == "adamw"][:2]
+  jobs = []
+  for i, r in enumerate(runs):
+    copy = tmp_path / r.name
+    shutil.copytree(r.workdir, copy, ignore=shutil.ignore_patterns("eval"))
+    jobs.append(eval_pool.Job(r.name, str(copy), reproduce.eval_config(
+        rc, r, test_file, with_base=i == 0)))
+  done = list(eval_pool.evaluate_runs(jobs, workers=2))
+  assert sorted(d.name for d in done) == sorted(r.name for r in runs)
+  assert all(d.ran and d.pid != os.getpid() for d in done), done
+
+  def by_checkpoint(workdir):
+    return {(r.is_base, r.step): r for r in results.read_workdir(workdir)}
+
+  for r, job in zip(runs, jobs):
+    want, got = by_checkpoint(r.workdir), by_checkpoint(job.workdir)
+    assert set(got) == set(want), r.name
+    for key, rec in want.items():
+      assert (got[key].learning, got[key].retention, got[key].items) == (
+          rec.learning, rec.retention, rec.items), (r.name, key)
+      untimed = lambda metrics: {m: v for m, v in metrics.items()
+                                 if not m.endswith("seconds")
+                                 and not m.endswith("per_second")}
+      assert len(untimed(rec.metrics)) < len(rec.metrics), rec.metrics
+      assert untimed(got[key].metrics) == untimed(rec.metrics), (r.name, key)
+  assert sum(k[0] for job in jobs for k in by_checkpoint(job.workdir)) == 1
 
 
 def test_matrix_mini_run_fills_the_matrix(tmp_path):

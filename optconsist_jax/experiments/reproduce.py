@@ -70,6 +70,7 @@ from ml_collections import config_flags
 from optconsist_jax.data import synthetic
 from optconsist_jax import errors
 from optconsist_jax.evaluate import results
+from optconsist_jax.experiments import eval_pool
 from optconsist_jax.experiments import refine as refine_lib
 from optconsist_jax.experiments import retention as retention_lib
 from optconsist_jax.experiments import study
@@ -201,16 +202,6 @@ def eval_config(rc: study.ReproConfig, run: study.Run, test_file: str,
       base_model="" if with_base else "none"))
 
 
-def evaluate_run(rc: study.ReproConfig, run: study.Run, test_file: str,
-                 with_base: bool, retention: str = "stdlib") -> bool:
-  """Evaluates what is not evaluated yet; returns True when it did any."""
-  # deferred: pulls in jax; the plan and --help load without it.
-  from optconsist_jax.evaluate import watch  # pylint: disable=g-import-not-at-top
-  r = watch.evaluate_workdir(
-      run.workdir, eval_config(rc, run, test_file, with_base, retention))
-  return bool(r.evaluated or r.base_evaluated)
-
-
 def base_fingerprints(rc: study.ReproConfig, bases: Sequence[study.Base],
                       out_dir: str) -> dict[str, str]:
   """Weight spectra and residual-stream statistics of the bases (first seed)."""
@@ -298,13 +289,25 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
            dict(base=m.name, method="base", lr=0.0, seed=m.seed)
            if isinstance(m, study.Base) else m.labels) for m in members])
       timed(f"{stage_prefix}train/{name}", t0, ran)
-    for i, r in enumerate(runs, 1):
-      print(f"[{i}/{len(runs)}] {stage_prefix}evaluate {r.name}", flush=True)
-      t0 = (time.time(), time.process_time())
-      ran = evaluate_run(rc, r, test_file, r.base.workdir not in seen_bases,
-                         retention)
+    # Each base is evaluated once, in its first run's job.
+    jobs = []
+    for r in runs:
+      jobs.append(eval_pool.Job(r.name, r.workdir, eval_config(
+          rc, r, test_file, r.base.workdir not in seen_bases, retention)))
       seen_bases.add(r.base.workdir)
-      timed(f"{stage_prefix}eval/{r.name}", t0, ran)
+    workers = eval_pool.usable_workers(rc.eval_workers)
+    print(f"{stage_prefix}evaluate {len(jobs)} runs"
+          f" ({workers} process{'es' if workers > 1 else ''})", flush=True)
+    for i, done in enumerate(eval_pool.evaluate_runs(jobs, workers), 1):
+      print(f"[{i}/{len(jobs)}] {stage_prefix}evaluated {done.name}"
+            f"{'' if done.ran else ' (skip: done)'} {done.seconds:.1f} s",
+            flush=True)
+      name = f"{stage_prefix}eval/{done.name}"
+      if done.ran:
+        stage_times[name] = done.seconds
+        stage_cpu[name] = done.cpu_seconds
+      else:
+        skipped.append(name)
 
   train_and_evaluate(groups, runs)
   refinement = None

@@ -155,6 +155,8 @@ class ReproConfig:
   matrix: `reproduce.matrix`, the report's consistency matrix: "auto"
     (drawn from 3 pretraining optimizers on), "always" (the matrix modes)
     or "never".
+  eval_workers: `reproduce.eval_workers`, processes that evaluate the runs
+    side by side (experiments/eval_pool.py; CPU devices only, 1 elsewhere).
   """
 
   mode: str
@@ -170,21 +172,28 @@ class ReproConfig:
       default_factory=dict)
   bases: tuple[ExternalBase, ...] = ()
   matrix: str = "auto"
+  eval_workers: int = 1
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ReproConfig:
     d = dict(d)
-    known = ({f.name for f in dataclasses.fields(cls)} - {"bases", "matrix"}
+    in_reproduce = ("bases", "matrix", "eval_workers")
+    known = ({f.name for f in dataclasses.fields(cls)} - set(in_reproduce)
              ) | {"reproduce"}
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f"reproduce config: unknown keys {unknown}; valid"
                        f" keys: {sorted(known)}")
     reproduce = typed_config.as_dict(d.get("reproduce"))
-    unknown = sorted(set(reproduce) - {"bases", "matrix"})
+    unknown = sorted(set(reproduce) - set(in_reproduce))
     if unknown:
       raise ValueError(f"reproduce config.reproduce: unknown keys {unknown};"
-                       " known: ['bases', 'matrix']")
+                       f" known: {list(in_reproduce)}")
+    eval_workers = reproduce.get("eval_workers", 1)
+    if (isinstance(eval_workers, bool) or not isinstance(eval_workers, int)
+        or eval_workers < 1):
+      raise ValueError(f"reproduce config.reproduce.eval_workers="
+                       f"{eval_workers!r}: need an integer >= 1")
     matrix = reproduce.get("matrix") or "auto"
     if matrix not in report.MATRIX_MODES:
       raise ValueError(f"reproduce config.reproduce.matrix={matrix!r}:"
@@ -232,6 +241,7 @@ class ReproConfig:
         optim_kwargs=optim_kwargs,
         bases=parse_bases(reproduce.get("bases") or ""),
         matrix=matrix,
+        eval_workers=eval_workers,
     )
 
 
