@@ -56,11 +56,18 @@ def evaluate_job(job: Job) -> Done:
 
 
 def _init_worker() -> None:
+  """A spawned worker's process set-up, as the command's main does it."""
+  # deferred: the worker's own imports (jax among them).
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import metrics  # pylint: disable=g-import-not-at-top
+  from optconsist_jax import platforms  # pylint: disable=g-import-not-at-top
   # absl flags are unparsed in a spawned process; the eval job's logging
   # reads them.
-  # deferred: only the worker needs absl's flag state.
-  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS.mark_as_parsed()
+  metrics.quiet_library_logs()
+  # The parent's JAX_PLATFORMS is inherited; on CPU this tunes the
+  # allocator and LAPACK's threads as the parent's main did.
+  platforms.select_default()
 
 
 def usable_workers(workers: int) -> int:
