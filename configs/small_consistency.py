@@ -170,10 +170,11 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
   c.fingerprints = dict(enabled=True)
   # NAME:PATH,... of external bases ("" = pretrain our own); the report's
   # consistency matrix: auto (from 3 pretraining optimizers on), always,
-  # never; processes evaluating runs side by side (CPU devices only: one
-  # small model's evaluation is mostly single-threaded, so 2 cores evaluate
-  # ~2x as fast with 2; experiments/eval_pool.py).
-  c.reproduce = dict(bases="", matrix="auto", eval_workers=2)
+  # never; processes evaluating runs side by side (experiments/eval_pool.py;
+  # 2 in matrix mode, where evaluation is decoding, mostly single-threaded;
+  # with the update probes, whose SVDs use both cores, one process is as
+  # fast).
+  c.reproduce = dict(bases="", matrix="auto", eval_workers=1)
 
   if arg == "standard":
     c.tokenizer_path = _TOKENIZER_512
@@ -197,7 +198,6 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
     c.eval.update(math_examples=256, max_new_tokens=56, retention_docs=400,
                   retention_unit="paragraph")
   elif arg == "full":
-    c.reproduce.eval_workers = 1  # sized for one GPU: one process holds it
     # ~5.4M params. The docstrings are ~0.58M tokens, so 1,000 steps of
     # 16 x 256 tokens is ~7 passes: more would only overfit the base.
     c.model = dict(vocab_size=2048, hidden_size=256, intermediate_size=704,
@@ -255,6 +255,7 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
     # answers the consistency question only.
     c.memorization.enabled = False
     c.reproduce.matrix = "always"
+    c.reproduce.eval_workers = 2
   elif arg == "causal":
     # A variant runs only on its family's base (finetune_methods.applies).
     c.finetune.update(
@@ -274,7 +275,6 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
                   retention_max_len=64)
     c.memorization.enabled = False
     c.fingerprints.enabled = True
-    c.reproduce.eval_workers = 1
     if arg == "matrix_mini":
       optimizers = ("adamw", "adagrad")
       c.pretrain.update(optimizers=optimizers,

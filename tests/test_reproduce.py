@@ -447,6 +447,14 @@ def test_unknown_keys_and_methods_are_named():
   with pytest.raises(ValueError, match=r"reproduce.matrix='sometimes'"):
     study.ReproConfig.from_dict({"model": {},
                                  "reproduce": {"matrix": "sometimes"}})
+  for bad in (0, 1.5, True):
+    with pytest.raises(ValueError, match=r"reproduce.eval_workers=.*: need"
+                       r" an integer >= 1"):
+      study.ReproConfig.from_dict({"model": {},
+                                   "reproduce": {"eval_workers": bad}})
   # The matrix modes always draw the matrix; quick leaves it to the report.
   assert _config("matrix").matrix == _config("matrix_mini").matrix == "always"
   assert _config("quick").matrix == "auto"
+  # Two evaluating processes where evaluation is decoding (no probes).
+  assert _config("matrix").eval_workers == 2
+  assert _config("standard").eval_workers == _config("quick").eval_workers == 1
