@@ -78,7 +78,8 @@ from optconsist_jax.report import statistics as stats
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 # pylint: disable-next=g-import-not-at-top,wrong-import-position
-from coverage_tables import DEFAULT, SEEDS_ONLY, Tally, cpu_model, markdown  # noqa: E402
+from coverage_tables import DEFAULT, SEEDS_ONLY, Tally, markdown  # noqa: E402
+from machine_load import cpu_model  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BASES = ("adamw", "muon", "lion")

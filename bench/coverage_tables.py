@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import math
-import platform
 
 import numpy as np
 
@@ -39,19 +38,6 @@ class Tally:
 
   def table(self) -> dict[str, dict]:
     return {m: self.rate(m) for m in sorted(self.rows)}
-
-
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def fmt(r: dict) -> str:

@@ -62,7 +62,7 @@ def main() -> None:
   res = {"command": f"python bench/eval_workers.py --mode {args.mode}"
                     f" --steps {args.steps} --jobs {args.jobs}"
                     f" --repeats {args.repeats}",
-         "cpu_count": os.cpu_count(), "passes": []}
+         "cpu_count": os.cpu_count(), "cpu": machine_load.cpu_model(), "passes": []}
   with tempfile.TemporaryDirectory() as w:
     d = _config(args.mode)
     rc = study.ReproConfig.from_dict(d)

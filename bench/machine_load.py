@@ -11,6 +11,7 @@ matmul floor".
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import sys
 import time
@@ -102,3 +103,15 @@ def use_allocator(choice: str) -> dict:
   if choice == "default":
     env[allocator.ENV] = "glibc-default"
   return allocator.tune(env).to_json()
+
+
+def cpu_model() -> str:
+  """The CPU's model name (/proc/cpuinfo), else platform.processor()."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"

@@ -170,10 +170,9 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
   c.fingerprints = dict(enabled=True)
   # NAME:PATH,... of external bases ("" = pretrain our own); the report's
   # consistency matrix: auto (from 3 pretraining optimizers on), always,
-  # never; processes evaluating runs side by side (experiments/eval_pool.py;
-  # 2 in matrix mode, where evaluation is decoding, mostly single-threaded;
-  # with the update probes, whose SVDs use both cores, one process is as
-  # fast).
+  # never; processes evaluating runs side by side (experiments/eval_pool.py):
+  # 1, since on 2 cores one process already keeps ~88% of both busy and two
+  # are slower (bench/results/eval_workers.json).
   c.reproduce = dict(bases="", matrix="auto", eval_workers=1)
 
   if arg == "standard":
@@ -255,7 +254,6 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
     # answers the consistency question only.
     c.memorization.enabled = False
     c.reproduce.matrix = "always"
-    c.reproduce.eval_workers = 2
   elif arg == "causal":
     # A variant runs only on its family's base (finetune_methods.applies).
     c.finetune.update(

@@ -52,7 +52,7 @@ NOT_RUN = {
         " pieces run in tests/test_causal_study.py (causal_mini) and"
         " tests/test_base_optimizer_state.py",
     "make demo MODE=standard":
-        "about 1.5 h on a 2-core CPU (docs/reproduction.md);"
+        "1 h 42 min on a 2-core CPU (docs/reproduction.md);"
         " tests/test_reproduce.py checks the runs it plans",
     "python -m optconsist_jax.experiments.reproduce":
         "needs your checkpoints; tests/test_reproduce.py runs it on an Orbax"

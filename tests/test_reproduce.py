@@ -455,6 +455,4 @@ def test_unknown_keys_and_methods_are_named():
   # The matrix modes always draw the matrix; quick leaves it to the report.
   assert _config("matrix").matrix == _config("matrix_mini").matrix == "always"
   assert _config("quick").matrix == "auto"
-  # Two evaluating processes where evaluation is decoding (no probes).
-  assert _config("matrix").eval_workers == 2
-  assert _config("standard").eval_workers == _config("quick").eval_workers == 1
+  assert _config("quick").eval_workers == 1

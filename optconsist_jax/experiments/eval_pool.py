@@ -1,14 +1,13 @@
 """The study's evaluate stage over many runs, in one or several processes.
 
-Evaluating one small checkpoint on a CPU is mostly single-threaded work
-(greedy decoding one token at a time, small batches), so a 2-core machine
-evaluates about twice as many checkpoints per minute with two processes as
-with one. `evaluate_runs` hands the jobs to `workers` spawned processes
-(each keeps its compiled functions across its jobs) and yields each result
-as it finishes; with one worker it evaluates them here, in order, through
-the same function. Each run's results are written whole by the eval job
+`evaluate_runs` hands the jobs to `workers` spawned processes (each keeps
+its compiled functions across its jobs) and yields each result as it
+finishes; with one worker it evaluates them here, in order, through the
+same function. Each run's results are written whole by the eval job
 (evaluate/watch.py), so an interrupted pool loses at most the checkpoints
-in flight, and the rerun skips what has a record.
+in flight, and the rerun skips what has a record. Whether more processes
+pay depends on how many cores one evaluation keeps busy:
+bench/eval_workers.py measures it (on 2 cores they do not).
 
 Worker processes share nothing but the files: they suit CPU devices, where
 each process gets its own. On an accelerator the first process would hold
