@@ -18,7 +18,6 @@ Writes bench/results/eval_workers.json (`--out`) and prints a summary.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -28,16 +27,9 @@ import tempfile
 import time
 
 import machine_load
+import study_setup
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _config(mode: str) -> dict:
-  spec = importlib.util.spec_from_file_location(
-      "small_consistency", REPO / "configs" / "small_consistency.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(mode).to_dict()
 
 
 def main() -> None:
@@ -52,39 +44,21 @@ def main() -> None:
   # deferred: jax and the package load after argument parsing (--help).
   from optconsist_jax import platforms  # pylint: disable=g-import-not-at-top
   platforms.select_default()
-  from optconsist_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from optconsist_jax.experiments import eval_pool  # pylint: disable=g-import-not-at-top
   from optconsist_jax.experiments import reproduce  # pylint: disable=g-import-not-at-top
   from optconsist_jax.experiments import study  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.train import config as config_types  # pylint: disable=g-import-not-at-top
-  from optconsist_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   res = {"command": f"python bench/eval_workers.py --mode {args.mode}"
                     f" --steps {args.steps} --jobs {args.jobs}"
                     f" --repeats {args.repeats}",
-         "cpu_count": os.cpu_count(), "cpu": machine_load.cpu_model(), "passes": []}
+         "cpu_count": os.cpu_count(), "cpu": machine_load.cpu_model(),
+         "passes": []}
   with tempfile.TemporaryDirectory() as w:
-    d = _config(args.mode)
+    d = study_setup.mode_config(args.mode)
     rc = study.ReproConfig.from_dict(d)
-    base_cfg = study.pretrain_run_config(rc, "adamw", 0)
-    base_cfg["train"].update(num_steps=args.steps)
-    base_dir = os.path.join(w, "base")
-    loop.train(config_types.ExperimentConfig.from_dict(base_cfg), base_dir)
-    train, test = synthetic.make_splits(rc.finetune.train_examples,
-                                        rc.eval.math_examples, 0,
-                                        levels=rc.finetune.levels)
-    files = {}
-    for name, problems in (("train", train), ("test", test)):
-      files[name] = os.path.join(w, f"{name}.json")
-      with open(files[name], "w") as fh:
-        json.dump([synthetic.render_metamath(p) for p in problems], fh)
-    base = study.Base("adamw", 0, base_dir, "orbax", rc.tokenizer_path,
-                      base_cfg)
-    ft = study.finetune_run_config(rc, base, "adamw", 3e-4, 0,
-                                   files["train"])
-    ft["train"].update(num_epochs=0, num_steps=args.steps)
-    ft_dir = os.path.join(w, "ft")
-    loop.train(config_types.ExperimentConfig.from_dict(ft), ft_dir)
+    small = study_setup.base_and_finetune(rc, w, args.steps, args.steps, 3e-4)
+    base, ft, files, ft_dir = (small.base, small.run.config, small.files,
+                               small.run.workdir)
     retention = reproduce.write_retention_data(rc, w)
     copies = []
     for j in range(args.jobs):

@@ -16,33 +16,25 @@ Writes bench/results/study_step_time.json (`--out`) and prints it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
 import tempfile
 import time
 
+import study_setup
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _config(mode: str):
-  spec = importlib.util.spec_from_file_location(
-      "small_consistency", REPO / "configs" / "small_consistency.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(mode).to_dict()
 
 
 def measure(mode: str, steps: int) -> dict:
   # deferred: jax and the package load after argument parsing (--help).
-  from optconsist_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from optconsist_jax.evaluate import watch  # pylint: disable=g-import-not-at-top
   from optconsist_jax.experiments import reproduce  # pylint: disable=g-import-not-at-top
   from optconsist_jax.experiments import study  # pylint: disable=g-import-not-at-top
   from optconsist_jax.train import config as config_types  # pylint: disable=g-import-not-at-top
   from optconsist_jax.train import loop  # pylint: disable=g-import-not-at-top
-  d = _config(mode)
+  d = study_setup.mode_config(mode)
   d["eval"]["probes"] = False
   rc = study.ReproConfig.from_dict(d)
   out = {}
@@ -53,25 +45,9 @@ def measure(mode: str, steps: int) -> dict:
       r = loop.train(config_types.ExperimentConfig.from_dict(c), w)
     out[f"pretrain_{opt}_step_s"] = r.perf["step_time_s"]
   with tempfile.TemporaryDirectory() as w:
-    c = study.pretrain_run_config(rc, "adamw", 0)
-    c["train"].update(num_steps=2)
-    base_dir = os.path.join(w, "base")
-    loop.train(config_types.ExperimentConfig.from_dict(c), base_dir)
-    train, test = synthetic.make_splits(rc.finetune.train_examples,
-                                        rc.eval.math_examples, 0,
-                                        levels=rc.finetune.levels)
-    files = {}
-    for name, problems in (("train", train), ("test", test)):
-      files[name] = os.path.join(w, f"{name}.json")
-      with open(files[name], "w") as fh:
-        json.dump([synthetic.render_metamath(p) for p in problems], fh)
-    base = study.Base("adamw", 0, base_dir, "orbax", rc.tokenizer_path, c)
-    f = study.finetune_run_config(rc, base, "adamw", 1e-4, 0, files["train"])
-    f["train"].update(num_epochs=0, num_steps=steps + 1)
-    run = study.Run("ft", os.path.join(w, "ft"), dict(
-        base="adamw", method="adamw", lr=1e-4, seed=0), f, base)
-    r = loop.train(config_types.ExperimentConfig.from_dict(f), run.workdir)
-    out["finetune_step_s"] = r.perf["step_time_s"]
+    small = study_setup.base_and_finetune(rc, w, 2, steps + 1, 1e-4)
+    run, files = small.run, small.files
+    out["finetune_step_s"] = small.finetune.perf["step_time_s"]
     retention = reproduce.write_retention_data(rc, w)
     t = time.perf_counter()
     watch.evaluate_workdir(run.workdir, reproduce.eval_config(
