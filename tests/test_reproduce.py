@@ -7,6 +7,7 @@ import os
 import pathlib
 import shutil
 
+import numpy as np
 import pytest
 
 
@@ -153,8 +154,10 @@ def test_mini_run_has_every_seed_then_skips_everything(mini_run, monkeypatch):
 def test_two_eval_processes_write_what_one_wrote(mini_run, tmp_path):
   # Two runs of the mini study (the first also evaluates its base), copied
   # without their results and evaluated again by two worker processes: the
-  # same records as the driver's own evaluation (all but the timings),
-  # written by other processes.
+  # driver's own records, timings aside, written by other processes. To
+  # float32 rounding: a worker sets its process up as a command's main does
+  # (one LAPACK thread), this test's process is pytest's, and the probes'
+  # SVDs of a barely trained model move by up to ~1e-4 relative.
   rc, w, _ = mini_run
   test_file = str(w / "data" / "math_test.json")
   _, runs = study.plan_runs(rc, str(w), str(w / "data" / "math_train.json"))
@@ -176,13 +179,19 @@ def test_two_eval_processes_write_what_one_wrote(mini_run, tmp_path):
     want, got = by_checkpoint(r.workdir), by_checkpoint(job.workdir)
     assert set(got) == set(want), r.name
     for key, rec in want.items():
-      assert (got[key].learning, got[key].retention, got[key].items) == (
-          rec.learning, rec.retention, rec.items), (r.name, key)
       untimed = lambda metrics: {m: v for m, v in metrics.items()
                                  if not m.endswith("seconds")
                                  and not m.endswith("per_second")}
       assert len(untimed(rec.metrics)) < len(rec.metrics), rec.metrics
-      assert untimed(got[key].metrics) == untimed(rec.metrics), (r.name, key)
+      assert untimed(got[key].metrics) == pytest.approx(
+          untimed(rec.metrics), rel=1e-3, abs=1e-6), (r.name, key)
+      assert (got[key].learning, got[key].retention) == pytest.approx(
+          (rec.learning, rec.retention), rel=1e-5), (r.name, key)
+      assert got[key].items.keys() == rec.items.keys(), (r.name, key)
+      for name, item in rec.items.items():
+        for part, values in item.items():
+          np.testing.assert_allclose(got[key].items[name][part], values,
+                                     rtol=1e-5, atol=1e-6)
   assert sum(k[0] for job in jobs for k in by_checkpoint(job.workdir)) == 1
 
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 import concurrent.futures
+import ctypes
 import dataclasses
 import multiprocessing
 import os
+import signal
 import time
 from typing import Any
 
@@ -54,8 +56,27 @@ def evaluate_job(job: Job) -> Done:
               time.time() - t0, time.process_time() - c0, os.getpid())
 
 
-def _init_worker() -> None:
+def die_with_parent(parent_pid: int) -> None:
+  """Linux: the kernel kills this process when its parent exits.
+
+  A pool's workers otherwise outlive a killed command (they wait on its
+  queue, and the eval job's own SIGTERM handling can keep them from
+  exiting), holding cores for nothing. prctl(PR_SET_PDEATHSIG, SIGKILL)
+  (man7.org/linux/man-pages/man2/prctl.2.html); elsewhere a no-op.
+  """
+  try:
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+  except (OSError, AttributeError):
+    return
+  pr_set_pdeathsig = 1
+  prctl(pr_set_pdeathsig, signal.SIGKILL)
+  if os.getppid() != parent_pid:  # the parent exited before prctl
+    os._exit(1)
+
+
+def _init_worker(parent_pid: int) -> None:
   """A spawned worker's process set-up, as the command's main does it."""
+  die_with_parent(parent_pid)
   # deferred: the worker's own imports (jax among them).
   from absl import flags  # pylint: disable=g-import-not-at-top
   from optconsist_jax import metrics  # pylint: disable=g-import-not-at-top
@@ -89,7 +110,7 @@ def evaluate_runs(jobs: Sequence[Job], workers: int) -> Iterator[Done]:
   ctx = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(
       max_workers=min(workers, len(jobs)), mp_context=ctx,
-      initializer=_init_worker) as pool:
+      initializer=_init_worker, initargs=(os.getpid(),)) as pool:
     futures = [pool.submit(evaluate_job, job) for job in jobs]
     try:
       for fut in concurrent.futures.as_completed(futures):
