@@ -380,8 +380,14 @@ def test_evaluate_sharded_matches_one_device_and_times_a_call():
               "probe/curvature_ratio", "probe/loss_change_pred2",
               "probe/act_rms_drift/mean", "probe/act_kurtosis_drift/layer1"):
     assert key in one and np.isfinite(one[key]), key
-  # Loss differences are float32 losses (~4.8) apart: a few ulps (5e-7).
+  # Loss changes and activation drifts are differences of two float32
+  # statistics (losses ~4.8, kurtoses ~3) whose sums the sharded run orders
+  # differently: a few ulps of each (~1e-6 absolute; a kurtosis drift of
+  # 2.8e-3 moved by 1.4e-6 on a CI machine), so relative to the small
+  # difference they are loose.
+  differences = ("loss_change", "drift/")
   bad = {k: (one[k], sharded[k]) for k in one
          if sharded[k] != pytest.approx(
-             one[k], rel=1e-4, abs=1e-5 if "loss_change" in k else 1e-6)}
+             one[k], rel=1e-4,
+             abs=1e-5 if any(d in k for d in differences) else 1e-6)}
   assert not bad, bad
