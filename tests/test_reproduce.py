@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 
+from optconsist_jax import errors
 from optconsist_jax.evaluate import results
 from optconsist_jax.experiments import eval_pool
 from optconsist_jax.experiments import reproduce
@@ -148,6 +149,55 @@ def test_mini_run_has_every_seed_then_skips_everything(mini_run, monkeypatch):
   assert pngs >= {"adamw_base_png", "muon_base_png", "all_png",
                   "fingerprints_spectra", "fingerprints_activations"}
   assert {k for k, v in again.items() if v.endswith(".png")} == pngs
+
+
+@pytest.mark.xdist_group("mini_run")
+def test_a_workdir_of_another_config_is_refused(mini_run):
+  # The mini study's workdir, reused after a model change (as when a mode's
+  # model changes and its workdir is the default): the first done run it
+  # meets is refused, naming the key that differs, and nothing is written.
+  _, w, _ = mini_run
+  before = _mtimes(w)
+  changed = _config("mini", model=study_config.config_dict("mini")["model"]
+                    | {"hidden_size": 48})
+  with pytest.raises(errors.UserError,
+                     match=r"bases/adamw__s0.*model\.hidden_size.*48.*fresh"
+                     r" --workdir"):
+    reproduce.run(changed, str(w))
+  assert _mtimes(w) == before
+
+
+@pytest.mark.xdist_group("mini_run")
+def test_a_moved_workdir_resumes_and_a_killed_invocation_keeps_its_timings(
+    mini_run, tmp_path, monkeypatch):
+  # The mini study's workdir moved (its runs' configs name the old paths),
+  # one run's evaluation lost; the command resumes there, evaluates that
+  # run and dies in the report stage: run_info.json already holds the
+  # evaluation's timing, in an unfinished invocation.
+  rc, w, _ = mini_run
+  moved = tmp_path / "moved"
+  shutil.copytree(w, moved)
+  _, runs = study.plan_runs(rc, str(moved),
+                            str(moved / "data" / "math_train.json"))
+  last = runs[-1]
+  shutil.rmtree(pathlib.Path(last.workdir) / "eval")
+  before = json.loads((moved / "run_info.json").read_text())
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(reproduce.report, "consistency_report", killed)
+  with pytest.raises(KeyboardInterrupt):
+    reproduce.run(rc, str(moved))
+  info = json.loads((moved / "run_info.json").read_text())
+  *earlier, this = info["invocations"]
+  assert earlier == before["invocations"]
+  assert not this["finished"] and this["stages_run"] == [f"eval/{last.name}"]
+  assert all(i["finished"] for i in earlier)
+  # The stage's first timing is kept; the rerun's is the invocation's own.
+  assert info["stage_seconds"] == before["stage_seconds"]
+  assert info["runs"] == before["runs"]
+  assert len(results.read_workdir(last.workdir)) == rc.finetune.epochs
 
 
 @pytest.mark.xdist_group("mini_run")

@@ -81,6 +81,9 @@ from optconsist_jax.report import tables as report
 
 DONE_FILE = "done.json"
 LABELS_FILE = "run_labels.json"
+# run_info.json's keys that only a finished invocation writes.
+_FINAL_INFO = ("runs", "refinement", "retention_unigram_loss",
+               "base_heldout_loss", "parameter_shares")
 
 
 # ---------------------------------------------------------------------------
@@ -134,18 +137,53 @@ def write_retention_data(rc: study.ReproConfig, data_dir: str) -> str:
   return path
 
 
+# Where a run's inputs lie, not what they are: a workdir may move, and be
+# resumed from another clone (the shipped tokenizer's path). The base's
+# contents are checked as its own run; the tokenizer's size is the model's.
+_LOCATIONS = frozenset({"data.path", "data.tokenizer_path", "init_from.path"})
+
+
+def _check_done(workdir: str, config: dict[str, Any]) -> None:
+  """Refuses a done run that was trained with another config than planned.
+
+  A workdir reused after a config change (another model, grid or
+  schedule) would otherwise lend its old runs to the new study's report.
+  """
+  # deferred: pulls in jax; the plan and --help load without it.
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.train import config as config_types  # pylint: disable=g-import-not-at-top
+  from optconsist_jax.train import setup as train_setup  # pylint: disable=g-import-not-at-top
+  done_file = os.path.join(workdir, DONE_FILE)
+  try:
+    with open(done_file) as fh:
+      steps = json.load(fh)["steps"]
+  except (OSError, ValueError, KeyError) as e:
+    raise errors.UserError(
+        f"{done_file} is not a reproduction's done marker"
+        f" ({errors.short_cause(e)}): delete it to retrain the run") from None
+  planned = config_types.ExperimentConfig.from_dict(
+      config).resolve_total_steps(steps)
+  train_setup.check_workdir(
+      json.loads(planned.to_json()), epath.Path(workdir),
+      hint="This study's config plans another run in that directory: rerun"
+      " with the config the workdir was written with, or use a fresh"
+      " --workdir. Nothing was written", ignore=_LOCATIONS)
+
+
 def train_population(members: Sequence[tuple[str, dict[str, Any],
                                              dict[str, Any]]]) -> bool:
   """Trains the (workdir, config, labels) not yet done as one population.
 
+  A done run is first checked against its planned config (`_check_done`).
   Returns True when it trained any.
   """
   # deferred: pulls in jax; the plan and --help load without it.
   from optconsist_jax.train import config as config_types  # pylint: disable=g-import-not-at-top
   from optconsist_jax.train import population  # pylint: disable=g-import-not-at-top
   todo = [m for m in members if not _done(m[0])]
-  for workdir, _, _ in members:
+  for workdir, config, _ in members:
     if _done(workdir):
+      _check_done(workdir, config)
       logging.info("skip (done): %s", workdir)
   if not todo:
     return False
@@ -261,13 +299,53 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
   stage_times: dict[str, float] = {}
   stage_cpu: dict[str, float] = {}
   skipped: list[str] = []
+  # W/run_info.json, rewritten after every stage (a killed invocation keeps
+  # the timings of the stages it finished) and completed at the end.
+  info_path = os.path.join(workdir, "run_info.json")
+  previous = {}
+  if os.path.exists(info_path):
+    with open(info_path) as fh:
+      previous = json.load(fh)
+  machine = machine_info()
 
-  def timed(name: str, t0: tuple[float, float], ran: bool):
+  def save_info(finished: bool = False, **fields) -> None:
+    # One entry per invocation: the first is the whole run, later ones
+    # resume and name what they skipped. stage_seconds keeps each stage's
+    # first real timing (on the first invocation's machine); a skip never
+    # overwrites it.
+    invocation = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S",
+                                 time.localtime(t_start)),
+        "seconds": time.time() - t_start, "machine": machine,
+        "finished": finished, "stages_run": sorted(stage_times),
+        "stages_skipped": sorted(skipped)}
+    info = {"mode": rc.mode, "seed": rc.seed,
+            "seeds": {"pretrain": 0 if rc.bases else rc.pretrain.seeds,
+                      "finetune": rc.finetune.seeds},
+            "bases": {b.run_name: b.workdir for b in bases},
+            "base_labels": {b.name: b.label_source for b in rc.bases},
+            **{k: previous[k] for k in _FINAL_INFO if k in previous},
+            **fields,
+            "machine": previous.get("machine", machine),
+            "invocations": previous.get("invocations", []) + [invocation],
+            "stage_seconds": {**stage_times,
+                              **previous.get("stage_seconds", {})},
+            "stage_cpu_seconds": {**stage_cpu,
+                                  **previous.get("stage_cpu_seconds", {})}}
+    tmp = info_path + ".tmp"
+    with open(tmp, "w") as fh:
+      json.dump(info, fh, indent=2)
+    os.replace(tmp, info_path)
+
+  def record(name: str, ran: bool, seconds: float, cpu_seconds: float):
     if ran:
-      stage_times[name] = time.time() - t0[0]
-      stage_cpu[name] = time.process_time() - t0[1]
+      stage_times[name], stage_cpu[name] = seconds, cpu_seconds
+      save_info()
     else:
       skipped.append(name)
+
+  def timed(name: str, t0: tuple[float, float], ran: bool):
+    record(name, ran, time.time() - t0[0], time.process_time() - t0[1])
 
   if rc.bases:
     print(f"external bases (no pretraining): "
@@ -302,19 +380,14 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
       print(f"[{i}/{len(jobs)}] {stage_prefix}evaluated {done.name}"
             f"{'' if done.ran else ' (skip: done)'} {done.seconds:.1f} s",
             flush=True)
-      name = f"{stage_prefix}eval/{done.name}"
-      if done.ran:
-        stage_times[name] = done.seconds
-        stage_cpu[name] = done.cpu_seconds
-      else:
-        skipped.append(name)
+      record(f"{stage_prefix}eval/{done.name}", done.ran, done.seconds,
+             done.cpu_seconds)
 
   train_and_evaluate(groups, runs)
   refinement = None
   if rc.finetune.refine_rounds:
     runs, refinement = refine_lib.refine_grid(rc, workdir, train_file, runs,
                                               train_and_evaluate)
-
 
   out_dir = os.path.join(workdir, "report")
   print("report", flush=True)
@@ -333,11 +406,6 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
       fh.write(parameter_shares.markdown(shares))
   # Is each base a language model of its corpus? Its held-out loss against
   # a unigram model's (the retention metric is minus that loss).
-  info_path = os.path.join(workdir, "run_info.json")
-  previous = {}
-  if os.path.exists(info_path):
-    with open(info_path) as fh:
-      previous = json.load(fh)
   unigram = previous.get("retention_unigram_loss")
   if unigram is None:
     unigram = retention_lib.unigram_loss(rc, bases[0].tokenizer_path)
@@ -383,34 +451,10 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
     outputs.update(base_fingerprints(rc, bases, fp_dir))
     timed("fingerprints", t0, ran)
 
-  # One entry per invocation: the first is the whole run, later ones resume
-  # and name what they skipped. stage_seconds keeps each stage's first real
-  # timing (on the first invocation's machine); a skip never overwrites it.
-  machine = machine_info()
-  invocations = previous.get("invocations", []) + [{
-      "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_start)),
-      "seconds": time.time() - t_start,
-      "machine": machine,
-      "stages_run": sorted(stage_times),
-      "stages_skipped": sorted(skipped)}]
-  info = {"mode": rc.mode, "seed": rc.seed,
-          "seeds": {"pretrain": 0 if rc.bases else rc.pretrain.seeds,
-                    "finetune": rc.finetune.seeds},
-          "bases": {b.run_name: b.workdir for b in bases},
-          "base_labels": {b.name: b.label_source for b in rc.bases},
-          "runs": len(runs),
-          **({"refinement": refinement} if refinement else {}),
-          "retention_unigram_loss": unigram,
-          "base_heldout_loss": base_losses,
-          "parameter_shares": shares,
-          "machine": previous.get("machine", machine),
-          "invocations": invocations,
-          "stage_seconds": {**stage_times,
-                            **previous.get("stage_seconds", {})},
-          "stage_cpu_seconds": {**stage_cpu,
-                                **previous.get("stage_cpu_seconds", {})}}
-  with open(info_path, "w") as fh:
-    json.dump(info, fh, indent=2)
+  save_info(True, runs=len(runs), **({"refinement": refinement} if refinement
+                                else {}),
+            retention_unigram_loss=unigram, base_heldout_loss=base_losses,
+            parameter_shares=shares)
   outputs["run_info"] = info_path
   return outputs
 

@@ -55,31 +55,43 @@ RUNTIME_KEYS = {
 }
 
 
-def run_identity(resolved: dict[str, Any]) -> dict[str, Any]:
+def run_identity(resolved: dict[str, Any],
+                 ignore: frozenset[str] = frozenset()) -> dict[str, Any]:
   """What makes a workdir one run: model, LoRA, optimizer, data, init, length.
 
   Args:
     resolved: a resolved config in its JSON form (W/config.json, or the
       `config` a checkpoint's meta records).
+    ignore: more "section.key"s to leave out.
   """
   out = {}
   for section, value in resolved.items():
     if section in RUNTIME_SECTIONS:
       continue
     if isinstance(value, dict):
-      skip = RUNTIME_KEYS.get(section, frozenset())
+      skip = RUNTIME_KEYS.get(section, frozenset()) | {
+          k.partition(".")[2] for k in ignore if k.startswith(section + ".")}
       value = {k: v for k, v in value.items() if k not in skip}
     out[section] = value
   return out
 
 
-def check_workdir(resolved: dict[str, Any], workdir: epath.Path) -> None:
+def check_workdir(resolved: dict[str, Any], workdir: epath.Path,
+                  hint: str = "", ignore: frozenset[str] = frozenset()
+                  ) -> None:
   """Refuses a workdir that holds another run, before anything is written.
 
   The run already there is the config recorded in its newest readable
   checkpoint, else its W/config.json (a run stopped before its first save).
   Any hyperparameter change is refused (a run has one set of settings, so
   every checkpoint's label is true); the runtime keys above may change.
+
+  Args:
+    resolved: the config asked for, resolved (`prepare`).
+    workdir: the run's directory.
+    hint: what the error tells the user to do (default: a training run's
+      choices).
+    ignore: "section.key"s not compared (`run_identity`).
   """
   found, where = None, None
   for info in reversed(ckpt_lib.list_checkpoints(workdir)):
@@ -99,8 +111,9 @@ def check_workdir(resolved: dict[str, Any], workdir: epath.Path) -> None:
   if found is None:
     return
   ckpt_lib.compare_models(
-      run_identity(resolved), run_identity(found), where, what="run",
-      hint=f"A workdir holds one run: rerun with the settings it was"
+      run_identity(resolved, ignore), run_identity(found, ignore), where,
+      what="run",
+      hint=hint or f"A workdir holds one run: rerun with the settings it was"
       f" written with, or use a fresh --workdir (with"
       f" config.init_from.path={os.fspath(workdir)!r} to start from its"
       " weights). Nothing was written")
