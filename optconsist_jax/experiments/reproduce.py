@@ -324,7 +324,9 @@ def run(rc: study.ReproConfig, workdir: str) -> dict[str, str]:
                       "finetune": rc.finetune.seeds},
             "bases": {b.run_name: b.workdir for b in bases},
             "base_labels": {b.name: b.label_source for b in rc.bases},
-            **{k: previous[k] for k in _FINAL_INFO if k in previous},
+            # Until this invocation finishes, the last finished one's.
+            **({} if finished else
+               {k: previous[k] for k in _FINAL_INFO if k in previous}),
             **fields,
             "machine": previous.get("machine", machine),
             "invocations": previous.get("invocations", []) + [invocation],
