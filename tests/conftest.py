@@ -1,8 +1,11 @@
 """Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
 
+import json
 import os
+import resource
 import shutil
 import tempfile
+import time
 
 # 8 fake CPU devices for the sharding tests. LLVM at -O0: the suite is
 # dominated by compiling many small programs, which this halves (a tiny
@@ -23,9 +26,14 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # compiles the same small programs many times (the tiny configs' train and
 # eval steps, in process and in the commands the tests start). The process
 # that loads this file first (pytest, or xdist's controller) makes it; the
-# xdist workers and every subprocess inherit the environment. The size limit
-# turns on JAX's file lock, so concurrent writers and readers of one entry are
-# serialized (jax/_src/lru_cache.py). A user's own cache dir wins.
+# xdist workers and every subprocess inherit the environment. No size limit:
+# a limit makes JAX lock the cache for every read and write and scan every
+# entry on every write (jax/_src/lru_cache.py), quadratic in a suite that
+# writes thousands (one DeepSeek-V3 finetuning test writes ~200): one write
+# took 0.10 s at 1,000 entries and 0.27 s at 3,000 on a 2-core Zen 3, and
+# reads queued behind it. Unlocked, a read racing a write of the same entry
+# fails zlib's checksum, which JAX reports as a warning and compiles instead.
+# A user's own cache dir wins.
 _OWN_CACHE = None
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   _OWN_CACHE = (os.getpid(), tempfile.mkdtemp(prefix="optconsist_jax_xla_"))
@@ -33,7 +41,6 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
       "JAX_COMPILATION_CACHE_DIR": _OWN_CACHE[1],
       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-      "JAX_COMPILATION_CACHE_MAX_SIZE": str(16 << 30),
   })
 
 # The allocator every command uses when it computes on the CPU
@@ -45,6 +52,7 @@ allocator.tune()
 lapack_threads.limit()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -72,3 +80,64 @@ def pytest_collection_finish(session):
         f"--dist loadgroup ignored the xdist_group of {len(lost)} tests (e.g."
         f" {lost[0]}): this pytest/pytest-xdist pair does not tag node ids;"
         " pin pytest as pyproject.toml's test extra says")
+
+
+# OPTCONSIST_TEST_USAGE=FILE appends one JSON line per test phase (setup,
+# call, teardown): wall seconds, start time, the CPU seconds of this process
+# (user, system) and of the subprocesses it waited for, and context switches,
+# so a slow suite can be cut by the CPU a test costs, not by its wall time
+# beside another worker (bench/test_usage.py summarizes such a file).
+_USAGE = os.environ.get("OPTCONSIST_TEST_USAGE")
+
+
+def _usage():
+  s = resource.getrusage(resource.RUSAGE_SELF)
+  c = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return (time.time(), s.ru_utime + s.ru_stime, s.ru_stime,
+          c.ru_utime + c.ru_stime, s.ru_nvcsw, s.ru_nivcsw)
+
+
+
+def _record(item, phase, before):
+  after = _usage()
+  d = [a - b for a, b in zip(after, before)]
+  line = json.dumps({
+      "test": item.nodeid, "phase": phase,
+      "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+      "start": round(before[0], 3), "wall": round(d[0], 3),
+      "cpu": round(d[1], 3), "sys": round(d[2], 3),
+      "children_cpu": round(d[3], 3), "voluntary_switches": int(d[4]),
+      "involuntary_switches": int(d[5]), "load1": os.getloadavg()[0]})
+  with open(_USAGE, "a") as f:  # One short append per line: atomic.
+    f.write(line + "\n")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+  before = _usage() if _USAGE else None
+  try:
+    return (yield)
+  finally:
+    if before:
+      _record(item, "setup", before)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+  before = _usage() if _USAGE else None
+  try:
+    return (yield)
+  finally:
+    if before:
+      _record(item, "call", before)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+  del nextitem
+  before = _usage() if _USAGE else None
+  try:
+    return (yield)
+  finally:
+    if before:
+      _record(item, "teardown", before)

@@ -363,6 +363,12 @@ _HANG = (
     'wait $s; exit 99')
 
 
+def _set_state(state, value):
+  """Shell that replaces the fake slice's state file at once (a rename): a
+  reader never sees it empty mid-write, which reads as a deleted slice."""
+  return f'echo -n {value} > {state}.$$ && mv -f {state}.$$ {state}'
+
+
 def _fake_cloud(tmp_path, exits, nodes=("ft7b",)):
   """A fake gcloud whose ssh runs the remote script locally in bash.
 
@@ -379,7 +385,7 @@ def _fake_cloud(tmp_path, exits, nodes=("ft7b",)):
   state.write_text("")
   runs.write_text("")
   cases = "".join(
-      f"  {i}) {'echo SUSPENDED > ' + str(state) + '; exit 137' if e == 'gone' else _HANG if e == 'hang' else f'exit {e}'};;\n"
+      f"  {i}) {_set_state(state, 'SUSPENDED') + '; exit 137' if e == 'gone' else _HANG if e == 'hang' else f'exit {e}'};;\n"
       for i, e in enumerate(exits))
   for node in nodes:
     home = tmp_path / "homes" / node
@@ -405,8 +411,8 @@ def _fake_cloud(tmp_path, exits, nodes=("ft7b",)):
       f'echo "$*" >> {calls}\n'
       f's=$(cat {state})\n'
       'case "$*" in\n'
-      '  *"queued-resources create"*) echo ACTIVE > ' f'{state};;\n'
-      '  *"queued-resources delete"*) echo -n > ' f'{state};;\n'
+      f'  *"queued-resources create"*) {_set_state(state, "ACTIVE")};;\n'
+      f'  *"queued-resources delete"*) {_set_state(state, "")};;\n'
       '  *"queued-resources describe"*)\n'
       '    [ -n "$s" ] || exit 1; case "$*" in *--format*) echo "$s";; esac;;\n'
       '  *"tpu-vm describe"*networkEndpoints*) echo 10.9.8.7;;\n'
