@@ -82,6 +82,14 @@ def pytest_collection_finish(session):
         " pin pytest as pyproject.toml's test extra says")
 
 
+
+@pytest.fixture(scope="session")
+def mini_demo(tmp_path_factory):
+  """README's `make demo MODE=mini` run once in a fresh clone: (workdir,
+  output). Its tests carry xdist_group("mini_run") (one worker, one run)."""
+  import test_readme  # pylint: disable=g-import-not-at-top
+  return test_readme.run_mini_demo(tmp_path_factory.mktemp("mini_demo"))
+
 # OPTCONSIST_TEST_USAGE=FILE appends one JSON line per test phase (setup,
 # call, teardown): wall seconds, start time, the CPU seconds of this process
 # (user, system) and of the subprocesses it waited for, and context switches,

@@ -174,10 +174,21 @@ def _replace(argv: list[str], mapping: dict[str, str]) -> list[str]:
 # The clone and how commands run in it.
 
 
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory):
-  """A fresh clone of HEAD; `python` on PATH is this interpreter."""
-  root = tmp_path_factory.mktemp("readme")
+def user_env(environ) -> dict[str, str]:
+  """The tests' environment as a user's shell has it: no fake devices, no
+  platform choice (the commands pick their backend themselves). Only LLVM's
+  optimization level stays at the suite's -O0 (tests/conftest.py): it
+  halves compile time and changes no result (IEEE semantics at every level),
+  and compiling is most of what these commands do on tiny models."""
+  env = dict(environ)
+  env.pop("JAX_PLATFORMS", None)
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  return env
+
+
+def make_clone(root: pathlib.Path) -> tuple[pathlib.Path, dict[str, str]]:
+  """A fresh clone of HEAD under `root`; `python` on PATH is this
+  interpreter: (the clone, the environment its commands run in)."""
   work = root / "optconsist_jax"
   subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO),
                   str(work)], check=True)
@@ -187,13 +198,9 @@ def clone(tmp_path_factory):
   # when started by its own path.
   (shim / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
   (shim / "python").chmod(0o755)
-  env = dict(os.environ)
+  env = user_env(os.environ)
   env["PATH"] = f"{shim}{os.pathsep}{env.get('PATH', '')}"
   env["PYTHONPATH"] = str(work)
-  # As a user's shell has it: no test-only device settings, no platform
-  # choice (the commands pick their backend themselves).
-  for k in ("XLA_FLAGS", "JAX_PLATFORMS"):
-    env.pop(k, None)
   # A home as after `hf auth login` (docs/cloud-tpu.md's fetch passes the token
   # file).
   home = root / "home"
@@ -201,6 +208,11 @@ def clone(tmp_path_factory):
   (home / ".cache" / "huggingface" / "token").write_text("hf_test_token\n")
   env["HOME"] = str(home)
   return work, env
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+  return make_clone(tmp_path_factory.mktemp("readme"))
 
 
 def run(clone, argv: list[str], timeout: float = 900, *,
@@ -231,11 +243,21 @@ def _venv() -> str:
 # Tests, in the order of README.md and docs/.
 
 
-def test_demo_in_mini_mode_with_a_relative_workdir(clone):
+def run_mini_demo(root: pathlib.Path) -> tuple[pathlib.Path, str]:
+  """README's `make demo` in mini mode with a relative workdir, in a fresh
+  clone under `root`: (the workdir, the command's output). The conftest's
+  session fixture `mini_demo` runs it once for this file and
+  tests/test_reproduce.py, whose mini_run tests read its workdir."""
+  clone = make_clone(root)
   (demo,) = commands("demo")
   out = run(clone, demo + ["MODE=mini", "WORKDIR=workdirs/mini",
                            f"VENV={_venv()}"], timeout=1800)
-  w = clone[0] / "workdirs" / "mini"
+  return clone[0] / "workdirs" / "mini", out
+
+
+@pytest.mark.xdist_group("mini_run")
+def test_demo_in_mini_mode_with_a_relative_workdir(mini_demo):
+  w, out = mini_demo
   # README: W/report/ (per-base frontiers, all/, summary.md), fingerprints.
   for rel in ("report/adamw_base/pareto.png", "report/muon_base/pareto.svg",
               "report/adamw_base/pareto.md", "report/all/pareto.png",

@@ -106,6 +106,12 @@ def test_process_env_joins_processes_on_loopback():
   assert env["JAX_COORDINATOR_ADDRESS"] == "127.0.0.1:1234"
   assert (env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"]) == ("4", "1")
   assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+  # The caller's XLA flags pass, with the process's own device count.
+  assert local.process_env(0, 2, 2, 1234, xla_flags=(
+      "--xla_dump_to=/d --xla_force_host_platform_device_count=8"
+      " --xla_backend_optimization_level=0"))["XLA_FLAGS"] == (
+          "--xla_dump_to=/d --xla_backend_optimization_level=0"
+          " --xla_force_host_platform_device_count=2")
   # One process needs no coordinator (and would not start one).
   assert "JAX_COORDINATOR_ADDRESS" not in local.process_env(0, 1, 8, 1234)
 
@@ -117,9 +123,7 @@ def test_readme_rehearsal_command(tmp_path):
   argv = [sys.executable if a == "python" else a for a in argv]
   argv = [f"--out={tmp_path / 'out'}" if a.startswith("--out=") else a
           for a in argv]
-  env = dict(os.environ)
-  for k in ("XLA_FLAGS", "JAX_PLATFORMS"):
-    env.pop(k, None)
+  env = test_readme.user_env(os.environ)
   t0 = time.monotonic()
   p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
                      timeout=900)

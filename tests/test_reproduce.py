@@ -44,12 +44,11 @@ def _records(runs):
 
 
 @pytest.fixture(scope="session")
-def mini_run(tmp_path_factory):
-  """The mini study (2 bases x 3 methods x 2 seeds), run once per module."""
-  w = tmp_path_factory.mktemp("mini")
-  rc = _config("mini")
-  outputs = reproduce.run(rc, str(w))
-  return rc, w, outputs
+def mini_run(mini_demo):
+  """The mini study (2 bases x 3 methods x 2 seeds) as README's `make demo
+  MODE=mini` ran it (tests/test_readme.py): (config, workdir, output)."""
+  w, out = mini_demo
+  return _config("mini"), w, out
 
 
 # The tests sharing the mini run go to one xdist worker (make test runs
@@ -57,7 +56,7 @@ def mini_run(tmp_path_factory):
 # rebuilt whenever xdist interleaves another module's tests): one run.
 @pytest.mark.xdist_group("mini_run")
 def test_mini_run_has_every_seed_then_skips_everything(mini_run, monkeypatch):
-  rc, tmp_path, outputs = mini_run
+  rc, tmp_path, out = mini_run
   assert rc.finetune.seeds == 2
   # Every planned run trained and was marked done: 2 bases, and
   # 2 bases x 3 methods x 1 LR x 2 seeds finetuning runs.
@@ -100,10 +99,8 @@ def test_mini_run_has_every_seed_then_skips_everything(mini_run, monkeypatch):
     assert 0.0 <= r.metrics["math/metamath/acc"] <= 1.0
     assert r.retention < 0.0
 
-  # The report: per-base frontiers, the summary table, fingerprints.
-  for key in ("adamw_base_png", "muon_base_png", "all_svg", "summary",
-              "fingerprints_spectra", "fingerprints_activations"):
-    assert os.path.getsize(outputs[key]) > 0, key
+  # The report (per-base frontiers, the summary table, fingerprints): below,
+  # from the rerun's listing, which names what the first run's did.
   summary = json.loads((tmp_path / "report" / "summary.json").read_text())
   roles = {(s["base"], s["method"]): s["role"] for s in summary}
   assert roles[("adamw", "adamw")] == "matched"
@@ -144,11 +141,12 @@ def test_mini_run_has_every_seed_then_skips_everything(mini_run, monkeypatch):
   assert [len(i["stages_run"]) for i in info2["invocations"]] == [
       len(stages), 0]
   assert set(info2["invocations"][1]["stages_skipped"]) == stages
-  # The output listing of the rerun still names every picture.
-  pngs = {k for k, v in outputs.items() if v.endswith(".png")}
-  assert pngs >= {"adamw_base_png", "muon_base_png", "all_png",
-                  "fingerprints_spectra", "fingerprints_activations"}
-  assert {k for k, v in again.items() if v.endswith(".png")} == pngs
+  # The rerun's listing names every output the first run listed.
+  for key in ("adamw_base_png", "muon_base_png", "all_svg", "summary",
+              "fingerprints_spectra", "fingerprints_activations"):
+    assert os.path.getsize(again[key]) > 0, key
+  pngs = {v for v in again.values() if v.endswith(".png")}
+  assert len(pngs) >= 5 and all(p in out for p in pngs), (pngs, out[-2000:])
 
 
 @pytest.mark.xdist_group("mini_run")
@@ -515,3 +513,37 @@ def test_unknown_keys_and_methods_are_named():
   assert _config("matrix").matrix == _config("matrix_mini").matrix == "always"
   assert _config("quick").matrix == "auto"
   assert _config("quick").eval_workers == 1
+
+
+def test_a_workdirs_data_made_by_another_config_is_refused(tmp_path):
+  """The data stage remakes its files on a rerun: the same config finds them
+  equal (and leaves them), another one stops naming the file and the keys
+  that make it, before writing anything."""
+  rc = _config("mini", eval__retention_unit="paragraph")
+  data = tmp_path / "data"
+  train, test = reproduce.write_math_data(rc, str(data))
+  retention_file = reproduce.write_retention_data(rc, str(data))
+  written = json.loads(pathlib.Path(train).read_text())
+  assert len(written) == rc.finetune.train_examples
+  assert len(json.loads(pathlib.Path(test).read_text())) == (
+      rc.eval.math_examples)
+  assert len(pathlib.Path(retention_file).read_text().splitlines()) == (
+      rc.eval.retention_docs)
+  before = _mtimes(data)
+  assert reproduce.write_math_data(rc, str(data)) == (train, test)
+  assert reproduce.write_retention_data(rc, str(data)) == retention_file
+  assert _mtimes(data) == before
+  more = dataclasses.replace(rc, finetune=dataclasses.replace(
+      rc.finetune, train_examples=rc.finetune.train_examples + 1))
+  with pytest.raises(errors.UserError, match=(
+      f"{train} holds other data than this config makes .*"
+      f"finetune.train_examples={rc.finetune.train_examples + 1}.*"
+      "use a fresh --workdir. Nothing was written")):
+    reproduce.write_math_data(more, str(data))
+  fewer = dataclasses.replace(rc, eval=dataclasses.replace(
+      rc.eval, retention_docs=rc.eval.retention_docs - 1))
+  with pytest.raises(errors.UserError, match=(
+      f"{retention_file} holds other data .*eval.retention_docs="
+      f"{rc.eval.retention_docs - 1}")):
+    reproduce.write_retention_data(fewer, str(data))
+  assert _mtimes(data) == before

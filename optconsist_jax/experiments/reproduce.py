@@ -6,7 +6,8 @@ r"""The small reproduction: pretrain, finetune every way over seeds, evaluate, r
 Stages (each skipped when its outputs exist, so a rerun resumes):
 
   data          W/data/math_train.json, math_test.json (generated problems in
-                MetaMathQA format, disjoint questions; fixed across seeds)
+                MetaMathQA format, disjoint questions; fixed across seeds);
+                made again on a rerun and checked against the files
   pretrain      W/bases/{optimizer}__s{seed}/: the same tiny Llama pretrained
                 on the Python standard library's docstrings with each
                 optimizer, `pretrain.seeds` seeds each (one population per
@@ -101,39 +102,72 @@ def _mark_done(path: str, info: dict[str, Any]) -> None:
   os.replace(tmp, os.path.join(path, DONE_FILE))
 
 
+def _write_or_check(path: str, text: str, made_by: str) -> None:
+  """Writes `text` to `path` (atomically), or checks that `path` holds it.
+
+  A workdir's data are made once and every run names them by path, so a
+  rerun with other data settings would otherwise train and score new runs on
+  the old data without a word.
+  """
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as fh:
+      if fh.read() == text:
+        return
+    raise errors.UserError(
+        f"{path} holds other data than this config makes ({made_by}): it was"
+        " written by another config. Rerun with the config the workdir was"
+        " written with, or use a fresh --workdir. Nothing was written")
+
+
+def _write(path: str, text: str) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as fh:
+    fh.write(text)
+  os.replace(tmp, path)
+
+
 def write_math_data(rc: study.ReproConfig, data_dir: str) -> tuple[str, str]:
-  """Generated train/test problems (MetaMathQA format); skipped if present."""
+  """Generated train/test problems (MetaMathQA format).
+
+  Made again on a rerun and compared with the workdir's files, which are
+  kept: other problems (another `finetune.train_examples`, `finetune.levels`,
+  `eval.math_examples` or `seed`) stop the study before anything is written.
+  """
   train_file = os.path.join(data_dir, "math_train.json")
   test_file = os.path.join(data_dir, "math_test.json")
-  if os.path.exists(train_file) and os.path.exists(test_file):
-    return train_file, test_file
-  os.makedirs(data_dir, exist_ok=True)
   f = rc.finetune
   train, test = synthetic.make_splits(f.train_examples, rc.eval.math_examples,
                                       rc.seed, levels=f.levels)
+  made_by = (f"finetune.train_examples={f.train_examples},"
+             f" finetune.levels={tuple(f.levels)},"
+             f" eval.math_examples={rc.eval.math_examples}, seed={rc.seed}")
   # Both in MetaMathQA's format (a JSON list); the questions are disjoint.
-  for path, problems in ((test_file, test), (train_file, train)):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-      json.dump([synthetic.render_metamath(p) for p in problems], fh, indent=0)
-    os.replace(tmp, path)
+  texts = {path: json.dumps([synthetic.render_metamath(p) for p in problems],
+                            indent=0)
+           for path, problems in ((test_file, test), (train_file, train))}
+  for path, text in texts.items():
+    _write_or_check(path, text, made_by)
+  for path, text in texts.items():
+    if not os.path.exists(path):
+      _write(path, text)
   return train_file, test_file
 
 
 def write_retention_data(rc: study.ReproConfig, data_dir: str) -> str:
   """The eval job's lm_loss.path: "stdlib" (its held-out files, as
   `retention_lib.documents` reads them), or with paragraph documents
-  W/data/retention.jsonl (one {"text"} each; skipped if present)."""
+  W/data/retention.jsonl (one {"text"} each), checked on a rerun as
+  `write_math_data` checks its files."""
   if rc.eval.retention_unit == "file":
     return "stdlib"
   path = os.path.join(data_dir, "retention.jsonl")
+  text = "".join(json.dumps({"text": doc}) + "\n"
+                 for doc in retention_lib.documents(rc))
+  _write_or_check(path, text, f"eval.retention_docs={rc.eval.retention_docs},"
+                  f" eval.retention_unit={rc.eval.retention_unit!r}")
   if not os.path.exists(path):
-    os.makedirs(data_dir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-      for doc in retention_lib.documents(rc):
-        fh.write(json.dumps({"text": doc}) + "\n")
-    os.replace(tmp, path)
+    _write(path, text)
   return path
 
 

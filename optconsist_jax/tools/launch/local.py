@@ -50,11 +50,19 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def process_env(index: int, processes: int, devices: int,
-                port: int) -> dict[str, str]:
-  """What process `index` of `processes` needs (D CPU devices each)."""
+_DEVICE_COUNT = "--xla_force_host_platform_device_count"
+
+
+def process_env(index: int, processes: int, devices: int, port: int,
+                xla_flags: str = "") -> dict[str, str]:
+  """What process `index` of `processes` needs (D CPU devices each).
+
+  `xla_flags` (the caller's XLA_FLAGS) reach the process, with their device
+  count replaced by D.
+  """
+  kept = [f for f in xla_flags.split() if not f.startswith(_DEVICE_COUNT)]
   env = {"JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         "XLA_FLAGS": " ".join([*kept, f"{_DEVICE_COUNT}={devices}"]),
          "PYTHONFAULTHANDLER": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
   if processes > 1:
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
@@ -137,7 +145,8 @@ class ProcessGroup(supervise.Supervision):
     self.procs, self.logs = [], []
     for i in range(n):
       log = os.path.join(self.log_dir, f"{self.job}.{self.starts}.{i}.log")
-      env = {**os.environ, **self.env, **process_env(i, n, d, port)}
+      env = {**os.environ, **self.env}
+      env.update(process_env(i, n, d, port, env.get("XLA_FLAGS", "")))
       with open(log, "wb") as f:
         # pylint: disable-next=consider-using-with
         self.procs.append(subprocess.Popen(
