@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
 
+import contextlib
 import json
 import os
 import resource
@@ -106,47 +107,42 @@ def _usage():
           c.ru_utime + c.ru_stime, s.ru_nvcsw, s.ru_nivcsw)
 
 
-
-def _record(item, phase, before):
-  after = _usage()
-  d = [a - b for a, b in zip(after, before)]
-  line = json.dumps({
-      "test": item.nodeid, "phase": phase,
-      "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
-      "start": round(before[0], 3), "wall": round(d[0], 3),
-      "cpu": round(d[1], 3), "sys": round(d[2], 3),
-      "children_cpu": round(d[3], 3), "voluntary_switches": int(d[4]),
-      "involuntary_switches": int(d[5]), "load1": os.getloadavg()[0]})
-  with open(_USAGE, "a") as f:  # One short append per line: atomic.
-    f.write(line + "\n")
+@contextlib.contextmanager
+def _recorded(item, phase):
+  """Appends the phase's usage line (when OPTCONSIST_TEST_USAGE is set)."""
+  if not _USAGE:
+    yield
+    return
+  before = _usage()
+  try:
+    yield
+  finally:
+    d = [a - b for a, b in zip(_usage(), before)]
+    line = json.dumps({
+        "test": item.nodeid, "phase": phase,
+        "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+        "start": round(before[0], 3), "wall": round(d[0], 3),
+        "cpu": round(d[1], 3), "sys": round(d[2], 3),
+        "children_cpu": round(d[3], 3), "voluntary_switches": int(d[4]),
+        "involuntary_switches": int(d[5]), "load1": os.getloadavg()[0]})
+    with open(_USAGE, "a") as f:  # One short append per line: atomic.
+      f.write(line + "\n")
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item):
-  before = _usage() if _USAGE else None
-  try:
+  with _recorded(item, "setup"):
     return (yield)
-  finally:
-    if before:
-      _record(item, "setup", before)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
-  before = _usage() if _USAGE else None
-  try:
+  with _recorded(item, "call"):
     return (yield)
-  finally:
-    if before:
-      _record(item, "call", before)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
   del nextitem
-  before = _usage() if _USAGE else None
-  try:
+  with _recorded(item, "teardown"):
     return (yield)
-  finally:
-    if before:
-      _record(item, "teardown", before)

@@ -17,6 +17,7 @@ from optconsist_jax.experiments import eval_pool
 from optconsist_jax.experiments import reproduce
 from optconsist_jax.experiments import retention
 from optconsist_jax.experiments import study
+from optconsist_jax.experiments import study_data
 from optconsist_jax import optim
 
 import study_config
@@ -521,8 +522,8 @@ def test_a_workdirs_data_made_by_another_config_is_refused(tmp_path):
   that make it, before writing anything."""
   rc = _config("mini", eval__retention_unit="paragraph")
   data = tmp_path / "data"
-  train, test = reproduce.write_math_data(rc, str(data))
-  retention_file = reproduce.write_retention_data(rc, str(data))
+  train, test = study_data.write_math_data(rc, str(data))
+  retention_file = study_data.write_retention_data(rc, str(data))
   written = json.loads(pathlib.Path(train).read_text())
   assert len(written) == rc.finetune.train_examples
   assert len(json.loads(pathlib.Path(test).read_text())) == (
@@ -530,8 +531,8 @@ def test_a_workdirs_data_made_by_another_config_is_refused(tmp_path):
   assert len(pathlib.Path(retention_file).read_text().splitlines()) == (
       rc.eval.retention_docs)
   before = _mtimes(data)
-  assert reproduce.write_math_data(rc, str(data)) == (train, test)
-  assert reproduce.write_retention_data(rc, str(data)) == retention_file
+  assert study_data.write_math_data(rc, str(data)) == (train, test)
+  assert study_data.write_retention_data(rc, str(data)) == retention_file
   assert _mtimes(data) == before
   more = dataclasses.replace(rc, finetune=dataclasses.replace(
       rc.finetune, train_examples=rc.finetune.train_examples + 1))
@@ -539,11 +540,11 @@ def test_a_workdirs_data_made_by_another_config_is_refused(tmp_path):
       f"{train} holds other data than this config makes .*"
       f"finetune.train_examples={rc.finetune.train_examples + 1}.*"
       "use a fresh --workdir. Nothing was written")):
-    reproduce.write_math_data(more, str(data))
+    study_data.write_math_data(more, str(data))
   fewer = dataclasses.replace(rc, eval=dataclasses.replace(
       rc.eval, retention_docs=rc.eval.retention_docs - 1))
   with pytest.raises(errors.UserError, match=(
       f"{retention_file} holds other data .*eval.retention_docs="
       f"{rc.eval.retention_docs - 1}")):
-    reproduce.write_retention_data(fewer, str(data))
+    study_data.write_retention_data(fewer, str(data))
   assert _mtimes(data) == before
