@@ -14,7 +14,6 @@ alternating, and writes the medians to `--out`.
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -22,16 +21,7 @@ import time
 
 from jax._src import lru_cache
 
-
-def _cpu() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
+import machine_load
 
 
 def time_writes(entries: int, entry_kb: int, repeats: int) -> dict:
@@ -75,7 +65,7 @@ def main(argv=None):
           f" (load {row['load1']:.2f})", flush=True)
   os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
   with open(a.out, "w") as f:
-    json.dump({"cpu": _cpu(), "cores": os.cpu_count(), "rows": rows}, f,
+    json.dump({"cpu": machine_load.cpu_model(), "cores": os.cpu_count(), "rows": rows}, f,
               indent=1)
   print(f"Results in {a.out}")
 

@@ -32,8 +32,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # a limit makes JAX lock the cache for every read and write and scan every
 # entry on every write (jax/_src/lru_cache.py), quadratic in a suite that
 # writes thousands (one DeepSeek-V3 finetuning test writes ~200): one write
-# took 0.10 s at 1,000 entries and 0.27 s at 3,000 on a 2-core Zen 3, and
-# reads queued behind it. Unlocked, a read racing a write of the same entry
+# took 71 ms at 1,000 entries and 511 ms at 10,000 on a 2-core Zen 3
+# (bench/jax_cache_write.py), and reads queued behind it. Unlocked, a read racing a write of the same entry
 # fails zlib's checksum, which JAX reports as a warning and compiles instead.
 # A user's own cache dir wins.
 _OWN_CACHE = None
