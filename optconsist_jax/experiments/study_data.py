@@ -11,6 +11,7 @@ import json
 import os
 
 from optconsist_jax import errors
+from optconsist_jax import storage
 from optconsist_jax.data import synthetic
 from optconsist_jax.experiments import retention as retention_lib
 from optconsist_jax.experiments import study
@@ -26,14 +27,6 @@ def _check(path: str, text: str, made_by: str) -> None:
         f"{path} holds other data than this config makes ({made_by}): it was"
         " written by another config. Rerun with the config the workdir was"
         " written with, or use a fresh --workdir. Nothing was written")
-
-
-def _write(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as fh:
-    fh.write(text)
-  os.replace(tmp, path)
 
 
 def write_math_data(rc: study.ReproConfig, data_dir: str) -> tuple[str, str]:
@@ -59,7 +52,7 @@ def write_math_data(rc: study.ReproConfig, data_dir: str) -> tuple[str, str]:
     _check(path, text, made_by)
   for path, text in texts.items():
     if not os.path.exists(path):
-      _write(path, text)
+      storage.write_text(path, text)
   return train_file, test_file
 
 
@@ -76,5 +69,5 @@ def write_retention_data(rc: study.ReproConfig, data_dir: str) -> str:
   _check(path, text, f"eval.retention_docs={rc.eval.retention_docs},"
                   f" eval.retention_unit={rc.eval.retention_unit!r}")
   if not os.path.exists(path):
-    _write(path, text)
+    storage.write_text(path, text)
   return path
