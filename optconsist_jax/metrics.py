@@ -1,10 +1,8 @@
-"""Training metrics: clu writers, progress, throughput/MFU, activation stats.
+"""Training metrics: writers, progress, throughput/MFU, activation stats.
 
-Written under W/metrics/ as TensorBoard event files (clu `SummaryWriter`) and
-to the log (clu `LoggingWriter`); only process 0 writes event files. clu's
-writers import TensorFlow (5-10 s on a CPU host), so they are imported when a
-writer is made; `preload_writers` starts that import in the background for a
-process whose first metrics come after slow work (the eval job).
+Written under W/metrics/ as TensorBoard event files and to the log
+(`optconsist_jax.metric_writers`, no TensorFlow); only process 0 writes
+event files.
 
 MFU (model flops utilization, Chowdhery et al. 2022 "PaLM", appendix B):
 analytic training flops per token (`LlamaConfig.flops_per_token`: 6 x matmul
@@ -16,14 +14,8 @@ devices it does not know (CPUs) get no MFU.
 from __future__ import annotations
 
 from collections.abc import Mapping
-import importlib
 import logging as logging_std
-import os
 import resource
-import shutil
-import sys
-import tempfile
-import threading
 import time
 from typing import Any
 
@@ -33,7 +25,7 @@ from etils import epath
 import jax
 import numpy as np
 
-from optconsist_jax import storage
+from optconsist_jax import metric_writers
 from optconsist_jax.platforms import tpu as tpu_facts
 
 METRICS_DIR = "metrics"
@@ -195,80 +187,17 @@ class DeferredFetch:
     return step, jax.tree.map(lambda x: np.asarray(jax.device_get(x)), m), t
 
 
-_WRITERS_MODULE = "clu.metric_writers"
-
-
-def preload_writers() -> None:
-  """Starts importing clu's writers (and TensorFlow) on another thread.
-
-  The import releases the GIL in its native parts, so it overlaps with
-  compilation and device work; a later `scalar_writer` finds the module
-  loaded or waits for the import to finish (Python's per-module import
-  lock). The thread is not a daemon: an early exit waits for the import
-  instead of finalizing under it. Nothing to do once the module is loaded.
-  """
-  if _WRITERS_MODULE not in sys.modules:
-    threading.Thread(target=importlib.import_module, args=(_WRITERS_MODULE,),
-                     name="import-clu-writers").start()
-
-
-def scalar_writer(logdir: str | epath.Path | None, *, just_logging: bool):
-  """clu's default writer: TensorBoard events under `logdir` + the log.
-
-  A bucket `logdir` (gs://) gets a `BucketWriter`.
-  """
-  if logdir is not None and storage.is_remote(logdir):
-    return BucketWriter(os.fspath(logdir), just_logging=just_logging)
-  # deferred: clu writers import TensorFlow (slow); preload_writers warms them.
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  return metric_writers.create_default_writer(logdir,
-                                              just_logging=just_logging)
-
-
-class BucketWriter:
-  """clu's default writer into a local folder, copied to a bucket on flush.
-
-  clu's SummaryWriter writes through TensorFlow's gfile, which reaches gs://
-  by itself, not through optconsist_jax.storage (gcsfs): other credentials,
-  and no emulator. So the event files are written locally and each flush and
-  the close copy them whole to `dest` (TensorFlow's own GCS files also upload
-  the whole file on every flush). Every other call goes to clu's writer.
-  """
-
-  def __init__(self, dest: str, *, just_logging: bool):
-    # deferred: clu writers import TensorFlow (slow); see preload_writers.
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    self.dest = dest
-    self.local = tempfile.mkdtemp(prefix="optconsist_metrics_")
-    self._writer = metric_writers.create_default_writer(
-        self.local, just_logging=just_logging)
-
-  def __getattr__(self, name: str):
-    return getattr(self._writer, name)
-
-  def flush(self):
-    self._writer.flush()
-    storage.upload_dir(self.local, self.dest)
-
-  def close(self):
-    self._writer.close()
-    storage.upload_dir(self.local, self.dest)
-    shutil.rmtree(self.local, ignore_errors=True)
-
-
 class Writer:
-  """clu writers + ReportProgress for one run."""
+  """The metric writer and progress reports of one run."""
 
   def __init__(self, workdir: str, *, num_train_steps: int | None,
                progress_every_steps: int | None = None,
                progress_every_secs: float | None = 60.0):
-    # deferred: clu.periodic_actions imports TensorFlow (seconds).
-    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
     self.logdir = epath.Path(workdir) / METRICS_DIR
     is_main = jax.process_index() == 0
-    self.writer = scalar_writer(self.logdir if is_main else None,
-                                just_logging=not is_main)
-    self.progress = periodic_actions.ReportProgress(
+    self.writer = metric_writers.MetricWriter(self.logdir if is_main
+                                              else None)
+    self.progress = metric_writers.Progress(
         num_train_steps=num_train_steps, writer=self.writer,
         every_steps=progress_every_steps, every_secs=progress_every_secs)
 

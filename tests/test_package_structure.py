@@ -17,7 +17,7 @@ MAX_TOP_MODULES = 8
 # The first name under optconsist_jax -> its floor; imports go level or down.
 FLOORS = {
     "errors": 0, "typed_config": 0, "paths": 0, "platforms": 0, "storage": 0,
-    "sharding": 1, "metrics": 1,
+    "sharding": 1, "metric_writers": 1, "metrics": 1,
     "model": 2, "optim": 2,
     "io": 3,
     "data": 4,

@@ -21,8 +21,8 @@ Runs beside training (another process, its own mesh) or after it:
    (model.lora.merge), runs the evals (evals.suite), writes the per-item
    predictions to W/eval/predictions/step_<N>.jsonl and then its record (the
    `results.EvalRecord` schema) to W/eval/results/step_<N>.json, each in one
-   write (a bucket has no append or rename; evaluate/results.py), plus clu
-   scalars (W/eval/metrics, keyed by the training step). A crash loses at
+   write (a bucket has no append or rename; evaluate/results.py), plus
+   TensorBoard scalars (W/eval/metrics, keyed by the training step). A crash loses at
    most the checkpoint being evaluated: rerunning skips those with a record
    (an old W/eval/results.jsonl counts too).
 5. Half-written checkpoints (Orbax temporary directories) are never read. A

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from optconsist_jax.train import config as config_types
-from optconsist_jax import metrics as metrics_lib
+from optconsist_jax import metric_writers
 from optconsist_jax.evaluate import results
 from optconsist_jax import sharding
 from optconsist_jax import storage
@@ -324,8 +324,7 @@ class Evaluator:
                 for p in predictions))
     results.write_record(self.workdir, record)
     if self._writer is None:
-      self._writer = metrics_lib.scalar_writer(
-          os.fspath(self.eval_dir / "metrics"), just_logging=False)
+      self._writer = metric_writers.MetricWriter(self.eval_dir / "metrics")
     prefix = "base/" if record.is_base else ""
     self._writer.write_scalars(record.step, {
         prefix + k: v for k, v in {**record.metrics, "learning":
@@ -350,9 +349,6 @@ class Evaluator:
     `progress`: called with a line per finished eval (evals.suite.run_evals).
     """
     self.eval_dir.mkdir(parents=True, exist_ok=True)
-    if self._writer is None and jax.process_index() == 0:
-      # Its TensorFlow import overlaps with this first evaluation.
-      metrics_lib.preload_writers()
     t0 = time.perf_counter()
     metrics, predictions = run_evals(model, self.tokenizer, self.data,
                                      self.config, mesh=self.mesh,

@@ -60,7 +60,7 @@ class TrainConfig:
     dropout_seed: seed of adapter dropout randomness (None: deterministic).
     log_every: write train metrics every this many steps.
     stats_every: residual-stream statistics every this many steps (0: never).
-    progress_every_secs: ReportProgress period.
+    progress_every_secs: how often progress (steps/s, ETA) is logged.
     stop_on_nonfinite: stop when loss or grad norm is NaN/Inf.
     parameter_overview: log a table of the params at start.
     compilation_cache_dir: JAX's persistent compilation cache, so a restart

@@ -230,8 +230,6 @@ def train_members(members: list[Member],
     NonFiniteError: a member's loss or update turned NaN/Inf (it stopped
       without saving; the others went on to their end).
   """
-  # clu's writers import TensorFlow: overlap that with restoring/initializing.
-  metrics_lib.preload_writers()
   program = None
   try:
     for m in members:
