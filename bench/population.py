@@ -1,8 +1,9 @@
 """Seeds as one vmapped population vs one run after another: wall time.
 
 P members (different `train.seed`, `data.seed` and peak learning rate) of the
-small reproduction's quick model (configs/small_consistency.py: hidden 96, 3
-layers, seq 128, batch 16; mesh preset `dp`, epoch-end checkpoints written
+small reproduction's first quick model (configs/small_consistency.py's
+causal mode: hidden 96, 3 layers, the 2,048-piece tokenizer, seq 96, batch
+16; mesh preset `dp`, epoch-end checkpoints written
 synchronously, as optconsist_jax.experiments.reproduce trains them) are
 trained on generated MetaMathQA-format problems, either sequentially
 (`train.train` per member) or as one population
@@ -35,8 +36,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import machine_load  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# Peak learning rates of the members, cycled (the quick mode's finetuning
-# grid for AdamW and Muon; LoRA's for lora).
+# Peak learning rates of the members, cycled (from the first quick mode's
+# finetuning grid for AdamW and Muon; LoRA's for lora).
 LRS = {"adamw": (3e-4, 1e-3), "muon": (3e-4, 1e-3), "lora": (1e-3, 3e-3)}
 
 
@@ -49,11 +50,11 @@ def _module(path: pathlib.Path, name: str):
 
 
 def member_configs(p: int, method: str, examples: int, epochs: int):
-  """P finetuning-like run configs of the quick model, differing in seeds/LR."""
+  """P finetuning-like run configs of that model, differing in seeds/LR."""
   from optconsist_jax.train.config import ExperimentConfig  # pylint: disable=g-import-not-at-top
   from optconsist_jax.optim import presets  # pylint: disable=g-import-not-at-top
   quick = _module(REPO / "configs" / "small_consistency.py",
-                  "small_consistency").get_config("quick")
+                  "small_consistency").get_config("causal")
   f = quick.finetune
   out = []
   for k in range(p):

@@ -5,12 +5,11 @@ r"""The small reproduction of arXiv 2605.06654 (README's main job).
 
 Args (`--config configs/small_consistency.py:ARG`):
   quick        (default) `make demo`: 2 bases (AdamW, Muon) x 3 methods
-               (AdamW, Muon, LoRA) x 4 learning rates x 3 finetuning seeds
-               = 72 runs, sized for a 2-core CPU (18 min 15 s from a fresh
-               clone including the venv, README). The bases are language
-               models of their corpus: held-out loss 4.72 (AdamW) and 4.29
-               (Muon) nats/token against 6.22 for a unigram model of the
-               docstrings (run_info.json).
+               (AdamW, Muon, LoRA) x 3 learning rates x 3 finetuning seeds
+               = 54 runs, each one end-of-schedule run of 2 epochs, on
+               standard's model shaped like a large one; sized for a 2-core
+               CPU (<= 20 min from a fresh clone including the venv;
+               measured: README). No memorization experiment (standard's).
   full         sized for one GPU (not yet run on a GPU): a wider, deeper
                model, more pretraining, more finetuning data, levels 1-2
                problems, 3 pretraining seeds per base paired one to one with
@@ -34,14 +33,14 @@ Args (`--config configs/small_consistency.py:ARG`):
                report's intervals), the memorization experiment over an LR
                grid; the model shaped like a large one (>= 70% of its
                parameters in the blocks' matrices: a 512-piece tokenizer).
-  causal       a causal check of the paper's story: quick's model and bases
-               (reused when quick already pretrained them in the workdir),
-               finetuned with AdamW and Muon, and with the base's own
+  causal       a causal check of the paper's story: the first quick mode's
+               model (56% embedding and head) and bases, finetuned with
+               AdamW and Muon, and with the base's own
                optimizer state: `adamw+carried` (Adam's moments and count
                carried over from pretraining) and `adamw+frozen_nu` (AdamW
                preconditioned by the base's frozen second moment) on the
                AdamW base, `muon+carried` (Muon's momentum) on the Muon
-               base; quick's grids, 3 seeds; no memorization or
+               base; 4 learning rates, 3 seeds; no memorization or
                fingerprints (docs/reproduction.md).
   mini         seconds per stage; the test suite's end-to-end run (2 seeds).
   matrix_mini  the matrix's shape in miniature (2 x 2 optimizers), for CI.
@@ -54,15 +53,17 @@ What it does (optconsist_jax/experiments/reproduce.py):
   2. finetunes each base with every method in `finetune.methods` over its
      learning-rate grid `finetune.lrs[method]` and `finetune.seeds` seeds
      (data order, adapter init and dropout), on generated arithmetic word
-     problems (MetaMathQA format), one checkpoint per epoch; every seed and
-     LR of one (base, method) trains as one population;
+     problems (MetaMathQA format), one checkpoint per epoch (or, with
+     `finetune.epoch_budgets`, one run per budget evaluated at its end);
+     every seed and LR of one (base, method) trains as one population;
   3. evaluates every checkpoint (and each base): learning = answer accuracy
      on held-out problems under the MetaMath protocol, and the held-out
      finetuning loss (the plot's learning axis by default); retention =
      held-out standard-library LM loss;
   4. reports the learning/forgetting Pareto frontier per base and the
      matched / mismatched / LoRA comparison over seeds; then the
-     memorization experiment and the activation fingerprints of the bases.
+     memorization experiment (standard) and the activation fingerprints of
+     the bases.
 Every stage is skipped when its outputs exist, so an interrupted run resumes.
 
 Learning-rate refinement (`--config.finetune.refine_rounds=N`: 2 in
@@ -113,6 +114,19 @@ _TOKENIZER_512 = os.path.normpath(os.path.join(
 _SHAPED_MODEL = dict(vocab_size=512, hidden_size=96, intermediate_size=320,
                      num_layers=4, num_heads=4, num_kv_heads=2,
                      max_position_embeddings=256)
+# The causal check's model (results/small_consistency_causal): the first
+# quick mode's, with the shipped 2,048-piece tokenizer (tokenizer_path "");
+# 56% of its parameters are embedding and head.
+_CAUSAL_MODEL = dict(vocab_size=2048, hidden_size=96, intermediate_size=256,
+                     num_layers=3, num_heads=4, num_kv_heads=2,
+                     max_position_embeddings=256)
+# Its grids: 4 rates half a decade apart, from mild forgetting to strong,
+# measured on its AdamW base (seed 0, 2 epochs): AdamW 3e-5 / 1e-3 lose
+# 0.016 / 1.34 nats, Muon 1e-4 / 3e-3 0.011 / 1.97, LoRA 3e-4 / 1e-2
+# 0.026 / 1.74.
+_CAUSAL_GRIDS = dict(adamw=(3e-5, 1e-4, 3e-4, 1e-3),
+                     muon=(1e-4, 3e-4, 1e-3, 3e-3),
+                     lora=(3e-4, 1e-3, 3e-3, 1e-2))
 
 
 # The causal check's methods: fresh AdamW and Muon on both bases, and the
@@ -133,40 +147,39 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mode = arg
   c.seed = 0
-  # The shipped tiny SentencePiece tokenizer (2,048 pieces, trained on the
-  # stdlib docstrings and the synthetic problems).
-  c.tokenizer_path = ""
-
-  c.model = dict(vocab_size=2048, hidden_size=96, intermediate_size=256,
-                 num_layers=3, num_heads=4, num_kv_heads=2,
-                 max_position_embeddings=256)
+  # The model shaped like a large one, with its 512-piece tokenizer.
+  c.tokenizer_path = _TOKENIZER_512
+  c.model = dict(_SHAPED_MODEL)
   c.pretrain = dict(optimizers=("adamw", "muon"), steps=250, seq_len=128,
                     global_batch_size=16, lr=3e-3, lrs=dict(), seeds=1)
-  # Each grid spans mild forgetting (the lowest LR keeps the base's held-out
-  # loss within ~0.1 nats) to strong, measured on the AdamW base (seed 0,
-  # 2 epochs; `make demo`, results/small_consistency_quick): AdamW 3e-5 /
-  # 1e-3 lose 0.016 / 1.34 nats, Muon 1e-4 / 3e-3 0.011 / 1.97, LoRA 3e-4 /
-  # 1e-2 0.026 / 1.74. Muon's rms_match updates
-  # forget less per unit of LR than AdamW's; LoRA takes its usual higher LRs. 400 problems x 2 epochs = 46 steps
-  # per run (the CPU budget: 72 runs); level-1 problems are at most 93
-  # tokens, so rows of 96 hold one each with little padding.
+  # Each grid: 3 rates x4 apart from mild forgetting to strong (on this
+  # model's AdamW base, 2 epochs, 4 rates half a decade apart: AdamW 3e-5 /
+  # 1e-3 lost 0.008 / 1.16 nats, Muon 1e-4 / 3e-3 0.011 / 2.15, LoRA
+  # 3e-4 / 1e-2 0.020 / 1.43). Muon's rms_match updates forget less per
+  # unit of LR than AdamW's; LoRA takes its usual higher LRs. 400 problems
+  # x 2 epochs = 46 steps per run, one end-of-schedule run per point (the
+  # CPU budget: 54 runs); level-1 problems are at most 125 tokens with the
+  # 512-piece tokenizer, so rows of 128 hold one each with little padding.
   c.finetune = dict(
       methods=("adamw", "muon", "lora"),
-      lrs=dict(adamw=(3e-5, 1e-4, 3e-4, 1e-3), muon=(1e-4, 3e-4, 1e-3, 3e-3),
-               lora=(3e-4, 1e-3, 3e-3, 1e-2)),
-      seeds=3, epochs=2, train_examples=400, levels=(1,), seq_len=96,
-      global_batch_size=16, lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
-      refine_rounds=0, refine_max_width=brackets.MAX_WIDTH)
+      lrs=dict(adamw=(5e-5, 2e-4, 8e-4), muon=(1.5e-4, 6e-4, 2.4e-3),
+               lora=(5e-4, 2e-3, 8e-3)),
+      seeds=3, epochs=2, epoch_budgets=(2,), train_examples=400,
+      levels=(1,), seq_len=128, global_batch_size=16, lora_rank=8,
+      lora_alpha=16.0, lora_dropout=0.0, refine_rounds=0,
+      refine_max_width=brackets.MAX_WIDTH)
   # Exact-match accuracy of a model this small sits near zero, so the plot's
   # learning axis is the held-out finetuning loss; accuracy is recorded too
   # (--config.eval.learning_metric=math/metamath/acc plots it instead).
   # probes: the update probes of every checkpoint (the report's mechanism
   # table; evaluate/config.py ProbesEvalConfig).
-  c.eval = dict(math_examples=64, max_new_tokens=40, retention_docs=26,
+  # Responses are ~1.2x longer in the 512-piece tokenizer's tokens.
+  c.eval = dict(math_examples=64, max_new_tokens=56, retention_docs=26,
                 retention_max_len=128, learning_metric="-math/response_loss",
                 probes=True)
   c.optim_kwargs = dict(_OPTIM_KWARGS)
-  c.memorization = dict(enabled=True)
+  # The memorization experiment runs in standard mode (its LR grid).
+  c.memorization = dict(enabled=False)
   c.fingerprints = dict(enabled=True)
   # NAME:PATH,... of external bases ("" = pretrain our own); the report's
   # consistency matrix: auto (from 3 pretraining optimizers on), always,
@@ -176,29 +189,28 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
   c.reproduce = dict(bases="", matrix="auto", eval_workers=1)
 
   if arg == "standard":
-    c.tokenizer_path = _TOKENIZER_512
-    c.model = dict(_SHAPED_MODEL)
     c.pretrain.update(seeds=3)
-    # Quick's grids extended to 6 rates x2 apart, from its mild end (the
-    # lowest rate kept the base within ~0.02 nats) up past its strong end.
+    # 6 rates x2 apart, from mild forgetting (the lowest rate kept the base
+    # within ~0.02 nats) to strong.
     c.finetune.update(
         lrs=dict(adamw=(2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4, 6.4e-4),
                  muon=(6e-5, 1.2e-4, 2.4e-4, 4.8e-4, 9.6e-4, 1.92e-3),
                  lora=(2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3, 6.4e-3)),
-        seeds=3, epochs=2, epoch_budgets=(1, 2), seq_len=128,
+        seeds=3, epochs=2, epoch_budgets=(1, 2),
         # Two rounds of midpoints near L: x2 apart grids bracket L with
         # checkpoints up to ~0.8 nats of learning apart; each round halves
         # the gap in LR (issue bar: 0.3 nats).
         refine_rounds=2)
-    # Level-1 problems are at most 125 tokens with the 512-piece
-    # tokenizer (93 with quick's), responses ~1.2x longer; retention
-    # documents are paragraphs of the held-out docstrings (~500; files are
-    # only ~27), the first 400 of them.
-    c.eval.update(math_examples=256, max_new_tokens=56, retention_docs=400,
+    # Retention documents are paragraphs of the held-out docstrings (~500;
+    # files are only ~27), the first 400 of them.
+    c.eval.update(math_examples=256, retention_docs=400,
                   retention_unit="paragraph")
+    c.memorization.enabled = True
   elif arg == "full":
-    # ~5.4M params. The docstrings are ~0.58M tokens, so 1,000 steps of
-    # 16 x 256 tokens is ~7 passes: more would only overfit the base.
+    # ~5.4M params, the 2,048-piece tokenizer. The docstrings are ~0.58M
+    # tokens, so 1,000 steps of 16 x 256 tokens is ~7 passes: more would
+    # only overfit the base.
+    c.tokenizer_path = ""
     c.model = dict(vocab_size=2048, hidden_size=256, intermediate_size=704,
                    num_layers=6, num_heads=8, num_kv_heads=4,
                    max_position_embeddings=512)
@@ -207,7 +219,9 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
         lrs=dict(adamw=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
                  muon=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
                  lora=(1e-4, 3e-4, 1e-3, 3e-3)),
-        epochs=4, train_examples=8000, levels=(1, 2), seq_len=256,
+        # One run per budget, each evaluated at its end (as standard).
+        epochs=4, epoch_budgets=(2, 4), train_examples=8000, levels=(1, 2),
+        seq_len=256,
         global_batch_size=32, lora_rank=16, lora_alpha=32.0)
     c.eval.update(math_examples=256, max_new_tokens=96, retention_max_len=256)
   elif arg == "matrix":
@@ -215,8 +229,6 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
     # Muon-trained, not 44%), pretraining seeds as the unit (finetuning seed
     # s from pretraining seed s), every frontier point an end-of-schedule
     # model (one 2-epoch schedule per run, only its end kept and evaluated).
-    c.tokenizer_path = _TOKENIZER_512
-    c.model = dict(_SHAPED_MODEL)
     c.pretrain.update(
         optimizers=_MATRIX_OPTIMIZERS, seeds=3,
         # Lion, Adafactor, Adagrad: the best held-out loss of a sweep on
@@ -245,33 +257,36 @@ def get_config(arg: str = "quick") -> ml_collections.ConfigDict:
                  adagrad=(1e-4, 3e-4, 1e-3, 3e-3),
                  kron=(3e-5, 1e-4, 3e-4, 1e-3),
                  lora=(3e-4, 1e-3, 3e-3, 1e-2)),
-        seeds=3, epochs=2, epoch_budgets=(2,), seq_len=128)
+        seeds=3, epochs=2, epoch_budgets=(2,))
     # Standard's held-out items (resampled in the report's intervals), the
     # issue's floors: 256 problems, 200 documents.
-    c.eval.update(math_examples=256, max_new_tokens=56, retention_docs=200,
+    c.eval.update(math_examples=256, retention_docs=200,
                   retention_unit="paragraph", probes=False)
-    # The memorization experiment is about the AdamW base; the matrix
-    # answers the consistency question only.
-    c.memorization.enabled = False
     c.reproduce.matrix = "always"
   elif arg == "causal":
-    # A variant runs only on its family's base (finetune_methods.applies).
+    # The model, grids and sizes of its results (_CAUSAL_MODEL: one run of
+    # 2 epochs per point, both epochs' checkpoints on the frontier). A
+    # variant runs only on its family's base (finetune_methods.applies).
+    c.tokenizer_path = ""
+    c.model = dict(_CAUSAL_MODEL)
     c.finetune.update(
         methods=_CAUSAL_METHODS,
-        lrs={**c.finetune.lrs, **_causal_lrs(c.finetune.lrs)})
-    c.memorization.enabled = False
+        lrs={**_CAUSAL_GRIDS, **_causal_lrs(_CAUSAL_GRIDS)},
+        epoch_budgets=(), seq_len=96)
+    c.eval.max_new_tokens = 40
     c.fingerprints.enabled = False
   if arg in ("mini", "matrix_mini", "causal_mini"):
+    c.tokenizer_path = ""
     c.model = dict(vocab_size=2048, hidden_size=32, intermediate_size=64,
                    num_layers=2, num_heads=2, num_kv_heads=1,
                    max_position_embeddings=128)
     c.pretrain.update(steps=4, seq_len=64, global_batch_size=8)
     c.finetune.update(lrs=dict(adamw=(1e-3,), muon=(1e-3,), lora=(3e-3,)),
-                      seeds=2, epochs=2, train_examples=24, seq_len=128,
-                      global_batch_size=8, lora_rank=2, lora_alpha=4.0)
+                      seeds=2, epochs=2, epoch_budgets=(),
+                      train_examples=24, seq_len=128, global_batch_size=8,
+                      lora_rank=2, lora_alpha=4.0)
     c.eval.update(math_examples=4, max_new_tokens=8, retention_docs=2,
                   retention_max_len=64)
-    c.memorization.enabled = False
     c.fingerprints.enabled = True
     if arg == "matrix_mini":
       optimizers = ("adamw", "adagrad")

@@ -19,7 +19,8 @@ def hand_count(m):
   return matrices + norms + 2 * v * d, matrices
 
 
-@pytest.mark.parametrize("mode,at_least,below", [("quick", 0.40, 0.50),
+@pytest.mark.parametrize("mode,at_least,below", [("causal", 0.40, 0.50),
+                                                 ("quick", 0.70, 1.0),
                                                  ("standard", 0.70, 1.0)])
 def test_shares_match_hand_counts(mode, at_least, below):
   model = _config(mode)["model"]

@@ -162,7 +162,7 @@ def test_plan_runs_adds_the_midpoints_for_every_seed_on_one_base_only():
   assert sorted(r.labels["seed"] for r in added) == list(range(
       rc.seed, rc.seed + rc.finetune.seeds))
   groups = dict(study.population_groups(rc, [], added))
-  assert list(groups) == ["adamw-base__muon"]
+  assert list(groups) == ["bases__muon"]
   assert refine.grids_of(r.labels for r in more)[("adamw", "muon")] == [
       1e-3, mid]
 
@@ -214,7 +214,7 @@ def test_c_mini_study_refines_trains_evaluates_and_reports(tmp_path,
     assert done["population_size"] == rc.finetune.seeds
     assert [x.lr for x in results.read_workdir(r.workdir)] == [r.labels["lr"]]
   stages = set(info["stage_seconds"])
-  assert "refine1/train/adamw-base__adamw" in stages
+  assert "refine1/train/bases__adamw" in stages
   assert {f"refine1/eval/{r.name}" for r in added} <= stages
   # The report's records hold them, and its text says the grid was refined.
   summary = json.loads((tmp_path / "report" / "summary.json").read_text())

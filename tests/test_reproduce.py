@@ -133,8 +133,7 @@ def test_mini_run_has_every_seed_then_skips_everything(mini_run, monkeypatch):
   # nothing and skipped every stage.
   info2 = json.loads((tmp_path / "run_info.json").read_text())
   stages = {"train/adamw-base", "train/muon-base"} | {
-      f"train/{b}-base__{m}" for b in ("adamw", "muon")
-      for m in ("adamw", "muon", "lora")} | {
+      f"train/bases__{m}" for m in ("adamw", "muon", "lora")} | {
           f"eval/{r.name}" for r in runs} | {"fingerprints"}
   assert set(info["stage_seconds"]) == stages
   assert info["seeds"] == {"pretrain": 1, "finetune": 2}
@@ -329,6 +328,9 @@ def test_external_bases_skip_pretraining(mini_run, tmp_path):
   assert info["seeds"]["pretrain"] == 0
   assert not {"train/adamw-base", "train/muon-base"} & set(
       info["stage_seconds"])
+  # External bases may differ in architecture: a population per base.
+  assert set(dict(study.population_groups(rc, bases, runs))) == {
+      f"{b}-base__{m}" for b in ("adamw", "muon") for m in ("adamw", "lora")}
 
 
 def test_bad_external_bases_are_one_line_errors(tmp_path):
@@ -358,35 +360,37 @@ def test_bad_external_bases_are_one_line_errors(tmp_path):
 
 def test_seeds_pair_with_pretraining_seeds_and_group_into_populations():
   # quick: one pretraining seed, every finetuning seed starts from it; one
-  # population per (base, method) holding every seed x LR.
+  # population per (method, budget) holding every base x seed x LR (the
+  # bases share one architecture).
   rc = _config("quick")
   bases, runs = study.plan_runs(rc, "/w", "/w/train.json")
   assert len(bases) == 2 and rc.finetune.seeds >= 3
   assert {r.base.seed for r in runs} == {0}
   groups = dict(study.population_groups(rc, bases, runs))
-  assert len(groups) == 2 + 2 * 3
+  assert len(groups) == 2 + 3
   lrs = rc.finetune.lrs["adamw"]
-  assert len(lrs) >= 4
-  assert sorted((r.labels["seed"], r.labels["lr"])
-                for r in groups["adamw-base__muon"]) == sorted(
-                    (s, lr) for s in range(rc.finetune.seeds)
+  assert len(lrs) >= 3
+  assert sorted((r.base.name, r.labels["seed"], r.labels["lr"])
+                for r in groups["bases__muon__e2"]) == sorted(
+                    (b, s, lr) for b in ("adamw", "muon")
+                    for s in range(rc.finetune.seeds)
                     for lr in rc.finetune.lrs["muon"])
   # full: 3 pretraining seeds paired one to one with 3 finetuning seeds; a
-  # population per (base, method) holding every seed, each member from its
-  # own pretraining seed's base.
+  # population per (method, budget) holding every base and seed, each
+  # member from its own pretraining seed's base.
   rc = _config("full")
   bases, runs = study.plan_runs(rc, "/w", "/w/train.json")
   assert len(bases) == 2 * 3 and rc.finetune.seeds == rc.pretrain.seeds == 3
   assert all(r.labels["seed"] == r.base.seed for r in runs)
   groups = dict(study.population_groups(rc, bases, runs))
   assert [len(v) for k, v in groups.items() if k.endswith("-base")] == [3, 3]
-  assert len(groups) == 2 + 2 * 3
+  assert len(groups) == 2 + 3 * len(rc.finetune.epoch_budgets)
   for k, v in groups.items():
     if not k.endswith("-base"):
       assert sorted({(r.labels["seed"], r.base.seed) for r in v}) == [
           (s, s) for s in range(3)]
       assert {r.config["init_from"]["path"] for r in v} == {
-          b.workdir for b in bases if b.name == v[0].base.name}
+          b.workdir for b in bases}
   # More finetuning than pretraining seeds: they cycle over the bases.
   rc = dataclasses.replace(rc, finetune=dataclasses.replace(rc.finetune,
                                                             seeds=5))
@@ -435,9 +439,10 @@ def test_matrix_mode_plans_six_families_from_paired_seeds():
     assert r.base.seed == r.labels["seed"] == r.labels["base_seed"]
     assert r.config["checkpoint"]["keep_epochs"] is False
     assert r.config["train"]["num_epochs"] == 2
+  # One population per method: every base x LR x seed (one compile each).
   groups = dict(study.population_groups(rc, bases, runs))
-  assert len(groups) == 6 + 6 * 7
-  assert all(len(v) == 3 if k.endswith("-base") else len(v) == 4 * 3
+  assert len(groups) == 6 + 7
+  assert all(len(v) == 3 if k.endswith("-base") else len(v) == 6 * 4 * 3
              for k, v in groups.items())
 
 
@@ -473,18 +478,21 @@ def test_standard_mode_plans_per_budget_runs_from_paired_seeds():
     assert r.config["checkpoint"]["keep_epochs"] is False
     assert r.config["init_from"]["path"] == r.base.workdir
     assert r.config["data"]["tokenizer_path"] == rc.tokenizer_path
-  # A population per (base, method, budget): same length runs, every
-  # pretraining seed's.
+  # A population per (method, budget): same length runs, every base's and
+  # every pretraining seed's.
   groups = dict(study.population_groups(rc, bases, runs))
-  assert len(groups) == 2 + 2 * 3 * 2
+  assert len(groups) == 2 + 3 * 2
   for key, members in groups.items():
     if not key.endswith("-base"):
-      assert len(members) == 6 * 3
+      assert len(members) == 2 * 6 * 3
       assert len({m.config["train"]["num_epochs"] for m in members}) == 1
-  # Quick keeps one run per (LR, seed) with a checkpoint per epoch.
+  # Quick: one end-of-schedule run of 2 epochs per (LR, seed); causal keeps
+  # its results' one run per (LR, seed) with a checkpoint per epoch.
   _, quick = study.plan_runs(_config("quick"), "/w", "/w/train.json")
+  assert {r.labels["epochs"] for r in quick} == {2}
+  _, causal = study.plan_runs(_config("causal"), "/w", "/w/train.json")
   assert all("epochs" not in r.labels and "__e" not in r.name
-             for r in quick)
+             for r in causal)
 
 
 def test_unknown_keys_and_methods_are_named():

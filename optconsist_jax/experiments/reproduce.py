@@ -13,11 +13,13 @@ Stages (each skipped when its outputs exist, so a rerun resumes):
                 optimizer, `pretrain.seeds` seeds each (one population per
                 optimizer). Skipped entirely when `reproduce.bases` names
                 external bases.
-  finetune      W/runs/{base}-base__{method}__lr{lr}__s{seed}/: each base
-                finetuned with every method over its learning-rate grid and
-                `finetune.seeds` seeds, a checkpoint per epoch. All seeds and
-                learning rates of one (base, method) train as one population
-                (train.population.train_population).
+  finetune      W/runs/{base}-base__{method}__lr{lr}[__e{E}]__s{seed}/:
+                each base finetuned with every method over its learning-rate
+                grid and `finetune.seeds` seeds, a checkpoint per epoch (or
+                one run per epoch budget E, kept at its end). Every base,
+                seed and learning rate of one method (and budget) trains as
+                one population (train.population.train_population); with
+                external bases, one population per base and method.
   evaluate      W/runs/*/eval/results/ (optconsist_jax.evaluate; each
                 base model is evaluated once, in its first run)
   refine        with `finetune.refine_rounds` > 0: learning rates added

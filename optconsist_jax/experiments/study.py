@@ -71,7 +71,7 @@ class FinetuneConfig:
     some seed brackets L with two checkpoints more than `refine_max_width`
     apart in learning, from two learning rates adjacent on that method's
     grid on that base, gets their geometric midpoint for every seed; those
-    runs train (one population per (base, method[, budget]), as the grid's
+    runs train (one population per method[, budget], as the grid's
     do) and evaluate, L and the brackets are recomputed, and so on for up
     to this many rounds (fewer when no bracket needs a midpoint). Only
     midpoints between learning rates already on the grid: a bracket wider
@@ -431,15 +431,19 @@ def plan_runs(rc: ReproConfig, workdir: str, train_file: str,
 def population_groups(rc: ReproConfig, bases: Sequence[Base],
                       runs: Sequence[Run]) -> list[tuple[str, list]]:
   """The populations, in order: each optimizer's pretraining seeds, then per
-  (base, method[, epoch budget]) every finetuning seed x learning rate, each
+  (method[, epoch budget]) every base x finetuning seed x learning rate, each
   member from its own pretraining seed's base (a population's runs share
-  their length and architecture; train/population.py)."""
+  their length and architecture, train/population.py; the bases this study
+  pretrains share one architecture, so one population holds them all and
+  compiles once). External bases (`reproduce.bases`) may differ in
+  architecture: one population per (base, method[, budget]) then."""
   groups: dict[str, list] = {}
   for b in bases:
     if b.config is not None:
       groups.setdefault(f"{b.name}-base", []).append(b)
   for r in runs:
-    key = f"{r.base.name}-base__{r.labels['method']}"
+    key = (f"{r.base.name}-base" if rc.bases else "bases") + (
+        f"__{r.labels['method']}")
     if "epochs" in r.labels:
       key += f"__e{r.labels['epochs']}"
     groups.setdefault(key, []).append(r)
