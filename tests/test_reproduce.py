@@ -72,10 +72,10 @@ def test_mini_run_has_every_seed_then_skips_everything(mini_run, monkeypatch):
     # Each seed is its own data order and adapter init.
     assert r.config["data"]["seed"] == r.config["train"]["seed"] == (
         r.labels["seed"])
-    # Both seeds of a (base, method) trained as one population.
+    # Both seeds of both bases of a method trained as one population.
     done = json.loads((pathlib.Path(r.workdir) /
                        reproduce.DONE_FILE).read_text())
-    assert done["population_size"] == 2, r.name
+    assert done["population_size"] == 2 * 2, r.name
   # The seeds saw their data in different orders: different training losses.
   final = collections.defaultdict(set)
   for r in runs:
