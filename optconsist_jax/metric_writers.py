@@ -146,12 +146,11 @@ class Progress:
   def __init__(self, *, num_train_steps: int | None,
                writer: MetricWriter | None = None,
                every_steps: int | None = None,
-               every_secs: float | None = 60.0, prefix: str = ""):
+               every_secs: float | None = 60.0):
     self.num_train_steps = num_train_steps
     self.every_steps = every_steps
     self.every_secs = every_secs
     self.writer = writer
-    self.prefix = prefix
     self._t0 = time.monotonic()
     self._last: tuple[int, float] | None = None
 
@@ -169,7 +168,7 @@ class Progress:
     if not due:
       return None
     rate = (step - last_step) / max(now - last_t, 1e-9)
-    message = f"{self.prefix}{rate:.1f} steps/s"
+    message = f"{rate:.1f} steps/s"
     if self.num_train_steps:
       eta = (self.num_train_steps - step) / rate
       message += (f", {100 * step / self.num_train_steps:.1f}% "

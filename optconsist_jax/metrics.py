@@ -215,8 +215,7 @@ class Writer:
     return table
 
   def close(self):
-    self.writer.flush()
-    self.writer.close()
+    self.writer.close()  # Flushes (and copies a bucket's files) once.
 
 
 def _to_nested_dict(tree: Any) -> dict[str, Any]:

@@ -7,17 +7,17 @@ wrappers over `etils.epath`, which Orbax also uses for its directory work, so
 our files and Orbax's checkpoints reach the bucket the same way.
 
 The backend. epath sends gs:// through TensorFlow's `tf.io.gfile` whenever
-TensorFlow is installed (tensorflow-datasets' builders use it), unless `EPATH_USE_TF` is false;
-then it uses fsspec, i.e. gcsfs for gs:// (etils/epath/gpath.py,
-`_GPath._backend`). Importing this module sets `EPATH_USE_TF=false` (unless
-the environment already says otherwise), so gs:// goes through gcsfs and
-google-auth's application default credentials, the same credentials
-TensorStore (Orbax's array data) uses. gcsfs, google-cloud-storage and
-TensorStore all honour a local emulator (`STORAGE_EMULATOR_HOST`,
+TensorFlow is installed (tensorflow-datasets' builders use it), unless
+`EPATH_USE_TF` is false; then it uses fsspec, i.e. gcsfs for gs://
+(etils/epath/gpath.py, `_GPath._backend`). Importing this module sets
+`EPATH_USE_TF=false` (unless the environment already says otherwise), so gs://
+goes through gcsfs and google-auth's application default credentials, the same
+credentials TensorStore (Orbax's array data) uses. gcsfs, google-cloud-storage
+and TensorStore all honour a local emulator (`STORAGE_EMULATOR_HOST`,
 `TENSORSTORE_GCS_HTTP_URL`); TensorFlow's gfile has no such hook. TensorBoard
 event files for a gs:// run are written locally and copied to the bucket on
-each flush (metric_writers.MetricWriter). epath caches the choice on its first gs://
-operation, so this module is imported by every module that touches a user
+each flush (metric_writers.MetricWriter). epath caches the choice on its first
+gs:// operation, so this module is imported by every module that touches a user
 path, ahead of any such operation. gcsfs keeps no listing cache here, so
 polling a bucket folder (the eval job's --watch) sees new checkpoints.
 
